@@ -1,0 +1,60 @@
+"""Every error as JSON with a code: bad input is a 4xx the client can read, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from providers import UnknownModel, UpstreamError
+
+log = logging.getLogger("limiter.errors")
+
+_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "invalid_request",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        response = _json(status, {"error": exc.description, "code": _CODES.get(status, "error")})
+        if exc.response is None and status == 405 and hasattr(exc, "valid_methods"):
+            response.headers["Allow"] = ", ".join(exc.valid_methods or [])
+        return response
+
+    @app.errorhandler(UnknownModel)
+    def unknown_model(exc: UnknownModel) -> Response:
+        return _json(400, {"error": str(exc), "code": "invalid_model"})
+
+    @app.errorhandler(UpstreamError)
+    def upstream_error(exc: UpstreamError) -> Response:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return _json(exc.status, exc.body(), headers)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        # The traceback goes to the log (no request body in it); the client gets a code.
+        log.exception("unhandled error: %s", type(exc).__name__)
+        err = InternalServerError()
+        return _json(500, {"error": err.description, "code": "internal_error"})

@@ -1,0 +1,53 @@
+"""gunicorn settings for an LLM gateway: calls that wait 5-30 s upstream and stream answers.
+
+Worker class by measurement (bench/, README "Benchmark"): sync workers serve one call each,
+so 4 workers answer 4 calls at once; gevent holds a thousand waiting calls per worker on one
+core's worth of CPU. GUNICORN_WORKER_CLASS overrides, e.g. for the benchmark's comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from limiting.embedded import EmbeddedValkey
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))  # per gevent worker
+threads = int(os.environ.get("GUNICORN_THREADS", "64"))                 # per gthread worker
+backlog = 2048
+# For async workers this is a heartbeat, not a request deadline; a stream may run far longer.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+graceful_timeout = 30   # let in-flight calls and streams finish on SIGTERM
+keepalive = 5
+accesslog = os.environ.get("ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+
+_embedded: EmbeddedValkey | None = None
+
+
+def on_starting(server: object) -> None:
+    """Without REDIS_URL, the master starts one Valkey that every worker shares."""
+    global _embedded
+    if os.environ.get("REDIS_URL"):
+        return
+    here = Path(__file__).resolve().parent
+    folder = Path(os.environ.get("LIMITER_INSTANCE") or here / "instance")
+    _embedded = EmbeddedValkey(folder.resolve()).start()
+    os.environ["REDIS_URL"] = _embedded.url
+
+
+def post_fork(server: object, worker: object) -> None:
+    if _embedded is not None:
+        _embedded.forget()
+
+
+def on_exit(server: object) -> None:
+    if _embedded is not None:
+        _embedded.stop()

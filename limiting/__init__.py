@@ -1,0 +1,24 @@
+"""Layered rate limits for LLM APIs on Flask: edge per IP, then a user's bucket, quotas and
+LLM units in one atomic Redis call, then the upstream guard."""
+
+from .decision import Decision, LayerState
+from .errors import LimiterUnavailable, RateLimited
+from .extension import RateLimiter, current_limiter, limited
+from .policy import ModelPolicy, Plan, Policy, PolicyError, Window, load_policy, parse_policy
+
+__all__ = [
+    "Decision",
+    "LayerState",
+    "LimiterUnavailable",
+    "ModelPolicy",
+    "Plan",
+    "Policy",
+    "PolicyError",
+    "RateLimited",
+    "RateLimiter",
+    "Window",
+    "current_limiter",
+    "limited",
+    "load_policy",
+    "parse_policy",
+]

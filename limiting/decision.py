@@ -1,0 +1,63 @@
+"""What the acquire script said, per layer, and the one answer a request gets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .layers import CompiledPlan, Layer
+
+
+@dataclass(frozen=True, slots=True)
+class LayerState:
+    layer: Layer
+    remaining: int
+    reset: float          # seconds until this layer is back to full
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    states: tuple[LayerState, ...]
+    refused: LayerState | None = None
+    # Seconds until this request would pass; None when it never can (cost over a limit).
+    wait: float | None = 0.0
+    policy_header: str = ""
+    unavailable: bool = False     # the store was away and a fail_closed layer refused
+    degraded: bool = False        # the store was away and every layer failed open
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds for Retry-After: rounded up, so a client that waits this long passes."""
+        if self.wait is None:
+            return 0
+        return max(1, math.ceil(self.wait))
+
+    @property
+    def tightest(self) -> LayerState | None:
+        if self.refused is not None:
+            return self.refused
+        if not self.states:
+            return None
+        return min(self.states, key=lambda s: (s.remaining, -s.reset))
+
+
+def from_reply(compiled: CompiledPlan, reply: list[int]) -> Decision:
+    """Parse {allowed, refusing layer, wait_us, now_us, (remaining, reset_us) per layer}."""
+    layers = compiled.layers
+    states = tuple(
+        LayerState(layer, int(reply[4 + 2 * i]), reply[5 + 2 * i] / 1e6)
+        for i, layer in enumerate(layers)
+    )
+    if reply[0] == 1:
+        return Decision(True, states, policy_header=compiled.policy_header)
+    refused = states[int(reply[1]) - 1]
+    wait = None if reply[2] < 0 else reply[2] / 1e6
+    return Decision(False, states, refused, wait, compiled.policy_header)
+
+
+def store_away(compiled: CompiledPlan) -> Decision:
+    """The failure policy's answer when the store cannot decide."""
+    if compiled.fail_closed:
+        return Decision(False, (), wait=1.0, unavailable=True)
+    return Decision(True, (), degraded=True)

@@ -1,0 +1,34 @@
+"""One request's user-side layers → one script call → one Decision."""
+
+from __future__ import annotations
+
+from .decision import Decision, from_reply, store_away
+from .identity import user_prefix
+from .layers import CompiledPlan, compile_plan
+from .policy import Plan, Policy
+from .store import Store, StoreUnavailable
+
+
+class Engine:
+    def __init__(self, store: Store, policy: Policy, namespace: str = "rl:") -> None:
+        self.store = store
+        self.policy = policy
+        self.namespace = namespace
+        self._compiled: dict[str, CompiledPlan] = {}
+
+    def compiled(self, plan: Plan) -> CompiledPlan:
+        cached = self._compiled.get(plan.name)
+        if cached is None or cached.plan is not plan:
+            cached = self._compiled[plan.name] = compile_plan(plan)
+        return cached
+
+    def acquire(self, user: str, plan: Plan | None = None) -> Decision:
+        """Check and, only if every layer passes, charge one request to ``user``."""
+        compiled = self.compiled(plan or self.policy.plan_for(user))
+        prefix = user_prefix(self.namespace, user)
+        keys = [prefix + suffix for suffix in compiled.suffixes]
+        try:
+            reply = self.store.acquire(keys, compiled.args)
+        except StoreUnavailable:
+            return store_away(compiled)
+        return from_reply(compiled, reply)

@@ -1,0 +1,48 @@
+"""The limiter's refusals as exceptions, rendered as JSON by the app's error handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from werkzeug.exceptions import HTTPException, ServiceUnavailable, TooManyRequests
+
+from .decision import Decision
+
+
+class RateLimited(TooManyRequests):
+    """A layer refused; ``layer`` names it, ``retry_after`` is the honest wait in seconds."""
+
+    def __init__(self, layer: str, retry_after: int, headers: dict[str, str],
+                 message: str | None = None) -> None:
+        super().__init__(message or f"Rate limit exceeded ({layer}); retry after {retry_after}s.")
+        self.layer = layer
+        self.retry_after = retry_after
+        self.limit_headers = headers
+
+    @classmethod
+    def from_decision(cls, decision: Decision, headers: dict[str, str]) -> RateLimited:
+        layer = decision.refused.layer.name if decision.refused else "unknown"
+        if decision.wait is None:
+            return cls(layer, 0, headers,
+                       f"This request exceeds the {layer} limit and can never pass.")
+        return cls(layer, decision.retry_after, headers)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.description, "code": "rate_limited", "layer": self.layer,
+                "retry_after": self.retry_after}
+
+
+class LimiterUnavailable(ServiceUnavailable):
+    """The store is away and a fail_closed layer will not guess."""
+
+    def __init__(self, retry_after: int = 1) -> None:
+        super().__init__("The rate limiter's store is unavailable; retry shortly.")
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.description, "code": "limiter_unavailable",
+                "retry_after": self.retry_after}
+
+
+def json_error(exc: HTTPException, code: str, **extra: Any) -> dict[str, Any]:
+    return {"error": exc.description, "code": code, **extra}

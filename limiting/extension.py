@@ -1,0 +1,145 @@
+"""The Flask extension: ``RateLimiter().init_app(app)``, then ``limit``/``acquire`` on any route."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify
+from flask_limiter import Limiter
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .decision import Decision
+from .edge import init_edge
+from .embedded import resolve_store_url
+from .engine import Engine
+from .errors import LimiterUnavailable, RateLimited
+from .headers import rate_limit_headers
+from .policy import Policy, load_policy
+from .store import Store, open_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXTENSION_KEY = "llm_limiter"
+
+
+class RateLimiter:
+    """Layered limits for a Flask app: edge per IP, then one atomic call for a user's layers.
+
+    Configuration (app.config, falling back to the environment): ``LIMITS_CONFIG`` (policy TOML,
+    default limits.toml), ``REDIS_URL`` (unset: the embedded Valkey under the instance folder),
+    ``TRUSTED_PROXIES`` (X-Forwarded-For hops to believe, default 0).
+    """
+
+    def __init__(self, app: Flask | None = None, *, policy: Policy | None = None,
+                 store: Store | None = None) -> None:
+        self._policy = policy
+        self._store = store
+        self.engine: Engine | None = None
+        self.edge: Limiter | None = None
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        policy = self._policy or load_policy(_setting(app, "LIMITS_CONFIG", "limits.toml"))
+        store = self._store or open_store(
+            resolve_store_url(app, _setting(app, "REDIS_URL", "")),
+            timeout=policy.timeout_ms / 1000,
+        )
+        self.engine = Engine(store, policy)
+        hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
+        if hops > 0:
+            # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
+            # anything before them is the client's claim and must not pick the edge key.
+            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
+        self.edge = init_edge(app, policy, store)
+        app.extensions[EXTENSION_KEY] = self
+        app.after_request(_add_headers)
+        app.register_error_handler(RateLimited, _render_refusal)
+        app.register_error_handler(LimiterUnavailable, _render_refusal)
+
+    @property
+    def policy(self) -> Policy:
+        assert self.engine is not None, "RateLimiter.init_app(app) was not called"
+        return self.engine.policy
+
+    @property
+    def store(self) -> Store:
+        assert self.engine is not None, "RateLimiter.init_app(app) was not called"
+        return self.engine.store
+
+    def acquire(self, user: str) -> Decision:
+        """Charge one request to ``user`` or raise RateLimited / LimiterUnavailable.
+
+        The decision is kept on ``g`` so the response carries its headers.
+        """
+        assert self.engine is not None, "RateLimiter.init_app(app) was not called"
+        decision = self.engine.acquire(user)
+        g._llm_decision = decision
+        if decision.allowed:
+            return decision
+        if decision.unavailable:
+            raise LimiterUnavailable(max(1, decision.retry_after))
+        raise RateLimited.from_decision(decision, rate_limit_headers(decision))
+
+    def limit(self, user: Callable[[], str]) -> Callable[[F], F]:
+        """Decorate a view: ``user()`` names who pays, inside the request."""
+
+        def decorator(view: F) -> F:
+            @functools.wraps(view)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                self.acquire(user())
+                return view(*args, **kwargs)
+
+            return cast(F, wrapper)
+
+        return decorator
+
+    def exempt(self, target: Callable[..., Any] | Blueprint) -> None:
+        """Keep a view or blueprint (health checks, metrics) out of the edge limits."""
+        if self.edge is not None:
+            self.edge.exempt(target)
+
+
+def current_limiter() -> RateLimiter:
+    """The RateLimiter of the running app, for blueprints that do not import an instance."""
+    return cast(RateLimiter, current_app.extensions[EXTENSION_KEY])
+
+
+def limited(user: Callable[[], str]) -> Callable[[F], F]:
+    """``@limited(user=...)`` for reusable blueprints: resolves the app's limiter per request."""
+
+    def decorator(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            current_limiter().acquire(user())
+            return view(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+    return decorator
+
+
+def _setting(app: Flask, name: str, default: str) -> str:
+    value = app.config.get(name)
+    if value is None:
+        value = os.environ.get(name, default)
+    return str(value)
+
+
+def _add_headers(response: Response) -> Response:
+    decision: Decision | None = g.get("_llm_decision")
+    if decision is not None and response.status_code != 429:
+        response.headers.update(rate_limit_headers(decision))
+    return response
+
+
+def _render_refusal(exc: RateLimited | LimiterUnavailable) -> Response:
+    response = jsonify(exc.body())
+    response.status_code = exc.code or 429
+    if isinstance(exc, RateLimited):
+        response.headers.update(exc.limit_headers)
+    if exc.retry_after:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response

@@ -1,0 +1,33 @@
+"""Who is asking: the client IP for the edge and a Redis-safe tag for each user.
+
+User ids come from request bodies and API keys, so they are hostile input: a brace would
+move a key to another Cluster slot, a separator could collide with another user's key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from flask import request
+
+MAX_USER_ID_LENGTH = 256
+# No ':' here, so a plain id can never look like the hashed form "h:<hex>".
+_PLAIN = re.compile(r"[A-Za-z0-9._@+=-]{1,64}")
+
+
+def user_tag(user_id: str) -> str:
+    """The part of a Redis key that names one user, safe for keys and hash tags."""
+    if _PLAIN.fullmatch(user_id):
+        return user_id
+    return "h:" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def user_prefix(namespace: str, user_id: str) -> str:
+    """Every key of one user shares this prefix and its hash tag, so one script sees them all."""
+    return f"{namespace}{{u:{user_tag(user_id)}}}:"
+
+
+def client_ip() -> str:
+    """The peer address; ProxyFix (TRUSTED_PROXIES hops) has already rewritten it if trusted."""
+    return request.remote_addr or "unknown"

@@ -1,0 +1,68 @@
+"""A plan turned into the layers the acquire script checks, compiled once per plan."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .policy import FailMode, Plan
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    name: str         # what a 429 body calls it: "user", "quota-day", ...
+    kind: str         # "b" token bucket, "w"/"W" sliding window (4- or 8-byte slots)
+    suffix: str       # key suffix after the user's prefix
+    limit: float      # bucket capacity or window limit
+    param: float      # refill per second, or window length in microseconds
+    window: int       # seconds, for RateLimit-Policy's w=
+    fail: FailMode
+
+
+def bucket(name: str, suffix: str, capacity: float, per_second: float, fail: FailMode) -> Layer:
+    return Layer(name, "b", suffix, capacity, per_second, max(1, math.ceil(capacity / per_second)),
+                 fail)
+
+
+def window(name: str, suffix: str, limit: float, seconds: int, fail: FailMode,
+           wide: bool = False) -> Layer:
+    return Layer(name, "W" if wide else "w", suffix, limit, seconds * 1_000_000, seconds, fail)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPlan:
+    """The static part of every request's script call for one plan."""
+
+    plan: Plan
+    layers: tuple[Layer, ...]
+    suffixes: tuple[str, ...]
+    args: tuple[str, ...]          # kind, a, b, cost per layer (cost 1: one request)
+    policy_header: str             # RateLimit-Policy never changes for a plan
+    fail_closed: bool              # does any layer refuse while the store is away?
+
+
+def request_layers(plan: Plan) -> tuple[Layer, ...]:
+    layers = [bucket("user", "b", plan.burst, plan.refill_per_second, plan.fail_rate)]
+    layers += [window(q.name, f"q{q.seconds}", q.amount, q.seconds, plan.fail_quota)
+               for q in plan.quotas]
+    return tuple(layers)
+
+
+def compile_plan(plan: Plan) -> CompiledPlan:
+    layers = request_layers(plan)
+    args: list[str] = []
+    for layer in layers:
+        args += [layer.kind, _num(layer.limit), _num(layer.param), "1"]
+    return CompiledPlan(
+        plan=plan,
+        layers=layers,
+        suffixes=tuple(layer.suffix for layer in layers),
+        args=tuple(args),
+        policy_header=", ".join(f'"{layer.name}";q={_num(layer.limit)};w={layer.window}'
+                                for layer in layers),
+        fail_closed=any(layer.fail == "fail_closed" for layer in layers),
+    )
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -1,0 +1,116 @@
+"""memory:// — the acquire algorithm in this process, for a single-process dev server.
+
+Same semantics as lua/acquire.lua, guarded by one lock. State is per process: under gunicorn
+with several workers each would count alone, so use Redis there.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+from .store import ScriptArgs, StoreUnavailable
+
+SLOTS = 61
+
+
+class MemoryStore:
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._lock = threading.Lock()
+        # key -> (expires_at_us, state); state is ["b", tokens, at] or ["w", last, total, slots]
+        self._data: dict[str, tuple[float, list[Any]]] = {}
+
+    def _now_us(self) -> int:
+        return time.time_ns() // 1000
+
+    def _get(self, key: str, now: int) -> list[Any] | None:
+        item = self._data.get(key)
+        if item is None or item[0] <= now:
+            return None
+        return item[1]
+
+    def acquire(self, keys: list[str], args: ScriptArgs) -> list[int]:
+        with self._lock:
+            now = self._now_us()
+            result: list[int] = [1, 0, 0, now]
+            writes: list[tuple[str, list[Any], float]] = []
+            charged: list[tuple[int, float]] = []
+            worst_wait, worst_layer = 0.0, 0
+            for i, key in enumerate(keys):
+                kind = _text(args[i * 4])
+                a, b, cost = (float(args[i * 4 + j]) for j in (1, 2, 3))
+                state = self._get(key, now)
+                if kind == "b":
+                    remaining, reset, wait, write = _bucket(state, now, a, b, cost)
+                else:
+                    remaining, reset, wait, write = _window(state, now, a, b, cost)
+                if write is not None:
+                    writes.append((key, write[0], write[1]))
+                    charged.append((i, cost))
+                if wait < 0:
+                    worst_wait, worst_layer = -1, i + 1
+                elif wait > 0 and worst_wait >= 0 and wait > worst_wait:
+                    worst_wait, worst_layer = wait, i + 1
+                result += [max(0, math.floor(remaining)), max(0, math.ceil(reset))]
+            if worst_layer:
+                result[0:3] = [0, worst_layer, math.ceil(worst_wait)]
+                # Nothing is charged: layers that would have passed report what they still hold.
+                for i, cost in charged:
+                    result[4 + 2 * i] += int(cost)
+                return result
+            for key, state, ttl_us in writes:
+                self._data[key] = (now + ttl_us, state)
+            if len(self._data) > 100_000:
+                self._data = {k: v for k, v in self._data.items() if v[0] > now}
+            return result
+
+    def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any:
+        raise StoreUnavailable(f"memory:// does not run the {name!r} script")
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._data.clear()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: float
+            ) -> tuple[float, float, float, tuple[list[Any], float] | None]:
+    tokens = cap if state is None else min(cap, state[1] + (now - state[2]) * rate / 1e6)
+    if tokens >= cost:
+        tokens -= cost
+        write = (["b", tokens, now], (cap - tokens) / rate * 1e6 + 1e6)
+        return tokens, (cap - tokens) / rate * 1e6, 0.0, write
+    return tokens, (cap - tokens) / rate * 1e6, (cost - tokens) / rate * 1e6 + 1, None
+
+
+def _window(state: list[Any] | None, now: int, limit: float, length_us: float, cost: float
+            ) -> tuple[float, float, float, tuple[list[Any], float] | None]:
+    slot = length_us / 60
+    cur = math.floor(now / slot)
+    if state is None or cur - state[1] >= SLOTS:
+        last, total, slots = cur, 0.0, [0.0] * SLOTS
+    else:
+        last, total, slots = state[1], state[2], list(state[3])
+        for k in range(int(last) + 1, cur + 1):
+            total -= slots[k % SLOTS]
+            slots[k % SLOTS] = 0.0
+    if total + cost <= limit:
+        slots[cur % SLOTS] += cost
+        total += cost
+        reset = (cur + SLOTS) * slot - now
+        return limit - total, reset, 0.0, (["w", cur, total, slots], reset + 1e6)
+    need, freed, wait = total + cost - limit, 0.0, -1.0
+    for k in range(cur - SLOTS + 1, cur + 1):
+        freed += slots[k % SLOTS]
+        if freed >= need:
+            wait = (k + SLOTS) * slot - now + 1
+            break
+    return limit - total, (last + SLOTS) * slot - now, wait, None

@@ -1,0 +1,264 @@
+"""The policy: one typed object loaded from the TOML file and checked before the first request.
+
+A bad file must fail at start, naming file, key and reason, because a typo found by the
+first paying user is a typo found too late.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from limits import parse_many
+from limits.errors import ConfigurationError as LimitsConfigurationError
+
+FailMode = Literal["fail_open", "fail_closed"]
+FAIL_MODES: tuple[FailMode, ...] = ("fail_open", "fail_closed")
+
+_UNIT_NAMES = {1: "second", 60: "minute", 3600: "hour", 86400: "day", 2592000: "month"}
+
+
+class PolicyError(ValueError):
+    """The policy file is unusable; the message names file, key and reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """At most ``amount`` units in any window of ``seconds`` (a strict sliding window)."""
+
+    amount: int
+    seconds: int
+    text: str
+
+    @property
+    def name(self) -> str:
+        unit = _UNIT_NAMES.get(self.seconds)
+        return f"quota-{unit}" if unit else f"quota-{self.seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    burst: int
+    refill_per_second: float
+    quotas: tuple[Window, ...] = ()
+    tokens_per_minute: int | None = None
+    input_tokens_per_minute: int | None = None
+    output_tokens_per_minute: int | None = None
+    max_concurrent: int | None = None
+    budget_usd_per_day: float | None = None
+    default_max_tokens: int = 1024
+    # Paid quotas fail closed by default: an outage must not become free usage.
+    fail_rate: FailMode = "fail_open"
+    fail_quota: FailMode = "fail_closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    """The upstream guard of one model, shared by every user of it."""
+
+    name: str
+    provider: str
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    input_usd_per_million: float = 0.0
+    output_usd_per_million: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    source: str
+    edge_per_ip: tuple[str, ...]
+    default_plan: str
+    plans: Mapping[str, Plan]
+    users: Mapping[str, str] = field(default_factory=dict)
+    models: Mapping[str, ModelPolicy] = field(default_factory=dict)
+    fail_edge: FailMode = "fail_open"
+    timeout_ms: int = 250
+
+    def plan_for(self, user: str) -> Plan:
+        return self.plans[self.users.get(user, self.default_plan)]
+
+
+_PROVIDERS = ("openai", "anthropic", "echo")
+
+
+class _Reader:
+    """Typed access to one TOML table that reports errors as file: key: reason."""
+
+    def __init__(self, source: str, prefix: str, table: Any) -> None:
+        self.source, self.prefix = source, prefix
+        if not isinstance(table, dict):
+            self.fail("", "must be a table")
+        self.table: dict[str, Any] = table
+        self.seen: set[str] = set()
+
+    def fail(self, key: str, reason: str) -> None:
+        where = ".".join(p for p in (self.prefix, key) if p)
+        raise PolicyError(f"{self.source}: {where or '(top level)'}: {reason}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *,
+            required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            if required:
+                self.fail(key, "is required")
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            self.fail(key, f"must be {_kind_name(kind)}, not a boolean")
+        if not isinstance(value, kind):
+            self.fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+        return value
+
+    def positive(self, key: str, kind: type | tuple[type, ...] = int, *, required: bool = False,
+                 default: Any = None) -> Any:
+        value = self.get(key, kind, default, required=required)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            self.fail(key, f"must be a positive number, got {value!r}")
+        return value
+
+    def fail_mode(self, key: str, default: FailMode) -> FailMode:
+        value = self.get(key, str, default)
+        if value not in FAIL_MODES:
+            self.fail(key, f"must be one of {', '.join(FAIL_MODES)}, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def windows(self, key: str) -> tuple[Window, ...]:
+        texts = self.get(key, list, [])
+        out = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                self.fail(f"{key}[{i}]", f"must be a string like '100 per day', got {text!r}")
+            out.append(_window(self, f"{key}[{i}]", text))
+        seconds = [w.seconds for w in out]
+        if len(set(seconds)) != len(seconds):
+            self.fail(key, "two quotas share one window length; keep the tighter one")
+        return tuple(out)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            self.fail(unknown[0], "unknown key (a typo?)")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a table", bool: "true or false"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _window(reader: _Reader, key: str, text: str) -> Window:
+    try:
+        items = parse_many(text)
+    except (LimitsConfigurationError, ValueError) as exc:
+        reader.fail(key, f"{text!r} is not a rate like '100 per day' ({exc})")
+    if len(items) != 1:
+        reader.fail(key, f"{text!r} must be exactly one rate")
+    item = items[0]
+    if item.amount < 1:
+        reader.fail(key, f"{text!r} must allow at least 1")
+    return Window(amount=item.amount, seconds=item.get_expiry(), text=text)
+
+
+def _plan(source: str, name: str, table: Any) -> Plan:
+    r = _Reader(source, f"plans.{name}", table)
+    plan = Plan(
+        name=name,
+        burst=r.positive("burst", required=True),
+        refill_per_second=float(r.positive("refill_per_second", (int, float), required=True)),
+        quotas=r.windows("quotas"),
+        tokens_per_minute=r.positive("tokens_per_minute"),
+        input_tokens_per_minute=r.positive("input_tokens_per_minute"),
+        output_tokens_per_minute=r.positive("output_tokens_per_minute"),
+        max_concurrent=r.positive("max_concurrent"),
+        budget_usd_per_day=r.positive("budget_usd_per_day", (int, float)),
+        default_max_tokens=r.positive("default_max_tokens", default=1024),
+        fail_rate=r.fail_mode("fail_rate", "fail_open"),
+        fail_quota=r.fail_mode("fail_quota", "fail_closed"),
+    )
+    r.done()
+    return plan
+
+
+def _model(source: str, name: str, table: Any) -> ModelPolicy:
+    r = _Reader(source, f'models."{name}"', table)
+    provider = r.get("provider", str, required=True)
+    if provider not in _PROVIDERS:
+        r.fail("provider", f"must be one of {', '.join(_PROVIDERS)}, got {provider!r}")
+    model = ModelPolicy(
+        name=name,
+        provider=provider,
+        requests_per_minute=r.positive("requests_per_minute"),
+        tokens_per_minute=r.positive("tokens_per_minute"),
+        input_usd_per_million=float(r.get("input_usd_per_million", (int, float), 0.0)),
+        output_usd_per_million=float(r.get("output_usd_per_million", (int, float), 0.0)),
+    )
+    r.done()
+    return model
+
+
+def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
+    """Build a Policy from parsed TOML, checking every key."""
+    top = _Reader(source, "", dict(data))
+
+    edge = _Reader(source, "edge", top.get("edge", dict, {}))
+    per_ip = edge.get("per_ip", list, [])
+    for i, text in enumerate(per_ip):
+        if not isinstance(text, str):
+            edge.fail(f"per_ip[{i}]", f"must be a string like '20 per 10 seconds', got {text!r}")
+        _window(edge, f"per_ip[{i}]", text)
+    fail_edge = edge.fail_mode("fail", "fail_open")
+    edge.done()
+
+    plans_table = top.get("plans", dict, required=True)
+    if not plans_table:
+        top.fail("plans", "needs at least one plan")
+    plans = {name: _plan(source, name, table) for name, table in plans_table.items()}
+
+    defaults = _Reader(source, "defaults", top.get("defaults", dict, {}))
+    default_plan = defaults.get("plan", str, next(iter(plans)))
+    if default_plan not in plans:
+        defaults.fail("plan", f"names no plan under [plans]: {default_plan!r}")
+    defaults.done()
+
+    users = top.get("users", dict, {})
+    for user, plan in users.items():
+        if plan not in plans:
+            top.fail(f'users."{user}"', f"names no plan under [plans]: {plan!r}")
+
+    models = {name: _model(source, name, t) for name, t in top.get("models", dict, {}).items()}
+
+    store = _Reader(source, "store", top.get("store", dict, {}))
+    timeout_ms = store.positive("timeout_ms", default=250)
+    store.done()
+    top.done()
+    return Policy(
+        source=source,
+        edge_per_ip=tuple(per_ip),
+        default_plan=default_plan,
+        plans=MappingProxyType(plans),
+        users=MappingProxyType(dict(users)),
+        models=MappingProxyType(models),
+        fail_edge=fail_edge,
+        timeout_ms=timeout_ms,
+    )
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and check the TOML policy file at ``path``."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise PolicyError(f"{source}: (file): not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{source}: (syntax): {exc}") from None
+    return parse_policy(data, source)

@@ -1,0 +1,119 @@
+"""Where limiter state lives, picked by URL scheme, with every backend error mapped here.
+
+redis://, rediss://, unix:// and redis+unix:// reach one server; memory:// keeps state in this
+process (dev servers only); redis+cluster:// and redis+sentinel:// are handled in cluster.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from .scripts import script_source
+
+ScriptArgs = Sequence[str | int | float | bytes]
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer in time or at all; the layer's failure policy decides."""
+
+
+class Store(Protocol):
+    url: str
+
+    def acquire(self, keys: list[str], args: ScriptArgs) -> list[int]: ...
+
+    def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any: ...
+
+    def ping(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class RedisStore:
+    """One Redis/Valkey (or Cluster) client; scripts go by EVALSHA and reload after NOSCRIPT."""
+
+    def __init__(self, url: str, client: Any) -> None:
+        self.url = url
+        self.client = client
+        self._scripts: dict[str, Script] = {}
+        self._acquire = self.script("acquire")
+
+    def script(self, name: str) -> Script:
+        if name not in self._scripts:
+            self._scripts[name] = self.client.register_script(script_source(name))
+        return self._scripts[name]
+
+    def acquire(self, keys: list[str], args: ScriptArgs) -> list[int]:
+        try:
+            return self._acquire(keys, args)  # type: ignore[no-any-return]
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any:
+        try:
+            return self.script(name)(keys, args)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def redis_options(timeout: float) -> dict[str, Any]:
+    """Client options shared by every topology: a decision must give up within its budget."""
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        # One immediate retry heals a connection the server dropped (restart, failover);
+        # more would spend the time budget on a store that is away.
+        "retry": Retry(NoBackoff(), 1),
+        "health_check_interval": 0,
+    }
+
+
+def open_store(url: str, timeout: float = 0.25, max_connections: int = 64) -> Store:
+    """Open the store named by ``url``."""
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from .memory import MemoryStore
+
+        return MemoryStore(url)
+    if scheme in ("redis+cluster", "valkey+cluster", "redis+sentinel", "valkey+sentinel"):
+        from .cluster import open_cluster_store
+
+        return open_cluster_store(url, timeout)
+    if scheme in ("redis", "rediss", "unix", "redis+unix", "valkey", "valkeys", "valkey+unix"):
+        rest = url.split("://", 1)[1]
+        plain = {"valkey": "redis", "valkeys": "rediss", "redis+unix": "unix",
+                 "valkey+unix": "unix"}.get(scheme, scheme) + "://" + rest
+        pool = redis.BlockingConnectionPool.from_url(
+            plain, max_connections=max_connections, timeout=timeout, **redis_options(timeout)
+        )
+        return RedisStore(url, redis.Redis(connection_pool=pool))
+    raise ValueError(
+        f"REDIS_URL {url!r}: unsupported scheme {scheme!r} (use redis://, rediss://, unix://, "
+        "redis+cluster://, redis+sentinel:// or memory://)"
+    )
+
+
+def edge_storage(store: Store) -> tuple[str, dict[str, Any]]:
+    """Flask-Limiter's storage URI and options for the same store, sharing its connections."""
+    scheme = urlsplit(store.url).scheme
+    if scheme == "memory":
+        return "memory://", {}
+    if isinstance(store, RedisStore) and isinstance(store.client, redis.Redis):
+        return "redis://", {"connection_pool": store.client.connection_pool}
+    return store.url, {}

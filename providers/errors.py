@@ -1,0 +1,58 @@
+"""Provider failures as one exception with a status and a code, never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import openai
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, code: str, message: str,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.message, "code": self.code}
+        if self.retry_after:
+            body["retry_after"] = self.retry_after
+        return body
+
+
+def _retry_after(headers: Any) -> int | None:
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name) if headers is not None else None
+        if value:
+            try:
+                return max(1, int(-(-float(value) // scale)))
+            except ValueError:
+                continue
+    return None
+
+
+def from_sdk(exc: Exception, provider: str) -> UpstreamError:
+    """Map an OpenAI/Anthropic SDK exception; messages never echo keys or prompts."""
+    if isinstance(exc, (openai.APITimeoutError, anthropic.APITimeoutError)):
+        return UpstreamError(504, "upstream_timeout", f"The {provider} API did not answer in time.")
+    if isinstance(exc, (openai.APIConnectionError, anthropic.APIConnectionError)):
+        return UpstreamError(502, "upstream_unreachable",
+                             f"The {provider} API could not be reached.")
+    if isinstance(exc, (openai.APIStatusError, anthropic.APIStatusError)):
+        status = exc.status_code
+        retry = _retry_after(exc.response.headers)
+        if status == 429:
+            return UpstreamError(503, "upstream_rate_limited",
+                                 f"The {provider} API is saturated; retry later.", retry or 1)
+        if status == 529 or status == 503:
+            return UpstreamError(503, "upstream_overloaded",
+                                 f"The {provider} API is overloaded; retry later.", retry or 1)
+        if status in (401, 403):
+            return UpstreamError(502, "upstream_auth_failed",
+                                 f"The server's {provider} credentials were refused.")
+        if 400 <= status < 500:
+            return UpstreamError(400, "upstream_rejected",
+                                 f"The {provider} API rejected the request (HTTP {status}).")
+        return UpstreamError(502, "upstream_error", f"The {provider} API failed (HTTP {status}).")
+    return UpstreamError(502, "upstream_error", f"The {provider} API call failed.")
