@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flask import Blueprint
 
 from limiting import current_limiter
@@ -10,8 +12,8 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
-def healthz() -> tuple[dict[str, str], int]:
+def healthz() -> tuple[dict[str, object], int]:
     ok = current_limiter().store.ping()
-    return {"status": "ok" if ok else "degraded", "store": "ok" if ok else "unreachable"}, (
-        200 if ok else 503
-    )
+    body = {"status": "ok" if ok else "degraded", "store": "ok" if ok else "unreachable",
+            "worker": os.getpid()}
+    return body, 200 if ok else 503

@@ -32,3 +32,17 @@ class Engine:
         except StoreUnavailable:
             return store_away(compiled)
         return from_reply(compiled, reply)
+
+    def peek(self, user: str) -> Decision:
+        """Every layer's state for ``user``, charging nothing."""
+        compiled = compile_plan(self.policy.plan_for(user), cost=0)
+        prefix = user_prefix(self.namespace, user)
+        reply = self.store.acquire([prefix + s for s in compiled.suffixes], compiled.args)
+        return from_reply(compiled, reply)
+
+    def reset(self, user: str, layer: str | None = None) -> int:
+        """Forget ``user``'s usage (one layer by name, or all); returns keys removed."""
+        compiled = self.compiled(self.policy.plan_for(user))
+        prefix = user_prefix(self.namespace, user)
+        keys = [prefix + lay.suffix for lay in compiled.layers if layer in (None, lay.name)]
+        return self.store.delete(keys) if keys else 0

@@ -11,6 +11,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .cli import limits_cli
 from .decision import Decision
 from .edge import init_edge
 from .embedded import resolve_store_url
@@ -36,7 +37,7 @@ class RateLimiter:
                  store: Store | None = None) -> None:
         self._policy = policy
         self._store = store
-        self.engine: Engine | None = None
+        self._engine: Engine | None = None
         self.edge: Limiter | None = None
         if app is not None:
             self.init_app(app)
@@ -47,7 +48,7 @@ class RateLimiter:
             resolve_store_url(app, _setting(app, "REDIS_URL", "")),
             timeout=policy.timeout_ms / 1000,
         )
-        self.engine = Engine(store, policy)
+        self._engine = Engine(store, policy)
         hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
         if hops > 0:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
@@ -58,15 +59,19 @@ class RateLimiter:
         app.after_request(_add_headers)
         app.register_error_handler(RateLimited, _render_refusal)
         app.register_error_handler(LimiterUnavailable, _render_refusal)
+        app.cli.add_command(limits_cli)
+
+    @property
+    def engine(self) -> Engine:
+        assert self._engine is not None, "RateLimiter.init_app(app) was not called"
+        return self._engine
 
     @property
     def policy(self) -> Policy:
-        assert self.engine is not None, "RateLimiter.init_app(app) was not called"
         return self.engine.policy
 
     @property
     def store(self) -> Store:
-        assert self.engine is not None, "RateLimiter.init_app(app) was not called"
         return self.engine.store
 
     def acquire(self, user: str) -> Decision:
@@ -74,7 +79,6 @@ class RateLimiter:
 
         The decision is kept on ``g`` so the response carries its headers.
         """
-        assert self.engine is not None, "RateLimiter.init_app(app) was not called"
         decision = self.engine.acquire(user)
         g._llm_decision = decision
         if decision.allowed:

@@ -48,11 +48,12 @@ def request_layers(plan: Plan) -> tuple[Layer, ...]:
     return tuple(layers)
 
 
-def compile_plan(plan: Plan) -> CompiledPlan:
+def compile_plan(plan: Plan, cost: int = 1) -> CompiledPlan:
+    """``cost`` 1 charges one request; 0 only reads every layer's state."""
     layers = request_layers(plan)
     args: list[str] = []
     for layer in layers:
-        args += [layer.kind, _num(layer.limit), _num(layer.param), "1"]
+        args += [layer.kind, _num(layer.limit), _num(layer.param), str(cost)]
     return CompiledPlan(
         plan=plan,
         layers=layers,

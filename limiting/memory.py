@@ -61,8 +61,9 @@ class MemoryStore:
                 for i, cost in charged:
                     result[4 + 2 * i] += int(cost)
                 return result
-            for key, state, ttl_us in writes:
-                self._data[key] = (now + ttl_us, state)
+            for (key, state, ttl_us), (_, cost) in zip(writes, charged, strict=True):
+                if cost > 0:  # cost 0 only looks
+                    self._data[key] = (now + ttl_us, state)
             if len(self._data) > 100_000:
                 self._data = {k: v for k, v in self._data.items() if v[0] > now}
             return result
@@ -72,6 +73,10 @@ class MemoryStore:
 
     def ping(self) -> bool:
         return True
+
+    def delete(self, keys: list[str]) -> int:
+        with self._lock:
+            return sum(self._data.pop(key, None) is not None for key in keys)
 
     def close(self) -> None:
         self._data.clear()

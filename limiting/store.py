@@ -33,6 +33,8 @@ class Store(Protocol):
 
     def ping(self) -> bool: ...
 
+    def delete(self, keys: list[str]) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -67,6 +69,13 @@ class RedisStore:
             return bool(self.client.ping())
         except redis.RedisError:
             return False
+
+    def delete(self, keys: list[str]) -> int:
+        try:
+            # One key at a time: in a Cluster a multi-key DEL must not cross slots.
+            return sum(int(self.client.delete(key)) for key in keys)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         self.client.close()

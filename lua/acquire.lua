@@ -8,6 +8,7 @@
 --             state = 61 slots of 4-byte counts; kind "W" the same with 8-byte counts
 --             (token and dollar units, which outgrow 32 bits)
 --
+-- A layer with cost 0 is only read, never written.
 -- Returns {allowed, refusing layer (0 if none), wait_us, now_us, then per layer remaining, reset_us}.
 -- wait_us is the exact time until this request would pass (-1: never, its cost exceeds a limit).
 -- Redis TIME is the only clock: worker clocks may disagree, the store's cannot.
@@ -120,7 +121,10 @@ if worst_layer ~= 0 then
 end
 
 for i = 1, #KEYS do
-  local w = writes[i]
-  redis.call('SET', KEYS[i], w[1], 'PX', w[2])
+  -- A cost of 0 only looks (usage pages, `flask limits show`): nothing to store.
+  if costs[i] > 0 then
+    local w = writes[i]
+    redis.call('SET', KEYS[i], w[1], 'PX', w[2])
+  end
 end
 return result

@@ -1,0 +1,77 @@
+"""`flask --app app limits ...`: look at and reset a user's layers from the shell."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from flask.cli import AppGroup
+
+from .policy import PolicyError, load_policy
+from .store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from .extension import RateLimiter
+
+limits_cli = AppGroup("limits", help="Inspect and reset rate limits.")
+
+
+def _limiter() -> RateLimiter:
+    from .extension import current_limiter
+
+    return current_limiter()
+
+
+@limits_cli.command("show")
+@click.argument("user")
+def show(user: str) -> None:
+    """Every layer of USER: limit, remaining, reset (charges nothing)."""
+    limiter = _limiter()
+    try:
+        decision = limiter.engine.peek(user)
+    except StoreUnavailable as exc:
+        click.echo(f"error: the store is unreachable: {exc}", err=True)
+        sys.exit(2)
+    plan = limiter.policy.plan_for(user)
+    click.echo(f"user {user}  plan {plan.name}")
+    click.echo(f"{'layer':<16}{'limit':>12}{'remaining':>12}{'reset_s':>10}")
+    for s in decision.states:
+        click.echo(f"{s.layer.name:<16}{s.layer.limit:>12g}{s.remaining:>12}"
+                   f"{math.ceil(s.reset):>10}")
+
+
+@limits_cli.command("reset")
+@click.argument("user")
+@click.option("--layer", default=None, help="Only this layer (e.g. user, quota-day).")
+def reset(user: str, layer: str | None) -> None:
+    """Forget USER's usage, in every layer or one."""
+    limiter = _limiter()
+    names = [lay.name for lay in limiter.engine.compiled(limiter.policy.plan_for(user)).layers]
+    if layer is not None and layer not in names:
+        click.echo(f"error: no layer {layer!r} for this user; layers: {', '.join(names)}",
+                   err=True)
+        sys.exit(2)
+    try:
+        removed = limiter.engine.reset(user, layer)
+    except StoreUnavailable as exc:
+        click.echo(f"error: the store is unreachable: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"reset {user}: {removed} key(s) removed")
+
+
+@limits_cli.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(path: Path) -> None:
+    """Validate a policy file without starting anything."""
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"{path}: ok ({len(policy.plans)} plans, {len(policy.models)} models)")
+
+
+

@@ -1,0 +1,124 @@
+"""Exactness across gunicorn worker processes, and the app run the way `make run` runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import ROOT, write_policy
+
+EXACT = """
+[edge]
+per_ip = ["100000 per minute"]
+[plans.p]
+burst = 50
+refill_per_second = 0.001
+quotas = ["1000 per day"]
+[plans.q]
+burst = 1000
+refill_per_second = 1000
+quotas = ["37 per day"]
+[users]
+"quota-user" = "q"
+"""
+
+
+def fire(url: str, user: str, n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    with httpx.Client(limits=limits, timeout=30) as client, ThreadPoolExecutor(n) as pool:
+        def one(_: int) -> httpx.Response:
+            return client.post(url + "/chat", json={"message": "hi", "user_id": user})
+        return list(pool.map(one, range(n)))
+
+
+@pytest.fixture
+def four_workers(gunicorn, tmp_path: Path, r: redis.Redis, unix_url: str):
+    return gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, EXACT),
+                    WEB_CONCURRENCY="4")
+
+
+def test_200_concurrent_requests_over_4_workers_admit_exactly_the_burst(four_workers) -> None:
+    pids = {httpx.get(four_workers.url + "/healthz").json()["worker"] for _ in range(40)}
+    responses = fire(four_workers.url, "burst-user", 200)
+    codes = [resp.status_code for resp in responses]
+    assert codes.count(200) == 50 and codes.count(429) == 150
+    assert len(pids) >= 2, "requests should spread over several worker processes"
+
+
+def test_quota_is_exact_across_workers(four_workers) -> None:
+    codes = [resp.status_code for resp in fire(four_workers.url, "quota-user", 200)]
+    assert codes.count(200) == 37
+    refused = httpx.post(four_workers.url + "/chat", json={"message": "x", "user_id": "quota-user"})
+    assert refused.json()["layer"] == "quota-day"
+
+
+def test_client_that_waits_retry_after_gets_through(gunicorn, tmp_path: Path, r: redis.Redis,
+                                                    unix_url: str) -> None:
+    policy = "[plans.p]\nburst = 3\nrefill_per_second = 0.5\nquotas = ['6 per 6 seconds']\n"
+    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, policy))
+    body = {"message": "hi", "user_id": "patient"}
+    passed = 0
+    deadline = time.monotonic() + 40
+    while passed < 8 and time.monotonic() < deadline:
+        resp = httpx.post(app.url + "/chat", json=body)
+        if resp.status_code == 429:
+            wait = int(resp.headers["Retry-After"])
+            assert wait == resp.json()["retry_after"] >= 1
+            time.sleep(wait)
+            # Waiting exactly Retry-After must be enough.
+            again = httpx.post(app.url + "/chat", json=body)
+            assert again.status_code == 200, again.text
+            passed += 1
+        else:
+            assert resp.status_code == 200
+            passed += 1
+    assert passed == 8
+
+
+CURL_LOOP = """for i in $(seq 1 15); do curl -s -o /dev/null -w "%{http_code}\\n" -X POST \
+http://localhost:$PORT/chat -H "Content-Type: application/json" \
+-d '{"message": "hello", "user_id": "test-user-1"}'; done"""
+ONE_CURL = """curl -s -o /dev/null -w "%{http_code}\\n" -X POST http://localhost:$PORT/chat \
+-H "Content-Type: application/json" -d '{"message": "hello", "user_id": "test-user-1"}'"""
+
+
+def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path) -> None:
+    """The README's demo, end to end: embedded Valkey, the curl loop, refill, and a restart."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    instance = tmp_path / "instance"
+    os.environ.pop("REDIS_URL", None)
+    app = gunicorn(LIMITER_INSTANCE=str(instance), LIMITS_CONFIG=str(ROOT / "limits.toml"))
+    assert "REDIS_URL" not in app.env
+    shell_env = {**env, "PORT": str(app.port)}
+
+    out = subprocess.run(["bash", "-c", CURL_LOOP], env=shell_env, capture_output=True,
+                         text=True, timeout=60).stdout.split()
+    assert out == ["200"] * 10 + ["429"] * 5
+    time.sleep(10)
+    again = subprocess.run(["bash", "-c", ONE_CURL], env=shell_env, capture_output=True,
+                           text=True, timeout=30).stdout.split()
+    assert again == ["200"]
+
+    # `flask --app app` reaches the same store while gunicorn runs.
+    cli_env = {**env, "LIMITER_INSTANCE": str(instance), "LIMITS_CONFIG": str(ROOT / "limits.toml")}
+    show = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "limits", "show",
+                           "test-user-1"], cwd=ROOT, env=cli_env, capture_output=True, text=True,
+                          timeout=60)
+    assert show.returncode == 0, show.stderr
+    assert "quota-day" in show.stdout and " 89 " in show.stdout
+
+    # A stop ends gunicorn and its Valkey; a second start keeps the quota already spent.
+    assert app.stop() == 0
+    assert not (instance / "valkey.sock").exists()
+    app2 = gunicorn(LIMITER_INSTANCE=str(instance), LIMITS_CONFIG=str(ROOT / "limits.toml"))
+    resp = httpx.post(app2.url + "/chat", json={"message": "hi", "user_id": "test-user-1"})
+    assert resp.status_code == 200
+    assert '"quota-day";r=88;' in resp.headers["RateLimit"]

@@ -1,0 +1,164 @@
+"""The HTTP contract of /chat: headers, 429 bodies, bad input, edge, health."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import create_app
+from tests.conftest import write_policy
+
+POLICY = """
+[edge]
+per_ip = ["30 per minute"]
+[defaults]
+plan = "starter"
+[plans.starter]
+burst = 10
+refill_per_second = 0.5
+quotas = ["100 per day"]
+[plans.pro]
+burst = 20
+refill_per_second = 2
+quotas = ["2000 per day"]
+[users]
+"vip" = "pro"
+"""
+
+
+@pytest.fixture
+def app(tmp_path: Path, r: redis.Redis, redis_url: str) -> Flask:
+    return create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, POLICY),
+                       "TESTING": True})
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def chat(client: FlaskClient, user: str = "u1", **extra: object):
+    return client.post("/chat", json={"message": "hello", "user_id": user, **extra})
+
+
+def test_ten_pass_then_429_with_honest_body_and_headers(client: FlaskClient) -> None:
+    codes = [chat(client).status_code for _ in range(15)]
+    assert codes == [200] * 10 + [429] * 5
+    r = chat(client)
+    body = r.get_json()
+    assert body["code"] == "rate_limited" and body["layer"] == "user"
+    assert body["retry_after"] == 2 and r.headers["Retry-After"] == "2"
+    assert r.headers["X-RateLimit-Remaining"] == "0"
+    assert r.headers["RateLimit-Policy"] == '"user";q=10;w=20, "quota-day";q=100;w=86400'
+
+
+def test_every_response_of_a_limited_route_has_headers(client: FlaskClient) -> None:
+    r = chat(client)
+    assert r.status_code == 200 and r.get_json() == {"reply": "echo: hello"}
+    assert r.headers["X-RateLimit-Limit"] == "10"
+    assert r.headers["X-RateLimit-Remaining"] == "9"
+    assert r.headers["X-RateLimit-Reset"] == "2"
+    assert r.headers["RateLimit"].startswith('"user";r=9;t=2, "quota-day";r=99;t=')
+
+
+def test_plan_from_users_table(client: FlaskClient) -> None:
+    codes = [chat(client, "vip").status_code for _ in range(22)]
+    assert codes.count(200) == 20
+
+
+def test_edge_refuses_per_ip_before_user_layers(client: FlaskClient, r: redis.Redis) -> None:
+    codes = [chat(client, f"user-{i}").status_code for i in range(32)]
+    assert codes == [200] * 30 + [429] * 2
+    resp = chat(client, "fresh-user")
+    body = resp.get_json()
+    assert body["layer"] == "edge" and body["code"] == "rate_limited"
+    assert 1 <= body["retry_after"] <= 61 and resp.headers["Retry-After"] == str(body["retry_after"])
+    # the edge refusal charged nothing to the user's own layers
+    assert r.exists("rl:{u:fresh-user}:b") == 0
+
+
+def test_spoofed_forwarded_for_does_not_reset_edge(client: FlaskClient) -> None:
+    for i in range(30):
+        chat(client, f"s{i}")
+    r = client.post("/chat", json={"message": "x", "user_id": "s99"},
+                    headers={"X-Forwarded-For": "203.0.113.9"})
+    assert r.status_code == 429 and r.get_json()["layer"] == "edge"
+
+
+@pytest.mark.parametrize(("data", "kwargs", "fragment"), [
+    (b"{not json", {}, "not valid JSON"),
+    (b"[1, 2]", {}, "JSON object"),
+    (b"", {}, "JSON object"),
+    (b'{"message": 5, "user_id": "u"}', {}, "'message' must be a string"),
+    (b'{"message": "hi", "user_id": ["u"]}', {}, "'user_id' must be a string"),
+    (b'{"message": "hi"}', {}, "'user_id' is required"),
+    (b'{"message": "hi", "user_id": "u", "model": 3}', {}, "'model' must be a string"),
+    (b'{"message": "hi", "user_id": "' + b"x" * 300 + b'"}', {}, "longer than"),
+])
+def test_bad_input_is_400_json_and_charges_nothing(
+    client: FlaskClient, r: redis.Redis, data: bytes, kwargs: dict, fragment: str
+) -> None:
+    resp = client.post("/chat", data=data, content_type="application/json")
+    assert resp.status_code == 400
+    body = resp.get_json()
+    assert body["code"] == "invalid_request" and fragment in body["error"]
+    assert not r.keys("rl:*")
+
+
+def test_unknown_model_is_400(client: FlaskClient, r: redis.Redis) -> None:
+    resp = chat(client, model="no-such-model")
+    assert resp.status_code == 400 and resp.get_json()["code"] == "invalid_model"
+    resp = chat(client, model="gpt-4o")   # no OPENAI_API_KEY in the test environment
+    assert resp.status_code == 400 and "OPENAI_API_KEY" in resp.get_json()["error"]
+    assert not r.keys("rl:*")
+
+
+def test_body_over_one_mib_is_413(client: FlaskClient) -> None:
+    big = b'{"message": "' + b"a" * (1024 * 1024 + 10) + b'", "user_id": "u"}'
+    resp = client.post("/chat", data=big, content_type="application/json")
+    assert resp.status_code == 413 and resp.get_json()["code"] == "payload_too_large"
+
+
+def test_not_found_and_wrong_method_are_json(client: FlaskClient) -> None:
+    assert client.get("/nope").get_json()["code"] == "not_found"
+    resp = client.get("/chat")
+    assert resp.status_code == 405 and resp.get_json()["code"] == "method_not_allowed"
+
+
+def test_healthz_is_exempt_from_edge(client: FlaskClient) -> None:
+    for _ in range(40):
+        assert client.get("/healthz").status_code == 200
+
+
+def test_hostile_user_ids_stay_in_their_own_slot(client: FlaskClient, r: redis.Redis) -> None:
+    for uid in ["a}b", "{u:victim}", "x:y", "é" * 10, "victim}:q86400"]:
+        assert chat(client, uid).status_code == 200
+    for key in r.keys("rl:*"):
+        text = key.decode()
+        assert text.count("{") == 1 and text.count("}") == 1
+    assert r.exists("rl:{u:victim}:b") == 0
+
+
+def test_store_down_fails_closed_for_quotas(tmp_path: Path) -> None:
+    app = create_app({"REDIS_URL": "redis://127.0.0.1:1", "TESTING": True,
+                      "LIMITS_CONFIG": write_policy(tmp_path, POLICY)})
+    resp = chat(app.test_client())
+    assert resp.status_code == 503
+    assert resp.get_json()["code"] == "limiter_unavailable" and resp.headers["Retry-After"] == "1"
+
+
+def test_store_down_fails_open_without_paid_quotas(tmp_path: Path) -> None:
+    policy = "[plans.free]\nburst = 5\nrefill_per_second = 1\n"
+    app = create_app({"REDIS_URL": "redis://127.0.0.1:1", "TESTING": True,
+                      "LIMITS_CONFIG": write_policy(tmp_path, policy)})
+    assert chat(app.test_client()).status_code == 200
+
+
+def test_bad_policy_fails_at_start_naming_file_key_reason(tmp_path: Path, redis_url: str) -> None:
+    path = write_policy(tmp_path, "[plans.a]\nburst = 'ten'\nrefill_per_second = 1\n")
+    with pytest.raises(ValueError, match=r"limits.toml: plans.a.burst: must be an integer"):
+        create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": path})
