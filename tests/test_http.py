@@ -76,7 +76,8 @@ def test_edge_refuses_per_ip_before_user_layers(client: FlaskClient, r: redis.Re
     resp = chat(client, "fresh-user")
     body = resp.get_json()
     assert body["layer"] == "edge" and body["code"] == "rate_limited"
-    assert 1 <= body["retry_after"] <= 61 and resp.headers["Retry-After"] == str(body["retry_after"])
+    assert 1 <= body["retry_after"] <= 61
+    assert resp.headers["Retry-After"] == str(body["retry_after"])
     # the edge refusal charged nothing to the user's own layers
     assert r.exists("rl:{u:fresh-user}:b") == 0
 

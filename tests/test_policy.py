@@ -1,0 +1,73 @@
+"""The policy file: the shipped one loads; every mistake names file, key and reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from limiting.policy import PolicyError, load_policy, parse_policy
+from tests.conftest import ROOT
+
+BASE = "[plans.p]\nburst = 10\nrefill_per_second = 0.5\n"
+
+
+def test_shipped_policy_is_the_articles_numbers() -> None:
+    policy = load_policy(ROOT / "limits.toml")
+    starter = policy.plan_for("test-user-1")
+    assert (starter.burst, starter.refill_per_second) == (10, 0.5)
+    assert [(q.amount, q.seconds) for q in starter.quotas] == [(100, 86400)]
+    assert policy.plans["pro"].quotas[0].amount == 2000
+    assert policy.edge_per_ip == ("20 per 10 seconds",)
+    assert policy.plan_for("someone-else").name == "starter"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[plans.p]\nrefill_per_second = 1\n", "plans.p.burst: is required"),
+    (BASE + "quotas = ['100 per fortnight']\n", "plans.p.quotas[0]: '100 per fortnight' is not"),
+    (BASE + "quotas = [100]\n", "plans.p.quotas[0]: must be a string"),
+    (BASE + "quotas = ['1 per day', '5 per day']\n", "plans.p.quotas: two quotas share"),
+    (BASE + "burts = 3\n", "plans.p.burts: unknown key"),
+    (BASE + "max_concurrent = -1\n", "plans.p.max_concurrent: must be a positive number"),
+    (BASE + "fail_quota = 'maybe'\n", "plans.p.fail_quota: must be one of"),
+    ("[plans.p]\nburst = true\nrefill_per_second = 1\n", "plans.p.burst: must be an integer"),
+    (BASE + "[defaults]\nplan = 'gold'\n", "defaults.plan: names no plan"),
+    (BASE + "[users]\n'bob' = 'gold'\n", 'users."bob": names no plan'),
+    (BASE + "[edge]\nper_ip = ['lots']\n", "edge.per_ip[0]:"),
+    (BASE + "[models.'gpt-4o']\nprovider = 'acme'\n", 'models."gpt-4o".provider: must be one of'),
+    ("", "plans: is required"),
+    ("[plans\n", "(syntax)"),
+])
+def test_bad_files_name_file_key_reason(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(PolicyError, match="nope.toml: .file.: not found"):
+        load_policy("nope.toml")
+
+
+def test_quota_names_follow_their_window() -> None:
+    policy = parse_policy({"plans": {"p": {"burst": 1, "refill_per_second": 1,
+                                           "quotas": ["5 per 2 hours", "9 per minute"]}}})
+    assert [q.name for q in policy.plans["p"].quotas] == ["quota-7200s", "quota-minute"]
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE + "burts = 3\n")
+    cmd = [sys.executable, "-m", "flask", "--app", "app", "limits", "check-config"]
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": "memory://"}
+    ok = subprocess.run([*cmd, str(ROOT / "limits.toml")], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "ok (2 plans" in ok.stdout
+    res = subprocess.run([*cmd, str(bad)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and "plans.p.burts: unknown key" in res.stderr
