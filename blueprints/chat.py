@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, current_app
 
-from limiting import current_limiter
+from limiting import current_limiter, limited_route
 from providers import check_available, complete, provider_for
 
 from .validation import json_object, string_field, user_id_field
@@ -15,6 +15,7 @@ bp = Blueprint("chat", __name__)
 
 
 @bp.post("/chat")
+@limited_route
 def chat() -> dict[str, Any]:
     body = json_object()
     message = string_field(body, "message", required=True)

@@ -3,7 +3,7 @@ LLM units in one atomic Redis call, then the upstream guard."""
 
 from .decision import Decision, LayerState
 from .errors import LimiterUnavailable, RateLimited
-from .extension import RateLimiter, current_limiter, limited
+from .extension import RateLimiter, current_limiter, limited, limited_route
 from .policy import ModelPolicy, Plan, Policy, PolicyError, Window, load_policy, parse_policy
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Window",
     "current_limiter",
     "limited",
+    "limited_route",
     "load_policy",
     "parse_policy",
 ]

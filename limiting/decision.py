@@ -44,7 +44,8 @@ class Decision:
 
 def from_reply(compiled: CompiledPlan, reply: list[int]) -> Decision:
     """Parse {allowed, refusing layer, wait_us, now_us, (remaining, reset_us) per layer}."""
-    layers = compiled.layers
+    # An edge refusal ends the script early: only the layers it reached report.
+    layers = compiled.layers[: (len(reply) - 4) // 2]
     states = tuple(
         LayerState(layer, int(reply[4 + 2 * i]), reply[5 + 2 * i] / 1e6)
         for i, layer in enumerate(layers)

@@ -6,7 +6,7 @@ import math
 import time
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, jsonify, request
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits.errors import StorageError
@@ -16,9 +16,31 @@ from .identity import client_ip
 from .policy import Policy
 from .store import Store, edge_storage
 
+LIMITED_ROUTE = "_llm_limited_route"
+
+
+def mark_limited(view: Any) -> Any:
+    """Mark a view that calls acquire(): its edge check rides in that same script call."""
+    setattr(view, LIMITED_ROUTE, True)
+    return view
+
+
+def is_limited_route() -> bool:
+    view = current_app.view_functions.get(request.endpoint or "")
+    return bool(getattr(view, LIMITED_ROUTE, False))
+
+
+def combines_edge(store: Store) -> bool:
+    return bool(getattr(store, "single_node", False))
+
 
 def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
-    """Register Flask-Limiter with the policy's [edge] per_ip limits; None when there are none."""
+    """Register Flask-Limiter with the policy's [edge] per_ip limits; None when there are none.
+
+    On one Redis server, limited routes count the edge inside their acquire call, on
+    Flask-Limiter's own keys; every other route (and every route on a Cluster or memory://)
+    is checked by Flask-Limiter before the view, as usual.
+    """
     if not policy.edge_per_ip:
         return None
     uri, options = edge_storage(store)
@@ -35,6 +57,8 @@ def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
         key_prefix="edge",
     )
     edge.init_app(app)
+    if combines_edge(store):
+        _skip_limited_routes(app, edge)
 
     @app.errorhandler(RateLimitExceeded)
     def edge_refused(exc: RateLimitExceeded) -> Any:
@@ -49,6 +73,25 @@ def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
         return response
 
     return edge
+
+
+def _skip_limited_routes(app: Flask, edge: Limiter) -> None:
+    """Keep Flask-Limiter's before_request off the routes whose acquire call counts the edge.
+
+    A request filter would do the same, but only after Flask-Limiter has resolved and
+    evaluated its limits for the request: on the hot path that costs as much as our script.
+    """
+    hooks = app.before_request_funcs.setdefault(None, [])
+    check = edge._check_request_limit
+    if check not in hooks:  # a Flask-Limiter that registers differently: filter instead
+        edge.request_filter(is_limited_route)
+        return
+
+    def edge_check() -> None:
+        if not is_limited_route():
+            check()
+
+    hooks[hooks.index(check)] = edge_check
 
 
 def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:

@@ -13,11 +13,13 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .cli import limits_cli
 from .decision import Decision
-from .edge import init_edge
+from .edge import combines_edge, init_edge, is_limited_route, mark_limited
 from .embedded import resolve_store_url
-from .engine import Engine
+from .engine import EdgeKeys, Engine
 from .errors import LimiterUnavailable, RateLimited
 from .headers import rate_limit_headers
+from .identity import client_ip
+from .layers import Layer
 from .policy import Policy, load_policy
 from .store import Store, open_store
 
@@ -48,7 +50,12 @@ class RateLimiter:
             resolve_store_url(app, _setting(app, "REDIS_URL", "")),
             timeout=policy.timeout_ms / 1000,
         )
-        self._engine = Engine(store, policy)
+        edge_layers: tuple[Layer, ...] = ()
+        edge_keys = None
+        if policy.edge_per_ip and combines_edge(store):
+            edge_keys = EdgeKeys(policy.edge_per_ip)
+            edge_layers = edge_keys.layers(policy.fail_edge)
+        self._engine = Engine(store, policy, edge=edge_layers, edge_keys=edge_keys)
         hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
         if hops > 0:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
@@ -79,7 +86,7 @@ class RateLimiter:
 
         The decision is kept on ``g`` so the response carries its headers.
         """
-        decision = self.engine.acquire(user)
+        decision = self.engine.acquire(user, client_ip())
         g._llm_decision = decision
         if decision.allowed:
             return decision
@@ -96,7 +103,7 @@ class RateLimiter:
                 self.acquire(user())
                 return view(*args, **kwargs)
 
-            return cast(F, wrapper)
+            return cast(F, mark_limited(wrapper))
 
         return decorator
 
@@ -120,9 +127,15 @@ def limited(user: Callable[[], str]) -> Callable[[F], F]:
             current_limiter().acquire(user())
             return view(*args, **kwargs)
 
-        return cast(F, wrapper)
+        return cast(F, mark_limited(wrapper))
 
     return decorator
+
+
+def limited_route(view: F) -> F:
+    """For a view that calls ``current_limiter().acquire(user)`` itself (after parsing its
+    body): its edge check then happens in that same call instead of before the view."""
+    return cast(F, mark_limited(view))
 
 
 def _setting(app: Flask, name: str, default: str) -> str:
@@ -134,6 +147,12 @@ def _setting(app: Flask, name: str, default: str) -> str:
 
 def _add_headers(response: Response) -> Response:
     decision: Decision | None = g.get("_llm_decision")
+    if decision is None and is_limited_route():
+        # Turned away before acquire (bad input): the edge still counts the attempt.
+        decision = current_limiter().engine.charge_edge(client_ip())
+        if decision is not None and not decision.allowed:
+            return _render_refusal(RateLimited.from_decision(decision,
+                                                             rate_limit_headers(decision)))
     if decision is not None and response.status_code != 429:
         response.headers.update(rate_limit_headers(decision))
     return response

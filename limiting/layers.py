@@ -11,8 +11,8 @@ from .policy import FailMode, Plan
 @dataclass(frozen=True, slots=True)
 class Layer:
     name: str         # what a 429 body calls it: "user", "quota-day", ...
-    kind: str         # "b" token bucket, "w"/"W" sliding window (4- or 8-byte slots)
-    suffix: str       # key suffix after the user's prefix
+    kind: str         # "f" edge fixed window, "b" token bucket, "w"/"W" sliding window
+    suffix: str       # key suffix after the user's prefix ("" for the edge: keyed by IP)
     limit: float      # bucket capacity or window limit
     param: float      # refill per second, or window length in microseconds
     window: int       # seconds, for RateLimit-Policy's w=
@@ -24,6 +24,10 @@ def bucket(name: str, suffix: str, capacity: float, per_second: float, fail: Fai
                  fail)
 
 
+def edge(seconds: int, amount: int, fail: FailMode) -> Layer:
+    return Layer("edge", "f", "", amount, seconds, seconds, fail)
+
+
 def window(name: str, suffix: str, limit: float, seconds: int, fail: FailMode,
            wide: bool = False) -> Layer:
     return Layer(name, "W" if wide else "w", suffix, limit, seconds * 1_000_000, seconds, fail)
@@ -33,10 +37,11 @@ def window(name: str, suffix: str, limit: float, seconds: int, fail: FailMode,
 class CompiledPlan:
     """The static part of every request's script call for one plan."""
 
-    plan: Plan
-    layers: tuple[Layer, ...]
-    suffixes: tuple[str, ...]
-    args: tuple[str, ...]          # kind, a, b, cost per layer (cost 1: one request)
+    plan: Plan | None
+    layers: tuple[Layer, ...]      # edge layers first, then the user's
+    edge_count: int
+    suffixes: tuple[str, ...]      # of the user's layers
+    args: tuple[bytes, ...]        # kind, a, b, cost per layer, encoded once
     policy_header: str             # RateLimit-Policy never changes for a plan
     fail_closed: bool              # does any layer refuse while the store is away?
 
@@ -48,16 +53,21 @@ def request_layers(plan: Plan) -> tuple[Layer, ...]:
     return tuple(layers)
 
 
-def compile_plan(plan: Plan, cost: int = 1) -> CompiledPlan:
-    """``cost`` 1 charges one request; 0 only reads every layer's state."""
-    layers = request_layers(plan)
-    args: list[str] = []
+def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1) -> CompiledPlan:
+    """The script arguments for ``edges`` then ``plan``'s layers (no plan: the edge alone).
+
+    ``cost`` 1 charges one request; 0 only reads every layer's state.
+    """
+    own = request_layers(plan) if plan is not None else ()
+    layers = edges + own
+    args: list[bytes] = []
     for layer in layers:
-        args += [layer.kind, _num(layer.limit), _num(layer.param), str(cost)]
+        args += [s.encode() for s in (layer.kind, _num(layer.limit), _num(layer.param), str(cost))]
     return CompiledPlan(
         plan=plan,
         layers=layers,
-        suffixes=tuple(layer.suffix for layer in layers),
+        edge_count=len(edges),
+        suffixes=tuple(layer.suffix for layer in own),
         args=tuple(args),
         policy_header=", ".join(f'"{layer.name}";q={_num(layer.limit)};w={layer.window}'
                                 for layer in layers),

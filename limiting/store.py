@@ -44,6 +44,8 @@ class RedisStore:
     def __init__(self, url: str, client: Any) -> None:
         self.url = url
         self.client = client
+        # One server holds every key, so the edge's per-IP key can join a user's script call.
+        self.single_node = isinstance(client, redis.Redis)
         self._scripts: dict[str, Script] = {}
         self._acquire = self.script("acquire")
 

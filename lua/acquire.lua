@@ -3,6 +3,9 @@
 -- KEYS[i]  state of layer i; every key of one user carries the same hash tag, so this
 --          script runs on one Cluster slot.
 -- ARGV     4 values per layer: kind, a, b, cost
+--   kind "f"  edge fixed window (Flask-Limiter's key and semantics): a = limit, b = seconds.
+--             Every attempt counts, as at any edge; a refusal here ends the call before
+--             any user layer is looked at. Only on a single server: its key has no hash tag.
 --   kind "b"  token bucket:   a = capacity, b = refill per second
 --   kind "w"  sliding window: a = limit,    b = window length in microseconds,
 --             state = 61 slots of 4-byte counts; kind "W" the same with 8-byte counts
@@ -30,10 +33,30 @@ for i = 1, #KEYS do
   local a = tonumber(ARGV[base + 2])
   local b = tonumber(ARGV[base + 3])
   local cost = tonumber(ARGV[base + 4])
-  local raw = redis.call('GET', KEYS[i])
   local remaining, reset, wait
+  local raw = nil
+  if kind ~= 'f' then raw = redis.call('GET', KEYS[i]) end
 
-  if kind == 'b' then
+  if kind == 'f' then
+    local count
+    if cost > 0 then
+      count = redis.call('INCRBY', KEYS[i], cost)
+      if count == cost then redis.call('EXPIRE', KEYS[i], b) end
+    else
+      count = tonumber(redis.call('GET', KEYS[i]) or '0')
+    end
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 0 then ttl = 0 end
+    remaining, reset = a - count, ttl * 1000
+    if count > a then
+      result[1], result[2], result[3] = 0, i, ttl * 1000 + 1
+      result[#result + 1] = 0
+      result[#result + 1] = reset
+      return result
+    end
+    wait = 0
+    cost = 0  -- already counted: nothing for the commit below
+  elseif kind == 'b' then
     local tokens = a
     if raw then
       local held, at = unpack('<dd', raw)
@@ -122,7 +145,7 @@ end
 
 for i = 1, #KEYS do
   -- A cost of 0 only looks (usage pages, `flask limits show`): nothing to store.
-  if costs[i] > 0 then
+  if costs[i] > 0 and writes[i] then
     local w = writes[i]
     redis.call('SET', KEYS[i], w[1], 'PX', w[2])
   end

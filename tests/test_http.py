@@ -53,7 +53,8 @@ def test_ten_pass_then_429_with_honest_body_and_headers(client: FlaskClient) -> 
     assert body["code"] == "rate_limited" and body["layer"] == "user"
     assert body["retry_after"] == 2 and r.headers["Retry-After"] == "2"
     assert r.headers["X-RateLimit-Remaining"] == "0"
-    assert r.headers["RateLimit-Policy"] == '"user";q=10;w=20, "quota-day";q=100;w=86400'
+    assert r.headers["RateLimit-Policy"] == (
+        '"edge";q=30;w=60, "user";q=10;w=20, "quota-day";q=100;w=86400')
 
 
 def test_every_response_of_a_limited_route_has_headers(client: FlaskClient) -> None:
@@ -62,7 +63,8 @@ def test_every_response_of_a_limited_route_has_headers(client: FlaskClient) -> N
     assert r.headers["X-RateLimit-Limit"] == "10"
     assert r.headers["X-RateLimit-Remaining"] == "9"
     assert r.headers["X-RateLimit-Reset"] == "2"
-    assert r.headers["RateLimit"].startswith('"user";r=9;t=2, "quota-day";r=99;t=')
+    assert r.headers["RateLimit"].startswith(
+        '"edge";r=29;t=60, "user";r=9;t=2, "quota-day";r=99;t=')
 
 
 def test_plan_from_users_table(client: FlaskClient) -> None:
@@ -80,6 +82,25 @@ def test_edge_refuses_per_ip_before_user_layers(client: FlaskClient, r: redis.Re
     assert resp.headers["Retry-After"] == str(body["retry_after"])
     # the edge refusal charged nothing to the user's own layers
     assert r.exists("rl:{u:fresh-user}:b") == 0
+
+
+def test_edge_rides_in_the_acquire_call_on_flask_limiters_own_key(
+    client: FlaskClient, r: redis.Redis
+) -> None:
+    for i in range(5):
+        chat(client, f"k{i}")
+    assert r.get("LIMITS:LIMITER/edge/127.0.0.1/global/30/1/minute") == b"5"
+    # Turned away for bad input, an attempt still counts at the edge.
+    client.post("/chat", data=b"{oops", content_type="application/json")
+    assert r.get("LIMITS:LIMITER/edge/127.0.0.1/global/30/1/minute") == b"6"
+
+
+def test_edge_by_flask_limiter_alone_on_memory_store(tmp_path: Path) -> None:
+    app = create_app({"REDIS_URL": "memory://", "LIMITS_CONFIG": write_policy(tmp_path, POLICY)})
+    client = app.test_client()
+    codes = [chat(client, f"m{i}").status_code for i in range(32)]
+    assert codes == [200] * 30 + [429] * 2
+    assert chat(client, "m99").get_json()["layer"] == "edge"
 
 
 def test_spoofed_forwarded_for_does_not_reset_edge(client: FlaskClient) -> None:
