@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from .layers import CompiledPlan, Layer
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every request, and frozen __init__ is slower
 class LayerState:
     layer: Layer
     remaining: int
     reset: float          # seconds until this layer is back to full
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every request, and frozen __init__ is slower
 class Decision:
     allowed: bool
     states: tuple[LayerState, ...]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from .decision import Decision, from_reply, store_away
 from .identity import user_prefix
-from .layers import CompiledPlan, Layer, compile_plan
-from .policy import Plan, Policy
+from .layers import CompiledPlan, Layer, compile_plan, edge
+from .policy import FailMode, Plan, Policy
 from .store import Store, StoreUnavailable
 
 
@@ -80,13 +80,14 @@ class EdgeKeys:
         from limits import parse
 
         self._items = [parse(text) for text in texts]
-        self._prefix = prefix
+        # key_for() joins its parts on every call; only the IP in the middle ever changes.
+        self._parts: list[tuple[str, str]] = []
+        for item in self._items:
+            head, tail = item.key_for(prefix, "\x00", "global").split("\x00")
+            self._parts.append(("LIMITS:" + head, tail))
 
-    def layers(self, fail: str) -> tuple[Layer, ...]:
-        from .layers import edge
-
-        return tuple(edge(item.get_expiry(), item.amount, fail)  # type: ignore[arg-type]
-                     for item in self._items)
+    def layers(self, fail: FailMode) -> tuple[Layer, ...]:
+        return tuple(edge(item.get_expiry(), item.amount, fail) for item in self._items)
 
     def __call__(self, ip: str) -> list[str]:
-        return ["LIMITS:" + item.key_for(self._prefix, ip, "global") for item in self._items]
+        return [head + ip + tail for head, tail in self._parts]

@@ -18,6 +18,7 @@ from .embedded import resolve_store_url
 from .engine import EdgeKeys, Engine
 from .errors import LimiterUnavailable, RateLimited
 from .headers import rate_limit_headers
+from .keys_cli import keys_cli
 from .identity import client_ip
 from .layers import Layer
 from .policy import Policy, load_policy
@@ -67,6 +68,7 @@ class RateLimiter:
         app.register_error_handler(RateLimited, _render_refusal)
         app.register_error_handler(LimiterUnavailable, _render_refusal)
         app.cli.add_command(limits_cli)
+        app.cli.add_command(keys_cli)
 
     @property
     def engine(self) -> Engine:

@@ -1,0 +1,69 @@
+"""Micro-measurements against the bench's Valkey, called by ``python -m bench``.
+
+``ping_loop`` is the yardstick: n sequential PINGs from one redis-py client. The lead fills in
+``decisions_loop`` (n sequential limiter decisions for distinct users, through the project's
+engine) and ``bytes_per_user`` (Redis memory per active user after those decisions); until
+then they raise NotImplementedError and the bench prints everything else.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+
+def ping_loop(url: str, n: int) -> float:
+    """Seconds taken by n sequential PINGs over one connection (after one untimed PING)."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+        start = time.perf_counter()
+        for _ in range(n):
+            client.ping()
+        return time.perf_counter() - start
+    finally:
+        client.close()
+
+
+def _engine(url: str):  # type: ignore[no-untyped-def]
+    from limiting.engine import EdgeKeys, Engine
+    from limiting.policy import load_policy
+    from limiting.store import open_store
+
+    policy = load_policy(Path(__file__).with_name("limits.bench.toml"))
+    keys = EdgeKeys(policy.edge_per_ip)
+    return Engine(open_store(url), policy, edge=keys.layers(policy.fail_edge), edge_keys=keys)
+
+
+def decisions_loop(url: str, n: int) -> float:
+    """Seconds for n sequential whole decisions (edge + user bucket + one quota), one per
+    request, through the project's engine: what one request pays in Redis round trips."""
+    engine = _engine(url)
+    try:
+        engine.acquire("warm-up", "127.0.0.1")
+        start = time.perf_counter()
+        for i in range(n):
+            engine.acquire(f"bench-user-{i % 1000}", "127.0.0.1")
+        return time.perf_counter() - start
+    finally:
+        engine.store.close()
+
+
+def bytes_per_user(url: str) -> float:
+    """Redis memory per active user (bucket + quota keys, MEMORY USAGE) after 2,000 users
+    made 20 requests each — independent of how many requests a user makes."""
+    engine = _engine(url)
+    client = redis.Redis.from_url(url)
+    try:
+        for i in range(2000):
+            for _ in range(20):
+                engine.acquire(f"bytes-user-{i}", "127.0.0.1")
+        total = 0
+        for key in client.scan_iter(match="rl:{u:bytes-user-*", count=1000):
+            total += client.memory_usage(key, samples=0) or 0
+        return total / 2000
+    finally:
+        client.close()
+        engine.store.close()

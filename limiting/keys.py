@@ -1,0 +1,265 @@
+"""API keys: who is calling /v1, and on which plan, without the store ever holding a secret.
+
+A key is ``llm_`` + 43 url-safe characters from ``secrets`` (256 bits). Only its sha256 is
+stored. The record lives at ``<ns>key:{<sha256hex>}`` (a hash; the hash tag is the digest, so
+every record is one Cluster slot of its own and every command touches one key), and
+``<ns>keys:index`` maps key_id -> digest for listing and revoking by id.
+
+memory:// keeps the same records in this process: a ``flask keys`` command then only reaches
+its own process, so memory:// keys are for tests and single-process dev servers.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis
+
+from .identity import MAX_USER_ID_LENGTH
+from .memory import MemoryStore
+from .store import RedisStore, Store, StoreUnavailable
+
+KEY_PREFIX = "llm_"
+KEY_ID_LENGTH = 12
+MAX_PRESENTED_LENGTH = 200
+MAX_NAME_LENGTH = 256
+_KEY_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What an operator may see about a key: never the key itself nor its hash."""
+
+    key_id: str
+    user: str
+    plan: str
+    name: str | None
+    created_at: int
+    revoked: bool
+
+
+def new_key() -> str:
+    """A fresh secret: 32 random bytes, url-safe base64 (43 characters), after the prefix."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(key: str) -> str:
+    # A fast hash is right here: keys are 256 random bits, so there is nothing to brute-force
+    # and no need for a slow password hash (bcrypt/argon2) on the hot path of every request.
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def well_formed(presented: object) -> bool:
+    """Cheap shape check, so garbage never costs a store round trip."""
+    return (
+        isinstance(presented, str)
+        and len(presented) <= MAX_PRESENTED_LENGTH
+        and presented.startswith(KEY_PREFIX)
+        and _KEY_CHARS.fullmatch(presented, len(KEY_PREFIX)) is not None
+    )
+
+
+def bearer_token(header_value: str | None) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` (scheme case-insensitive), else None."""
+    if not header_value:
+        return None
+    scheme, _, token = header_value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
+class _MemoryKeys:
+    """memory:// records: digest -> fields and key_id -> digest, behind one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.records: dict[str, dict[str, str]] = {}
+        self.index: dict[str, str] = {}
+
+
+# Records belong to the store, not to one ApiKeys: the CLI and each request build their own.
+_MEMORY: weakref.WeakKeyDictionary[MemoryStore, _MemoryKeys] = weakref.WeakKeyDictionary()
+_MEMORY_LOCK = threading.Lock()
+
+
+def _memory_for(store: MemoryStore) -> _MemoryKeys:
+    with _MEMORY_LOCK:
+        if store not in _MEMORY:
+            _MEMORY[store] = _MemoryKeys()
+        return _MEMORY[store]
+
+
+class ApiKeys:
+    """Create, authenticate, list and revoke API keys in the limiter's store."""
+
+    def __init__(self, store: Store, default_plan: str, plans: Collection[str],
+                 namespace: str = "rl:") -> None:
+        self.default_plan = default_plan
+        self.plans = tuple(plans)
+        self.namespace = namespace
+        self.index_key = f"{namespace}keys:index"
+        self._client: Any = None
+        self._memory: _MemoryKeys | None = None
+        if isinstance(store, MemoryStore):
+            self._memory = _memory_for(store)
+        elif isinstance(store, RedisStore):
+            self._client = store.client
+        else:
+            raise TypeError(f"API keys need a RedisStore or MemoryStore, not {type(store)!r}")
+
+    def record_key(self, hexdigest: str) -> str:
+        """The record's Redis key; the digest is the hash tag, so one key per slot."""
+        return f"{self.namespace}key:{{{hexdigest}}}"
+
+    def create(self, user: str, plan: str | None = None,
+               name: str | None = None) -> tuple[str, KeyRecord]:
+        """A new key for ``user``; the secret is returned once and never stored."""
+        if not user or not user.strip() or len(user) > MAX_USER_ID_LENGTH:
+            raise ValueError(f"user id must be 1..{MAX_USER_ID_LENGTH} characters, not blank")
+        plan = self.default_plan if plan is None else plan
+        if plan not in self.plans:
+            raise ValueError(f"unknown plan {plan!r}; valid plans: {', '.join(self.plans)}")
+        if name is not None and len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"key name must be at most {MAX_NAME_LENGTH} characters")
+        while True:
+            key = new_key()
+            hexd = digest(key)
+            record = KeyRecord(key[len(KEY_PREFIX):][:KEY_ID_LENGTH], user, plan, name,
+                               int(time.time()), False)
+            fields = {"hash": hexd, "key_id": record.key_id, "user": user, "plan": plan,
+                      "created_at": str(record.created_at)}
+            if name is not None:
+                fields["name"] = name
+            # Claim the key_id first: a (72-bit, so theoretical) clash draws a new key instead
+            # of leaving a record that no key_id reaches and so could never be revoked by id.
+            if self._claim(record.key_id, hexd, fields):
+                return key, record
+
+    def authenticate(self, presented: str | None) -> KeyRecord | None:
+        """The live record of a presented key, or None; one store round trip at most."""
+        if presented is None or not well_formed(presented):
+            return None
+        hexd = digest(presented)
+        fields = self._fetch(hexd)
+        stored = fields.get("hash", "")
+        # The lookup was by digest already; compare in constant time anyway so nothing
+        # about the stored value leaks through timing.
+        if not hmac.compare_digest(stored.encode(), hexd.encode()):
+            return None
+        record = _record(fields)
+        if record is None or record.revoked:
+            return None
+        return record
+
+    def list(self, user: str | None = None) -> builtins.list[KeyRecord]:
+        """Every key (revoked ones too, flagged), optionally of one user, oldest first."""
+        if self._memory is not None:
+            with self._memory.lock:
+                rows = [dict(self._memory.records.get(h, {}))
+                        for h in self._memory.index.values()]
+        else:
+            index = self._redis(lambda c: c.hgetall(self.index_key))
+            digests = [_text(v) for v in index.values()]
+
+            def fetch(c: Any) -> builtins.list[Any]:
+                # Single-key commands only: a cluster pipeline routes each to its slot.
+                pipe = c.pipeline(transaction=False)
+                for h in digests:
+                    pipe.hgetall(self.record_key(h))
+                return pipe.execute()  # type: ignore[no-any-return]
+
+            rows = [_decode(raw) for raw in self._redis(fetch)] if digests else []
+        records = [rec for rec in map(_record, rows) if rec is not None]
+        if user is not None:
+            records = [rec for rec in records if rec.user == user]
+        return sorted(records, key=lambda rec: (rec.created_at, rec.key_id))
+
+    def revoke(self, key_id_or_key: str) -> int:
+        """Revoke by key_id or full key; how many live keys this revoked (0 or 1)."""
+        if len(key_id_or_key) == KEY_ID_LENGTH and _KEY_CHARS.fullmatch(key_id_or_key):
+            hexd = self._digest_of(key_id_or_key)
+        elif well_formed(key_id_or_key):
+            hexd = digest(key_id_or_key)
+        else:
+            return 0
+        if hexd is None:
+            return 0
+        now = str(int(time.time()))
+        if self._memory is not None:
+            with self._memory.lock:
+                fields = self._memory.records.get(hexd)
+                if fields is None or "revoked" in fields:
+                    return 0
+                fields["revoked"] = now
+                return 1
+        rkey = self.record_key(hexd)
+        if not self._redis(lambda c: c.hexists(rkey, "hash")):
+            return 0
+        # HSETNX makes "revoked" write-once: a second revoke reports 0, the first time stays.
+        return int(self._redis(lambda c: c.hsetnx(rkey, "revoked", now)))
+
+    def _claim(self, key_id: str, hexd: str, fields: Mapping[str, str]) -> bool:
+        if self._memory is not None:
+            with self._memory.lock:
+                if key_id in self._memory.index:
+                    return False
+                self._memory.index[key_id] = hexd
+                self._memory.records[hexd] = dict(fields)
+                return True
+        if not self._redis(lambda c: c.hsetnx(self.index_key, key_id, hexd)):
+            return False
+        self._redis(lambda c: c.hset(self.record_key(hexd), mapping=dict(fields)))
+        return True
+
+    def _fetch(self, hexd: str) -> dict[str, str]:
+        if self._memory is not None:
+            with self._memory.lock:
+                return dict(self._memory.records.get(hexd, {}))
+        return _decode(self._redis(lambda c: c.hgetall(self.record_key(hexd))))
+
+    def _digest_of(self, key_id: str) -> str | None:
+        if self._memory is not None:
+            with self._memory.lock:
+                return self._memory.index.get(key_id)
+        value = self._redis(lambda c: c.hget(self.index_key, key_id))
+        return None if value is None else _text(value)
+
+    def _redis(self, command: Callable[[Any], T]) -> T:
+        """Run one command; every Redis error leaves this module as StoreUnavailable."""
+        try:
+            return command(self._client)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode(raw: Mapping[Any, Any] | None) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in (raw or {}).items()}
+
+
+def _record(fields: Mapping[str, str]) -> KeyRecord | None:
+    """A record from stored fields; None for a partial or damaged one."""
+    try:
+        return KeyRecord(
+            key_id=fields["key_id"], user=fields["user"], plan=fields["plan"],
+            name=fields.get("name"), created_at=int(fields["created_at"]),
+            revoked="revoked" in fields,
+        )
+    except (KeyError, ValueError):
+        return None

@@ -1,0 +1,104 @@
+"""`flask --app app keys ...`: issue, list and revoke API keys from the server's shell."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import NoReturn, TypeVar
+
+import click
+from flask.cli import AppGroup
+
+from .keys import ApiKeys, KeyRecord
+from .memory import MemoryStore
+from .store import StoreUnavailable
+
+T = TypeVar("T")
+
+keys_cli = AppGroup(
+    "keys",
+    help="Create, list and revoke API keys.\n\n"
+    "There is no admin token: whoever can run these commands on the server's shell (and so "
+    "reach its store) is the admin. Keep that shell access as guarded as the keys themselves.",
+)
+
+
+def keys_for_app() -> ApiKeys:
+    """The ApiKeys of the running app, on its store and plans."""
+    from flask import current_app
+
+    limiter = current_app.extensions["llm_limiter"]
+    return ApiKeys(limiter.store, limiter.policy.default_plan, limiter.policy.plans)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _guarded(action: Callable[[], T]) -> T:
+    """Run against the store; an unreachable one is a message and exit 2, not a traceback."""
+    try:
+        return action()
+    except StoreUnavailable as exc:
+        _fail(f"the store is unreachable: {exc}", 2)
+
+
+def _warn_if_memory() -> None:
+    from flask import current_app
+
+    if isinstance(current_app.extensions["llm_limiter"].store, MemoryStore):
+        click.echo("warning: REDIS_URL is memory://, so this key lives only in this process "
+                   "and no server will see it", err=True)
+
+
+@keys_cli.command("create")
+@click.argument("user")
+@click.option("--plan", default=None, help="Plan of the key (default: [defaults] plan).")
+@click.option("--name", default=None, help="A label for operators, e.g. 'ci' or 'laptop'.")
+def create(user: str, plan: str | None, name: str | None) -> None:
+    """Issue a key for USER; the key is printed once, alone on the last line."""
+    keys = keys_for_app()
+    try:
+        key, record = _guarded(lambda: keys.create(user, plan=plan, name=name))
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    _warn_if_memory()
+    label = f"  name {record.name}" if record.name else ""
+    click.echo(f"created key {record.key_id} for user {record.user}  plan {record.plan}{label}"
+               "  (shown once: store it now)")
+    click.echo(key)
+
+
+@keys_cli.command("list")
+@click.option("--user", default=None, help="Only this user's keys.")
+def list_keys(user: str | None) -> None:
+    """Every key by key_id; never the key or its hash."""
+    keys = keys_for_app()
+    records = _guarded(lambda: keys.list(user))
+    rows = [_row(rec) for rec in records]
+    header = ("key_id", "user", "plan", "name", "created", "revoked")
+    widths = [max(len(str(col)) for col in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        click.echo("  ".join(str(col).ljust(w) for col, w in zip(row, widths, strict=True))
+                   .rstrip())
+    if not rows:
+        click.echo("(no keys)")
+
+
+@keys_cli.command("revoke")
+@click.argument("key_id_or_key")
+def revoke(key_id_or_key: str) -> None:
+    """Revoke a key by its key_id or the key itself; it stops working at once."""
+    keys = keys_for_app()
+    count = _guarded(lambda: keys.revoke(key_id_or_key))
+    if count == 0:
+        _fail("no live key matches (unknown or already revoked)", 1)
+    click.echo(f"revoked {count} key(s)")
+
+
+def _row(rec: KeyRecord) -> tuple[str, ...]:
+    created = datetime.fromtimestamp(rec.created_at, UTC).isoformat(timespec="seconds")
+    return (rec.key_id, rec.user, rec.plan, rec.name or "-", created,
+            "yes" if rec.revoked else "no")
