@@ -18,8 +18,8 @@ from .embedded import resolve_store_url
 from .engine import EdgeKeys, Engine
 from .errors import LimiterUnavailable, RateLimited
 from .headers import rate_limit_headers
-from .keys_cli import keys_cli
 from .identity import client_ip
+from .keys_cli import keys_cli
 from .layers import Layer
 from .policy import Policy, load_policy
 from .store import Store, open_store
