@@ -4,7 +4,9 @@ LLM units in one atomic Redis call, then the upstream guard."""
 from .decision import Decision, LayerState
 from .errors import LimiterUnavailable, RateLimited
 from .extension import RateLimiter, current_limiter, limited, limited_route
+from .llm import Usage, estimate_input_tokens
 from .policy import ModelPolicy, Plan, Policy, PolicyError, Window, load_policy, parse_policy
+from .reservation import Reservation, UpstreamSaturated
 
 __all__ = [
     "Decision",
@@ -16,8 +18,12 @@ __all__ = [
     "PolicyError",
     "RateLimited",
     "RateLimiter",
+    "Reservation",
+    "UpstreamSaturated",
+    "Usage",
     "Window",
     "current_limiter",
+    "estimate_input_tokens",
     "limited",
     "limited_route",
     "load_policy",

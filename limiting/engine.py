@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
+
 from .decision import Decision, from_reply, store_away
 from .identity import user_prefix
 from .layers import CompiledPlan, Layer, compile_plan, edge
-from .policy import FailMode, Plan, Policy
+from .policy import FailMode, ModelPolicy, Plan, Policy
+from .reservation import Charge, Reservation, new_lease_id, usd_micros
 from .store import Store, StoreUnavailable
+from .upstream import guard_layers, model_prefix, pacing_args
 
 
 class Engine:
@@ -24,6 +29,7 @@ class Engine:
         self.edge = edge
         self.edge_keys = edge_keys
         self._compiled: dict[str, CompiledPlan] = {}
+        self._llm: dict[str, CompiledPlan] = {}
         self._edge_only = compile_plan(None, edge) if edge else None
 
     def compiled(self, plan: Plan) -> CompiledPlan:
@@ -49,6 +55,78 @@ class Engine:
             return store_away(compiled)
         return from_reply(compiled, reply)
 
+    def reserve(self, user: str, ip: str | None, plan: Plan, model_name: str,
+                model: ModelPolicy | None, input_tokens: int, max_output_tokens: int,
+                guard: bool) -> tuple[Decision, Reservation | None, float | None]:
+        """Charge one request and reserve its LLM units, then pass the model's guard.
+
+        Returns the user's decision, the reservation if everything passed, and the guard's
+        wait in seconds if the guard refused (the user's charge is then given back).
+        """
+        cached = self._llm.get(plan.name)
+        if cached is None or cached.plan is not plan:
+            cached = self._llm[plan.name] = compile_plan(plan, self.edge, llm=True)
+        usd = round(usd_micros(model, input_tokens, max_output_tokens))
+        costs = {"tokens-minute": input_tokens + max_output_tokens,
+                 "input-tokens-minute": input_tokens, "output-tokens-minute": max_output_tokens,
+                 "usd-day": usd}
+        lease = new_lease_id()
+        args = list(cached.args)
+        for i, layer in enumerate(cached.layers):
+            if layer.kind == "c":
+                args[4 * i + 3] = lease.encode()
+            elif layer.name in costs:
+                args[4 * i + 3] = str(costs[layer.name]).encode()
+        keys = self._keys(cached, user, ip)
+        try:
+            reply = self.store.acquire(keys, args)
+        except StoreUnavailable:
+            return store_away(cached), None, None
+        decision = from_reply(cached, reply)
+        if not decision.allowed:
+            return decision, None, None
+        own = cached.layers[cached.edge_count:]
+        charges = [Charge(layer, key, costs.get(layer.name, 1))
+                   for layer, key in zip(own, keys[cached.edge_count:], strict=True)]
+        reservation = Reservation(self.store, decision, reply[3], charges, lease, model,
+                                  input_tokens, max_output_tokens)
+        if guard:
+            wait = self._guard(reservation, model_name, input_tokens + max_output_tokens)
+            if wait is not None:
+                reservation.refund_everything()
+                return decision, None, wait
+        return decision, reservation, None
+
+    def _guard(self, reservation: Reservation, model_name: str, tokens: int) -> float | None:
+        """The model's shared windows and learnt pacing; None when the call may go ahead."""
+        layers = guard_layers(self.policy.models.get(model_name))
+        prefix = model_prefix(self.namespace, model_name)
+        keys = [prefix + layer.suffix for layer in layers]
+        costs = {"upstream-requests": 1, "upstream-tokens": tokens, "upstream-pace": tokens}
+        args: list[str | int | float] = []
+        for layer in layers:
+            args += [layer.kind, layer.limit, layer.param, costs[layer.name]]
+        try:
+            reply = self.store.acquire(keys, args)
+        except StoreUnavailable:
+            return None  # the guard fails open: the provider still has its own limits
+        if reply[0] != 1:
+            return max(0.001, reply[2] / 1e6) if reply[2] >= 0 else 60.0
+        reservation.guard_at = reply[3]
+        reservation.guard_charges = [Charge(layer, key, costs[layer.name])
+                                     for layer, key in zip(layers, keys, strict=True)
+                                     if layer.kind in ("w", "W")]
+        return None
+
+    def observe(self, model_name: str, headers: Mapping[str, str], status: int) -> None:
+        """Learn the provider's pacing for ``model_name`` from one of its responses."""
+        args = pacing_args(headers, status)
+        if args is None:
+            return
+        # Pacing is advice: a store that is away loses one observation, nothing more.
+        with contextlib.suppress(StoreUnavailable):
+            self.store.run("observe", [model_prefix(self.namespace, model_name) + "pace"], args)
+
     def charge_edge(self, ip: str) -> Decision | None:
         """Count a request that never reached acquire (bad input) at the edge, as any edge would."""
         if self._edge_only is None or self.edge_keys is None:
@@ -59,16 +137,16 @@ class Engine:
             return None
         return from_reply(self._edge_only, reply)
 
-    def peek(self, user: str) -> Decision:
+    def peek(self, user: str, plan: Plan | None = None) -> Decision:
         """Every user layer's state for ``user``, charging nothing."""
-        compiled = compile_plan(self.policy.plan_for(user), cost=0)
+        compiled = compile_plan(plan or self.policy.plan_for(user), cost=0, llm=True)
         reply = self.store.acquire(self._keys(compiled, user, None), compiled.args)
         return from_reply(compiled, reply)
 
     def reset(self, user: str, layer: str | None = None) -> int:
         """Forget ``user``'s usage (one layer by name, or all); returns keys removed."""
         prefix = user_prefix(self.namespace, user)
-        layers = compile_plan(self.policy.plan_for(user)).layers
+        layers = compile_plan(self.policy.plan_for(user), llm=True).layers
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0
 

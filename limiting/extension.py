@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
@@ -19,9 +20,11 @@ from .engine import EdgeKeys, Engine
 from .errors import LimiterUnavailable, RateLimited
 from .headers import rate_limit_headers
 from .identity import client_ip
+from .keys import ApiKeys
 from .keys_cli import keys_cli
 from .layers import Layer
-from .policy import Policy, load_policy
+from .policy import Plan, Policy, load_policy
+from .reservation import Reservation, UpstreamSaturated
 from .store import Store, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,6 +44,7 @@ class RateLimiter:
         self._policy = policy
         self._store = store
         self._engine: Engine | None = None
+        self._keys: ApiKeys | None = None
         self.edge: Limiter | None = None
         if app is not None:
             self.init_app(app)
@@ -67,6 +71,7 @@ class RateLimiter:
         app.after_request(_add_headers)
         app.register_error_handler(RateLimited, _render_refusal)
         app.register_error_handler(LimiterUnavailable, _render_refusal)
+        app.register_error_handler(UpstreamSaturated, _render_refusal)
         app.cli.add_command(limits_cli)
         app.cli.add_command(keys_cli)
 
@@ -83,18 +88,50 @@ class RateLimiter:
     def store(self) -> Store:
         return self.engine.store
 
-    def acquire(self, user: str) -> Decision:
+    @property
+    def keys(self) -> ApiKeys:
+        """API keys on the same store (created by ``flask keys create``)."""
+        if self._keys is None:
+            policy = self.policy
+            self._keys = ApiKeys(self.store, policy.default_plan, policy.plans)
+        return self._keys
+
+    def acquire(self, user: str, plan: str | None = None) -> Decision:
         """Charge one request to ``user`` or raise RateLimited / LimiterUnavailable.
 
         The decision is kept on ``g`` so the response carries its headers.
         """
-        decision = self.engine.acquire(user, client_ip())
+        decision = self.engine.acquire(user, client_ip(), self._plan(user, plan))
         g._llm_decision = decision
-        if decision.allowed:
-            return decision
-        if decision.unavailable:
-            raise LimiterUnavailable(max(1, decision.retry_after))
-        raise RateLimited.from_decision(decision, rate_limit_headers(decision))
+        return _admitted(decision)
+
+    def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
+                plan: str | None = None) -> Reservation:
+        """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
+
+        Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
+        user is charged nothing) or LimiterUnavailable. Settle or cancel what it returns.
+        """
+        decision, reservation, wait = self.engine.reserve(
+            user, client_ip(), self._plan(user, plan), model, self.policy.models.get(model),
+            input_tokens, max_output_tokens, guard=model != "echo",
+        )
+        g._llm_decision = decision
+        if wait is not None:
+            raise UpstreamSaturated(model, max(1, math.ceil(wait)))
+        _admitted(decision)
+        assert reservation is not None
+        return reservation
+
+    def observe_upstream(self, model: str, headers: Mapping[str, str], status: int) -> None:
+        """Let the model's guard learn from a provider response (its rate-limit headers)."""
+        self.engine.observe(model, headers, status)
+
+    def _plan(self, user: str, plan: str | None) -> Plan:
+        policy = self.policy
+        if plan is not None and plan in policy.plans:
+            return policy.plans[plan]
+        return policy.plan_for(user)
 
     def limit(self, user: Callable[[], str]) -> Callable[[F], F]:
         """Decorate a view: ``user()`` names who pays, inside the request."""
@@ -113,6 +150,14 @@ class RateLimiter:
         """Keep a view or blueprint (health checks, metrics) out of the edge limits."""
         if self.edge is not None:
             self.edge.exempt(target)
+
+
+def _admitted(decision: Decision) -> Decision:
+    if decision.allowed:
+        return decision
+    if decision.unavailable:
+        raise LimiterUnavailable(max(1, decision.retry_after))
+    raise RateLimited.from_decision(decision, rate_limit_headers(decision))
 
 
 def current_limiter() -> RateLimiter:
@@ -160,7 +205,7 @@ def _add_headers(response: Response) -> Response:
     return response
 
 
-def _render_refusal(exc: RateLimited | LimiterUnavailable) -> Response:
+def _render_refusal(exc: RateLimited | LimiterUnavailable | UpstreamSaturated) -> Response:
     response = jsonify(exc.body())
     response.status_code = exc.code or 429
     if isinstance(exc, RateLimited):

@@ -53,16 +53,41 @@ def request_layers(plan: Plan) -> tuple[Layer, ...]:
     return tuple(layers)
 
 
-def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1) -> CompiledPlan:
+def llm_layers(plan: Plan) -> tuple[Layer, ...]:
+    """Token, dollar and concurrency layers: charged per request by its reservation."""
+    fail = plan.fail_quota
+    layers = []
+    for name, suffix, limit in (("tokens-minute", "t60", plan.tokens_per_minute),
+                                ("input-tokens-minute", "ti60", plan.input_tokens_per_minute),
+                                ("output-tokens-minute", "to60", plan.output_tokens_per_minute)):
+        if limit:
+            layers.append(window(name, suffix, limit, 60, fail, wide=True))
+    if plan.budget_usd_per_day:
+        # Micro-dollars: whole numbers in the script, exact to a millionth of a dollar.
+        layers.append(window("usd-day", "usd86400", round(plan.budget_usd_per_day * 1e6), 86400,
+                             fail, wide=True))
+    if plan.max_concurrent:
+        ttl = plan.lease_ttl_seconds
+        layers.append(Layer("concurrent", "c", "cc", plan.max_concurrent, ttl * 1_000_000, ttl,
+                            fail))
+    return tuple(layers)
+
+
+def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1,
+                 llm: bool = False) -> CompiledPlan:
     """The script arguments for ``edges`` then ``plan``'s layers (no plan: the edge alone).
 
-    ``cost`` 1 charges one request; 0 only reads every layer's state.
+    ``cost`` 1 charges one request; 0 only reads every layer's state. With ``llm`` the
+    plan's token, dollar and concurrency layers follow, their costs set per request.
     """
     own = request_layers(plan) if plan is not None else ()
+    if llm and plan is not None:
+        own += llm_layers(plan)
     layers = edges + own
     args: list[bytes] = []
     for layer in layers:
-        args += [s.encode() for s in (layer.kind, _num(layer.limit), _num(layer.param), str(cost))]
+        unit = ("-" if cost == 0 else "") if layer.kind == "c" else str(cost)
+        args += [s.encode() for s in (layer.kind, _num(layer.limit), _num(layer.param), unit)]
     return CompiledPlan(
         plan=plan,
         layers=layers,

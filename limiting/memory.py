@@ -41,12 +41,18 @@ class MemoryStore:
             worst_wait, worst_layer = 0.0, 0
             for i, key in enumerate(keys):
                 kind = _text(args[i * 4])
-                a, b, cost = (float(args[i * 4 + j]) for j in (1, 2, 3))
+                a, b = float(args[i * 4 + 1]), float(args[i * 4 + 2])
                 state = self._get(key, now)
-                if kind == "b":
-                    remaining, reset, wait, write = _bucket(state, now, a, b, cost)
+                if kind == "c":
+                    lease = _text(args[i * 4 + 3])
+                    remaining, reset, wait, write = _leases(state, now, a, b, lease)
+                    cost = 0.0 if lease == "-" else 1.0
+                elif kind == "p":  # no provider pacing is learnt in memory
+                    remaining, reset, wait, write, cost = 0, 0, 0.0, None, 0.0
                 else:
-                    remaining, reset, wait, write = _window(state, now, a, b, cost)
+                    cost = float(args[i * 4 + 3])
+                    step = _bucket if kind == "b" else _window
+                    remaining, reset, wait, write = step(state, now, a, b, cost)
                 if write is not None:
                     writes.append((key, write[0], write[1]))
                     charged.append((i, cost))
@@ -69,7 +75,40 @@ class MemoryStore:
             return result
 
     def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any:
-        raise StoreUnavailable(f"memory:// does not run the {name!r} script")
+        if name == "observe":
+            return 0
+        if name != "settle":
+            raise StoreUnavailable(f"memory:// does not run the {name!r} script")
+        with self._lock:
+            now = self._now_us()
+            charged_at = float(args[0])
+            for i, key in enumerate(keys):
+                kind, b = _text(args[1 + 3 * i]), float(args[2 + 3 * i])
+                item = self._data.get(key)
+                if item is None:
+                    continue
+                expires, state = item
+                if kind in ("c", "r"):
+                    lease = _text(args[3 + 3 * i])
+                    if lease in state[1]:
+                        if kind == "c":
+                            del state[1][lease]
+                        else:
+                            state[1][lease] = now + b
+                            self._data[key] = (max(expires, now + b + 1e6), state)
+                    continue
+                delta = float(args[3 + 3 * i])
+                if kind == "b":
+                    state[1] = max(0.0, min(b, state[1] - delta))
+                    continue
+                slot = b / 60
+                idx = math.floor(charged_at / slot)
+                if idx <= state[1] and math.floor(now / slot) - idx < SLOTS:
+                    held = state[3][idx % SLOTS]
+                    new = max(0.0, held + delta)
+                    state[3][idx % SLOTS] = new
+                    state[2] = max(0.0, state[2] + new - held)
+            return len(keys)
 
     def ping(self) -> bool:
         return True
@@ -94,6 +133,18 @@ def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: fl
         write = (["b", tokens, now], (cap - tokens) / rate * 1e6 + 1e6)
         return tokens, (cap - tokens) / rate * 1e6, 0.0, write
     return tokens, (cap - tokens) / rate * 1e6, (cost - tokens) / rate * 1e6 + 1, None
+
+
+def _leases(state: list[Any] | None, now: int, most: float, ttl_us: float, lease: str
+            ) -> tuple[float, float, float, tuple[list[Any], float] | None]:
+    held = {k: v for k, v in (state[1] if state else {}).items() if v > now}
+    first = min(held.values(), default=now) - now
+    if lease == "-":
+        return most - len(held), first, 0.0, None
+    if len(held) < most:
+        held[lease] = now + ttl_us
+        return most - len(held), first, 0.0, (["c", held], ttl_us + 1e6)
+    return most - len(held), first, 1e6, None
 
 
 def _window(state: list[Any] | None, now: int, limit: float, length_us: float, cost: float

@@ -53,6 +53,7 @@ class Plan:
     max_concurrent: int | None = None
     budget_usd_per_day: float | None = None
     default_max_tokens: int = 1024
+    lease_ttl_seconds: int = 60    # a killed worker's lease frees itself after this
     # Paid quotas fail closed by default: an outage must not become free usage.
     fail_rate: FailMode = "fail_open"
     fail_quota: FailMode = "fail_closed"
@@ -68,6 +69,14 @@ class ModelPolicy:
     tokens_per_minute: int | None = None
     input_usd_per_million: float = 0.0
     output_usd_per_million: float = 0.0
+    # Prompt-cache reads are billed lower by providers; default: half the input price.
+    cached_input_usd_per_million: float | None = None
+
+    @property
+    def cached_price(self) -> float:
+        if self.cached_input_usd_per_million is None:
+            return self.input_usd_per_million / 2
+        return self.cached_input_usd_per_million
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +189,7 @@ def _plan(source: str, name: str, table: Any) -> Plan:
         max_concurrent=r.positive("max_concurrent"),
         budget_usd_per_day=r.positive("budget_usd_per_day", (int, float)),
         default_max_tokens=r.positive("default_max_tokens", default=1024),
+        lease_ttl_seconds=r.positive("lease_ttl_seconds", default=60),
         fail_rate=r.fail_mode("fail_rate", "fail_open"),
         fail_quota=r.fail_mode("fail_quota", "fail_closed"),
     )
@@ -199,9 +209,15 @@ def _model(source: str, name: str, table: Any) -> ModelPolicy:
         tokens_per_minute=r.positive("tokens_per_minute"),
         input_usd_per_million=float(r.get("input_usd_per_million", (int, float), 0.0)),
         output_usd_per_million=float(r.get("output_usd_per_million", (int, float), 0.0)),
+        cached_input_usd_per_million=_opt_float(r.get("cached_input_usd_per_million",
+                                                      (int, float))),
     )
     r.done()
     return model
+
+
+def _opt_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:

@@ -1,20 +1,23 @@
--- Decide every user-side layer of one request at once, and commit only if all pass.
+-- Decide every layer of one request at once, and commit only if all pass.
 --
--- KEYS[i]  state of layer i; every key of one user carries the same hash tag, so this
---          script runs on one Cluster slot.
+-- KEYS[i]  state of layer i. A user's keys share one hash tag (one Cluster slot); the
+--          upstream guard's keys share their model's tag and go in a call of their own.
 -- ARGV     4 values per layer: kind, a, b, cost
---   kind "f"  edge fixed window (Flask-Limiter's key and semantics): a = limit, b = seconds.
---             Every attempt counts, as at any edge; a refusal here ends the call before
---             any user layer is looked at. Only on a single server: its key has no hash tag.
---   kind "b"  token bucket:   a = capacity, b = refill per second
---   kind "w"  sliding window: a = limit,    b = window length in microseconds,
---             state = 61 slots of 4-byte counts; kind "W" the same with 8-byte counts
---             (token and dollar units, which outgrow 32 bits)
+--   "f"  edge fixed window (Flask-Limiter's key and semantics): a = limit, b = seconds.
+--        Every attempt counts, as at any edge; a refusal here ends the call before any
+--        other layer is looked at. Single server only: its key has no hash tag.
+--   "b"  token bucket: a = capacity, b = refill per second
+--   "w"  strict sliding window: a = limit, b = window in microseconds; state is 61 slots
+--        of 4-byte counts ("W": 8-byte counts, for tokens and micro-dollars)
+--   "c"  requests in flight: a = max, b = lease TTL in microseconds, cost = lease id
+--        ("-" only looks); a lease of a killed worker leaves by its TTL
+--   "p"  upstream pacing learnt from provider headers (a hash written by observe.lua):
+--        cost = tokens this call will use
+-- A cost of 0 only looks (usage pages, `flask limits show`): nothing is written.
 --
--- A layer with cost 0 is only read, never written.
--- Returns {allowed, refusing layer (0 if none), wait_us, now_us, then per layer remaining, reset_us}.
--- wait_us is the exact time until this request would pass (-1: never, its cost exceeds a limit).
--- Redis TIME is the only clock: worker clocks may disagree, the store's cannot.
+-- Returns {allowed, refusing layer (0: none), wait_us, now_us, then remaining, reset_us
+-- per layer}. wait_us is the exact time until this request would pass (-1: never, its
+-- cost exceeds a limit). Redis TIME is the only clock.
 
 local SLOTS = 61          -- 60 whole slots plus the current partial one
 local pack, unpack = struct.pack, struct.unpack
@@ -23,6 +26,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 local result = {1, 0, 0, now}
+local n = 4
 local writes = {}
 local costs = {}
 local worst_wait, worst_layer = 0, 0
@@ -32,10 +36,8 @@ for i = 1, #KEYS do
   local kind = ARGV[base + 1]
   local a = tonumber(ARGV[base + 2])
   local b = tonumber(ARGV[base + 3])
-  local cost = tonumber(ARGV[base + 4])
-  local remaining, reset, wait
-  local raw = nil
-  if kind ~= 'f' then raw = redis.call('GET', KEYS[i]) end
+  local cost = tonumber(ARGV[base + 4]) or 0
+  local remaining, reset, wait = 0, 0, 0
 
   if kind == 'f' then
     local count
@@ -50,13 +52,13 @@ for i = 1, #KEYS do
     remaining, reset = a - count, ttl * 1000
     if count > a then
       result[1], result[2], result[3] = 0, i, ttl * 1000 + 1
-      result[#result + 1] = 0
-      result[#result + 1] = reset
+      result[n + 1], result[n + 2] = 0, reset
       return result
     end
-    wait = 0
     cost = 0  -- already counted: nothing for the commit below
+
   elseif kind == 'b' then
+    local raw = redis.call('GET', KEYS[i])
     local tokens = a
     if raw then
       local held, at = unpack('<dd', raw)
@@ -64,15 +66,16 @@ for i = 1, #KEYS do
     end
     if tokens >= cost then
       tokens = tokens - cost
-      wait = 0
       -- Past the time to refill, a fresh bucket says the same: let the key go.
       writes[i] = {pack('<dd', tokens, now), math.ceil((a - tokens) / b * 1000) + 1000}
     else
       wait = (cost - tokens) / b * 1e6 + 1
     end
-    remaining = math.floor(tokens)
+    remaining = tokens
     reset = (a - tokens) / b * 1e6
-  else
+
+  elseif kind == 'w' or kind == 'W' then
+    local raw = redis.call('GET', KEYS[i])
     local fmt, width = '<I4', 4
     if kind == 'W' then fmt, width = '<d', 8 end
     local slot = b / 60
@@ -107,7 +110,6 @@ for i = 1, #KEYS do
         .. state:sub(off + width + 1)
       reset = (cur + SLOTS) * slot - now
       writes[i] = {state, math.ceil(reset / 1000) + 1000}
-      wait = 0
     else
       -- Oldest slot first: when enough has left the window, this request fits.
       local need, freed = total + cost - a, 0
@@ -122,6 +124,40 @@ for i = 1, #KEYS do
       reset = (last + SLOTS) * slot - now
     end
     remaining = a - total
+
+  elseif kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    local held = redis.call('ZCARD', KEYS[i])
+    local lease = ARGV[base + 4]
+    cost = 0
+    if lease ~= '-' then
+      if held < a then
+        cost = 1
+        held = held + 1
+        writes[i] = {lease, now + b}
+      else
+        -- When a lease frees is up to its stream; a second is a fair, short wait.
+        wait = 1000000
+      end
+    end
+    remaining = a - held
+    local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    if first[2] then reset = tonumber(first[2]) - now end
+
+  elseif kind == 'p' then
+    local p = redis.call('HMGET', KEYS[i], 'until', 'rl', 'rr', 'tl', 'tr')
+    local hold, rl, rr, tl, tr = tonumber(p[1]), tonumber(p[2]), tonumber(p[3]),
+      tonumber(p[4]), tonumber(p[5])
+    if hold and hold > now then wait = hold - now end
+    if rl and rr and rr > now and rl < 1 then wait = math.max(wait, rr - now) end
+    if tl and tr and tr > now and tl < cost then wait = math.max(wait, tr - now) end
+    remaining, reset = rl or 0, math.max(0, (rr or now) - now)
+    if wait == 0 and ((rl and rr and rr > now) or (tl and tr and tr > now)) then
+      writes[i] = {cost}
+      cost = 1
+    else
+      cost = 0
+    end
   end
 
   if wait < 0 then
@@ -130,24 +166,39 @@ for i = 1, #KEYS do
     worst_wait, worst_layer = wait, i
   end
   if wait == 0 then costs[i] = cost end
-  result[#result + 1] = math.max(0, math.floor(remaining))
-  result[#result + 1] = math.max(0, math.ceil(reset))
+  result[n + 1] = math.max(0, math.floor(remaining))
+  result[n + 2] = math.max(0, math.ceil(reset))
+  n = n + 2
 end
 
 if worst_layer ~= 0 then
   result[1], result[2], result[3] = 0, worst_layer, math.ceil(worst_wait)
   -- Nothing is charged: layers that would have passed report what they still hold.
   for i, cost in pairs(costs) do
-    result[3 + 2 * i] = result[3 + 2 * i] + cost
+    local kind = ARGV[(i - 1) * 4 + 1]
+    if kind == 'b' or kind == 'w' or kind == 'W' or kind == 'c' then
+      result[3 + 2 * i] = result[3 + 2 * i] + cost
+    end
   end
   return result
 end
 
 for i = 1, #KEYS do
-  -- A cost of 0 only looks (usage pages, `flask limits show`): nothing to store.
-  if costs[i] > 0 and writes[i] then
-    local w = writes[i]
-    redis.call('SET', KEYS[i], w[1], 'PX', w[2])
+  local w = writes[i]
+  if w and costs[i] and costs[i] > 0 then
+    local kind = ARGV[(i - 1) * 4 + 1]
+    if kind == 'c' then
+      redis.call('ZADD', KEYS[i], w[2], w[1])
+      redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[(i - 1) * 4 + 3]) / 1000) + 1000)
+    elseif kind == 'p' then
+      local rl = redis.call('HGET', KEYS[i], 'rl')
+      if rl then redis.call('HINCRBY', KEYS[i], 'rl', -1) end
+      if w[1] > 0 and redis.call('HGET', KEYS[i], 'tl') then
+        redis.call('HINCRBYFLOAT', KEYS[i], 'tl', -w[1])
+      end
+    else
+      redis.call('SET', KEYS[i], w[1], 'PX', w[2])
+    end
   end
 end
 return result

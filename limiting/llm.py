@@ -1,0 +1,64 @@
+"""LLM units: reserve tokens, dollars and a concurrency lease before the upstream call,
+settle the actual usage after it. The blueprints see only this module's small surface.
+
+    reservation = limiter.reserve(user, model, input_tokens=est, max_output_tokens=mx)
+    try:
+        ... call upstream, stream ...
+        reservation.settle(Usage(input_tokens=..., output_tokens=..., cached_input_tokens=...))
+    except UpstreamError:
+        reservation.cancel()      # nothing was produced: give every unit back
+        raise
+
+``settle``/``cancel`` are idempotent (the first call wins); ``renew`` keeps a streaming
+request's lease alive; a reservation never settled expires by itself (leases within their
+TTL, token windows as their window passes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0   # served from the provider's prompt cache: not input-limited
+
+
+# Offline estimate, no tokenizer download: ~3 UTF-8 bytes per token is above what
+# OpenAI/Anthropic tokenizers produce for English and code, so reservations err high and
+# the settle gives the rest back.
+BYTES_PER_TOKEN = 3
+TOKENS_PER_MESSAGE = 8
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text.encode("utf-8", "replace")) / BYTES_PER_TOKEN)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping):
+                text = part.get("text")
+                parts.append(text if isinstance(text, str) else json.dumps(part, default=str))
+            else:
+                parts.append(str(part))
+        return "\n".join(parts)
+    return "" if content is None else json.dumps(content, default=str)
+
+
+def estimate_input_tokens(messages: Iterable[Mapping[str, Any]], system: Any = None) -> int:
+    """Estimated prompt tokens of a chat request (OpenAI or Anthropic message shape)."""
+    total = estimate_tokens(_content_text(system)) if system else 0
+    for message in messages:
+        total += TOKENS_PER_MESSAGE + estimate_tokens(_content_text(message.get("content")))
+    return total

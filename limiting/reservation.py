@@ -1,0 +1,159 @@
+"""Reservations of LLM units (tokens, dollars, a concurrency lease) and their settlement."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from werkzeug.exceptions import ServiceUnavailable
+
+from .decision import Decision
+from .layers import Layer
+from .llm import Usage
+from .policy import ModelPolicy
+from .store import ScriptArgs, Store, StoreUnavailable
+
+log = logging.getLogger("limiter.reservation")
+
+
+class UpstreamSaturated(ServiceUnavailable):
+    """The model's upstream guard refused: the provider is at its limit, not the user."""
+
+    def __init__(self, model: str, retry_after: int) -> None:
+        super().__init__(f"The upstream for model {model!r} is saturated; retry after "
+                         f"{retry_after}s.")
+        self.model = model
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, object]:
+        return {"error": self.description, "code": "upstream_saturated",
+                "layer": f"upstream:{self.model}", "retry_after": self.retry_after}
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One layer a reservation charged, and by how much."""
+
+    layer: Layer
+    key: str
+    amount: float      # units reserved (a lease id for "c" layers lives in Reservation)
+
+
+# Layers whose charge is an estimate that the settle corrects; request counts stay charged.
+UNIT_LAYERS = frozenset({"tokens-minute", "input-tokens-minute", "output-tokens-minute",
+                         "usd-day"})
+
+
+def new_lease_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Reservation:
+    """What one admitted LLM request holds until it settles; settle/cancel run once."""
+
+    def __init__(self, store: Store, decision: Decision, charged_at: int, charges: list[Charge],
+                 lease: str | None, model: ModelPolicy | None, input_tokens: int,
+                 max_output_tokens: int, guard_at: int = 0,
+                 guard_charges: list[Charge] | None = None) -> None:
+        self.store = store
+        self.decision = decision
+        self.charged_at = charged_at
+        self.charges = charges
+        self.lease = lease
+        self.model = model
+        self.input_tokens = input_tokens
+        self.max_output_tokens = max_output_tokens
+        self.guard_at = guard_at
+        self.guard_charges = guard_charges or []
+        self.done = False
+
+    def actual(self, layer: Layer, usage: Usage) -> float:
+        """What ``usage`` costs in ``layer``'s unit; cache reads never count as input."""
+        fresh = max(0, usage.input_tokens - usage.cached_input_tokens)
+        name = layer.name
+        if name in ("tokens-minute", "upstream-tokens"):
+            return fresh + usage.output_tokens
+        if name == "input-tokens-minute":
+            return fresh
+        if name == "output-tokens-minute":
+            return usage.output_tokens
+        if name == "usd-day":
+            return round(usd_micros(self.model, fresh, usage.output_tokens,
+                                    min(usage.cached_input_tokens, usage.input_tokens)))
+        return 0
+
+    def settle(self, usage: Usage) -> None:
+        """Charge what was really used and give back the rest of the reservation."""
+        self._finish(usage)
+
+    def cancel(self) -> None:
+        """Nothing came back from upstream: every reserved unit is returned."""
+        self._finish(None)
+
+    def _finish(self, usage: Usage | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        args: list[str | int | float] = [self.charged_at]
+        keys: list[str] = []
+        for charge in self.charges:
+            layer = charge.layer
+            if layer.kind == "c":
+                keys.append(charge.key)
+                args += ["c", layer.param, self.lease or ""]
+            elif layer.name in UNIT_LAYERS:
+                spent = self.actual(layer, usage) if usage is not None else 0
+                if spent != charge.amount:
+                    keys.append(charge.key)
+                    args += [layer.kind, layer.param, spent - charge.amount]
+        self._run(keys, args)
+        guard_keys: list[str] = []
+        guard_args: list[str | int | float] = [self.guard_at]
+        for charge in self.guard_charges:
+            if charge.layer.name == "upstream-tokens":
+                spent = self.actual(charge.layer, usage) if usage is not None else 0
+                guard_keys.append(charge.key)
+                guard_args += [charge.layer.kind, charge.layer.param, spent - charge.amount]
+        self._run(guard_keys, guard_args)
+
+    def refund_everything(self) -> None:
+        """A later layer refused after this one committed: as if the request never came."""
+        self.done = True
+        args: list[str | int | float] = [self.charged_at]
+        keys: list[str] = []
+        for charge in self.charges:
+            layer = charge.layer
+            keys.append(charge.key)
+            if layer.kind == "c":
+                args += ["c", layer.param, self.lease or ""]
+            elif layer.kind == "b":
+                args += ["b", layer.limit, -charge.amount]
+            else:
+                args += [layer.kind, layer.param, -charge.amount]
+        self._run(keys, args)
+
+    def renew(self) -> None:
+        """Keep a streaming request's lease alive for another TTL."""
+        for charge in self.charges:
+            if charge.layer.kind == "c" and not self.done:
+                self._run([charge.key], [self.charged_at, "r", charge.layer.param,
+                                         self.lease or ""])
+
+    def _run(self, keys: list[str], args: ScriptArgs) -> None:
+        if not keys:
+            return
+        try:
+            self.store.run("settle", keys, args)
+        except StoreUnavailable as exc:
+            # The reservation then ages out with its window, and the lease with its TTL.
+            log.warning("settle failed, reservation left to expire: %s", exc)
+
+
+def usd_micros(model: ModelPolicy | None, fresh_input: float, output: float,
+               cached: float = 0) -> float:
+    """Micro-dollars for a call: the price per million tokens is micro-dollars per token."""
+    if model is None:
+        return 0.0
+    return (fresh_input * model.input_usd_per_million + output * model.output_usd_per_million
+            + cached * model.cached_price)

@@ -1,0 +1,170 @@
+"""LLM units at the engine: reserve, settle, cancel, leases, dollars, the upstream guard."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from limiting.engine import Engine
+from limiting.llm import Usage, estimate_input_tokens
+from limiting.policy import parse_policy
+from limiting.store import Store, open_store
+from limiting.upstream import parse_duration, pacing_args
+
+POLICY = {
+    "plans": {
+        "p": {"burst": 100, "refill_per_second": 100, "quotas": ["1000 per day"],
+              "tokens_per_minute": 100, "input_tokens_per_minute": 60,
+              "output_tokens_per_minute": 80, "max_concurrent": 2,
+              "budget_usd_per_day": 1.0, "lease_ttl_seconds": 1},
+    },
+    "models": {"gpt-x": {"provider": "openai", "requests_per_minute": 3,
+                         "input_usd_per_million": 1000, "output_usd_per_million": 2000}},
+}
+
+
+@pytest.fixture(params=["redis", "memory"])
+def engine(request: pytest.FixtureRequest, r: redis.Redis, redis_url: str) -> Iterator[Engine]:
+    store: Store = open_store(redis_url if request.param == "redis" else "memory://")
+    yield Engine(store, parse_policy(POLICY))
+    store.close()
+
+
+def reserve(engine: Engine, user: str, inp: int, out: int, model: str = "echo",
+            guard: bool = False):
+    policy = engine.policy
+    return engine.reserve(user, None, policy.plans["p"], model, policy.models.get(model), inp,
+                          out, guard)
+
+
+def remaining(engine: Engine, user: str) -> dict[str, int]:
+    return {s.layer.name: s.remaining for s in engine.peek(user).states}
+
+
+def test_tokens_reserved_then_settled_to_actual(engine: Engine) -> None:
+    d, res, _ = reserve(engine, "t", 30, 50)
+    assert d.allowed and res is not None
+    left = remaining(engine, "t")
+    assert (left["tokens-minute"], left["input-tokens-minute"], left["output-tokens-minute"]) \
+        == (20, 30, 30)
+    d2, res2, _ = reserve(engine, "t", 30, 50)
+    assert not d2.allowed and d2.refused is not None
+    assert d2.refused.layer.name in ("tokens-minute", "input-tokens-minute")
+    assert 0 < d2.wait <= 61
+    res.settle(Usage(input_tokens=10, output_tokens=5))
+    left = remaining(engine, "t")
+    assert (left["tokens-minute"], left["input-tokens-minute"], left["output-tokens-minute"]) \
+        == (85, 50, 75)
+    res.settle(Usage(input_tokens=99, output_tokens=99))   # idempotent: the first one counts
+    assert remaining(engine, "t")["tokens-minute"] == 85
+
+
+def test_refused_reservation_charges_nothing(engine: Engine) -> None:
+    before = remaining(engine, "n")
+    d, res, _ = reserve(engine, "n", 10, 95)   # output 95 > 80 per minute: can never pass
+    assert not d.allowed and res is None and d.wait is None
+    assert remaining(engine, "n") == before
+
+
+def test_cached_input_is_not_input(engine: Engine) -> None:
+    _, res, _ = reserve(engine, "c", 30, 10)
+    res.settle(Usage(input_tokens=30, output_tokens=10, cached_input_tokens=25))
+    left = remaining(engine, "c")
+    assert left["input-tokens-minute"] == 55 and left["tokens-minute"] == 85
+
+
+def test_cancel_returns_every_unit_but_counts_the_request(engine: Engine) -> None:
+    _, res, _ = reserve(engine, "x", 20, 20)
+    res.cancel()
+    left = remaining(engine, "x")
+    assert left["tokens-minute"] == 100 and left["concurrent"] == 2
+    assert left["quota-day"] == 999
+
+
+def test_leases_cap_requests_in_flight_and_free_by_ttl(engine: Engine) -> None:
+    held = [reserve(engine, "l", 1, 1)[1] for _ in range(2)]
+    d, res, _ = reserve(engine, "l", 1, 1)
+    assert not d.allowed and d.refused.layer.name == "concurrent" and d.retry_after == 1
+    held[0].settle(Usage(1, 1))
+    assert reserve(engine, "l", 1, 1)[0].allowed
+    # Nobody releases these two: a killed worker. Their TTL (1 s) frees them.
+    assert not reserve(engine, "l", 1, 1)[0].allowed
+    time.sleep(1.1)
+    assert reserve(engine, "l", 1, 1)[0].allowed
+
+
+def test_renew_keeps_a_stream_lease(engine: Engine) -> None:
+    _, a, _ = reserve(engine, "s", 1, 1)
+    _, b, _ = reserve(engine, "s", 1, 1)
+    for _ in range(3):
+        time.sleep(0.4)
+        a.renew()
+        b.renew()
+    assert not reserve(engine, "s", 1, 1)[0].allowed
+
+
+def test_dollar_budget(engine: Engine) -> None:
+    # 10 in + 20 out at $1000/$2000 per million = $0.05 reserved each time.
+    for _ in range(20):
+        _, res, _ = reserve(engine, "d", 10, 20, model="gpt-x")
+        assert res is not None
+        res.settle(Usage(10, 20))
+        engine.store.delete([f"rl:{{u:d}}:{s}" for s in ("t60", "ti60", "to60")])
+    d, _, _ = reserve(engine, "d", 10, 20, model="gpt-x")
+    assert not d.allowed and d.refused.layer.name == "usd-day"
+
+
+def test_guard_refusal_charges_the_user_nothing(engine: Engine) -> None:
+    for user in ("g1", "g2", "g3"):
+        d, res, wait = reserve(engine, user, 1, 1, model="gpt-x", guard=True)
+        assert d.allowed and wait is None
+        res.settle(Usage(1, 1))
+    before = remaining(engine, "g4")
+    d, res, wait = reserve(engine, "g4", 1, 1, model="gpt-x", guard=True)
+    assert res is None and wait is not None and 0 < wait <= 61
+    if isinstance(engine.store, type(open_store("memory://"))):
+        return
+    assert remaining(engine, "g4") == before
+
+
+def test_pacing_learnt_from_headers_slows_every_worker(r: redis.Redis, redis_url: str) -> None:
+    engine = Engine(open_store(redis_url), parse_policy(POLICY))
+    engine.observe("gpt-x", {"x-ratelimit-remaining-requests": "0",
+                             "x-ratelimit-reset-requests": "2s",
+                             "x-ratelimit-remaining-tokens": "5000",
+                             "x-ratelimit-reset-tokens": "1s"}, 200)
+    d, res, wait = reserve(engine, "pace", 1, 1, model="gpt-x", guard=True)
+    assert res is None and 1.5 < wait <= 2.01
+    engine.observe("gpt-x", {"retry-after-ms": "1500"}, 429)
+    _, _, wait = reserve(engine, "pace", 1, 1, model="gpt-x", guard=True)
+    assert wait is not None and wait > 1.0
+    time.sleep(2.05)
+    assert reserve(engine, "pace", 1, 1, model="gpt-x", guard=True)[1] is not None
+
+
+def test_pacing_counts_down_between_observations(r: redis.Redis, redis_url: str) -> None:
+    engine = Engine(open_store(redis_url), parse_policy(POLICY | {"models": {}}))
+    engine.observe("claude-x", {"anthropic-ratelimit-requests-remaining": "2",
+                                "anthropic-ratelimit-requests-reset": "2099-01-01T00:00:00Z"},
+                   200)
+    outcomes = [reserve(engine, f"u{i}", 1, 1, model="claude-x", guard=True)[2] is None
+                for i in range(3)]
+    assert outcomes == [True, True, False]
+
+
+def test_header_parsing() -> None:
+    assert parse_duration("6m0s") == 360 and parse_duration("12ms") == 0.012
+    assert parse_duration("1h2m3.5s") == 3723.5 and parse_duration("2") == 2
+    assert pacing_args({"Retry-After": "3"}, 529) == [-1, -1, -1, -1, 3_000_000]
+    assert pacing_args({"content-type": "x"}, 200) is None
+
+
+def test_estimate_is_above_word_counts() -> None:
+    text = "The quick brown fox jumps over the lazy dog " * 20
+    est = estimate_input_tokens([{"role": "user", "content": text}])
+    assert est >= len(text.split()) + 4
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}]
+    assert estimate_input_tokens(parts, system="be brief") > 0
