@@ -12,7 +12,7 @@ from limiting.engine import Engine
 from limiting.llm import Usage, estimate_input_tokens
 from limiting.policy import parse_policy
 from limiting.store import Store, open_store
-from limiting.upstream import parse_duration, pacing_args
+from limiting.upstream import pacing_args, parse_duration
 
 POLICY = {
     "plans": {
