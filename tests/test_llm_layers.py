@@ -50,7 +50,7 @@ def test_tokens_reserved_then_settled_to_actual(engine: Engine) -> None:
     left = remaining(engine, "t")
     assert (left["tokens-minute"], left["input-tokens-minute"], left["output-tokens-minute"]) \
         == (20, 30, 30)
-    d2, res2, _ = reserve(engine, "t", 30, 50)
+    d2, _res2, _ = reserve(engine, "t", 30, 50)
     assert not d2.allowed and d2.refused is not None
     assert d2.refused.layer.name in ("tokens-minute", "input-tokens-minute")
     assert 0 < d2.wait <= 61
@@ -86,7 +86,7 @@ def test_cancel_returns_every_unit_but_counts_the_request(engine: Engine) -> Non
 
 def test_leases_cap_requests_in_flight_and_free_by_ttl(engine: Engine) -> None:
     held = [reserve(engine, "l", 1, 1)[1] for _ in range(2)]
-    d, res, _ = reserve(engine, "l", 1, 1)
+    d, _res, _ = reserve(engine, "l", 1, 1)
     assert not d.allowed and d.refused.layer.name == "concurrent" and d.retry_after == 1
     held[0].settle(Usage(1, 1))
     assert reserve(engine, "l", 1, 1)[0].allowed
@@ -136,7 +136,7 @@ def test_pacing_learnt_from_headers_slows_every_worker(r: redis.Redis, redis_url
                              "x-ratelimit-reset-requests": "2s",
                              "x-ratelimit-remaining-tokens": "5000",
                              "x-ratelimit-reset-tokens": "1s"}, 200)
-    d, res, wait = reserve(engine, "pace", 1, 1, model="gpt-x", guard=True)
+    _d, res, wait = reserve(engine, "pace", 1, 1, model="gpt-x", guard=True)
     assert res is None and 1.5 < wait <= 2.01
     engine.observe("gpt-x", {"retry-after-ms": "1500"}, 429)
     _, _, wait = reserve(engine, "pace", 1, 1, model="gpt-x", guard=True)
