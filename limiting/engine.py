@@ -81,7 +81,11 @@ class Engine:
         try:
             reply = self.store.acquire(keys, args)
         except StoreUnavailable:
-            return store_away(cached), None, None
+            decision = store_away(cached)
+            # Failing open holds nothing: the reservation has nothing to settle.
+            empty = Reservation(self.store, decision, 0, [], None, model, input_tokens,
+                                max_output_tokens) if decision.allowed else None
+            return decision, empty, None
         decision = from_reply(cached, reply)
         if not decision.allowed:
             return decision, None, None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from limiting.llm import Usage
 from limiting.policy import ModelPolicy
 
 from .errors import UpstreamError
@@ -12,6 +13,9 @@ from .errors import UpstreamError
 _PREFIXES = {"gpt-": "openai", "o1": "openai", "o3": "openai", "o4": "openai",
              "chatgpt-": "openai", "claude-": "anthropic"}
 _KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+
+Observe = Callable[[Mapping[str, str], int], None]
 
 
 class UnknownModel(ValueError):
@@ -37,15 +41,17 @@ def check_available(provider: str, model: str) -> None:
         raise UnknownModel(f"model {model!r} needs {env} to be set on the server")
 
 
-def complete(provider: str, model: str, message: str, user: str, max_tokens: int) -> str:
-    """One plain chat turn, for /chat."""
+def complete(provider: str, model: str, message: str, max_tokens: int, observe: Observe
+             ) -> tuple[str, Usage]:
+    """One plain chat turn, for /chat: the reply and what it really used."""
     if provider == "echo":
-        return f"echo: {message}"
+        reply = " ".join(f"echo: {message}".split()[: max_tokens])
+        return reply, Usage(len(message.split()) + 4, len(reply.split()))
     from . import clients
 
-    if provider == "openai":
-        return clients.openai_complete(model, message, user, max_tokens)
-    return clients.anthropic_complete(model, message, user, max_tokens)
+    call = clients.openai_complete if provider == "openai" else clients.anthropic_complete
+    text, used_in, used_out, cached = call(model, message, max_tokens, observe)
+    return text, Usage(used_in, used_out, cached)
 
 
 __all__ = ["UnknownModel", "UpstreamError", "check_available", "complete", "provider_for"]

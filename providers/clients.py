@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from functools import cache
 
 import anthropic
@@ -26,23 +27,48 @@ def anthropic_client() -> anthropic.Anthropic:
     return anthropic.Anthropic(max_retries=0, timeout=_timeout())
 
 
-def openai_complete(model: str, message: str, user: str, max_tokens: int) -> str:
+Observe = Callable[[Mapping[str, str], int], None]
+
+
+def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
+                    ) -> tuple[str, int, int, int]:
+    """(reply, input tokens, output tokens, cached input tokens) of one chat turn."""
     try:
-        result = openai_client().chat.completions.create(
+        raw = openai_client().chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": message}], max_tokens=max_tokens,
         )
+    except openai.APIStatusError as exc:
+        observe(exc.response.headers, exc.status_code)
+        raise from_sdk(exc, "openai") from None
     except openai.OpenAIError as exc:
         raise from_sdk(exc, "openai") from None
+    observe(raw.headers, raw.status_code)
+    result = raw.parse()
     if not result.choices:
         raise UpstreamError(502, "upstream_error", "The openai API returned no choices.")
-    return result.choices[0].message.content or ""
+    usage = result.usage
+    cached = 0
+    if usage is not None and usage.prompt_tokens_details is not None:
+        cached = usage.prompt_tokens_details.cached_tokens or 0
+    return (result.choices[0].message.content or "",
+            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, cached)
 
 
-def anthropic_complete(model: str, message: str, user: str, max_tokens: int) -> str:
+def anthropic_complete(model: str, message: str, max_tokens: int, observe: Observe
+                       ) -> tuple[str, int, int, int]:
     try:
-        result = anthropic_client().messages.create(
+        raw = anthropic_client().messages.with_raw_response.create(
             model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": message}],
         )
+    except anthropic.APIStatusError as exc:
+        observe(exc.response.headers, exc.status_code)
+        raise from_sdk(exc, "anthropic") from None
     except anthropic.AnthropicError as exc:
         raise from_sdk(exc, "anthropic") from None
-    return "".join(block.text for block in result.content if block.type == "text")
+    observe(raw.headers, raw.status_code)
+    result = raw.parse()
+    u = result.usage
+    cached = u.cache_read_input_tokens or 0
+    fresh = u.input_tokens + cached + (u.cache_creation_input_tokens or 0)
+    text = "".join(block.text for block in result.content if block.type == "text")
+    return text, fresh, u.output_tokens, cached
