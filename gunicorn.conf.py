@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from limiting.embedded import EmbeddedValkey
+# Standard library only: nothing here may import ssl before gevent patches the workers.
+from limiting.embedded import socket_url, spawn, stop_spawned
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
@@ -29,7 +30,7 @@ accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 
-_embedded: EmbeddedValkey | None = None
+_embedded = None
 
 
 def on_starting(server: object) -> None:
@@ -38,16 +39,10 @@ def on_starting(server: object) -> None:
     if os.environ.get("REDIS_URL"):
         return
     here = Path(__file__).resolve().parent
-    folder = Path(os.environ.get("LIMITER_INSTANCE") or here / "instance")
-    _embedded = EmbeddedValkey(folder.resolve()).start()
-    os.environ["REDIS_URL"] = _embedded.url
-
-
-def post_fork(server: object, worker: object) -> None:
-    if _embedded is not None:
-        _embedded.forget()
+    folder = Path(os.environ.get("LIMITER_INSTANCE") or here / "instance").resolve()
+    _embedded = spawn(folder)
+    os.environ["REDIS_URL"] = socket_url(folder)
 
 
 def on_exit(server: object) -> None:
-    if _embedded is not None:
-        _embedded.stop()
+    stop_spawned(_embedded)

