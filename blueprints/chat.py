@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, request
+from werkzeug.exceptions import Forbidden, Unauthorized
 
-from limiting import current_limiter, estimate_input_tokens, limited_route
+from limiting import RateLimiter, current_limiter, estimate_input_tokens, limited_route
+from limiting.keys import KeyRecord, bearer_token
 from providers import UpstreamError, check_available, complete, provider_for
 
 from .validation import json_object, string_field, user_id_field
@@ -17,16 +20,24 @@ bp = Blueprint("chat", __name__)
 @bp.post("/chat")
 @limited_route
 def chat() -> dict[str, Any]:
+    limiter = current_limiter()
+    key = _key_user(limiter) if _require_key() else None
     body = json_object()
     message = string_field(body, "message", required=True) or ""
-    user = user_id_field(body)
-    limiter = current_limiter()
+    if key is not None:
+        claimed = string_field(body, "user_id")
+        if claimed is not None and claimed != key.user:
+            raise Forbidden("'user_id' must be the API key's own user (or left out).")
+        user, plan = key.user, key.plan
+    else:
+        user, plan = user_id_field(body), None
     model = string_field(body, "model") or current_app.config.get("DEFAULT_MODEL", "echo")
     provider = provider_for(model, limiter.policy.models)
     check_available(provider, model)
-    max_tokens = limiter.policy.plan_for(user).default_max_tokens
+    policy = limiter.policy
+    max_tokens = (policy.plans[plan] if plan else policy.plan_for(user)).default_max_tokens
     estimate = estimate_input_tokens([{"role": "user", "content": message}])
-    reservation = limiter.reserve(user, model, estimate, max_tokens)
+    reservation = limiter.reserve(user, model, estimate, max_tokens, plan)
     try:
         reply, usage = complete(provider, model, message, max_tokens,
                                 lambda headers, status: limiter.observe_upstream(model, headers,
@@ -36,3 +47,18 @@ def chat() -> dict[str, Any]:
         raise
     reservation.settle(usage)
     return {"reply": reply}
+
+
+def _require_key() -> bool:
+    value = current_app.config.get("REQUIRE_API_KEY", os.environ.get("REQUIRE_API_KEY", ""))
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def _key_user(limiter: RateLimiter) -> KeyRecord:
+    """With REQUIRE_API_KEY, /chat's user is the key's (Bearer or X-API-Key)."""
+    presented = bearer_token(request.headers.get("Authorization")) or request.headers.get(
+        "X-API-Key")
+    record = limiter.keys.authenticate(presented)
+    if record is None:
+        raise Unauthorized("A valid API key is required (Authorization: Bearer KEY).")
+    return record

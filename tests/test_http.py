@@ -184,3 +184,21 @@ def test_bad_policy_fails_at_start_naming_file_key_reason(tmp_path: Path, redis_
     path = write_policy(tmp_path, "[plans.a]\nburst = 'ten'\nrefill_per_second = 1\n")
     with pytest.raises(ValueError, match=r"limits.toml: plans.a.burst: must be an integer"):
         create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": path})
+
+
+def test_require_api_key_takes_the_user_from_the_key(tmp_path: Path, r: redis.Redis,
+                                                      redis_url: str) -> None:
+    app = create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, POLICY),
+                      "REQUIRE_API_KEY": "1"})
+    client = app.test_client()
+    key, _ = app.extensions["llm_limiter"].keys.create("vip", plan="pro")
+    assert client.post("/chat", json={"message": "hi"}).status_code == 401
+    assert client.post("/chat", json={"message": "hi"},
+                       headers={"Authorization": "Bearer llm_nope"}).status_code == 401
+    auth = {"Authorization": f"Bearer {key}"}
+    resp = client.post("/chat", json={"message": "hi"}, headers=auth)
+    assert resp.status_code == 200 and resp.headers["X-RateLimit-Limit"] == "20"   # pro plan
+    other = client.post("/chat", json={"message": "hi", "user_id": "someone-else"}, headers=auth)
+    assert other.status_code == 403 and other.get_json()["code"] == "forbidden"
+    assert client.post("/chat", json={"message": "hi", "user_id": "vip"},
+                       headers={"X-API-Key": key}).status_code == 200
