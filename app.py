@@ -10,6 +10,7 @@ from flask import Flask
 
 from blueprints import health_bp, register_blueprints
 from limiting import RateLimiter
+from limiting import logs as limiter_logs
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -21,6 +22,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         DEFAULT_MODEL=os.environ.get("DEFAULT_MODEL", "echo"),
     )
     app.config.update(config or {})
+    limiter_logs.configure()
     limiter = RateLimiter(app)
     register_blueprints(app)
     limiter.exempt(health_bp)

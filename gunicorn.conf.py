@@ -8,6 +8,7 @@ core's worth of CPU. GUNICORN_WORKER_CLASS overrides, e.g. for the benchmark's c
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,12 +35,17 @@ _embedded = None
 
 
 def on_starting(server: object) -> None:
-    """Without REDIS_URL, the master starts one Valkey that every worker shares."""
+    """Metrics files for every worker; without REDIS_URL, one Valkey every worker shares."""
     global _embedded
-    if os.environ.get("REDIS_URL"):
-        return
     here = Path(__file__).resolve().parent
     folder = Path(os.environ.get("LIMITER_INSTANCE") or here / "instance").resolve()
+    # Workers write their counts here and /metrics adds them up; a new start starts at zero.
+    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or folder / "prometheus")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    if os.environ.get("REDIS_URL"):
+        return
     _embedded = spawn(folder)
     os.environ["REDIS_URL"] = socket_url(folder)
 

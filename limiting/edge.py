@@ -11,6 +11,7 @@ from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits.errors import StorageError
 
+from . import logs, metrics
 from .errors import LimiterUnavailable
 from .identity import client_ip
 from .policy import Policy
@@ -100,6 +101,8 @@ def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:
     limit = exc.limit.limit
     reset_at = current.reset_at if current is not None else time.time() + limit.get_expiry()
     retry_after = max(1, math.ceil(reset_at - time.time()))
+    metrics.DECISIONS.labels("edge", "refused").inc()
+    logs.event("refused", ip=client_ip(), layer="edge", retry_after=retry_after)
     response = jsonify({
         "error": f"Too many requests from this address ({limit}); retry after {retry_after}s.",
         "code": "rate_limited",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -12,6 +13,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from . import logs, metrics
 from .cli import limits_cli
 from .decision import Decision
 from .edge import combines_edge, init_edge, is_limited_route, mark_limited
@@ -107,7 +109,9 @@ class RateLimiter:
 
         The decision is kept on ``g`` so the response carries its headers.
         """
+        started = time.perf_counter()
         decision = self.engine.acquire(user, client_ip(), self._plan(user, plan))
+        _record(decision, user, started)
         g._llm_decision = decision
         return _admitted(decision)
 
@@ -118,13 +122,20 @@ class RateLimiter:
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
         user is charged nothing) or LimiterUnavailable. Settle or cancel what it returns.
         """
+        started = time.perf_counter()
         decision, reservation, wait = self.engine.reserve(
             user, client_ip(), self._plan(user, plan), model, self.policy.models.get(model),
             input_tokens, max_output_tokens, guard=model != "echo",
         )
         g._llm_decision = decision
         if wait is not None:
-            raise UpstreamSaturated(model, max(1, math.ceil(wait)))
+            retry = max(1, math.ceil(wait))
+            metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+            metrics.DECISIONS.labels(f"upstream:{model}", "refused").inc()
+            metrics.GUARD_REFUSALS.labels(model).inc()
+            logs.event("refused", user=user, layer=f"upstream:{model}", retry_after=retry)
+            raise UpstreamSaturated(model, retry)
+        _record(decision, user, started)
         _admitted(decision)
         assert reservation is not None
         return reservation
@@ -156,6 +167,28 @@ class RateLimiter:
         """Keep a view or blueprint (health checks, metrics) out of the edge limits."""
         if self.edge is not None:
             self.edge.exempt(target)
+
+
+def _record(decision: Decision, user: str, started: float) -> None:
+    """Every outcome counted; refusals and fail-policy decisions logged as JSON."""
+    metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+    if decision.allowed and not decision.degraded:
+        metrics.ALLOWED.inc()
+        return
+    if decision.unavailable:
+        metrics.DECISIONS.labels("store", "unavailable").inc()
+        metrics.FAIL_POLICY.labels("fail_closed").inc()
+        logs.event("fail_closed", user=user, retry_after=decision.retry_after)
+    elif decision.degraded:
+        outcome = "fallback" if decision.states else "fail_open"
+        metrics.DECISIONS.labels("store", "allowed" if decision.allowed else "refused").inc()
+        metrics.FAIL_POLICY.labels(outcome).inc()
+        logs.event(outcome, user=user, allowed=decision.allowed)
+    else:
+        layer = decision.refused.layer.name if decision.refused else "unknown"
+        metrics.DECISIONS.labels(layer, "refused").inc()
+        logs.event("refused", user=user, layer=layer,
+                   retry_after=decision.retry_after if decision.wait is not None else None)
 
 
 def _admitted(decision: Decision) -> Decision:
@@ -208,6 +241,9 @@ def _add_headers(response: Response) -> Response:
                                                              rate_limit_headers(decision)))
     if decision is not None and response.status_code != 429:
         response.headers.update(rate_limit_headers(decision))
+    rid = g.get("_llm_request_id")
+    if rid is not None:
+        response.headers["X-Request-ID"] = rid
     return response
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from werkzeug.exceptions import ServiceUnavailable
 
+from . import metrics
 from .decision import Decision
 from .layers import Layer
 from .llm import Usage
@@ -95,6 +96,13 @@ class Reservation:
         if self.done:
             return
         self.done = True
+        if usage is not None:
+            cached = min(usage.cached_input_tokens, usage.input_tokens)
+            metrics.TOKENS_SETTLED.labels("input").inc(usage.input_tokens - cached)
+            metrics.TOKENS_SETTLED.labels("cached_input").inc(cached)
+            metrics.TOKENS_SETTLED.labels("output").inc(usage.output_tokens)
+            metrics.USD_SETTLED.inc(usd_micros(self.model, usage.input_tokens - cached,
+                                               usage.output_tokens, cached) / 1e6)
         args: list[str | int | float] = [self.charged_at]
         keys: list[str] = []
         for charge in self.charges:

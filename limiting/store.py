@@ -16,6 +16,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from .breaker import Breaker
+from .metrics import STORE_ERRORS
 from .scripts import script_source
 
 ScriptArgs = Sequence[str | int | float | bytes]
@@ -66,11 +67,13 @@ class RedisStore:
         """Every script call goes through here: the breaker, and errors mapped in one place."""
         breaker = self.breaker
         if not breaker.allow():
+            STORE_ERRORS.labels("breaker_open").inc()
             raise StoreUnavailable("circuit open: the store failed recently; probing with backoff")
         try:
             result = script(keys, args)
         except redis.RedisError as exc:
             breaker.failure()
+            STORE_ERRORS.labels(type(exc).__name__).inc()
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         breaker.success()
         return result

@@ -41,8 +41,8 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
-def chat(client: FlaskClient, user: str = "u1", **extra: object):
-    return client.post("/chat", json={"message": "hello", "user_id": user, **extra})
+def chat(client: FlaskClient, user: str = "u1", message: str = "hello", **extra: object):
+    return client.post("/chat", json={"message": message, "user_id": user, **extra})
 
 
 def test_ten_pass_then_429_with_honest_body_and_headers(client: FlaskClient) -> None:
@@ -202,3 +202,34 @@ def test_require_api_key_takes_the_user_from_the_key(tmp_path: Path, r: redis.Re
     assert other.status_code == 403 and other.get_json()["code"] == "forbidden"
     assert client.post("/chat", json={"message": "hi", "user_id": "vip"},
                        headers={"X-API-Key": key}).status_code == 200
+
+
+def test_metrics_count_decisions_and_refusals(client: FlaskClient) -> None:
+    for _ in range(12):
+        chat(client, "metered")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'llm_limiter_decisions_total{layer="user",outcome="refused"}' in text
+    assert "llm_limiter_decision_seconds_bucket" in text
+
+
+def test_refusals_are_logged_as_json_without_secrets(client: FlaskClient, capsys) -> None:
+    import json
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("limiter").addHandler(handler)
+    try:
+        for _ in range(11):
+            resp = chat(client, "logged", message="my secret prompt")
+    finally:
+        logging.getLogger("limiter").removeHandler(handler)
+    from limiting.logs import JsonFormatter
+
+    line = JsonFormatter().format(records[-1])
+    event = json.loads(line)
+    assert event["event"] == "refused" and event["user"] == "logged"
+    assert event["layer"] == "user" and event["retry_after"] == 2
+    assert event["request_id"] == resp.headers["X-Request-ID"]
+    assert "secret prompt" not in line
