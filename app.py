@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from blueprints import health_bp, register_blueprints
+from blueprints import health_bp, register_blueprints, usage
 from limiting import RateLimiter
 from limiting import logs as limiter_logs
 
@@ -26,6 +26,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     limiter = RateLimiter(app)
     register_blueprints(app)
     limiter.exempt(health_bp)
+    limiter.exempt(usage.usage_page)   # an operator's page refreshes itself
+    limiter.exempt(usage.usage_json)
     return app
 
 

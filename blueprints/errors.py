@@ -38,10 +38,10 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        response = _json(status, {"error": exc.description, "code": _CODES.get(status, "error")})
-        if exc.response is None and status == 405 and hasattr(exc, "valid_methods"):
-            response.headers["Allow"] = ", ".join(exc.valid_methods or [])
-        return response
+        # The exception's own headers (Allow, WWW-Authenticate, Retry-After) travel along.
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return _json(status, {"error": exc.description, "code": _CODES.get(status, "error")},
+                     headers)
 
     @app.errorhandler(UnknownModel)
     def unknown_model(exc: UnknownModel) -> Response:

@@ -132,6 +132,14 @@ class Engine:
                                      if layer.kind in ("w", "W")]
         return None
 
+    def peek_model(self, model_name: str) -> Decision:
+        """The model's guard layers (shared windows, learnt pacing), charging nothing."""
+        layers = guard_layers(self.policy.models.get(model_name))
+        prefix = model_prefix(self.namespace, model_name)
+        compiled = compile_plan(None, layers, cost=0)
+        reply = self.store.acquire([prefix + layer.suffix for layer in layers], compiled.args)
+        return from_reply(compiled, reply)
+
     def observe(self, model_name: str, headers: Mapping[str, str], status: int) -> None:
         """Learn the provider's pacing for ``model_name`` from one of its responses."""
         args = pacing_args(headers, status)

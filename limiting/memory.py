@@ -162,7 +162,8 @@ def _window(state: list[Any] | None, now: int, limit: float, length_us: float, c
         slots[cur % SLOTS] += cost
         total += cost
         reset = (cur + SLOTS) * slot - now
-        return limit - total, reset, 0.0, (["w", cur, total, slots], reset + 1e6)
+        write = (["w", cur, total, slots], reset + 1e6)
+        return limit - total, reset if total > 0 else 0.0, 0.0, write
     need, freed, wait = total + cost - limit, 0.0, -1.0
     for k in range(cur - SLOTS + 1, cur + 1):
         freed += slots[k % SLOTS]

@@ -110,6 +110,7 @@ for i = 1, #KEYS do
         .. state:sub(off + width + 1)
       reset = (cur + SLOTS) * slot - now
       writes[i] = {state, math.ceil(reset / 1000) + 1000}
+      if total == 0 then reset = 0 end  -- an empty window (a look with cost 0)
     else
       -- Oldest slot first: when enough has left the window, this request fits.
       local need, freed = total + cost - a, 0
@@ -152,7 +153,7 @@ for i = 1, #KEYS do
     if rl and rr and rr > now and rl < 1 then wait = math.max(wait, rr - now) end
     if tl and tr and tr > now and tl < cost then wait = math.max(wait, tr - now) end
     remaining, reset = rl or 0, math.max(0, (rr or now) - now)
-    if wait == 0 and ((rl and rr and rr > now) or (tl and tr and tr > now)) then
+    if cost > 0 and wait == 0 and ((rl and rr and rr > now) or (tl and tr and tr > now)) then
       writes[i] = {cost}
       cost = 1
     else
