@@ -2,15 +2,22 @@
 
 from flask import Flask
 
+from .anthropic_api import bp as anthropic_bp
 from .chat import bp as chat_bp
 from .errors import register_error_handlers
 from .health import bp as health_bp
+from .openai_api import bp as openai_bp
+from .usage import bp as usage_bp
 
 
 def register_blueprints(app: Flask) -> None:
     register_error_handlers(app)
     app.register_blueprint(chat_bp)
     app.register_blueprint(health_bp)
+    app.register_blueprint(openai_bp)
+    app.register_blueprint(anthropic_bp)
+    app.register_blueprint(usage_bp)
 
 
-__all__ = ["chat_bp", "health_bp", "register_blueprints", "register_error_handlers"]
+__all__ = ["anthropic_bp", "chat_bp", "health_bp", "openai_bp", "register_blueprints",
+           "register_error_handlers", "usage_bp"]

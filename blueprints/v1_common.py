@@ -1,0 +1,350 @@
+"""What /v1/chat/completions and /v1/messages share: keys, body checks, the reservation's
+lifecycle (keep-alive, settle exactly once) and SSE relaying.
+
+Each endpoint answers errors in its provider's shape, so failures travel as one neutral
+:class:`ApiProblem` that the endpoint renders; nothing here knows either wire format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from flask import Response, g, stream_with_context
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+
+from limiting import Decision, LimiterUnavailable, Plan, RateLimited, current_limiter
+from limiting.headers import rate_limit_headers
+from limiting.identity import client_ip
+from limiting.keys import KeyRecord
+from limiting.llm import Usage, estimate_input_tokens, estimate_tokens
+from limiting.reservation import Reservation, UpstreamSaturated
+from limiting.store import StoreUnavailable
+from providers import UnknownModel, UpstreamError
+from providers.llm_calls import Observe, Tally, UpstreamReply, UpstreamStream
+
+from .validation import json_object
+
+log = logging.getLogger("limiter.v1")
+
+RENEW_EVERY = 5.0   # seconds; the lease must hear from us at least every 10 s
+
+# Neutral kinds of problem; each endpoint maps them to its provider's error types.
+AUTH = "authentication"
+INVALID = "invalid_request"
+NOT_FOUND = "not_found"
+TOO_LARGE = "too_large"
+RATE_LIMITED = "rate_limited"
+SATURATED = "upstream_saturated"
+UNAVAILABLE = "unavailable"
+UPSTREAM = "upstream"
+INTERNAL = "internal"
+
+
+class ApiProblem(Exception):
+    """A refusal or failure, before it is dressed in a provider's error shape."""
+
+    def __init__(self, status: int, kind: str, message: str, *, param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None,
+                 headers: Mapping[str, str] | None = None, layer: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+        self.param, self.code, self.retry_after, self.layer = param, code, retry_after, layer
+        self.headers = dict(headers or {})
+
+
+def invalid(message: str, param: str | None = None) -> ApiProblem:
+    return ApiProblem(400, INVALID, message, param=param, code="invalid_request")
+
+
+def problem_from(exc: BaseException) -> ApiProblem:
+    """Any exception of a /v1 request as a problem; unknown ones are logged as 500s."""
+    if isinstance(exc, ApiProblem):
+        return exc
+    if isinstance(exc, RateLimited):
+        return ApiProblem(429, RATE_LIMITED, str(exc.description), layer=exc.layer,
+                          code="rate_limit_exceeded", retry_after=_seconds(exc.retry_after),
+                          headers=exc.limit_headers)
+    if isinstance(exc, UpstreamSaturated):
+        return ApiProblem(429, SATURATED, str(exc.description), code="upstream_saturated",
+                          retry_after=_seconds(exc.retry_after) or 1,
+                          layer=f"upstream:{exc.model}")
+    if isinstance(exc, (LimiterUnavailable, StoreUnavailable)):
+        retry = getattr(exc, "retry_after", 1) or 1
+        return ApiProblem(503, UNAVAILABLE, "The rate limiter's store is unavailable; "
+                          "retry shortly.", code="limiter_unavailable", retry_after=retry)
+    if isinstance(exc, UpstreamError):
+        kind = INVALID if exc.status < 500 else UPSTREAM
+        return ApiProblem(exc.status, kind, exc.message, code=exc.code,
+                          retry_after=exc.retry_after)
+    if isinstance(exc, UnknownModel):
+        return ApiProblem(404, NOT_FOUND, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, RequestEntityTooLarge):
+        return ApiProblem(413, TOO_LARGE, "The request body is too large.",
+                          code="request_too_large")
+    if isinstance(exc, HTTPException) and exc.code and exc.code < 500:
+        return ApiProblem(exc.code, INVALID, str(exc.description), code="invalid_request")
+    log.exception("unhandled error in /v1: %s", type(exc).__name__, exc_info=exc)
+    return ApiProblem(500, INTERNAL, "The server had an error processing this request.",
+                      code="internal_error")
+
+
+def _seconds(value: object) -> int | None:
+    """Whole seconds for Retry-After; werkzeug types the attribute loosely."""
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def refusal(exc: BaseException, dialect: Callable[[Decision], dict[str, str]]) -> ApiProblem:
+    """The problem to answer with, in the endpoint's dialect.
+
+    A request turned away before reserve() (bad key, bad body) still counts at the edge, as
+    the app's after_request would count it; doing it here lets an edge refusal answer in the
+    provider's shape, and recording the decision on ``g`` keeps it from being counted twice.
+    A 429 of ours also carries the provider-style headers of the refusing decision.
+    """
+    problem = problem_from(exc)
+    decision: Decision | None = g.get("_llm_decision")
+    if decision is None:
+        decision = current_limiter().engine.charge_edge(client_ip())
+        if decision is not None:
+            g._llm_decision = decision
+            if not decision.allowed:
+                problem = problem_from(RateLimited.from_decision(
+                    decision, rate_limit_headers(decision)))
+    if problem.kind == RATE_LIMITED and decision is not None:
+        problem.headers = {**dialect(decision), **problem.headers}
+    return problem
+
+
+# --- who is calling, and what they sent -----------------------------------------------------------
+
+
+def authenticate(token: str | None) -> KeyRecord:
+    if not token:
+        raise ApiProblem(401, AUTH, "No API key provided.", code="invalid_api_key")
+    try:
+        record = current_limiter().keys.authenticate(token)
+    except StoreUnavailable as exc:
+        raise problem_from(exc) from None
+    if record is None:
+        raise ApiProblem(401, AUTH, "Incorrect or revoked API key provided.",
+                         code="invalid_api_key")
+    return record
+
+
+def read_body() -> dict[str, Any]:
+    try:
+        return json_object()
+    except RequestEntityTooLarge:
+        raise
+    except BadRequest as exc:
+        raise invalid(str(exc.description)) from None
+
+
+def model_field(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("'model' is required and must be a non-empty string.", "model")
+    return model
+
+
+def optional_bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be a boolean.", name)
+    return value
+
+
+def optional_positive_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(f"'{name}' must be an integer >= 1.", name)
+    return value
+
+
+def messages_field(body: Mapping[str, Any], *, null_content_ok: bool = False
+                   ) -> list[dict[str, Any]]:
+    """A non-empty list of {role: str, content: str | list} objects.
+
+    ``null_content_ok``: OpenAI lets an assistant turn that only calls tools have no content.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty array.", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise invalid(f"'messages[{i}]' must be an object with a string 'role'.",
+                          f"messages[{i}]")
+        content = message.get("content")
+        if isinstance(content, (str, list)):
+            continue
+        if content is None and null_content_ok and message["role"] == "assistant":
+            continue
+        raise invalid(f"'messages[{i}].content' must be a string or an array.",
+                      f"messages[{i}].content")
+    return messages
+
+
+def unknown_fields(body: Mapping[str, Any], known: frozenset[str]) -> None:
+    """Refuse fields we would not forward: silently dropping them would change the answer."""
+    for name in body:
+        if name not in known:
+            raise invalid(f"Unrecognized request argument supplied: {name}", name)
+
+
+def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = None) -> int:
+    """Offline input estimate; tool definitions count, as the provider bills them as prompt."""
+    total = estimate_input_tokens(messages, system)
+    if tools:
+        total += estimate_tokens(json.dumps(tools, default=str))
+    return total
+
+
+def plan_of(record: KeyRecord) -> Plan:
+    """The key's plan; a key whose plan left the policy falls back to the user's plan."""
+    policy = current_limiter().policy
+    return policy.plans.get(record.plan) or policy.plan_for(record.user)
+
+
+def reserve(record: KeyRecord, model: str, input_tokens: int, max_output: int) -> Reservation:
+    return current_limiter().reserve(record.user, model, input_tokens, max_output,
+                                     plan=record.plan)
+
+
+def observer(model: str) -> Observe:
+    """Feeds provider headers to the model's guard; a failure there never fails the call."""
+    limiter = current_limiter()
+
+    def observe(headers: Mapping[str, str], status: int) -> None:
+        try:
+            limiter.observe_upstream(model, headers, status)
+        except Exception:
+            log.warning("observe_upstream failed for %s", model, exc_info=True)
+
+    return observe
+
+
+def limit_headers(reservation: Reservation,
+                  dialect: Callable[..., dict[str, str]], *args: Any) -> dict[str, str]:
+    """Ours (RateLimit*, X-RateLimit-*) plus the provider dialect's, from the reservation."""
+    decision = reservation.decision
+    return {**rate_limit_headers(decision), **dialect(decision, *args)}
+
+
+# --- the reservation's life -----------------------------------------------------------------------
+
+
+class KeepAlive:
+    """Renews the reservation's lease every RENEW_EVERY seconds until stopped.
+
+    A thread (a greenlet under gevent) rather than renewing between chunks: an upstream may
+    think silently for longer than the lease lives.
+    """
+
+    def __init__(self, reservation: Reservation, every: float = RENEW_EVERY) -> None:
+        self.reservation, self.every = reservation, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keepalive", daemon=True)
+
+    def start(self) -> KeepAlive:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.reservation.renew()
+            except Exception:
+                log.warning("lease renew failed", exc_info=True)
+
+
+def sse_response(relay: Iterator[str], tally: Tally, reservation: Reservation,
+                 keepalive: KeepAlive, close_upstream: Callable[[], None],
+                 error_event: Callable[[ApiProblem], str], headers: Mapping[str, str]
+                 ) -> Response:
+    """Stream ``relay`` as text/event-stream; however it ends (done, upstream error, client
+    gone, never started), the reservation is settled or cancelled exactly once."""
+    finished = threading.Lock()
+
+    def finish() -> None:
+        if not finished.acquire(blocking=False):
+            return
+        keepalive.stop()
+        try:
+            close_upstream()
+        except Exception:
+            log.debug("closing the upstream stream failed", exc_info=True)
+        # Reservation logs and survives a store error itself; the lease then ages out.
+        if tally.failed and not tally.produced:
+            reservation.cancel()
+        else:
+            reservation.settle(tally.usage())
+
+    def run() -> Iterator[str]:
+        try:
+            yield from relay
+        except Exception as exc:   # after the first byte, errors travel as an SSE event
+            tally.failed = True
+            yield error_event(problem_from(exc))
+        finally:            # GeneratorExit (client gone) lands here too
+            finish()
+
+    response = Response(stream_with_context(run()), mimetype="text/event-stream")
+    response.headers.update(headers)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    response.call_on_close(finish)   # a generator closed before its first step runs no finally
+    return response
+
+
+def run_plain(reservation: Reservation, call: Callable[[], UpstreamReply],
+              usage_of: Callable[[Any], Usage | None], fallback: Usage,
+              renew: bool = True) -> UpstreamReply:
+    """One whole upstream call: cancel if it fails, else settle its reported usage (or, when
+    the provider reported none, everything reserved). ``renew`` False for answers made
+    in-process (echo), which cannot outlive a lease."""
+    keepalive = KeepAlive(reservation)
+    if renew:
+        keepalive.start()
+    try:
+        reply = call()
+    except BaseException:
+        keepalive.stop()
+        reservation.cancel()
+        raise
+    keepalive.stop()
+    try:
+        usage = usage_of(reply.json())
+    except ValueError:
+        usage = None
+    reservation.settle(usage or fallback)
+    return reply
+
+
+def open_stream(reservation: Reservation, call: Callable[[], UpstreamStream]
+                ) -> tuple[UpstreamStream, KeepAlive]:
+    """Open the upstream stream (its HTTP errors are still plain errors); cancel if it fails."""
+    keepalive = KeepAlive(reservation).start()
+    try:
+        return call(), keepalive
+    except BaseException:
+        keepalive.stop()
+        reservation.cancel()
+        raise
+
+
+def json_reply(reply: UpstreamReply, headers: Mapping[str, str]) -> Response:
+    """The provider's body as it sent it, with our headers."""
+    response = Response(reply.body, status=200, mimetype="application/json")
+    response.headers.update(headers)
+    return response

@@ -1,0 +1,212 @@
+"""Raw upstream calls for /v1: the provider's own JSON body, SSE events and response headers.
+
+The /v1 endpoints relay what the provider said rather than a re-serialised SDK model, so
+clients see the exact fields; they also need every response's headers (the limiter learns the
+provider's pacing from them). Each call reports ``observe(headers, status)`` once, on success
+and on an HTTP error alike, then raises :class:`UpstreamError` for any failure. The usage
+readers turn each provider's usage object into the limiter's :class:`Usage`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anthropic
+import openai
+
+from limiting.llm import Usage
+
+from .clients import anthropic_client, openai_client
+from .errors import UpstreamError, from_sdk
+
+Observe = Callable[[Mapping[str, str], int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One server-sent event: its ``event:`` name (None when absent) and its data text."""
+
+    event: str | None
+    data: str
+
+    def json(self) -> Any:
+        """The data as JSON; garbage from upstream is the upstream's failure."""
+        try:
+            return json.loads(self.data)
+        except ValueError:
+            raise UpstreamError(502, "upstream_error",
+                                "The upstream sent an unreadable stream event.") from None
+
+
+@dataclass(slots=True)
+class UpstreamReply:
+    """A whole (non-streamed) answer: the body bytes as the provider sent them."""
+
+    body: bytes
+    headers: dict[str, str]
+    status: int = 200
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass(slots=True)
+class UpstreamStream:
+    """An open stream: headers are known, events arrive as they are iterated."""
+
+    headers: dict[str, str]
+    events: Iterator[SSEEvent]
+    close: Callable[[], None] = field(default=lambda: None)
+    status: int = 200
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a stream has used so far; the provider's own numbers win once they arrive."""
+
+    input_estimate: int
+    input_tokens: int | None = None
+    cached_tokens: int = 0
+    output_tokens: int | None = None
+    deltas: int = 0                 # content deltas relayed: 1 token each until usage arrives
+    failed: bool = False
+
+    def usage(self) -> Usage:
+        inputs = self.input_estimate if self.input_tokens is None else self.input_tokens
+        output = self.deltas if self.output_tokens is None else self.output_tokens
+        return Usage(inputs, output, min(self.cached_tokens, inputs))
+
+    @property
+    def produced(self) -> bool:
+        return self.deltas > 0 or self.output_tokens is not None
+
+
+def as_int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def openai_usage(data: Any) -> Usage | None:
+    """Usage of a completion or chunk: prompt_tokens includes the cached part."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return Usage(as_int(usage.get("prompt_tokens")), as_int(usage.get("completion_tokens")),
+                 cached)
+
+
+def anthropic_prompt(usage: Mapping[str, Any]) -> tuple[int, int]:
+    """(whole prompt, cache reads): Anthropic's input_tokens is only the uncached part."""
+    read = as_int(usage.get("cache_read_input_tokens"))
+    total = (as_int(usage.get("input_tokens")) + read
+             + as_int(usage.get("cache_creation_input_tokens")))
+    return total, read
+
+
+def anthropic_usage(data: Any) -> Usage | None:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    total, read = anthropic_prompt(usage)
+    return Usage(total, as_int(usage.get("output_tokens")), read)
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
+    """Events from SSE lines (WHATWG rules: data lines joined by "\\n", comments skipped)."""
+    name: str | None = None
+    data: list[str] = []
+    for line in lines:
+        line = line.rstrip("\r")
+        if not line:
+            if data:
+                yield SSEEvent(name, "\n".join(data))
+            name, data = None, []
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "event":
+            name = value
+        elif key == "data":
+            data.append(value)
+    if data:
+        yield SSEEvent(name, "\n".join(data))
+
+
+def _status_error(exc: Exception, provider: str, observe: Observe) -> UpstreamError:
+    if isinstance(exc, (openai.APIStatusError, anthropic.APIStatusError)):
+        observe(dict(exc.response.headers), exc.status_code)
+    return from_sdk(exc, provider)
+
+
+def _guarded(events: Iterator[SSEEvent], provider: str) -> Iterator[SSEEvent]:
+    """Any failure while reading the stream leaves as UpstreamError."""
+    try:
+        yield from events
+    except GeneratorExit:
+        raise
+    except Exception as exc:
+        raise from_sdk(exc, provider) from None
+
+
+def _open(raw: Any, provider: str, observe: Observe) -> UpstreamStream:
+    response = raw.http_response
+    headers = dict(response.headers)
+    observe(headers, response.status_code)
+    return UpstreamStream(headers, _guarded(parse_sse(response.iter_lines()), provider),
+                          response.close, response.status_code)
+
+
+def openai_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
+    """POST /v1/chat/completions upstream, not streamed."""
+    try:
+        raw = openai_client().chat.completions.with_raw_response.create(**params)
+        body = raw.http_response.read()
+    except openai.OpenAIError as exc:
+        raise _status_error(exc, "openai", observe) from None
+    except Exception as exc:  # transport errors the SDK did not wrap
+        raise from_sdk(exc, "openai") from None
+    headers = dict(raw.headers)
+    observe(headers, raw.status_code)
+    return UpstreamReply(body, headers, raw.status_code)
+
+
+def openai_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStream:
+    """POST /v1/chat/completions upstream with ``stream: true``; returns once headers arrive."""
+    try:
+        raw = openai_client().chat.completions.with_raw_response.create(**params, stream=True)
+    except openai.OpenAIError as exc:
+        raise _status_error(exc, "openai", observe) from None
+    except Exception as exc:
+        raise from_sdk(exc, "openai") from None
+    return _open(raw, "openai", observe)
+
+
+def anthropic_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
+    """POST /v1/messages upstream, not streamed."""
+    try:
+        raw = anthropic_client().messages.with_raw_response.create(**params)
+        body = raw.http_response.read()
+    except anthropic.AnthropicError as exc:
+        raise _status_error(exc, "anthropic", observe) from None
+    except Exception as exc:
+        raise from_sdk(exc, "anthropic") from None
+    headers = dict(raw.headers)
+    observe(headers, raw.status_code)
+    return UpstreamReply(body, headers, raw.status_code)
+
+
+def anthropic_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStream:
+    """POST /v1/messages upstream with ``stream: true``; returns once headers arrive."""
+    try:
+        raw = anthropic_client().messages.with_raw_response.create(**params, stream=True)
+    except anthropic.AnthropicError as exc:
+        raise _status_error(exc, "anthropic", observe) from None
+    except Exception as exc:
+        raise from_sdk(exc, "anthropic") from None
+    return _open(raw, "anthropic", observe)
