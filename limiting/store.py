@@ -18,6 +18,7 @@ from redis.retry import Retry
 from .breaker import Breaker
 from .metrics import STORE_ERRORS
 from .scripts import script_source
+from .sockets import OSSocketConnection, OSSocketUnixConnection
 
 ScriptArgs = Sequence[str | int | float | bytes]
 
@@ -107,7 +108,7 @@ def redis_options(timeout: float) -> dict[str, Any]:
     }
 
 
-def open_store(url: str, timeout: float = 0.05, max_connections: int = 64) -> Store:
+def open_store(url: str, timeout: float = 0.05, max_connections: int = 1024) -> Store:
     """Open the store named by ``url``."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
@@ -122,8 +123,15 @@ def open_store(url: str, timeout: float = 0.05, max_connections: int = 64) -> St
         rest = url.split("://", 1)[1]
         plain = {"valkey": "redis", "valkeys": "rediss", "redis+unix": "unix",
                  "valkey+unix": "unix"}.get(scheme, scheme) + "://" + rest
+        # As many connections as a gevent worker has requests (1,000): a request must never
+        # wait for a free connection and have that counted against the store.
+        options = redis_options(timeout)
+        if plain.startswith("unix://"):
+            options["connection_class"] = OSSocketUnixConnection
+        elif plain.startswith("redis://"):
+            options["connection_class"] = OSSocketConnection
         pool = redis.BlockingConnectionPool.from_url(
-            plain, max_connections=max_connections, timeout=timeout, **redis_options(timeout)
+            plain, max_connections=max_connections, timeout=timeout, **options
         )
         return RedisStore(url, redis.Redis(connection_pool=pool))
     raise ValueError(
