@@ -27,7 +27,7 @@ import redis
 
 from .identity import MAX_USER_ID_LENGTH
 from .memory import MemoryStore
-from .store import RedisStore, Store, StoreUnavailable
+from .store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
 
 KEY_PREFIX = "llm_"
 KEY_ID_LENGTH = 12
@@ -241,7 +241,7 @@ class ApiKeys:
         """Run one command; every Redis error leaves this module as StoreUnavailable."""
         try:
             return command(self._client)
-        except redis.RedisError as exc:
+        except STORE_ERRORS_CAUGHT as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 

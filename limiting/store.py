@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from .breaker import Breaker
@@ -21,6 +22,11 @@ from .scripts import script_source
 from .sockets import OSSocketConnection, OSSocketUnixConnection
 
 ScriptArgs = Sequence[str | int | float | bytes]
+
+
+# redis-py's Cluster client raises RedisClusterException, which is not a RedisError, when no
+# node answers at all.
+STORE_ERRORS_CAUGHT = (redis.RedisError, RedisClusterException)
 
 
 class StoreUnavailable(Exception):
@@ -52,6 +58,8 @@ class RedisStore:
         self._scripts: dict[str, Script] = {}
         self._acquire = self.script("acquire")
         self.breaker = Breaker()
+        # On a Cluster one dead master must not open the breaker for every other slot.
+        self._node_breakers: dict[str, Breaker] | None = None if self.single_node else {}
 
     def script(self, name: str) -> Script:
         if name not in self._scripts:
@@ -64,32 +72,48 @@ class RedisStore:
     def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any:
         return self._call(self.script(name), keys, args)
 
+    def breaker_for(self, key: str) -> Breaker:
+        if self._node_breakers is None:
+            return self.breaker
+        try:
+            node = self.client.get_node_from_key(key).name
+        except STORE_ERRORS_CAUGHT:
+            return self.breaker
+        breaker = self._node_breakers.get(node)
+        if breaker is None:
+            breaker = self._node_breakers[node] = Breaker()
+        return breaker
+
     def _call(self, script: Script, keys: list[str], args: ScriptArgs) -> Any:
         """Every script call goes through here: the breaker, and errors mapped in one place."""
-        breaker = self.breaker
+        breaker = self.breaker_for(keys[0]) if keys else self.breaker
         if not breaker.allow():
             STORE_ERRORS.labels("breaker_open").inc()
             raise StoreUnavailable("circuit open: the store failed recently; probing with backoff")
         try:
             result = script(keys, args)
-        except redis.RedisError as exc:
+        except BaseException as exc:
+            # Whatever it was, a probe that did not succeed failed: the breaker must not
+            # wait for an answer that never comes.
             breaker.failure()
-            STORE_ERRORS.labels(type(exc).__name__).inc()
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            if isinstance(exc, STORE_ERRORS_CAUGHT):
+                STORE_ERRORS.labels(type(exc).__name__).inc()
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise
         breaker.success()
         return result
 
     def ping(self) -> bool:
         try:
             return bool(self.client.ping())
-        except redis.RedisError:
+        except STORE_ERRORS_CAUGHT:
             return False
 
     def delete(self, keys: list[str]) -> int:
         try:
             # One key at a time: in a Cluster a multi-key DEL must not cross slots.
             return sum(int(self.client.delete(key)) for key in keys)
-        except redis.RedisError as exc:
+        except STORE_ERRORS_CAUGHT as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
