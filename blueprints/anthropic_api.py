@@ -151,7 +151,9 @@ def _relay(upstream: UpstreamStream, tally: llm_calls.Tally) -> Iterator[str]:
                 tally.input_tokens, tally.cached_tokens = llm_calls.anthropic_prompt(reported)
                 if "output_tokens" in usage:
                     tally.output_tokens = llm_calls.as_int(usage["output_tokens"])
-        yield f"event: {name}\ndata: {event.data}\n\n"
         if name == "message_stop":
+            tally.complete = True
+            yield f"event: {name}\ndata: {event.data}\n\n"
             return
+        yield f"event: {name}\ndata: {event.data}\n\n"
     raise UpstreamError(502, "upstream_error", "The anthropic stream ended before it was complete.")

@@ -161,6 +161,7 @@ def _relay(upstream: UpstreamStream, tally: llm_calls.Tally, client_usage: bool)
     settle) reaches the client only if it asked for include_usage."""
     for event in upstream.events:
         if event.data.strip() == "[DONE]":
+            tally.complete = True
             yield "data: [DONE]\n\n"
             return
         chunk = event.json()

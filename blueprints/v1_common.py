@@ -98,13 +98,10 @@ def _seconds(value: object) -> int | None:
 
 
 def refusal(exc: BaseException, dialect: Callable[[Decision], dict[str, str]]) -> ApiProblem:
-    """The problem to answer with, in the endpoint's dialect.
-
-    A request turned away before reserve() (bad key, bad body) still counts at the edge, as
-    the app's after_request would count it; doing it here lets an edge refusal answer in the
-    provider's shape, and recording the decision on ``g`` keeps it from being counted twice.
-    A 429 of ours also carries the provider-style headers of the refusing decision.
-    """
+    """The problem to answer with. A request turned away before reserve() still counts at the
+    edge (as the app's after_request would); counting it here lets an edge refusal speak the
+    provider's shape, and the decision on ``g`` keeps it from counting twice. Our 429s also
+    carry the provider-style headers of the refusing decision."""
     problem = problem_from(exc)
     decision: Decision | None = g.get("_llm_decision")
     if decision is None:
@@ -242,11 +239,8 @@ def limit_headers(reservation: Reservation,
 
 
 class KeepAlive:
-    """Renews the reservation's lease every RENEW_EVERY seconds until stopped.
-
-    A thread (a greenlet under gevent) rather than renewing between chunks: an upstream may
-    think silently for longer than the lease lives.
-    """
+    """Renews the reservation's lease every RENEW_EVERY seconds until stopped: a thread (a
+    greenlet under gevent), as an upstream may think silently for longer than a lease lives."""
 
     def __init__(self, reservation: Reservation, every: float = RENEW_EVERY) -> None:
         self.reservation, self.every = reservation, every
@@ -291,10 +285,16 @@ def sse_response(relay: Iterator[str], tally: Tally, reservation: Reservation,
             reservation.settle(tally.usage())
 
     def run() -> Iterator[str]:
+        # Settle before the last event goes out, so a client that has read the whole stream
+        # already sees its real usage in the next request's headers.
         try:
-            yield from relay
+            for text in relay:
+                if tally.complete or tally.failed:
+                    finish()
+                yield text
         except Exception as exc:   # after the first byte, errors travel as an SSE event
             tally.failed = True
+            finish()
             yield error_event(problem_from(exc))
         finally:            # GeneratorExit (client gone) lands here too
             finish()

@@ -23,8 +23,6 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis
-
 from .identity import MAX_USER_ID_LENGTH
 from .memory import MemoryStore
 from .store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable

@@ -72,7 +72,8 @@ class Tally:
     cached_tokens: int = 0
     output_tokens: int | None = None
     deltas: int = 0                 # content deltas relayed: 1 token each until usage arrives
-    failed: bool = False
+    failed: bool = False            # set before relaying the upstream's error event
+    complete: bool = False          # set before relaying the final event
 
     def usage(self) -> Usage:
         inputs = self.input_estimate if self.input_tokens is None else self.input_tokens

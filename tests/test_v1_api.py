@@ -39,6 +39,9 @@ from limiting.provider_headers import (
 from tests.conftest import ROOT, Gunicorn
 
 POLICY = """
+[store]
+timeout_ms = 2000            # a loaded CI box must not turn into store-unavailable answers
+
 [edge]
 per_ip = ["100000 per 10 seconds"]
 
@@ -475,8 +478,8 @@ def test_edge_refusal_of_bad_requests_speaks_each_dialect(tmp_path: Path,
     url = redis_url + "/3"          # its own database: the module's keys stay in db 0
     redis.Redis.from_url(url).flushdb()
     policy = tmp_path / "edge.toml"
-    policy.write_text('[edge]\nper_ip = ["2 per minute"]\n[plans.starter]\nburst = 5\n'
-                      'refill_per_second = 1\n')
+    policy.write_text('[store]\ntimeout_ms = 2000\n[edge]\nper_ip = ["2 per minute"]\n'
+                      '[plans.starter]\nburst = 5\nrefill_per_second = 1\n')
     client = create_app({"REDIS_URL": url, "LIMITS_CONFIG": str(policy)}).test_client()
     for _ in range(2):
         assert client.post("/v1/chat/completions", json={}).status_code == 401
