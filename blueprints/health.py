@@ -14,8 +14,9 @@ bp = Blueprint("health", __name__)
 @bp.get("/healthz")
 def healthz() -> tuple[dict[str, object], int]:
     ok = current_limiter().store.ping()
-    body = {"status": "ok" if ok else "degraded", "store": "ok" if ok else "unreachable",
-            "worker": os.getpid()}
+    body: dict[str, object] = {"status": "ok" if ok else "degraded",
+                               "store": "ok" if ok else "unreachable",
+                               "worker": os.getpid()}
     return body, 200 if ok else 503
 
 
