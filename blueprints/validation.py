@@ -17,7 +17,7 @@ def json_object() -> dict[str, Any]:
         raise BadRequest("The request body must be a JSON object.")
     try:
         body = request.get_json(force=True, silent=False)
-    except BadRequest:
+    except (BadRequest, RecursionError):   # RecursionError: nesting deeper than Python parses
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from werkzeug.exceptions import HTTPException, ServiceUnavailable, TooManyRequests
+from werkzeug.exceptions import BadRequest, HTTPException, ServiceUnavailable, TooManyRequests
 
 from .decision import Decision
 
@@ -30,6 +30,21 @@ class RateLimited(TooManyRequests):
     def body(self) -> dict[str, Any]:
         return {"error": self.description, "code": "rate_limited", "layer": self.layer,
                 "retry_after": self.retry_after}
+
+
+class ExceedsLimit(BadRequest):
+    """The request alone is more than a layer ever allows (e.g. max_tokens over the plan's
+    tokens per minute): waiting cannot help, so it is a 400, not a 429 a client would retry."""
+
+    def __init__(self, layer: str, headers: dict[str, str]) -> None:
+        super().__init__(f"This request alone exceeds the {layer} limit of your plan; "
+                         "send a smaller one.")
+        self.layer = layer
+        self.limit_headers = headers
+        self.retry_after = 0
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.description, "code": "exceeds_limit", "layer": self.layer}
 
 
 class LimiterUnavailable(ServiceUnavailable):

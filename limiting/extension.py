@@ -19,7 +19,7 @@ from .decision import Decision
 from .edge import combines_edge, init_edge, is_limited_route, mark_limited
 from .embedded import resolve_store_url
 from .engine import EdgeKeys, Engine
-from .errors import LimiterUnavailable, RateLimited
+from .errors import ExceedsLimit, LimiterUnavailable, RateLimited
 from .headers import rate_limit_headers
 from .identity import client_ip
 from .keys import ApiKeys
@@ -80,6 +80,7 @@ class RateLimiter:
         app.register_error_handler(RateLimited, _render_refusal)
         app.register_error_handler(LimiterUnavailable, _render_refusal)
         app.register_error_handler(UpstreamSaturated, _render_refusal)
+        app.register_error_handler(ExceedsLimit, _render_refusal)
         app.cli.add_command(limits_cli)
         app.cli.add_command(keys_cli)
 
@@ -196,6 +197,9 @@ def _admitted(decision: Decision) -> Decision:
         return decision
     if decision.unavailable:
         raise LimiterUnavailable(max(1, decision.retry_after))
+    if decision.wait is None:
+        layer = decision.refused.layer.name if decision.refused else "unknown"
+        raise ExceedsLimit(layer, rate_limit_headers(decision))
     raise RateLimited.from_decision(decision, rate_limit_headers(decision))
 
 
@@ -247,10 +251,11 @@ def _add_headers(response: Response) -> Response:
     return response
 
 
-def _render_refusal(exc: RateLimited | LimiterUnavailable | UpstreamSaturated) -> Response:
+def _render_refusal(exc: RateLimited | LimiterUnavailable | UpstreamSaturated | ExceedsLimit
+                    ) -> Response:
     response = jsonify(exc.body())
     response.status_code = exc.code or 429
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, (RateLimited, ExceedsLimit)):
         response.headers.update(exc.limit_headers)
     if exc.retry_after:
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -233,3 +233,14 @@ def test_refusals_are_logged_as_json_without_secrets(client: FlaskClient, capsys
     assert event["layer"] == "user" and event["retry_after"] == 2
     assert event["request_id"] == resp.headers["X-Request-ID"]
     assert "secret prompt" not in line
+
+
+def test_request_over_a_limit_it_can_never_meet_is_400_not_429(tmp_path: Path, r: redis.Redis,
+                                                                redis_url: str) -> None:
+    policy = POLICY.replace('quotas = ["100 per day"]',
+                            'quotas = ["100 per day"]\noutput_tokens_per_minute = 100', 1)
+    app = create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, policy)})
+    resp = chat(app.test_client())   # reserves the plan's default 1,024 output tokens
+    assert resp.status_code == 400 and "Retry-After" not in resp.headers
+    body = resp.get_json()
+    assert body["code"] == "exceeds_limit" and body["layer"] == "output-tokens-minute"
