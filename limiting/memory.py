@@ -90,7 +90,8 @@ class MemoryStore:
                 expires, state = item
                 if kind in ("c", "r"):
                     lease = _text(args[3 + 3 * i])
-                    if lease in state[1]:
+                    if state[1].get(lease, 0) > now or (kind == "c" and lease in state[1]):
+                        # As settle.lua: a lease past its TTL is gone and is not renewed.
                         if kind == "c":
                             del state[1][lease]
                         else:
@@ -132,7 +133,8 @@ def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: fl
         tokens -= cost
         write = (["b", tokens, now], (cap - tokens) / rate * 1e6 + 1e6)
         return tokens, (cap - tokens) / rate * 1e6, 0.0, write
-    return tokens, (cap - tokens) / rate * 1e6, (cost - tokens) / rate * 1e6 + 1, None
+    wait = -1.0 if cost > cap else (cost - tokens) / rate * 1e6 + 1
+    return tokens, (cap - tokens) / rate * 1e6, wait, None
 
 
 def _leases(state: list[Any] | None, now: int, most: float, ttl_us: float, lease: str

@@ -68,6 +68,8 @@ for i = 1, #KEYS do
       tokens = tokens - cost
       -- Past the time to refill, a fresh bucket says the same: let the key go.
       writes[i] = {pack('<dd', tokens, now), math.ceil((a - tokens) / b * 1000) + 1000}
+    elseif cost > a then
+      wait = -1  -- more than the bucket ever holds: no wait makes it pass
     else
       wait = (cost - tokens) / b * 1e6 + 1
     end

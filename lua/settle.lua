@@ -24,8 +24,12 @@ for i = 1, #KEYS do
   if kind == 'c' then
     changed = changed + redis.call('ZREM', KEYS[i], ARGV[base + 3])
   elseif kind == 'r' then
-    changed = changed + redis.call('ZADD', KEYS[i], 'XX', 'CH', now + b, ARGV[base + 3])
-    redis.call('PEXPIRE', KEYS[i], math.ceil(b / 1000) + 1000)
+    -- A lease already past its TTL is gone, whether or not an acquire has swept it yet.
+    local until_us = tonumber(redis.call('ZSCORE', KEYS[i], ARGV[base + 3]) or '0')
+    if until_us > now then
+      changed = changed + redis.call('ZADD', KEYS[i], 'XX', 'CH', now + b, ARGV[base + 3])
+      redis.call('PEXPIRE', KEYS[i], math.ceil(b / 1000) + 1000)
+    end
   else
     local delta = tonumber(ARGV[base + 3])
     local raw = delta ~= 0 and redis.call('GET', KEYS[i])
