@@ -1,0 +1,142 @@
+"""How each contender is started: argv and environment, per worker class."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import Managed
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMITS = "bench/limits.bench.toml"
+SLOW_MODEL = "gpt-4o-mini"
+
+# Inherited variables that would change what a contender does behind the bench's back.
+_SCRUB = (
+    "GUNICORN_CMD_ARGS",
+    "GUNICORN_WORKER_CLASS",
+    "WEB_CONCURRENCY",
+    "HOST",
+    "PORT",
+    "REDIS_URL",
+    "LIMITS_CONFIG",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "REQUIRE_API_KEY",
+    "TRUSTED_PROXIES",
+)
+
+# gunicorn >= 23 opens a control socket at a fixed per-user path; concurrent gunicorns (other
+# people's tests on this machine) would fight over it, and no contender needs it.
+_NO_CTL = ["--no-control-socket"]
+
+
+def base_env(redis_url: str, workers: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["REDIS_URL"] = redis_url
+    env["WEB_CONCURRENCY"] = str(workers)
+    return env
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One row of a table.
+
+    kind: baseline | ours | uvicorn; target: module:app; worker_class: None = the app's default.
+    """
+
+    name: str
+    kind: str
+    target: str = ""
+    worker_class: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def missing(self) -> str | None:
+        """Why this contender cannot run at all, or None."""
+        if self.kind == "ours":
+            absent = [f for f in ("app.py", "gunicorn.conf.py") if not (ROOT / f).exists()]
+            if absent:
+                return f"{', '.join(absent)} not found in {ROOT}"
+        return None
+
+    def process(
+        self,
+        port: int,
+        redis_url: str,
+        workers: int,
+        logdir: Path,
+        upstream: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Managed:
+        env = base_env(redis_url, workers) | (extra_env or {})
+        if upstream is not None:
+            env["OPENAI_API_KEY"] = "sk-fake"
+            env["OPENAI_BASE_URL"] = f"{upstream}/v1"
+        if self.kind == "baseline":
+            env["BENCH_BIND"] = f"127.0.0.1:{port}"
+            env["BENCH_WORKER_CLASS"] = self.worker_class or "gevent"
+            argv = [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "bench/gunicorn_baseline.py",
+                *_NO_CTL,
+                self.target,
+            ]
+        elif self.kind == "ours":
+            env["HOST"] = "127.0.0.1"
+            env["PORT"] = str(port)
+            env["LIMITS_CONFIG"] = LIMITS
+            if self.worker_class:
+                env["GUNICORN_WORKER_CLASS"] = self.worker_class
+            if self.worker_class == "sync":
+                # gunicorn runs gthread instead of sync whenever threads > 1, and
+                # gunicorn.conf.py sets threads (GUNICORN_THREADS, default 64) for every class.
+                env["GUNICORN_THREADS"] = "1"
+            argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *_NO_CTL, "app:app"]
+        elif self.kind == "uvicorn":
+            # Plain uvicorn as the article installs it: asyncio loop and h11, no extras.
+            # Access log off, as gunicorn's is by default, so neither side pays for logging.
+            argv = [
+                sys.executable, "-m", "uvicorn", self.target,
+                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                "--loop", "asyncio", "--http", "h11", "--no-access-log", "--log-level", "warning",
+            ]  # fmt: skip
+        else:
+            raise ValueError(self.kind)
+        slug = self.name.replace(" ", "_").replace("(", "").replace(")", "").replace(":", "")
+        return Managed(self.name, argv, env, ROOT, logdir / f"{slug}-{port}.log")
+
+
+def ours_default_worker_class() -> str:
+    """The worker class gunicorn.conf.py picks when GUNICORN_WORKER_CLASS is unset (best effort)."""
+    code = (
+        "import runpy,sys; cfg = runpy.run_path('gunicorn.conf.py'); "
+        "sys.stdout.write(str(cfg.get('worker_class', 'sync')))"
+    )
+    env = base_env("unix:///nonexistent.sock", 4)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (subprocess.TimeoutExpired, OSError):
+        return "?"
+    out = done.stdout.strip().splitlines()
+    return out[-1] if done.returncode == 0 and out else "?"
