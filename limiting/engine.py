@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from .decision import Decision, from_reply, store_away
 from .identity import user_prefix
-from .layers import CompiledPlan, Layer, compile_plan, edge
+from .layers import CompiledPlan, Layer, compile_plan, edge, num_arg
 from .policy import FailMode, ModelPolicy, Plan, Policy
 from .reservation import Charge, Reservation, new_lease_id, usd_micros
 from .store import Store, StoreUnavailable
@@ -30,6 +30,8 @@ class Engine:
         self.edge_keys = edge_keys
         self._compiled: dict[str, CompiledPlan] = {}
         self._llm: dict[str, CompiledPlan] = {}
+        # On one server the model's guard keys can join the user's call, as the edge does.
+        self.guard_in_call = bool(getattr(store, "single_node", False))
         self._edge_only = compile_plan(None, edge) if edge else None
         # While the shared store is away: the same layers in this process, limits shared out.
         self.fallback: Engine | None = None
@@ -84,8 +86,14 @@ class Engine:
             elif layer.name in costs:
                 args[4 * i + 3] = str(costs[layer.name]).encode()
         keys = self._keys(cached, user, ip)
+        guard_part = self._guard_args(model_name, input_tokens + max_output_tokens) \
+            if guard and self.guard_in_call else None
         try:
-            reply = self.store.acquire(keys, args)
+            if guard_part is None:
+                reply = self.store.acquire(keys, args)
+            else:
+                # One server: the model's guard joins the same all-or-nothing call.
+                reply = self.store.acquire(keys + guard_part[1], args + guard_part[2])
         except StoreUnavailable:
             if self.fallback is not None:
                 fb = self.fallback
@@ -96,7 +104,14 @@ class Engine:
             empty = Reservation(self.store, decision, 0, [], None, model, input_tokens,
                                 max_output_tokens) if decision.allowed else None
             return decision, empty, None
-        decision = from_reply(cached, reply)
+        user_reply = reply[:4 + 2 * len(cached.layers)]
+        guard_wait: float | None = None
+        if guard_part is not None and reply[0] != 1 and reply[1] > len(cached.layers):
+            guard_wait = max(0.001, reply[2] / 1e6) if reply[2] >= 0 else 60.0
+            user_reply[0:3] = [1, 0, 0]   # the user's layers passed; nothing was charged
+        decision = from_reply(cached, user_reply)
+        if guard_wait is not None:
+            return decision, None, guard_wait
         if not decision.allowed:
             return decision, None, None
         own = cached.layers[cached.edge_count:]
@@ -104,22 +119,36 @@ class Engine:
                    for layer, key in zip(own, keys[cached.edge_count:], strict=True)]
         reservation = Reservation(self.store, decision, reply[3], charges, lease, model,
                                   input_tokens, max_output_tokens)
-        if guard:
+        if guard_part is not None:
+            layers, guard_keys, _, guard_costs = guard_part
+            reservation.guard_at = reply[3]
+            reservation.guard_charges = [Charge(layer, key, guard_costs[layer.name])
+                                         for layer, key in zip(layers, guard_keys, strict=True)
+                                         if layer.kind in ("w", "W")]
+        elif guard:
             wait = self._guard(reservation, model_name, input_tokens + max_output_tokens)
             if wait is not None:
                 reservation.refund_everything()
                 return decision, None, wait
         return decision, reservation, None
 
-    def _guard(self, reservation: Reservation, model_name: str, tokens: int) -> float | None:
-        """The model's shared windows and learnt pacing; None when the call may go ahead."""
+    def _guard_args(self, model_name: str, tokens: int
+                    ) -> tuple[tuple[Layer, ...], list[str], list[bytes], dict[str, int]]:
+        """The model's guard layers, their keys, script arguments and costs for one call."""
         layers = guard_layers(self.policy.models.get(model_name))
         prefix = model_prefix(self.namespace, model_name)
         keys = [prefix + layer.suffix for layer in layers]
         costs = {"upstream-requests": 1, "upstream-tokens": tokens, "upstream-pace": tokens}
-        args: list[str | int | float] = []
+        args: list[bytes] = []
         for layer in layers:
-            args += [layer.kind, layer.limit, layer.param, costs[layer.name]]
+            values = (layer.kind, num_arg(layer.limit), num_arg(layer.param), costs[layer.name])
+            args += [str(v).encode() for v in values]
+        return layers, keys, args, costs
+
+    def _guard(self, reservation: Reservation, model_name: str, tokens: int) -> float | None:
+        """The model's shared windows and learnt pacing, in a call of their own (a Cluster
+        puts them in another slot); None when the upstream call may go ahead."""
+        layers, keys, args, costs = self._guard_args(model_name, tokens)
         try:
             reply = self.store.acquire(keys, args)
         except StoreUnavailable:
@@ -141,10 +170,12 @@ class Engine:
         return from_reply(compiled, reply)
 
     def observe(self, model_name: str, headers: Mapping[str, str], status: int) -> None:
-        """Learn the provider's pacing for ``model_name`` from one of its responses."""
+        """Learn the provider's pacing for ``model_name`` from one of its responses, now."""
         args = pacing_args(headers, status)
-        if args is None:
-            return
+        if args is not None:
+            self.observe_args(model_name, args)
+
+    def observe_args(self, model_name: str, args: list[int]) -> None:
         # Pacing is advice: a store that is away loses one observation, nothing more.
         with contextlib.suppress(StoreUnavailable):
             self.store.run("observe", [model_prefix(self.namespace, model_name) + "pace"], args)

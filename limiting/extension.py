@@ -28,6 +28,7 @@ from .layers import Layer
 from .policy import Plan, Policy, load_policy, per_worker
 from .reservation import Reservation, UpstreamSaturated
 from .store import Store, open_store
+from .upstream import Observer
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXTENSION_KEY = "llm_limiter"
@@ -47,6 +48,7 @@ class RateLimiter:
         self._store = store
         self._engine: Engine | None = None
         self._keys: ApiKeys | None = None
+        self._observer: Observer | None = None
         self.edge: Limiter | None = None
         if app is not None:
             self.init_app(app)
@@ -143,7 +145,9 @@ class RateLimiter:
 
     def observe_upstream(self, model: str, headers: Mapping[str, str], status: int) -> None:
         """Let the model's guard learn from a provider response (its rate-limit headers)."""
-        self.engine.observe(model, headers, status)
+        if self._observer is None:
+            self._observer = Observer(self.engine.observe_args)
+        self._observer.submit(model, headers, status)
 
     def _plan(self, user: str, plan: str | None) -> Plan:
         policy = self.policy

@@ -87,18 +87,19 @@ def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1
     args: list[bytes] = []
     for layer in layers:
         unit = ("-" if cost == 0 else "") if layer.kind == "c" else str(cost)
-        args += [s.encode() for s in (layer.kind, _num(layer.limit), _num(layer.param), unit)]
+        values = (layer.kind, num_arg(layer.limit), num_arg(layer.param), unit)
+        args += [s.encode() for s in values]
     return CompiledPlan(
         plan=plan,
         layers=layers,
         edge_count=len(edges),
         suffixes=tuple(layer.suffix for layer in own),
         args=tuple(args),
-        policy_header=", ".join(f'"{layer.name}";q={_num(layer.limit)};w={layer.window}'
+        policy_header=", ".join(f'"{layer.name}";q={num_arg(layer.limit)};w={layer.window}'
                                 for layer in layers),
         fail_closed=any(layer.fail == "fail_closed" for layer in layers),
     )
 
 
-def _num(value: float) -> str:
+def num_arg(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))

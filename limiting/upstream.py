@@ -7,9 +7,11 @@ so every worker slows down before the provider starts refusing.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from .identity import user_tag
@@ -97,3 +99,47 @@ def pacing_args(headers: Mapping[str, str], status: int) -> list[int] | None:
 
     return [rl if rl is not None and rr is not None else -1, us(rr),
             tl if tl is not None and tr is not None else -1, us(tr), us(hold)]
+
+
+class Observer:
+    """Provider headers written behind the request, off the path to the first byte.
+
+    Routine observations are coalesced per model (the latest wins) and written by one
+    background thread (a greenlet under gevent) every ``interval``; a 429/529 hold is written
+    at once, since every worker should stop calling that provider now.
+    """
+
+    def __init__(self, write: Callable[[str, list[int]], None], interval: float = 0.05) -> None:
+        self._write = write
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[int]] = {}
+        self._wake = threading.Event()
+        self._pid = 0
+
+    def submit(self, model: str, headers: Mapping[str, str], status: int) -> None:
+        args = pacing_args(headers, status)
+        if args is None:
+            return
+        if args[4] > 0:
+            self._write(model, args)
+            return
+        with self._lock:
+            self._pending[model] = args
+        if self._pid != os.getpid():   # first use in this (possibly forked) process
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="pacing-writer", daemon=True).start()
+        self._wake.set()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        for model, args in batch.items():
+            self._write(model, args)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self._interval)
+            self._wake.clear()
+            self.flush()

@@ -168,3 +168,20 @@ def test_estimate_is_above_word_counts() -> None:
     assert est >= len(text.split()) + 4
     parts = [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}]
     assert estimate_input_tokens(parts, system="be brief") > 0
+
+
+def test_observer_coalesces_routine_headers_and_writes_holds_at_once() -> None:
+    from limiting.upstream import Observer
+
+    written: list[tuple[str, list[int]]] = []
+    observer = Observer(lambda model, args: written.append((model, args)), interval=0.05)
+    for left in (9, 8, 7):
+        observer.submit("m", {"x-ratelimit-remaining-requests": str(left),
+                              "x-ratelimit-reset-requests": "1s"}, 200)
+    assert written == []                       # routine headers wait for the writer
+    observer.submit("m", {"retry-after": "2"}, 429)
+    assert written == [("m", [-1, -1, -1, -1, 2_000_000])]   # a hold goes out at once
+    deadline = time.monotonic() + 2
+    while len(written) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert written[1] == ("m", [7, 1_000_000, -1, -1, 0])     # only the latest of the three
