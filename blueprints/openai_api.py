@@ -26,7 +26,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, request
 
 from limiting import current_limiter, limited_route
 from limiting.keys import bearer_token
@@ -63,12 +63,7 @@ def error_body(problem: v1.ApiProblem) -> dict[str, Any]:
 
 
 def render(problem: v1.ApiProblem) -> Response:
-    response = jsonify(error_body(problem))
-    response.status_code = problem.status
-    response.headers.update(problem.headers)
-    if problem.retry_after:
-        response.headers["Retry-After"] = str(problem.retry_after)
-    return response
+    return v1.render_problem(problem, error_body(problem))
 
 
 def error_event(problem: v1.ApiProblem) -> str:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from flask import Response, g, stream_with_context
+from flask import Response, g, jsonify, stream_with_context
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from limiting import Decision, LimiterUnavailable, Plan, RateLimited, current_limiter
@@ -90,6 +90,16 @@ def problem_from(exc: BaseException) -> ApiProblem:
     log.exception("unhandled error in /v1: %s", type(exc).__name__, exc_info=exc)
     return ApiProblem(500, INTERNAL, "The server had an error processing this request.",
                       code="internal_error")
+
+
+def render_problem(problem: ApiProblem, body: dict[str, Any]) -> Response:
+    """A problem as JSON in the endpoint's own shape, with its status and headers."""
+    response = jsonify(body)
+    response.status_code = problem.status
+    response.headers.update(problem.headers)
+    if problem.retry_after:
+        response.headers["Retry-After"] = str(problem.retry_after)
+    return response
 
 
 def _seconds(value: object) -> int | None:
