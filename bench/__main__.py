@@ -305,6 +305,10 @@ def start_provider(
     module = "fakeprovider" if have else "bench.fake_upstream"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     argv = [sys.executable, "-m", module, "--port", "0", "--delay", str(delay)]
+    if have:
+        # Report (and enforce) limits far above the load: otherwise the fake's honest
+        # x-ratelimit-remaining reaches 0 and our upstream guard rightly holds calls back.
+        argv += ["--rpm", "1000000000", "--tpm", "1000000000000"]
     if chunk_delay is not None:
         argv += ["--chunk-delay", str(chunk_delay)]
     log = logdir / ("fakeprovider-stream.log" if chunk_delay is not None else "fakeprovider.log")
