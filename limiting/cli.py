@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 from flask.cli import AppGroup
 
+from .layers import compile_plan
 from .policy import PolicyError, load_policy
 from .store import StoreUnavailable
 
@@ -49,7 +50,8 @@ def show(user: str) -> None:
 def reset(user: str, layer: str | None) -> None:
     """Forget USER's usage, in every layer or one."""
     limiter = _limiter()
-    names = [lay.name for lay in limiter.engine.compiled(limiter.policy.plan_for(user)).layers]
+    plan = limiter.policy.plan_for(user)
+    names = [lay.name for lay in compile_plan(plan, llm=True).layers]
     if layer is not None and layer not in names:
         click.echo(f"error: no layer {layer!r} for this user; layers: {', '.join(names)}",
                    err=True)

@@ -78,13 +78,12 @@ class Engine:
         costs = {"tokens-minute": input_tokens + max_output_tokens,
                  "input-tokens-minute": input_tokens, "output-tokens-minute": max_output_tokens,
                  "usd-day": usd}
-        lease = new_lease_id()
+        lease = new_lease_id() if plan.max_concurrent else None
         args = list(cached.args)
-        for i, layer in enumerate(cached.layers):
-            if layer.kind == "c":
-                args[4 * i + 3] = lease.encode()
-            elif layer.name in costs:
-                args[4 * i + 3] = str(costs[layer.name]).encode()
+        for i in cached.unit_positions:    # only the layers whose cost is per request
+            layer = cached.layers[i]
+            unit = lease if layer.kind == "c" else str(costs[layer.name])
+            args[4 * i + 3] = str(unit).encode()
         keys = self._keys(cached, user, ip)
         guard_part = self._guard_args(model_name, input_tokens + max_output_tokens) \
             if guard and self.guard_in_call else None

@@ -33,6 +33,11 @@ def window(name: str, suffix: str, limit: float, seconds: int, fail: FailMode,
     return Layer(name, "W" if wide else "w", suffix, limit, seconds * 1_000_000, seconds, fail)
 
 
+# Layers whose charge is a per-request estimate that the settle corrects; request counts stay.
+UNIT_LAYERS = frozenset({"tokens-minute", "input-tokens-minute", "output-tokens-minute",
+                         "usd-day"})
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledPlan:
     """The static part of every request's script call for one plan."""
@@ -44,6 +49,7 @@ class CompiledPlan:
     args: tuple[bytes, ...]        # kind, a, b, cost per layer, encoded once
     policy_header: str             # RateLimit-Policy never changes for a plan
     fail_closed: bool              # does any layer refuse while the store is away?
+    unit_positions: tuple[int, ...] = ()   # LLM layers, whose cost each request sets
 
 
 def request_layers(plan: Plan) -> tuple[Layer, ...]:
@@ -98,6 +104,8 @@ def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1
         policy_header=", ".join(f'"{layer.name}";q={num_arg(layer.limit)};w={layer.window}'
                                 for layer in layers),
         fail_closed=any(layer.fail == "fail_closed" for layer in layers),
+        unit_positions=tuple(i for i, layer in enumerate(layers)
+                             if layer.kind == "c" or layer.name in UNIT_LAYERS),
     )
 
 

@@ -10,7 +10,7 @@ from werkzeug.exceptions import ServiceUnavailable
 
 from . import metrics
 from .decision import Decision
-from .layers import Layer
+from .layers import UNIT_LAYERS, Layer
 from .llm import Usage
 from .policy import ModelPolicy
 from .store import ScriptArgs, Store, StoreUnavailable
@@ -39,11 +39,6 @@ class Charge:
     layer: Layer
     key: str
     amount: float      # units reserved (a lease id for "c" layers lives in Reservation)
-
-
-# Layers whose charge is an estimate that the settle corrects; request counts stay charged.
-UNIT_LAYERS = frozenset({"tokens-minute", "input-tokens-minute", "output-tokens-minute",
-                         "usd-day"})
 
 
 def new_lease_id() -> str:
