@@ -36,7 +36,11 @@ FAIL_POLICY = Counter("llm_limiter_fail_policy_total",
                       "Decisions made without the store: fail_open, fail_closed or fallback.",
                       ["outcome"])
 
+# Children bound once: a labels() lookup on every request is work the hot path need not do.
 ALLOWED = DECISIONS.labels("all", "allowed")
+INPUT_TOKENS = TOKENS_SETTLED.labels("input")
+CACHED_TOKENS = TOKENS_SETTLED.labels("cached_input")
+OUTPUT_TOKENS = TOKENS_SETTLED.labels("output")
 
 
 def render() -> tuple[bytes, str]:

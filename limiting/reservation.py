@@ -92,12 +92,16 @@ class Reservation:
             return
         self.done = True
         if usage is not None:
+            # Each write is a locked mmap update in multiprocess mode: skip the zeros.
             cached = min(usage.cached_input_tokens, usage.input_tokens)
-            metrics.TOKENS_SETTLED.labels("input").inc(usage.input_tokens - cached)
-            metrics.TOKENS_SETTLED.labels("cached_input").inc(cached)
-            metrics.TOKENS_SETTLED.labels("output").inc(usage.output_tokens)
-            metrics.USD_SETTLED.inc(usd_micros(self.model, usage.input_tokens - cached,
-                                               usage.output_tokens, cached) / 1e6)
+            for counter, value in ((metrics.INPUT_TOKENS, usage.input_tokens - cached),
+                                   (metrics.CACHED_TOKENS, cached),
+                                   (metrics.OUTPUT_TOKENS, usage.output_tokens)):
+                if value > 0:
+                    counter.inc(value)
+            usd = usd_micros(self.model, usage.input_tokens - cached, usage.output_tokens, cached)
+            if usd > 0:
+                metrics.USD_SETTLED.inc(usd / 1e6)
         args: list[str | int | float] = [self.charged_at]
         keys: list[str] = []
         for charge in self.charges:
