@@ -35,7 +35,12 @@ def chat() -> dict[str, Any]:
     provider = provider_for(model, limiter.policy.models)
     check_available(provider, model)
     policy = limiter.policy
-    max_tokens = (policy.plans[plan] if plan else policy.plan_for(user)).default_max_tokens
+    plan_obj = policy.plans[plan] if plan else policy.plan_for(user)
+    max_tokens = plan_obj.default_max_tokens
+    if provider == "echo" and not plan_obj.meters_units:
+        # Nothing to reserve, settle or guard: one request, one decision.
+        limiter.acquire(user, plan)
+        return {"reply": complete(provider, model, message, max_tokens, _no_observer)[0]}
     estimate = estimate_input_tokens([{"role": "user", "content": message}])
     reservation = limiter.reserve(user, model, estimate, max_tokens, plan)
     try:
@@ -62,3 +67,7 @@ def _key_user(limiter: RateLimiter) -> KeyRecord:
     if record is None:
         raise Unauthorized("A valid API key is required (Authorization: Bearer KEY).")
     return record
+
+
+def _no_observer(headers: object, status: int) -> None:
+    """echo has no provider headers to learn from."""

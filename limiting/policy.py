@@ -58,6 +58,13 @@ class Plan:
     fail_rate: FailMode = "fail_open"
     fail_quota: FailMode = "fail_closed"
 
+    @property
+    def meters_units(self) -> bool:
+        """Does this plan limit tokens, dollars or requests in flight (not just requests)?"""
+        return bool(self.tokens_per_minute or self.input_tokens_per_minute
+                    or self.output_tokens_per_minute or self.budget_usd_per_day
+                    or self.max_concurrent)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelPolicy:
