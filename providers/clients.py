@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -16,15 +17,38 @@ def _timeout() -> float:
     return float(os.environ.get("UPSTREAM_TIMEOUT", "60"))
 
 
+# httpcore's pool does O(n²) bookkeeping over its n connections on every request it adds or
+# removes; with hundreds of calls in flight per worker that dominated the CPU profile. A few
+# clients taken in turn keep each pool small.
+SHARDS = max(1, int(os.environ.get("UPSTREAM_CLIENTS", "8")))
+_turn = itertools.count()
+
+
 @cache
-def openai_client() -> openai.OpenAI:
+def _openai_clients() -> tuple[openai.OpenAI, ...]:
     # No SDK retries: a retry spends the user's money twice; the caller sees Retry-After.
-    return openai.OpenAI(max_retries=0, timeout=_timeout())
+    return tuple(openai.OpenAI(max_retries=0, timeout=_timeout()) for _ in range(SHARDS))
 
 
 @cache
+def _anthropic_clients() -> tuple[anthropic.Anthropic, ...]:
+    return tuple(anthropic.Anthropic(max_retries=0, timeout=_timeout()) for _ in range(SHARDS))
+
+
+def openai_client() -> openai.OpenAI:
+    clients = _openai_clients()
+    return clients[next(_turn) % len(clients)]
+
+
 def anthropic_client() -> anthropic.Anthropic:
-    return anthropic.Anthropic(max_retries=0, timeout=_timeout())
+    clients = _anthropic_clients()
+    return clients[next(_turn) % len(clients)]
+
+
+def reset() -> None:
+    """Forget the clients (they read OPENAI_*/ANTHROPIC_* from the environment once)."""
+    _openai_clients.cache_clear()
+    _anthropic_clients.cache_clear()
 
 
 Observe = Callable[[Mapping[str, str], int], None]

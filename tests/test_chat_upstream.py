@@ -36,11 +36,9 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProvider]:
         monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake")
         monkeypatch.setenv("ANTHROPIC_BASE_URL", fp.url)
         monkeypatch.setenv("UPSTREAM_TIMEOUT", "2")
-        clients.openai_client.cache_clear()
-        clients.anthropic_client.cache_clear()
+        clients.reset()
         yield fp
-        clients.openai_client.cache_clear()
-        clients.anthropic_client.cache_clear()
+        clients.reset()
 
 
 @pytest.fixture
@@ -90,7 +88,7 @@ def test_upstream_timeout_is_504(client: FlaskClient, fake: FakeProvider) -> Non
 def test_upstream_unreachable_is_502(client: FlaskClient, fake: FakeProvider,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    clients.openai_client.cache_clear()
+    clients.reset()
     resp = chat(client, "gpt-4o-mini")
     assert resp.status_code == 502 and resp.get_json()["code"] == "upstream_unreachable"
 
