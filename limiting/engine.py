@@ -120,10 +120,7 @@ class Engine:
                                   input_tokens, max_output_tokens)
         if guard_part is not None:
             layers, guard_keys, _, guard_costs = guard_part
-            reservation.guard_at = reply[3]
-            reservation.guard_charges = [Charge(layer, key, guard_costs[layer.name])
-                                         for layer, key in zip(layers, guard_keys, strict=True)
-                                         if layer.kind in ("w", "W")]
+            _hold_guard(reservation, reply[3], layers, guard_keys, guard_costs)
         elif guard:
             wait = self._guard(reservation, model_name, input_tokens + max_output_tokens)
             if wait is not None:
@@ -154,10 +151,7 @@ class Engine:
             return None  # the guard fails open: the provider still has its own limits
         if reply[0] != 1:
             return max(0.001, reply[2] / 1e6) if reply[2] >= 0 else 60.0
-        reservation.guard_at = reply[3]
-        reservation.guard_charges = [Charge(layer, key, costs[layer.name])
-                                     for layer, key in zip(layers, keys, strict=True)
-                                     if layer.kind in ("w", "W")]
+        _hold_guard(reservation, reply[3], layers, keys, costs)
         return None
 
     def peek_model(self, model_name: str) -> Decision:
@@ -201,6 +195,15 @@ class Engine:
         layers = compile_plan(self.policy.plan_for(user), llm=True).layers
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0
+
+
+def _hold_guard(reservation: Reservation, charged_at: int, layers: tuple[Layer, ...],
+                keys: list[str], costs: dict[str, int]) -> None:
+    """Record what the guard's windows charged, so the settle can correct the tokens."""
+    reservation.guard_at = charged_at
+    reservation.guard_charges = [Charge(layer, key, costs[layer.name])
+                                 for layer, key in zip(layers, keys, strict=True)
+                                 if layer.kind in ("w", "W")]
 
 
 class EdgeKeys:
