@@ -158,15 +158,7 @@ class RateLimiter:
     def limit(self, user: Callable[[], str]) -> Callable[[F], F]:
         """Decorate a view: ``user()`` names who pays, inside the request."""
 
-        def decorator(view: F) -> F:
-            @functools.wraps(view)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                self.acquire(user())
-                return view(*args, **kwargs)
-
-            return cast(F, mark_limited(wrapper))
-
-        return decorator
+        return _acquiring(lambda: self, user)
 
     def exempt(self, target: Callable[..., Any] | Blueprint) -> None:
         """Keep a view or blueprint (health checks, metrics) out of the edge limits."""
@@ -214,11 +206,17 @@ def current_limiter() -> RateLimiter:
 
 def limited(user: Callable[[], str]) -> Callable[[F], F]:
     """``@limited(user=...)`` for reusable blueprints: resolves the app's limiter per request."""
+    return _acquiring(current_limiter, user)
+
+
+def _acquiring(limiter: Callable[[], RateLimiter], user: Callable[[], str]
+               ) -> Callable[[F], F]:
+    """A decorator that charges ``user()`` to ``limiter()`` before the view runs."""
 
     def decorator(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            current_limiter().acquire(user())
+            limiter().acquire(user())
             return view(*args, **kwargs)
 
         return cast(F, mark_limited(wrapper))
