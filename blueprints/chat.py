@@ -9,7 +9,7 @@ from flask import Blueprint, current_app, request
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from limiting import RateLimiter, current_limiter, estimate_input_tokens, limited_route
-from limiting.keys import KeyRecord, bearer_token
+from limiting.keys import KeyRecord, presented_key
 from providers import UpstreamError, check_available, complete, provider_for
 
 from .validation import json_object, string_field, user_id_field
@@ -61,9 +61,7 @@ def _require_key() -> bool:
 
 def _key_user(limiter: RateLimiter) -> KeyRecord:
     """With REQUIRE_API_KEY, /chat's user is the key's (Bearer or X-API-Key)."""
-    presented = bearer_token(request.headers.get("Authorization")) or request.headers.get(
-        "X-API-Key")
-    record = limiter.keys.authenticate(presented)
+    record = limiter.keys.authenticate(presented_key(request.headers))
     if record is None:
         raise Unauthorized("A valid API key is required (Authorization: Bearer KEY).")
     return record

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, render_template, request
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from limiting import Decision, current_limiter
-from limiting.keys import bearer_token
+from limiting.keys import presented_key
 from limiting.store import StoreUnavailable
 
 bp = Blueprint("usage", __name__, template_folder="templates")
@@ -33,9 +33,7 @@ def layers_json(decision: Decision) -> list[dict[str, Any]]:
 def my_usage() -> dict[str, Any]:
     """The caller's own layers (API key from Authorization: Bearer or x-api-key)."""
     limiter = current_limiter()
-    presented = bearer_token(request.headers.get("Authorization")) or request.headers.get(
-        "x-api-key")
-    record = limiter.keys.authenticate(presented)
+    record = limiter.keys.authenticate(presented_key(request.headers))
     if record is None:
         raise Unauthorized("A valid API key is required.")
     plan = limiter.policy.plans.get(record.plan) or limiter.policy.plan_for(record.user)

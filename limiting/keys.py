@@ -21,9 +21,12 @@ import time
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .identity import MAX_USER_ID_LENGTH
+
+if TYPE_CHECKING:
+    from werkzeug.datastructures import Headers
 from .memory import MemoryStore
 from .store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
 
@@ -77,6 +80,12 @@ def bearer_token(header_value: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token or " " in token:
         return None
     return token
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The key a request presents: ``Authorization: Bearer``, else ``X-API-Key`` (werkzeug's
+    headers: names compare case-insensitively)."""
+    return bearer_token(headers.get("Authorization")) or headers.get("X-API-Key") or None
 
 
 class _MemoryKeys:
