@@ -32,6 +32,11 @@ GUARD_REFUSALS = Counter("llm_limiter_upstream_guard_refusals_total",
 STORE_ERRORS = Counter("llm_limiter_store_errors_total",
                        "Store calls that failed or timed out, or were skipped by the breaker.",
                        ["reason"])
+STORE_ROUND_TRIPS = Counter("llm_limiter_store_round_trips_total",
+                            "Round trips that carried script calls, under gevent (see "
+                            "store_script_calls: calls / round trips = calls per trip).")
+STORE_SCRIPT_CALLS = Counter("llm_limiter_store_script_calls_total",
+                             "Script calls carried by those round trips.")
 FAIL_POLICY = Counter("llm_limiter_fail_policy_total",
                       "Decisions made without the store: fail_open, fail_closed or fallback.",
                       ["outcome"])

@@ -18,6 +18,7 @@ from redis.retry import Retry
 
 from .breaker import Breaker
 from .metrics import STORE_ERRORS
+from .pipelining import Pipeliner, gevent_patched
 from .scripts import script_source
 from .sockets import OSSocketConnection, OSSocketUnixConnection
 
@@ -60,6 +61,9 @@ class RedisStore:
         self.breaker = Breaker()
         # On a Cluster one dead master must not open the breaker for every other slot.
         self._node_breakers: dict[str, Breaker] | None = None if self.single_node else {}
+        # Decided at the first call: the app may be created before gevent patches sockets.
+        self._pipeliner: Pipeliner | None = None
+        self._pipelining_decided = False
 
     def script(self, name: str) -> Script:
         if name not in self._scripts:
@@ -91,7 +95,12 @@ class RedisStore:
             STORE_ERRORS.labels("breaker_open").inc()
             raise StoreUnavailable("circuit open: the store failed recently; probing with backoff")
         try:
-            result = script(keys, args)
+            if not self._pipelining_decided:
+                self._pipelining_decided = True
+                if self.single_node and gevent_patched():
+                    self._pipeliner = Pipeliner(self.client)
+            pipeliner = self._pipeliner
+            result = pipeliner.call(script, keys, args) if pipeliner else script(keys, args)
         except BaseException as exc:
             # Whatever it was, a probe that did not succeed failed: the breaker must not
             # wait for an answer that never comes.
