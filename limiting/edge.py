@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
@@ -27,8 +28,13 @@ def mark_limited(view: Any) -> Any:
 
 
 def is_limited_route() -> bool:
-    view = current_app.view_functions.get(request.endpoint or "")
-    return bool(getattr(view, LIMITED_ROUTE, False))
+    # Asked by up to four hooks per request: the answer is kept in the request's environ.
+    environ = request.environ
+    limited = environ.get(LIMITED_ROUTE)
+    if limited is None:
+        view = current_app.view_functions.get(request.endpoint or "")
+        limited = environ[LIMITED_ROUTE] = bool(getattr(view, LIMITED_ROUTE, False))
+    return bool(limited)
 
 
 def combines_edge(store: Store) -> bool:
@@ -77,10 +83,12 @@ def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
 
 
 def _skip_limited_routes(app: Flask, edge: Limiter) -> None:
-    """Keep Flask-Limiter's before_request off the routes whose acquire call counts the edge.
+    """Keep Flask-Limiter's hooks off the routes whose acquire call counts the edge.
 
     A request filter would do the same, but only after Flask-Limiter has resolved and
     evaluated its limits for the request: on the hot path that costs as much as our script.
+    Its after_request and teardown hooks have nothing to do there either (no limit of its own
+    was looked at), but each still reads its per-request context.
     """
     hooks = app.before_request_funcs.setdefault(None, [])
     check = edge._check_request_limit
@@ -93,6 +101,25 @@ def _skip_limited_routes(app: Flask, edge: Limiter) -> None:
             check()
 
     hooks[hooks.index(check)] = edge_check
+    for registry in (app.after_request_funcs, app.teardown_request_funcs):
+        later = registry.get(None, [])
+        for i, hook in enumerate(later):
+            if _belongs_to(hook, edge):
+                later[i] = _unless_limited(hook)
+
+
+def _belongs_to(hook: Any, edge: Limiter) -> bool:
+    if isinstance(hook, partial):
+        return any(arg is edge for arg in hook.args)
+    return getattr(hook, "__self__", None) is edge
+
+
+def _unless_limited(hook: Any) -> Any:
+    """The hook, skipped on limited routes (it gets and gives back the response, or an error)."""
+    def unless_limited(arg: Any) -> Any:
+        return arg if is_limited_route() else hook(arg)
+
+    return unless_limited
 
 
 def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:

@@ -246,7 +246,8 @@ def _add_headers(response: Response) -> Response:
             return _render_refusal(RateLimited.from_decision(decision,
                                                              rate_limit_headers(decision)))
     if decision is not None and response.status_code != 429:
-        response.headers.update(rate_limit_headers(decision))
+        # New headers: extend appends, where update would first look for each one.
+        response.headers.extend(rate_limit_headers(decision))
     rid = g.get("_llm_request_id")
     if rid is not None:
         response.headers["X-Request-ID"] = rid
