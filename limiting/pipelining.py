@@ -1,21 +1,25 @@
-"""Script calls of concurrent gevent requests share one round trip to the store.
+"""How script calls reach one server: straight on a connection of their own, and under gevent
+several concurrent requests' calls sharing one round trip.
 
 Every decision is one EVALSHA, and on a small machine the round trip costs more than the
-script: the worker sleeps until the reply, and waking it again costs it about as much CPU as
-the call itself (measured: a 50 µs sleep adds ~40 µs of CPU to a request). Under gevent a
-worker holds many requests; the first one that reaches the store yields once, so every other
-request that is ready to run reaches its own call too, then sends all of them in one write
-and reads the replies in order. Each call is still its own atomic script; only the trip is
-shared (Valkey runs them one after another, as it would have anyway).
+script. Two things are cut here. First, redis-py's generic command path (retry wrapper,
+observability hooks, the pool's per-call checks) costs as much CPU as the packing and parsing
+themselves; a call goes out on a connection this thread keeps, and comes back through
+redis-py's own parser and errors. Second, a worker that sleeps until the reply pays about as
+much CPU to wake up as the call itself (measured: a 50 µs sleep adds ~40 µs of CPU to a
+request). Under gevent a worker holds many requests: the first one that reaches the store
+yields once, so every other request that is ready to run reaches its own call too, then one
+write carries all of them and the replies are read in order. Each call is still its own
+atomic script; only the trip is shared (Valkey runs them one after another, as it would have).
 
-The budget is unchanged: the batch waits on an OS socket with the store's timeout, so a slow
-store fails the calls of that batch after the budget and nothing else. Outside gevent there is
-nothing to share and calls go one by one.
+The budget is unchanged: replies are awaited on an OS socket with the store's timeout, so a
+slow store fails the calls of that trip after the budget and nothing else.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,15 +42,33 @@ def gevent_patched() -> bool:
 
 
 class _Pending:
-    """One call waiting for the batch it joined: its result or error, and its greenlet."""
+    """One call on its way: its result or error, and the greenlet waiting for it."""
 
     __slots__ = ("call", "ok", "value", "waiter")
 
-    def __init__(self, call: Call, waiter: Any) -> None:
+    def __init__(self, call: Call, waiter: Any = None) -> None:
         self.call = call
         self.waiter = waiter
         self.ok = False
         self.value: Any = None
+
+
+class Direct:
+    """One call, one round trip, on a connection this thread keeps (threads, sync workers)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._local = threading.local()
+
+    def call(self, script: Script, keys: list[str], args: Sequence[Any]) -> Any:
+        pending = _Pending((script, keys, args))
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._pool.get_connection()
+        _send_and_read(conn, [pending])
+        if pending.ok:
+            return pending.value
+        raise pending.value
 
 
 class Pipeliner:
@@ -61,8 +83,8 @@ class Pipeliner:
         self._sleep: Callable[[float], None] = gevent.sleep
         self._waiter = Waiter
         self._queue: list[_Pending] = []
-        # Connections kept between trips: the pool's checks (a poll for stray data, a lock)
-        # cost a syscall per trip, and a trip always reads every reply or drops the connection.
+        # Connections kept between trips: a trip always reads every reply or drops the
+        # connection, so the pool's poll for stray data would be a syscall for nothing.
         self._idle: list[Any] = []
 
     def call(self, script: Script, keys: list[str], args: Sequence[Any]) -> Any:
@@ -88,58 +110,72 @@ class Pipeliner:
         STORE_ROUND_TRIPS.inc()
         STORE_SCRIPT_CALLS.inc(len(batch))
         try:
-            self._send_and_read(batch)
-        except BaseException as exc:  # every waiter must hear the outcome
+            conn = self._idle.pop() if self._idle else self._pool.get_connection()
+        except BaseException as exc:  # no connection to be had: every caller hears why
             for pending in batch:
-                if not pending.ok and pending.value is None:
-                    pending.value = exc
+                pending.value = exc
+        else:
+            try:
+                _send_and_read(conn, batch)
+            finally:
+                self._idle.append(conn)
         # A waiter may only be switched to from the hub: the waiting requests resume in turn
         # once this one yields.
         run_callback = self._hub.loop.run_callback
         for pending in batch[1:]:
             run_callback(pending.waiter.switch, None)
 
-    def _send_and_read(self, batch: list[_Pending]) -> None:
-        for attempt in (1, 2):
-            conn: Any = self._idle.pop() if self._idle else self._pool.get_connection()
-            read = 0
-            try:
-                # One write for the whole batch: redis-py sends each item of the list alone.
-                conn.send_packed_command(
-                    [b"".join([part for p in batch for part in _packed(conn, p.call)])],
-                    check_health=False,
-                )
-                for pending in batch:
-                    try:
-                        pending.value = conn.read_response()
-                        pending.ok = True
-                    except NoScriptError:
-                        pending.value = None  # loaded and run again below
-                    except ResponseError as exc:
-                        pending.value = exc
-                    read += 1
-                break
-            except redis.ConnectionError:
-                conn.disconnect()
-                # A connection the server dropped (restart, failover) is healed once, as a
-                # single call is; not once a reply was read: that part of the batch ran.
-                if attempt == 2 or read:
-                    raise
-            except BaseException:
-                # Replies left unread would answer the next batch: drop the connection.
-                conn.disconnect()
-                raise
-            finally:
-                self._idle.append(conn)
+
+def _send_and_read(conn: Any, batch: list[_Pending]) -> None:
+    """Answer every call of the batch (a value or an error on each); never raises."""
+    try:
+        _trip(conn, batch)
+    except BaseException as exc:  # every caller must hear the outcome
         for pending in batch:
             if not pending.ok and pending.value is None:
-                # NOSCRIPT after a SCRIPT FLUSH or restart: redis-py's Script loads it again.
-                script, keys, args = pending.call
+                pending.value = exc
+        return
+    for pending in batch:
+        if not pending.ok and pending.value is None:
+            # NOSCRIPT after a SCRIPT FLUSH or restart: redis-py's Script loads it again.
+            script, keys, args = pending.call
+            try:
+                pending.value = script(keys, args)
+                pending.ok = True
+            except BaseException as exc:  # the caller maps it, as any store error
+                pending.value = exc
+
+
+def _trip(conn: Any, batch: list[_Pending]) -> None:
+    # One write for the whole batch: redis-py sends each item of a list alone.
+    packed = [b"".join([part for p in batch for part in _packed(conn, p.call)])]
+    for attempt in (1, 2):
+        read = 0
+        try:
+            # Connect as the pool would: a Sentinel connection asks where the master is now
+            # (send_packed_command would reconnect to the address it had).
+            conn.connect()
+            conn.send_packed_command(packed, check_health=False)
+            for pending in batch:
                 try:
-                    pending.value = script(keys, args)
+                    pending.value = conn.read_response()
                     pending.ok = True
-                except BaseException as exc:  # every waiter must hear the outcome
+                except NoScriptError:
+                    pending.value = None  # loaded and run again by the caller
+                except ResponseError as exc:
                     pending.value = exc
+                read += 1
+            return
+        except redis.ConnectionError:
+            conn.disconnect()
+            # A connection the server dropped (restart, failover) is healed once, as redis-py
+            # heals a single call; not once a reply was read: that part of the batch ran.
+            if attempt == 2 or read:
+                raise
+        except BaseException:
+            # Replies left unread would answer the next trip: drop the connection.
+            conn.disconnect()
+            raise
 
 
 def _packed(conn: Any, call: Call) -> list[bytes]:

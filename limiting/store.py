@@ -18,7 +18,7 @@ from redis.retry import Retry
 
 from .breaker import Breaker
 from .metrics import STORE_ERRORS
-from .pipelining import Pipeliner, gevent_patched
+from .pipelining import Direct, Pipeliner, gevent_patched
 from .scripts import script_source
 from .sockets import OSSocketConnection, OSSocketUnixConnection
 
@@ -61,9 +61,8 @@ class RedisStore:
         self.breaker = Breaker()
         # On a Cluster one dead master must not open the breaker for every other slot.
         self._node_breakers: dict[str, Breaker] | None = None if self.single_node else {}
-        # Decided at the first call: the app may be created before gevent patches sockets.
-        self._pipeliner: Pipeliner | None = None
-        self._pipelining_decided = False
+        # Picked at the first call: the app may be created before gevent patches sockets.
+        self._caller: Direct | Pipeliner | None = None
 
     def script(self, name: str) -> Script:
         if name not in self._scripts:
@@ -95,12 +94,14 @@ class RedisStore:
             STORE_ERRORS.labels("breaker_open").inc()
             raise StoreUnavailable("circuit open: the store failed recently; probing with backoff")
         try:
-            if not self._pipelining_decided:
-                self._pipelining_decided = True
-                if self.single_node and gevent_patched():
-                    self._pipeliner = Pipeliner(self.client)
-            pipeliner = self._pipeliner
-            result = pipeliner.call(script, keys, args) if pipeliner else script(keys, args)
+            if not self.single_node:
+                result = script(keys, args)  # redis-py's Cluster client routes it
+            else:
+                caller = self._caller
+                if caller is None:
+                    caller = self._caller = (Pipeliner if gevent_patched() else Direct)(
+                        self.client)
+                result = caller.call(script, keys, args)
         except BaseException as exc:
             # Whatever it was, a probe that did not succeed failed: the breaker must not
             # wait for an answer that never comes.
@@ -127,6 +128,8 @@ class RedisStore:
 
     def close(self) -> None:
         self.client.close()
+        if self.single_node:  # a client given its pool leaves the pool's connections open
+            self.client.connection_pool.disconnect()
 
 
 def redis_options(timeout: float) -> dict[str, Any]:
