@@ -50,5 +50,12 @@ def on_starting(server: object) -> None:
     os.environ["REDIS_URL"] = socket_url(folder)
 
 
+def post_worker_init(worker: object) -> None:
+    """The SDKs load in each worker before it serves, not on its first upstream call."""
+    from providers.clients import warm
+
+    warm()
+
+
 def on_exit(server: object) -> None:
     stop_spawned(_embedded)

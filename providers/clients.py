@@ -6,11 +6,13 @@ import itertools
 import os
 from collections.abc import Callable, Mapping
 from functools import cache
-
-import anthropic
-import openai
+from typing import TYPE_CHECKING
 
 from .errors import UpstreamError, from_sdk
+
+if TYPE_CHECKING:  # imported at the first call instead: see errors.py
+    import anthropic
+    import openai
 
 
 def _timeout() -> float:
@@ -26,12 +28,16 @@ _turn = itertools.count()
 
 @cache
 def _openai_clients() -> tuple[openai.OpenAI, ...]:
+    import openai
+
     # No SDK retries: a retry spends the user's money twice; the caller sees Retry-After.
     return tuple(openai.OpenAI(max_retries=0, timeout=_timeout()) for _ in range(SHARDS))
 
 
 @cache
 def _anthropic_clients() -> tuple[anthropic.Anthropic, ...]:
+    import anthropic
+
     return tuple(anthropic.Anthropic(max_retries=0, timeout=_timeout()) for _ in range(SHARDS))
 
 
@@ -43,6 +49,15 @@ def openai_client() -> openai.OpenAI:
 def anthropic_client() -> anthropic.Anthropic:
     clients = _anthropic_clients()
     return clients[next(_turn) % len(clients)]
+
+
+def warm() -> None:
+    """Import the SDK of each provider whose key is set and make its clients, so the first
+    call does not pay for the import (gunicorn.conf.py calls this in every new worker)."""
+    if os.environ.get("OPENAI_API_KEY"):
+        _openai_clients()
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        _anthropic_clients()
 
 
 def reset() -> None:
@@ -57,6 +72,8 @@ Observe = Callable[[Mapping[str, str], int], None]
 def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
                     ) -> tuple[str, int, int, int]:
     """(reply, input tokens, output tokens, cached input tokens) of one chat turn."""
+    import openai
+
     try:
         raw = openai_client().chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": message}], max_tokens=max_tokens,
@@ -80,6 +97,8 @@ def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
 
 def anthropic_complete(model: str, message: str, max_tokens: int, observe: Observe
                        ) -> tuple[str, int, int, int]:
+    import anthropic
+
     try:
         raw = anthropic_client().messages.with_raw_response.create(
             model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": message}],

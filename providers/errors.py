@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-import anthropic
-import openai
+# The SDKs are imported where a call is made (providers/clients.py), not here: importing both
+# takes about a second, which every `flask limits ...` command would pay for nothing.
+_SDKS = ("openai", "anthropic")
+
+
+def sdk_errors(name: str) -> tuple[type[Any], ...]:
+    """The exception class ``name`` of each SDK imported so far (one never imported raised
+    nothing)."""
+    return tuple(getattr(sys.modules[sdk], name) for sdk in _SDKS if sdk in sys.modules)
 
 
 class UpstreamError(Exception):
@@ -34,12 +42,12 @@ def _retry_after(headers: Any) -> int | None:
 
 def from_sdk(exc: Exception, provider: str) -> UpstreamError:
     """Map an OpenAI/Anthropic SDK exception; messages never echo keys or prompts."""
-    if isinstance(exc, (openai.APITimeoutError, anthropic.APITimeoutError)):
+    if isinstance(exc, sdk_errors("APITimeoutError")):
         return UpstreamError(504, "upstream_timeout", f"The {provider} API did not answer in time.")
-    if isinstance(exc, (openai.APIConnectionError, anthropic.APIConnectionError)):
+    if isinstance(exc, sdk_errors("APIConnectionError")):
         return UpstreamError(502, "upstream_unreachable",
                              f"The {provider} API could not be reached.")
-    if isinstance(exc, (openai.APIStatusError, anthropic.APIStatusError)):
+    if isinstance(exc, sdk_errors("APIStatusError")):
         status = exc.status_code
         retry = _retry_after(exc.response.headers)
         if status == 429:

@@ -14,13 +14,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import anthropic
-import openai
-
 from limiting.llm import Usage
 
 from .clients import anthropic_client, openai_client
-from .errors import UpstreamError, from_sdk
+from .errors import UpstreamError, from_sdk, sdk_errors
 
 Observe = Callable[[Mapping[str, str], int], None]
 
@@ -140,7 +137,7 @@ def parse_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
 
 
 def _status_error(exc: Exception, provider: str, observe: Observe) -> UpstreamError:
-    if isinstance(exc, (openai.APIStatusError, anthropic.APIStatusError)):
+    if isinstance(exc, sdk_errors("APIStatusError")):
         observe(dict(exc.response.headers), exc.status_code)
     return from_sdk(exc, provider)
 
@@ -165,6 +162,8 @@ def _open(raw: Any, provider: str, observe: Observe) -> UpstreamStream:
 
 def openai_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
     """POST /v1/chat/completions upstream, not streamed."""
+    import openai
+
     try:
         raw = openai_client().chat.completions.with_raw_response.create(**params)
         body = raw.http_response.read()
@@ -179,6 +178,8 @@ def openai_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
 
 def openai_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStream:
     """POST /v1/chat/completions upstream with ``stream: true``; returns once headers arrive."""
+    import openai
+
     try:
         raw = openai_client().chat.completions.with_raw_response.create(**params, stream=True)
     except openai.OpenAIError as exc:
@@ -190,6 +191,8 @@ def openai_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStream
 
 def anthropic_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
     """POST /v1/messages upstream, not streamed."""
+    import anthropic
+
     try:
         raw = anthropic_client().messages.with_raw_response.create(**params)
         body = raw.http_response.read()
@@ -204,6 +207,8 @@ def anthropic_create(params: Mapping[str, Any], observe: Observe) -> UpstreamRep
 
 def anthropic_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStream:
     """POST /v1/messages upstream with ``stream: true``; returns once headers arrive."""
+    import anthropic
+
     try:
         raw = anthropic_client().messages.with_raw_response.create(**params, stream=True)
     except anthropic.AnthropicError as exc:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import redis
 from flask import Blueprint, Flask, request
 
 from limiting import RateLimiter, limited
-from tests.conftest import write_policy
+from tests.conftest import ROOT, write_policy
 
 POLICY = "[plans.free]\nburst = 3\nrefill_per_second = 0.01\nquotas = ['100 per day']\n"
 
@@ -40,3 +43,15 @@ def test_decorating_your_own_routes(tmp_path: Path, r: redis.Redis, redis_url: s
     ok = client.get("/report?user=bob")
     assert ok.status_code == 200 and ok.headers["X-RateLimit-Remaining"] == "2"
     assert app.extensions["llm_limiter"] is limiter
+
+
+def test_creating_the_app_does_not_import_the_provider_sdks(redis_url: str) -> None:
+    # `flask limits ...` and `flask keys ...` build the app; the SDKs take ~1 s to import and
+    # load only where a call is made (or in each gunicorn worker when a key is set).
+    code = ("import sys; from app import create_app; create_app(); "
+            "print(sorted(m for m in ('openai', 'anthropic') if m in sys.modules))")
+    env = {**os.environ, "REDIS_URL": redis_url, "OPENAI_API_KEY": "sk-test"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
