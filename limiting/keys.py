@@ -119,11 +119,13 @@ class ApiKeys:
         self.namespace = namespace
         self.index_key = f"{namespace}keys:index"
         self._client: Any = None
+        self._store: RedisStore | None = None
         self._memory: _MemoryKeys | None = None
         if isinstance(store, MemoryStore):
             self._memory = _memory_for(store)
         elif isinstance(store, RedisStore):
             self._client = store.client
+            self._store = store
         else:
             raise TypeError(f"API keys need a RedisStore or MemoryStore, not {type(store)!r}")
 
@@ -235,7 +237,9 @@ class ApiKeys:
         if self._memory is not None:
             with self._memory.lock:
                 return dict(self._memory.records.get(hexd, {}))
-        return _decode(self._redis(lambda c: c.hgetall(self.record_key(hexd))))
+        assert self._store is not None
+        flat = self._store.run("key", [self.record_key(hexd)], [])
+        return _decode(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def _digest_of(self, key_id: str) -> str | None:
         if self._memory is not None:
