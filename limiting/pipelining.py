@@ -18,8 +18,10 @@ slow store fails the calls of that trip after the budget and nothing else.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,6 +61,11 @@ class Direct:
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._local = threading.local()
+        _CALLERS.add(self)
+
+    def forget_connections(self) -> None:
+        """After a fork: a socket the parent holds must not carry this process's calls."""
+        self._local = threading.local()
 
     def call(self, script: Script, keys: list[str], args: Sequence[Any]) -> Any:
         pending = _Pending((script, keys, args))
@@ -86,6 +93,10 @@ class Pipeliner:
         # Connections kept between trips: a trip always reads every reply or drops the
         # connection, so the pool's poll for stray data would be a syscall for nothing.
         self._idle: list[Any] = []
+        _CALLERS.add(self)
+
+    def forget_connections(self) -> None:
+        self._idle = []
 
     def call(self, script: Script, keys: list[str], args: Sequence[Any]) -> Any:
         pending = _Pending((script, keys, args), self._waiter())
@@ -124,6 +135,19 @@ class Pipeliner:
         run_callback = self._hub.loop.run_callback
         for pending in batch[1:]:
             run_callback(pending.waiter.switch, None)
+
+
+_CALLERS: weakref.WeakSet[Direct | Pipeliner] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for caller in list(_CALLERS):
+        caller.forget_connections()
+
+
+# An app used before gunicorn forks (--preload) would otherwise share the master's sockets
+# with every worker; checking the pid on each call, as redis-py's pool does, costs a syscall.
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _send_and_read(conn: Any, batch: list[_Pending]) -> None:

@@ -7,12 +7,16 @@ against the session's Valkey: sharing must keep every call its own atomic decisi
 from __future__ import annotations
 
 import json
+import multiprocessing
 import socket
 import subprocess
 import sys
 
 import redis
 
+from limiting.engine import Engine
+from limiting.policy import parse_policy
+from limiting.store import open_store
 from tests.conftest import ROOT
 
 
@@ -50,3 +54,27 @@ def test_a_store_that_never_answers_fails_every_waiter_within_the_budget() -> No
     assert out["done"] == 200 and out["errors"] == []
     assert out["unavailable"] == 200 and out["allowed"] == 0
     assert out["seconds"] < 5, out  # one 50 ms budget per trip, then the breaker, no hang
+
+
+def test_a_forked_child_does_not_share_the_parents_connection(r: redis.Redis,
+                                                               unix_url: str) -> None:
+    # gunicorn --preload: an app that decided once in the master must not hand the master's
+    # socket to every worker (interleaved replies would answer the wrong request).
+    engine = Engine(open_store(unix_url), parse_policy(
+        {"plans": {"p": {"burst": 1000, "refill_per_second": 1, "quotas": ["1000 per day"]}}}))
+    assert engine.acquire("parent").allowed
+    _FORKED["engine"] = engine  # the children inherit it, socket and all
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(4) as pool:
+        remaining = pool.map(_decide_in_child, range(40))
+    assert engine.acquire("parent").allowed
+    assert sorted(remaining) == list(range(1000 - 40, 1000))  # 40 exact, distinct answers
+
+
+_FORKED: dict[str, Engine] = {}
+
+
+def _decide_in_child(_: int) -> int:
+    decision = _FORKED["engine"].acquire("child")
+    assert decision.allowed
+    return decision.states[0].remaining
