@@ -1,9 +1,9 @@
 """Micro-measurements against the bench's Valkey, called by ``python -m bench``.
 
-``ping_loop`` is the yardstick: n sequential PINGs from one redis-py client. The lead fills in
-``decisions_loop`` (n sequential limiter decisions for distinct users, through the project's
-engine) and ``bytes_per_user`` (Redis memory per active user after those decisions); until
-then they raise NotImplementedError and the bench prints everything else.
+``ping_loop`` is the yardstick: n sequential PINGs from one redis-py client.
+``decisions_loop`` times n sequential limiter decisions for distinct users through the
+project's engine (edge + bucket + quota, one script call each), and ``bytes_per_user`` the
+Redis memory per active user after such decisions.
 """
 
 from __future__ import annotations
