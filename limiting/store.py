@@ -30,6 +30,12 @@ ScriptArgs = Sequence[str | int | float | bytes]
 STORE_ERRORS_CAUGHT = (redis.RedisError, RedisClusterException)
 
 
+# Error replies that mean the node cannot serve us now (a failover, a replica), unlike an
+# error about one call (a key of the wrong type): those count toward the circuit breaker.
+_NOT_SERVING = (redis.exceptions.ClusterError, redis.exceptions.AskError,
+                redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError)
+
+
 class StoreUnavailable(Exception):
     """The store did not answer in time or at all; the layer's failure policy decides."""
 
@@ -103,9 +109,14 @@ class RedisStore:
                         self.client)
                 result = caller.call(script, keys, args)
         except BaseException as exc:
-            # Whatever it was, a probe that did not succeed failed: the breaker must not
-            # wait for an answer that never comes.
-            breaker.failure()
+            if isinstance(exc, redis.ResponseError) and not isinstance(exc, _NOT_SERVING):
+                # The store answered (a key of the wrong type, out of memory, ...): it is up,
+                # so one user's damaged key must not open the circuit for everyone.
+                breaker.success()
+            else:
+                # Whatever else it was, a probe that did not succeed failed: the breaker
+                # must not wait for an answer that never comes.
+                breaker.failure()
             if isinstance(exc, STORE_ERRORS_CAUGHT):
                 STORE_ERRORS.labels(type(exc).__name__).inc()
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -80,3 +80,17 @@ def test_redis_bytes_per_active_user_are_bounded(r: redis.Redis, redis_url: str)
     # Full ring: every one of the 61 slots used still fits the same fixed-size string.
     key = "rl:{u:heavy}:q86400"
     assert r.strlen(key) == 16 + 61 * 4
+
+
+def test_one_damaged_key_does_not_open_the_circuit_for_everyone(r: redis.Redis,
+                                                                redis_url: str) -> None:
+    engine = Engine(open_store(redis_url), plan(100, 1, ["1000 per day"]))
+    assert engine.acquire("healthy").allowed
+    damaged = [k for k in r.scan_iter("rl:{u:healthy}*")][0].decode().replace("healthy", "broken")
+    r.hset(damaged, "not", "a bucket")   # WRONGTYPE inside the script, for this user only
+    for _ in range(10):
+        d = engine.acquire("broken")
+        assert d.degraded or d.unavailable   # decided by the failure policy, no exception
+    d = engine.acquire("healthy")
+    assert d.allowed and not d.degraded     # the store still decides for everyone else
+    assert not engine.store.breaker.is_open
