@@ -86,7 +86,7 @@ def test_one_damaged_key_does_not_open_the_circuit_for_everyone(r: redis.Redis,
                                                                 redis_url: str) -> None:
     engine = Engine(open_store(redis_url), plan(100, 1, ["1000 per day"]))
     assert engine.acquire("healthy").allowed
-    damaged = [k for k in r.scan_iter("rl:{u:healthy}*")][0].decode().replace("healthy", "broken")
+    damaged = next(r.scan_iter("rl:{u:healthy}*")).decode().replace("healthy", "broken")
     r.hset(damaged, "not", "a bucket")   # WRONGTYPE inside the script, for this user only
     for _ in range(10):
         d = engine.acquire("broken")
