@@ -245,8 +245,9 @@ def _add_headers(response: Response) -> Response:
         if decision is not None and not decision.allowed:
             return _render_refusal(RateLimited.from_decision(decision,
                                                              rate_limit_headers(decision)))
-    if decision is not None and response.status_code != 429:
-        # New headers: extend appends, where update would first look for each one.
+    if decision is not None and response.status_code != 429 and "RateLimit" not in response.headers:
+        # A view that set them (the /v1 dialects do) keeps its own; otherwise they are new,
+        # and extend appends where update would first look for each one.
         response.headers.extend(rate_limit_headers(decision))
     rid = g.get("_llm_request_id")
     if rid is not None:

@@ -244,3 +244,24 @@ def test_request_over_a_limit_it_can_never_meet_is_400_not_429(tmp_path: Path, r
     assert resp.status_code == 400 and "Retry-After" not in resp.headers
     body = resp.get_json()
     assert body["code"] == "exceeds_limit" and body["layer"] == "output-tokens-minute"
+
+
+def test_every_limited_route_sends_each_rate_limit_header_once(app: Flask,
+                                                               client: FlaskClient) -> None:
+    key, _ = app.extensions["llm_limiter"].keys.create("header-user")
+    hello = [{"role": "user", "content": "hi"}]
+    responses = [
+        chat(client),
+        client.post("/v1/chat/completions", json={"model": "echo", "messages": hello},
+                    headers={"Authorization": f"Bearer {key}"}),
+        client.post("/v1/chat/completions", json={"model": "echo", "messages": hello,
+                                                  "stream": True},
+                    headers={"Authorization": f"Bearer {key}"}),
+        client.post("/v1/messages", json={"model": "echo", "max_tokens": 10, "messages": hello},
+                    headers={"x-api-key": key}),
+    ]
+    for resp in responses:
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        for name in ("RateLimit-Policy", "RateLimit", "X-RateLimit-Limit",
+                     "X-RateLimit-Remaining", "X-RateLimit-Reset"):
+            assert len(resp.headers.getlist(name)) == 1, (resp.request.path, name)
