@@ -13,7 +13,8 @@ _SDKS = ("openai", "anthropic")
 def sdk_errors(name: str) -> tuple[type[Any], ...]:
     """The exception class ``name`` of each SDK imported so far (one never imported raised
     nothing)."""
-    return tuple(getattr(sys.modules[sdk], name) for sdk in _SDKS if sdk in sys.modules)
+    found = (getattr(sys.modules.get(sdk), name, None) for sdk in _SDKS)
+    return tuple(cls for cls in found if cls is not None)  # (one still importing has none yet)
 
 
 class UpstreamError(Exception):
