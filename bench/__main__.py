@@ -254,6 +254,7 @@ def fast_section(s: Settings, wrk: str, redis_url: str, logdir: Path) -> list[Ro
         Contender("none", "baseline", "bench.apps.nolimit:app", s.worker_class),
         Contender("flask-limiter", "baseline", "bench.apps.flasklimiter:app", s.worker_class),
         Contender("article", "baseline", "bench.apps.article:app", s.worker_class),
+        Contender("one-evalsha", "baseline", "bench.apps.one_evalsha:app", s.worker_class),
         Contender("ours", "ours", worker_class=s.worker_class),
     ]
     contenders += [

@@ -27,6 +27,7 @@ CONTENDERS = {
     "flask-limiter": Contender("flask-limiter", "baseline", "bench.apps.flasklimiter:app",
                                "gevent"),
     "article": Contender("article", "baseline", "bench.apps.article:app", "gevent"),
+    "one-evalsha": Contender("one-evalsha", "baseline", "bench.apps.one_evalsha:app", "gevent"),
     "ours": Contender("ours", "ours", worker_class="gevent"),
 }
 TICK = os.sysconf("SC_CLK_TCK")
