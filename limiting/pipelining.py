@@ -19,7 +19,6 @@ slow store fails the calls of that trip after the budget and nothing else.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -32,15 +31,6 @@ from redis.exceptions import NoScriptError, ResponseError
 from .metrics import STORE_ROUND_TRIPS, STORE_SCRIPT_CALLS
 
 Call = tuple[Script, list[str], Sequence[Any]]
-
-
-def gevent_patched() -> bool:
-    """True in a gevent worker (sockets monkey-patched): requests run as greenlets."""
-    if "gevent" not in sys.modules:
-        return False
-    from gevent import monkey
-
-    return bool(monkey.is_module_patched("socket"))
 
 
 class _Pending:

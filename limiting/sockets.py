@@ -18,14 +18,21 @@ from typing import Any
 from redis.connection import Connection, UnixDomainSocketConnection
 
 
+def gevent_patched() -> bool:
+    """True in a gevent worker (sockets monkey-patched): requests run as greenlets."""
+    if "gevent" not in sys.modules:
+        return False
+    from gevent import monkey
+
+    return bool(monkey.is_module_patched("socket"))
+
+
 def os_socket(sock: Any) -> Any:
     """The same connected socket as a plain OS socket, if gevent had wrapped it."""
-    if "gevent" not in sys.modules:
+    if not gevent_patched():
         return sock
     from gevent import monkey
 
-    if not monkey.is_module_patched("socket"):
-        return sock
     original: type[socket.socket] = monkey.get_original("socket", "socket")
     if isinstance(sock, original) and type(sock) is original:
         return sock

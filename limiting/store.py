@@ -18,9 +18,9 @@ from redis.retry import Retry
 
 from .breaker import Breaker
 from .metrics import STORE_ERRORS
-from .pipelining import Direct, Pipeliner, gevent_patched
+from .pipelining import Direct, Pipeliner
 from .scripts import script_source
-from .sockets import OSSocketConnection, OSSocketUnixConnection
+from .sockets import OSSocketConnection, OSSocketUnixConnection, gevent_patched
 
 ScriptArgs = Sequence[str | int | float | bytes]
 
