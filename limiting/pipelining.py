@@ -44,6 +44,12 @@ class _Pending:
         self.ok = False
         self.value: Any = None
 
+    def outcome(self) -> Any:
+        """The reply, or the error raised in the caller's own frame."""
+        if self.ok:
+            return self.value
+        raise self.value
+
 
 class Direct:
     """One call, one round trip, on a connection this thread keeps (threads, sync workers)."""
@@ -63,9 +69,7 @@ class Direct:
         if conn is None:
             conn = self._local.conn = self._pool.get_connection()
         _send_and_read(conn, [pending])
-        if pending.ok:
-            return pending.value
-        raise pending.value
+        return pending.outcome()
 
 
 class Pipeliner:
@@ -102,9 +106,7 @@ class Pipeliner:
                 self._run(batch)
         else:
             pending.waiter.get()
-        if pending.ok:
-            return pending.value
-        raise pending.value
+        return pending.outcome()
 
     def _run(self, batch: list[_Pending]) -> None:
         """Send the batch and answer every call in it; never raises."""
