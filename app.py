@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,12 +24,35 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.config.update(config or {})
     limiter_logs.configure()
+    app.config["REQUIRE_API_KEY"] = _require_api_key(app.config.get("REQUIRE_API_KEY"))
     limiter = RateLimiter(app)
     register_blueprints(app)
     limiter.exempt(health_bp)
     limiter.exempt(usage.usage_page)   # an operator's page refreshes itself
     limiter.exempt(usage.usage_json)
     return app
+
+
+def _require_api_key(configured: object) -> bool:
+    """/chat needs an API key once a provider key is set: paid calls are never anonymous.
+
+    ``REQUIRE_API_KEY`` (config or environment) decides explicitly; the choice is logged at
+    start, since an anonymous /chat in front of a paid provider is a choice worth seeing.
+    """
+    raw = configured if configured is not None else os.environ.get("REQUIRE_API_KEY")
+    paid = bool(os.environ.get("OPENAI_API_KEY") or os.environ.get("ANTHROPIC_API_KEY"))
+    if raw is None or str(raw).strip() == "":
+        required, why = paid, ("a provider key is set" if paid else
+                               "no provider key is set: /chat serves echo")
+    else:
+        required = str(raw).strip().lower() in ("1", "true", "yes", "on")
+        why = "REQUIRE_API_KEY set explicitly"
+    level = logging.WARNING if paid and not required else logging.INFO
+    logging.getLogger("limiter.app").log(
+        level, "/chat %s (%s)", "needs an API key" if required else
+        "takes user_id from the body: anonymous callers may spend provider calls"
+        if paid else "takes user_id from the body", why)
+    return required
 
 
 def __getattr__(name: str) -> Flask:

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Mapping
 
 from .decision import Decision, from_reply, store_away
-from .identity import user_prefix
+from .identity import KEY_USER, user_prefix
 from .layers import CompiledPlan, Layer, compile_plan, edge, num_arg
 from .policy import FailMode, ModelPolicy, Plan, Policy
 from .reservation import Charge, Reservation, new_lease_id, usd_micros
@@ -42,22 +42,24 @@ class Engine:
             cached = self._compiled[plan.name] = compile_plan(plan, self.edge)
         return cached
 
-    def _keys(self, compiled: CompiledPlan, user: str, ip: str | None) -> list[str]:
-        prefix = user_prefix(self.namespace, user)
+    def _keys(self, compiled: CompiledPlan, user: str, ip: str | None,
+              realm: str = KEY_USER) -> list[str]:
+        prefix = user_prefix(self.namespace, user, realm)
         keys = [prefix + suffix for suffix in compiled.suffixes]
         if compiled.edge_count:
             assert self.edge_keys is not None
             return self.edge_keys(ip or "unknown") + keys
         return keys
 
-    def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None) -> Decision:
+    def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None,
+                realm: str = KEY_USER) -> Decision:
         """Check and, only if every user layer passes, charge one request to ``user``."""
         compiled = self.compiled(plan or self.policy.plan_for(user))
         try:
-            reply = self.store.acquire(self._keys(compiled, user, ip), compiled.args)
+            reply = self.store.acquire(self._keys(compiled, user, ip, realm), compiled.args)
         except StoreUnavailable:
             if self.fallback is not None:
-                decision = self.fallback.acquire(user, None)
+                decision = self.fallback.acquire(user, None, None, realm)
                 decision.degraded = True
                 return decision
             return store_away(compiled)
@@ -65,7 +67,8 @@ class Engine:
 
     def reserve(self, user: str, ip: str | None, plan: Plan, model_name: str,
                 model: ModelPolicy | None, input_tokens: int, max_output_tokens: int,
-                guard: bool) -> tuple[Decision, Reservation | None, float | None]:
+                guard: bool, realm: str = KEY_USER
+                ) -> tuple[Decision, Reservation | None, float | None]:
         """Charge one request and reserve its LLM units, then pass the model's guard.
 
         Returns the user's decision, the reservation if everything passed, and the guard's
@@ -84,7 +87,7 @@ class Engine:
             layer = cached.layers[i]
             unit = lease if layer.kind == "c" else str(costs[layer.name])
             args[4 * i + 3] = str(unit).encode()
-        keys = self._keys(cached, user, ip)
+        keys = self._keys(cached, user, ip, realm)
         guard_part = self._guard_args(model_name, input_tokens + max_output_tokens) \
             if guard and self.guard_in_call else None
         try:
@@ -97,7 +100,7 @@ class Engine:
             if self.fallback is not None:
                 fb = self.fallback
                 return fb.reserve(user, None, fb.policy.plans[plan.name], model_name, model,
-                                  input_tokens, max_output_tokens, guard=False)
+                                  input_tokens, max_output_tokens, guard=False, realm=realm)
             decision = store_away(cached)
             # Failing open holds nothing: the reservation has nothing to settle.
             empty = Reservation(self.store, decision, 0, [], None, model, input_tokens,
@@ -183,15 +186,15 @@ class Engine:
             return None
         return from_reply(self._edge_only, reply)
 
-    def peek(self, user: str, plan: Plan | None = None) -> Decision:
+    def peek(self, user: str, plan: Plan | None = None, realm: str = KEY_USER) -> Decision:
         """Every user layer's state for ``user``, charging nothing."""
         compiled = compile_plan(plan or self.policy.plan_for(user), cost=0, llm=True)
-        reply = self.store.acquire(self._keys(compiled, user, None), compiled.args)
+        reply = self.store.acquire(self._keys(compiled, user, None, realm), compiled.args)
         return from_reply(compiled, reply)
 
-    def reset(self, user: str, layer: str | None = None) -> int:
+    def reset(self, user: str, layer: str | None = None, realm: str = KEY_USER) -> int:
         """Forget ``user``'s usage (one layer by name, or all); returns keys removed."""
-        prefix = user_prefix(self.namespace, user)
+        prefix = user_prefix(self.namespace, user, realm)
         layers = compile_plan(self.policy.plan_for(user), llm=True).layers
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0

@@ -21,7 +21,7 @@ from .embedded import resolve_store_url
 from .engine import EdgeKeys, Engine
 from .errors import ExceedsLimit, LimiterUnavailable, RateLimited
 from .headers import rate_limit_headers
-from .identity import client_ip
+from .identity import BODY_USER, KEY_USER, client_ip
 from .keys import ApiKeys
 from .keys_cli import keys_cli
 from .layers import Layer
@@ -107,19 +107,23 @@ class RateLimiter:
             self._keys = ApiKeys(self.store, policy.default_plan, policy.plans)
         return self._keys
 
-    def acquire(self, user: str, plan: str | None = None) -> Decision:
+    def acquire(self, user: str, plan: str | None = None, *, anonymous: bool = False
+                ) -> Decision:
         """Charge one request to ``user`` or raise RateLimited / LimiterUnavailable.
 
+        ``anonymous``: ``user`` is the client's own claim (a body field), not an authenticated
+        user; such ids have limits of their own and never spend an authenticated user's.
         The decision is kept on ``g`` so the response carries its headers.
         """
         started = time.perf_counter()
-        decision = self.engine.acquire(user, client_ip(), self._plan(user, plan))
+        decision = self.engine.acquire(user, client_ip(), self._plan(user, plan),
+                                       BODY_USER if anonymous else KEY_USER)
         _record(decision, user, started)
         g._llm_decision = decision
         return _admitted(decision)
 
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
-                plan: str | None = None) -> Reservation:
+                plan: str | None = None, *, anonymous: bool = False) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
@@ -129,6 +133,7 @@ class RateLimiter:
         decision, reservation, wait = self.engine.reserve(
             user, client_ip(), self._plan(user, plan), model, self.policy.models.get(model),
             input_tokens, max_output_tokens, guard=model != "echo",
+            realm=BODY_USER if anonymous else KEY_USER,
         )
         g._llm_decision = decision
         if wait is not None:
@@ -148,6 +153,11 @@ class RateLimiter:
         if self._observer is None:
             self._observer = Observer(self.engine.observe_args)
         self._observer.submit(model, headers, status)
+
+    def plan_for(self, user: str, plan: str | None = None) -> Plan:
+        """The plan ``user`` is limited by: ``plan`` (a key's) if the policy has it, else the
+        user's own (``[users]`` or the default plan)."""
+        return self._plan(user, plan)
 
     def _plan(self, user: str, plan: str | None) -> Plan:
         policy = self.policy

@@ -23,9 +23,15 @@ def user_tag(user_id: str) -> str:
     return "h:" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
-def user_prefix(namespace: str, user_id: str) -> str:
+# Who a user id belongs to. An API key's user ("u") and a /chat body's user_id ("b") never
+# share keys: anyone can type a body user_id, so it must not spend a key holder's limits.
+KEY_USER = "u"
+BODY_USER = "b"
+
+
+def user_prefix(namespace: str, user_id: str, realm: str = KEY_USER) -> str:
     """Every key of one user shares this prefix and its hash tag, so one script sees them all."""
-    return f"{namespace}{{u:{user_tag(user_id)}}}:"
+    return f"{namespace}{{{realm}:{user_tag(user_id)}}}:"
 
 
 def client_ip() -> str:
