@@ -22,6 +22,7 @@ from typing import Any
 
 PRICE_KEYS = ("input", "output", "cached_input", "cache_write")
 PER_MILLION = 1_000_000
+ZERO = Fraction(0)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ class _Tally:
         self.cached += cached
         self.cache_write += write
         self.output += output
-        self.usd += usd
+        if usd:  # Fraction sums are slow; most fakes run unpriced
+            self.usd += usd
         self.requests += req
 
     def freeze(self) -> Bill:
@@ -138,7 +140,8 @@ class Generation:
         """Bill ``tokens`` generated output tokens (before they are written: the work is done)."""
         if tokens > 0:
             self.output_tokens += tokens
-            usd = tokens * self._rates.output / PER_MILLION
+            price = self._rates.output
+            usd = tokens * price / PER_MILLION if price else ZERO
             self._meter._add(self._model, self._key, 0, 0, 0, tokens, usd, 0)
 
 
