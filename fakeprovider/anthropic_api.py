@@ -20,6 +20,7 @@ from typing import Any
 from .dialect import (
     BadRequest,
     Dialect,
+    bearer_token,
     dumps,
     optional_bool,
     optional_positive_int,
@@ -27,9 +28,10 @@ from .dialect import (
     require_messages,
     require_model,
 )
+from .meter import Generation
 from .ratelimit import Refusal, Snapshot, rfc3339_after
 from .server import Exchange, Headers
-from .tokens import Completion, plan_reply
+from .tokens import Completion, count_words, plan_reply
 
 _ERRORS: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "Invalid request."),
@@ -65,12 +67,9 @@ class AnthropicDialect(Dialect):
             "request_id": request_id,
         }
 
-    def authorized(self, headers: dict[str, str]) -> bool:
+    def api_key(self, headers: dict[str, str]) -> str:
         # anthropic SDK 2.x sends api_key as "Authorization: Bearer"; 0.x sent x-api-key.
-        if headers.get("x-api-key", "").strip():
-            return True
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and bool(token.strip())
+        return headers.get("x-api-key", "").strip() or bearer_token(headers)
 
     def unauthorized_message(self) -> str:
         return "x-api-key header is required"
@@ -131,11 +130,13 @@ class AnthropicDialect(Dialect):
         headers: Headers,
         chunk_delay: float,
         disconnect: bool,
+        bill: Generation,
     ) -> None:
         mid = random_id("msg_01", 22)
         stop_reason = "max_tokens" if completion.truncated else "end_turn"
         usage = _usage(completion)
         if not completion.stream:
+            bill.output(completion.completion_tokens)
             message = _message(
                 mid, completion, [{"type": "text", "text": completion.text}], stop_reason, usage
             )
@@ -160,6 +161,7 @@ class AnthropicDialect(Dialect):
         for i, piece in enumerate(completion.pieces()):
             if i and chunk_delay:
                 await asyncio.sleep(chunk_delay)
+            bill.output(count_words(piece))
             delta = {"type": "text_delta", "text": piece}
             await event(
                 "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}

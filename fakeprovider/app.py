@@ -3,9 +3,10 @@
 Order per request, mirroring what a real provider does cheaply first:
 log → route (404) → method (405) → injected failure → auth (401) → JSON and
 schema (400) → own rate limits (429, charging only admitted requests) →
-``delay`` → reply (streams: ``chunk_delay`` between words). Errors are
-answered at once; only admitted requests wait the delay. Every response
-carries the request-id and rate-limit headers.
+meter the prompt → ``delay`` → reply (streams: ``chunk_delay`` between words),
+metering output as it is generated. Errors are answered at once and billed
+nothing; only admitted requests wait the delay. Every response carries the
+request-id and rate-limit headers.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class App:
         self.state = state
 
     async def __call__(self, req: Request, ex: Exchange) -> None:
+        with self.state.meter.busy():
+            await self._handle(req, ex)
+
+    async def _handle(self, req: Request, ex: Exchange) -> None:
         body = parse_json(req.body)
         self.state.record(
             RecordedRequest(req.method, req.path, req.query, req.headers, body, req.body)
@@ -110,11 +115,24 @@ class App:
             headers += retry_after_headers(refusal.retry_after)
             await ex.send_json(429, headers, dialect.refusal_body(refusal, rid))
             return
+        fresh = completion.prompt_tokens - completion.cache_read - completion.cache_creation
+        bill = self.state.meter.open(
+            completion.model,
+            dialect.api_key(req.headers),
+            fresh,
+            completion.cache_read,
+            completion.cache_creation,
+        )
         delay, chunk_delay = self.state.timings()
         if delay:
             await asyncio.sleep(delay)
+        if ex.peer_gone():
+            # The client gave up while the reply was being made (its timeout): a provider
+            # finishes the work and bills it all, though nobody reads it.
+            bill.output(completion.completion_tokens)
+            return
         disconnect = completion.stream and self.state.take_disconnect()
-        await dialect.respond(ex, completion, headers, chunk_delay, disconnect)
+        await dialect.respond(ex, completion, headers, chunk_delay, disconnect, bill)
 
     def _headers(self, dialect: Dialect, rid: str) -> Headers:
         return dialect.id_headers(rid) + dialect.quota_headers(self.state.snapshot())

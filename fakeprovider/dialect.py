@@ -13,6 +13,7 @@ import string
 from abc import ABC, abstractmethod
 from typing import Any
 
+from .meter import Generation
 from .ratelimit import Refusal, Snapshot
 from .server import Exchange, Headers
 from .tokens import Completion
@@ -104,8 +105,12 @@ class Dialect(ABC):
         """The provider's JSON error body for ``status`` (None message = stock text)."""
 
     @abstractmethod
+    def api_key(self, headers: dict[str, str]) -> str:
+        """The credential the request carries ("" when none); the meter bills per key."""
+
     def authorized(self, headers: dict[str, str]) -> bool:
         """Whether the request carries a (non-empty) credential."""
+        return bool(self.api_key(headers))
 
     @abstractmethod
     def unauthorized_message(self) -> str:
@@ -131,5 +136,17 @@ class Dialect(ABC):
         headers: Headers,
         chunk_delay: float,
         disconnect: bool,
+        bill: Generation,
     ) -> None:
-        """Send the successful reply, JSON or streamed."""
+        """Send the successful reply, JSON or streamed, billing output as it is generated.
+
+        A plain reply is billed whole before it is sent; a stream bills each
+        chunk's tokens before writing it, so a chunk whose write fails (the
+        client hung up) is still billed, and nothing after it is generated.
+        """
+
+
+def bearer_token(headers: dict[str, str]) -> str:
+    """The token of ``Authorization: Bearer <token>``, or "" when there is none."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""

@@ -18,6 +18,7 @@ from typing import Any
 from .dialect import (
     BadRequest,
     Dialect,
+    bearer_token,
     dumps,
     optional_bool,
     optional_positive_int,
@@ -25,9 +26,10 @@ from .dialect import (
     require_messages,
     require_model,
 )
+from .meter import Generation
 from .ratelimit import Refusal, Snapshot, format_duration
 from .server import Exchange, Headers
-from .tokens import Completion, plan_reply
+from .tokens import Completion, count_words, plan_reply
 
 FINGERPRINT = "fp_fakeprovider"
 
@@ -64,9 +66,8 @@ class OpenAIDialect(Dialect):
         kind, code, stock = _ERRORS.get(status, _SERVER_ERROR if status >= 500 else _ERRORS[400])
         return {"error": {"message": message or stock, "type": kind, "param": param, "code": code}}
 
-    def authorized(self, headers: dict[str, str]) -> bool:
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and bool(token.strip())
+    def api_key(self, headers: dict[str, str]) -> str:
+        return bearer_token(headers)
 
     def unauthorized_message(self) -> str:
         return (
@@ -137,11 +138,13 @@ class OpenAIDialect(Dialect):
         headers: Headers,
         chunk_delay: float,
         disconnect: bool,
+        bill: Generation,
     ) -> None:
         cid = random_id("chatcmpl-", 29)
         created = int(time.time())
         finish = "length" if completion.truncated else "stop"
         if not completion.stream:
+            bill.output(completion.completion_tokens)
             await ex.send_json(200, headers, _completion_object(cid, created, completion, finish))
             return
         await ex.start_stream(200, headers)
@@ -166,6 +169,7 @@ class OpenAIDialect(Dialect):
         for i, piece in enumerate(completion.pieces()):
             if i and chunk_delay:
                 await asyncio.sleep(chunk_delay)
+            bill.output(count_words(piece))
             await ex.send_chunk(chunk({"content": piece}))
             if disconnect:
                 await ex.abort()

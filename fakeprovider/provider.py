@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 from .app import App
+from .meter import MeterReading
 from .server import HTTPServer
 from .state import RecordedRequest, State
 
@@ -33,8 +35,9 @@ class FakeProvider:
         host: str = "127.0.0.1",
         port: int = 0,
         max_logged: int = 10_000,
+        prices: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
-        self.state = State(delay, chunk_delay, rpm, tpm, max_logged=max_logged)
+        self.state = State(delay, chunk_delay, rpm, tpm, max_logged=max_logged, prices=prices)
         self.host = host
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -144,8 +147,30 @@ class FakeProvider:
         self.state.set_cached_tokens(read, creation)
 
     def reset(self) -> None:
-        """Constructor settings again, no pending faults or overrides, fresh windows, empty log."""
+        """Constructor settings and prices again, no pending faults or overrides, fresh windows,
+        empty log and meter."""
         self.state.reset()
+
+    # --- the bill meter (see the fakeprovider docstring for what counts) -----------------------
+    def set_prices(self, prices: Mapping[str, Mapping[str, float]] | None) -> None:
+        """Replace the price table, ``{"model": {"input", "output", "cached_input",
+        "cache_write"}}`` in USD per million tokens, for requests accepted from now on."""
+        self.state.meter.set_prices(prices)
+
+    def meter(self) -> MeterReading:
+        """What the fake has billed so far: totals, ``by_model`` and ``by_key``."""
+        return self.state.meter.reading()
+
+    def reset_meter(self) -> None:
+        """Zero the meter (prices stay); requests still generating bill into the new totals."""
+        self.state.meter.reset()
+
+    def quiesce(self, timeout: float | None = 10.0) -> bool:
+        """Wait until no request is in progress, so :meth:`meter` is final; False on timeout.
+
+        Counts requests the server has read; bytes still in a socket are not in progress yet.
+        """
+        return self.state.meter.quiesce(timeout)
 
     @property
     def requests(self) -> list[RecordedRequest]:

@@ -68,9 +68,15 @@ def http_date() -> str:
 class Exchange:
     """The response side of one request on a connection."""
 
-    def __init__(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader | None = None,
+    ) -> None:
         self._conn = conn
         self._writer = writer
+        self._reader = reader
         self.started = False
         self.aborted = False
 
@@ -83,6 +89,17 @@ class Exchange:
     def _headers(self, headers: Headers, extra: Headers) -> list[tuple[bytes, bytes]]:
         base = [("date", http_date()), ("server", "fakeprovider")]
         return [(k.encode(), v.encode()) for k, v in base + extra + headers]
+
+    def peer_gone(self) -> bool:
+        """Whether the client has already closed or reset the connection.
+
+        The transport keeps reading while a handler waits, so a client that
+        timed out and hung up shows as EOF (HTTP clients never half-close).
+        """
+        if self._writer.is_closing():
+            return True
+        reader = self._reader
+        return reader is not None and (reader.exception() is not None or reader.at_eof())
 
     async def send_json(self, status: int, headers: Headers, payload: Any) -> None:
         """Send a complete JSON response with Content-Length."""
@@ -180,7 +197,7 @@ class HTTPServer:
                 return
             if request is None:
                 return
-            exchange = Exchange(conn, writer)
+            exchange = Exchange(conn, writer, reader)
             try:
                 await self._handler(request, exchange)
             except (ConnectionError, asyncio.CancelledError):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .meter import Meter
 from .ratelimit import OVERRIDE_KEYS, Refusal, Snapshot, Windows
 
 
@@ -46,8 +48,10 @@ class State:
         rpm: int | None = None,
         tpm: int | None = None,
         max_logged: int = 10_000,
+        prices: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self._lock = threading.Lock()
+        self.meter = Meter(prices)  # its own lock: billing never waits on the knobs
         self._defaults = (delay, chunk_delay, rpm, tpm)
         self._log: deque[RecordedRequest] = deque(maxlen=max_logged)
         self._max_logged = max_logged
@@ -64,10 +68,11 @@ class State:
 
     # --- knobs (called from any thread) ---------------------------------------------------------
     def reset(self) -> None:
-        """Back to the constructor's settings: no injected faults, fresh windows, empty log."""
+        """Constructor settings: no injected faults, fresh windows, empty log and meter."""
         with self._lock:
             self._clear(*self._defaults)
             self._log.clear()
+        self.meter.reset(prices=True)
 
     def set_delay(self, seconds: float) -> None:
         """Seconds to wait before answering each admitted request."""
