@@ -25,10 +25,10 @@ import redis
 from flask import Flask
 
 from app import create_app
-from blueprints.v1_common import KeepAlive
 from fakeprovider import FakeProvider
 from limiting import Decision, LayerState
 from limiting.layers import Layer
+from limiting.lease import KeepAlive
 from limiting.llm import estimate_input_tokens
 from limiting.provider_headers import (
     anthropic_headers,
