@@ -70,6 +70,7 @@ output_tokens_per_minute = 500
 burst = 500
 refill_per_second = 50
 max_concurrent = 1
+tokens_per_minute = 100000
 
 [users]
 alice = "roomy"
@@ -328,6 +329,30 @@ def test_client_gone_mid_stream_frees_its_lease(s: Stack) -> None:
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "the lease was not given back"
             time.sleep(0.1)
+
+
+@pytest.mark.parametrize("endpoint", ["openai", "anthropic"])
+def test_client_gone_mid_stream_is_charged_as_reserved(s: Stack, endpoint: str) -> None:
+    """A real hang-up under gunicorn: not the deltas that got out, the whole reservation."""
+    s.reset("solo")
+    s.fp.set_chunk_delay(0.1)
+    words = [{"role": "user", "content": " ".join(["word"] * 60)}]
+    if endpoint == "openai":
+        path, auth = "/v1/chat/completions", {"authorization": f"Bearer {s.keys['solo']}"}
+        model, used_in = GPT, estimate_input_tokens(words)
+    else:
+        path, auth = "/v1/messages", {"x-api-key": s.keys["solo"]}
+        model, used_in = CLAUDE, 60 + 4        # message_start reported the prompt
+    with httpx.stream("POST", s.url + path, headers=auth,
+                      json={"model": model, "messages": words, "stream": True,
+                            "max_tokens": 100}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    deadline = time.monotonic() + 5       # the worker notices at its next write, then finishes
+    while s.left("solo")["concurrent"] == 0:
+        assert time.monotonic() < deadline, "the lease was not given back"
+        time.sleep(0.1)
+    assert s.left("solo")["tokens-minute"] == 100000 - used_in - 100
 
 
 # --- refusals -------------------------------------------------------------------------------------
