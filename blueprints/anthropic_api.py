@@ -28,7 +28,6 @@ from flask import Blueprint, Response, request
 
 from limiting import current_limiter, limited_route
 from limiting.keys import bearer_token
-from limiting.llm import Usage
 from limiting.provider_headers import anthropic_headers
 from providers import UpstreamError, check_available, echo_llm, llm_calls, provider_for
 from providers.llm_calls import UpstreamStream
@@ -108,7 +107,7 @@ def _serve() -> Response:
                 return llm_calls.anthropic_create(params, v1.observer(model))
 
         answer = v1.run_plain(reservation, call, llm_calls.anthropic_usage,
-                              Usage(estimate, max_tokens), renew=provider != "echo")
+                              renew=provider != "echo")
         return v1.json_reply(answer, headers)
 
     def open_call() -> UpstreamStream:
@@ -116,10 +115,10 @@ def _serve() -> Response:
             return echo_llm.anthropic_stream(model, echo_llm.reply(messages, max_tokens, system))
         return llm_calls.anthropic_stream(params, v1.observer(model))
 
-    upstream, keepalive = v1.open_stream(reservation, open_call)
-    tally = llm_calls.Tally(estimate)
-    return v1.sse_response(_relay(upstream, tally), tally, reservation, keepalive,
-                           upstream.close, error_event, headers)
+    upstream = v1.open_stream(reservation, open_call, renew=provider != "echo")
+    tally = llm_calls.Tally(estimate, max_tokens)
+    return v1.sse_response(_relay(upstream, tally), tally, reservation, upstream.close,
+                           error_event, headers)
 
 
 def _relay(upstream: UpstreamStream, tally: llm_calls.Tally) -> Iterator[str]:
@@ -133,19 +132,16 @@ def _relay(upstream: UpstreamStream, tally: llm_calls.Tally) -> Iterator[str]:
             yield f"event: error\ndata: {event.data}\n\n"
             return
         if name == "message_start":
+            # The prompt's count; its output_tokens is only the start of the answer.
             usage = (payload.get("message") or {}).get("usage")
             if isinstance(usage, dict):
                 reported.update(usage)
-                tally.input_tokens, tally.cached_tokens = llm_calls.anthropic_prompt(reported)
-        elif name == "content_block_delta":
-            tally.deltas += 1
+                tally.report(llm_calls.anthropic_usage({"usage": reported}), final=False)
         elif name == "message_delta":
             usage = payload.get("usage")
-            if isinstance(usage, dict):
+            if isinstance(usage, dict):   # the whole call's final count
                 reported.update({k: v for k, v in usage.items() if v is not None})
-                tally.input_tokens, tally.cached_tokens = llm_calls.anthropic_prompt(reported)
-                if "output_tokens" in usage:
-                    tally.output_tokens = llm_calls.as_int(usage["output_tokens"])
+                tally.report(llm_calls.anthropic_usage({"usage": reported}), final=True)
         if name == "message_stop":
             tally.complete = True
             yield f"event: {name}\ndata: {event.data}\n\n"

@@ -17,20 +17,20 @@ Errors, all in OpenAI's ``{"error": {"message", "type", "param", "code"}}`` shap
   503 server_error/limiter_unavailable · 502/503/504 server_error with the upstream code
   (upstream_error, upstream_rate_limited, upstream_overloaded, upstream_timeout, ...).
 After the first streamed byte an error is one ``data: {"error": ...}`` event that ends the
-stream; what was streamed so far is settled.
+stream. What is charged follows the reservation rule (limiting.reservation): the provider's
+reported usage, or everything reserved when no final report came.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
 
 from limiting import current_limiter, limited_route
 from limiting.keys import bearer_token
-from limiting.llm import Usage
 from limiting.provider_headers import openai_error_type, openai_headers
 from providers import UpstreamError, check_available, echo_llm, llm_calls, provider_for
 from providers.llm_calls import UpstreamStream
@@ -123,7 +123,7 @@ def _serve() -> Response:
                 return llm_calls.openai_create(params, v1.observer(model))
 
         answer = v1.run_plain(reservation, call, llm_calls.openai_usage,
-                              Usage(estimate, max_output), renew=provider != "echo")
+                              renew=provider != "echo")
         return v1.json_reply(answer, headers)
 
     client_usage = bool(options and options.get("include_usage") is True)
@@ -134,21 +134,10 @@ def _serve() -> Response:
         upstream = {**params, "stream_options": {**(options or {}), "include_usage": True}}
         return llm_calls.openai_stream(upstream, v1.observer(model))
 
-    upstream, keepalive = v1.open_stream(reservation, open_call)
-    tally = llm_calls.Tally(estimate)
-    return v1.sse_response(_relay(upstream, tally, client_usage), tally, reservation, keepalive,
+    upstream = v1.open_stream(reservation, open_call, renew=provider != "echo")
+    tally = llm_calls.Tally(estimate, max_output)
+    return v1.sse_response(_relay(upstream, tally, client_usage), tally, reservation,
                            upstream.close, error_event, headers)
-
-
-def _deltas(chunk: Mapping[str, Any]) -> int:
-    """Content-bearing deltas in a chunk: each counts as one token until usage arrives."""
-    count = 0
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and any(delta.get(k) for k in ("content", "tool_calls",
-                                                                  "refusal", "function_call")):
-            count += 1
-    return count
 
 
 def _relay(upstream: UpstreamStream, tally: llm_calls.Tally, client_usage: bool) -> Iterator[str]:
@@ -166,12 +155,9 @@ def _relay(upstream: UpstreamStream, tally: llm_calls.Tally, client_usage: bool)
             tally.failed = True
             yield f"data: {event.data}\n\n"
             return
-        tally.deltas += _deltas(chunk)
         data = event.data
         usage = llm_calls.openai_usage(chunk)
-        if usage is not None:
-            tally.input_tokens, tally.output_tokens = usage.input_tokens, usage.output_tokens
-            tally.cached_tokens = usage.cached_input_tokens
+        tally.report(usage, final=True)     # OpenAI reports usage once, for the whole call
         if not client_usage and "usage" in chunk:
             if usage is not None and not chunk.get("choices"):
                 continue

@@ -1,5 +1,5 @@
-"""What /v1/chat/completions and /v1/messages share: keys, body checks, the reservation's
-lifecycle (keep-alive, settle exactly once) and SSE relaying.
+"""What /v1/chat/completions and /v1/messages share: keys, body checks, running an upstream
+call inside its reservation, and SSE relaying.
 
 Each endpoint answers errors in its provider's shape, so failures travel as one neutral
 :class:`ApiProblem` that the endpoint renders; nothing here knows either wire format.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -29,8 +28,6 @@ from providers.llm_calls import Observe, Tally, UpstreamReply, UpstreamStream
 from .validation import json_object
 
 log = logging.getLogger("limiter.v1")
-
-RENEW_EVERY = 5.0   # seconds; the lease must hear from us at least every 10 s
 
 # Neutral kinds of problem; each endpoint maps them to its provider's error types.
 AUTH = "authentication"
@@ -245,54 +242,26 @@ def limit_headers(reservation: Reservation,
     return {**rate_limit_headers(decision), **dialect(decision, *args)}
 
 
-# --- the reservation's life -----------------------------------------------------------------------
-
-
-class KeepAlive:
-    """Renews the reservation's lease every RENEW_EVERY seconds until stopped: a thread (a
-    greenlet under gevent), as an upstream may think silently for longer than a lease lives."""
-
-    def __init__(self, reservation: Reservation, every: float = RENEW_EVERY) -> None:
-        self.reservation, self.every = reservation, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease-keepalive", daemon=True)
-
-    def start(self) -> KeepAlive:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                self.reservation.renew()
-            except Exception:
-                log.warning("lease renew failed", exc_info=True)
+# --- the reservation's life (its rule lives in limiting.reservation) ------------------------------
 
 
 def sse_response(relay: Iterator[str], tally: Tally, reservation: Reservation,
-                 keepalive: KeepAlive, close_upstream: Callable[[], None],
+                 close_upstream: Callable[[], None],
                  error_event: Callable[[ApiProblem], str], headers: Mapping[str, str]
                  ) -> Response:
-    """Stream ``relay`` as text/event-stream; however it ends (done, upstream error, client
-    gone, never started), the reservation is settled or cancelled exactly once."""
-    finished = threading.Lock()
+    """Stream ``relay`` as text/event-stream. However it ends (done, upstream error, client
+    gone, never started) the request was sent, so it is charged: the provider's final usage
+    when it came, else as reserved (``tally.usage()``); the reservation finishes once."""
 
     def finish() -> None:
-        if not finished.acquire(blocking=False):
+        if reservation.done:
             return
-        keepalive.stop()
         try:
             close_upstream()
         except Exception:
             log.debug("closing the upstream stream failed", exc_info=True)
         # Reservation logs and survives a store error itself; the lease then ages out.
-        if tally.failed and not tally.produced:
-            reservation.cancel()
-        else:
-            reservation.settle(tally.usage())
+        reservation.settle(tally.usage())
 
     def run() -> Iterator[str]:
         # Settle before the last event goes out, so a client that has read the whole stream
@@ -318,38 +287,32 @@ def sse_response(relay: Iterator[str], tally: Tally, reservation: Reservation,
 
 
 def run_plain(reservation: Reservation, call: Callable[[], UpstreamReply],
-              usage_of: Callable[[Any], Usage | None], fallback: Usage,
-              renew: bool = True) -> UpstreamReply:
-    """One whole upstream call: cancel if it fails, else settle its reported usage (or, when
-    the provider reported none, everything reserved). ``renew`` False for answers made
-    in-process (echo), which cannot outlive a lease."""
-    keepalive = KeepAlive(reservation)
-    if renew:
-        keepalive.start()
-    try:
+              usage_of: Callable[[Any], Usage | None], renew: bool = True) -> UpstreamReply:
+    """One whole upstream call inside the reservation: settled to the provider's reported
+    usage; a failure or a reply without usage follows the reservation rule. ``renew`` False
+    for answers made in-process (echo), which cannot outlive a lease."""
+    reservation.renews = renew
+    with reservation:
         reply = call()
-    except BaseException:
-        keepalive.stop()
-        reservation.cancel()
-        raise
-    keepalive.stop()
-    try:
-        usage = usage_of(reply.json())
-    except ValueError:
-        usage = None
-    reservation.settle(usage or fallback)
+        try:
+            usage = usage_of(reply.json())
+        except ValueError:
+            usage = None
+        if usage is not None:
+            reservation.settle(usage)
     return reply
 
 
-def open_stream(reservation: Reservation, call: Callable[[], UpstreamStream]
-                ) -> tuple[UpstreamStream, KeepAlive]:
-    """Open the upstream stream (its HTTP errors are still plain errors); cancel if it fails."""
-    keepalive = KeepAlive(reservation).start()
+def open_stream(reservation: Reservation, call: Callable[[], UpstreamStream],
+                renew: bool = True) -> UpstreamStream:
+    """Open the upstream stream (its HTTP errors are still plain errors) with the lease being
+    renewed; a failure to open finishes the reservation by the rule."""
+    reservation.renews = renew
+    reservation.start_renewal()
     try:
-        return call(), keepalive
-    except BaseException:
-        keepalive.stop()
-        reservation.cancel()
+        return call()
+    except BaseException as exc:
+        reservation.finish(exc)
         raise
 
 

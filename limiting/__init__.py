@@ -17,6 +17,7 @@ _EXPORTS = {
     "limited_route": "extension",
     "Usage": "llm", "estimate_input_tokens": "llm",
     "Reservation": "reservation", "UpstreamSaturated": "reservation",
+    "provider_billed": "lease",
     "ModelPolicy": "policy", "Plan": "policy", "Policy": "policy", "PolicyError": "policy",
     "Window": "policy", "load_policy": "policy", "parse_policy": "policy",
 }
@@ -41,6 +42,7 @@ __all__ = [
     "limited_route",
     "load_policy",
     "parse_policy",
+    "provider_billed",
 ]
 
 
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from .decision import Decision, LayerState
     from .errors import LimiterUnavailable, RateLimited
     from .extension import RateLimiter, current_limiter, limited, limited_route
+    from .lease import provider_billed
     from .llm import Usage, estimate_input_tokens
     from .policy import (
         ModelPolicy,

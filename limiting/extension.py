@@ -127,7 +127,9 @@ class RateLimiter:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
-        user is charged nothing) or LimiterUnavailable. Settle or cancel what it returns.
+        user is charged nothing) or LimiterUnavailable. Use what it returns as a context
+        manager (``with limiter.reserve(...) as r: ... r.settle(usage)``): it renews the
+        lease and finishes by the billing rule however the block ends.
         """
         started = time.perf_counter()
         decision, reservation, wait = self.engine.reserve(

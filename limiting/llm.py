@@ -1,17 +1,14 @@
 """LLM units: reserve tokens, dollars and a concurrency lease before the upstream call,
 settle the actual usage after it. The blueprints see only this module's small surface.
 
-    reservation = limiter.reserve(user, model, input_tokens=est, max_output_tokens=mx)
-    try:
+    with limiter.reserve(user, model, input_tokens=est, max_output_tokens=mx) as r:
         ... call upstream, stream ...
-        reservation.settle(Usage(input_tokens=..., output_tokens=..., cached_input_tokens=...))
-    except UpstreamError:
-        reservation.cancel()      # nothing was produced: give every unit back
-        raise
+        r.settle(Usage(input_tokens=..., output_tokens=..., cached_input_tokens=...))
 
-``settle``/``cancel`` are idempotent (the first call wins); ``renew`` keeps a streaming
-request's lease alive; a reservation never settled expires by itself (leases within their
-TTL, token windows as their window passes).
+Leaving the block without a settle applies the rule (limiting.reservation): cancelled only
+when the provider certainly did not bill, otherwise charged as reserved. The first finish
+wins; the lease is renewed while the block runs; a reservation never finished expires by
+itself (leases within their TTL, token windows as their window passes).
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from typing import Any, Literal
 from limits import parse_many
 from limits.errors import ConfigurationError as LimitsConfigurationError
 
+from .lease import RENEW_EVERY
+
 FailMode = Literal["fail_open", "fail_closed"]
 FAIL_MODES: tuple[FailMode, ...] = ("fail_open", "fail_closed")
 
@@ -201,6 +203,10 @@ def _plan(source: str, name: str, table: Any) -> Plan:
         fail_rate=r.fail_mode("fail_rate", "fail_open"),
         fail_quota=r.fail_mode("fail_quota", "fail_closed"),
     )
+    if plan.lease_ttl_seconds < 2 * RENEW_EVERY:
+        # A lease renewed every RENEW_EVERY s must survive one late renewal.
+        r.fail("lease_ttl_seconds", f"must be at least {2 * RENEW_EVERY:g} seconds (twice the "
+               f"lease renewal interval), got {plan.lease_ttl_seconds!r}")
     r.done()
     return plan
 

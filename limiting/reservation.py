@@ -1,16 +1,30 @@
-"""Reservations of LLM units (tokens, dollars, a concurrency lease) and their settlement."""
+"""Reservations of LLM units (tokens, dollars, a concurrency lease) and their settlement.
+
+A reservation's life is one rule, owned here::
+
+    with limiter.reserve(user, model, input_tokens, max_output) as r:
+        reply = call_the_provider()
+        r.settle(Usage(...))          # what the provider reported
+
+Entering starts renewing the lease (when the plan has one). Leaving without a settle applies
+:meth:`Reservation.finish`: cancelled (every unit back) only when the provider certainly did
+not bill; otherwise charged as reserved. Whatever happens, it finishes exactly once.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
+from types import TracebackType
 
 from werkzeug.exceptions import ServiceUnavailable
 
 from . import metrics
 from .decision import Decision
 from .layers import UNIT_LAYERS, Layer
+from .lease import KeepAlive, provider_billed
 from .llm import Usage
 from .policy import ModelPolicy
 from .store import ScriptArgs, Store, StoreUnavailable
@@ -46,7 +60,11 @@ def new_lease_id() -> str:
 
 
 class Reservation:
-    """What one admitted LLM request holds until it settles; settle/cancel run once."""
+    """What one admitted LLM request holds until it finishes; the first finish wins.
+
+    Finishing is thread-safe: the keep-alive thread, a stream generator's ``finally`` and the
+    response's ``call_on_close`` may race, and only one of them moves the counters.
+    """
 
     def __init__(self, store: Store, decision: Decision, charged_at: int, charges: list[Charge],
                  lease: str | None, model: ModelPolicy | None, input_tokens: int,
@@ -63,6 +81,39 @@ class Reservation:
         self.guard_at = guard_at
         self.guard_charges = guard_charges or []
         self.done = False
+        # False for answers made in-process (echo), which cannot outlive a lease.
+        self.renews = True
+        self._lock = threading.Lock()
+        self._keepalive: KeepAlive | None = None
+
+    # --- the context manager ----------------------------------------------------------------------
+
+    def __enter__(self) -> Reservation:
+        self.start_renewal()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.finish(exc)
+
+    def start_renewal(self) -> None:
+        """Renew the lease every RENEW_EVERY seconds until finished (only if there is one)."""
+        with self._lock:
+            if self.done or self._keepalive is not None or not self.renews \
+                    or not any(c.layer.kind == "c" for c in self.charges):
+                return
+            self._keepalive = KeepAlive(self).start()
+
+    def finish(self, exc: BaseException | None) -> None:
+        """The rule, for a reservation not settled yet: cancel only when ``exc`` says the
+        provider certainly did not bill; anything else (no exception included) is charged as
+        reserved. A no-op once finished."""
+        if self.done:
+            return
+        if exc is not None and not provider_billed(exc):
+            self.cancel()
+        else:
+            self.charge_reserved()
 
     def actual(self, layer: Layer, usage: Usage) -> float:
         """What ``usage`` costs in ``layer``'s unit; cache reads never count as input."""
@@ -84,13 +135,31 @@ class Reservation:
         self._finish(usage)
 
     def cancel(self) -> None:
-        """Nothing came back from upstream: every reserved unit is returned."""
+        """The provider certainly did not bill: every reserved unit is returned (the request
+        itself still counts)."""
         self._finish(None)
 
+    def charge_reserved(self, input_tokens: int | None = None) -> None:
+        """The provider may have billed but said not what: keep everything reserved, except
+        that an input count it did report replaces our estimate."""
+        inputs = self.input_tokens if input_tokens is None else max(0, input_tokens)
+        # Exactly what reserve() charged when inputs is the estimate: every delta is 0.
+        self._finish(Usage(inputs, self.max_output_tokens))
+
+    def _claim(self) -> bool:
+        """Mark finished; True for the one caller that got there first."""
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None:
+            keepalive.stop()
+        return True
+
     def _finish(self, usage: Usage | None) -> None:
-        if self.done:
+        if not self._claim():
             return
-        self.done = True
         if usage is not None:
             # Each write is a locked mmap update in multiprocess mode: skip the zeros.
             cached = min(usage.cached_input_tokens, usage.input_tokens)
@@ -120,13 +189,16 @@ class Reservation:
         for charge in self.guard_charges:
             if charge.layer.name == "upstream-tokens":
                 spent = self.actual(charge.layer, usage) if usage is not None else 0
+                if spent == charge.amount:
+                    continue
                 guard_keys.append(charge.key)
                 guard_args += [charge.layer.kind, charge.layer.param, spent - charge.amount]
         self._run(guard_keys, guard_args)
 
     def refund_everything(self) -> None:
         """A later layer refused after this one committed: as if the request never came."""
-        self.done = True
+        if not self._claim():
+            return
         args: list[str | int | float] = [self.charged_at]
         keys: list[str] = []
         for charge in self.charges:

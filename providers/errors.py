@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from limiting.lease import provider_billed, status_billed
+
 # The SDKs are imported where a call is made (providers/clients.py), not here: importing both
 # takes about a second, which every `flask limits ...` command would pay for nothing.
 _SDKS = ("openai", "anthropic")
@@ -18,10 +20,16 @@ def sdk_errors(name: str) -> tuple[type[Any], ...]:
 
 
 class UpstreamError(Exception):
+    """A provider failure. ``status`` is the status we answer with; ``billed`` False says the
+    provider certainly did not bill (the reservation is then cancelled, else charged)."""
+
     def __init__(self, status: int, code: str, message: str,
-                 retry_after: int | None = None) -> None:
+                 retry_after: int | None = None, *, billed: bool = True,
+                 upstream_status: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.billed = billed
+        self.upstream_status = upstream_status
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"error": self.message, "code": self.code}
@@ -42,26 +50,36 @@ def _retry_after(headers: Any) -> int | None:
 
 
 def from_sdk(exc: Exception, provider: str) -> UpstreamError:
-    """Map an OpenAI/Anthropic SDK exception; messages never echo keys or prompts."""
+    """Map an OpenAI/Anthropic SDK exception; messages never echo keys or prompts.
+
+    ``billed`` follows the reservation rule (limiting.lease.provider_billed): a connection never
+    made and a refusal before generation (4xx, 503, 529) are not billed; a timeout, a read error
+    and any other 5xx may have been.
+    """
+    billed = provider_billed(exc)
     if isinstance(exc, sdk_errors("APITimeoutError")):
-        return UpstreamError(504, "upstream_timeout", f"The {provider} API did not answer in time.")
+        return UpstreamError(504, "upstream_timeout", f"The {provider} API did not answer in time.",
+                             billed=billed)
     if isinstance(exc, sdk_errors("APIConnectionError")):
         return UpstreamError(502, "upstream_unreachable",
-                             f"The {provider} API could not be reached.")
+                             f"The {provider} API could not be reached.", billed=billed)
     if isinstance(exc, sdk_errors("APIStatusError")):
         status = exc.status_code
         retry = _retry_after(exc.response.headers)
+        kw: dict[str, Any] = {"billed": status_billed(status), "upstream_status": status}
         if status == 429:
             return UpstreamError(503, "upstream_rate_limited",
-                                 f"The {provider} API is saturated; retry later.", retry or 1)
+                                 f"The {provider} API is saturated; retry later.", retry or 1, **kw)
         if status == 529 or status == 503:
             return UpstreamError(503, "upstream_overloaded",
-                                 f"The {provider} API is overloaded; retry later.", retry or 1)
+                                 f"The {provider} API is overloaded; retry later.", retry or 1,
+                                 **kw)
         if status in (401, 403):
             return UpstreamError(502, "upstream_auth_failed",
-                                 f"The server's {provider} credentials were refused.")
+                                 f"The server's {provider} credentials were refused.", **kw)
         if 400 <= status < 500:
             return UpstreamError(400, "upstream_rejected",
-                                 f"The {provider} API rejected the request (HTTP {status}).")
-        return UpstreamError(502, "upstream_error", f"The {provider} API failed (HTTP {status}).")
-    return UpstreamError(502, "upstream_error", f"The {provider} API call failed.")
+                                 f"The {provider} API rejected the request (HTTP {status}).", **kw)
+        return UpstreamError(502, "upstream_error", f"The {provider} API failed (HTTP {status}).",
+                             **kw)
+    return UpstreamError(502, "upstream_error", f"The {provider} API call failed.", billed=billed)

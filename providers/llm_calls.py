@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from limiting.llm import Usage
@@ -62,24 +62,32 @@ class UpstreamStream:
 
 @dataclass(slots=True)
 class Tally:
-    """What a stream has used so far; the provider's own numbers win once they arrive."""
+    """What a stream will be charged. Only the provider's final usage report (OpenAI's usage
+    chunk, Anthropic's message_delta) says what it billed; a stream that ends without one
+    (cut by the client, broken upstream, no report) is charged as reserved: the whole
+    ``max_output``, and the input the provider reported if it did (message_start), else the
+    estimate. Visible deltas are no measure: reasoning tokens and multi-token deltas bill
+    unseen."""
 
     input_estimate: int
-    input_tokens: int | None = None
-    cached_tokens: int = 0
-    output_tokens: int | None = None
-    deltas: int = 0                 # content deltas relayed: 1 token each until usage arrives
+    max_output: int
+    reported: Usage | None = None   # the provider's latest usage, as its usage reader built it
+    final: bool = False             # ``reported`` is the final report of the whole call
     failed: bool = False            # set before relaying the upstream's error event
     complete: bool = False          # set before relaying the final event
 
-    def usage(self) -> Usage:
-        inputs = self.input_estimate if self.input_tokens is None else self.input_tokens
-        output = self.deltas if self.output_tokens is None else self.output_tokens
-        return Usage(inputs, output, min(self.cached_tokens, inputs))
+    def report(self, usage: Usage | None, *, final: bool) -> None:
+        if usage is not None:
+            self.reported = usage
+            self.final = self.final or final
 
-    @property
-    def produced(self) -> bool:
-        return self.deltas > 0 or self.output_tokens is not None
+    def usage(self) -> Usage:
+        if self.reported is None:
+            return Usage(self.input_estimate, self.max_output)
+        if self.final:
+            return self.reported
+        return replace(self.reported,
+                       output_tokens=max(self.max_output, self.reported.output_tokens))
 
 
 def as_int(value: Any) -> int:

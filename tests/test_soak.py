@@ -1,6 +1,7 @@
 """1,000 mixed /v1 requests through the real SDKs — plain, streamed, streams cut short by the
-client, upstream errors — then: no lease and no reservation is left behind, and no minute's
-token window ever held more than its limit. Bounded: 1,000 requests, ~60 s at most."""
+client, upstream errors — then: no lease is left behind, every call that failed after it was
+sent is charged as reserved (no free work), nothing is charged beyond the reservations made, and
+no minute's token window ever held more than its limit. Bounded: 1,000 requests, ~60 s."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import redis
 
 from app import create_app
 from fakeprovider import FakeProvider
-from fakeprovider.tokens import count_words, prompt_tokens
+from fakeprovider.tokens import prompt_tokens
 from limiting.llm import estimate_input_tokens
 from tests.conftest import write_policy
 
-BIG_MAX = 50_000    # one forgotten reservation would outweigh everything settled here
+BIG_MAX = 50_000    # a call charged as reserved stands out against everything settled here
+TOKENS = 100_000_000   # room for every call charged as reserved: the soak tests leases, not this
 POLICY = f"""
 [store]
 timeout_ms = 2000
@@ -31,7 +33,7 @@ per_ip = ["1000000 per minute"]
 [plans.soak]
 burst = 100000
 refill_per_second = 10000
-tokens_per_minute = 10000000
+tokens_per_minute = {TOKENS}
 max_concurrent = 8
 default_max_tokens = {BIG_MAX}
 [plans.tight]
@@ -132,16 +134,18 @@ def test_1000_mixed_requests_leave_no_reservation_or_lease(stack, r: redis.Redis
         time.sleep(0.1)
     assert r.zcard("rl:{u:soak}:cc") == 0, "a lease was left behind"
 
-    # Everything settled to at most what the provider could have counted (our input estimate
-    # where no usage came back); one reservation left behind would add 50,000 alone.
-    bound = 0
+    # Never more than the reservations of the calls that went upstream (input: the provider's
+    # count or our estimate, whichever is larger; output: the reserved maximum).
+    reserved = 0
     for req in fp.requests:
         messages = req.body.get("messages", [])
-        last = messages[-1]["content"] if messages else ""
-        bound += max(prompt_tokens(messages), estimate_input_tokens(messages))
-        bound += count_words("echo: " + last)
-    used = 10_000_000 - left(app, "soak", "soak")["tokens-minute"]
-    assert 0 < used <= bound
+        reserved += max(prompt_tokens(messages), estimate_input_tokens(messages)) + BIG_MAX
+    used = TOKENS - left(app, "soak", "soak")["tokens-minute"]
+    assert 0 < used <= reserved
+    # No free work: each upstream 500 (the provider may have generated) kept its whole
+    # reservation, rather than being refunded as it was before issue 9.
+    failed = sum(n for outcome, n in outcomes.items() if outcome.startswith("error:"))
+    assert failed > 0 and used >= failed * BIG_MAX
 
 
 def test_a_minutes_tokens_never_exceed_the_limit(stack) -> None:

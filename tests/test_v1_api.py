@@ -25,10 +25,10 @@ import redis
 from flask import Flask
 
 from app import create_app
-from blueprints.v1_common import KeepAlive
 from fakeprovider import FakeProvider
 from limiting import Decision, LayerState
 from limiting.layers import Layer
+from limiting.lease import KeepAlive
 from limiting.llm import estimate_input_tokens
 from limiting.provider_headers import (
     anthropic_headers,
@@ -70,6 +70,7 @@ output_tokens_per_minute = 500
 burst = 500
 refill_per_second = 50
 max_concurrent = 1
+tokens_per_minute = 100000
 
 [users]
 alice = "roomy"
@@ -292,7 +293,7 @@ def test_cached_prompt_tokens_are_not_charged_as_input(s: Stack) -> None:
 
 
 @pytest.mark.parametrize("endpoint", ["openai", "anthropic"])
-def test_upstream_dying_mid_stream_settles_what_was_streamed(s: Stack, endpoint: str) -> None:
+def test_upstream_dying_mid_stream_is_charged_as_reserved(s: Stack, endpoint: str) -> None:
     s.reset("meter")
     s.fp.disconnect_mid_stream()
     if endpoint == "openai":
@@ -305,7 +306,8 @@ def test_upstream_dying_mid_stream_settles_what_was_streamed(s: Stack, endpoint:
             list(s.ant("meter").messages.create(model=CLAUDE, max_tokens=100, messages=HELLO,
                                                 stream=True))
         used_in = 7                              # message_start told us
-    assert s.left("meter")["tokens-minute"] == 1000 - used_in - 1   # one word got out
+    # Not the one word that got out: the provider may have generated up to max_tokens.
+    assert s.left("meter")["tokens-minute"] == 1000 - used_in - 100
 
 
 def test_client_gone_mid_stream_frees_its_lease(s: Stack) -> None:
@@ -327,6 +329,30 @@ def test_client_gone_mid_stream_frees_its_lease(s: Stack) -> None:
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "the lease was not given back"
             time.sleep(0.1)
+
+
+@pytest.mark.parametrize("endpoint", ["openai", "anthropic"])
+def test_client_gone_mid_stream_is_charged_as_reserved(s: Stack, endpoint: str) -> None:
+    """A real hang-up under gunicorn: not the deltas that got out, the whole reservation."""
+    s.reset("solo")
+    s.fp.set_chunk_delay(0.1)
+    words = [{"role": "user", "content": " ".join(["word"] * 60)}]
+    if endpoint == "openai":
+        path, auth = "/v1/chat/completions", {"authorization": f"Bearer {s.keys['solo']}"}
+        model, used_in = GPT, estimate_input_tokens(words)
+    else:
+        path, auth = "/v1/messages", {"x-api-key": s.keys["solo"]}
+        model, used_in = CLAUDE, 60 + 4        # message_start reported the prompt
+    with httpx.stream("POST", s.url + path, headers=auth,
+                      json={"model": model, "messages": words, "stream": True,
+                            "max_tokens": 100}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    deadline = time.monotonic() + 5       # the worker notices at its next write, then finishes
+    while s.left("solo")["concurrent"] == 0:
+        assert time.monotonic() < deadline, "the lease was not given back"
+        time.sleep(0.1)
+    assert s.left("solo")["tokens-minute"] == 100000 - used_in - 100
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -439,13 +465,18 @@ def test_upstream_errors_map_to_clear_errors(s: Stack, status: int, http: int, c
     assert a.value.status_code == http and a.value.response.json()["error"]["type"] == kind
 
 
-def test_failed_upstream_call_gives_every_unit_back(s: Stack) -> None:
+def test_upstream_refusal_gives_every_unit_back_and_a_500_keeps_them(s: Stack) -> None:
     s.reset("meter")
-    s.fp.fail_next(500)
-    with pytest.raises(openai.InternalServerError):
+    s.fp.fail_next(400)          # refused before generation: certainly not billed
+    with pytest.raises(openai.BadRequestError):
         s.oai("meter").chat.completions.create(model=GPT, messages=HELLO, max_tokens=100,
                                                stream=True)
     assert s.left("meter")["tokens-minute"] == 1000
+    s.fp.fail_next(500)          # the provider may have generated: charged as reserved
+    with pytest.raises(openai.InternalServerError):
+        s.oai("meter").chat.completions.create(model=GPT, messages=HELLO, max_tokens=100,
+                                               stream=True)
+    assert s.left("meter")["tokens-minute"] == 1000 - estimate_input_tokens(HELLO) - 100
 
 
 # --- the pure header helpers ----------------------------------------------------------------------
