@@ -44,7 +44,9 @@ def chat() -> dict[str, Any]:
         limiter.acquire(user, plan, anonymous=anonymous)
         return {"reply": complete(provider, model, message, max_tokens, _no_observer)[0]}
     estimate = estimate_input_tokens([{"role": "user", "content": message}])
-    with limiter.reserve(user, model, estimate, max_tokens, plan, anonymous=anonymous) as spend:
+    spend = limiter.reserve(user, model, estimate, max_tokens, plan, anonymous=anonymous)
+    spend.renews = provider != "echo"      # an in-process answer cannot outlive its lease
+    with spend:   # renews the lease; an exception cancels or charges by the billing rule
         reply, usage = complete(provider, model, message, max_tokens,
                                 lambda headers, status: limiter.observe_upstream(model, headers,
                                                                                  status))
