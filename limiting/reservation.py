@@ -13,6 +13,8 @@ from .decision import Decision
 from .layers import UNIT_LAYERS, Layer
 from .llm import Usage
 from .policy import ModelPolicy
+from .pricing import STANDARD, PriceTerms, usage_usd_micros
+from .pricing import usd_micros as usd_micros  # its old home; callers may still import it
 from .store import ScriptArgs, Store, StoreUnavailable
 
 log = logging.getLogger("limiter.reservation")
@@ -51,7 +53,8 @@ class Reservation:
     def __init__(self, store: Store, decision: Decision, charged_at: int, charges: list[Charge],
                  lease: str | None, model: ModelPolicy | None, input_tokens: int,
                  max_output_tokens: int, guard_at: int = 0,
-                 guard_charges: list[Charge] | None = None) -> None:
+                 guard_charges: list[Charge] | None = None, *,
+                 terms: PriceTerms = STANDARD) -> None:
         self.store = store
         self.decision = decision
         self.charged_at = charged_at
@@ -62,6 +65,7 @@ class Reservation:
         self.max_output_tokens = max_output_tokens
         self.guard_at = guard_at
         self.guard_charges = guard_charges or []
+        self.terms = terms    # tier, cache writes, server tools: the settle prices with them
         self.done = False
 
     def actual(self, layer: Layer, usage: Usage) -> float:
@@ -75,8 +79,7 @@ class Reservation:
         if name == "output-tokens-minute":
             return usage.output_tokens
         if name == "usd-day":
-            return round(usd_micros(self.model, fresh, usage.output_tokens,
-                                    min(usage.cached_input_tokens, usage.input_tokens)))
+            return round(usage_usd_micros(self.model, usage, self.terms))
         return 0
 
     def settle(self, usage: Usage) -> None:
@@ -99,7 +102,7 @@ class Reservation:
                                    (metrics.OUTPUT_TOKENS, usage.output_tokens)):
                 if value > 0:
                     counter.inc(value)
-            usd = usd_micros(self.model, usage.input_tokens - cached, usage.output_tokens, cached)
+            usd = usage_usd_micros(self.model, usage, self.terms)
             if usd > 0:
                 metrics.USD_SETTLED.inc(usd / 1e6)
         args: list[str | int | float] = [self.charged_at]
@@ -156,11 +159,3 @@ class Reservation:
             # The reservation then ages out with its window, and the lease with its TTL.
             log.warning("settle failed, reservation left to expire: %s", exc)
 
-
-def usd_micros(model: ModelPolicy | None, fresh_input: float, output: float,
-               cached: float = 0) -> float:
-    """Micro-dollars for a call: the price per million tokens is micro-dollars per token."""
-    if model is None:
-        return 0.0
-    return (fresh_input * model.input_usd_per_million + output * model.output_usd_per_million
-            + cached * model.cached_price)
