@@ -21,15 +21,30 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, request
 
 from limiting import current_limiter, limited_route
 from limiting.keys import bearer_token
+from limiting.policy import ModelPolicy, Policy
+from limiting.pricing import (
+    PriceTerms,
+    PricingError,
+    has_cache_control,
+    server_tool_uses,
+    tier_multiplier,
+)
 from limiting.provider_headers import anthropic_headers
-from providers import UpstreamError, check_available, echo_llm, llm_calls, provider_for
+from providers import (
+    UnknownModel,
+    UpstreamError,
+    check_available,
+    echo_llm,
+    llm_calls,
+    provider_for,
+)
 from providers.llm_calls import UpstreamStream
 
 from . import v1_common as v1
@@ -88,13 +103,14 @@ def _serve() -> Response:
         raise v1.invalid("'system' must be a string or an array of text blocks.", "system")
 
     limiter = current_limiter()
-    provider = provider_for(model, limiter.policy.models)
+    provider = _provider(model, limiter.policy)
     check_available(provider, model)
+    terms = _terms(limiter.policy.model(model), body)
     params: dict[str, Any] = {k: v for k, v in body.items() if k in PASSTHROUGH and v is not None}
     params.update(model=model, messages=messages, max_tokens=max_tokens)
     estimate = v1.estimate(messages, system, body.get("tools"))
 
-    reservation = v1.reserve(record, model, estimate, max_tokens)
+    reservation = v1.reserve(record, model, estimate, max_tokens, terms=terms)
     headers = v1.limit_headers(reservation, anthropic_headers, time.time())
     if not stream:
         if provider == "echo":
@@ -119,6 +135,25 @@ def _serve() -> Response:
     tally = llm_calls.Tally(estimate, max_tokens)
     return v1.sse_response(_relay(upstream, tally), tally, reservation, upstream.close,
                            error_event, headers)
+
+
+def _provider(model: str, policy: Policy) -> str:
+    try:
+        return provider_for(model, policy)
+    except UnknownModel:
+        raise v1.ApiProblem(404, v1.NOT_FOUND, f"model: {model}",
+                            code="model_not_found") from None
+
+
+def _terms(model: ModelPolicy | None, body: Mapping[str, Any]) -> PriceTerms:
+    """What prices this call beyond its tokens: service_tier, cache writes (cache_control
+    anywhere in the request) and server tools (each use billed, so each must be bounded)."""
+    try:
+        return PriceTerms(tier=tier_multiplier(model, body.get("service_tier")),
+                          cache_writes=has_cache_control(body),
+                          server_tool_uses=server_tool_uses(model, body.get("tools")))
+    except PricingError as exc:
+        raise v1.invalid(exc.message, exc.param) from None
 
 
 def _relay(upstream: UpstreamStream, tally: llm_calls.Tally) -> Iterator[str]:

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from providers import UnknownModel, UpstreamError
+from providers import ProviderKeyMissing, UnknownModel, UpstreamError
 
 log = logging.getLogger("limiter.errors")
 
@@ -45,6 +45,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(UnknownModel)
     def unknown_model(exc: UnknownModel) -> Response:
+        # Not under [models]: unpriced and unguarded, so refused before any charge.
+        return _json(400, {"error": str(exc), "code": "model_not_found"})
+
+    @app.errorhandler(ProviderKeyMissing)
+    def provider_key_missing(exc: ProviderKeyMissing) -> Response:
         return _json(400, {"error": str(exc), "code": "invalid_model"})
 
     @app.errorhandler(UpstreamError)

@@ -24,15 +24,25 @@ reported usage, or everything reserved when no final report came.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, request
 
 from limiting import current_limiter, limited_route
 from limiting.keys import bearer_token
+from limiting.llm import estimate_tokens
+from limiting.policy import ModelPolicy, Policy
+from limiting.pricing import PriceTerms, PricingError, tier_multiplier
 from limiting.provider_headers import openai_error_type, openai_headers
-from providers import UpstreamError, check_available, echo_llm, llm_calls, provider_for
+from providers import (
+    UnknownModel,
+    UpstreamError,
+    check_available,
+    echo_llm,
+    llm_calls,
+    provider_for,
+)
 from providers.llm_calls import UpstreamStream
 
 from . import v1_common as v1
@@ -99,18 +109,24 @@ def _serve() -> Response:
                    for name in ("max_completion_tokens", "max_tokens")}
 
     limiter = current_limiter()
-    provider = provider_for(model, limiter.policy.models)
+    provider = _provider(model, limiter.policy)
     check_available(provider, model)
-    max_output = limit_given["max_completion_tokens"] or limit_given["max_tokens"]
+    terms = _terms(limiter.policy.model(model), body)
+    # Both limits given: the provider may honour either, so the larger is reserved.
+    max_output = max((v for v in limit_given.values() if v is not None), default=None)
     params: dict[str, Any] = {k: v for k, v in body.items() if k in PASSTHROUGH and v is not None}
     params.update(model=model, messages=messages)
     params.update({k: v for k, v in limit_given.items() if v is not None})
     if max_output is None:
         max_output = v1.plan_of(record).default_max_tokens
         params["max_completion_tokens"] = max_output
-    estimate = v1.estimate(messages, tools=body.get("tools"))
+    estimate = v1.estimate(messages, tools=body.get("tools"), functions=body.get("functions"),
+                           response_format=body.get("response_format"))
+    # Rejected predicted tokens are billed as output, beyond max_completion_tokens.
+    prediction = body.get("prediction")
+    predicted = estimate_tokens(json.dumps(prediction, default=str)) if prediction else 0
 
-    reservation = v1.reserve(record, model, estimate, max_output)
+    reservation = v1.reserve(record, model, estimate, max_output + predicted, terms=terms)
     headers = v1.limit_headers(reservation, openai_headers)
     if not stream:
         if provider == "echo":
@@ -135,9 +151,25 @@ def _serve() -> Response:
         return llm_calls.openai_stream(upstream, v1.observer(model))
 
     upstream = v1.open_stream(reservation, open_call, renew=provider != "echo")
-    tally = llm_calls.Tally(estimate, max_output)
+    tally = llm_calls.Tally(estimate, max_output + predicted)
     return v1.sse_response(_relay(upstream, tally, client_usage), tally, reservation,
                            upstream.close, error_event, headers)
+
+
+def _provider(model: str, policy: Policy) -> str:
+    try:
+        return provider_for(model, policy)
+    except UnknownModel:
+        raise v1.ApiProblem(404, v1.NOT_FOUND, f"The model `{model}` does not exist or you do "
+                            "not have access to it.", code="model_not_found") from None
+
+
+def _terms(model: ModelPolicy | None, body: Mapping[str, Any]) -> PriceTerms:
+    """What prices this call beyond its tokens: OpenAI's service_tier."""
+    try:
+        return PriceTerms(tier=tier_multiplier(model, body.get("service_tier")))
+    except PricingError as exc:
+        raise v1.invalid(exc.message, exc.param) from None
 
 
 def _relay(upstream: UpstreamStream, tally: llm_calls.Tally, client_usage: bool) -> Iterator[str]:

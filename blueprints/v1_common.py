@@ -20,6 +20,7 @@ from limiting.headers import rate_limit_headers
 from limiting.identity import client_ip
 from limiting.keys import KeyRecord
 from limiting.llm import Usage, estimate_input_tokens, estimate_tokens
+from limiting.pricing import STANDARD, PriceTerms
 from limiting.reservation import Reservation, UpstreamSaturated
 from limiting.store import StoreUnavailable
 from providers import UnknownModel, UpstreamError
@@ -203,11 +204,14 @@ def unknown_fields(body: Mapping[str, Any], known: frozenset[str]) -> None:
             raise invalid(f"Unrecognized request argument supplied: {name}", name)
 
 
-def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = None) -> int:
-    """Offline input estimate; tool definitions count, as the provider bills them as prompt."""
+def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = None, *,
+             functions: Any = None, response_format: Any = None) -> int:
+    """Offline input estimate. Tool and function definitions and a response schema count:
+    the provider puts them in the prompt and bills them as input."""
     total = estimate_input_tokens(messages, system)
-    if tools:
-        total += estimate_tokens(json.dumps(tools, default=str))
+    for schema in (tools, functions, response_format):
+        if schema:
+            total += estimate_tokens(json.dumps(schema, default=str))
     return total
 
 
@@ -217,9 +221,10 @@ def plan_of(record: KeyRecord) -> Plan:
     return policy.plans.get(record.plan) or policy.plan_for(record.user)
 
 
-def reserve(record: KeyRecord, model: str, input_tokens: int, max_output: int) -> Reservation:
+def reserve(record: KeyRecord, model: str, input_tokens: int, max_output: int, *,
+            terms: PriceTerms = STANDARD) -> Reservation:
     return current_limiter().reserve(record.user, model, input_tokens, max_output,
-                                     plan=record.plan)
+                                     plan=record.plan, terms=terms)
 
 
 def observer(model: str) -> Observe:
@@ -261,7 +266,11 @@ def sse_response(relay: Iterator[str], tally: Tally, reservation: Reservation,
         except Exception:
             log.debug("closing the upstream stream failed", exc_info=True)
         # Reservation logs and survives a store error itself; the lease then ages out.
-        reservation.settle(tally.usage())
+        if tally.final and tally.reported is not None:
+            reservation.settle(tally.reported)
+        else:   # no final report: as reserved, with the input the provider did report
+            reservation.charge_reserved(
+                tally.reported.input_tokens if tally.reported is not None else None)
 
     def run() -> Iterator[str]:
         # Settle before the last event goes out, so a client that has read the whole stream

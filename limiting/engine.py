@@ -9,7 +9,8 @@ from .decision import Decision, from_reply, store_away
 from .identity import KEY_USER, user_prefix
 from .layers import CompiledPlan, Layer, compile_plan, edge, num_arg
 from .policy import FailMode, ModelPolicy, Plan, Policy
-from .reservation import Charge, Reservation, new_lease_id, usd_micros
+from .pricing import STANDARD, PriceTerms, reserve_usd_micros
+from .reservation import Charge, Reservation, new_lease_id
 from .store import Store, StoreUnavailable
 from .upstream import guard_layers, model_prefix, pacing_args
 
@@ -67,7 +68,8 @@ class Engine:
 
     def reserve(self, user: str, ip: str | None, plan: Plan, model_name: str,
                 model: ModelPolicy | None, input_tokens: int, max_output_tokens: int,
-                guard: bool, realm: str = KEY_USER
+                guard: bool, realm: str = KEY_USER, *,
+                terms: PriceTerms = STANDARD
                 ) -> tuple[Decision, Reservation | None, float | None]:
         """Charge one request and reserve its LLM units, then pass the model's guard.
 
@@ -77,7 +79,7 @@ class Engine:
         cached = self._llm.get(plan.name)
         if cached is None or cached.plan is not plan:
             cached = self._llm[plan.name] = compile_plan(plan, self.edge, llm=True)
-        usd = round(usd_micros(model, input_tokens, max_output_tokens))
+        usd = round(reserve_usd_micros(model, input_tokens, max_output_tokens, terms))
         costs = {"tokens-minute": input_tokens + max_output_tokens,
                  "input-tokens-minute": input_tokens, "output-tokens-minute": max_output_tokens,
                  "usd-day": usd}
@@ -100,11 +102,12 @@ class Engine:
             if self.fallback is not None:
                 fb = self.fallback
                 return fb.reserve(user, None, fb.policy.plans[plan.name], model_name, model,
-                                  input_tokens, max_output_tokens, guard=False, realm=realm)
+                                  input_tokens, max_output_tokens, guard=False, terms=terms,
+                                  realm=realm)
             decision = store_away(cached)
             # Failing open holds nothing: the reservation has nothing to settle.
             empty = Reservation(self.store, decision, 0, [], None, model, input_tokens,
-                                max_output_tokens) if decision.allowed else None
+                                max_output_tokens, terms=terms) if decision.allowed else None
             return decision, empty, None
         user_reply = reply[:4 + 2 * len(cached.layers)]
         guard_wait: float | None = None
@@ -120,7 +123,7 @@ class Engine:
         charges = [Charge(layer, key, costs.get(layer.name, 1))
                    for layer, key in zip(own, keys[cached.edge_count:], strict=True)]
         reservation = Reservation(self.store, decision, reply[3], charges, lease, model,
-                                  input_tokens, max_output_tokens)
+                                  input_tokens, max_output_tokens, terms=terms)
         if guard_part is not None:
             layers, guard_keys, _, guard_costs = guard_part
             _hold_guard(reservation, reply[3], layers, guard_keys, guard_costs)
@@ -134,8 +137,7 @@ class Engine:
     def _guard_args(self, model_name: str, tokens: int
                     ) -> tuple[tuple[Layer, ...], list[str], list[bytes], dict[str, int]]:
         """The model's guard layers, their keys, script arguments and costs for one call."""
-        layers = guard_layers(self.policy.models.get(model_name))
-        prefix = model_prefix(self.namespace, model_name)
+        layers, prefix = self._guard_of(model_name)
         keys = [prefix + layer.suffix for layer in layers]
         costs = {"upstream-requests": 1, "upstream-tokens": tokens, "upstream-pace": tokens}
         args: list[bytes] = []
@@ -159,8 +161,7 @@ class Engine:
 
     def peek_model(self, model_name: str) -> Decision:
         """The model's guard layers (shared windows, learnt pacing), charging nothing."""
-        layers = guard_layers(self.policy.models.get(model_name))
-        prefix = model_prefix(self.namespace, model_name)
+        layers, prefix = self._guard_of(model_name)
         compiled = compile_plan(None, layers, cost=0)
         reply = self.store.acquire([prefix + layer.suffix for layer in layers], compiled.args)
         return from_reply(compiled, reply)
@@ -174,7 +175,14 @@ class Engine:
     def observe_args(self, model_name: str, args: list[int]) -> None:
         # Pacing is advice: a store that is away loses one observation, nothing more.
         with contextlib.suppress(StoreUnavailable):
-            self.store.run("observe", [model_prefix(self.namespace, model_name) + "pace"], args)
+            self.store.run("observe", [self._guard_of(model_name)[1] + "pace"], args)
+
+    def _guard_of(self, model_name: str) -> tuple[tuple[Layer, ...], str]:
+        """The guard's layers and key prefix: an alias shares its model's, as one upstream
+        limit covers both names."""
+        model = self.policy.model(model_name)
+        name = model.name if model is not None else model_name
+        return guard_layers(model), model_prefix(self.namespace, name)
 
     def charge_edge(self, ip: str) -> Decision | None:
         """Count a request that never reached acquire (bad input) at the edge, as any edge would."""

@@ -26,6 +26,7 @@ from .keys import ApiKeys
 from .keys_cli import keys_cli
 from .layers import Layer
 from .policy import Plan, Policy, load_policy, per_worker
+from .pricing import STANDARD, PriceTerms
 from .reservation import Reservation, UpstreamSaturated
 from .store import Store, open_store
 from .upstream import Observer
@@ -123,18 +124,20 @@ class RateLimiter:
         return _admitted(decision)
 
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
-                plan: str | None = None, *, anonymous: bool = False) -> Reservation:
+                plan: str | None = None, *, anonymous: bool = False,
+                terms: PriceTerms = STANDARD) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
         user is charged nothing) or LimiterUnavailable. Use what it returns as a context
         manager (``with limiter.reserve(...) as r: ... r.settle(usage)``): it renews the
-        lease and finishes by the billing rule however the block ends.
+        lease and finishes by the billing rule however the block ends. ``terms`` (service
+        tier, cache writes, server tools) price the call beyond its tokens.
         """
         started = time.perf_counter()
         decision, reservation, wait = self.engine.reserve(
-            user, client_ip(), self._plan(user, plan), model, self.policy.models.get(model),
-            input_tokens, max_output_tokens, guard=model != "echo",
+            user, client_ip(), self._plan(user, plan), model, self.policy.model(model),
+            input_tokens, max_output_tokens, guard=model != "echo", terms=terms,
             realm=BODY_USER if anonymous else KEY_USER,
         )
         g._llm_decision = decision

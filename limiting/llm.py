@@ -25,6 +25,10 @@ class Usage:
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0   # served from the provider's prompt cache: not input-limited
+    # Parts of input_tokens written to the prompt cache (Anthropic bills them above input).
+    cache_write_tokens: int = 0        # 5-minute writes
+    cache_write_1h_tokens: int = 0     # 1-hour writes
+    server_tool_uses: int = 0          # billed per use (web search), beside the tokens
 
 
 # Offline estimate, no tokenizer download: ~3 UTF-8 bytes per token is above what

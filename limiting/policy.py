@@ -70,22 +70,32 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class ModelPolicy:
-    """The upstream guard of one model, shared by every user of it."""
+    """The upstream guard and prices of one model, shared by every user of it.
+
+    A price of None means "not priced": such a model may not meet a dollar budget. The prices
+    that default from the input price are worked out in limiting/pricing.py.
+    """
 
     name: str
     provider: str
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
-    input_usd_per_million: float = 0.0
-    output_usd_per_million: float = 0.0
+    input_usd_per_million: float | None = None
+    output_usd_per_million: float | None = None
     # Prompt-cache reads are billed lower by providers; default: half the input price.
     cached_input_usd_per_million: float | None = None
+    # Anthropic bills cache writes above input: 1.25x for 5 minutes, 2x for an hour.
+    cache_write_usd_per_million: float | None = None
+    cache_write_1h_usd_per_million: float | None = None
+    # Per server-tool use (web search); None: requests with server tools are refused.
+    server_tool_usd_per_use: float | None = None
+    # Price multipliers by service tier; "auto", "default", "standard_only" are 1.0 unless listed.
+    service_tiers: Mapping[str, float] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()   # dated snapshots billed at these prices
 
     @property
-    def cached_price(self) -> float:
-        if self.cached_input_usd_per_million is None:
-            return self.input_usd_per_million / 2
-        return self.cached_input_usd_per_million
+    def priced(self) -> bool:
+        return self.input_usd_per_million is not None and self.output_usd_per_million is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +109,17 @@ class Policy:
     fail_edge: FailMode = "fail_open"
     timeout_ms: int = 50           # a decision's budget for connect and reply
     local_fallback: bool = False   # while the store is away, limit in memory per worker
+    aliases: Mapping[str, str] = field(default_factory=dict)   # alias -> model name
 
     def plan_for(self, user: str) -> Plan:
         return self.plans[self.users.get(user, self.default_plan)]
+
+    def model(self, name: str) -> ModelPolicy | None:
+        """The model ``name`` is billed and guarded as (an alias gives its model), or None."""
+        found = self.models.get(name)
+        if found is None and name in self.aliases:
+            found = self.models.get(self.aliases[name])
+        return found
 
 
 _PROVIDERS = ("openai", "anthropic", "echo")
@@ -221,17 +239,76 @@ def _model(source: str, name: str, table: Any) -> ModelPolicy:
         provider=provider,
         requests_per_minute=r.positive("requests_per_minute"),
         tokens_per_minute=r.positive("tokens_per_minute"),
-        input_usd_per_million=float(r.get("input_usd_per_million", (int, float), 0.0)),
-        output_usd_per_million=float(r.get("output_usd_per_million", (int, float), 0.0)),
-        cached_input_usd_per_million=_opt_float(r.get("cached_input_usd_per_million",
-                                                      (int, float))),
+        input_usd_per_million=_price(r, "input_usd_per_million"),
+        output_usd_per_million=_price(r, "output_usd_per_million"),
+        cached_input_usd_per_million=_price(r, "cached_input_usd_per_million"),
+        cache_write_usd_per_million=_price(r, "cache_write_usd_per_million"),
+        cache_write_1h_usd_per_million=_price(r, "cache_write_1h_usd_per_million"),
+        server_tool_usd_per_use=_price(r, "server_tool_usd_per_use"),
+        service_tiers=MappingProxyType(_tiers(r)),
+        aliases=_aliases(r),
     )
     r.done()
     return model
 
 
-def _opt_float(value: float | None) -> float | None:
-    return None if value is None else float(value)
+def _price(r: _Reader, key: str) -> float | None:
+    """A price in dollars: zero is free, below zero or not finite is a typo that bills wrong."""
+    value = r.get(key, (int, float))
+    if value is None:
+        return None
+    if not (math.isfinite(value) and value >= 0):
+        r.fail(key, f"must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _tiers(r: _Reader) -> dict[str, float]:
+    tiers = r.get("service_tiers", dict, {})
+    for tier, factor in tiers.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                or not (math.isfinite(factor) and factor > 0):
+            r.fail(f"service_tiers.{tier}", f"must be a positive price multiplier, got {factor!r}")
+    return {tier: float(factor) for tier, factor in tiers.items()}
+
+
+def _aliases(r: _Reader) -> tuple[str, ...]:
+    aliases = r.get("aliases", list, [])
+    for i, alias in enumerate(aliases):
+        if not isinstance(alias, str) or not alias.strip():
+            r.fail(f"aliases[{i}]", f"must be a model name, got {alias!r}")
+    return tuple(aliases)
+
+
+def _alias_map(source: str, models: Mapping[str, ModelPolicy]) -> dict[str, str]:
+    """alias -> model; an alias naming two things would bill one of them at the other's price."""
+    out: dict[str, str] = {}
+    for name, model in models.items():
+        for i, alias in enumerate(model.aliases):
+            where = f'{source}: models."{name}".aliases[{i}]'
+            if alias == "echo":
+                raise PolicyError(f"{where}: 'echo' is the built-in model, not an alias")
+            if alias in models:
+                raise PolicyError(f"{where}: {alias!r} is already a model under [models]")
+            if alias in out:
+                raise PolicyError(f"{where}: {alias!r} is listed twice "
+                                  f'(also under models."{out[alias]}")')
+            out[alias] = name
+    return out
+
+
+def _check_budgets(source: str, plans: Mapping[str, Plan],
+                   models: Mapping[str, ModelPolicy]) -> None:
+    """A dollar budget is only as good as the prices: an unpriced model would spend it free."""
+    budgets = [name for name, plan in plans.items() if plan.budget_usd_per_day]
+    if not budgets:
+        return
+    for name, model in models.items():
+        if model.provider != "echo" and not model.priced:
+            missing = "input_usd_per_million" if model.input_usd_per_million is None \
+                else "output_usd_per_million"
+            raise PolicyError(f'{source}: models."{name}".{missing}: is required while '
+                              f"plans.{budgets[0]} has budget_usd_per_day (an unpriced model "
+                              "would spend the budget for free)")
 
 
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
@@ -264,6 +341,8 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
             top.fail(f'users."{user}"', f"names no plan under [plans]: {plan!r}")
 
     models = {name: _model(source, name, t) for name, t in top.get("models", dict, {}).items()}
+    aliases = _alias_map(source, models)
+    _check_budgets(source, plans, models)
 
     store = _Reader(source, "store", top.get("store", dict, {}))
     timeout_ms = store.positive("timeout_ms", default=50)
@@ -280,6 +359,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         fail_edge=fail_edge,
         timeout_ms=timeout_ms,
         local_fallback=local_fallback,
+        aliases=MappingProxyType(aliases),
     )
 
 

@@ -27,6 +27,8 @@ from .layers import UNIT_LAYERS, Layer
 from .lease import KeepAlive, provider_billed
 from .llm import Usage
 from .policy import ModelPolicy
+from .pricing import STANDARD, PriceTerms, reserve_usd_micros, usage_usd_micros
+from .pricing import usd_micros as usd_micros  # its old home; callers may still import it
 from .store import ScriptArgs, Store, StoreUnavailable
 
 log = logging.getLogger("limiter.reservation")
@@ -69,7 +71,8 @@ class Reservation:
     def __init__(self, store: Store, decision: Decision, charged_at: int, charges: list[Charge],
                  lease: str | None, model: ModelPolicy | None, input_tokens: int,
                  max_output_tokens: int, guard_at: int = 0,
-                 guard_charges: list[Charge] | None = None) -> None:
+                 guard_charges: list[Charge] | None = None, *,
+                 terms: PriceTerms = STANDARD) -> None:
         self.store = store
         self.decision = decision
         self.charged_at = charged_at
@@ -80,7 +83,9 @@ class Reservation:
         self.max_output_tokens = max_output_tokens
         self.guard_at = guard_at
         self.guard_charges = guard_charges or []
+        self.terms = terms    # tier, cache writes, server tools: the settle prices with them
         self.done = False
+        self._as_reserved = False   # charge_reserved(): priced as reserve() priced it
         # False for answers made in-process (echo), which cannot outlive a lease.
         self.renews = True
         self._lock = threading.Lock()
@@ -126,9 +131,14 @@ class Reservation:
         if name == "output-tokens-minute":
             return usage.output_tokens
         if name == "usd-day":
-            return round(usd_micros(self.model, fresh, usage.output_tokens,
-                                    min(usage.cached_input_tokens, usage.input_tokens)))
+            return round(self._usd(usage))
         return 0
+
+    def _usd(self, usage: Usage) -> float:
+        if self._as_reserved:
+            return reserve_usd_micros(self.model, usage.input_tokens, usage.output_tokens,
+                                      self.terms)
+        return usage_usd_micros(self.model, usage, self.terms)
 
     def settle(self, usage: Usage) -> None:
         """Charge what was really used and give back the rest of the reservation."""
@@ -143,7 +153,9 @@ class Reservation:
         """The provider may have billed but said not what: keep everything reserved, except
         that an input count it did report replaces our estimate."""
         inputs = self.input_tokens if input_tokens is None else max(0, input_tokens)
-        # Exactly what reserve() charged when inputs is the estimate: every delta is 0.
+        # Priced as reserve() priced it (the dearest input-side price of the terms), so with
+        # the estimate as input every delta is 0.
+        self._as_reserved = True
         self._finish(Usage(inputs, self.max_output_tokens))
 
     def _claim(self) -> bool:
@@ -168,7 +180,7 @@ class Reservation:
                                    (metrics.OUTPUT_TOKENS, usage.output_tokens)):
                 if value > 0:
                     counter.inc(value)
-            usd = usd_micros(self.model, usage.input_tokens - cached, usage.output_tokens, cached)
+            usd = self._usd(usage)
             if usd > 0:
                 metrics.USD_SETTLED.inc(usd / 1e6)
         args: list[str | int | float] = [self.charged_at]
@@ -228,11 +240,3 @@ class Reservation:
             # The reservation then ages out with its window, and the lease with its TTL.
             log.warning("settle failed, reservation left to expire: %s", exc)
 
-
-def usd_micros(model: ModelPolicy | None, fresh_input: float, output: float,
-               cached: float = 0) -> float:
-    """Micro-dollars for a call: the price per million tokens is micro-dollars per token."""
-    if model is None:
-        return 0.0
-    return (fresh_input * model.input_usd_per_million + output * model.output_usd_per_million
-            + cached * model.cached_price)

@@ -6,12 +6,10 @@ import os
 from collections.abc import Callable, Mapping
 
 from limiting.llm import Usage
-from limiting.policy import ModelPolicy
+from limiting.policy import ModelPolicy, Policy
 
 from .errors import UpstreamError
 
-_PREFIXES = {"gpt-": "openai", "o1": "openai", "o3": "openai", "o4": "openai",
-             "chatgpt-": "openai", "claude-": "anthropic"}
 _KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
@@ -19,26 +17,34 @@ Observe = Callable[[Mapping[str, str], int], None]
 
 
 class UnknownModel(ValueError):
-    pass
+    """The model is not under the policy's [models] (nor an alias of one): it has no price
+    and no guard, so it is refused before anything is charged."""
+
+    def __init__(self, model: str, message: str | None = None) -> None:
+        super().__init__(message or f"The model {model!r} does not exist.")
+        self.model = model
 
 
-def provider_for(model: str, models: Mapping[str, ModelPolicy]) -> str:
-    """The provider behind ``model``: the policy's [models] table first, then the name."""
+class ProviderKeyMissing(UnknownModel):
+    """The model is known, but the server holds no key for its provider."""
+
+
+def provider_for(model: str, policy: Policy | Mapping[str, ModelPolicy]) -> str:
+    """The provider behind ``model`` (or one of its aliases) from the policy's [models]; the
+    name alone decides nothing, or any new snapshot would go upstream unpriced."""
     if model == "echo":
         return "echo"
-    if model in models:
-        return models[model].provider
-    for prefix, provider in _PREFIXES.items():
-        if model.startswith(prefix):
-            return provider
-    raise UnknownModel(f"unknown model {model!r}")
+    found = policy.model(model) if isinstance(policy, Policy) else policy.get(model)
+    if found is None:
+        raise UnknownModel(model)
+    return found.provider
 
 
 def check_available(provider: str, model: str) -> None:
     """Refuse before any limit is charged when the server holds no key for the provider."""
     env = _KEYS.get(provider)
     if env and not os.environ.get(env):
-        raise UnknownModel(f"model {model!r} needs {env} to be set on the server")
+        raise ProviderKeyMissing(model, f"model {model!r} needs {env} to be set on the server")
 
 
 def complete(provider: str, model: str, message: str, max_tokens: int, observe: Observe
@@ -54,4 +60,5 @@ def complete(provider: str, model: str, message: str, max_tokens: int, observe: 
     return text, Usage(used_in, used_out, cached)
 
 
-__all__ = ["UnknownModel", "UpstreamError", "check_available", "complete", "provider_for"]
+__all__ = ["ProviderKeyMissing", "UnknownModel", "UpstreamError", "check_available", "complete",
+           "provider_for"]

@@ -91,7 +91,8 @@ class Tally:
 
 
 def as_int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """A provider's count, or 0: a negative or non-integer count must never refund anything."""
+    return max(0, value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def openai_usage(data: Any) -> Usage | None:
@@ -105,20 +106,35 @@ def openai_usage(data: Any) -> Usage | None:
                  cached)
 
 
+def _cache_writes(usage: Mapping[str, Any]) -> tuple[int, int]:
+    """(5-minute, 1-hour) cache writes. Without the ``cache_creation`` breakdown every write
+    is a 5-minute one; with it, any part of the total it does not explain is too."""
+    total = as_int(usage.get("cache_creation_input_tokens"))
+    split = usage.get("cache_creation")
+    if not isinstance(split, Mapping):
+        return total, 0
+    hour = as_int(split.get("ephemeral_1h_input_tokens"))
+    return max(as_int(split.get("ephemeral_5m_input_tokens")), total - hour), hour
+
+
 def anthropic_prompt(usage: Mapping[str, Any]) -> tuple[int, int]:
     """(whole prompt, cache reads): Anthropic's input_tokens is only the uncached part."""
     read = as_int(usage.get("cache_read_input_tokens"))
-    total = (as_int(usage.get("input_tokens")) + read
-             + as_int(usage.get("cache_creation_input_tokens")))
-    return total, read
+    return as_int(usage.get("input_tokens")) + read + sum(_cache_writes(usage)), read
 
 
 def anthropic_usage(data: Any) -> Usage | None:
+    """A message's usage, cache writes and web searches apart, as each has its own price
+    (web fetches bill only the tokens they bring in)."""
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         return None
     total, read = anthropic_prompt(usage)
-    return Usage(total, as_int(usage.get("output_tokens")), read)
+    writes, writes_1h = _cache_writes(usage)
+    tools = usage.get("server_tool_use")
+    uses = as_int(tools.get("web_search_requests")) if isinstance(tools, Mapping) else 0
+    return Usage(total, as_int(usage.get("output_tokens")), read, cache_write_tokens=writes,
+                 cache_write_1h_tokens=writes_1h, server_tool_uses=uses)
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:

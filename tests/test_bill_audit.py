@@ -134,8 +134,8 @@ def one(kind: str, server: Gunicorn, key: str, fp: FakeProvider, rng: random.Ran
             path, auth = (("/v1/chat/completions", {"Authorization": f"Bearer {key}"})
                           if model == GPT else ("/v1/messages", {"x-api-key": key}))
             huge = rng.choice(["1" + "0" * 400, "1e308", "-1", "99999999999999999999"])
-            raw = ('{"model": "%s", "max_tokens": %s, "messages": [{"role": "user", '
-                   '"content": "hi"}]}' % (model, huge))
+            raw = (f'{{"model": "{model}", "max_tokens": {huge}, '
+                   '"messages": [{"role": "user", "content": "hi"}]}')
             resp = httpx.post(server.url + path, content=raw, timeout=20,
                               headers={**auth, "Content-Type": "application/json"})
             body = resp.json()

@@ -27,6 +27,8 @@ refill_per_second = 2
 quotas = ["2000 per day"]
 [users]
 "vip" = "pro"
+[models."gpt-4o"]
+provider = "openai"
 """
 
 
@@ -133,9 +135,10 @@ def test_bad_input_is_400_json_and_charges_nothing(
 
 def test_unknown_model_is_400(client: FlaskClient, r: redis.Redis) -> None:
     resp = chat(client, model="no-such-model")
-    assert resp.status_code == 400 and resp.get_json()["code"] == "invalid_model"
+    assert resp.status_code == 400 and resp.get_json()["code"] == "model_not_found"
     resp = chat(client, model="gpt-4o")   # no OPENAI_API_KEY in the test environment
     assert resp.status_code == 400 and "OPENAI_API_KEY" in resp.get_json()["error"]
+    assert resp.get_json()["code"] == "invalid_model"
     assert not r.keys("rl:*")
 
 

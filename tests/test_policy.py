@@ -37,6 +37,30 @@ def test_shipped_policy_is_the_articles_numbers() -> None:
     (BASE + "[users]\n'bob' = 'gold'\n", 'users."bob": names no plan'),
     (BASE + "[edge]\nper_ip = ['lots']\n", "edge.per_ip[0]:"),
     (BASE + "[models.'gpt-4o']\nprovider = 'acme'\n", 'models."gpt-4o".provider: must be one of'),
+    (BASE + "[models.m]\nprovider = 'openai'\ninput_usd_per_million = -1\n",
+     'models."m".input_usd_per_million: must be a finite number >= 0, got -1'),
+    (BASE + "[models.m]\nprovider = 'openai'\noutput_usd_per_million = nan\n",
+     'models."m".output_usd_per_million: must be a finite number >= 0, got nan'),
+    (BASE + "[models.m]\nprovider = 'openai'\ncached_input_usd_per_million = inf\n",
+     'models."m".cached_input_usd_per_million: must be a finite number >= 0, got inf'),
+    (BASE + "[models.m]\nprovider = 'anthropic'\nserver_tool_usd_per_use = -0.01\n",
+     'models."m".server_tool_usd_per_use: must be a finite number >= 0'),
+    (BASE + "[models.m]\nprovider = 'openai'\nservice_tiers = { flex = -0.5 }\n",
+     'models."m".service_tiers.flex: must be a positive price multiplier'),
+    (BASE + "budget_usd_per_day = 5\n[models.m]\nprovider = 'openai'\n"
+     "input_usd_per_million = 1\n",
+     'models."m".output_usd_per_million: is required while plans.p has budget_usd_per_day'),
+    (BASE + "[models.m]\nprovider = 'openai'\naliases = ['n']\n[models.n]\nprovider = 'openai'\n",
+     'models."m".aliases[0]: \'n\' is already a model under [models]'),
+    (BASE + "[models.m]\nprovider = 'openai'\naliases = ['m-1']\n"
+     "[models.n]\nprovider = 'openai'\naliases = ['m-1']\n",
+     'models."n".aliases[0]: \'m-1\' is listed twice (also under models."m")'),
+    (BASE + "[models.m]\nprovider = 'openai'\naliases = ['m-1', 'm-1']\n",
+     'models."m".aliases[1]: \'m-1\' is listed twice'),
+    (BASE + "[models.m]\nprovider = 'openai'\naliases = ['echo']\n",
+     'models."m".aliases[0]: \'echo\' is the built-in model'),
+    (BASE + "[models.m]\nprovider = 'openai'\naliases = [3]\n",
+     'models."m".aliases[0]: must be a model name'),
     ("", "plans: is required"),
     ("[plans\n", "(syntax)"),
 ])
@@ -71,3 +95,23 @@ def test_check_config_cli(tmp_path: Path) -> None:
     res = subprocess.run([*cmd, str(bad)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 1 and "plans.p.burts: unknown key" in res.stderr
+
+
+def test_aliases_resolve_to_their_model() -> None:
+    policy = parse_policy({
+        "plans": {"p": {"burst": 1, "refill_per_second": 1, "budget_usd_per_day": 5}},
+        "models": {"gpt-4o": {"provider": "openai", "input_usd_per_million": 2.5,
+                              "output_usd_per_million": 10, "aliases": ["gpt-4o-2024-08-06"]},
+                   # provider echo bills nothing: it needs no price beside a dollar budget
+                   "local": {"provider": "echo"}}})
+    model = policy.model("gpt-4o-2024-08-06")
+    assert model is policy.models["gpt-4o"] and model.name == "gpt-4o"
+    assert policy.model("gpt-4o-2024-05-13") is None and policy.model("echo") is None
+
+
+def test_shipped_models_are_priced() -> None:
+    policy = load_policy(ROOT / "limits.toml")
+    assert policy.models
+    for name, model in policy.models.items():
+        assert model.priced, name
+        assert model.requests_per_minute, name

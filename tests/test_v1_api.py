@@ -93,7 +93,11 @@ requests_per_minute = 1
 [models."claude-saturated"]
 provider = "anthropic"
 requests_per_minute = 1
-"""
+""" + "".join(f"""
+[models."{vendor}-err-{status}"]
+provider = "{provider}"
+""" for status in (429, 529, 500)
+                   for vendor, provider in (("gpt", "openai"), ("claude", "anthropic")))
 USERS = {"alice": "roomy", "tiny": "tiny", "meter": "metered", "solo": "single"}
 HELLO = [{"role": "user", "content": "hello big world"}]   # fake/echo: 3 + 4 prompt, 4 reply
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"
