@@ -11,8 +11,10 @@ from flask import Flask
 from blueprints import health_bp, register_blueprints, usage
 from limiting import RateLimiter
 from limiting import logs as limiter_logs
+from limiting.body import BodyDeadline
 
 MAX_BODY_BYTES = 1024 * 1024
+MIN_ADMIN_TOKEN = 32
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -20,15 +22,30 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         DEFAULT_MODEL=os.environ.get("DEFAULT_MODEL", "echo"),
+        BODY_TIMEOUT=float(os.environ.get("BODY_TIMEOUT") or 10),
     )
     app.config.update(config or {})
+    _check_admin_token(app)
     limiter_logs.configure()
     limiter = RateLimiter(app)
     register_blueprints(app)
     limiter.exempt(health_bp)
     limiter.exempt(usage.usage_page)   # an operator's page refreshes itself
     limiter.exempt(usage.usage_json)
+    # Outermost: a body is whole (or refused) before ProxyFix, the edge or any view runs.
+    app.wsgi_app = BodyDeadline(  # type: ignore[method-assign]
+        app.wsgi_app, timeout=float(app.config["BODY_TIMEOUT"]),
+        max_bytes=int(app.config["MAX_CONTENT_LENGTH"]))
     return app
+
+
+def _check_admin_token(app: Flask) -> None:
+    """A short ADMIN_TOKEN fails the start (gunicorn does not boot), not the first guess."""
+    token = str(app.config.get("ADMIN_TOKEN") or os.environ.get("ADMIN_TOKEN", ""))
+    if token and len(token) < MIN_ADMIN_TOKEN:
+        raise RuntimeError(
+            f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters (it has {len(token)}); "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
 
 
 def __getattr__(name: str) -> Flask:

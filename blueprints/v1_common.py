@@ -30,6 +30,8 @@ from .validation import json_object
 
 log = logging.getLogger("limiter.v1")
 
+# No model generates more in one answer (the largest allow ~128k); 10**400 is an attack.
+MAX_TOKENS_CAP = 1_000_000
 RENEW_EVERY = 5.0   # seconds; the lease must hear from us at least every 10 s
 
 # Neutral kinds of problem; each endpoint maps them to its provider's error types.
@@ -167,12 +169,15 @@ def optional_bool(body: Mapping[str, Any], name: str) -> bool:
     return value
 
 
-def optional_positive_int(body: Mapping[str, Any], name: str) -> int | None:
+def optional_positive_int(body: Mapping[str, Any], name: str,
+                          most: int = MAX_TOKENS_CAP) -> int | None:
+    """An integer in 1..``most``: beyond it no model answers, and an unbounded one (10**400)
+    would overflow the dollar estimate, so it is the caller's 400, never our 500."""
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise invalid(f"'{name}' must be an integer >= 1.", name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise invalid(f"'{name}' must be an integer from 1 to {most:,}.", name)
     return value
 
 

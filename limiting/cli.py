@@ -32,11 +32,11 @@ def show(user: str) -> None:
     """Every layer of USER: limit, remaining, reset (charges nothing)."""
     limiter = _limiter()
     try:
-        decision = limiter.engine.peek(user)
+        plan = limiter.plan_of_user(user)   # the key's plan, as requests are served
+        decision = limiter.engine.peek(user, plan)
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
         sys.exit(2)
-    plan = limiter.policy.plan_for(user)
     click.echo(f"user {user}  plan {plan.name}")
     click.echo(f"{'layer':<16}{'limit':>12}{'remaining':>12}{'reset_s':>10}")
     for s in decision.states:
@@ -50,14 +50,18 @@ def show(user: str) -> None:
 def reset(user: str, layer: str | None) -> None:
     """Forget USER's usage, in every layer or one."""
     limiter = _limiter()
-    plan = limiter.policy.plan_for(user)
+    try:
+        plan = limiter.plan_of_user(user)
+    except StoreUnavailable as exc:
+        click.echo(f"error: the store is unreachable: {exc}", err=True)
+        sys.exit(2)
     names = [lay.name for lay in compile_plan(plan, llm=True).layers]
     if layer is not None and layer not in names:
         click.echo(f"error: no layer {layer!r} for this user; layers: {', '.join(names)}",
                    err=True)
         sys.exit(2)
     try:
-        removed = limiter.engine.reset(user, layer)
+        removed = limiter.engine.reset(user, layer, plan)
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
         sys.exit(2)

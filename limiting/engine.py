@@ -57,7 +57,10 @@ class Engine:
             reply = self.store.acquire(self._keys(compiled, user, ip), compiled.args)
         except StoreUnavailable:
             if self.fallback is not None:
-                decision = self.fallback.acquire(user, None)
+                # The plan it was given (a key's), as this worker's share of it.
+                fb = self.fallback
+                name = compiled.plan.name if compiled.plan is not None else None
+                decision = fb.acquire(user, None, fb.policy.plan_named(name, user))
                 decision.degraded = True
                 return decision
             return store_away(compiled)
@@ -189,10 +192,10 @@ class Engine:
         reply = self.store.acquire(self._keys(compiled, user, None), compiled.args)
         return from_reply(compiled, reply)
 
-    def reset(self, user: str, layer: str | None = None) -> int:
+    def reset(self, user: str, layer: str | None = None, plan: Plan | None = None) -> int:
         """Forget ``user``'s usage (one layer by name, or all); returns keys removed."""
         prefix = user_prefix(self.namespace, user)
-        layers = compile_plan(self.policy.plan_for(user), llm=True).layers
+        layers = compile_plan(plan or self.policy.plan_for(user), llm=True).layers
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0
 
