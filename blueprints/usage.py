@@ -1,7 +1,9 @@
 """GET /v1/usage for the caller; /admin/usage, a page an operator keeps open, and its JSON.
 
 The admin credential is ADMIN_TOKEN (Bearer, or HTTP Basic with the token as password, which
-a browser asks for by itself). Without ADMIN_TOKEN the admin pages are off.
+a browser asks for by itself), at least 32 characters (create_app refuses a shorter one).
+Without ADMIN_TOKEN the admin pages are off. Ten failed credentials a minute from one client
+IP, and that IP gets 429 with Retry-After until the window frees, whatever it presents.
 """
 
 from __future__ import annotations

@@ -50,7 +50,10 @@ class BodyDeadline:
             _abandon(environ, start_response)
             return self.app(environ, start_response)
         try:
-            data, ended = self._read(environ)
+            # Only a server that ends the stream itself (gunicorn; any for chunked bodies)
+            # may be read to its end; others, never past Content-Length.
+            bounded = chunked or bool(environ.get("wsgi.input_terminated"))
+            data, ended = self._read(environ, None if bounded else length)
         except (_Expired, TimeoutError, OSError):
             _abandon(environ, start_response)
             return _request_timeout(start_response)
@@ -62,7 +65,7 @@ class BodyDeadline:
         environ.pop("HTTP_TRANSFER_ENCODING", None)      # the length above now holds
         return self.app(environ, start_response)
 
-    def _read(self, environ: dict[str, Any]) -> tuple[bytes, bool]:
+    def _read(self, environ: dict[str, Any], length: int | None) -> tuple[bytes, bool]:
         """The body (past max_bytes, only its first max_bytes + 1 bytes) and whether it
         ended. A body over the limit is read on, and dropped, up to DRAIN_BYTES more, so
         the 413 reaches a client still sending instead of a reset connection.
@@ -86,7 +89,8 @@ class BodyDeadline:
                         if left <= 0:
                             raise _Expired()
                         sock.settimeout(left)
-                    part = stream.read(READ_STEP)
+                    step = READ_STEP if length is None else min(READ_STEP, length - total)
+                    part = stream.read(step) if step > 0 else b""
                     if not part:
                         return b"".join(parts), True
                     if total < keep:
