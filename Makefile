@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint bench clean
+# What the suite needs beyond Python: Debian's Chromium (tests/test_usage_page.py drives the
+# usage page in it) and curl (tests/test_gunicorn.py). Override to check the install step.
+CHROMIUM ?= chromium
+CURL ?= curl
+APT_GET ?= apt-get
+
+.PHONY: run test test-tools lint bench clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +29,23 @@ $(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
 run: $(VENV)/.runtime
 	HOST=$(HOST) PORT=$(PORT) $(PY) -m gunicorn -c gunicorn.conf.py app:app
 
-test: $(VENV)/.dev
+# Installs what is missing when run as root (a fresh container, CI); otherwise stops at once
+# with the exact command to run, instead of failing tests minutes later.
+test-tools:
+	@missing=""; \
+	command -v $(CHROMIUM) >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v $(CURL) >/dev/null 2>&1 || missing="$$missing curl"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "make test: installing$$missing"; \
+		$(APT_GET) update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq$$missing >/dev/null; \
+	else \
+		echo "make test needs$$missing; run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; \
+		exit 1; \
+	fi
+
+test: $(VENV)/.dev test-tools
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.dev

@@ -12,8 +12,10 @@ from flask import Flask
 from blueprints import health_bp, register_blueprints, usage
 from limiting import RateLimiter
 from limiting import logs as limiter_logs
+from limiting.body import BodyDeadline
 
 MAX_BODY_BYTES = 1024 * 1024
+MIN_ADMIN_TOKEN = 32
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -21,8 +23,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         DEFAULT_MODEL=os.environ.get("DEFAULT_MODEL", "echo"),
+        BODY_TIMEOUT=float(os.environ.get("BODY_TIMEOUT") or 10),
     )
     app.config.update(config or {})
+    _check_admin_token(app)
     limiter_logs.configure()
     app.config["REQUIRE_API_KEY"] = _require_api_key(app.config.get("REQUIRE_API_KEY"))
     limiter = RateLimiter(app)
@@ -30,6 +34,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     limiter.exempt(health_bp)
     limiter.exempt(usage.usage_page)   # an operator's page refreshes itself
     limiter.exempt(usage.usage_json)
+    # Outermost: a body is whole (or refused) before ProxyFix, the edge or any view runs.
+    app.wsgi_app = BodyDeadline(  # type: ignore[method-assign]
+        app.wsgi_app, timeout=float(app.config["BODY_TIMEOUT"]),
+        max_bytes=int(app.config["MAX_CONTENT_LENGTH"]))
     return app
 
 
@@ -53,6 +61,15 @@ def _require_api_key(configured: object) -> bool:
         "takes user_id from the body: anonymous callers may spend provider calls"
         if paid else "takes user_id from the body", why)
     return required
+
+
+def _check_admin_token(app: Flask) -> None:
+    """A short ADMIN_TOKEN fails the start (gunicorn does not boot), not the first guess."""
+    token = str(app.config.get("ADMIN_TOKEN") or os.environ.get("ADMIN_TOKEN", ""))
+    if token and len(token) < MIN_ADMIN_TOKEN:
+        raise RuntimeError(
+            f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters (it has {len(token)}); "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
 
 
 def __getattr__(name: str) -> Flask:

@@ -36,10 +36,11 @@ def chat() -> dict[str, Any]:
     else:
         user, plan, anonymous = user_id_field(body), None, True
     model = string_field(body, "model") or current_app.config.get("DEFAULT_MODEL", "echo")
-    provider = provider_for(model, limiter.policy.models)
+    provider = provider_for(model, limiter.policy)
     check_available(provider, model)
-    max_tokens = limiter.plan_for(user, plan).default_max_tokens
-    if provider == "echo" and not limiter.plan_for(user, plan).meters_units:
+    plan_obj = limiter.plan_for(user, plan)   # a key's plan removed from the policy: default
+    max_tokens = plan_obj.default_max_tokens
+    if provider == "echo" and not plan_obj.meters_units:
         # Nothing to reserve, settle or guard: one request, one decision.
         limiter.acquire(user, plan, anonymous=anonymous)
         return {"reply": complete(provider, model, message, max_tokens, _no_observer)[0]}

@@ -8,6 +8,8 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from limiting.errors import LimiterUnavailable
+from limiting.store import StoreUnavailable
 from providers import ProviderKeyMissing, UnknownModel, UpstreamError
 
 log = logging.getLogger("limiter.errors")
@@ -18,6 +20,7 @@ _CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "invalid_request",
     429: "rate_limited",
@@ -56,6 +59,14 @@ def register_error_handlers(app: Flask) -> None:
     def upstream_error(exc: UpstreamError) -> Response:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return _json(exc.status, exc.body(), headers)
+
+    @app.errorhandler(StoreUnavailable)
+    def store_away(exc: StoreUnavailable) -> Response:
+        # Anything that needed the store and found it away (a key lookup, a usage page): the
+        # same 503 a fail_closed layer answers, so clients retry instead of seeing a 500.
+        log.warning("store unavailable: %s", exc)
+        refusal = LimiterUnavailable(1)
+        return _json(503, refusal.body(), {"Retry-After": str(refusal.retry_after)})
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

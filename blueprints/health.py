@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, current_app, request
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import TooManyRequests, Unauthorized
 
 from limiting import current_limiter
+from limiting.identity import client_ip
+from limiting.keys import bearer_token
+from limiting.store import StoreUnavailable
 
 bp = Blueprint("health", __name__)
 
@@ -22,8 +28,25 @@ def healthz() -> tuple[dict[str, object], int]:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus exposition, summed over every gunicorn worker."""
+    """Prometheus exposition, summed over every gunicorn worker. With METRICS_TOKEN set, only
+    for ``Authorization: Bearer <METRICS_TOKEN>`` (failures limited per IP, as the admin's)."""
     from limiting.metrics import render
 
+    token = str(current_app.config.get("METRICS_TOKEN") or os.environ.get("METRICS_TOKEN", ""))
+    if token:
+        presented = bearer_token(request.headers.get("Authorization")) or ""
+        ok = hmac.compare_digest(presented.encode(), token.encode())
+        try:
+            wait = current_limiter().auth_failures.attempt(client_ip(), ok)
+        except StoreUnavailable:
+            # A scrape must work during an outage, when metrics matter most; the token is
+            # still required, only the count of failures waits for the store.
+            wait = 0
+        if wait:
+            raise TooManyRequests("Too many failed credentials from this address; "
+                                  "retry later.", retry_after=wait)
+        if not ok:
+            raise Unauthorized("Authorization: Bearer <METRICS_TOKEN> is required.",
+                               www_authenticate=WWWAuthenticate("bearer"))
     body, content_type = render()
     return Response(body, content_type=content_type)

@@ -1,7 +1,9 @@
 """GET /v1/usage for the caller; /admin/usage, a page an operator keeps open, and its JSON.
 
 The admin credential is ADMIN_TOKEN (Bearer, or HTTP Basic with the token as password, which
-a browser asks for by itself). Without ADMIN_TOKEN the admin pages are off.
+a browser asks for by itself), at least 32 characters (create_app refuses a shorter one).
+Without ADMIN_TOKEN the admin pages are off. Ten failed credentials a minute from one client
+IP, and that IP gets 429 with Retry-After until the window frees, whatever it presents.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import hmac
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
-from werkzeug.exceptions import Forbidden, Unauthorized
+from werkzeug.exceptions import Forbidden, TooManyRequests, Unauthorized
 
 from limiting import Decision, current_limiter
+from limiting.identity import client_ip
 from limiting.keys import presented_key
-from limiting.store import StoreUnavailable
 
 bp = Blueprint("usage", __name__, template_folder="templates")
 MAX_USERS = 200
@@ -31,30 +34,47 @@ def layers_json(decision: Decision) -> list[dict[str, Any]]:
 
 @bp.get("/v1/usage")
 def my_usage() -> dict[str, Any]:
-    """The caller's own layers (API key from Authorization: Bearer or x-api-key)."""
+    """The caller's own layers (API key from Authorization: Bearer or x-api-key). While the
+    store is away the StoreUnavailable handler answers 503 limiter_unavailable."""
     limiter = current_limiter()
     record = limiter.keys.authenticate(presented_key(request.headers))
     if record is None:
         raise Unauthorized("A valid API key is required.")
-    plan = limiter.policy.plans.get(record.plan) or limiter.policy.plan_for(record.user)
-    try:
-        decision = limiter.engine.peek(record.user, plan)
-    except StoreUnavailable:
-        return {"user": record.user, "plan": plan.name, "layers": [], "store": "unreachable"}
+    plan = limiter.policy.plan_named(record.plan, record.user)
+    decision = limiter.engine.peek(record.user, plan)
     return {"user": record.user, "plan": plan.name, "layers": layers_json(decision)}
 
 
+def admin_token() -> str:
+    return str(current_app.config.get("ADMIN_TOKEN") or os.environ.get("ADMIN_TOKEN", ""))
+
+
 def require_admin() -> None:
-    token = str(current_app.config.get("ADMIN_TOKEN") or os.environ.get("ADMIN_TOKEN", ""))
+    """The admin credential, with failures limited per client IP (these pages are exempt
+    from the edge, so without it a token could be guessed at line speed)."""
+    token = admin_token()
     if not token:
         raise Forbidden("Admin pages are off: set ADMIN_TOKEN to turn them on.")
     auth = request.authorization
     presented = ""
     if auth is not None:
         presented = (auth.token if auth.type == "bearer" else auth.password) or ""
-    if not hmac.compare_digest(presented.encode(), token.encode()):
+    ok = hmac.compare_digest(presented.encode(), token.encode())
+    wait = current_limiter().auth_failures.attempt(client_ip(), ok)
+    if wait:
+        raise TooManyAttempts(wait)
+    if not ok:
         raise Unauthorized("The admin credential is required.",
                            www_authenticate=_basic_challenge())
+
+
+class TooManyAttempts(TooManyRequests):
+    """Too many failed credentials from this address: rendered by the HTTPException handler,
+    which sends Retry-After along."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Too many failed credentials from this address; retry later.",
+                         retry_after=retry_after)
 
 
 def _basic_challenge() -> Any:
@@ -63,34 +83,30 @@ def _basic_challenge() -> Any:
     return WWWAuthenticate("basic", {"realm": "rate limiter admin"})
 
 
-def known_users() -> list[str]:
+def known_users(key_plans: Mapping[str, str]) -> list[str]:
     """Users worth showing: the policy's [users], key holders, and any asked for by name."""
     limiter = current_limiter()
     asked = [u for u in request.args.get("users", "").split(",") if u]
-    users = dict.fromkeys(asked + list(limiter.policy.users))
-    try:
-        for record in limiter.keys.list():
-            users.setdefault(record.user)
-    except StoreUnavailable:
-        pass
+    users = dict.fromkeys(asked + list(limiter.policy.users) + list(key_plans))
     return list(users)[:MAX_USERS]
 
 
 @bp.get("/admin/usage.json")
 def usage_json() -> dict[str, Any]:
+    """Every known user's layers, on the plan of their newest live key (as their requests
+    are served). While the store is away: 503 limiter_unavailable, by the app's handler."""
     require_admin()
     limiter = current_limiter()
+    key_plans = limiter.keys.plans_by_user()
     out: dict[str, Any] = {"users": [], "models": []}
-    try:
-        for user in known_users():
-            plan = limiter.policy.plan_for(user)
-            out["users"].append({"user": user, "plan": plan.name,
-                                 "layers": layers_json(limiter.engine.peek(user))})
-        for model in limiter.policy.models:
-            out["models"].append({"model": model,
-                                  "layers": layers_json(limiter.engine.peek_model(model))})
-    except StoreUnavailable:
-        out["store"] = "unreachable"
+    for user in known_users(key_plans):
+        plan = limiter.plan_of_user(user, key_plans)
+        out["users"].append({"user": user, "plan": plan.name,
+                             "layers": layers_json(limiter.engine.peek(
+                                 user, plan, limiter.realm_of_user(user, key_plans)))})
+    for model in limiter.policy.models:
+        out["models"].append({"model": model,
+                              "layers": layers_json(limiter.engine.peek_model(model))})
     return out
 
 

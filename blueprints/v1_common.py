@@ -30,6 +30,9 @@ from .validation import json_object
 
 log = logging.getLogger("limiter.v1")
 
+# No model generates more in one answer (the largest allow ~128k); 10**400 is an attack.
+MAX_TOKENS_CAP = 1_000_000
+
 # Neutral kinds of problem; each endpoint maps them to its provider's error types.
 AUTH = "authentication"
 INVALID = "invalid_request"
@@ -165,12 +168,15 @@ def optional_bool(body: Mapping[str, Any], name: str) -> bool:
     return value
 
 
-def optional_positive_int(body: Mapping[str, Any], name: str) -> int | None:
+def optional_positive_int(body: Mapping[str, Any], name: str,
+                          most: int = MAX_TOKENS_CAP) -> int | None:
+    """An integer in 1..``most``: beyond it no model answers, and an unbounded one (10**400)
+    would overflow the dollar estimate, so it is the caller's 400, never our 500."""
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise invalid(f"'{name}' must be an integer >= 1.", name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise invalid(f"'{name}' must be an integer from 1 to {most:,}.", name)
     return value
 
 

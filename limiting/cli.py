@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 from flask.cli import AppGroup
 
+from .identity import BODY_USER
 from .layers import compile_plan
 from .policy import PolicyError, load_policy
 from .store import StoreUnavailable
@@ -26,18 +27,27 @@ def _limiter() -> RateLimiter:
     return current_limiter()
 
 
+_WHO = click.option(
+    "--anonymous/--key-user", "anonymous", default=None,
+    help="The /chat body user_id USER, or the API key user USER (default: the key user when "
+         "USER holds a live key, else the /chat user_id): the two never share limits.")
+
+
 @limits_cli.command("show")
 @click.argument("user")
-def show(user: str) -> None:
+@_WHO
+def show(user: str, anonymous: bool | None) -> None:
     """Every layer of USER: limit, remaining, reset (charges nothing)."""
     limiter = _limiter()
     try:
-        decision = limiter.engine.peek(user)
+        plan = limiter.plan_of_user(user)   # the key's plan, as requests are served
+        realm = limiter.realm_of_user(user, anonymous=anonymous)
+        decision = limiter.engine.peek(user, plan, realm)
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
         sys.exit(2)
-    plan = limiter.policy.plan_for(user)
-    click.echo(f"user {user}  plan {plan.name}")
+    who = "/chat user_id" if realm == BODY_USER else "API key user"
+    click.echo(f"user {user} ({who})  plan {plan.name}")
     click.echo(f"{'layer':<16}{'limit':>12}{'remaining':>12}{'reset_s':>10}")
     for s in decision.states:
         click.echo(f"{s.layer.name:<16}{s.layer.limit:>12g}{s.remaining:>12}"
@@ -47,17 +57,23 @@ def show(user: str) -> None:
 @limits_cli.command("reset")
 @click.argument("user")
 @click.option("--layer", default=None, help="Only this layer (e.g. user, quota-day).")
-def reset(user: str, layer: str | None) -> None:
+@_WHO
+def reset(user: str, layer: str | None, anonymous: bool | None) -> None:
     """Forget USER's usage, in every layer or one."""
     limiter = _limiter()
-    plan = limiter.policy.plan_for(user)
+    try:
+        plan = limiter.plan_of_user(user)
+        realm = limiter.realm_of_user(user, anonymous=anonymous)
+    except StoreUnavailable as exc:
+        click.echo(f"error: the store is unreachable: {exc}", err=True)
+        sys.exit(2)
     names = [lay.name for lay in compile_plan(plan, llm=True).layers]
     if layer is not None and layer not in names:
         click.echo(f"error: no layer {layer!r} for this user; layers: {', '.join(names)}",
                    err=True)
         sys.exit(2)
     try:
-        removed = limiter.engine.reset(user, layer)
+        removed = limiter.engine.reset(user, layer, plan, realm)
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
         sys.exit(2)

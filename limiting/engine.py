@@ -60,7 +60,11 @@ class Engine:
             reply = self.store.acquire(self._keys(compiled, user, ip, realm), compiled.args)
         except StoreUnavailable:
             if self.fallback is not None:
-                decision = self.fallback.acquire(user, None, None, realm)
+                # The plan it was given (a key's), as this worker's share of it.
+                fb = self.fallback
+                name = compiled.plan.name if compiled.plan is not None else None
+                decision = fb.acquire(user, None, fb.policy.plan_named(name, user),
+                                     realm)
                 decision.degraded = True
                 return decision
             return store_away(compiled)
@@ -200,10 +204,11 @@ class Engine:
         reply = self.store.acquire(self._keys(compiled, user, None, realm), compiled.args)
         return from_reply(compiled, reply)
 
-    def reset(self, user: str, layer: str | None = None, realm: str = KEY_USER) -> int:
+    def reset(self, user: str, layer: str | None = None, plan: Plan | None = None,
+              realm: str = KEY_USER) -> int:
         """Forget ``user``'s usage (one layer by name, or all); returns keys removed."""
         prefix = user_prefix(self.namespace, user, realm)
-        layers = compile_plan(self.policy.plan_for(user), llm=True).layers
+        layers = compile_plan(plan or self.policy.plan_for(user), llm=True).layers
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0
 

@@ -14,6 +14,7 @@ from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import logs, metrics
+from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .decision import Decision
 from .edge import combines_edge, init_edge, is_limited_route, mark_limited
@@ -50,6 +51,7 @@ class RateLimiter:
         self._engine: Engine | None = None
         self._keys: ApiKeys | None = None
         self._observer: Observer | None = None
+        self._auth_failures: AuthFailures | None = None
         self.edge: Limiter | None = None
         if app is not None:
             self.init_app(app)
@@ -108,6 +110,13 @@ class RateLimiter:
             self._keys = ApiKeys(self.store, policy.default_plan, policy.plans)
         return self._keys
 
+    @property
+    def auth_failures(self) -> AuthFailures:
+        """Failed operator credentials per client IP (admin pages, /metrics)."""
+        if self._auth_failures is None:
+            self._auth_failures = AuthFailures(self.store)
+        return self._auth_failures
+
     def acquire(self, user: str, plan: str | None = None, *, anonymous: bool = False
                 ) -> Decision:
         """Charge one request to ``user`` or raise RateLimited / LimiterUnavailable.
@@ -165,10 +174,25 @@ class RateLimiter:
         return self._plan(user, plan)
 
     def _plan(self, user: str, plan: str | None) -> Plan:
-        policy = self.policy
-        if plan is not None and plan in policy.plans:
-            return policy.plans[plan]
-        return policy.plan_for(user)
+        return self.policy.plan_named(plan, user)
+
+    def plan_of_user(self, user: str, key_plans: Mapping[str, str] | None = None) -> Plan:
+        """The plan ``user`` is served on, for operators (``limits show``, /admin/usage):
+        their newest live key's, else [users]/default. ``key_plans`` (from
+        ``keys.plans_by_user()``) saves a scan of every key when asking for many users."""
+        if key_plans is None:
+            key_plans = self.keys.plans_by_user(user)
+        return self.policy.plan_named(key_plans.get(user), user)
+
+    def realm_of_user(self, user: str, key_plans: Mapping[str, str] | None = None,
+                      anonymous: bool | None = None) -> str:
+        """Which of ``user``'s two namespaces an operator means: the API key user's when they
+        hold a live key, else the /chat body user_id's (``anonymous`` forces one)."""
+        if anonymous is None:
+            if key_plans is None:
+                key_plans = self.keys.plans_by_user(user)
+            anonymous = user not in key_plans
+        return BODY_USER if anonymous else KEY_USER
 
     def limit(self, user: Callable[[], str]) -> Callable[[F], F]:
         """Decorate a view: ``user()`` names who pays, inside the request."""

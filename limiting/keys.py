@@ -196,6 +196,10 @@ class ApiKeys:
             records = [rec for rec in records if rec.user == user]
         return sorted(records, key=lambda rec: (rec.created_at, rec.key_id))
 
+    def plans_by_user(self, user: str | None = None) -> dict[str, str]:
+        """user -> the plan of their newest live key (revoked keys serve no one)."""
+        return {rec.user: rec.plan for rec in self.list(user) if not rec.revoked}
+
     def revoke(self, key_id_or_key: str) -> int:
         """Revoke by key_id or full key; how many live keys this revoked (0 or 1)."""
         if len(key_id_or_key) == KEY_ID_LENGTH and _KEY_CHARS.fullmatch(key_id_or_key):

@@ -6,6 +6,7 @@ first paying user is a typo found too late.
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from collections.abc import Mapping
@@ -21,6 +22,9 @@ from .lease import RENEW_EVERY
 
 FailMode = Literal["fail_open", "fail_closed"]
 FAIL_MODES: tuple[FailMode, ...] = ("fail_open", "fail_closed")
+
+log = logging.getLogger("limiter.policy")
+_WARNED_REMOVED: set[tuple[str, str]] = set()
 
 _UNIT_NAMES = {1: "second", 60: "minute", 3600: "hour", 86400: "day", 2592000: "month"}
 
@@ -120,6 +124,21 @@ class Policy:
         if found is None and name in self.aliases:
             found = self.models.get(self.aliases[name])
         return found
+
+    def plan_named(self, name: str | None, user: str) -> Plan:
+        """The plan ``name`` (a key's), else ``user``'s. A name the policy no longer has
+        (the plan was removed while keys still name it) falls back to the default plan, with
+        one log line per name: removing a plan must not turn its keys' requests into 500s."""
+        if name is None:
+            return self.plan_for(user)
+        plan = self.plans.get(name)
+        if plan is not None:
+            return plan
+        if (self.source, name) not in _WARNED_REMOVED:
+            _WARNED_REMOVED.add((self.source, name))
+            log.warning("plan %r is not in %s (removed?); its keys use the default plan %r",
+                        name, self.source, self.default_plan)
+        return self.plans[self.default_plan]
 
 
 _PROVIDERS = ("openai", "anthropic", "echo")

@@ -43,7 +43,9 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProvider]:
 
 @pytest.fixture
 def client(tmp_path: Path, r: redis.Redis, redis_url: str, fake: FakeProvider) -> FlaskClient:
-    app = create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, POLICY)})
+    # Anonymous /chat in front of a paid provider, said explicitly (the default needs a key).
+    app = create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, POLICY),
+                      "REQUIRE_API_KEY": "0"})
     return app.test_client()
 
 
@@ -60,7 +62,7 @@ def test_chat_calls_the_provider_and_settles_usage(client: FlaskClient, fake: Fa
     assert fake.requests[-1].body["max_tokens"] == 1024
     # Settled to the fake's count (2 words + 4 in, 3 out), not the 1,000+ reserved.
     engine = client.application.extensions["llm_limiter"].engine
-    left = {s.layer.name: s.remaining for s in engine.peek("u").states}
+    left = {s.layer.name: s.remaining for s in engine.peek("u", realm="b").states}
     assert left["tokens-minute"] == 100000 - 9
 
 

@@ -786,6 +786,9 @@ def test_fuzz_usage(target: Target, case: st.DataObject) -> None:
 # --- /admin/usage and /admin/usage.json -----------------------------------------------------------
 
 
+ADMIN_EXAMPLES = [0]
+
+
 def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
@@ -821,6 +824,10 @@ admin_queries = st.one_of(st.sampled_from(QUERIES), st.lists(
 def test_fuzz_admin(target: Target, path: str, good: bool, auth_good: str,
                     auth_bad: str | None, query: str, environ: dict[str, str]) -> None:
     environ = {k: v for k, v in environ.items() if k != "CONTENT_LENGTH"}
+    # Failed admin credentials are limited per address (test_hardening checks that): each
+    # example comes from an address of its own, so only the credential decides here.
+    ADMIN_EXAMPLES[0] += 1
+    environ["REMOTE_ADDR"] = f"198.18.{ADMIN_EXAMPLES[0] // 250 % 250}.{ADMIN_EXAMPLES[0] % 250}"
     auth = auth_good if good else auth_bad
     if auth is not None:
         environ["HTTP_AUTHORIZATION"] = auth

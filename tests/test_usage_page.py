@@ -17,6 +17,7 @@ import redis
 from tests.conftest import ROOT, write_policy
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ADMIN = "admin-secret-of-at-least-32-characters"
 POLICY = """
 [edge]
 per_ip = ["10000 per minute"]
@@ -36,15 +37,15 @@ requests_per_minute = 500
 @pytest.fixture
 def app(gunicorn, tmp_path: Path, r: redis.Redis, unix_url: str):
     return gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, POLICY),
-                    ADMIN_TOKEN="admin-secret", WEB_CONCURRENCY="2")
+                    ADMIN_TOKEN=ADMIN, WEB_CONCURRENCY="2")
 
 
 def test_admin_credential_is_required(app) -> None:
     assert httpx.get(app.url + "/admin/usage").status_code == 401
     assert httpx.get(app.url + "/admin/usage.json", auth=("admin", "wrong")).status_code == 401
-    ok = httpx.get(app.url + "/admin/usage.json", auth=("admin", "admin-secret"))
+    ok = httpx.get(app.url + "/admin/usage.json", auth=("admin", ADMIN))
     assert ok.status_code == 200 and ok.json()["users"][0]["user"] == "page-user"
-    bearer = {"Authorization": "Bearer admin-secret"}
+    bearer = {"Authorization": f"Bearer {ADMIN}"}
     assert httpx.get(app.url + "/admin/usage.json", headers=bearer).status_code == 200
 
 
@@ -73,7 +74,7 @@ def test_usage_page_in_headless_chromium(app, tmp_path: Path) -> None:
                   "--disable-sync"])
         try:
             page = browser.new_context(
-                http_credentials={"username": "admin", "password": "admin-secret"},
+                http_credentials={"username": "admin", "password": ADMIN},
                 viewport={"width": 1100, "height": 700}).new_page()
             page.goto(app.url + "/admin/usage?users=page-user", timeout=20_000)
             bar = page.locator('section[data-name="page-user"] div[data-layer="user"] .fill')
