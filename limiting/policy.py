@@ -78,6 +78,8 @@ class ModelPolicy:
     output_usd_per_million: float = 0.0
     # Prompt-cache reads are billed lower by providers; default: half the input price.
     cached_input_usd_per_million: float | None = None
+    # Longest model-wide hold a provider's retry-after may write (a day would stop everyone).
+    max_hold_seconds: float = 60.0
 
     @property
     def cached_price(self) -> float:
@@ -219,6 +221,7 @@ def _model(source: str, name: str, table: Any) -> ModelPolicy:
         output_usd_per_million=float(r.get("output_usd_per_million", (int, float), 0.0)),
         cached_input_usd_per_million=_opt_float(r.get("cached_input_usd_per_million",
                                                       (int, float))),
+        max_hold_seconds=float(r.positive("max_hold_seconds", (int, float), default=60.0)),
     )
     r.done()
     return model
