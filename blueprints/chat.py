@@ -45,8 +45,8 @@ def chat() -> dict[str, Any]:
     reservation = limiter.reserve(user, model, estimate, max_tokens, plan)
     try:
         reply, usage = complete(provider, model, message, max_tokens,
-                                lambda headers, status: limiter.observe_upstream(model, headers,
-                                                                                 status))
+                                lambda headers, status, tokens: limiter.observe_upstream(
+                                    model, headers, status, tokens))
     except UpstreamError:
         reservation.cancel()
         raise
@@ -67,5 +67,5 @@ def _key_user(limiter: RateLimiter) -> KeyRecord:
     return record
 
 
-def _no_observer(headers: object, status: int) -> None:
+def _no_observer(headers: object, status: int, tokens: int) -> None:
     """echo has no provider headers to learn from."""

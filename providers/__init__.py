@@ -15,7 +15,7 @@ _PREFIXES = {"gpt-": "openai", "o1": "openai", "o3": "openai", "o4": "openai",
 _KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
-Observe = Callable[[Mapping[str, str], int], None]
+Observe = Callable[[Mapping[str, str], int, int], None]  # headers, status, tokens
 
 
 class UnknownModel(ValueError):

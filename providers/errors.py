@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from limiting.upstream import refused_alone
+
 # The SDKs are imported where a call is made (providers/clients.py), not here: importing both
 # takes about a second, which every `flask limits ...` command would pay for nothing.
 _SDKS = ("openai", "anthropic")
@@ -41,8 +43,15 @@ def _retry_after(headers: Any) -> int | None:
     return None
 
 
-def from_sdk(exc: Exception, provider: str) -> UpstreamError:
-    """Map an OpenAI/Anthropic SDK exception; messages never echo keys or prompts."""
+TOO_LARGE = "request_too_large_for_upstream"
+
+
+def from_sdk(exc: Exception, provider: str, tokens: int = 0) -> UpstreamError:
+    """Map an OpenAI/Anthropic SDK exception; messages never echo keys or prompts.
+
+    ``tokens`` is what the call reserved: a 429 for a request over the token limit the
+    provider announced is about that request alone, a 400 and not a retry-later.
+    """
     if isinstance(exc, sdk_errors("APITimeoutError")):
         return UpstreamError(504, "upstream_timeout", f"The {provider} API did not answer in time.")
     if isinstance(exc, sdk_errors("APIConnectionError")):
@@ -51,6 +60,12 @@ def from_sdk(exc: Exception, provider: str) -> UpstreamError:
     if isinstance(exc, sdk_errors("APIStatusError")):
         status = exc.status_code
         retry = _retry_after(exc.response.headers)
+        if status in (400, 413, 429) and refused_alone(status, exc.response.headers,
+                                                       getattr(exc, "body", None), tokens):
+            return UpstreamError(400, TOO_LARGE,
+                                 f"This request alone is more than the {provider} API allows "
+                                 "for this model; send fewer input tokens or a lower "
+                                 "max_tokens. Retrying will not help.")
         if status == 429:
             return UpstreamError(503, "upstream_rate_limited",
                                  f"The {provider} API is saturated; retry later.", retry or 1)
