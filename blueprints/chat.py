@@ -49,8 +49,8 @@ def chat() -> dict[str, Any]:
     spend.renews = provider != "echo"      # an in-process answer cannot outlive its lease
     with spend:   # renews the lease; an exception cancels or charges by the billing rule
         reply, usage = complete(provider, model, message, max_tokens,
-                                lambda headers, status: limiter.observe_upstream(model, headers,
-                                                                                 status))
+                                lambda headers, status, tokens: limiter.observe_upstream(
+                                    model, headers, status, tokens))
         spend.settle(usage)
     return {"reply": reply}
 
@@ -63,5 +63,5 @@ def _key_user(limiter: RateLimiter) -> KeyRecord:
     return record
 
 
-def _no_observer(headers: object, status: int) -> None:
+def _no_observer(headers: object, status: int, tokens: int) -> None:
     """echo has no provider headers to learn from."""

@@ -16,6 +16,7 @@ from flask import Response, g, jsonify, stream_with_context
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from limiting import Decision, LimiterUnavailable, Plan, RateLimited, current_limiter
+from limiting.errors import ExceedsLimit
 from limiting.headers import rate_limit_headers
 from limiting.identity import client_ip
 from limiting.keys import KeyRecord
@@ -69,6 +70,9 @@ def problem_from(exc: BaseException) -> ApiProblem:
         return ApiProblem(429, RATE_LIMITED, str(exc.description), layer=exc.layer,
                           code="rate_limit_exceeded", retry_after=_seconds(exc.retry_after),
                           headers=exc.limit_headers)
+    if isinstance(exc, ExceedsLimit):   # before HTTPException: its code is exceeds_limit
+        return ApiProblem(400, INVALID, str(exc.description), code="exceeds_limit",
+                          layer=exc.layer, headers=exc.limit_headers)
     if isinstance(exc, UpstreamSaturated):
         return ApiProblem(429, SATURATED, str(exc.description), code="upstream_saturated",
                           retry_after=_seconds(exc.retry_after) or 1,
@@ -237,9 +241,9 @@ def observer(model: str) -> Observe:
     """Feeds provider headers to the model's guard; a failure there never fails the call."""
     limiter = current_limiter()
 
-    def observe(headers: Mapping[str, str], status: int) -> None:
+    def observe(headers: Mapping[str, str], status: int, tokens: int = 0) -> None:
         try:
-            limiter.observe_upstream(model, headers, status)
+            limiter.observe_upstream(model, headers, status, tokens)
         except Exception:
             log.warning("observe_upstream failed for %s", model, exc_info=True)
 

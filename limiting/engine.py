@@ -12,7 +12,7 @@ from .policy import FailMode, ModelPolicy, Plan, Policy
 from .pricing import STANDARD, PriceTerms, reserve_usd_micros
 from .reservation import Charge, Reservation, new_lease_id
 from .store import Store, StoreUnavailable
-from .upstream import guard_layers, model_prefix, pacing_args
+from .upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_args
 
 
 class Engine:
@@ -78,7 +78,8 @@ class Engine:
         """Charge one request and reserve its LLM units, then pass the model's guard.
 
         Returns the user's decision, the reservation if everything passed, and the guard's
-        wait in seconds if the guard refused (the user's charge is then given back).
+        wait in seconds if the guard refused (the user's charge is then given back; a wait
+        below 0: the request alone is more than the model's guard ever lets through).
         """
         cached = self._llm.get(plan.name)
         if cached is None or cached.plan is not plan:
@@ -116,7 +117,7 @@ class Engine:
         user_reply = reply[:4 + 2 * len(cached.layers)]
         guard_wait: float | None = None
         if guard_part is not None and reply[0] != 1 and reply[1] > len(cached.layers):
-            guard_wait = max(0.001, reply[2] / 1e6) if reply[2] >= 0 else 60.0
+            guard_wait = _guard_wait(reply[2])
             user_reply[0:3] = [1, 0, 0]   # the user's layers passed; nothing was charged
         decision = from_reply(cached, user_reply)
         if guard_wait is not None:
@@ -159,7 +160,7 @@ class Engine:
         except StoreUnavailable:
             return None  # the guard fails open: the provider still has its own limits
         if reply[0] != 1:
-            return max(0.001, reply[2] / 1e6) if reply[2] >= 0 else 60.0
+            return _guard_wait(reply[2])
         _hold_guard(reservation, reply[3], layers, keys, costs)
         return None
 
@@ -170,9 +171,14 @@ class Engine:
         reply = self.store.acquire([prefix + layer.suffix for layer in layers], compiled.args)
         return from_reply(compiled, reply)
 
+    def max_hold(self, model_name: str) -> float:
+        """The longest model-wide hold a provider's retry-after may write for this model."""
+        model = self.policy.models.get(model_name)
+        return model.max_hold_seconds if model is not None else DEFAULT_MAX_HOLD
+
     def observe(self, model_name: str, headers: Mapping[str, str], status: int) -> None:
         """Learn the provider's pacing for ``model_name`` from one of its responses, now."""
-        args = pacing_args(headers, status)
+        args = pacing_args(headers, status, self.max_hold(model_name))
         if args is not None:
             self.observe_args(model_name, args)
 
@@ -211,6 +217,11 @@ class Engine:
         layers = compile_plan(plan or self.policy.plan_for(user), llm=True).layers
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0
+
+
+def _guard_wait(wait_us: int) -> float:
+    """The guard's wait in seconds; -1.0 when no wait ever makes the request pass."""
+    return max(0.001, wait_us / 1e6) if wait_us >= 0 else -1.0
 
 
 def _hold_guard(reservation: Reservation, charged_at: int, layers: tuple[Layer, ...],

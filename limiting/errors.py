@@ -25,6 +25,12 @@ class RateLimited(TooManyRequests):
         if decision.wait is None:
             return cls(layer, 0, headers,
                        f"This request exceeds the {layer} limit and can never pass.")
+        if decision.refused is not None and decision.refused.layer.kind == "c":
+            # The TTL is only the latest moment; any of the caller's calls may end sooner.
+            return cls(layer, decision.retry_after, headers,
+                       f"Too many requests in flight ({layer}): a slot frees as soon as one of "
+                       f"your requests in flight finishes, at the latest in "
+                       f"{decision.retry_after}s.")
         return cls(layer, decision.retry_after, headers)
 
     def body(self) -> dict[str, Any]:
@@ -45,6 +51,17 @@ class ExceedsLimit(BadRequest):
 
     def body(self) -> dict[str, Any]:
         return {"error": self.description, "code": "exceeds_limit", "layer": self.layer}
+
+
+class ExceedsUpstream(ExceedsLimit):
+    """The request alone needs more tokens than the model's shared guard lets through in a
+    minute: every user of the model shares that limit, and no wait makes this one fit."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"upstream:{model}", {})
+        self.description = (f"This request alone needs more tokens than model {model!r} "
+                            "allows in a minute for everyone; it can never pass. Send fewer "
+                            "input tokens or a lower max_tokens.")
 
 
 class LimiterUnavailable(ServiceUnavailable):

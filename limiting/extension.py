@@ -20,7 +20,7 @@ from .decision import Decision
 from .edge import combines_edge, init_edge, is_limited_route, mark_limited
 from .embedded import resolve_store_url
 from .engine import EdgeKeys, Engine
-from .errors import ExceedsLimit, LimiterUnavailable, RateLimited
+from .errors import ExceedsLimit, ExceedsUpstream, LimiterUnavailable, RateLimited
 from .headers import rate_limit_headers
 from .identity import BODY_USER, KEY_USER, client_ip
 from .keys import ApiKeys
@@ -150,6 +150,10 @@ class RateLimiter:
             realm=BODY_USER if anonymous else KEY_USER,
         )
         g._llm_decision = decision
+        if wait is not None and wait < 0:
+            metrics.DECISIONS.labels(f"upstream:{model}", "refused").inc()
+            logs.event("refused", user=user, layer=f"upstream:{model}", retry_after=None)
+            raise ExceedsUpstream(model)
         if wait is not None:
             retry = max(1, math.ceil(wait))
             metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
@@ -162,11 +166,13 @@ class RateLimiter:
         assert reservation is not None
         return reservation
 
-    def observe_upstream(self, model: str, headers: Mapping[str, str], status: int) -> None:
-        """Let the model's guard learn from a provider response (its rate-limit headers)."""
+    def observe_upstream(self, model: str, headers: Mapping[str, str], status: int,
+                         tokens: int = 0) -> None:
+        """Let the model's guard learn from a provider response (its rate-limit headers);
+        ``tokens``: what the call that got it reserved."""
         if self._observer is None:
-            self._observer = Observer(self.engine.observe_args)
-        self._observer.submit(model, headers, status)
+            self._observer = Observer(self.engine.observe_args, max_hold=self.engine.max_hold)
+        self._observer.submit(model, headers, status, tokens)
 
     def plan_for(self, user: str, plan: str | None = None) -> Plan:
         """The plan ``user`` is limited by: ``plan`` (a key's) if the policy has it, else the

@@ -140,13 +140,14 @@ def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: fl
 def _leases(state: list[Any] | None, now: int, most: float, ttl_us: float, lease: str
             ) -> tuple[float, float, float, tuple[list[Any], float] | None]:
     held = {k: v for k, v in (state[1] if state else {}).items() if v > now}
-    first = min(held.values(), default=now) - now
+    first = min(min(held.values(), default=now) - now, ttl_us)
     if lease == "-":
         return most - len(held), first, 0.0, None
     if len(held) < most:
         held[lease] = now + ttl_us
         return most - len(held), first, 0.0, (["c", held], ttl_us + 1e6)
-    return most - len(held), first, 1e6, None
+    # As acquire.lua: the latest a slot frees is when the soonest lease runs out its TTL.
+    return most - len(held), first, max(1e6, first), None
 
 
 def _window(state: list[Any] | None, now: int, limit: float, length_us: float, cost: float

@@ -96,6 +96,8 @@ class ModelPolicy:
     # Price multipliers by service tier; "auto", "default", "standard_only" are 1.0 unless listed.
     service_tiers: Mapping[str, float] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()   # dated snapshots billed at these prices
+    # Longest model-wide hold a provider's retry-after may write (a day would stop everyone).
+    max_hold_seconds: float = 60.0
 
     @property
     def priced(self) -> bool:
@@ -266,6 +268,7 @@ def _model(source: str, name: str, table: Any) -> ModelPolicy:
         server_tool_usd_per_use=_price(r, "server_tool_usd_per_use"),
         service_tiers=MappingProxyType(_tiers(r)),
         aliases=_aliases(r),
+        max_hold_seconds=float(r.positive("max_hold_seconds", (int, float), default=60.0)),
     )
     r.done()
     return model

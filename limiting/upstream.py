@@ -7,12 +7,14 @@ so every worker slows down before the provider starts refusing.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any
 
 from .identity import user_tag
 from .layers import Layer, window
@@ -38,36 +40,81 @@ def guard_layers(model: ModelPolicy | None) -> tuple[Layer, ...]:
     return tuple(layers)
 
 
+# Bounds for anything a provider's headers say: a count a double holds exactly, a reset
+# within a day. Past them a value is the provider's (or a proxy's) mistake, not advice.
+MAX_COUNT = 2**53
+MAX_SECONDS = 86_400.0
+DEFAULT_MAX_HOLD = 60.0
+
+# Signals in a provider's error that it refused this one request, not the limit all share.
+_TOO_LARGE = re.compile(r"request too large|request_too_large|exceeds? the maximum|"
+                        r"too large for", re.IGNORECASE)
+_LIMIT_REQUESTED = re.compile(r"Limit:? ([\d,]+).*?Requested:? ([\d,]+)", re.IGNORECASE)
+_LIMIT_HEADERS = ("x-ratelimit-limit-tokens", "anthropic-ratelimit-tokens-limit")
+
+
+def _seconds(value: float) -> float | None:
+    """A duration the guard can use: finite, at least 0, at most a day (else unknown)."""
+    if not math.isfinite(value) or value < 0:
+        return None
+    return min(value, MAX_SECONDS)
+
+
 def parse_duration(text: str) -> float | None:
-    """OpenAI's reset durations: "6m0s", "1.5s", "12ms", "1h2m3s" → seconds."""
+    """OpenAI's reset durations: "6m0s", "1.5s", "12ms", "1h2m3s" → seconds (None: unusable)."""
     text = text.strip()
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         try:
-            return max(0.0, float(text))
+            return _seconds(float(text))
         except ValueError:
             return None
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+    return _seconds(sum(float(n) * _UNITS[u] for n, u in parts))
 
 
 def _until(text: str) -> float | None:
     """Anthropic's resets: RFC 3339 times → seconds from now (by this worker's clock)."""
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+        return _seconds(max(0.0, moment.timestamp() - time.time()))
+    except (ValueError, OverflowError, OSError):
         return None
-    return max(0.0, moment.timestamp() - time.time())
 
 
 def _int(value: str | None) -> int | None:
+    """A count from a header: finite and at least 0, kept to 2**53; anything else is unknown."""
+    if value is None:
+        return None
     try:
-        return int(float(value)) if value is not None else None
+        number = float(value)
     except ValueError:
         return None
+    if not math.isfinite(number) or number < 0:
+        return None
+    return int(min(number, MAX_COUNT))
 
 
-def pacing_args(headers: Mapping[str, str], status: int) -> list[int] | None:
-    """observe.lua's arguments from one provider response, or None if it said nothing."""
+def _retry_after(h: Mapping[str, str]) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        if name in h:
+            try:
+                seconds = _seconds(float(h[name]) * scale)
+            except ValueError:
+                seconds = None  # an HTTP date or garbage: the other header, or the default
+            if seconds is not None:
+                return seconds
+    return None
+
+
+def pacing_args(headers: Mapping[str, str], status: int,
+                max_hold: float = DEFAULT_MAX_HOLD) -> list[int] | None:
+    """observe.lua's arguments from one provider response, or None if it said nothing.
+
+    A 429/503/529 holds the model for the provider's retry-after (1 s when it gave none),
+    never longer than ``max_hold``: a provider asking for an hour would stop every user.
+    Callers pass a refusal about one request alone (too large for the provider's limit) as
+    the 413 it is, so it holds nobody.
+    """
     h = {k.lower(): v for k, v in headers.items()}
     rl = _int(h.get("x-ratelimit-remaining-requests"))
     tl = _int(h.get("x-ratelimit-remaining-tokens"))
@@ -86,11 +133,8 @@ def pacing_args(headers: Mapping[str, str], status: int) -> list[int] | None:
                 tr = _until(h.get(f"anthropic-ratelimit-{family}-reset", ""))
     hold = 0.0
     if status in (429, 529, 503):
-        if "retry-after-ms" in h:
-            hold = (_int(h["retry-after-ms"]) or 0) / 1000
-        elif "retry-after" in h:
-            hold = float(_int(h["retry-after"]) or 0)
-        hold = hold or 1.0
+        cap = max_hold if math.isfinite(max_hold) and max_hold > 0 else DEFAULT_MAX_HOLD
+        hold = min(_retry_after(h) or 1.0, cap)
     if rl is None and tl is None and not hold:
         return None
 
@@ -101,27 +145,79 @@ def pacing_args(headers: Mapping[str, str], status: int) -> list[int] | None:
             tl if tl is not None and tr is not None else -1, us(tr), us(hold)]
 
 
+def announced_token_limit(headers: Mapping[str, str]) -> int | None:
+    """The tokens per minute the provider's headers say the key has, if they say it."""
+    h = {k.lower(): v for k, v in headers.items()}
+    limits = [n for n in (_int(h.get(name)) for name in _LIMIT_HEADERS) if n]
+    return min(limits) if limits else None
+
+
+def _error_fields(body: Any) -> tuple[str, str]:
+    """(message, type and code) of a provider error body, in either provider's shape."""
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        body = body["error"]   # Anthropic's SDK keeps the envelope, OpenAI's drops it
+    if not isinstance(body, Mapping):
+        return (body if isinstance(body, str) else ""), ""
+    message = body.get("message")
+    labels = " ".join(str(body.get(k) or "") for k in ("type", "code"))
+    return (message if isinstance(message, str) else ""), labels
+
+
+def refused_alone(status: int, headers: Mapping[str, str], body: Any, tokens: int) -> bool:
+    """Whether the provider refused this request for being too large by itself.
+
+    Such a refusal is about this request alone: no wait makes it pass and it says nothing
+    about the limit every caller shares. Signs: a 413; an error that says so (OpenAI's
+    "Request too large for ...", or "Limit N ... Requested M" with M over N; Anthropic's
+    request_too_large); or a 429 for a request larger than the token limit the provider's
+    own headers announce.
+    """
+    if status == 413:
+        return True
+    if status not in (400, 429):
+        return False
+    message, labels = _error_fields(body)
+    if "request_too_large" in labels or _TOO_LARGE.search(message):
+        return True
+    if status != 429:
+        return False
+    found = _LIMIT_REQUESTED.search(message)
+    if found:
+        limit, requested = (int(g.replace(",", "")) for g in found.groups())
+        if requested > limit:
+            return True
+    announced = announced_token_limit(headers)
+    return announced is not None and tokens > announced
+
+
 class Observer:
     """Provider headers written behind the request, off the path to the first byte.
 
     Routine observations are coalesced per model (the latest wins) and written by one
-    background thread (a greenlet under gevent) every ``interval``; a 429/529 hold is written
-    at once, since every worker should stop calling that provider now.
+    background thread (a greenlet under gevent) every ``interval``. Written at once: a hold
+    (every worker should stop calling that provider now) and a provider that says nothing is
+    left (no request, or fewer tokens than this call used), so the very next call waits.
     """
 
-    def __init__(self, write: Callable[[str, list[int]], None], interval: float = 0.05) -> None:
+    def __init__(self, write: Callable[[str, list[int]], None], interval: float = 0.05,
+                 max_hold: Callable[[str], float] | None = None) -> None:
         self._write = write
         self._interval = interval
+        self._max_hold = max_hold or (lambda model: DEFAULT_MAX_HOLD)
         self._lock = threading.Lock()
         self._pending: dict[str, list[int]] = {}
         self._wake = threading.Event()
         self._pid = 0
 
-    def submit(self, model: str, headers: Mapping[str, str], status: int) -> None:
-        args = pacing_args(headers, status)
+    def submit(self, model: str, headers: Mapping[str, str], status: int,
+               tokens: int = 0) -> None:
+        args = pacing_args(headers, status, self._max_hold(model))
         if args is None:
             return
-        if args[4] > 0:
+        requests_left, tokens_left = args[0], args[2]
+        if args[4] > 0 or 0 <= requests_left < 1 or 0 <= tokens_left < max(1, tokens):
+            with self._lock:
+                self._forget_older(model, args)
             self._write(model, args)
             return
         with self._lock:
@@ -130,6 +226,18 @@ class Observer:
             self._pid = os.getpid()
             threading.Thread(target=self._run, name="pacing-writer", daemon=True).start()
         self._wake.set()
+
+    def _forget_older(self, model: str, args: list[int]) -> None:
+        """What the waiting observation says about the same counts is older: drop it, so
+        the writer does not put back a remaining count the provider has since used up."""
+        pending = self._pending.get(model)
+        if pending is None:
+            return
+        for left in (0, 2):
+            if args[left] >= 0:
+                pending[left:left + 2] = [-1, -1]
+        if pending[0] < 0 and pending[2] < 0:
+            del self._pending[model]
 
     def flush(self) -> None:
         with self._lock:

@@ -18,18 +18,49 @@
 -- Returns {allowed, refusing layer (0: none), wait_us, now_us, then remaining, reset_us
 -- per layer}. wait_us is the exact time until this request would pass (-1: never, its
 -- cost exceeds a limit). Redis TIME is the only clock.
+--
+-- All or nothing: every command that can fail (a key of the wrong type, a stored value that
+-- is not what this script wrote) runs in the first pass, which only reads; a bad value
+-- answers an error there, before anything is written. The second pass writes with commands
+-- that cannot fail on the values just checked: the edge's INCRBY (every attempt counts,
+-- also one a later layer refuses), then, only if every layer passed, the SETs, the lease's
+-- ZADD and the pace hash's HSETs of values computed in the first pass.
 
 local SLOTS = 61          -- 60 whole slots plus the current partial one
+local MAX_COUNT = 2^53    -- integers a double holds exactly
 local pack, unpack = struct.pack, struct.unpack
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
+local function finite(x)
+  return x ~= nil and x == x and x > -math.huge and x < math.huge
+end
+
+local function bad(i, what)
+  return redis.error_reply('ERR acquire: ' .. KEYS[i] .. ': ' .. what .. '; nothing was changed')
+end
+
+-- A pace value as observe.lua writes it; anything else (garbage, nan, inf) is unknown.
+local function pace(value)
+  local x = tonumber(value)
+  if finite(x) then return x end
+  return nil
+end
+
 local result = {1, 0, 0, now}
 local n = 4
 local writes = {}
 local costs = {}
+local edges = {}          -- {layer, cost, fresh}: written whether or not a later layer refuses
 local worst_wait, worst_layer = 0, 0
+
+local function count_edges()
+  for _, e in ipairs(edges) do
+    redis.call('INCRBY', KEYS[e[1]], e[2])
+    if e[3] then redis.call('EXPIRE', KEYS[e[1]], e[4]) end
+  end
+end
 
 for i = 1, #KEYS do
   local base = (i - 1) * 4
@@ -40,28 +71,43 @@ for i = 1, #KEYS do
   local remaining, reset, wait = 0, 0, 0
 
   if kind == 'f' then
-    local count
-    if cost > 0 then
-      count = redis.call('INCRBY', KEYS[i], cost)
-      if count == cost then redis.call('EXPIRE', KEYS[i], b) end
-    else
-      count = tonumber(redis.call('GET', KEYS[i]) or '0')
+    local raw = redis.call('GET', KEYS[i])
+    local count = 0
+    if raw then
+      -- What INCRBY accepts, and no more digits than a double counts exactly.
+      if #raw > 15 or not (raw == '0' or string.match(raw, '^%-?[1-9]%d*$')) then
+        return bad(i, 'not a count')
+      end
+      count = tonumber(raw)
     end
-    local ttl = redis.call('PTTL', KEYS[i])
-    if ttl < 0 then ttl = 0 end
+    local ttl
+    if cost > 0 then
+      count = count + cost
+      edges[#edges + 1] = {i, cost, count == cost, b}
+    end
+    if cost > 0 and count == cost then
+      ttl = b * 1000
+    else
+      ttl = redis.call('PTTL', KEYS[i])
+      if ttl < 0 then ttl = 0 end
+    end
     remaining, reset = a - count, ttl * 1000
     if count > a then
+      -- A refusal here ends the call before any other layer is looked at.
+      count_edges()
       result[1], result[2], result[3] = 0, i, ttl * 1000 + 1
       result[n + 1], result[n + 2] = 0, reset
       return result
     end
-    cost = 0  -- already counted: nothing for the commit below
+    cost = 0  -- counted with the edges below: nothing for the commit
 
   elseif kind == 'b' then
     local raw = redis.call('GET', KEYS[i])
     local tokens = a
     if raw then
+      if #raw ~= 16 then return bad(i, 'not a token bucket') end
       local held, at = unpack('<dd', raw)
+      if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
       tokens = math.min(a, held + (now - at) * b / 1e6)
     end
     if tokens >= cost then
@@ -84,7 +130,9 @@ for i = 1, #KEYS do
     local cur = math.floor(now / slot)
     local last, total, state
     if raw then
+      if #raw ~= 16 + SLOTS * width then return bad(i, 'not a sliding window') end
       last, total = unpack('<dd', raw)
+      if not (finite(last) and finite(total)) then return bad(i, 'not a sliding window') end
       if cur - last >= SLOTS then
         raw = nil
       else
@@ -129,8 +177,11 @@ for i = 1, #KEYS do
     remaining = a - total
 
   elseif kind == 'c' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-    local held = redis.call('ZCARD', KEYS[i])
+    -- Leases past their TTL are not counted here; the commit sweeps them.
+    local after = string.format('(%.0f', now)
+    local held = redis.call('ZCOUNT', KEYS[i], after, '+inf')
+    local first = redis.call('ZRANGEBYSCORE', KEYS[i], after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local soonest = first[2] and math.min(b, tonumber(first[2]) - now)
     local lease = ARGV[base + 4]
     cost = 0
     if lease ~= '-' then
@@ -139,24 +190,23 @@ for i = 1, #KEYS do
         held = held + 1
         writes[i] = {lease, now + b}
       else
-        -- When a lease frees is up to its stream; a second is a fair, short wait.
-        wait = 1000000
+        -- A slot frees as soon as one of the caller's requests in flight finishes; the
+        -- store only knows the latest moment: the soonest lease running out its TTL.
+        wait = math.max(1000000, soonest or 0)
       end
     end
     remaining = a - held
-    local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-    if first[2] then reset = tonumber(first[2]) - now end
+    if soonest then reset = soonest end
 
   elseif kind == 'p' then
     local p = redis.call('HMGET', KEYS[i], 'until', 'rl', 'rr', 'tl', 'tr')
-    local hold, rl, rr, tl, tr = tonumber(p[1]), tonumber(p[2]), tonumber(p[3]),
-      tonumber(p[4]), tonumber(p[5])
+    local hold, rl, rr, tl, tr = pace(p[1]), pace(p[2]), pace(p[3]), pace(p[4]), pace(p[5])
     if hold and hold > now then wait = hold - now end
     if rl and rr and rr > now and rl < 1 then wait = math.max(wait, rr - now) end
     if tl and tr and tr > now and tl < cost then wait = math.max(wait, tr - now) end
     remaining, reset = rl or 0, math.max(0, (rr or now) - now)
     if cost > 0 and wait == 0 and ((rl and rr and rr > now) or (tl and tr and tr > now)) then
-      writes[i] = {cost}
+      writes[i] = {rl, tl, cost}
       cost = 1
     else
       cost = 0
@@ -173,6 +223,9 @@ for i = 1, #KEYS do
   result[n + 2] = math.max(0, math.ceil(reset))
   n = n + 2
 end
+
+-- Every key was read and found sound: from here on nothing can fail halfway.
+count_edges()
 
 if worst_layer ~= 0 then
   result[1], result[2], result[3] = 0, worst_layer, math.ceil(worst_wait)
@@ -191,14 +244,13 @@ for i = 1, #KEYS do
   if w and costs[i] and costs[i] > 0 then
     local kind = ARGV[(i - 1) * 4 + 1]
     if kind == 'c' then
+      redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
       redis.call('ZADD', KEYS[i], w[2], w[1])
       redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[(i - 1) * 4 + 3]) / 1000) + 1000)
     elseif kind == 'p' then
-      local rl = redis.call('HGET', KEYS[i], 'rl')
-      if rl then redis.call('HINCRBY', KEYS[i], 'rl', -1) end
-      if w[1] > 0 and redis.call('HGET', KEYS[i], 'tl') then
-        redis.call('HINCRBYFLOAT', KEYS[i], 'tl', -w[1])
-      end
+      -- Values, not HINCRBY: the increment of a checked number cannot fail.
+      if w[1] then redis.call('HSET', KEYS[i], 'rl', w[1] - 1) end
+      if w[2] and w[3] > 0 then redis.call('HSET', KEYS[i], 'tl', w[2] - w[3]) end
     else
       redis.call('SET', KEYS[i], w[1], 'PX', w[2])
     end

@@ -4,11 +4,26 @@
 --
 -- KEYS[1]  the model's pace hash
 -- ARGV     requests_left, requests_reset_us, tokens_left, tokens_reset_us, hold_us
+--
+-- A value that is not a finite number of at least 0 is unknown, whatever sent it; counts
+-- are kept to 2^53 and times to a day, so what acquire.lua reads back is always sound.
+
+local MAX_COUNT, MAX_US = 2^53, 86400 * 1000000
+
+local function arg(value, most)
+  local x = tonumber(value)
+  if x == nil or x ~= x or x < 0 then return -1 end
+  return math.min(math.floor(x), most)
+end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local rl, rr, tl, tr, hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
-  tonumber(ARGV[4]), tonumber(ARGV[5])
+local rl, rr = arg(ARGV[1], MAX_COUNT), arg(ARGV[2], MAX_US)
+local tl, tr = arg(ARGV[3], MAX_COUNT), arg(ARGV[4], MAX_US)
+local hold = arg(ARGV[5], MAX_US)
+-- Read first: a key of another type fails here, before anything is written.
+local current = tonumber(redis.call('HGET', KEYS[1], 'until'))
+if current == nil or current ~= current then current = 0 end
 local longest = 0
 if rl >= 0 and rr >= 0 then
   redis.call('HSET', KEYS[1], 'rl', rl, 'rr', now + rr)
@@ -19,8 +34,9 @@ if tl >= 0 and tr >= 0 then
   longest = math.max(longest, tr)
 end
 if hold > 0 then
-  local current = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
-  if now + hold > current then redis.call('HSET', KEYS[1], 'until', now + hold) end
+  if now + hold > current or current > now + MAX_US then
+    redis.call('HSET', KEYS[1], 'until', now + hold)
+  end
   longest = math.max(longest, hold)
 end
 if longest > 0 then

@@ -9,6 +9,10 @@
 --   "c"      b = lease TTL in microseconds; delta = lease id: released
 --   "r"      b = lease TTL in microseconds; delta = lease id: renewed from now
 -- Returns the number of layers changed.
+--
+-- All or nothing, as acquire.lua: the first pass reads and checks every key (a key of the
+-- wrong type or a value this script did not write answers an error before any write); the
+-- second pass writes what the first computed. No count is driven below zero.
 
 local SLOTS = 61
 local pack, unpack = struct.pack, struct.unpack
@@ -16,50 +20,76 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local charged_at = tonumber(ARGV[1])
 local changed = 0
+local writes = {}
+
+local function finite(x)
+  return x ~= nil and x == x and x > -math.huge and x < math.huge
+end
+
+local function bad(i, what)
+  return redis.error_reply('ERR settle: ' .. KEYS[i] .. ': ' .. what .. '; nothing was changed')
+end
 
 for i = 1, #KEYS do
   local base = 1 + (i - 1) * 3
   local kind, b = ARGV[base + 1], tonumber(ARGV[base + 2])
 
-  if kind == 'c' then
-    changed = changed + redis.call('ZREM', KEYS[i], ARGV[base + 3])
-  elseif kind == 'r' then
-    -- A lease already past its TTL is gone, whether or not an acquire has swept it yet.
-    local until_us = tonumber(redis.call('ZSCORE', KEYS[i], ARGV[base + 3]) or '0')
-    if until_us > now then
-      changed = changed + redis.call('ZADD', KEYS[i], 'XX', 'CH', now + b, ARGV[base + 3])
-      redis.call('PEXPIRE', KEYS[i], math.ceil(b / 1000) + 1000)
+  if kind == 'c' or kind == 'r' then
+    -- ZSCORE fails on a key of another type, here, before anything is written.
+    local score = redis.call('ZSCORE', KEYS[i], ARGV[base + 3])
+    if kind == 'c' then
+      if score then writes[#writes + 1] = {'ZREM', i} end
+    elseif score and tonumber(score) > now then
+      -- A lease already past its TTL is gone, whether or not an acquire has swept it yet.
+      writes[#writes + 1] = {'RENEW', i, now + b, math.ceil(b / 1000) + 1000}
     end
   else
     local delta = tonumber(ARGV[base + 3])
+    if not finite(delta) then delta = 0 end
     local raw = delta ~= 0 and redis.call('GET', KEYS[i])
     local ttl = raw and redis.call('PTTL', KEYS[i])
     if raw and ttl > 0 then
       if kind == 'b' then
+        if #raw ~= 16 then return bad(i, 'not a token bucket') end
         -- Refilling stays acquire's job: only the held tokens move.
         local held, at = unpack('<dd', raw)
+        if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
         local tokens = math.max(0, math.min(b, held - delta))
-        redis.call('SET', KEYS[i], pack('<dd', tokens, at), 'PX', ttl)
-        changed = changed + 1
+        writes[#writes + 1] = {'SET', i, pack('<dd', tokens, at), ttl}
       else
         local fmt, width = '<I4', 4
         if kind == 'W' then fmt, width = '<d', 8 end
+        if #raw ~= 16 + SLOTS * width then return bad(i, 'not a sliding window') end
         local slot = b / 60
         local idx = math.floor(charged_at / slot)
         local last, total = unpack('<dd', raw)
+        if not (finite(last) and finite(total)) then return bad(i, 'not a sliding window') end
         -- The slot is still in the ring while no later write has moved past it.
         if idx <= last and last - idx < SLOTS and math.floor(now / slot) - idx < SLOTS then
           local off = 16 + (idx % SLOTS) * width
           local held = unpack(fmt, raw, off + 1)
           local new = math.max(0, held + delta)
+          if kind == 'w' then new = math.min(new, 4294967295) end  -- what 4 bytes hold
           total = math.max(0, total + (new - held))
           local state = pack('<dd', last, total) .. raw:sub(17, off) .. pack(fmt, new)
             .. raw:sub(off + width + 1)
-          redis.call('SET', KEYS[i], state, 'PX', ttl)
-          changed = changed + 1
+          writes[#writes + 1] = {'SET', i, state, ttl}
         end
       end
     end
   end
+end
+
+for _, w in ipairs(writes) do
+  local key = KEYS[w[2]]
+  if w[1] == 'ZREM' then
+    redis.call('ZREM', key, ARGV[1 + (w[2] - 1) * 3 + 3])
+  elseif w[1] == 'RENEW' then
+    redis.call('ZADD', key, 'XX', 'CH', w[3], ARGV[1 + (w[2] - 1) * 3 + 3])
+    redis.call('PEXPIRE', key, w[4])
+  else
+    redis.call('SET', key, w[3], 'PX', w[4])
+  end
+  changed = changed + 1
 end
 return changed

@@ -13,7 +13,7 @@ from .errors import UpstreamError
 _KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
-Observe = Callable[[Mapping[str, str], int], None]
+Observe = Callable[[Mapping[str, str], int, int], None]  # headers, status, tokens
 
 
 class UnknownModel(ValueError):

@@ -8,7 +8,9 @@ from collections.abc import Callable, Mapping
 from functools import cache
 from typing import TYPE_CHECKING
 
-from .errors import UpstreamError, from_sdk
+from limiting.llm import estimate_input_tokens
+
+from .errors import TOO_LARGE, UpstreamError, from_sdk
 
 if TYPE_CHECKING:  # imported at the first call instead: see errors.py
     import anthropic
@@ -66,7 +68,13 @@ def reset() -> None:
     _anthropic_clients.cache_clear()
 
 
-Observe = Callable[[Mapping[str, str], int], None]
+# (headers, status, tokens the call reserved); see limiting.upstream.Observer.
+Observe = Callable[[Mapping[str, str], int, int], None]
+
+
+def _tokens(message: str, max_tokens: int) -> int:
+    """The call's tokens as /chat reserved them."""
+    return estimate_input_tokens([{"role": "user", "content": message}]) + max_tokens
 
 
 def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
@@ -74,16 +82,20 @@ def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
     """(reply, input tokens, output tokens, cached input tokens) of one chat turn."""
     import openai
 
+    tokens = _tokens(message, max_tokens)
     try:
         raw = openai_client().chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": message}], max_tokens=max_tokens,
         )
     except openai.APIStatusError as exc:
-        observe(exc.response.headers, exc.status_code)
-        raise from_sdk(exc, "openai") from None
+        error = from_sdk(exc, "openai", tokens)
+        # A refusal of this request alone holds nobody: the guard sees the 413 it is.
+        observe(exc.response.headers, 413 if error.code == TOO_LARGE else exc.status_code,
+                tokens)
+        raise error from None
     except openai.OpenAIError as exc:
         raise from_sdk(exc, "openai") from None
-    observe(raw.headers, raw.status_code)
+    observe(raw.headers, raw.status_code, tokens)
     result = raw.parse()
     if not result.choices:
         raise UpstreamError(502, "upstream_error", "The openai API returned no choices.")
@@ -99,16 +111,20 @@ def anthropic_complete(model: str, message: str, max_tokens: int, observe: Obser
                        ) -> tuple[str, int, int, int]:
     import anthropic
 
+    tokens = _tokens(message, max_tokens)
     try:
         raw = anthropic_client().messages.with_raw_response.create(
             model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": message}],
         )
     except anthropic.APIStatusError as exc:
-        observe(exc.response.headers, exc.status_code)
-        raise from_sdk(exc, "anthropic") from None
+        error = from_sdk(exc, "anthropic", tokens)
+        # A refusal of this request alone holds nobody: the guard sees the 413 it is.
+        observe(exc.response.headers, 413 if error.code == TOO_LARGE else exc.status_code,
+                tokens)
+        raise error from None
     except anthropic.AnthropicError as exc:
         raise from_sdk(exc, "anthropic") from None
-    observe(raw.headers, raw.status_code)
+    observe(raw.headers, raw.status_code, tokens)
     result = raw.parse()
     u = result.usage
     cached = u.cache_read_input_tokens or 0

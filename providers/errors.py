@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from limiting.lease import provider_billed, status_billed
+from limiting.upstream import refused_alone
 
 # The SDKs are imported where a call is made (providers/clients.py), not here: importing both
 # takes about a second, which every `flask limits ...` command would pay for nothing.
@@ -49,12 +50,17 @@ def _retry_after(headers: Any) -> int | None:
     return None
 
 
-def from_sdk(exc: Exception, provider: str) -> UpstreamError:
+TOO_LARGE = "request_too_large_for_upstream"
+
+
+def from_sdk(exc: Exception, provider: str, tokens: int = 0) -> UpstreamError:
     """Map an OpenAI/Anthropic SDK exception; messages never echo keys or prompts.
 
     ``billed`` follows the reservation rule (limiting.lease.provider_billed): a connection never
     made and a refusal before generation (4xx, 503, 529) are not billed; a timeout, a read error
-    and any other 5xx may have been.
+    and any other 5xx may have been. ``tokens`` is what the call reserved: a 429 for a request
+    over the token limit the provider announced is about that request alone, a 400 and not a
+    retry-later.
     """
     billed = provider_billed(exc)
     if isinstance(exc, sdk_errors("APITimeoutError")):
@@ -66,6 +72,13 @@ def from_sdk(exc: Exception, provider: str) -> UpstreamError:
     if isinstance(exc, sdk_errors("APIStatusError")):
         status = exc.status_code
         retry = _retry_after(exc.response.headers)
+        if status in (400, 413, 429) and refused_alone(status, exc.response.headers,
+                                                       getattr(exc, "body", None), tokens):
+            return UpstreamError(400, TOO_LARGE,
+                                 f"This request alone is more than the {provider} API allows "
+                                 "for this model; send fewer input tokens or a lower "
+                                 "max_tokens. Retrying will not help.",
+                                 billed=False, upstream_status=status)
         kw: dict[str, Any] = {"billed": status_billed(status), "upstream_status": status}
         if status == 429:
             return UpstreamError(503, "upstream_rate_limited",

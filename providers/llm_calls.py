@@ -2,8 +2,8 @@
 
 The /v1 endpoints relay what the provider said rather than a re-serialised SDK model, so
 clients see the exact fields; they also need every response's headers (the limiter learns the
-provider's pacing from them). Each call reports ``observe(headers, status)`` once, on success
-and on an HTTP error alike, then raises :class:`UpstreamError` for any failure. The usage
+provider's pacing from them). Each call reports ``observe(headers, status, tokens)`` once, on
+success and on an HTTP error alike, then raises :class:`UpstreamError` for any failure. The usage
 readers turn each provider's usage object into the limiter's :class:`Usage`.
 """
 
@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from limiting.llm import Usage
+from limiting.llm import Usage, estimate_input_tokens
 
 from .clients import anthropic_client, openai_client
-from .errors import UpstreamError, from_sdk, sdk_errors
+from .errors import TOO_LARGE, UpstreamError, from_sdk, sdk_errors
 
-Observe = Callable[[Mapping[str, str], int], None]
+# (headers, status, tokens the call reserved); see limiting.upstream.Observer.
+Observe = Callable[[Mapping[str, str], int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +161,24 @@ def parse_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
         yield SSEEvent(name, "\n".join(data))
 
 
-def _status_error(exc: Exception, provider: str, observe: Observe) -> UpstreamError:
+def request_tokens(params: Mapping[str, Any]) -> int:
+    """What a call's tokens come to, as the limiter reserved them: prompt plus output cap."""
+    messages = params.get("messages")
+    prompt = estimate_input_tokens(messages if isinstance(messages, list) else [],
+                                   params.get("system"))
+    caps = [as_int(params.get(k)) for k in ("max_completion_tokens", "max_tokens")]
+    return prompt + max(caps)
+
+
+def _status_error(exc: Exception, provider: str, observe: Observe,
+                  params: Mapping[str, Any]) -> UpstreamError:
+    tokens = request_tokens(params)
+    error = from_sdk(exc, provider, tokens)
     if isinstance(exc, sdk_errors("APIStatusError")):
-        observe(dict(exc.response.headers), exc.status_code)
-    return from_sdk(exc, provider)
+        # A refusal of this request alone holds nobody: the guard sees the 413 it is.
+        status = 413 if error.code == TOO_LARGE else exc.status_code
+        observe(dict(exc.response.headers), status, tokens)
+    return error
 
 
 def _guarded(events: Iterator[SSEEvent], provider: str) -> Iterator[SSEEvent]:
@@ -176,10 +191,10 @@ def _guarded(events: Iterator[SSEEvent], provider: str) -> Iterator[SSEEvent]:
         raise from_sdk(exc, provider) from None
 
 
-def _open(raw: Any, provider: str, observe: Observe) -> UpstreamStream:
+def _open(raw: Any, provider: str, observe: Observe, tokens: int) -> UpstreamStream:
     response = raw.http_response
     headers = dict(response.headers)
-    observe(headers, response.status_code)
+    observe(headers, response.status_code, tokens)
     return UpstreamStream(headers, _guarded(parse_sse(response.iter_lines()), provider),
                           response.close, response.status_code)
 
@@ -192,11 +207,11 @@ def openai_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
         raw = openai_client().chat.completions.with_raw_response.create(**params)
         body = raw.http_response.read()
     except openai.OpenAIError as exc:
-        raise _status_error(exc, "openai", observe) from None
+        raise _status_error(exc, "openai", observe, params) from None
     except Exception as exc:  # transport errors the SDK did not wrap
         raise from_sdk(exc, "openai") from None
     headers = dict(raw.headers)
-    observe(headers, raw.status_code)
+    observe(headers, raw.status_code, request_tokens(params))
     return UpstreamReply(body, headers, raw.status_code)
 
 
@@ -207,10 +222,10 @@ def openai_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStream
     try:
         raw = openai_client().chat.completions.with_raw_response.create(**params, stream=True)
     except openai.OpenAIError as exc:
-        raise _status_error(exc, "openai", observe) from None
+        raise _status_error(exc, "openai", observe, params) from None
     except Exception as exc:
         raise from_sdk(exc, "openai") from None
-    return _open(raw, "openai", observe)
+    return _open(raw, "openai", observe, request_tokens(params))
 
 
 def anthropic_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
@@ -221,11 +236,11 @@ def anthropic_create(params: Mapping[str, Any], observe: Observe) -> UpstreamRep
         raw = anthropic_client().messages.with_raw_response.create(**params)
         body = raw.http_response.read()
     except anthropic.AnthropicError as exc:
-        raise _status_error(exc, "anthropic", observe) from None
+        raise _status_error(exc, "anthropic", observe, params) from None
     except Exception as exc:
         raise from_sdk(exc, "anthropic") from None
     headers = dict(raw.headers)
-    observe(headers, raw.status_code)
+    observe(headers, raw.status_code, request_tokens(params))
     return UpstreamReply(body, headers, raw.status_code)
 
 
@@ -236,7 +251,7 @@ def anthropic_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStr
     try:
         raw = anthropic_client().messages.with_raw_response.create(**params, stream=True)
     except anthropic.AnthropicError as exc:
-        raise _status_error(exc, "anthropic", observe) from None
+        raise _status_error(exc, "anthropic", observe, params) from None
     except Exception as exc:
         raise from_sdk(exc, "anthropic") from None
-    return _open(raw, "anthropic", observe)
+    return _open(raw, "anthropic", observe, request_tokens(params))
