@@ -285,7 +285,7 @@ def test_a_long_call_keeps_its_lease_through_the_library_api(
     @app.post("/slow")
     def slow() -> dict[str, Any]:
         with limiter.reserve("long", GPT, 10, 20, "single") as res:
-            text, usage = complete("openai", GPT, "hello there", 20, lambda h, s: None)
+            text, usage = complete("openai", GPT, "hello there", 20, lambda h, s, t: None)
             res.settle(usage)
         return {"reply": text}
 
