@@ -13,24 +13,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 from limits import parse_many
 from limits.errors import ConfigurationError as LimitsConfigurationError
 
 from .lease import RENEW_EVERY
-
-FailMode = Literal["fail_open", "fail_closed"]
-FAIL_MODES: tuple[FailMode, ...] = ("fail_open", "fail_closed")
+from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
+from .policy_reader import PolicyError as PolicyError
+from .policy_reader import TableReader
 
 log = logging.getLogger("limiter.policy")
 _WARNED_REMOVED: set[tuple[str, str]] = set()
 
 _UNIT_NAMES = {1: "second", 60: "minute", 3600: "hour", 86400: "day", 2592000: "month"}
-
-
-class PolicyError(ValueError):
-    """The policy file is unusable; the message names file, key and reason."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,73 +142,7 @@ class Policy:
 _PROVIDERS = ("openai", "anthropic", "echo")
 
 
-class _Reader:
-    """Typed access to one TOML table that reports errors as file: key: reason."""
-
-    def __init__(self, source: str, prefix: str, table: Any) -> None:
-        self.source, self.prefix = source, prefix
-        if not isinstance(table, dict):
-            self.fail("", "must be a table")
-        self.table: dict[str, Any] = table
-        self.seen: set[str] = set()
-
-    def fail(self, key: str, reason: str) -> None:
-        where = ".".join(p for p in (self.prefix, key) if p)
-        raise PolicyError(f"{self.source}: {where or '(top level)'}: {reason}")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *,
-            required: bool = False) -> Any:
-        self.seen.add(key)
-        if key not in self.table:
-            if required:
-                self.fail(key, "is required")
-            return default
-        value = self.table[key]
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            self.fail(key, f"must be {_kind_name(kind)}, not a boolean")
-        if not isinstance(value, kind):
-            self.fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__} {value!r}")
-        return value
-
-    def positive(self, key: str, kind: type | tuple[type, ...] = int, *, required: bool = False,
-                 default: Any = None) -> Any:
-        value = self.get(key, kind, default, required=required)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            self.fail(key, f"must be a positive number, got {value!r}")
-        return value
-
-    def fail_mode(self, key: str, default: FailMode) -> FailMode:
-        value = self.get(key, str, default)
-        if value not in FAIL_MODES:
-            self.fail(key, f"must be one of {', '.join(FAIL_MODES)}, got {value!r}")
-        return value  # type: ignore[no-any-return]
-
-    def windows(self, key: str) -> tuple[Window, ...]:
-        texts = self.get(key, list, [])
-        out = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                self.fail(f"{key}[{i}]", f"must be a string like '100 per day', got {text!r}")
-            out.append(_window(self, f"{key}[{i}]", text))
-        seconds = [w.seconds for w in out]
-        if len(set(seconds)) != len(seconds):
-            self.fail(key, "two quotas share one window length; keep the tighter one")
-        return tuple(out)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.table) - self.seen)
-        if unknown:
-            self.fail(unknown[0], "unknown key (a typo?)")
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list",
-             dict: "a table", bool: "true or false"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _window(reader: _Reader, key: str, text: str) -> Window:
+def _window(reader: TableReader, key: str, text: str) -> Window:
     try:
         items = parse_many(text)
     except (LimitsConfigurationError, ValueError) as exc:
@@ -225,13 +155,27 @@ def _window(reader: _Reader, key: str, text: str) -> Window:
     return Window(amount=item.amount, seconds=item.get_expiry(), text=text)
 
 
+def _windows(r: TableReader, key: str) -> tuple[Window, ...]:
+    texts = r.get(key, list, [])
+    out = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            r.fail(f"{key}[{i}]", f"must be a string like '100 per day', got {text!r}")
+        out.append(_window(r, f"{key}[{i}]", text))
+    seconds = [w.seconds for w in out]
+    if len(set(seconds)) != len(seconds):
+        r.fail(key, "two quotas share one window length; keep the tighter one")
+    return tuple(out)
+
+
+
 def _plan(source: str, name: str, table: Any) -> Plan:
-    r = _Reader(source, f"plans.{name}", table)
+    r = TableReader(source, f"plans.{name}", table)
     plan = Plan(
         name=name,
         burst=r.positive("burst", required=True),
         refill_per_second=float(r.positive("refill_per_second", (int, float), required=True)),
-        quotas=r.windows("quotas"),
+        quotas=_windows(r, "quotas"),
         tokens_per_minute=r.positive("tokens_per_minute"),
         input_tokens_per_minute=r.positive("input_tokens_per_minute"),
         output_tokens_per_minute=r.positive("output_tokens_per_minute"),
@@ -251,7 +195,7 @@ def _plan(source: str, name: str, table: Any) -> Plan:
 
 
 def _model(source: str, name: str, table: Any) -> ModelPolicy:
-    r = _Reader(source, f'models."{name}"', table)
+    r = TableReader(source, f'models."{name}"', table)
     provider = r.get("provider", str, required=True)
     if provider not in _PROVIDERS:
         r.fail("provider", f"must be one of {', '.join(_PROVIDERS)}, got {provider!r}")
@@ -274,7 +218,7 @@ def _model(source: str, name: str, table: Any) -> ModelPolicy:
     return model
 
 
-def _price(r: _Reader, key: str) -> float | None:
+def _price(r: TableReader, key: str) -> float | None:
     """A price in dollars: zero is free, below zero or not finite is a typo that bills wrong."""
     value = r.get(key, (int, float))
     if value is None:
@@ -284,7 +228,7 @@ def _price(r: _Reader, key: str) -> float | None:
     return float(value)
 
 
-def _tiers(r: _Reader) -> dict[str, float]:
+def _tiers(r: TableReader) -> dict[str, float]:
     tiers = r.get("service_tiers", dict, {})
     for tier, factor in tiers.items():
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
@@ -293,7 +237,7 @@ def _tiers(r: _Reader) -> dict[str, float]:
     return {tier: float(factor) for tier, factor in tiers.items()}
 
 
-def _aliases(r: _Reader) -> tuple[str, ...]:
+def _aliases(r: TableReader) -> tuple[str, ...]:
     aliases = r.get("aliases", list, [])
     for i, alias in enumerate(aliases):
         if not isinstance(alias, str) or not alias.strip():
@@ -335,9 +279,9 @@ def _check_budgets(source: str, plans: Mapping[str, Plan],
 
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     """Build a Policy from parsed TOML, checking every key."""
-    top = _Reader(source, "", dict(data))
+    top = TableReader(source, "", dict(data))
 
-    edge = _Reader(source, "edge", top.get("edge", dict, {}))
+    edge = TableReader(source, "edge", top.get("edge", dict, {}))
     per_ip = edge.get("per_ip", list, [])
     for i, text in enumerate(per_ip):
         if not isinstance(text, str):
@@ -351,7 +295,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         top.fail("plans", "needs at least one plan")
     plans = {name: _plan(source, name, table) for name, table in plans_table.items()}
 
-    defaults = _Reader(source, "defaults", top.get("defaults", dict, {}))
+    defaults = TableReader(source, "defaults", top.get("defaults", dict, {}))
     default_plan = defaults.get("plan", str, next(iter(plans)))
     if default_plan not in plans:
         defaults.fail("plan", f"names no plan under [plans]: {default_plan!r}")
@@ -366,7 +310,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     aliases = _alias_map(source, models)
     _check_budgets(source, plans, models)
 
-    store = _Reader(source, "store", top.get("store", dict, {}))
+    store = TableReader(source, "store", top.get("store", dict, {}))
     timeout_ms = store.positive("timeout_ms", default=50)
     local_fallback = store.get("local_fallback", bool, False)
     store.done()

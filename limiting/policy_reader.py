@@ -1,0 +1,71 @@
+"""Typed access to the policy file's TOML tables, reporting every problem as file: key: reason.
+
+A bad file must fail at start, naming file, key and reason, because a typo found by the first
+paying user is a typo found too late.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+FailMode = Literal["fail_open", "fail_closed"]
+FAIL_MODES: tuple[FailMode, ...] = ("fail_open", "fail_closed")
+
+
+class PolicyError(ValueError):
+    """The policy file is unusable; the message names file, key and reason."""
+
+
+class TableReader:
+    """One TOML table: typed reads, and ``done()`` refuses the keys nobody read (typos)."""
+
+    def __init__(self, source: str, prefix: str, table: Any) -> None:
+        self.source, self.prefix = source, prefix
+        if not isinstance(table, dict):
+            self.fail("", "must be a table")
+        self.table: dict[str, Any] = table
+        self.seen: set[str] = set()
+
+    def fail(self, key: str, reason: str) -> None:
+        where = ".".join(p for p in (self.prefix, key) if p)
+        raise PolicyError(f"{self.source}: {where or '(top level)'}: {reason}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *,
+            required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            if required:
+                self.fail(key, "is required")
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            self.fail(key, f"must be {_kind_name(kind)}, not a boolean")
+        if not isinstance(value, kind):
+            self.fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+        return value
+
+    def positive(self, key: str, kind: type | tuple[type, ...] = int, *, required: bool = False,
+                 default: Any = None) -> Any:
+        value = self.get(key, kind, default, required=required)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            self.fail(key, f"must be a positive number, got {value!r}")
+        return value
+
+    def fail_mode(self, key: str, default: FailMode) -> FailMode:
+        value = self.get(key, str, default)
+        if value not in FAIL_MODES:
+            self.fail(key, f"must be one of {', '.join(FAIL_MODES)}, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            self.fail(unknown[0], "unknown key (a typo?)")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a table", bool: "true or false"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
