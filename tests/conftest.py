@@ -118,3 +118,21 @@ def gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
     yield start
     for g in started:
         g.stop()
+
+
+def provider_env(monkeypatch: pytest.MonkeyPatch, upstream_timeout: str = "2"
+                 ) -> Iterator[object]:
+    """A FakeProvider the in-process app's SDK clients call, keys and base URLs set as a
+    deployment would set them; the clients are made anew for it and forgotten after."""
+    from fakeprovider import FakeProvider
+    from providers import clients
+
+    with FakeProvider() as fake:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.url + "/v1")
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+        monkeypatch.setenv("UPSTREAM_TIMEOUT", upstream_timeout)
+        clients.reset()
+        yield fake
+        clients.reset()

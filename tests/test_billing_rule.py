@@ -38,7 +38,7 @@ from limiting.reservation import Reservation, usd_micros
 from limiting.store import open_store
 from providers import clients, complete
 from providers.errors import UpstreamError, from_sdk
-from tests.conftest import free_port, write_policy
+from tests.conftest import free_port, provider_env, write_policy
 
 POLICY = """
 [store]
@@ -93,15 +93,7 @@ TOKENS, USD = 100000, 100 * 10**6
 
 @pytest.fixture
 def fp(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProvider]:
-    with FakeProvider() as fake:
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
-        monkeypatch.setenv("OPENAI_BASE_URL", fake.url + "/v1")
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake")
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
-        monkeypatch.setenv("UPSTREAM_TIMEOUT", "1")
-        clients.reset()
-        yield fake
-        clients.reset()
+    yield from provider_env(monkeypatch, upstream_timeout="1")  # type: ignore[misc]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from fakeprovider import FakeProvider
 from providers import clients
-from tests.conftest import write_policy
+from tests.conftest import provider_env, write_policy
 
 POLICY = """
 [plans.p]
@@ -30,15 +30,7 @@ provider = "anthropic"
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProvider]:
-    with FakeProvider() as fp:
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
-        monkeypatch.setenv("OPENAI_BASE_URL", fp.url + "/v1")
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake")
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", fp.url)
-        monkeypatch.setenv("UPSTREAM_TIMEOUT", "2")
-        clients.reset()
-        yield fp
-        clients.reset()
+    yield from provider_env(monkeypatch, upstream_timeout="2")  # type: ignore[misc]
 
 
 @pytest.fixture
