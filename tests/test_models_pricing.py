@@ -203,6 +203,17 @@ def test_anthropic_cache_writes_settle_at_their_price(s: Stack) -> None:
     assert s.spent_usd(user) == round(expected)
 
 
+def test_a_streamed_answer_settles_cache_writes_at_their_price(s: Stack) -> None:
+    user, key = s.user()
+    s.fake.set_cached_tokens(20, 40)
+    with s.ant(key).messages.stream(model="claude-sonnet", max_tokens=20,
+                                    messages=LONG) as stream:  # type: ignore[arg-type]
+        u = stream.get_final_message().usage
+    assert (u.cache_read_input_tokens, u.cache_creation_input_tokens) == (20, 40)
+    expected = u.input_tokens * 3 + 20 * 0.3 + 40 * 3.75 + u.output_tokens * 15
+    assert s.spent_usd(user) == round(expected)
+
+
 def test_one_hour_cache_writes_and_web_searches_are_read_and_priced() -> None:
     usage = anthropic_usage({"usage": {
         "input_tokens": 10, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 300,
