@@ -111,6 +111,7 @@ def _serve() -> Response:
     estimate = v1.estimate(messages, system, body.get("tools"))
 
     reservation = v1.reserve(record, model, estimate, max_tokens, terms=terms)
+    reserved = estimate + max_tokens   # the tokens the guard saw this call take
     headers = v1.limit_headers(reservation, anthropic_headers, time.time())
     if not stream:
         if provider == "echo":
@@ -120,7 +121,7 @@ def _serve() -> Response:
                 return echo_llm.anthropic_message(model, reply)
         else:
             def call() -> llm_calls.UpstreamReply:
-                return llm_calls.anthropic_create(params, v1.observer(model))
+                return llm_calls.anthropic_create(params, v1.observer(model), reserved)
 
         answer = v1.run_plain(reservation, call, llm_calls.anthropic_usage,
                               renew=provider != "echo")
@@ -129,10 +130,10 @@ def _serve() -> Response:
     def open_call() -> UpstreamStream:
         if provider == "echo":
             return echo_llm.anthropic_stream(model, echo_llm.reply(messages, max_tokens, system))
-        return llm_calls.anthropic_stream(params, v1.observer(model))
+        return llm_calls.anthropic_stream(params, v1.observer(model), reserved)
 
     upstream = v1.open_stream(reservation, open_call, renew=provider != "echo")
-    tally = llm_calls.Tally(estimate, max_tokens)
+    tally = llm_calls.Tally()
     return v1.sse_response(_relay(upstream, tally), tally, reservation, upstream.close,
                            error_event, headers)
 

@@ -127,6 +127,7 @@ def _serve() -> Response:
     predicted = estimate_tokens(json.dumps(prediction, default=str)) if prediction else 0
 
     reservation = v1.reserve(record, model, estimate, max_output + predicted, terms=terms)
+    reserved = estimate + max_output + predicted   # the tokens the guard saw this call take
     headers = v1.limit_headers(reservation, openai_headers)
     if not stream:
         if provider == "echo":
@@ -136,7 +137,7 @@ def _serve() -> Response:
                 return echo_llm.openai_completion(model, reply)
         else:
             def call() -> llm_calls.UpstreamReply:
-                return llm_calls.openai_create(params, v1.observer(model))
+                return llm_calls.openai_create(params, v1.observer(model), reserved)
 
         answer = v1.run_plain(reservation, call, llm_calls.openai_usage,
                               renew=provider != "echo")
@@ -148,10 +149,10 @@ def _serve() -> Response:
         if provider == "echo":
             return echo_llm.openai_stream(model, echo_llm.reply(messages, max_output))
         upstream = {**params, "stream_options": {**(options or {}), "include_usage": True}}
-        return llm_calls.openai_stream(upstream, v1.observer(model))
+        return llm_calls.openai_stream(upstream, v1.observer(model), reserved)
 
     upstream = v1.open_stream(reservation, open_call, renew=provider != "echo")
-    tally = llm_calls.Tally(estimate, max_output + predicted)
+    tally = llm_calls.Tally()
     return v1.sse_response(_relay(upstream, tally, client_usage), tally, reservation,
                            upstream.close, error_event, headers)
 

@@ -226,9 +226,9 @@ def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = No
 
 
 def plan_of(record: KeyRecord) -> Plan:
-    """The key's plan; a key whose plan left the policy falls back to the user's plan."""
-    policy = current_limiter().policy
-    return policy.plans.get(record.plan) or policy.plan_for(record.user)
+    """The key's plan, as reserve() will charge it (a plan that left the policy: the
+    default plan)."""
+    return current_limiter().plan_for(record.user, record.plan)
 
 
 def reserve(record: KeyRecord, model: str, input_tokens: int, max_output: int, *,
@@ -266,7 +266,7 @@ def sse_response(relay: Iterator[str], tally: Tally, reservation: Reservation,
                  ) -> Response:
     """Stream ``relay`` as text/event-stream. However it ends (done, upstream error, client
     gone, never started) the request was sent, so it is charged: the provider's final usage
-    when it came, else as reserved (``tally.usage()``); the reservation finishes once."""
+    when it came, else as reserved (``Tally.charge``); the reservation finishes once."""
 
     def finish() -> None:
         if reservation.done:
@@ -276,11 +276,7 @@ def sse_response(relay: Iterator[str], tally: Tally, reservation: Reservation,
         except Exception:
             log.debug("closing the upstream stream failed", exc_info=True)
         # Reservation logs and survives a store error itself; the lease then ages out.
-        if tally.final and tally.reported is not None:
-            reservation.settle(tally.reported)
-        else:   # no final report: as reserved, with the input the provider did report
-            reservation.charge_reserved(
-                tally.reported.input_tokens if tally.reported is not None else None)
+        tally.charge(reservation)
 
     def run() -> Iterator[str]:
         # Settle before the last event goes out, so a client that has read the whole stream

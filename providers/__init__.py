@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from limiting.llm import Usage
 from limiting.policy import ModelPolicy, Policy
 
-from .errors import UpstreamError
+from .errors import Observe, UpstreamError
 
 _KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-
-
-Observe = Callable[[Mapping[str, str], int, int], None]  # headers, status, tokens
 
 
 class UnknownModel(ValueError):

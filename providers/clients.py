@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Mapping
 from functools import cache
 from typing import TYPE_CHECKING
 
 from limiting.llm import estimate_input_tokens
 
-from .errors import TOO_LARGE, UpstreamError, from_sdk
+from .errors import Observe, UpstreamError, from_sdk, status_error
 
 if TYPE_CHECKING:  # imported at the first call instead: see errors.py
     import anthropic
@@ -68,10 +67,6 @@ def reset() -> None:
     _anthropic_clients.cache_clear()
 
 
-# (headers, status, tokens the call reserved); see limiting.upstream.Observer.
-Observe = Callable[[Mapping[str, str], int, int], None]
-
-
 def _tokens(message: str, max_tokens: int) -> int:
     """The call's tokens as /chat reserved them."""
     return estimate_input_tokens([{"role": "user", "content": message}]) + max_tokens
@@ -88,11 +83,7 @@ def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
             model=model, messages=[{"role": "user", "content": message}], max_tokens=max_tokens,
         )
     except openai.APIStatusError as exc:
-        error = from_sdk(exc, "openai", tokens)
-        # A refusal of this request alone holds nobody: the guard sees the 413 it is.
-        observe(exc.response.headers, 413 if error.code == TOO_LARGE else exc.status_code,
-                tokens)
-        raise error from None
+        raise status_error(exc, "openai", observe, tokens) from None
     except openai.OpenAIError as exc:
         raise from_sdk(exc, "openai") from None
     observe(raw.headers, raw.status_code, tokens)
@@ -117,11 +108,7 @@ def anthropic_complete(model: str, message: str, max_tokens: int, observe: Obser
             model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": message}],
         )
     except anthropic.APIStatusError as exc:
-        error = from_sdk(exc, "anthropic", tokens)
-        # A refusal of this request alone holds nobody: the guard sees the 413 it is.
-        observe(exc.response.headers, 413 if error.code == TOO_LARGE else exc.status_code,
-                tokens)
-        raise error from None
+        raise status_error(exc, "anthropic", observe, tokens) from None
     except anthropic.AnthropicError as exc:
         raise from_sdk(exc, "anthropic") from None
     observe(raw.headers, raw.status_code, tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from limiting.lease import provider_billed, status_billed
@@ -51,6 +52,19 @@ def _retry_after(headers: Any) -> int | None:
 
 
 TOO_LARGE = "request_too_large_for_upstream"
+
+
+Observe = Callable[[Mapping[str, str], int, int], None]  # headers, status, tokens reserved
+
+
+def status_error(exc: Exception, provider: str, observe: Observe, tokens: int) -> UpstreamError:
+    """An SDK error as UpstreamError, its HTTP answer shown to the model's guard first. A
+    refusal of this request alone is shown as the 413 it is, so it holds nobody else."""
+    error = from_sdk(exc, provider, tokens)
+    if isinstance(exc, sdk_errors("APIStatusError")):
+        status = 413 if error.code == TOO_LARGE else exc.status_code
+        observe(dict(exc.response.headers), status, tokens)
+    return error
 
 
 def from_sdk(exc: Exception, provider: str, tokens: int = 0) -> UpstreamError:

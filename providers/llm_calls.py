@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from limiting.llm import Usage, estimate_input_tokens
+from limiting.llm import Usage
+
+if TYPE_CHECKING:
+    from limiting.reservation import Reservation
 
 from .clients import anthropic_client, openai_client
-from .errors import TOO_LARGE, UpstreamError, from_sdk, sdk_errors
-
-# (headers, status, tokens the call reserved); see limiting.upstream.Observer.
-Observe = Callable[[Mapping[str, str], int, int], None]
+from .errors import Observe as Observe  # (headers, status, tokens): the guard's view
+from .errors import UpstreamError, from_sdk, status_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +66,10 @@ class UpstreamStream:
 class Tally:
     """What a stream will be charged. Only the provider's final usage report (OpenAI's usage
     chunk, Anthropic's message_delta) says what it billed; a stream that ends without one
-    (cut by the client, broken upstream, no report) is charged as reserved: the whole
-    ``max_output``, and the input the provider reported if it did (message_start), else the
-    estimate. Visible deltas are no measure: reasoning tokens and multi-token deltas bill
-    unseen."""
+    (cut by the client, broken upstream, no report) is charged as reserved, with the input the
+    provider reported if it did (message_start). Visible deltas are no measure: reasoning
+    tokens and multi-token deltas bill unseen."""
 
-    input_estimate: int
-    max_output: int
     reported: Usage | None = None   # the provider's latest usage, as its usage reader built it
     final: bool = False             # ``reported`` is the final report of the whole call
     failed: bool = False            # set before relaying the upstream's error event
@@ -82,13 +80,14 @@ class Tally:
             self.reported = usage
             self.final = self.final or final
 
-    def usage(self) -> Usage:
-        if self.reported is None:
-            return Usage(self.input_estimate, self.max_output)
-        if self.final:
-            return self.reported
-        return replace(self.reported,
-                       output_tokens=max(self.max_output, self.reported.output_tokens))
+    def charge(self, reservation: Reservation) -> None:
+        """Finish ``reservation`` by what the stream told: its final report, else as
+        reserved."""
+        if self.final and self.reported is not None:
+            reservation.settle(self.reported)
+        else:
+            reservation.charge_reserved(
+                self.reported.input_tokens if self.reported is not None else None)
 
 
 def as_int(value: Any) -> int:
@@ -161,26 +160,6 @@ def parse_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
         yield SSEEvent(name, "\n".join(data))
 
 
-def request_tokens(params: Mapping[str, Any]) -> int:
-    """What a call's tokens come to, as the limiter reserved them: prompt plus output cap."""
-    messages = params.get("messages")
-    prompt = estimate_input_tokens(messages if isinstance(messages, list) else [],
-                                   params.get("system"))
-    caps = [as_int(params.get(k)) for k in ("max_completion_tokens", "max_tokens")]
-    return prompt + max(caps)
-
-
-def _status_error(exc: Exception, provider: str, observe: Observe,
-                  params: Mapping[str, Any]) -> UpstreamError:
-    tokens = request_tokens(params)
-    error = from_sdk(exc, provider, tokens)
-    if isinstance(exc, sdk_errors("APIStatusError")):
-        # A refusal of this request alone holds nobody: the guard sees the 413 it is.
-        status = 413 if error.code == TOO_LARGE else exc.status_code
-        observe(dict(exc.response.headers), status, tokens)
-    return error
-
-
 def _guarded(events: Iterator[SSEEvent], provider: str) -> Iterator[SSEEvent]:
     """Any failure while reading the stream leaves as UpstreamError."""
     try:
@@ -199,7 +178,7 @@ def _open(raw: Any, provider: str, observe: Observe, tokens: int) -> UpstreamStr
                           response.close, response.status_code)
 
 
-def openai_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
+def openai_create(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamReply:
     """POST /v1/chat/completions upstream, not streamed."""
     import openai
 
@@ -207,28 +186,28 @@ def openai_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
         raw = openai_client().chat.completions.with_raw_response.create(**params)
         body = raw.http_response.read()
     except openai.OpenAIError as exc:
-        raise _status_error(exc, "openai", observe, params) from None
+        raise status_error(exc, "openai", observe, tokens) from None
     except Exception as exc:  # transport errors the SDK did not wrap
         raise from_sdk(exc, "openai") from None
     headers = dict(raw.headers)
-    observe(headers, raw.status_code, request_tokens(params))
+    observe(headers, raw.status_code, tokens)
     return UpstreamReply(body, headers, raw.status_code)
 
 
-def openai_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStream:
+def openai_stream(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamStream:
     """POST /v1/chat/completions upstream with ``stream: true``; returns once headers arrive."""
     import openai
 
     try:
         raw = openai_client().chat.completions.with_raw_response.create(**params, stream=True)
     except openai.OpenAIError as exc:
-        raise _status_error(exc, "openai", observe, params) from None
+        raise status_error(exc, "openai", observe, tokens) from None
     except Exception as exc:
         raise from_sdk(exc, "openai") from None
-    return _open(raw, "openai", observe, request_tokens(params))
+    return _open(raw, "openai", observe, tokens)
 
 
-def anthropic_create(params: Mapping[str, Any], observe: Observe) -> UpstreamReply:
+def anthropic_create(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamReply:
     """POST /v1/messages upstream, not streamed."""
     import anthropic
 
@@ -236,22 +215,22 @@ def anthropic_create(params: Mapping[str, Any], observe: Observe) -> UpstreamRep
         raw = anthropic_client().messages.with_raw_response.create(**params)
         body = raw.http_response.read()
     except anthropic.AnthropicError as exc:
-        raise _status_error(exc, "anthropic", observe, params) from None
+        raise status_error(exc, "anthropic", observe, tokens) from None
     except Exception as exc:
         raise from_sdk(exc, "anthropic") from None
     headers = dict(raw.headers)
-    observe(headers, raw.status_code, request_tokens(params))
+    observe(headers, raw.status_code, tokens)
     return UpstreamReply(body, headers, raw.status_code)
 
 
-def anthropic_stream(params: Mapping[str, Any], observe: Observe) -> UpstreamStream:
+def anthropic_stream(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamStream:
     """POST /v1/messages upstream with ``stream: true``; returns once headers arrive."""
     import anthropic
 
     try:
         raw = anthropic_client().messages.with_raw_response.create(**params, stream=True)
     except anthropic.AnthropicError as exc:
-        raise _status_error(exc, "anthropic", observe, params) from None
+        raise status_error(exc, "anthropic", observe, tokens) from None
     except Exception as exc:
         raise from_sdk(exc, "anthropic") from None
-    return _open(raw, "anthropic", observe, request_tokens(params))
+    return _open(raw, "anthropic", observe, tokens)
