@@ -173,7 +173,7 @@ class Engine:
 
     def max_hold(self, model_name: str) -> float:
         """The longest model-wide hold a provider's retry-after may write for this model."""
-        model = self.policy.models.get(model_name)
+        model = self.policy.model(model_name)   # an alias holds as its model does
         return model.max_hold_seconds if model is not None else DEFAULT_MAX_HOLD
 
     def observe(self, model_name: str, headers: Mapping[str, str], status: int) -> None:

@@ -126,7 +126,7 @@ class RateLimiter:
         The decision is kept on ``g`` so the response carries its headers.
         """
         started = time.perf_counter()
-        decision = self.engine.acquire(user, client_ip(), self._plan(user, plan),
+        decision = self.engine.acquire(user, client_ip(), self.plan_for(user, plan),
                                        BODY_USER if anonymous else KEY_USER)
         _record(decision, user, started)
         g._llm_decision = decision
@@ -145,7 +145,7 @@ class RateLimiter:
         """
         started = time.perf_counter()
         decision, reservation, wait = self.engine.reserve(
-            user, client_ip(), self._plan(user, plan), model, self.policy.model(model),
+            user, client_ip(), self.plan_for(user, plan), model, self.policy.model(model),
             input_tokens, max_output_tokens, guard=model != "echo", terms=terms,
             realm=BODY_USER if anonymous else KEY_USER,
         )
@@ -177,9 +177,6 @@ class RateLimiter:
     def plan_for(self, user: str, plan: str | None = None) -> Plan:
         """The plan ``user`` is limited by: ``plan`` (a key's) if the policy has it, else the
         user's own (``[users]`` or the default plan)."""
-        return self._plan(user, plan)
-
-    def _plan(self, user: str, plan: str | None) -> Plan:
         return self.policy.plan_named(plan, user)
 
     def plan_of_user(self, user: str, key_plans: Mapping[str, str] | None = None) -> Plan:

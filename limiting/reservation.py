@@ -28,7 +28,6 @@ from .lease import KeepAlive, provider_billed
 from .llm import Usage
 from .policy import ModelPolicy
 from .pricing import STANDARD, PriceTerms, reserve_usd_micros, usage_usd_micros
-from .pricing import usd_micros as usd_micros  # its old home; callers may still import it
 from .store import ScriptArgs, Store, StoreUnavailable
 
 log = logging.getLogger("limiter.reservation")
@@ -85,7 +84,6 @@ class Reservation:
         self.guard_charges = guard_charges or []
         self.terms = terms    # tier, cache writes, server tools: the settle prices with them
         self.done = False
-        self._as_reserved = False   # charge_reserved(): priced as reserve() priced it
         # False for answers made in-process (echo), which cannot outlive a lease.
         self.renews = True
         self._lock = threading.Lock()
@@ -120,8 +118,10 @@ class Reservation:
         else:
             self.charge_reserved()
 
-    def actual(self, layer: Layer, usage: Usage) -> float:
-        """What ``usage`` costs in ``layer``'s unit; cache reads never count as input."""
+    def actual(self, layer: Layer, usage: Usage, as_reserved: bool = False) -> float:
+        """What ``usage`` costs in ``layer``'s unit; cache reads never count as input.
+        ``as_reserved``: dollars priced as reserve() priced them (the dearest input-side
+        price of the terms), for a call charged as reserved."""
         fresh = max(0, usage.input_tokens - usage.cached_input_tokens)
         name = layer.name
         if name in ("tokens-minute", "upstream-tokens"):
@@ -131,11 +131,11 @@ class Reservation:
         if name == "output-tokens-minute":
             return usage.output_tokens
         if name == "usd-day":
-            return round(self._usd(usage))
+            return round(self._usd(usage, as_reserved))
         return 0
 
-    def _usd(self, usage: Usage) -> float:
-        if self._as_reserved:
+    def _usd(self, usage: Usage, as_reserved: bool = False) -> float:
+        if as_reserved:
             return reserve_usd_micros(self.model, usage.input_tokens, usage.output_tokens,
                                       self.terms)
         return usage_usd_micros(self.model, usage, self.terms)
@@ -153,10 +153,8 @@ class Reservation:
         """The provider may have billed but said not what: keep everything reserved, except
         that an input count it did report replaces our estimate."""
         inputs = self.input_tokens if input_tokens is None else max(0, input_tokens)
-        # Priced as reserve() priced it (the dearest input-side price of the terms), so with
-        # the estimate as input every delta is 0.
-        self._as_reserved = True
-        self._finish(Usage(inputs, self.max_output_tokens))
+        # Priced as reserve() priced it, so with the estimate as input every delta is 0.
+        self._finish(Usage(inputs, self.max_output_tokens), as_reserved=True)
 
     def _claim(self) -> bool:
         """Mark finished; True for the one caller that got there first."""
@@ -169,7 +167,7 @@ class Reservation:
             keepalive.stop()
         return True
 
-    def _finish(self, usage: Usage | None) -> None:
+    def _finish(self, usage: Usage | None, as_reserved: bool = False) -> None:
         if not self._claim():
             return
         if usage is not None:
@@ -180,7 +178,7 @@ class Reservation:
                                    (metrics.OUTPUT_TOKENS, usage.output_tokens)):
                 if value > 0:
                     counter.inc(value)
-            usd = self._usd(usage)
+            usd = self._usd(usage, as_reserved)
             if usd > 0:
                 metrics.USD_SETTLED.inc(usd / 1e6)
         args: list[str | int | float] = [self.charged_at]
@@ -191,7 +189,7 @@ class Reservation:
                 keys.append(charge.key)
                 args += ["c", layer.param, self.lease or ""]
             elif layer.name in UNIT_LAYERS:
-                spent = self.actual(layer, usage) if usage is not None else 0
+                spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
                 if spent != charge.amount:
                     keys.append(charge.key)
                     args += [layer.kind, layer.param, spent - charge.amount]
@@ -200,7 +198,7 @@ class Reservation:
         guard_args: list[str | int | float] = [self.guard_at]
         for charge in self.guard_charges:
             if charge.layer.name == "upstream-tokens":
-                spent = self.actual(charge.layer, usage) if usage is not None else 0
+                spent = self.actual(charge.layer, usage, as_reserved) if usage is not None else 0
                 if spent == charge.amount:
                     continue
                 guard_keys.append(charge.key)

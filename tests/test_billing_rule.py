@@ -34,7 +34,8 @@ from limiting.decision import Decision
 from limiting.lease import RENEW_EVERY, provider_billed
 from limiting.llm import Usage, estimate_input_tokens
 from limiting.policy import PolicyError, parse_policy
-from limiting.reservation import Reservation, usd_micros
+from limiting.pricing import usd_micros
+from limiting.reservation import Reservation
 from limiting.store import open_store
 from providers import clients, complete
 from providers.errors import UpstreamError, from_sdk
