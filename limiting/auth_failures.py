@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from .decision import from_reply
+from .identity import user_tag
 from .layers import compile_plan, window
 from .store import Store
 
@@ -31,10 +32,8 @@ class AuthFailures:
         self._count = compile_plan(None, (layer,), cost=1)
 
     def _key(self, ip: str) -> list[str]:
-        # An address is short and has no braces (ProxyFix passes only trusted hops' entries);
-        # stripped anyway, so no value can pick another Cluster slot's hash tag.
-        tag = ip.replace("{", "").replace("}", "")[:64]
-        return [f"{self.namespace}auth-failures:{{{tag}}}"]
+        # user_tag, as for user ids: no value can pick another Cluster slot's hash tag.
+        return [f"{self.namespace}auth-failures:{{{user_tag(ip)}}}"]
 
     def attempt(self, ip: str, succeeded: bool) -> int:
         """Record one attempt of ``ip``: a failure is counted unless the window is full.

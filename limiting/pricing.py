@@ -156,11 +156,3 @@ def usage_usd_micros(model: ModelPolicy | None, usage: Usage,
               + usage.output_tokens * (model.output_usd_per_million or 0.0))
     return tokens * terms.tier + _tool_fee(model, usage.server_tool_uses)
 
-
-def usd_micros(model: ModelPolicy | None, fresh_input: float, output: float,
-               cached: float = 0) -> float:
-    """Micro-dollars for plain input, output and cache reads at the standard tier."""
-    if model is None:
-        return 0.0
-    return (fresh_input * _input(model) + output * (model.output_usd_per_million or 0.0)
-            + cached * cached_price(model))

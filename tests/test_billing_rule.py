@@ -34,7 +34,7 @@ from limiting.decision import Decision
 from limiting.lease import RENEW_EVERY, provider_billed
 from limiting.llm import Usage, estimate_input_tokens
 from limiting.policy import PolicyError, parse_policy
-from limiting.pricing import usd_micros
+from limiting.pricing import usage_usd_micros
 from limiting.reservation import Reservation
 from limiting.store import open_store
 from providers import clients, complete
@@ -123,7 +123,8 @@ def left(app: Flask, user: str = "meter", plan: str = "metered") -> dict[str, in
 
 
 def reserved_usd(model: str, inputs: int, output: int) -> int:
-    return round(usd_micros(parse_policy(tomllib.loads(POLICY)).models[model], inputs, output))
+    return round(usage_usd_micros(parse_policy(tomllib.loads(POLICY)).models[model],
+                                  Usage(inputs, output)))
 
 
 def assert_charged(app: Flask, model: str, inputs: int, output: int) -> None:
