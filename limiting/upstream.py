@@ -94,7 +94,10 @@ def _int(value: str | None) -> int | None:
     return int(min(number, MAX_COUNT))
 
 
-def _retry_after(h: Mapping[str, str]) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The provider's retry-after-ms or retry-after, in seconds within a day; None when
+    absent or unusable (an HTTP date, garbage, a negative or non-finite number)."""
+    h = {k.lower(): v for k, v in headers.items()}
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         if name in h:
             try:
@@ -134,7 +137,7 @@ def pacing_args(headers: Mapping[str, str], status: int,
     hold = 0.0
     if status in (429, 529, 503):
         cap = max_hold if math.isfinite(max_hold) and max_hold > 0 else DEFAULT_MAX_HOLD
-        hold = min(_retry_after(h) or 1.0, cap)
+        hold = min(retry_after(h) or 1.0, cap)
     if rl is None and tl is None and not hold:
         return None
 

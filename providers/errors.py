@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from limiting.lease import provider_billed, status_billed
-from limiting.upstream import refused_alone
+from limiting.upstream import refused_alone, retry_after
 
 # The SDKs are imported where a call is made (providers/clients.py), not here: importing both
 # takes about a second, which every `flask limits ...` command would pay for nothing.
@@ -41,14 +42,9 @@ class UpstreamError(Exception):
 
 
 def _retry_after(headers: Any) -> int | None:
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name) if headers is not None else None
-        if value:
-            try:
-                return max(1, int(-(-float(value) // scale)))
-            except ValueError:
-                continue
-    return None
+    """Whole seconds for the caller's Retry-After, read and bounded as the guard reads it."""
+    seconds = retry_after(headers) if headers is not None else None
+    return max(1, math.ceil(seconds)) if seconds is not None else None
 
 
 TOO_LARGE = "request_too_large_for_upstream"
