@@ -65,7 +65,7 @@ def _require_api_key(configured: object) -> bool:
 
 def _check_admin_token(app: Flask) -> None:
     """A short ADMIN_TOKEN fails the start (gunicorn does not boot), not the first guess."""
-    token = str(app.config.get("ADMIN_TOKEN") or os.environ.get("ADMIN_TOKEN", ""))
+    token = usage.admin_token(app)
     if token and len(token) < MIN_ADMIN_TOKEN:
         raise RuntimeError(
             f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters (it has {len(token)}); "

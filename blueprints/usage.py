@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response, current_app, render_template, request
+from flask import Blueprint, Flask, Response, current_app, render_template, request
 from werkzeug.exceptions import Forbidden, TooManyRequests, Unauthorized
 
 from limiting import Decision, current_limiter
@@ -45,8 +45,10 @@ def my_usage() -> dict[str, Any]:
     return {"user": record.user, "plan": plan.name, "layers": layers_json(decision)}
 
 
-def admin_token() -> str:
-    return str(current_app.config.get("ADMIN_TOKEN") or os.environ.get("ADMIN_TOKEN", ""))
+def admin_token(app: Flask | None = None) -> str:
+    """ADMIN_TOKEN from the app's config, else the environment ("" = admin pages off)."""
+    config = (app or current_app).config
+    return str(config.get("ADMIN_TOKEN") or os.environ.get("ADMIN_TOKEN", ""))
 
 
 def require_admin() -> None:
