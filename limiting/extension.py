@@ -29,7 +29,8 @@ from .layers import Layer
 from .policy import Plan, Policy, load_policy, per_worker
 from .pricing import STANDARD, PriceTerms
 from .reservation import Reservation, UpstreamSaturated
-from .store import Store, open_store
+from .storage import open_store
+from .store import Store
 from .upstream import Observer
 
 F = TypeVar("F", bound=Callable[..., Any])

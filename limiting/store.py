@@ -20,7 +20,7 @@ from .breaker import Breaker
 from .metrics import STORE_ERRORS
 from .pipelining import Direct, Pipeliner
 from .scripts import script_source
-from .sockets import OSSocketConnection, OSSocketUnixConnection, gevent_patched
+from .sockets import gevent_patched
 
 ScriptArgs = Sequence[str | int | float | bytes]
 
@@ -153,38 +153,6 @@ def redis_options(timeout: float) -> dict[str, Any]:
         "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         "health_check_interval": 0,
     }
-
-
-def open_store(url: str, timeout: float = 0.05, max_connections: int = 1024) -> Store:
-    """Open the store named by ``url``."""
-    scheme = urlsplit(url).scheme
-    if scheme == "memory":
-        from .memory import MemoryStore
-
-        return MemoryStore(url)
-    if scheme in ("redis+cluster", "valkey+cluster", "redis+sentinel", "valkey+sentinel"):
-        from .cluster import open_cluster_store
-
-        return open_cluster_store(url, timeout)
-    if scheme in ("redis", "rediss", "unix", "redis+unix", "valkey", "valkeys", "valkey+unix"):
-        rest = url.split("://", 1)[1]
-        plain = {"valkey": "redis", "valkeys": "rediss", "redis+unix": "unix",
-                 "valkey+unix": "unix"}.get(scheme, scheme) + "://" + rest
-        # As many connections as a gevent worker has requests (1,000): a request must never
-        # wait for a free connection and have that counted against the store.
-        options = redis_options(timeout)
-        if plain.startswith("unix://"):
-            options["connection_class"] = OSSocketUnixConnection
-        elif plain.startswith("redis://"):
-            options["connection_class"] = OSSocketConnection
-        pool = redis.BlockingConnectionPool.from_url(
-            plain, max_connections=max_connections, timeout=timeout, **options
-        )
-        return RedisStore(url, redis.Redis(connection_pool=pool))
-    raise ValueError(
-        f"REDIS_URL {url!r}: unsupported scheme {scheme!r} (use redis://, rediss://, unix://, "
-        "redis+cluster://, redis+sentinel:// or memory://)"
-    )
 
 
 def edge_storage(store: Store) -> tuple[str, dict[str, Any]]:

@@ -36,7 +36,7 @@ from limiting.llm import Usage, estimate_input_tokens
 from limiting.policy import PolicyError, parse_policy
 from limiting.pricing import usage_usd_micros
 from limiting.reservation import Reservation
-from limiting.store import open_store
+from limiting.storage import open_store
 from providers import clients, complete
 from providers.errors import UpstreamError, from_sdk
 from tests.conftest import free_port, provider_env, write_policy

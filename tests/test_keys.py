@@ -15,7 +15,8 @@ from app import create_app
 from limiting.identity import MAX_USER_ID_LENGTH
 from limiting.keys import ApiKeys, KeyRecord, bearer_token
 from limiting.keys_cli import keys_cli
-from limiting.store import Store, StoreUnavailable, open_store
+from limiting.storage import open_store
+from limiting.store import Store, StoreUnavailable
 from tests.conftest import free_port, write_policy
 
 PLANS = ("starter", "pro")

@@ -11,7 +11,8 @@ import redis
 
 from limiting.engine import Engine
 from limiting.policy import parse_policy
-from limiting.store import Store, open_store
+from limiting.storage import open_store
+from limiting.store import Store
 
 
 def policy(burst: int = 5, refill: float = 1.0, quotas: list[str] | None = None):

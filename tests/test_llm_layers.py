@@ -13,7 +13,8 @@ import redis
 from limiting.engine import Engine
 from limiting.llm import Usage, estimate_input_tokens
 from limiting.policy import parse_policy
-from limiting.store import Store, open_store
+from limiting.storage import open_store
+from limiting.store import Store
 from limiting.upstream import pacing_args, parse_duration
 
 POLICY = {

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from limiting.store import Store, StoreUnavailable, open_store
+from limiting.storage import open_store
+from limiting.store import Store, StoreUnavailable
 
 EDGE, BUCKET, WIN, TOKENS, LEASES, PACE = ("LIMITS:edge/1.2.3.4", "{u}:b", "{u}:w", "{u}:W",
                                            "{u}:c", "{m}:pace")

@@ -16,7 +16,7 @@ import redis
 
 from limiting.engine import Engine
 from limiting.policy import parse_policy
-from limiting.store import open_store
+from limiting.storage import open_store
 from tests.conftest import ROOT
 
 

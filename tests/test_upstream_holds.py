@@ -326,7 +326,7 @@ def test_pacing_args_bound_every_number(value: str) -> None:
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "-5", "garbage", ""])
 def test_observe_lua_treats_bad_numbers_as_unknown(r: redis.Redis, redis_url: str,
                                                    value: str) -> None:
-    from limiting.store import open_store
+    from limiting.storage import open_store
 
     store = open_store(redis_url)
     store.run("observe", ["{m:x}pace"], [value] * 5)
