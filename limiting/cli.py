@@ -5,26 +5,17 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from flask.cli import AppGroup
 
 from .identity import BODY_USER
 from .layers import compile_plan
+from .operated import app_limiter
 from .policy import PolicyError, load_policy
 from .store import StoreUnavailable
 
-if TYPE_CHECKING:
-    from .extension import RateLimiter
-
 limits_cli = AppGroup("limits", help="Inspect and reset rate limits.")
-
-
-def _limiter() -> RateLimiter:
-    from .extension import current_limiter
-
-    return current_limiter()
 
 
 _WHO = click.option(
@@ -38,7 +29,7 @@ _WHO = click.option(
 @_WHO
 def show(user: str, anonymous: bool | None) -> None:
     """Every layer of USER: limit, remaining, reset (charges nothing)."""
-    limiter = _limiter()
+    limiter = app_limiter()
     try:
         plan = limiter.plan_of_user(user)   # the key's plan, as requests are served
         realm = limiter.realm_of_user(user, anonymous=anonymous)
@@ -60,7 +51,7 @@ def show(user: str, anonymous: bool | None) -> None:
 @_WHO
 def reset(user: str, layer: str | None, anonymous: bool | None) -> None:
     """Forget USER's usage, in every layer or one."""
-    limiter = _limiter()
+    limiter = app_limiter()
     try:
         plan = limiter.plan_of_user(user)
         realm = limiter.realm_of_user(user, anonymous=anonymous)

@@ -26,6 +26,7 @@ from .identity import BODY_USER, KEY_USER, client_ip
 from .keys import ApiKeys
 from .keys_cli import keys_cli
 from .layers import Layer
+from .operated import EXTENSION_KEY
 from .policy import Plan, Policy, load_policy, per_worker
 from .pricing import STANDARD, PriceTerms
 from .reservation import Reservation, UpstreamSaturated
@@ -34,7 +35,6 @@ from .store import Store
 from .upstream import Observer
 
 F = TypeVar("F", bound=Callable[..., Any])
-EXTENSION_KEY = "llm_limiter"
 
 
 class RateLimiter:

@@ -12,6 +12,7 @@ from flask.cli import AppGroup
 
 from .keys import ApiKeys, KeyRecord
 from .memory import MemoryStore
+from .operated import app_limiter
 from .store import StoreUnavailable
 
 T = TypeVar("T")
@@ -26,9 +27,7 @@ keys_cli = AppGroup(
 
 def keys_for_app() -> ApiKeys:
     """The ApiKeys of the running app, on its store and plans."""
-    from flask import current_app
-
-    limiter = current_app.extensions["llm_limiter"]
+    limiter = app_limiter()
     return ApiKeys(limiter.store, limiter.policy.default_plan, limiter.policy.plans)
 
 
@@ -46,9 +45,7 @@ def _guarded(action: Callable[[], T]) -> T:
 
 
 def _warn_if_memory() -> None:
-    from flask import current_app
-
-    if isinstance(current_app.extensions["llm_limiter"].store, MemoryStore):
+    if isinstance(app_limiter().store, MemoryStore):
         click.echo("warning: REDIS_URL is memory://, so this key lives only in this process "
                    "and no server will see it", err=True)
 

@@ -4,6 +4,7 @@ are never anonymous unless the operator says so."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,29 @@ def test_without_provider_keys_the_echo_demo_stays_anonymous(tmp_path: Path, r: 
     assert app.config["REQUIRE_API_KEY"] is False
     resp = app.test_client().post("/chat", json={"message": "hi", "user_id": "test-user-1"})
     assert resp.status_code == 200 and resp.get_json() == {"reply": "echo: hi"}
+
+
+def user_row(remaining: int) -> re.Pattern[str]:
+    """The bucket's row of `limits show`: limit 3, then ``remaining``."""
+    return re.compile(rf"^user\s+3\s+{remaining}\s", re.M)
+
+
+def test_limits_show_and_reset_pick_the_namespace(tmp_path: Path, r: redis.Redis,
+                                                  redis_url: str) -> None:
+    app = app_with(tmp_path, redis_url)
+    client = app.test_client()
+    runner = app.test_cli_runner()
+    for _ in range(2):
+        client.post("/chat", json={"message": "hi", "user_id": "carol"})
+    shown = runner.invoke(args=["limits", "show", "carol"])
+    assert "(/chat user_id)" in shown.output and user_row(1).search(shown.output)
+
+    key, _ = app.extensions["llm_limiter"].keys.create("carol")
+    shown = runner.invoke(args=["limits", "show", "carol"])             # a key holder now
+    assert "(API key user)" in shown.output and user_row(3).search(shown.output)
+    shown = runner.invoke(args=["limits", "show", "carol", "--anonymous"])
+    assert "(/chat user_id)" in shown.output and user_row(1).search(shown.output)
+
+    assert runner.invoke(args=["limits", "reset", "carol", "--anonymous"]).exit_code == 0
+    assert not r.keys("rl:{b:carol}:*")
+    assert key
