@@ -11,8 +11,8 @@ from flask import Flask
 
 from blueprints import health_bp, register_blueprints, usage
 from limiting import RateLimiter
-from limiting import logs as limiter_logs
-from limiting.body import BodyDeadline
+from limiting.web import logs as limiter_logs
+from limiting.web.body import BodyDeadline
 
 MAX_BODY_BYTES = 1024 * 1024
 MIN_ADMIN_TOKEN = 32

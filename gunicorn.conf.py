@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Standard library only: nothing here may import ssl before gevent patches the workers.
-from limiting.embedded import socket_url, spawn, stop_spawned
+from limiting.stores.embedded import socket_url, spawn, stop_spawned
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "4"))

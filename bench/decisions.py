@@ -28,9 +28,9 @@ def ping_loop(url: str, n: int) -> float:
 
 
 def _engine(url: str):  # type: ignore[no-untyped-def]
+    from limiting.core.policy import load_policy
     from limiting.engine import EdgeKeys, Engine
-    from limiting.policy import load_policy
-    from limiting.storage import open_store
+    from limiting.stores.storage import open_store
 
     policy = load_policy(Path(__file__).with_name("limits.bench.toml"))
     keys = EdgeKeys(policy.edge_per_ip)

@@ -27,16 +27,16 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from limiting import current_limiter, limited_route
-from limiting.keys import bearer_token
-from limiting.policy import ModelPolicy, Policy
-from limiting.pricing import (
+from limiting.core.policy import ModelPolicy, Policy
+from limiting.core.pricing import (
     PriceTerms,
     PricingError,
     has_cache_control,
     server_tool_uses,
     tier_multiplier,
 )
-from limiting.provider_headers import anthropic_headers
+from limiting.core.provider_headers import anthropic_headers
+from limiting.keys import bearer_token
 from providers import (
     UnknownModel,
     UpstreamError,

@@ -8,8 +8,8 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from limiting.errors import LimiterUnavailable
-from limiting.store import StoreUnavailable
+from limiting.stores.store import StoreUnavailable
+from limiting.web.errors import LimiterUnavailable
 from providers import ProviderKeyMissing, UnknownModel, UpstreamError
 
 log = logging.getLogger("limiter.errors")

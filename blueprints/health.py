@@ -10,9 +10,9 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import TooManyRequests, Unauthorized
 
 from limiting import current_limiter
-from limiting.identity import client_ip
 from limiting.keys import bearer_token
-from limiting.store import StoreUnavailable
+from limiting.stores.store import StoreUnavailable
+from limiting.web.identity import client_ip
 
 bp = Blueprint("health", __name__)
 

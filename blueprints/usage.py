@@ -18,8 +18,8 @@ from flask import Blueprint, Flask, Response, current_app, render_template, requ
 from werkzeug.exceptions import Forbidden, TooManyRequests, Unauthorized
 
 from limiting import Decision, current_limiter
-from limiting.identity import client_ip
 from limiting.keys import presented_key
+from limiting.web.identity import client_ip
 
 bp = Blueprint("usage", __name__, template_folder="templates")
 MAX_USERS = 200

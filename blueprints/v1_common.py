@@ -16,14 +16,14 @@ from flask import Response, g, jsonify, stream_with_context
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from limiting import Decision, LimiterUnavailable, Plan, RateLimited, current_limiter
-from limiting.errors import ExceedsLimit
-from limiting.headers import rate_limit_headers
-from limiting.identity import client_ip
+from limiting.core.headers import rate_limit_headers
+from limiting.core.llm import Usage, estimate_input_tokens, estimate_tokens
+from limiting.core.pricing import STANDARD, PriceTerms
 from limiting.keys import KeyRecord
-from limiting.llm import Usage, estimate_input_tokens, estimate_tokens
-from limiting.pricing import STANDARD, PriceTerms
 from limiting.reservation import Reservation, UpstreamSaturated
-from limiting.store import StoreUnavailable
+from limiting.stores.store import StoreUnavailable
+from limiting.web.errors import ExceedsLimit
+from limiting.web.identity import client_ip
 from providers import UnknownModel, UpstreamError
 from providers.llm_calls import Observe, Tally, UpstreamReply, UpstreamStream
 

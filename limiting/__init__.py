@@ -1,7 +1,7 @@
 """Layered rate limits for LLM APIs on Flask: edge per IP, then a user's bucket, quotas and
 LLM units in one atomic Redis call, then the upstream guard.
 
-Names are imported on first use, so that gunicorn's master can use ``limiting.embedded``
+Names are imported on first use, so that gunicorn's master can use ``limiting.stores.embedded``
 without importing Flask, redis or ssl before gevent patches the workers.
 """
 
@@ -11,15 +11,16 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Decision": "decision", "LayerState": "decision",
-    "LimiterUnavailable": "errors", "RateLimited": "errors",
-    "RateLimiter": "extension", "current_limiter": "extension", "limited": "extension",
-    "limited_route": "extension",
-    "Usage": "llm", "estimate_input_tokens": "llm",
+    "Decision": "core.decision", "LayerState": "core.decision",
+    "LimiterUnavailable": "web.errors", "RateLimited": "web.errors",
+    "RateLimiter": "web.extension", "current_limiter": "web.extension", "limited": "web.extension",
+    "limited_route": "web.extension",
+    "Usage": "core.llm", "estimate_input_tokens": "core.llm",
     "Reservation": "reservation", "UpstreamSaturated": "reservation",
-    "provider_billed": "lease",
-    "ModelPolicy": "policy", "Plan": "policy", "Policy": "policy", "PolicyError": "policy",
-    "Window": "policy", "load_policy": "policy", "parse_policy": "policy",
+    "provider_billed": "core.lease",
+    "ModelPolicy": "core.policy", "Plan": "core.policy", "Policy": "core.policy",
+    "PolicyError": "core.policy",
+    "Window": "core.policy", "load_policy": "core.policy", "parse_policy": "core.policy",
 }
 
 __all__ = [
@@ -56,12 +57,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .decision import Decision, LayerState
-    from .errors import LimiterUnavailable, RateLimited
-    from .extension import RateLimiter, current_limiter, limited, limited_route
-    from .lease import provider_billed
-    from .llm import Usage, estimate_input_tokens
-    from .policy import (
+    from .core.decision import Decision, LayerState
+    from .core.lease import provider_billed
+    from .core.llm import Usage, estimate_input_tokens
+    from .core.policy import (
         ModelPolicy,
         Plan,
         Policy,
@@ -71,3 +70,5 @@ if TYPE_CHECKING:
         parse_policy,
     )
     from .reservation import Reservation, UpstreamSaturated
+    from .web.errors import LimiterUnavailable, RateLimited
+    from .web.extension import RateLimiter, current_limiter, limited, limited_route

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 
-from .decision import Decision, from_reply, store_away
-from .identity import KEY_USER, user_prefix
-from .layers import CompiledPlan, Layer, compile_plan, edge, num_arg
-from .policy import FailMode, ModelPolicy, Plan, Policy
-from .pricing import STANDARD, PriceTerms, reserve_usd_micros
+from .core.decision import Decision, from_reply, store_away
+from .core.layers import CompiledPlan, Layer, compile_plan, edge, num_arg
+from .core.naming import KEY_USER, user_prefix
+from .core.policy import FailMode, ModelPolicy, Plan, Policy
+from .core.pricing import STANDARD, PriceTerms, reserve_usd_micros
+from .core.upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_args
 from .reservation import Charge, Reservation, new_lease_id
-from .store import Store, StoreUnavailable
-from .upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_args
+from .stores.store import Store, StoreUnavailable
 
 
 class Engine:

@@ -23,12 +23,12 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .identity import MAX_USER_ID_LENGTH
+from .core.naming import MAX_USER_ID_LENGTH
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import Headers
-from .memory import MemoryStore
-from .store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
+from .stores.memory import MemoryStore
+from .stores.store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
 
 KEY_PREFIX = "llm_"
 KEY_ID_LENGTH = 12

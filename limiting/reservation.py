@@ -22,13 +22,13 @@ from types import TracebackType
 from werkzeug.exceptions import ServiceUnavailable
 
 from . import metrics
-from .decision import Decision
-from .layers import UNIT_LAYERS, Layer
-from .lease import KeepAlive, provider_billed
-from .llm import Usage
-from .policy import ModelPolicy
-from .pricing import STANDARD, PriceTerms, reserve_usd_micros, usage_usd_micros
-from .store import ScriptArgs, Store, StoreUnavailable
+from .core.decision import Decision
+from .core.layers import UNIT_LAYERS, Layer
+from .core.lease import KeepAlive, provider_billed
+from .core.llm import Usage
+from .core.policy import ModelPolicy
+from .core.pricing import STANDARD, PriceTerms, reserve_usd_micros, usage_usd_micros
+from .stores.store import ScriptArgs, Store, StoreUnavailable
 
 log = logging.getLogger("limiter.reservation")
 

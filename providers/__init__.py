@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from limiting.llm import Usage
-from limiting.policy import ModelPolicy, Policy
+from limiting.core.llm import Usage
+from limiting.core.policy import ModelPolicy, Policy
 
 from .errors import Observe, UpstreamError
 

@@ -7,7 +7,7 @@ import os
 from functools import cache
 from typing import TYPE_CHECKING
 
-from limiting.llm import estimate_input_tokens
+from limiting.core.llm import estimate_input_tokens
 
 from .errors import Observe, UpstreamError, from_sdk, status_error
 

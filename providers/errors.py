@@ -7,8 +7,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from limiting.lease import provider_billed, status_billed
-from limiting.upstream import refused_alone, retry_after
+from limiting.core.lease import provider_billed, status_billed
+from limiting.core.upstream import refused_alone, retry_after
 
 # The SDKs are imported where a call is made (providers/clients.py), not here: importing both
 # takes about a second, which every `flask limits ...` command would pay for nothing.

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from limiting.llm import Usage
+from limiting.core.llm import Usage
 
 if TYPE_CHECKING:
     from limiting.reservation import Reservation

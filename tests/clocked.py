@@ -13,9 +13,9 @@ from typing import Any
 
 import redis
 
-from limiting.memory import MemoryStore
-from limiting.scripts import script_source
-from limiting.store import ScriptArgs
+from limiting.stores.memory import MemoryStore
+from limiting.stores.scripts import script_source
+from limiting.stores.store import ScriptArgs
 
 NOW_KEY = "__test_now_us"
 CLOCK_LINE = "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])"

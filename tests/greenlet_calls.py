@@ -19,9 +19,9 @@ import redis  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from limiting import metrics  # noqa: E402
+from limiting.core.policy import parse_policy  # noqa: E402
 from limiting.engine import Engine  # noqa: E402
-from limiting.policy import parse_policy  # noqa: E402
-from limiting.storage import open_store  # noqa: E402
+from limiting.stores.storage import open_store  # noqa: E402
 
 
 def main(url: str, scenario: str, n: int) -> dict[str, object]:

@@ -26,7 +26,7 @@ import redis
 
 from app import create_app
 from fakeprovider import FakeProvider
-from limiting.llm import estimate_input_tokens
+from limiting.core.llm import estimate_input_tokens
 from tests.conftest import Gunicorn, write_policy
 
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"

@@ -30,13 +30,13 @@ from flask.testing import FlaskClient
 from app import create_app
 from fakeprovider import FakeProvider
 from limiting import RateLimited, RateLimiter
-from limiting.decision import Decision
-from limiting.lease import RENEW_EVERY, provider_billed
-from limiting.llm import Usage, estimate_input_tokens
-from limiting.policy import PolicyError, parse_policy
-from limiting.pricing import usage_usd_micros
+from limiting.core.decision import Decision
+from limiting.core.lease import RENEW_EVERY, provider_billed
+from limiting.core.llm import Usage, estimate_input_tokens
+from limiting.core.policy import PolicyError, parse_policy
+from limiting.core.pricing import usage_usd_micros
 from limiting.reservation import Reservation
-from limiting.storage import open_store
+from limiting.stores.storage import open_store
 from providers import clients, complete
 from providers.errors import UpstreamError, from_sdk
 from tests.conftest import free_port, provider_env, write_policy

@@ -16,11 +16,11 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from limiting.core.naming import user_prefix
+from limiting.core.policy import Policy, parse_policy
+from limiting.core.upstream import model_prefix
 from limiting.engine import Engine
-from limiting.identity import user_prefix
-from limiting.policy import Policy, parse_policy
-from limiting.storage import open_store
-from limiting.upstream import model_prefix
+from limiting.stores.storage import open_store
 from tests import topologies
 from tests.conftest import write_policy
 from tests.test_gunicorn import fire

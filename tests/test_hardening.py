@@ -337,7 +337,7 @@ def test_a_server_that_does_not_end_the_stream_is_read_to_content_length_only() 
     wait for the next request. Only the declared bytes are taken."""
     import io
 
-    from limiting.body import BodyDeadline
+    from limiting.web.body import BodyDeadline
 
     seen: list[bytes] = []
 

@@ -228,7 +228,7 @@ def test_refusals_are_logged_as_json_without_secrets(client: FlaskClient, capsys
             resp = chat(client, "logged", message="my secret prompt")
     finally:
         logging.getLogger("limiter").removeHandler(handler)
-    from limiting.logs import JsonFormatter
+    from limiting.web.logs import JsonFormatter
 
     line = JsonFormatter().format(records[-1])
     event = json.loads(line)

@@ -12,11 +12,11 @@ import redis
 from flask import Flask
 
 from app import create_app
-from limiting.identity import MAX_USER_ID_LENGTH
+from limiting.core.naming import MAX_USER_ID_LENGTH
 from limiting.keys import ApiKeys, KeyRecord, bearer_token
-from limiting.keys_cli import keys_cli
-from limiting.storage import open_store
-from limiting.store import Store, StoreUnavailable
+from limiting.stores.storage import open_store
+from limiting.stores.store import Store, StoreUnavailable
+from limiting.web.keys_cli import keys_cli
 from tests.conftest import free_port, write_policy
 
 PLANS = ("starter", "pro")

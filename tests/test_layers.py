@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from limiting.core.policy import parse_policy
 from limiting.engine import Engine
-from limiting.policy import parse_policy
-from limiting.storage import open_store
-from limiting.store import Store
+from limiting.stores.storage import open_store
+from limiting.stores.store import Store
 
 
 def policy(burst: int = 5, refill: float = 1.0, quotas: list[str] | None = None):

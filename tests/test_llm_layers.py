@@ -10,12 +10,12 @@ from types import MappingProxyType
 import pytest
 import redis
 
+from limiting.core.llm import Usage, estimate_input_tokens
+from limiting.core.policy import parse_policy
+from limiting.core.upstream import pacing_args, parse_duration
 from limiting.engine import Engine
-from limiting.llm import Usage, estimate_input_tokens
-from limiting.policy import parse_policy
-from limiting.storage import open_store
-from limiting.store import Store
-from limiting.upstream import pacing_args, parse_duration
+from limiting.stores.storage import open_store
+from limiting.stores.store import Store
 
 POLICY = {
     "plans": {
@@ -178,7 +178,7 @@ def test_estimate_is_above_word_counts() -> None:
 
 
 def test_observer_coalesces_routine_headers_and_writes_holds_at_once() -> None:
-    from limiting.upstream import Observer
+    from limiting.core.upstream import Observer
 
     written: list[tuple[str, list[int]]] = []
     observer = Observer(lambda model, args: written.append((model, args)), interval=0.05)

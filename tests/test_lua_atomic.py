@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from limiting.storage import open_store
-from limiting.store import Store, StoreUnavailable
+from limiting.stores.storage import open_store
+from limiting.stores.store import Store, StoreUnavailable
 
 EDGE, BUCKET, WIN, TOKENS, LEASES, PACE = ("LIMITS:edge/1.2.3.4", "{u}:b", "{u}:w", "{u}:W",
                                            "{u}:c", "{m}:pace")

@@ -23,10 +23,10 @@ from flask import Flask
 
 from app import create_app
 from fakeprovider import FakeProvider
-from limiting.llm import Usage
-from limiting.policy import ModelPolicy
-from limiting.pricing import PriceTerms, reserve_usd_micros, usage_usd_micros
-from limiting.upstream import model_prefix
+from limiting.core.llm import Usage
+from limiting.core.policy import ModelPolicy
+from limiting.core.pricing import PriceTerms, reserve_usd_micros, usage_usd_micros
+from limiting.core.upstream import model_prefix
 from providers import clients
 from providers.llm_calls import anthropic_usage
 from tests.conftest import write_policy

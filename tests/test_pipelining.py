@@ -14,9 +14,9 @@ import sys
 
 import redis
 
+from limiting.core.policy import parse_policy
 from limiting.engine import Engine
-from limiting.policy import parse_policy
-from limiting.storage import open_store
+from limiting.stores.storage import open_store
 from tests.conftest import ROOT
 
 

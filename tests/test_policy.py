@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from limiting.policy import PolicyError, load_policy, parse_policy
+from limiting.core.policy import PolicyError, load_policy, parse_policy
 from tests.conftest import ROOT
 
 BASE = "[plans.p]\nburst = 10\nrefill_per_second = 0.5\n"

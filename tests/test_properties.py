@@ -39,10 +39,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from limiting.identity import user_prefix
-from limiting.layers import CompiledPlan, compile_plan
-from limiting.policy import Plan, Window
-from limiting.scripts import script_source
+from limiting.core.layers import CompiledPlan, compile_plan
+from limiting.core.naming import user_prefix
+from limiting.core.policy import Plan, Window
+from limiting.stores.scripts import script_source
 from tests.clocked import (
     CLOCK_LINE,
     FAKE_CLOCK_LINE,

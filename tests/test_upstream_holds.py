@@ -24,7 +24,7 @@ from flask import Flask
 
 from app import create_app
 from fakeprovider import FakeProvider
-from limiting.upstream import pacing_args, refused_alone
+from limiting.core.upstream import pacing_args, refused_alone
 from providers import clients
 from tests.conftest import write_policy
 
@@ -326,7 +326,7 @@ def test_pacing_args_bound_every_number(value: str) -> None:
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "-5", "garbage", ""])
 def test_observe_lua_treats_bad_numbers_as_unknown(r: redis.Redis, redis_url: str,
                                                    value: str) -> None:
-    from limiting.storage import open_store
+    from limiting.stores.storage import open_store
 
     store = open_store(redis_url)
     store.run("observe", ["{m:x}pace"], [value] * 5)

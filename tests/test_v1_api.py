@@ -27,10 +27,10 @@ from flask import Flask
 from app import create_app
 from fakeprovider import FakeProvider
 from limiting import Decision, LayerState
-from limiting.layers import Layer
-from limiting.lease import KeepAlive
-from limiting.llm import estimate_input_tokens
-from limiting.provider_headers import (
+from limiting.core.layers import Layer
+from limiting.core.lease import KeepAlive
+from limiting.core.llm import estimate_input_tokens
+from limiting.core.provider_headers import (
     anthropic_headers,
     openai_duration,
     openai_headers,

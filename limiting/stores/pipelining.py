@@ -28,7 +28,7 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
-from .metrics import STORE_ROUND_TRIPS, STORE_SCRIPT_CALLS
+from ..metrics import STORE_ROUND_TRIPS, STORE_SCRIPT_CALLS
 
 Call = tuple[Script, list[str], Sequence[Any]]
 

@@ -9,9 +9,9 @@ from typing import Protocol, cast
 
 from flask import current_app
 
-from .engine import Engine
-from .policy import Plan, Policy
-from .store import Store
+from ..core.policy import Plan, Policy
+from ..engine import Engine
+from ..stores.store import Store
 
 EXTENSION_KEY = "llm_limiter"
 

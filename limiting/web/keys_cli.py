@@ -10,10 +10,10 @@ from typing import NoReturn, TypeVar
 import click
 from flask.cli import AppGroup
 
-from .keys import ApiKeys, KeyRecord
-from .memory import MemoryStore
+from ..keys import ApiKeys, KeyRecord
+from ..stores.memory import MemoryStore
+from ..stores.store import StoreUnavailable
 from .operated import app_limiter
-from .store import StoreUnavailable
 
 T = TypeVar("T")
 

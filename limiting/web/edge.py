@@ -12,11 +12,12 @@ from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits.errors import StorageError
 
-from . import logs, metrics
+from .. import metrics
+from ..core.policy import Policy
+from ..stores.store import Store, edge_storage
+from . import logs
 from .errors import LimiterUnavailable
 from .identity import client_ip
-from .policy import Policy
-from .store import Store, edge_storage
 
 LIMITED_ROUTE = "_llm_limited_route"
 

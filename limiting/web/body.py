@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
-from .sockets import gevent_patched
+from ..stores.sockets import gevent_patched
 
 READ_STEP = 64 * 1024
 DRAIN_BYTES = 8 * 1024 * 1024   # read and dropped past the limit, for a clean 413

@@ -13,26 +13,28 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import logs, metrics
+from .. import metrics
+from ..core.decision import Decision
+from ..core.headers import rate_limit_headers
+from ..core.layers import Layer
+from ..core.naming import BODY_USER, KEY_USER
+from ..core.policy import Plan, Policy, load_policy, per_worker
+from ..core.pricing import STANDARD, PriceTerms
+from ..core.upstream import Observer
+from ..engine import EdgeKeys, Engine
+from ..keys import ApiKeys
+from ..reservation import Reservation, UpstreamSaturated
+from ..stores.embedded import resolve_store_url
+from ..stores.storage import open_store
+from ..stores.store import Store
+from . import logs
 from .auth_failures import AuthFailures
 from .cli import limits_cli
-from .decision import Decision
 from .edge import combines_edge, init_edge, is_limited_route, mark_limited
-from .embedded import resolve_store_url
-from .engine import EdgeKeys, Engine
 from .errors import ExceedsLimit, ExceedsUpstream, LimiterUnavailable, RateLimited
-from .headers import rate_limit_headers
-from .identity import BODY_USER, KEY_USER, client_ip
-from .keys import ApiKeys
+from .identity import client_ip
 from .keys_cli import keys_cli
-from .layers import Layer
 from .operated import EXTENSION_KEY
-from .policy import Plan, Policy, load_policy, per_worker
-from .pricing import STANDARD, PriceTerms
-from .reservation import Reservation, UpstreamSaturated
-from .storage import open_store
-from .store import Store
-from .upstream import Observer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,7 +72,7 @@ class RateLimiter:
             edge_layers = edge_keys.layers(policy.fail_edge)
         self._engine = Engine(store, policy, edge=edge_layers, edge_keys=edge_keys)
         if policy.local_fallback:
-            from .memory import MemoryStore
+            from ..stores.memory import MemoryStore
 
             # gunicorn.conf.py reads the same variable, with the same default.
             workers = int(_setting(app, "WEB_CONCURRENCY", "4") or 4)

@@ -1,4 +1,5 @@
-"""Who is asking: the client IP for the edge and a Redis-safe tag for each user.
+"""Redis-safe names for users and models: every key a subject owns shares one prefix and one
+hash tag, so one script (on one Cluster slot) sees them all.
 
 User ids come from request bodies and API keys, so they are hostile input: a brace would
 move a key to another Cluster slot, a separator could collide with another user's key.
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-
-from flask import request
 
 MAX_USER_ID_LENGTH = 256
 # No ':' here, so a plain id can never look like the hashed form "h:<hex>".
@@ -32,8 +31,3 @@ BODY_USER = "b"
 def user_prefix(namespace: str, user_id: str, realm: str = KEY_USER) -> str:
     """Every key of one user shares this prefix and its hash tag, so one script sees them all."""
     return f"{namespace}{{{realm}:{user_tag(user_id)}}}:"
-
-
-def client_ip() -> str:
-    """The peer address; ProxyFix (TRUSTED_PROXIES hops) has already rewritten it if trusted."""
-    return request.remote_addr or "unknown"

@@ -13,5 +13,5 @@ def script_source(name: str) -> str:
     try:
         return resources.files("limiting.lua").joinpath(f"{name}.lua").read_text("utf-8")
     except (ModuleNotFoundError, FileNotFoundError):
-        checkout = Path(__file__).resolve().parent.parent / "lua" / f"{name}.lua"
+        checkout = Path(__file__).resolve().parents[2] / "lua" / f"{name}.lua"
         return checkout.read_text("utf-8")

@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 from flask.cli import AppGroup
 
-from .identity import BODY_USER
-from .layers import compile_plan
+from ..core.layers import compile_plan
+from ..core.naming import BODY_USER
+from ..core.policy import PolicyError, load_policy
+from ..stores.store import StoreUnavailable
 from .operated import app_limiter
-from .policy import PolicyError, load_policy
-from .store import StoreUnavailable
 
 limits_cli = AppGroup("limits", help="Inspect and reset rate limits.")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from werkzeug.exceptions import BadRequest, HTTPException, ServiceUnavailable, TooManyRequests
 
-from .decision import Decision
+from ..core.decision import Decision
 
 
 class RateLimited(TooManyRequests):

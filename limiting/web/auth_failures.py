@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-from .decision import from_reply
-from .identity import user_tag
-from .layers import compile_plan, window
-from .store import Store
+from ..core.decision import from_reply
+from ..core.layers import compile_plan, window
+from ..core.naming import user_tag
+from ..stores.store import Store
 
 FAILURES_PER_WINDOW = 10
 WINDOW_SECONDS = 60

@@ -96,8 +96,8 @@ def spawn(folder: Path, timeout: float = 30.0) -> subprocess.Popen[bytes] | None
     path = folder / SOCKET_NAME
     if _answers(path):
         return None
-    proc = subprocess.Popen([sys.executable, "-m", "limiting.embedded", str(folder)],
-                            cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen([sys.executable, "-m", "limiting.stores.embedded", str(folder)],
+                            cwd=Path(__file__).resolve().parents[2])
     deadline = time.monotonic() + timeout
     while not _answers(path):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -117,7 +117,7 @@ def stop_spawned(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def _serve(folder: Path) -> None:
-    """``python -m limiting.embedded FOLDER``: run the server until SIGTERM, then stop it
+    """``python -m limiting.stores.embedded FOLDER``: run the server until SIGTERM, then stop it
     gracefully so the append-only file is complete."""
     server = EmbeddedValkey(folder).start()
     stopping = False

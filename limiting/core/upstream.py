@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from .identity import user_tag
 from .layers import Layer, window
+from .naming import user_tag
 from .policy import ModelPolicy
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -16,8 +16,8 @@ from redis.commands.core import Script
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from ..metrics import STORE_ERRORS
 from .breaker import Breaker
-from .metrics import STORE_ERRORS
 from .pipelining import Direct, Pipeliner
 from .scripts import script_source
 from .sockets import gevent_patched
