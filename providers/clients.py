@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from limiting.core.llm import estimate_input_tokens
 
-from .errors import Observe, UpstreamError, from_sdk, status_error
+from .errors import Observe, UpstreamError, guarded_call
 
 if TYPE_CHECKING:  # imported at the first call instead: see errors.py
     import anthropic
@@ -75,17 +75,11 @@ def _tokens(message: str, max_tokens: int) -> int:
 def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
                     ) -> tuple[str, int, int, int]:
     """(reply, input tokens, output tokens, cached input tokens) of one chat turn."""
-    import openai
-
     tokens = _tokens(message, max_tokens)
-    try:
-        raw = openai_client().chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": message}], max_tokens=max_tokens,
-        )
-    except openai.APIStatusError as exc:
-        raise status_error(exc, "openai", observe, tokens) from None
-    except openai.OpenAIError as exc:
-        raise from_sdk(exc, "openai") from None
+    messages = [{"role": "user", "content": message}]
+    raw = guarded_call("openai", observe, tokens, lambda: openai_client().chat.completions
+                       .with_raw_response.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                                 max_tokens=max_tokens))
     observe(raw.headers, raw.status_code, tokens)
     result = raw.parse()
     if not result.choices:
@@ -100,17 +94,11 @@ def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
 
 def anthropic_complete(model: str, message: str, max_tokens: int, observe: Observe
                        ) -> tuple[str, int, int, int]:
-    import anthropic
-
     tokens = _tokens(message, max_tokens)
-    try:
-        raw = anthropic_client().messages.with_raw_response.create(
-            model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": message}],
-        )
-    except anthropic.APIStatusError as exc:
-        raise status_error(exc, "anthropic", observe, tokens) from None
-    except anthropic.AnthropicError as exc:
-        raise from_sdk(exc, "anthropic") from None
+    messages = [{"role": "user", "content": message}]
+    raw = guarded_call("anthropic", observe, tokens, lambda: anthropic_client().messages
+                       .with_raw_response.create(model=model, max_tokens=max_tokens,
+                                                 messages=messages))  # type: ignore[arg-type]
     observe(raw.headers, raw.status_code, tokens)
     result = raw.parse()
     u = result.usage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from limiting.core.lease import provider_billed, status_billed
 from limiting.core.upstream import refused_alone, retry_after
@@ -51,6 +51,16 @@ TOO_LARGE = "request_too_large_for_upstream"
 
 
 Observe = Callable[[Mapping[str, str], int, int], None]  # headers, status, tokens reserved
+T = TypeVar("T")
+
+
+def guarded_call(provider: str, observe: Observe, tokens: int, send: Callable[[], T]) -> T:
+    """Run one SDK call; any failure leaves as UpstreamError (the provider's HTTP answer shown
+    to the model's guard first), never as an SDK or transport exception."""
+    try:
+        return send()
+    except Exception as exc:
+        raise status_error(exc, provider, observe, tokens) from None
 
 
 def status_error(exc: Exception, provider: str, observe: Observe, tokens: int) -> UpstreamError:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 from .clients import anthropic_client, openai_client
 from .errors import Observe as Observe  # (headers, status, tokens): the guard's view
-from .errors import UpstreamError, from_sdk, status_error
+from .errors import UpstreamError, from_sdk, guarded_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,15 +180,12 @@ def _open(raw: Any, provider: str, observe: Observe, tokens: int) -> UpstreamStr
 
 def openai_create(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamReply:
     """POST /v1/chat/completions upstream, not streamed."""
-    import openai
 
-    try:
+    def send() -> tuple[Any, bytes]:
         raw = openai_client().chat.completions.with_raw_response.create(**params)
-        body = raw.http_response.read()
-    except openai.OpenAIError as exc:
-        raise status_error(exc, "openai", observe, tokens) from None
-    except Exception as exc:  # transport errors the SDK did not wrap
-        raise from_sdk(exc, "openai") from None
+        return raw, raw.http_response.read()
+
+    raw, body = guarded_call("openai", observe, tokens, send)
     headers = dict(raw.headers)
     observe(headers, raw.status_code, tokens)
     return UpstreamReply(body, headers, raw.status_code)
@@ -196,28 +193,19 @@ def openai_create(params: Mapping[str, Any], observe: Observe, tokens: int) -> U
 
 def openai_stream(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamStream:
     """POST /v1/chat/completions upstream with ``stream: true``; returns once headers arrive."""
-    import openai
-
-    try:
-        raw = openai_client().chat.completions.with_raw_response.create(**params, stream=True)
-    except openai.OpenAIError as exc:
-        raise status_error(exc, "openai", observe, tokens) from None
-    except Exception as exc:
-        raise from_sdk(exc, "openai") from None
+    raw = guarded_call("openai", observe, tokens, lambda: openai_client().chat.completions
+                       .with_raw_response.create(**params, stream=True))
     return _open(raw, "openai", observe, tokens)
 
 
 def anthropic_create(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamReply:
     """POST /v1/messages upstream, not streamed."""
-    import anthropic
 
-    try:
+    def send() -> tuple[Any, bytes]:
         raw = anthropic_client().messages.with_raw_response.create(**params)
-        body = raw.http_response.read()
-    except anthropic.AnthropicError as exc:
-        raise status_error(exc, "anthropic", observe, tokens) from None
-    except Exception as exc:
-        raise from_sdk(exc, "anthropic") from None
+        return raw, raw.http_response.read()
+
+    raw, body = guarded_call("anthropic", observe, tokens, send)
     headers = dict(raw.headers)
     observe(headers, raw.status_code, tokens)
     return UpstreamReply(body, headers, raw.status_code)
@@ -225,12 +213,6 @@ def anthropic_create(params: Mapping[str, Any], observe: Observe, tokens: int) -
 
 def anthropic_stream(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamStream:
     """POST /v1/messages upstream with ``stream: true``; returns once headers arrive."""
-    import anthropic
-
-    try:
-        raw = anthropic_client().messages.with_raw_response.create(**params, stream=True)
-    except anthropic.AnthropicError as exc:
-        raise status_error(exc, "anthropic", observe, tokens) from None
-    except Exception as exc:
-        raise from_sdk(exc, "anthropic") from None
+    raw = guarded_call("anthropic", observe, tokens, lambda: anthropic_client().messages
+                       .with_raw_response.create(**params, stream=True))
     return _open(raw, "anthropic", observe, tokens)
