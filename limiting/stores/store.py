@@ -43,6 +43,11 @@ class StoreUnavailable(Exception):
 class Store(Protocol):
     url: str
 
+    # One server: keys of any hash tag may share one script call, so the edge's (keyed by
+    # IP) and the model's guard ride in the user's call. False for a Cluster (and for
+    # memory://, which runs no edge layer).
+    single_node: bool
+
     def acquire(self, keys: list[str], args: ScriptArgs) -> list[int]: ...
 
     def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any: ...

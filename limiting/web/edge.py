@@ -39,7 +39,7 @@ def is_limited_route() -> bool:
 
 
 def combines_edge(store: Store) -> bool:
-    return bool(getattr(store, "single_node", False))
+    return store.single_node
 
 
 def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
