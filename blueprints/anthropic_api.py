@@ -105,10 +105,11 @@ def _serve() -> Response:
     limiter = current_limiter()
     provider = _provider(model, limiter.policy)
     check_available(provider, model)
-    terms = _terms(limiter.policy.model(model), body)
+    priced = limiter.policy.model(model)
+    terms = _terms(priced, body)
     params: dict[str, Any] = {k: v for k, v in body.items() if k in PASSTHROUGH and v is not None}
     params.update(model=model, messages=messages, max_tokens=max_tokens)
-    estimate = v1.estimate(messages, system, body.get("tools"))
+    estimate = v1.estimate(messages, system, body.get("tools"), model=priced)
 
     reservation = v1.reserve(record, model, estimate, max_tokens, terms=terms)
     reserved = estimate + max_tokens   # the tokens the guard saw this call take

@@ -111,7 +111,8 @@ def _serve() -> Response:
     limiter = current_limiter()
     provider = _provider(model, limiter.policy)
     check_available(provider, model)
-    terms = _terms(limiter.policy.model(model), body)
+    priced = limiter.policy.model(model)
+    terms = _terms(priced, body)
     # Both limits given: the provider may honour either, so the larger is reserved.
     max_output = max((v for v in limit_given.values() if v is not None), default=None)
     params: dict[str, Any] = {k: v for k, v in body.items() if k in PASSTHROUGH and v is not None}
@@ -121,7 +122,7 @@ def _serve() -> Response:
         max_output = v1.plan_of(record).default_max_tokens
         params["max_completion_tokens"] = max_output
     estimate = v1.estimate(messages, tools=body.get("tools"), functions=body.get("functions"),
-                           response_format=body.get("response_format"))
+                           response_format=body.get("response_format"), model=priced)
     # Rejected predicted tokens are billed as output, beyond max_completion_tokens.
     prediction = body.get("prediction")
     predicted = estimate_tokens(json.dumps(prediction, default=str)) if prediction else 0

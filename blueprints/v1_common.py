@@ -15,9 +15,15 @@ from typing import Any
 from flask import Response, g, jsonify, stream_with_context
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
-from limiting import Decision, LimiterUnavailable, Plan, RateLimited, current_limiter
+from limiting import Decision, LimiterUnavailable, ModelPolicy, Plan, RateLimited, current_limiter
 from limiting.core.headers import rate_limit_headers
-from limiting.core.llm import Usage, estimate_input_tokens, estimate_tokens
+from limiting.core.llm import (
+    IMAGE_TOKENS,
+    UnpricedContent,
+    Usage,
+    estimate_input_tokens,
+    estimate_tokens,
+)
 from limiting.core.pricing import STANDARD, PriceTerms
 from limiting.keys import KeyRecord
 from limiting.reservation import Reservation, UpstreamSaturated
@@ -215,10 +221,16 @@ def unknown_fields(body: Mapping[str, Any], known: frozenset[str]) -> None:
 
 
 def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = None, *,
-             functions: Any = None, response_format: Any = None) -> int:
+             functions: Any = None, response_format: Any = None,
+             model: ModelPolicy | None = None) -> int:
     """Offline input estimate. Tool and function definitions and a response schema count:
-    the provider puts them in the prompt and bills them as input."""
-    total = estimate_input_tokens(messages, system)
+    the provider puts them in the prompt and bills them as input; so do images, at the
+    model's ``image_tokens`` each. Content that cannot be priced before the call is a 400."""
+    image_tokens = model.image_tokens if model is not None else IMAGE_TOKENS
+    try:
+        total = estimate_input_tokens(messages, system, image_tokens)
+    except UnpricedContent as exc:
+        raise invalid(str(exc), "messages") from None
     for schema in (tools, functions, response_format):
         if schema:
             total += estimate_tokens(json.dumps(schema, default=str))

@@ -338,3 +338,50 @@ def test_prediction_counts_as_output(s: Stack) -> None:
                                            prediction={"type": "content", "content": text})
     assert "output-tokens-minute" in err.value.response.json()["error"]["message"]
     assert s.fake.requests == []
+
+
+# --- media the provider sees and we cannot ----------------------------------------------------
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
+
+
+def test_an_image_by_url_is_reserved_as_the_tokens_it_may_bill(s: Stack) -> None:
+    _, key = s.user("narrow")            # 500 input tokens a minute; one image may bill 1,600
+    with pytest.raises(openai.BadRequestError) as err:
+        s.oai(key).chat.completions.create(model=GPT4O, max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "what is it?"}, IMAGE]}])
+    assert "input-tokens-minute" in err.value.response.json()["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as aerr:
+        s.ant(key).messages.create(model="claude-sonnet", max_tokens=5, messages=[  # type: ignore[misc]
+            {"role": "user", "content": [{"type": "image", "source": {
+                "type": "url", "url": "https://example.invalid/cat.png"}}]}])
+    assert "input-tokens-minute" in aerr.value.response.json()["error"]["message"]
+    assert s.fake.requests == []
+
+
+def test_a_document_or_file_by_reference_is_refused_before_any_charge(s: Stack) -> None:
+    user, key = s.user()
+    before = s.left(user)
+    with pytest.raises(anthropic.BadRequestError) as aerr:
+        s.ant(key).messages.create(model="claude-sonnet", max_tokens=5, messages=[  # type: ignore[misc]
+            {"role": "user", "content": [{"type": "document", "source": {
+                "type": "url", "url": "https://example.invalid/100-pages.pdf"}}]}])
+    assert "cannot be priced" in aerr.value.response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        s.oai(key).chat.completions.create(model=GPT4O, max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}]}])
+    assert err.value.response.json()["error"]["param"] == "messages"
+    assert s.left(user) == before and s.fake.requests == []
+
+
+def test_image_tokens_are_the_models_own() -> None:
+    from limiting.core.llm import estimate_input_tokens
+    from limiting.core.policy import parse_policy
+
+    with_image = [{"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}]
+    plain = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert estimate_input_tokens(with_image, image_tokens=36_835) \
+        >= estimate_input_tokens(plain) + 36_835
+    policy = parse_policy({"plans": {"p": {"burst": 1, "refill_per_second": 1}}, "models": {
+        "gpt-4o-mini": {"provider": "openai", "image_tokens": 36_835}}})
+    assert policy.models["gpt-4o-mini"].image_tokens == 36_835

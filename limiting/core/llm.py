@@ -57,9 +57,57 @@ def _content_text(content: Any) -> str:
     return "" if content is None else json.dumps(content, default=str)
 
 
-def estimate_input_tokens(messages: Iterable[Mapping[str, Any]], system: Any = None) -> int:
-    """Estimated prompt tokens of a chat request (OpenAI or Anthropic message shape)."""
+# Media the provider bills by what it decodes, not by the bytes we see: an image by URL is a
+# hundred bytes and up to ~1,600 tokens (Anthropic's cap; gpt-4o's high detail ~1,445). Models
+# that bill images as many more tokens (gpt-4o-mini) set their own ``image_tokens``.
+IMAGE_TOKENS = 1600
+_IMAGES = frozenset({"image", "image_url", "input_image"})
+
+
+class UnpricedContent(ValueError):
+    """A part whose size only the provider can see (a document or file by URL or id): it
+    cannot be reserved before the call, so it is refused before anything is charged."""
+
+
+def media_images(value: Any) -> int:
+    """Images anywhere in a request part, tool results included; raises UnpricedContent for
+    a document or file the request names but does not carry. (No recursion: a body is as
+    deep as the client made it.)"""
+    images = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            kind = item.get("type")
+            if kind in _IMAGES:
+                images += 1
+            elif kind in ("document", "file") and _by_reference(item):
+                raise UnpricedContent(f"A {kind} sent by URL or id cannot be priced before "
+                                      "the call; send its content inline.")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return images
+
+
+def _by_reference(part: Mapping[str, Any]) -> bool:
+    source = part.get("source")                       # Anthropic: url, file (id), base64, text
+    if isinstance(source, Mapping):
+        return source.get("type") in ("url", "file")
+    file = part.get("file")                           # OpenAI: file_id or inline file_data
+    return isinstance(file, Mapping) and "file_data" not in file
+
+
+def estimate_input_tokens(messages: Iterable[Mapping[str, Any]], system: Any = None,
+                          image_tokens: int = IMAGE_TOKENS) -> int:
+    """Estimated prompt tokens of a chat request (OpenAI or Anthropic message shape): text at
+    ~3 bytes a token, and each image at ``image_tokens`` on top of its bytes. Raises
+    UnpricedContent for a document or file named by URL or id."""
     total = estimate_tokens(_content_text(system)) if system else 0
+    images = media_images(system) if system else 0
     for message in messages:
-        total += TOKENS_PER_MESSAGE + estimate_tokens(_content_text(message.get("content")))
-    return total
+        content = message.get("content")
+        total += TOKENS_PER_MESSAGE + estimate_tokens(_content_text(content))
+        if isinstance(content, list):
+            images += media_images(content)
+    return total + images * image_tokens

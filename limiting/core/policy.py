@@ -94,6 +94,8 @@ class ModelPolicy:
     aliases: tuple[str, ...] = ()   # dated snapshots billed at these prices
     # Longest model-wide hold a provider's retry-after may write (a day would stop everyone).
     max_hold_seconds: float = 60.0
+    # Tokens reserved per image: what the provider may bill for one (see core/llm.py).
+    image_tokens: int = 1600
 
     @property
     def priced(self) -> bool:
@@ -213,6 +215,7 @@ def _model(source: str, name: str, table: Any) -> ModelPolicy:
         service_tiers=MappingProxyType(_tiers(r)),
         aliases=_aliases(r),
         max_hold_seconds=float(r.positive("max_hold_seconds", (int, float), default=60.0)),
+        image_tokens=r.positive("image_tokens", default=1600),
     )
     r.done()
     return model
