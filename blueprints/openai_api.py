@@ -65,7 +65,7 @@ _TYPES = {v1.AUTH: "invalid_request_error", v1.INVALID: "invalid_request_error",
 
 def error_body(problem: v1.ApiProblem) -> dict[str, Any]:
     if problem.kind == v1.RATE_LIMITED:
-        kind = openai_error_type(problem.layer or "")
+        kind = openai_error_type(problem.unit)
     else:
         kind = _TYPES.get(problem.kind, "server_error")
     return {"error": {"message": problem.message, "type": kind, "param": problem.param,

@@ -57,10 +57,12 @@ class ApiProblem(Exception):
 
     def __init__(self, status: int, kind: str, message: str, *, param: str | None = None,
                  code: str | None = None, retry_after: int | None = None,
-                 headers: Mapping[str, str] | None = None, layer: str | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, layer: str | None = None,
+                 unit: str = "requests") -> None:
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
         self.param, self.code, self.retry_after, self.layer = param, code, retry_after, layer
+        self.unit = unit          # what the refusing layer counts, for the dialect's type
         self.headers = dict(headers or {})
 
 
@@ -74,6 +76,7 @@ def problem_from(exc: BaseException) -> ApiProblem:
         return exc
     if isinstance(exc, RateLimited):
         return ApiProblem(429, RATE_LIMITED, str(exc.description), layer=exc.layer,
+                          unit=exc.unit,
                           code="rate_limit_exceeded", retry_after=_seconds(exc.retry_after),
                           headers=exc.limit_headers)
     if isinstance(exc, ExceedsLimit):   # before HTTPException: its code is exceeds_limit

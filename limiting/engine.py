@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from .core.codec import AcquireReply, encode_layers, with_costs
 from .core.decision import Decision, from_reply, store_away
-from .core.layers import CompiledPlan, Layer, compile_plan, edge, num_arg
+from .core.layers import CompiledPlan, Layer, compile_plan, edge
 from .core.naming import KEY_USER, user_prefix
 from .core.policy import FailMode, ModelPolicy, Plan, Policy
 from .core.pricing import STANDARD, PriceTerms, reserve_usd_micros
@@ -57,7 +58,7 @@ class Engine:
         """Check and, only if every user layer passes, charge one request to ``user``."""
         compiled = self.compiled(plan or self.policy.plan_for(user))
         try:
-            reply = self.store.acquire(self._keys(compiled, user, ip, realm), compiled.args)
+            reply = self._call(self._keys(compiled, user, ip, realm), compiled.args)
         except StoreUnavailable:
             if self.fallback is not None:
                 # The plan it was given (a key's), as this worker's share of it.
@@ -85,24 +86,23 @@ class Engine:
         if cached is None or cached.plan is not plan:
             cached = self._llm[plan.name] = compile_plan(plan, self.edge, llm=True)
         usd = round(reserve_usd_micros(model, input_tokens, max_output_tokens, terms))
-        costs = {"tokens-minute": input_tokens + max_output_tokens,
-                 "input-tokens-minute": input_tokens, "output-tokens-minute": max_output_tokens,
-                 "usd-day": usd}
+        costs = {"tokens": input_tokens + max_output_tokens, "input_tokens": input_tokens,
+                 "output_tokens": max_output_tokens, "usd_micros": usd}
         lease = new_lease_id() if plan.max_concurrent else None
-        args = list(cached.args)
-        for i in cached.unit_positions:    # only the layers whose cost is per request
-            layer = cached.layers[i]
-            unit = lease if layer.kind == "c" else str(costs[layer.name])
-            args[4 * i + 3] = str(unit).encode()
+        per_call: dict[int, str] = {}      # only the layers whose cost is per request
+        for i in cached.per_call:
+            unit = cached.layers[i].unit
+            per_call[i] = (lease or "") if unit == "leases" else str(costs[unit])
+        args = with_costs(cached.args, per_call)
         keys = self._keys(cached, user, ip, realm)
         guard_part = self._guard_args(model_name, input_tokens + max_output_tokens) \
             if guard and self.guard_in_call else None
         try:
             if guard_part is None:
-                reply = self.store.acquire(keys, args)
+                reply = self._call(keys, args)
             else:
                 # One server: the model's guard joins the same all-or-nothing call.
-                reply = self.store.acquire(keys + guard_part[1], args + guard_part[2])
+                reply = self._call(keys + guard_part[1], args + guard_part[2])
         except StoreUnavailable:
             if self.fallback is not None:
                 fb = self.fallback
@@ -114,24 +114,22 @@ class Engine:
             empty = Reservation(self.store, decision, 0, [], None, model, input_tokens,
                                 max_output_tokens, terms=terms) if decision.allowed else None
             return decision, empty, None
-        user_reply = reply[:4 + 2 * len(cached.layers)]
         guard_wait: float | None = None
-        if guard_part is not None and reply[0] != 1 and reply[1] > len(cached.layers):
-            guard_wait = _guard_wait(reply[2])
-            user_reply[0:3] = [1, 0, 0]   # the user's layers passed; nothing was charged
-        decision = from_reply(cached, user_reply)
+        if guard_part is not None and reply.refused_after(len(cached.layers)):
+            guard_wait = _guard_wait(reply.wait_us)   # the user's layers passed; none charged
+        decision = from_reply(cached, reply.first(len(cached.layers)))
         if guard_wait is not None:
             return decision, None, guard_wait
         if not decision.allowed:
             return decision, None, None
         own = cached.layers[cached.edge_count:]
-        charges = [Charge(layer, key, costs.get(layer.name, 1))
+        charges = [Charge(layer, key, costs.get(layer.unit, 1))
                    for layer, key in zip(own, keys[cached.edge_count:], strict=True)]
-        reservation = Reservation(self.store, decision, reply[3], charges, lease, model,
+        reservation = Reservation(self.store, decision, reply.now_us, charges, lease, model,
                                   input_tokens, max_output_tokens, terms=terms)
         if guard_part is not None:
             layers, guard_keys, _, guard_costs = guard_part
-            _hold_guard(reservation, reply[3], layers, guard_keys, guard_costs)
+            _hold_guard(reservation, reply.now_us, layers, guard_keys, guard_costs)
         elif guard:
             wait = self._guard(reservation, model_name, input_tokens + max_output_tokens)
             if wait is not None:
@@ -144,31 +142,29 @@ class Engine:
         """The model's guard layers, their keys, script arguments and costs for one call."""
         layers, prefix = self._guard_of(model_name)
         keys = [prefix + layer.suffix for layer in layers]
-        costs = {"upstream-requests": 1, "upstream-tokens": tokens, "upstream-pace": tokens}
-        args: list[bytes] = []
-        for layer in layers:
-            values = (layer.kind, num_arg(layer.limit), num_arg(layer.param), costs[layer.name])
-            args += [str(v).encode() for v in values]
-        return layers, keys, args, costs
+        costs = {"requests": 1, "tokens": tokens, "pace": tokens}
+        args = encode_layers((layer.kind, layer.limit, layer.param, str(costs[layer.unit]))
+                             for layer in layers)
+        return layers, keys, list(args), costs
 
     def _guard(self, reservation: Reservation, model_name: str, tokens: int) -> float | None:
         """The model's shared windows and learnt pacing, in a call of their own (a Cluster
         puts them in another slot); None when the upstream call may go ahead."""
         layers, keys, args, costs = self._guard_args(model_name, tokens)
         try:
-            reply = self.store.acquire(keys, args)
+            reply = self._call(keys, args)
         except StoreUnavailable:
             return None  # the guard fails open: the provider still has its own limits
-        if reply[0] != 1:
-            return _guard_wait(reply[2])
-        _hold_guard(reservation, reply[3], layers, keys, costs)
+        if not reply.allowed:
+            return _guard_wait(reply.wait_us)
+        _hold_guard(reservation, reply.now_us, layers, keys, costs)
         return None
 
     def peek_model(self, model_name: str) -> Decision:
         """The model's guard layers (shared windows, learnt pacing), charging nothing."""
         layers, prefix = self._guard_of(model_name)
         compiled = compile_plan(None, layers, cost=0)
-        reply = self.store.acquire([prefix + layer.suffix for layer in layers], compiled.args)
+        reply = self._call([prefix + layer.suffix for layer in layers], compiled.args)
         return from_reply(compiled, reply)
 
     def max_hold(self, model_name: str) -> float:
@@ -199,7 +195,7 @@ class Engine:
         if self._edge_only is None or self.edge_keys is None:
             return None
         try:
-            reply = self.store.acquire(self.edge_keys(ip), self._edge_only.args)
+            reply = self._call(self.edge_keys(ip), self._edge_only.args)
         except StoreUnavailable:
             return None
         return from_reply(self._edge_only, reply)
@@ -207,8 +203,11 @@ class Engine:
     def peek(self, user: str, plan: Plan | None = None, realm: str = KEY_USER) -> Decision:
         """Every user layer's state for ``user``, charging nothing."""
         compiled = compile_plan(plan or self.policy.plan_for(user), cost=0, llm=True)
-        reply = self.store.acquire(self._keys(compiled, user, None, realm), compiled.args)
+        reply = self._call(self._keys(compiled, user, None, realm), compiled.args)
         return from_reply(compiled, reply)
+
+    def _call(self, keys: list[str], args: Sequence[bytes]) -> AcquireReply:
+        return AcquireReply.parse(self.store.acquire(keys, args))
 
     def reset(self, user: str, layer: str | None = None, plan: Plan | None = None,
               realm: str = KEY_USER) -> int:
@@ -228,7 +227,7 @@ def _hold_guard(reservation: Reservation, charged_at: int, layers: tuple[Layer, 
                 keys: list[str], costs: dict[str, int]) -> None:
     """Record what the guard's windows charged, so the settle can correct the tokens."""
     reservation.guard_at = charged_at
-    reservation.guard_charges = [Charge(layer, key, costs[layer.name])
+    reservation.guard_charges = [Charge(layer, key, costs[layer.unit])
                                  for layer, key in zip(layers, keys, strict=True)
                                  if layer.kind in ("w", "W")]
 

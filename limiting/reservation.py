@@ -22,13 +22,14 @@ from types import TracebackType
 from werkzeug.exceptions import ServiceUnavailable
 
 from . import metrics
+from .core.codec import SettleCall
 from .core.decision import Decision
-from .core.layers import UNIT_LAYERS, Layer
+from .core.layers import ESTIMATED_UNITS, Layer
 from .core.lease import KeepAlive, provider_billed
 from .core.llm import Usage
 from .core.policy import ModelPolicy
 from .core.pricing import STANDARD, PriceTerms, reserve_usd_micros, usage_usd_micros
-from .stores.store import ScriptArgs, Store, StoreUnavailable
+from .stores.store import Store, StoreUnavailable
 
 log = logging.getLogger("limiter.reservation")
 
@@ -123,14 +124,14 @@ class Reservation:
         ``as_reserved``: dollars priced as reserve() priced them (the dearest input-side
         price of the terms), for a call charged as reserved."""
         fresh = max(0, usage.input_tokens - usage.cached_input_tokens)
-        name = layer.name
-        if name in ("tokens-minute", "upstream-tokens"):
+        unit = layer.unit
+        if unit == "tokens":
             return fresh + usage.output_tokens
-        if name == "input-tokens-minute":
+        if unit == "input_tokens":
             return fresh
-        if name == "output-tokens-minute":
+        if unit == "output_tokens":
             return usage.output_tokens
-        if name == "usd-day":
+        if unit == "usd_micros":
             return round(self._usd(usage, as_reserved))
         return 0
 
@@ -181,59 +182,53 @@ class Reservation:
             usd = self._usd(usage, as_reserved)
             if usd > 0:
                 metrics.USD_SETTLED.inc(usd / 1e6)
-        args: list[str | int | float] = [self.charged_at]
-        keys: list[str] = []
+        own = SettleCall(self.charged_at)
         for charge in self.charges:
             layer = charge.layer
-            if layer.kind == "c":
-                keys.append(charge.key)
-                args += ["c", layer.param, self.lease or ""]
-            elif layer.name in UNIT_LAYERS:
+            if layer.unit == "leases":
+                own.add(charge.key, "c", layer.param, self.lease or "")
+            elif layer.unit in ESTIMATED_UNITS:
                 spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
                 if spent != charge.amount:
-                    keys.append(charge.key)
-                    args += [layer.kind, layer.param, spent - charge.amount]
-        self._run(keys, args)
-        guard_keys: list[str] = []
-        guard_args: list[str | int | float] = [self.guard_at]
+                    own.add(charge.key, layer.kind, layer.param, spent - charge.amount)
+        self._run(own)
+        guard = SettleCall(self.guard_at)
         for charge in self.guard_charges:
-            if charge.layer.name == "upstream-tokens":
+            if charge.layer.unit == "tokens":
                 spent = self.actual(charge.layer, usage, as_reserved) if usage is not None else 0
-                if spent == charge.amount:
-                    continue
-                guard_keys.append(charge.key)
-                guard_args += [charge.layer.kind, charge.layer.param, spent - charge.amount]
-        self._run(guard_keys, guard_args)
+                if spent != charge.amount:
+                    guard.add(charge.key, charge.layer.kind, charge.layer.param,
+                              spent - charge.amount)
+        self._run(guard)
 
     def refund_everything(self) -> None:
         """A later layer refused after this one committed: as if the request never came."""
         if not self._claim():
             return
-        args: list[str | int | float] = [self.charged_at]
-        keys: list[str] = []
+        call = SettleCall(self.charged_at)
         for charge in self.charges:
             layer = charge.layer
-            keys.append(charge.key)
-            if layer.kind == "c":
-                args += ["c", layer.param, self.lease or ""]
+            if layer.unit == "leases":
+                call.add(charge.key, "c", layer.param, self.lease or "")
             elif layer.kind == "b":
-                args += ["b", layer.limit, -charge.amount]
+                call.add(charge.key, "b", layer.limit, -charge.amount)
             else:
-                args += [layer.kind, layer.param, -charge.amount]
-        self._run(keys, args)
+                call.add(charge.key, layer.kind, layer.param, -charge.amount)
+        self._run(call)
 
     def renew(self) -> None:
         """Keep a streaming request's lease alive for another TTL."""
         for charge in self.charges:
-            if charge.layer.kind == "c" and not self.done:
-                self._run([charge.key], [self.charged_at, "r", charge.layer.param,
-                                         self.lease or ""])
+            if charge.layer.unit == "leases" and not self.done:
+                call = SettleCall(self.charged_at)
+                call.add(charge.key, "r", charge.layer.param, self.lease or "")
+                self._run(call)
 
-    def _run(self, keys: list[str], args: ScriptArgs) -> None:
-        if not keys:
+    def _run(self, call: SettleCall) -> None:
+        if not call:
             return
         try:
-            self.store.run("settle", keys, args)
+            self.store.run("settle", call.keys, call.args)
         except StoreUnavailable as exc:
             # The reservation then ages out with its window, and the lease with its TTL.
             log.warning("settle failed, reservation left to expire: %s", exc)

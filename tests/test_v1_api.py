@@ -486,8 +486,14 @@ def test_upstream_refusal_gives_every_unit_back_and_a_500_keeps_them(s: Stack) -
 # --- the pure header helpers ----------------------------------------------------------------------
 
 
+UNITS = {"tokens-minute": "tokens", "input-tokens-minute": "input_tokens",
+         "output-tokens-minute": "output_tokens", "usd-day": "usd_micros"}
+
+
 def _decision(*states: tuple[str, float, int, float]) -> Decision:
-    return Decision(True, tuple(LayerState(Layer(name, "w", name, limit, 60e6, 60, "fail_open"),
+    """Layers as compile_plan names them, each with the unit it counts."""
+    return Decision(True, tuple(LayerState(Layer(name, "w", name, limit, 60e6, 60, "fail_open",
+                                                 UNITS.get(name, "requests")),
                                            remaining, reset)
                                 for name, limit, remaining, reset in states))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .codec import AcquireReply
 from .layers import CompiledPlan, Layer
 
 
@@ -42,19 +43,16 @@ class Decision:
         return min(self.states, key=lambda s: (s.remaining, -s.reset))
 
 
-def from_reply(compiled: CompiledPlan, reply: list[int]) -> Decision:
-    """Parse {allowed, refusing layer, wait_us, now_us, (remaining, reset_us) per layer}."""
+def from_reply(compiled: CompiledPlan, reply: AcquireReply) -> Decision:
+    """The decision for ``compiled``'s layers from what the script answered."""
     # An edge refusal ends the script early: only the layers it reached report.
-    layers = compiled.layers[: (len(reply) - 4) // 2]
-    states = tuple(
-        LayerState(layer, int(reply[4 + 2 * i]), reply[5 + 2 * i] / 1e6)
-        for i, layer in enumerate(layers)
-    )
-    if reply[0] == 1:
+    states = tuple(LayerState(layer, remaining, reset / 1e6)
+                   for layer, (remaining, reset) in zip(compiled.layers, reply.states,
+                                                        strict=False))
+    if reply.allowed:
         return Decision(True, states, policy_header=compiled.policy_header)
-    refused = states[int(reply[1]) - 1]
-    wait = None if reply[2] < 0 else reply[2] / 1e6
-    return Decision(False, states, refused, wait, compiled.policy_header)
+    wait = None if reply.wait_us < 0 else reply.wait_us / 1e6
+    return Decision(False, states, states[reply.refused - 1], wait, compiled.policy_header)
 
 
 def store_away(compiled: CompiledPlan) -> Decision:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .codec import encode_layers, num_arg
 from .policy import FailMode, Plan
 
 
@@ -17,6 +18,9 @@ class Layer:
     param: float      # refill per second, or window length in microseconds
     window: int       # seconds, for RateLimit-Policy's w=
     fail: FailMode
+    # What one unit of this layer is: "requests", "tokens", "input_tokens", "output_tokens",
+    # "usd_micros", "leases" or "pace". A request's cost and its settle follow the unit.
+    unit: str = "requests"
 
 
 def bucket(name: str, suffix: str, capacity: float, per_second: float, fail: FailMode) -> Layer:
@@ -29,13 +33,14 @@ def edge(seconds: int, amount: int, fail: FailMode) -> Layer:
 
 
 def window(name: str, suffix: str, limit: float, seconds: int, fail: FailMode,
-           wide: bool = False) -> Layer:
-    return Layer(name, "W" if wide else "w", suffix, limit, seconds * 1_000_000, seconds, fail)
+           unit: str = "requests") -> Layer:
+    """A strict sliding window; anything but requests is counted in 8-byte slots ("W")."""
+    kind = "w" if unit == "requests" else "W"
+    return Layer(name, kind, suffix, limit, seconds * 1_000_000, seconds, fail, unit)
 
 
-# Layers whose charge is a per-request estimate that the settle corrects; request counts stay.
-UNIT_LAYERS = frozenset({"tokens-minute", "input-tokens-minute", "output-tokens-minute",
-                         "usd-day"})
+# Units whose charge is a per-request estimate that the settle corrects; request counts stay.
+ESTIMATED_UNITS = frozenset({"tokens", "input_tokens", "output_tokens", "usd_micros"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +54,7 @@ class CompiledPlan:
     args: tuple[bytes, ...]        # kind, a, b, cost per layer, encoded once
     policy_header: str             # RateLimit-Policy never changes for a plan
     fail_closed: bool              # does any layer refuse while the store is away?
-    unit_positions: tuple[int, ...] = ()   # LLM layers, whose cost each request sets
+    per_call: tuple[int, ...] = ()   # LLM layers and leases, whose cost each request sets
 
 
 def request_layers(plan: Plan) -> tuple[Layer, ...]:
@@ -63,19 +68,20 @@ def llm_layers(plan: Plan) -> tuple[Layer, ...]:
     """Token, dollar and concurrency layers: charged per request by its reservation."""
     fail = plan.fail_quota
     layers = []
-    for name, suffix, limit in (("tokens-minute", "t60", plan.tokens_per_minute),
-                                ("input-tokens-minute", "ti60", plan.input_tokens_per_minute),
-                                ("output-tokens-minute", "to60", plan.output_tokens_per_minute)):
+    for name, suffix, limit, unit in (
+            ("tokens-minute", "t60", plan.tokens_per_minute, "tokens"),
+            ("input-tokens-minute", "ti60", plan.input_tokens_per_minute, "input_tokens"),
+            ("output-tokens-minute", "to60", plan.output_tokens_per_minute, "output_tokens")):
         if limit:
-            layers.append(window(name, suffix, limit, 60, fail, wide=True))
+            layers.append(window(name, suffix, limit, 60, fail, unit))
     if plan.budget_usd_per_day:
         # Micro-dollars: whole numbers in the script, exact to a millionth of a dollar.
         layers.append(window("usd-day", "usd86400", round(plan.budget_usd_per_day * 1e6), 86400,
-                             fail, wide=True))
+                             fail, "usd_micros"))
     if plan.max_concurrent:
         ttl = plan.lease_ttl_seconds
         layers.append(Layer("concurrent", "c", "cc", plan.max_concurrent, ttl * 1_000_000, ttl,
-                            fail))
+                            fail, "leases"))
     return tuple(layers)
 
 
@@ -90,24 +96,19 @@ def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1
     if llm and plan is not None:
         own += llm_layers(plan)
     layers = edges + own
-    args: list[bytes] = []
-    for layer in layers:
-        unit = ("-" if cost == 0 else "") if layer.kind == "c" else str(cost)
-        values = (layer.kind, num_arg(layer.limit), num_arg(layer.param), unit)
-        args += [s.encode() for s in values]
+    args = encode_layers(
+        (layer.kind, layer.limit, layer.param,
+         ("-" if cost == 0 else "") if layer.kind == "c" else str(cost))
+        for layer in layers)
     return CompiledPlan(
         plan=plan,
         layers=layers,
         edge_count=len(edges),
         suffixes=tuple(layer.suffix for layer in own),
-        args=tuple(args),
+        args=args,
         policy_header=", ".join(f'"{layer.name}";q={num_arg(layer.limit)};w={layer.window}'
                                 for layer in layers),
         fail_closed=any(layer.fail == "fail_closed" for layer in layers),
-        unit_positions=tuple(i for i, layer in enumerate(layers)
-                             if layer.kind == "c" or layer.name in UNIT_LAYERS),
+        per_call=tuple(i for i, layer in enumerate(layers)
+                       if layer.unit == "leases" or layer.unit in ESTIMATED_UNITS),
     )
-
-
-def num_arg(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -13,32 +13,26 @@ from datetime import UTC, datetime
 
 from .decision import Decision, LayerState
 
-REQUEST_LAYERS = ("user",)          # plus every "quota-*" layer
-TOKEN_LAYER = "tokens-minute"
-INPUT_TOKEN_LAYER = "input-tokens-minute"
-OUTPUT_TOKEN_LAYER = "output-tokens-minute"
+TOKEN_UNITS = ("tokens", "input_tokens", "output_tokens")
 
 
-def is_request_layer(name: str) -> bool:
+def is_request_layer(state: LayerState) -> bool:
     """Layers that count requests (the user's bucket and plan quotas), not the edge per IP."""
-    return name in REQUEST_LAYERS or name.startswith("quota-")
+    return state.layer.unit == "requests" and state.layer.kind != "f"
 
 
-def is_token_layer(name: str) -> bool:
-    return name in (TOKEN_LAYER, INPUT_TOKEN_LAYER, OUTPUT_TOKEN_LAYER)
-
-
-def tightest(decision: Decision, accept: Callable[[str], bool]) -> LayerState | None:
+def tightest(decision: Decision, accept: Callable[[LayerState], bool]) -> LayerState | None:
     """The accepted layer with the least remaining (the longer reset breaks a tie), or None."""
-    states = [s for s in decision.states if accept(s.layer.name)]
+    states = [s for s in decision.states if accept(s)]
     if not states:
         return None
     return min(states, key=lambda s: (s.remaining, -s.reset))
 
 
-def layer(decision: Decision, name: str) -> LayerState | None:
+def layer(decision: Decision, unit: str) -> LayerState | None:
+    """The decision's layer counting ``unit`` (a plan has at most one per token unit)."""
     for state in decision.states:
-        if state.layer.name == name:
+        if state.layer.unit == unit:
             return state
     return None
 
@@ -50,8 +44,8 @@ def request_layer(decision: Decision) -> LayerState | None:
 
 def token_layer(decision: Decision) -> LayerState | None:
     """tokens-minute when the plan has it, else input-, else output-tokens-minute."""
-    for name in (TOKEN_LAYER, INPUT_TOKEN_LAYER, OUTPUT_TOKEN_LAYER):
-        state = layer(decision, name)
+    for unit in TOKEN_UNITS:
+        state = layer(decision, unit)
         if state is not None:
             return state
     return None
@@ -104,10 +98,11 @@ def anthropic_headers(decision: Decision, now: float) -> dict[str, str]:
     meaning: the most restrictive token limit in effect); input/output fall back to
     tokens-minute, which bounds them too.
     """
-    combined = layer(decision, TOKEN_LAYER)
-    inputs = layer(decision, INPUT_TOKEN_LAYER) or combined
-    outputs = layer(decision, OUTPUT_TOKEN_LAYER) or combined
-    tokens = combined or tightest(decision, lambda n: n in (INPUT_TOKEN_LAYER, OUTPUT_TOKEN_LAYER))
+    combined = layer(decision, "tokens")
+    inputs = layer(decision, "input_tokens") or combined
+    outputs = layer(decision, "output_tokens") or combined
+    tokens = combined or tightest(
+        decision, lambda s: s.layer.unit in ("input_tokens", "output_tokens"))
     headers: dict[str, str] = {}
     for kind, state in (("requests", request_layer(decision)), ("tokens", tokens),
                         ("input-tokens", inputs), ("output-tokens", outputs)):
@@ -119,8 +114,7 @@ def anthropic_headers(decision: Decision, now: float) -> dict[str, str]:
     return headers
 
 
-def openai_error_type(layer_name: str) -> str:
-    """OpenAI's 429 ``type``: "tokens" for token and spend layers, "requests" otherwise."""
-    if is_token_layer(layer_name) or layer_name.startswith("usd-"):
-        return "tokens"
-    return "requests"
+def openai_error_type(unit: str) -> str:
+    """OpenAI's 429 ``type`` for a refusing layer's unit: "tokens" for token and spend
+    layers, "requests" otherwise."""
+    return "tokens" if unit in TOKEN_UNITS or unit == "usd_micros" else "requests"

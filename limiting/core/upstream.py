@@ -35,8 +35,8 @@ def guard_layers(model: ModelPolicy | None) -> tuple[Layer, ...]:
                              "fail_open"))
     if model is not None and model.tokens_per_minute:
         layers.append(window("upstream-tokens", "tpm", model.tokens_per_minute, 60, "fail_open",
-                             wide=True))
-    layers.append(Layer("upstream-pace", "p", "pace", 0, 0, 60, "fail_open"))
+                             "tokens"))
+    layers.append(Layer("upstream-pace", "p", "pace", 0, 0, 60, "fail_open", "pace"))
     return tuple(layers)
 
 

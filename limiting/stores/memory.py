@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from ..core.codec import AcquireReply, decode_acquire, decode_settle
 from .store import ScriptArgs, StoreUnavailable
 
 SLOTS = 61
@@ -37,22 +38,20 @@ class MemoryStore:
     def acquire(self, keys: list[str], args: ScriptArgs) -> list[int]:
         with self._lock:
             now = self._now_us()
-            result: list[int] = [1, 0, 0, now]
+            reply = AcquireReply(True, 0, 0, now)
             writes: list[tuple[str, list[Any], float]] = []
             charged: list[tuple[int, float]] = []
             worst_wait, worst_layer = 0.0, 0
-            for i, key in enumerate(keys):
-                kind = _text(args[i * 4])
-                a, b = float(args[i * 4 + 1]), float(args[i * 4 + 2])
+            for i, (key, call) in enumerate(zip(keys, decode_acquire(args), strict=True)):
+                kind, a, b = call.kind, call.a, call.b
                 state = self._get(key, now)
                 if kind == "c":
-                    lease = _text(args[i * 4 + 3])
-                    remaining, reset, wait, write = _leases(state, now, a, b, lease)
-                    cost = 0.0 if lease == "-" else 1.0
+                    remaining, reset, wait, write = _leases(state, now, a, b, call.cost)
+                    cost = 0.0 if call.cost == "-" else 1.0
                 elif kind == "p":  # no provider pacing is learnt in memory
                     remaining, reset, wait, write, cost = 0, 0, 0.0, None, 0.0
                 else:
-                    cost = float(args[i * 4 + 3])
+                    cost = call.units
                     step = _bucket if kind == "b" else _window
                     remaining, reset, wait, write = step(state, now, a, b, cost)
                 if write is not None:
@@ -62,19 +61,21 @@ class MemoryStore:
                     worst_wait, worst_layer = -1, i + 1
                 elif wait > 0 and worst_wait >= 0 and wait > worst_wait:
                     worst_wait, worst_layer = wait, i + 1
-                result += [max(0, math.floor(remaining)), max(0, math.ceil(reset))]
+                reply.states.append((max(0, math.floor(remaining)), max(0, math.ceil(reset))))
             if worst_layer:
-                result[0:3] = [0, worst_layer, math.ceil(worst_wait)]
+                reply.allowed, reply.refused = False, worst_layer
+                reply.wait_us = math.ceil(worst_wait)
                 # Nothing is charged: layers that would have passed report what they still hold.
                 for i, cost in charged:
-                    result[4 + 2 * i] += int(cost)
-                return result
+                    held, reset_us = reply.states[i]
+                    reply.states[i] = (held + int(cost), reset_us)
+                return reply.encode()
             for (key, state, ttl_us), (_, cost) in zip(writes, charged, strict=True):
                 if cost > 0:  # cost 0 only looks
                     self._data[key] = (now + ttl_us, state)
             if len(self._data) > 100_000:
                 self._data = {k: v for k, v in self._data.items() if v[0] > now}
-            return result
+            return reply.encode()
 
     def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any:
         if name == "observe":
@@ -83,15 +84,14 @@ class MemoryStore:
             raise StoreUnavailable(f"memory:// does not run the {name!r} script")
         with self._lock:
             now = self._now_us()
-            charged_at = float(args[0])
-            for i, key in enumerate(keys):
-                kind, b = _text(args[1 + 3 * i]), float(args[2 + 3 * i])
+            charged_at, items = decode_settle(args)
+            for key, (kind, b, value) in zip(keys, items, strict=True):
                 item = self._data.get(key)
                 if item is None:
                     continue
                 expires, state = item
                 if kind in ("c", "r"):
-                    lease = _text(args[3 + 3 * i])
+                    lease = value
                     if state[1].get(lease, 0) > now or (kind == "c" and lease in state[1]):
                         # As settle.lua: a lease past its TTL is gone and is not renewed.
                         if kind == "c":
@@ -100,7 +100,7 @@ class MemoryStore:
                             state[1][lease] = now + b
                             self._data[key] = (max(expires, now + b + 1e6), state)
                     continue
-                delta = float(args[3 + 3 * i])
+                delta = float(value)
                 if kind == "b":
                     state[1] = max(0.0, min(b, state[1] - delta))
                     continue
@@ -122,10 +122,6 @@ class MemoryStore:
 
     def close(self) -> None:
         self._data.clear()
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: float

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ..core.codec import AcquireReply
 from ..core.decision import from_reply
 from ..core.layers import compile_plan, window
 from ..core.naming import user_tag
@@ -42,12 +43,14 @@ class AuthFailures:
         429. Raises StoreUnavailable (the caller answers 503).
         """
         if succeeded:
-            decision = from_reply(self._look, self.store.acquire(self._key(ip), self._look.args))
+            decision = from_reply(self._look, AcquireReply.parse(
+                self.store.acquire(self._key(ip), self._look.args)))
             state = decision.states[0] if decision.states else None
             if state is None or state.remaining > 0:
                 return 0
             # The window is full: the right token waits too (see the module's docstring).
             return max(1, math.ceil(state.reset))
         # All or nothing: a refused failure is not counted, so the wait is exact.
-        decision = from_reply(self._count, self.store.acquire(self._key(ip), self._count.args))
+        decision = from_reply(self._count, AcquireReply.parse(
+            self.store.acquire(self._key(ip), self._count.args)))
         return 0 if decision.allowed else max(1, decision.retry_after)

@@ -13,25 +13,27 @@ class RateLimited(TooManyRequests):
     """A layer refused; ``layer`` names it, ``retry_after`` is the honest wait in seconds."""
 
     def __init__(self, layer: str, retry_after: int, headers: dict[str, str],
-                 message: str | None = None) -> None:
+                 message: str | None = None, unit: str = "requests") -> None:
         super().__init__(message or f"Rate limit exceeded ({layer}); retry after {retry_after}s.")
         self.layer = layer
+        self.unit = unit          # what the refusing layer counts (dialects name it by this)
         self.retry_after = retry_after
         self.limit_headers = headers
 
     @classmethod
     def from_decision(cls, decision: Decision, headers: dict[str, str]) -> RateLimited:
         layer = decision.refused.layer.name if decision.refused else "unknown"
+        unit = decision.refused.layer.unit if decision.refused else "requests"
         if decision.wait is None:
             return cls(layer, 0, headers,
-                       f"This request exceeds the {layer} limit and can never pass.")
-        if decision.refused is not None and decision.refused.layer.kind == "c":
+                       f"This request exceeds the {layer} limit and can never pass.", unit)
+        if unit == "leases":
             # The TTL is only the latest moment; any of the caller's calls may end sooner.
             return cls(layer, decision.retry_after, headers,
                        f"Too many requests in flight ({layer}): a slot frees as soon as one of "
                        f"your requests in flight finishes, at the latest in "
-                       f"{decision.retry_after}s.")
-        return cls(layer, decision.retry_after, headers)
+                       f"{decision.retry_after}s.", unit)
+        return cls(layer, decision.retry_after, headers, unit=unit)
 
     def body(self) -> dict[str, Any]:
         return {"error": self.description, "code": "rate_limited", "layer": self.layer,
