@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from limiting.stores.store import StoreUnavailable
-from limiting.web.errors import LimiterUnavailable
+from limiting.web.errors import LimiterUnavailable, json_response
 from providers import ProviderKeyMissing, UnknownModel, UpstreamError
 
 log = logging.getLogger("limiter.errors")
@@ -30,11 +30,7 @@ _CODES = {
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    response = jsonify(body)
-    response.status_code = status
-    if headers:
-        response.headers.update(headers)
-    return response
+    return json_response(status, body, headers)
 
 
 def register_error_handlers(app: Flask) -> None:

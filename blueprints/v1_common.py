@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from flask import Response, g, jsonify, stream_with_context
+from flask import Response, g, stream_with_context
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from limiting import Decision, LimiterUnavailable, ModelPolicy, Plan, RateLimited, current_limiter
@@ -28,7 +28,7 @@ from limiting.core.pricing import STANDARD, PriceTerms
 from limiting.keys import KeyRecord
 from limiting.reservation import Reservation, UpstreamSaturated
 from limiting.stores.store import StoreUnavailable
-from limiting.web.errors import ExceedsLimit
+from limiting.web.errors import ExceedsLimit, json_response
 from limiting.web.identity import client_ip
 from providers import UnknownModel, UpstreamError
 from providers.llm_calls import Observe, Tally, UpstreamReply, UpstreamStream
@@ -108,12 +108,7 @@ def problem_from(exc: BaseException) -> ApiProblem:
 
 def render_problem(problem: ApiProblem, body: dict[str, Any]) -> Response:
     """A problem as JSON in the endpoint's own shape, with its status and headers."""
-    response = jsonify(body)
-    response.status_code = problem.status
-    response.headers.update(problem.headers)
-    if problem.retry_after:
-        response.headers["Retry-After"] = str(problem.retry_after)
-    return response
+    return json_response(problem.status, body, problem.headers, problem.retry_after)
 
 
 def _seconds(value: object) -> int | None:

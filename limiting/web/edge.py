@@ -7,7 +7,7 @@ import time
 from functools import partial
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, request
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits.errors import StorageError
@@ -16,7 +16,7 @@ from .. import metrics
 from ..core.policy import Policy
 from ..stores.store import Store, edge_storage
 from . import logs
-from .errors import LimiterUnavailable
+from .errors import LimiterUnavailable, json_response
 from .identity import client_ip
 
 LIMITED_ROUTE = "_llm_limited_route"
@@ -75,10 +75,7 @@ def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
     @app.errorhandler(StorageError)
     def edge_store_away(exc: StorageError) -> Any:
         err = LimiterUnavailable()
-        response = jsonify(err.body())
-        response.status_code = 503
-        response.headers["Retry-After"] = str(err.retry_after)
-        return response
+        return json_response(503, err.body(), retry_after=err.retry_after)
 
     return edge
 
@@ -131,19 +128,15 @@ def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:
     retry_after = max(1, math.ceil(reset_at - time.time()))
     metrics.DECISIONS.labels("edge", "refused").inc()
     logs.event("refused", ip=client_ip(), layer="edge", retry_after=retry_after)
-    response = jsonify({
+    return json_response(429, {
         "error": f"Too many requests from this address ({limit}); retry after {retry_after}s.",
         "code": "rate_limited",
         "layer": "edge",
         "retry_after": retry_after,
-    })
-    response.status_code = 429
-    response.headers.update({
-        "Retry-After": str(retry_after),
+    }, {
         "RateLimit-Policy": f'"edge";q={limit.amount};w={limit.get_expiry()}',
         "RateLimit": f'"edge";r=0;t={retry_after}',
         "X-RateLimit-Limit": str(limit.amount),
         "X-RateLimit-Remaining": "0",
         "X-RateLimit-Reset": str(retry_after),
-    })
-    return response
+    }, retry_after)

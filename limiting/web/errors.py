@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from werkzeug.exceptions import BadRequest, HTTPException, ServiceUnavailable, TooManyRequests
+from flask import Response, jsonify
+from werkzeug.exceptions import BadRequest, ServiceUnavailable, TooManyRequests
 
 from ..core.decision import Decision
 
@@ -78,5 +80,16 @@ class LimiterUnavailable(ServiceUnavailable):
                 "retry_after": self.retry_after}
 
 
-def json_error(exc: HTTPException, code: str, **extra: Any) -> dict[str, Any]:
-    return {"error": exc.description, "code": code, **extra}
+def json_response(status: int, body: Mapping[str, Any],
+                  headers: Mapping[str, str] | None = None,
+                  retry_after: object = None) -> Response:
+    """Every JSON error the app answers, in one place: the body, its status, its headers and
+    Retry-After (whole seconds) when there is a wait to tell (werkzeug types the exceptions'
+    ``retry_after`` loosely; ours are ints)."""
+    response = jsonify(body)
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    if isinstance(retry_after, int) and retry_after > 0:
+        response.headers["Retry-After"] = str(retry_after)
+    return response

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify
+from flask import Blueprint, Flask, Response, current_app, g
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -31,7 +31,13 @@ from . import logs
 from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .edge import combines_edge, init_edge, is_limited_route, mark_limited
-from .errors import ExceedsLimit, ExceedsUpstream, LimiterUnavailable, RateLimited
+from .errors import (
+    ExceedsLimit,
+    ExceedsUpstream,
+    LimiterUnavailable,
+    RateLimited,
+    json_response,
+)
 from .identity import client_ip
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
@@ -302,10 +308,5 @@ def _add_headers(response: Response) -> Response:
 
 def _render_refusal(exc: RateLimited | LimiterUnavailable | UpstreamSaturated | ExceedsLimit
                     ) -> Response:
-    response = jsonify(exc.body())
-    response.status_code = exc.code or 429
-    if isinstance(exc, (RateLimited, ExceedsLimit)):
-        response.headers.update(exc.limit_headers)
-    if exc.retry_after:
-        response.headers["Retry-After"] = str(exc.retry_after)
-    return response
+    headers = exc.limit_headers if isinstance(exc, (RateLimited, ExceedsLimit)) else None
+    return json_response(exc.code or 429, exc.body(), headers, exc.retry_after)
