@@ -26,17 +26,19 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from limiting import current_limiter, limited_route
-from limiting.core.policy import ModelPolicy, Policy
-from limiting.core.pricing import (
+from limiting import (
+    ModelPolicy,
+    Policy,
     PriceTerms,
     PricingError,
+    anthropic_headers,
+    bearer_token,
+    current_limiter,
     has_cache_control,
+    limited_route,
     server_tool_uses,
     tier_multiplier,
 )
-from limiting.core.provider_headers import anthropic_headers
-from limiting.keys import bearer_token
 from providers import (
     UnknownModel,
     UpstreamError,

@@ -12,8 +12,14 @@ from typing import Any
 from flask import Blueprint, current_app, request
 from werkzeug.exceptions import Forbidden, Unauthorized
 
-from limiting import RateLimiter, current_limiter, estimate_input_tokens, limited_route
-from limiting.keys import KeyRecord, presented_key
+from limiting import (
+    KeyRecord,
+    RateLimiter,
+    current_limiter,
+    estimate_input_tokens,
+    limited_route,
+    presented_key,
+)
 from providers import check_available, complete, provider_for
 
 from .validation import json_object, string_field, user_id_field

@@ -8,8 +8,11 @@ from typing import Any
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from limiting.stores.store import StoreUnavailable
-from limiting.web.errors import LimiterUnavailable, json_response
+from limiting import (
+    LimiterUnavailable,
+    StoreUnavailable,
+    json_response,
+)
 from providers import ProviderKeyMissing, UnknownModel, UpstreamError
 
 log = logging.getLogger("limiter.errors")

@@ -9,10 +9,13 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import TooManyRequests, Unauthorized
 
-from limiting import current_limiter
-from limiting.keys import bearer_token
-from limiting.stores.store import StoreUnavailable
-from limiting.web.identity import client_ip
+from limiting import (
+    StoreUnavailable,
+    bearer_token,
+    client_ip,
+    current_limiter,
+    render_metrics,
+)
 
 bp = Blueprint("health", __name__)
 
@@ -30,7 +33,6 @@ def healthz() -> tuple[dict[str, object], int]:
 def metrics() -> Response:
     """Prometheus exposition, summed over every gunicorn worker. With METRICS_TOKEN set, only
     for ``Authorization: Bearer <METRICS_TOKEN>`` (failures limited per IP, as the admin's)."""
-    from limiting.metrics import render
 
     token = str(current_app.config.get("METRICS_TOKEN") or os.environ.get("METRICS_TOKEN", ""))
     if token:
@@ -48,5 +50,5 @@ def metrics() -> Response:
         if not ok:
             raise Unauthorized("Authorization: Bearer <METRICS_TOKEN> is required.",
                                www_authenticate=WWWAuthenticate("bearer"))
-    body, content_type = render()
+    body, content_type = render_metrics()
     return Response(body, content_type=content_type)

@@ -29,12 +29,19 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from limiting import current_limiter, limited_route
-from limiting.core.llm import estimate_tokens
-from limiting.core.policy import ModelPolicy, Policy
-from limiting.core.pricing import PriceTerms, PricingError, tier_multiplier
-from limiting.core.provider_headers import openai_error_type, openai_headers
-from limiting.keys import bearer_token
+from limiting import (
+    ModelPolicy,
+    Policy,
+    PriceTerms,
+    PricingError,
+    bearer_token,
+    current_limiter,
+    estimate_tokens,
+    limited_route,
+    openai_error_type,
+    openai_headers,
+    tier_multiplier,
+)
 from providers import (
     UnknownModel,
     UpstreamError,

@@ -17,9 +17,12 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, render_template, request
 from werkzeug.exceptions import Forbidden, TooManyRequests, Unauthorized
 
-from limiting import Decision, current_limiter
-from limiting.keys import presented_key
-from limiting.web.identity import client_ip
+from limiting import (
+    Decision,
+    client_ip,
+    current_limiter,
+    presented_key,
+)
 
 bp = Blueprint("usage", __name__, template_folder="templates")
 MAX_USERS = 200

@@ -15,21 +15,29 @@ from typing import Any
 from flask import Response, g, stream_with_context
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
-from limiting import Decision, LimiterUnavailable, ModelPolicy, Plan, RateLimited, current_limiter
-from limiting.core.headers import rate_limit_headers
-from limiting.core.llm import (
+from limiting import (
     IMAGE_TOKENS,
+    STANDARD,
+    Decision,
+    ExceedsLimit,
+    KeyRecord,
+    LimiterUnavailable,
+    ModelPolicy,
+    Plan,
+    PriceTerms,
+    RateLimited,
+    Reservation,
+    StoreUnavailable,
     UnpricedContent,
+    UpstreamSaturated,
     Usage,
+    client_ip,
+    current_limiter,
     estimate_input_tokens,
     estimate_tokens,
+    json_response,
+    rate_limit_headers,
 )
-from limiting.core.pricing import STANDARD, PriceTerms
-from limiting.keys import KeyRecord
-from limiting.reservation import Reservation, UpstreamSaturated
-from limiting.stores.store import StoreUnavailable
-from limiting.web.errors import ExceedsLimit, json_response
-from limiting.web.identity import client_ip
 from providers import UnknownModel, UpstreamError
 from providers.llm_calls import Observe, Tally, UpstreamReply, UpstreamStream
 

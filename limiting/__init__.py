@@ -10,56 +10,119 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-_EXPORTS = {
-    "Decision": "core.decision", "LayerState": "core.decision",
-    "LimiterUnavailable": "web.errors", "RateLimited": "web.errors",
-    "RateLimiter": "web.extension", "current_limiter": "web.extension", "limited": "web.extension",
-    "limited_route": "web.extension",
-    "Usage": "core.llm", "estimate_input_tokens": "core.llm",
-    "Reservation": "reservation", "UpstreamSaturated": "reservation",
-    "provider_billed": "core.lease",
-    "ModelPolicy": "core.policy", "Plan": "core.policy", "Policy": "core.policy",
-    "PolicyError": "core.policy",
-    "Window": "core.policy", "load_policy": "core.policy", "parse_policy": "core.policy",
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "Decision": ("core.decision", "Decision"),
+    "ExceedsLimit": ("web.errors", "ExceedsLimit"),
+    "IMAGE_TOKENS": ("core.llm", "IMAGE_TOKENS"),
+    "KeyRecord": ("keys", "KeyRecord"),
+    "LayerState": ("core.decision", "LayerState"),
+    "LimiterUnavailable": ("web.errors", "LimiterUnavailable"),
+    "MAX_USER_ID_LENGTH": ("core.naming", "MAX_USER_ID_LENGTH"),
+    "ModelPolicy": ("core.policy", "ModelPolicy"),
+    "Plan": ("core.policy", "Plan"),
+    "Policy": ("core.policy", "Policy"),
+    "PolicyError": ("core.policy", "PolicyError"),
+    "PriceTerms": ("core.pricing", "PriceTerms"),
+    "PricingError": ("core.pricing", "PricingError"),
+    "RateLimited": ("web.errors", "RateLimited"),
+    "RateLimiter": ("web.extension", "RateLimiter"),
+    "Reservation": ("reservation", "Reservation"),
+    "STANDARD": ("core.pricing", "STANDARD"),
+    "StoreUnavailable": ("stores.store", "StoreUnavailable"),
+    "UnpricedContent": ("core.llm", "UnpricedContent"),
+    "UpstreamSaturated": ("reservation", "UpstreamSaturated"),
+    "Usage": ("core.llm", "Usage"),
+    "Window": ("core.policy", "Window"),
+    "anthropic_headers": ("core.provider_headers", "anthropic_headers"),
+    "bearer_token": ("keys", "bearer_token"),
+    "client_ip": ("web.identity", "client_ip"),
+    "current_limiter": ("web.extension", "current_limiter"),
+    "estimate_input_tokens": ("core.llm", "estimate_input_tokens"),
+    "estimate_tokens": ("core.llm", "estimate_tokens"),
+    "has_cache_control": ("core.pricing", "has_cache_control"),
+    "json_response": ("web.errors", "json_response"),
+    "limited": ("web.extension", "limited"),
+    "limited_route": ("web.extension", "limited_route"),
+    "load_policy": ("core.policy", "load_policy"),
+    "openai_error_type": ("core.provider_headers", "openai_error_type"),
+    "openai_headers": ("core.provider_headers", "openai_headers"),
+    "parse_policy": ("core.policy", "parse_policy"),
+    "presented_key": ("keys", "presented_key"),
+    "provider_billed": ("core.lease", "provider_billed"),
+    "rate_limit_headers": ("core.headers", "rate_limit_headers"),
+    "render_metrics": ("metrics", "render"),
+    "server_tool_uses": ("core.pricing", "server_tool_uses"),
+    "tier_multiplier": ("core.pricing", "tier_multiplier"),
 }
 
 __all__ = [
+    "IMAGE_TOKENS",
+    "MAX_USER_ID_LENGTH",
+    "STANDARD",
     "Decision",
+    "ExceedsLimit",
+    "KeyRecord",
     "LayerState",
     "LimiterUnavailable",
     "ModelPolicy",
     "Plan",
     "Policy",
     "PolicyError",
+    "PriceTerms",
+    "PricingError",
     "RateLimited",
     "RateLimiter",
     "Reservation",
+    "StoreUnavailable",
+    "UnpricedContent",
     "UpstreamSaturated",
     "Usage",
     "Window",
+    "anthropic_headers",
+    "bearer_token",
+    "client_ip",
     "current_limiter",
     "estimate_input_tokens",
+    "estimate_tokens",
+    "has_cache_control",
+    "json_response",
     "limited",
     "limited_route",
     "load_policy",
+    "openai_error_type",
+    "openai_headers",
     "parse_policy",
+    "presented_key",
     "provider_billed",
+    "rate_limit_headers",
+    "render_metrics",
+    "server_tool_uses",
+    "tier_multiplier",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    found = _EXPORTS.get(name)
+    if found is None:
         raise AttributeError(f"module 'limiting' has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
+    module, attr = found
+    value = getattr(import_module(f".{module}", __name__), attr)
     globals()[name] = value
     return value
 
 
 if TYPE_CHECKING:
     from .core.decision import Decision, LayerState
+    from .core.headers import rate_limit_headers
     from .core.lease import provider_billed
-    from .core.llm import Usage, estimate_input_tokens
+    from .core.llm import (
+        IMAGE_TOKENS,
+        UnpricedContent,
+        Usage,
+        estimate_input_tokens,
+        estimate_tokens,
+    )
+    from .core.naming import MAX_USER_ID_LENGTH
     from .core.policy import (
         ModelPolicy,
         Plan,
@@ -69,6 +132,19 @@ if TYPE_CHECKING:
         load_policy,
         parse_policy,
     )
+    from .core.pricing import (
+        STANDARD,
+        PriceTerms,
+        PricingError,
+        has_cache_control,
+        server_tool_uses,
+        tier_multiplier,
+    )
+    from .core.provider_headers import anthropic_headers, openai_error_type, openai_headers
+    from .keys import KeyRecord, bearer_token, presented_key
+    from .metrics import render as render_metrics
     from .reservation import Reservation, UpstreamSaturated
-    from .web.errors import LimiterUnavailable, RateLimited
+    from .stores.store import StoreUnavailable
+    from .web.errors import ExceedsLimit, LimiterUnavailable, RateLimited, json_response
     from .web.extension import RateLimiter, current_limiter, limited, limited_route
+    from .web.identity import client_ip

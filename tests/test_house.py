@@ -1,5 +1,6 @@
-"""The house rule that keeps the core reusable: limiting/core imports neither Flask nor redis
-(nor werkzeug, Flask-Limiter or gevent), directly or through another limiting module."""
+"""The house rules: limiting/core imports neither Flask nor redis (nor werkzeug, Flask-Limiter
+or gevent), directly or through another limiting module; blueprints import only the public
+limiting package."""
 
 from __future__ import annotations
 
@@ -36,3 +37,15 @@ def test_the_core_imports_neither_flask_nor_redis() -> None:
             assert top not in FORBIDDEN, f"{path.name} imports {name}"
             if name.startswith("limiting.") and not name.startswith("limiting.core"):
                 raise AssertionError(f"{path.name} imports {name}, outside the core")
+
+
+def test_blueprints_use_only_the_public_limiting_package() -> None:
+    """The HTTP faces see one public API (limiting/__init__), so the library's inside can
+    move without breaking them."""
+    for path in sorted((ROOT / "blueprints").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert not node.module.startswith("limiting."), \
+                    f"{path.name} imports {node.module}; import it from limiting"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("limiting.") for a in node.names), path.name
