@@ -44,7 +44,7 @@ def chat() -> dict[str, Any]:
     model = string_field(body, "model") or current_app.config.get("DEFAULT_MODEL", "echo")
     provider = provider_for(model, limiter.policy)
     check_available(provider, model)
-    plan_obj = limiter.plan_for(user, plan)   # a key's plan removed from the policy: default
+    plan_obj = limiter.policy.resolve(user, plan)   # a key's plan that left: the user's own
     max_tokens = plan_obj.default_max_tokens
     if provider == "echo" and not plan_obj.meters_units:
         # Nothing to reserve, settle or guard: one request, one decision.

@@ -43,7 +43,7 @@ def my_usage() -> dict[str, Any]:
     record = limiter.keys.authenticate(presented_key(request.headers))
     if record is None:
         raise Unauthorized("A valid API key is required.")
-    plan = limiter.plan_for(record.user, record.plan)
+    plan = limiter.policy.resolve(record.user, record.plan)
     decision = limiter.engine.peek(record.user, plan)
     return {"user": record.user, "plan": plan.name, "layers": layers_json(decision)}
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from flask import Response, g, stream_with_context
+from flask import Response, stream_with_context
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from limiting import (
@@ -37,6 +37,7 @@ from limiting import (
     estimate_tokens,
     json_response,
     rate_limit_headers,
+    request_limits,
 )
 from providers import UnknownModel, UpstreamError
 from providers.llm_calls import Observe, Tally, UpstreamReply, UpstreamStream
@@ -127,14 +128,15 @@ def _seconds(value: object) -> int | None:
 def refusal(exc: BaseException, dialect: Callable[[Decision], dict[str, str]]) -> ApiProblem:
     """The problem to answer with. A request turned away before reserve() still counts at the
     edge (as the app's after_request would); counting it here lets an edge refusal speak the
-    provider's shape, and the decision on ``g`` keeps it from counting twice. Our 429s also
-    carry the provider-style headers of the refusing decision."""
+    provider's shape, and the decision in request_limits() keeps it from counting twice. Our
+    429s also carry the provider-style headers of the refusing decision."""
     problem = problem_from(exc)
-    decision: Decision | None = g.get("_llm_decision")
+    limits = request_limits()
+    decision = limits.decision
     if decision is None:
         decision = current_limiter().engine.charge_edge(client_ip())
         if decision is not None:
-            g._llm_decision = decision
+            limits.decision = decision
             if not decision.allowed:
                 problem = problem_from(RateLimited.from_decision(
                     decision, rate_limit_headers(decision)))
@@ -246,7 +248,7 @@ def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = No
 def plan_of(record: KeyRecord) -> Plan:
     """The key's plan, as reserve() will charge it (a plan that left the policy: the
     default plan)."""
-    return current_limiter().plan_for(record.user, record.plan)
+    return current_limiter().policy.resolve(record.user, record.plan)
 
 
 def reserve(record: KeyRecord, model: str, input_tokens: int, max_output: int, *,

@@ -26,11 +26,12 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "PricingError": ("core.pricing", "PricingError"),
     "RateLimited": ("web.errors", "RateLimited"),
     "RateLimiter": ("web.extension", "RateLimiter"),
+    "RequestLimits": ("web.context", "RequestLimits"),
     "Reservation": ("reservation", "Reservation"),
     "STANDARD": ("core.pricing", "STANDARD"),
     "StoreUnavailable": ("stores.store", "StoreUnavailable"),
     "UnpricedContent": ("core.llm", "UnpricedContent"),
-    "UpstreamSaturated": ("reservation", "UpstreamSaturated"),
+    "UpstreamSaturated": ("web.errors", "UpstreamSaturated"),
     "Usage": ("core.llm", "Usage"),
     "Window": ("core.policy", "Window"),
     "anthropic_headers": ("core.provider_headers", "anthropic_headers"),
@@ -50,6 +51,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "presented_key": ("keys", "presented_key"),
     "provider_billed": ("core.lease", "provider_billed"),
     "rate_limit_headers": ("core.headers", "rate_limit_headers"),
+    "request_limits": ("web.context", "request_limits"),
     "render_metrics": ("metrics", "render"),
     "server_tool_uses": ("core.pricing", "server_tool_uses"),
     "tier_multiplier": ("core.pricing", "tier_multiplier"),
@@ -72,6 +74,7 @@ __all__ = [
     "PricingError",
     "RateLimited",
     "RateLimiter",
+    "RequestLimits",
     "Reservation",
     "StoreUnavailable",
     "UnpricedContent",
@@ -96,6 +99,7 @@ __all__ = [
     "provider_billed",
     "rate_limit_headers",
     "render_metrics",
+    "request_limits",
     "server_tool_uses",
     "tier_multiplier",
 ]
@@ -143,8 +147,15 @@ if TYPE_CHECKING:
     from .core.provider_headers import anthropic_headers, openai_error_type, openai_headers
     from .keys import KeyRecord, bearer_token, presented_key
     from .metrics import render as render_metrics
-    from .reservation import Reservation, UpstreamSaturated
+    from .reservation import Reservation
     from .stores.store import StoreUnavailable
-    from .web.errors import ExceedsLimit, LimiterUnavailable, RateLimited, json_response
+    from .web.context import RequestLimits, request_limits
+    from .web.errors import (
+        ExceedsLimit,
+        LimiterUnavailable,
+        RateLimited,
+        UpstreamSaturated,
+        json_response,
+    )
     from .web.extension import RateLimiter, current_limiter, limited, limited_route
     from .web.identity import client_ip

@@ -1,16 +1,16 @@
-"""One request's layers → one script call → one Decision."""
+"""One request's layers → one script call → one Decision, or one complete Reservation."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
 
-from .core.codec import AcquireReply, encode_layers, with_costs
-from .core.decision import Decision, from_reply, store_away
-from .core.layers import CompiledPlan, Layer, compile_plan, edge
-from .core.naming import KEY_USER, user_prefix
-from .core.policy import FailMode, ModelPolicy, Plan, Policy
-from .core.pricing import STANDARD, PriceTerms, reserve_usd_micros
+from .core.ask import Ask
+from .core.codec import AcquireCall, AcquireReply, Costs
+from .core.decision import Decision, GuardRefused, Refused, from_reply, store_away
+from .core.layers import CompiledPlan, Layer, compile_plan
+from .core.naming import KEY_USER, EdgeKeys, user_prefix
+from .core.policy import Plan, Policy
 from .core.upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_args
 from .reservation import Charge, Reservation, new_lease_id
 from .stores.store import Store, StoreUnavailable
@@ -44,6 +44,12 @@ class Engine:
             cached = self._compiled[plan.name] = compile_plan(plan, self.edge)
         return cached
 
+    def _compiled_llm(self, plan: Plan) -> CompiledPlan:
+        cached = self._llm.get(plan.name)
+        if cached is None or cached.plan is not plan:
+            cached = self._llm[plan.name] = compile_plan(plan, self.edge, llm=True)
+        return cached
+
     def _keys(self, compiled: CompiledPlan, user: str, ip: str | None,
               realm: str = KEY_USER) -> list[str]:
         prefix = user_prefix(self.namespace, user, realm)
@@ -56,7 +62,7 @@ class Engine:
     def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None,
                 realm: str = KEY_USER) -> Decision:
         """Check and, only if every user layer passes, charge one request to ``user``."""
-        compiled = self.compiled(plan or self.policy.plan_for(user))
+        compiled = self.compiled(plan or self.policy.resolve(user))
         try:
             reply = self._call(self._keys(compiled, user, ip, realm), compiled.args)
         except StoreUnavailable:
@@ -64,105 +70,91 @@ class Engine:
                 # The plan it was given (a key's), as this worker's share of it.
                 fb = self.fallback
                 name = compiled.plan.name if compiled.plan is not None else None
-                decision = fb.acquire(user, None, fb.policy.plan_named(name, user),
-                                     realm)
+                decision = fb.acquire(user, None, fb.policy.resolve(user, name), realm)
                 decision.degraded = True
                 return decision
             return store_away(compiled)
         return from_reply(compiled, reply)
 
-    def reserve(self, user: str, ip: str | None, plan: Plan, model_name: str,
-                model: ModelPolicy | None, input_tokens: int, max_output_tokens: int,
-                guard: bool, realm: str = KEY_USER, *,
-                terms: PriceTerms = STANDARD
-                ) -> tuple[Decision, Reservation | None, float | None]:
-        """Charge one request and reserve its LLM units, then pass the model's guard.
+    def reserve(self, user: str, plan: Plan, ask: Ask, *, ip: str | None = None,
+                realm: str = KEY_USER, guard: bool = True, renews: bool = True
+                ) -> Reservation:
+        """Charge one request to ``user`` and reserve its LLM units, then pass the model's
+        guard (``guard=False``: skip it, as the local fallback does). ``renews=False``: an
+        answer made in this process, whose lease needs no keep-alive.
 
-        Returns the user's decision, the reservation if everything passed, and the guard's
-        wait in seconds if the guard refused (the user's charge is then given back; a wait
-        below 0: the request alone is more than the model's guard ever lets through).
+        Returns the complete reservation. Raises Refused (the user's layers: nothing was
+        charged) or GuardRefused (the model's guard: the user's charge was given back).
         """
-        cached = self._llm.get(plan.name)
-        if cached is None or cached.plan is not plan:
-            cached = self._llm[plan.name] = compile_plan(plan, self.edge, llm=True)
-        usd = round(reserve_usd_micros(model, input_tokens, max_output_tokens, terms))
-        costs = {"tokens": input_tokens + max_output_tokens, "input_tokens": input_tokens,
-                 "output_tokens": max_output_tokens, "usd_micros": usd}
-        lease = new_lease_id() if plan.max_concurrent else None
-        per_call: dict[int, str] = {}      # only the layers whose cost is per request
-        for i in cached.per_call:
-            unit = cached.layers[i].unit
-            per_call[i] = (lease or "") if unit == "leases" else str(costs[unit])
-        args = with_costs(cached.args, per_call)
-        keys = self._keys(cached, user, ip, realm)
-        guard_part = self._guard_args(model_name, input_tokens + max_output_tokens) \
-            if guard and self.guard_in_call else None
+        compiled = self._compiled_llm(plan)
+        costs = ask.costs(new_lease_id() if plan.max_concurrent else None)
+        own = AcquireCall.priced(self._keys(compiled, user, ip, realm), compiled.args,
+                                 compiled.per_call, costs)
+        guard_call = self._guard_call(ask.model_name, costs) if guard else None
+        call = own
+        if guard_call is not None and self.guard_in_call:
+            # One server: the model's guard joins the user's all-or-nothing call.
+            call = own.join(guard_call[1])
+        joined = call is not own
         try:
-            if guard_part is None:
-                reply = self._call(keys, args)
-            else:
-                # One server: the model's guard joins the same all-or-nothing call.
-                reply = self._call(keys + guard_part[1], args + guard_part[2])
+            reply = self._call(call.keys, call.args)
         except StoreUnavailable:
-            if self.fallback is not None:
-                fb = self.fallback
-                return fb.reserve(user, None, fb.policy.plans[plan.name], model_name, model,
-                                  input_tokens, max_output_tokens, guard=False, terms=terms,
-                                  realm=realm)
-            decision = store_away(cached)
-            # Failing open holds nothing: the reservation has nothing to settle.
-            empty = Reservation(self.store, decision, 0, [], None, model, input_tokens,
-                                max_output_tokens, terms=terms) if decision.allowed else None
-            return decision, empty, None
-        guard_wait: float | None = None
-        if guard_part is not None and reply.refused_after(len(cached.layers)):
-            guard_wait = _guard_wait(reply.wait_us)   # the user's layers passed; none charged
-        decision = from_reply(cached, reply.first(len(cached.layers)))
-        if guard_wait is not None:
-            return decision, None, guard_wait
+            return self._reserve_away(user, plan, ask, compiled, realm, renews)
+        decision = from_reply(compiled, reply.first(own.size) if joined else reply)
+        if joined and reply.refused_after(own.size):  # the user's layers passed; none charged
+            raise GuardRefused(ask.model_name, _guard_wait(reply.wait_us), decision)
         if not decision.allowed:
-            return decision, None, None
-        own = cached.layers[cached.edge_count:]
-        charges = [Charge(layer, key, costs.get(layer.unit, 1))
-                   for layer, key in zip(own, keys[cached.edge_count:], strict=True)]
-        reservation = Reservation(self.store, decision, reply.now_us, charges, lease, model,
-                                  input_tokens, max_output_tokens, terms=terms)
-        if guard_part is not None:
-            layers, guard_keys, _, guard_costs = guard_part
-            _hold_guard(reservation, reply.now_us, layers, guard_keys, guard_costs)
-        elif guard:
-            wait = self._guard(reservation, model_name, input_tokens + max_output_tokens)
-            if wait is not None:
-                reservation.refund_everything()
-                return decision, None, wait
-        return decision, reservation, None
+            raise Refused(decision)
+        skip = compiled.edge_count
+        charges = _charges(compiled.layers[skip:], own.keys[skip:], costs)
+        guard_at, guard_charges = 0, []
+        if guard_call is not None:
+            layers, apart = guard_call
+            guard_at = reply.now_us
+            if not joined:
+                # A Cluster puts the guard in a slot of its own: a call of its own, after.
+                try:
+                    guard_reply = self._call(apart.keys, apart.args)
+                except StoreUnavailable:   # the guard fails open: the provider has its limits
+                    guard_reply = None
+                if guard_reply is not None and not guard_reply.allowed:
+                    Reservation(self.store, decision, ask, reply.now_us, charges,
+                                costs.lease).refund_everything()
+                    raise GuardRefused(ask.model_name, _guard_wait(guard_reply.wait_us),
+                                       decision)
+                guard_at = guard_reply.now_us if guard_reply is not None else 0
+            if guard_at:   # what the guard's windows charged, for the settle to correct
+                guard_charges = [c for c in _charges(layers, apart.keys, costs)
+                                 if c.layer.kind in ("w", "W")]
+        return Reservation(self.store, decision, ask, reply.now_us, charges, costs.lease,
+                           guard_at, guard_charges, renews=renews)
 
-    def _guard_args(self, model_name: str, tokens: int
-                    ) -> tuple[tuple[Layer, ...], list[str], list[bytes], dict[str, int]]:
-        """The model's guard layers, their keys, script arguments and costs for one call."""
+    def _reserve_away(self, user: str, plan: Plan, ask: Ask, compiled: CompiledPlan,
+                      realm: str, renews: bool) -> Reservation:
+        """The store is away: the local fallback (no guard: the provider still has its own
+        limits), else the failure policy; failing open holds nothing to settle."""
+        if self.fallback is not None:
+            fb = self.fallback
+            return fb.reserve(user, fb.policy.resolve(user, plan.name), ask, realm=realm,
+                              guard=False, renews=renews)
+        decision = store_away(compiled)
+        if not decision.allowed:
+            raise Refused(decision)
+        return Reservation(self.store, decision, ask, renews=renews)
+
+    def _guard_call(self, model_name: str, costs: Costs
+                    ) -> tuple[tuple[Layer, ...], AcquireCall] | None:
+        """The model's guard layers and their call for one request; None: it has none."""
         layers, prefix = self._guard_of(model_name)
-        keys = [prefix + layer.suffix for layer in layers]
-        costs = {"requests": 1, "tokens": tokens, "pace": tokens}
-        args = encode_layers((layer.kind, layer.limit, layer.param, str(costs[layer.unit]))
-                             for layer in layers)
-        return layers, keys, list(args), costs
-
-    def _guard(self, reservation: Reservation, model_name: str, tokens: int) -> float | None:
-        """The model's shared windows and learnt pacing, in a call of their own (a Cluster
-        puts them in another slot); None when the upstream call may go ahead."""
-        layers, keys, args, costs = self._guard_args(model_name, tokens)
-        try:
-            reply = self._call(keys, args)
-        except StoreUnavailable:
-            return None  # the guard fails open: the provider still has its own limits
-        if not reply.allowed:
-            return _guard_wait(reply.wait_us)
-        _hold_guard(reservation, reply.now_us, layers, keys, costs)
-        return None
+        if not layers:
+            return None
+        return layers, AcquireCall.of([prefix + layer.suffix for layer in layers], layers, costs)
 
     def peek_model(self, model_name: str) -> Decision:
         """The model's guard layers (shared windows, learnt pacing), charging nothing."""
         layers, prefix = self._guard_of(model_name)
+        if not layers:
+            return Decision(True, ())
         compiled = compile_plan(None, layers, cost=0)
         reply = self._call([prefix + layer.suffix for layer in layers], compiled.args)
         return from_reply(compiled, reply)
@@ -188,7 +180,7 @@ class Engine:
         limit covers both names."""
         model = self.policy.model(model_name)
         name = model.name if model is not None else model_name
-        return guard_layers(model), model_prefix(self.namespace, name)
+        return guard_layers(model_name, model), model_prefix(self.namespace, name)
 
     def charge_edge(self, ip: str) -> Decision | None:
         """Count a request that never reached acquire (bad input) at the edge, as any edge would."""
@@ -202,7 +194,7 @@ class Engine:
 
     def peek(self, user: str, plan: Plan | None = None, realm: str = KEY_USER) -> Decision:
         """Every user layer's state for ``user``, charging nothing."""
-        compiled = compile_plan(plan or self.policy.plan_for(user), cost=0, llm=True)
+        compiled = compile_plan(plan or self.policy.resolve(user), cost=0, llm=True)
         reply = self._call(self._keys(compiled, user, None, realm), compiled.args)
         return from_reply(compiled, reply)
 
@@ -213,40 +205,16 @@ class Engine:
               realm: str = KEY_USER) -> int:
         """Forget ``user``'s usage (one layer by name, or all); returns keys removed."""
         prefix = user_prefix(self.namespace, user, realm)
-        layers = compile_plan(plan or self.policy.plan_for(user), llm=True).layers
+        layers = compile_plan(plan or self.policy.resolve(user), llm=True).layers
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0
 
 
-def _guard_wait(wait_us: int) -> float:
-    """The guard's wait in seconds; -1.0 when no wait ever makes the request pass."""
-    return max(0.001, wait_us / 1e6) if wait_us >= 0 else -1.0
+def _charges(layers: Sequence[Layer], keys: Sequence[str], costs: Costs) -> list[Charge]:
+    return [Charge(layer, key, costs.amount(layer.unit))
+            for layer, key in zip(layers, keys, strict=True)]
 
 
-def _hold_guard(reservation: Reservation, charged_at: int, layers: tuple[Layer, ...],
-                keys: list[str], costs: dict[str, int]) -> None:
-    """Record what the guard's windows charged, so the settle can correct the tokens."""
-    reservation.guard_at = charged_at
-    reservation.guard_charges = [Charge(layer, key, costs[layer.unit])
-                                 for layer, key in zip(layers, keys, strict=True)
-                                 if layer.kind in ("w", "W")]
-
-
-class EdgeKeys:
-    """Flask-Limiter's own keys for the per-IP application limits, so both count as one."""
-
-    def __init__(self, texts: tuple[str, ...], prefix: str = "edge") -> None:
-        from limits import parse
-
-        self._items = [parse(text) for text in texts]
-        # key_for() joins its parts on every call; only the IP in the middle ever changes.
-        self._parts: list[tuple[str, str]] = []
-        for item in self._items:
-            head, tail = item.key_for(prefix, "\x00", "global").split("\x00")
-            self._parts.append(("LIMITS:" + head, tail))
-
-    def layers(self, fail: FailMode) -> tuple[Layer, ...]:
-        return tuple(edge(item.get_expiry(), item.amount, fail) for item in self._items)
-
-    def __call__(self, ip: str) -> list[str]:
-        return [head + ip + tail for head, tail in self._parts]
+def _guard_wait(wait_us: int) -> float | None:
+    """The guard's wait in seconds; None when no wait ever makes the request pass."""
+    return max(0.001, wait_us / 1e6) if wait_us >= 0 else None

@@ -16,36 +16,22 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from werkzeug.exceptions import ServiceUnavailable
-
 from . import metrics
+from .core.ask import Ask
 from .core.codec import SettleCall
 from .core.decision import Decision
 from .core.layers import ESTIMATED_UNITS, Layer
 from .core.lease import KeepAlive, provider_billed
 from .core.llm import Usage
 from .core.policy import ModelPolicy
-from .core.pricing import STANDARD, PriceTerms, reserve_usd_micros, usage_usd_micros
+from .core.pricing import reserve_usd_micros, usage_usd_micros
 from .stores.store import Store, StoreUnavailable
 
 log = logging.getLogger("limiter.reservation")
-
-
-class UpstreamSaturated(ServiceUnavailable):
-    """The model's upstream guard refused: the provider is at its limit, not the user."""
-
-    def __init__(self, model: str, retry_after: int) -> None:
-        super().__init__(f"The upstream for model {model!r} is saturated; retry after "
-                         f"{retry_after}s.")
-        self.model = model
-        self.retry_after = retry_after
-
-    def body(self) -> dict[str, object]:
-        return {"error": self.description, "code": "upstream_saturated",
-                "layer": f"upstream:{self.model}", "retry_after": self.retry_after}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,25 +54,26 @@ class Reservation:
     response's ``call_on_close`` may race, and only one of them moves the counters.
     """
 
-    def __init__(self, store: Store, decision: Decision, charged_at: int, charges: list[Charge],
-                 lease: str | None, model: ModelPolicy | None, input_tokens: int,
-                 max_output_tokens: int, guard_at: int = 0,
-                 guard_charges: list[Charge] | None = None, *,
-                 terms: PriceTerms = STANDARD) -> None:
+    def __init__(self, store: Store, decision: Decision, ask: Ask, charged_at: int = 0,
+                 charges: Sequence[Charge] = (), lease: str | None = None, guard_at: int = 0,
+                 guard_charges: Sequence[Charge] = (), *, renews: bool = True) -> None:
+        """What ``ask`` holds: ``charges`` made by the acquire at ``charged_at`` (the store's
+        clock), and ``guard_charges`` by the model's guard at ``guard_at``. Nothing charged
+        (the store away, failing open): nothing to settle."""
         self.store = store
         self.decision = decision
         self.charged_at = charged_at
         self.charges = charges
         self.lease = lease
-        self.model = model
-        self.input_tokens = input_tokens
-        self.max_output_tokens = max_output_tokens
+        self.model: ModelPolicy | None = ask.model
+        self.input_tokens = ask.input_tokens
+        self.max_output_tokens = ask.max_output_tokens
         self.guard_at = guard_at
-        self.guard_charges = guard_charges or []
-        self.terms = terms    # tier, cache writes, server tools: the settle prices with them
+        self.guard_charges = guard_charges
+        self.terms = ask.terms    # tier, cache writes, server tools: the settle prices with them
         self.done = False
         # False for answers made in-process (echo), which cannot outlive a lease.
-        self.renews = True
+        self.renews = renews
         self._lock = threading.Lock()
         self._keepalive: KeepAlive | None = None
 

@@ -30,6 +30,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from fakeprovider import FakeProvider
 from limiting import RateLimited, RateLimiter
+from limiting.core.ask import Ask
 from limiting.core.decision import Decision
 from limiting.core.lease import RENEW_EVERY, provider_billed
 from limiting.core.llm import Usage, estimate_input_tokens
@@ -423,7 +424,7 @@ def test_check_config_refuses_a_lease_shorter_than_two_renewals() -> None:
 def test_a_reservation_holding_nothing_finishes_quietly(redis_url: str) -> None:
     """A fail-open reservation holds nothing: no keep-alive starts, finishing touches no key."""
     store = open_store(redis_url)
-    res = Reservation(store, Decision(True, ()), 0, [], None, None, 10, 10)
+    res = Reservation(store, Decision(True, ()), Ask("echo", None, 10, 10))
     with res:
         pass
     assert res.done

@@ -16,6 +16,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from limiting.core.ask import Ask
+from limiting.core.decision import Decision, GuardRefused
 from limiting.core.naming import user_prefix
 from limiting.core.policy import Policy, parse_policy
 from limiting.core.upstream import model_prefix
@@ -125,14 +127,18 @@ def test_model_guard_is_exact_in_its_own_slot(cluster: Cluster, cluster_url: str
     plan, model = pol.plans["p"], pol.models[model_name]
     users = [unique(f"guard{i}") for i in range(100)]
 
-    def one(user: str):
-        return engine.reserve(user, None, plan, model_name, model, 10, 10, guard=True)
+    def one(user: str) -> tuple[Decision, bool]:
+        """The user's decision, and whether the guard let the request through."""
+        try:
+            return engine.reserve(user, plan, Ask(model_name, model, 10, 10)).decision, True
+        except GuardRefused as exc:
+            return exc.decision, False
 
     with ThreadPoolExecutor(25) as pool:
         results = list(pool.map(one, users))
-    assert all(d.allowed and not d.degraded for d, _, _ in results)
-    reserved = [u for u, (_, res, wait) in zip(users, results, strict=True) if res is not None]
-    refused = [u for u, (_, res, wait) in zip(users, results, strict=True) if wait is not None]
+    assert all(d.allowed and not d.degraded for d, _ in results)
+    reserved = [u for u, (_, passed) in zip(users, results, strict=True) if passed]
+    refused = [u for u, (_, passed) in zip(users, results, strict=True) if not passed]
     assert len(reserved) == 40 and len(refused) == 60
     # The guard's keys: one slot of their own, on one master; users live in other slots.
     prefix = model_prefix("rl:", model_name)

@@ -10,10 +10,13 @@ from types import MappingProxyType
 import pytest
 import redis
 
+from limiting.core.ask import Ask
+from limiting.core.decision import Decision, GuardRefused, Refused
 from limiting.core.llm import Usage, estimate_input_tokens
 from limiting.core.policy import parse_policy
 from limiting.core.upstream import pacing_args, parse_duration
 from limiting.engine import Engine
+from limiting.reservation import Reservation
 from limiting.stores.storage import open_store
 from limiting.stores.store import Store
 
@@ -41,10 +44,18 @@ def engine(request: pytest.FixtureRequest, r: redis.Redis, redis_url: str) -> It
 
 
 def reserve(engine: Engine, user: str, inp: int, out: int, model: str = "echo",
-            guard: bool = False):
+            guard: bool = False) -> tuple[Decision, Reservation | None, float | None]:
+    """(the user's decision, the reservation if all passed, the guard's wait if it refused;
+    -1.0: never)."""
     policy = engine.policy
-    return engine.reserve(user, None, policy.plans["p"], model, policy.models.get(model), inp,
-                          out, guard)
+    ask = Ask(model, policy.models.get(model), inp, out)
+    try:
+        res = engine.reserve(user, policy.plans["p"], ask, guard=guard)
+    except Refused as exc:
+        return exc.decision, None, None
+    except GuardRefused as exc:
+        return exc.decision, None, -1.0 if exc.wait is None else exc.wait
+    return res.decision, res, None
 
 
 def remaining(engine: Engine, user: str) -> dict[str, int]:

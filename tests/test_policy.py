@@ -16,12 +16,12 @@ BASE = "[plans.p]\nburst = 10\nrefill_per_second = 0.5\n"
 
 def test_shipped_policy_is_the_articles_numbers() -> None:
     policy = load_policy(ROOT / "limits.toml")
-    starter = policy.plan_for("test-user-1")
+    starter = policy.resolve("test-user-1")
     assert (starter.burst, starter.refill_per_second) == (10, 0.5)
     assert [(q.amount, q.seconds) for q in starter.quotas] == [(100, 86400)]
     assert policy.plans["pro"].quotas[0].amount == 2000
     assert policy.edge_per_ip == ("20 per 10 seconds",)
-    assert policy.plan_for("someone-else").name == "starter"
+    assert policy.resolve("someone-else").name == "starter"
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -24,6 +24,7 @@ from flask import Flask
 
 from app import create_app
 from fakeprovider import FakeProvider
+from limiting.core.ask import Ask
 from limiting.core.upstream import pacing_args, refused_alone
 from providers import clients
 from tests.conftest import write_policy
@@ -376,8 +377,8 @@ def test_a_concurrency_refusal_waits_for_the_soonest_lease(tmp_path: Path, r: re
     app, users = _start_app(tmp_path, redis_url, monkeypatch, fake.url)
     limiter = app.extensions["llm_limiter"]
     plan = limiter.policy.plans["single"]
-    _, held, _ = limiter.engine.reserve("solo", None, plan, "echo", None, 5, 5, False)
-    assert held is not None                      # one request in flight, its lease 30 s
+    held = limiter.engine.reserve("solo", plan, Ask("echo", None, 5, 5))
+    # one request in flight, its lease 30 s
     resp = users["solo"].call("echo")
     assert resp.status_code == 429, resp.text
     assert 25 <= int(resp.headers["Retry-After"]) <= 30

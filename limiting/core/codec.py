@@ -9,9 +9,9 @@ read a call differently.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 ACQUIRE_ARGS = 4      # kind, a, b, cost
 SETTLE_ARGS = 3       # kind, b, delta
@@ -30,18 +30,104 @@ def _text(value: Any) -> str:
 # --- acquire --------------------------------------------------------------------------------------
 
 
+class LayerArgs(Protocol):
+    """What the codec reads of a layer (limiting.core.layers.Layer): its kind, the two
+    numbers the script checks it by, and the unit its cost is counted in."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def limit(self) -> float: ...
+    @property
+    def param(self) -> float: ...
+    @property
+    def unit(self) -> str: ...
+
+
 def layer_args(kind: str, a: float, b: float, cost: str) -> list[bytes]:
     """One layer's four arguments. ``cost``: units to charge, "0" to only look, or for a
     concurrency layer the lease id ("-" to only look)."""
     return [kind.encode(), num_arg(a).encode(), num_arg(b).encode(), cost.encode()]
 
 
-def with_costs(template: Sequence[bytes], costs: Mapping[int, str]) -> list[bytes]:
-    """A copy of a plan's encoded arguments with the cost of layer ``i`` set to ``costs[i]``."""
-    args = list(template)
-    for i, cost in costs.items():
-        args[i * ACQUIRE_ARGS + 3] = cost.encode()
-    return args
+def template_args(layers: Iterable[LayerArgs], cost: int) -> tuple[bytes, ...]:
+    """Every layer's arguments with ``cost`` (1: charge a request, 0: only look); a lease
+    layer's id is left blank for the request to fill in (its look is "-")."""
+    out: list[bytes] = []
+    for layer in layers:
+        charge = ("-" if cost == 0 else "") if layer.kind == "c" else str(cost)
+        out += layer_args(layer.kind, layer.limit, layer.param, charge)
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class Costs:
+    """One request's cost in each unit a layer can count: what the script is sent, and what
+    a reservation records as charged for the settle to correct."""
+
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd_micros: int = 0
+    lease: str | None = None      # the lease id a concurrency layer holds
+
+    def amount(self, unit: str) -> int:
+        """Units charged in ``unit``: a request and a lease count one; pacing meters tokens."""
+        if unit == "tokens" or unit == "pace":
+            return self.tokens
+        if unit == "input_tokens":
+            return self.input_tokens
+        if unit == "output_tokens":
+            return self.output_tokens
+        if unit == "usd_micros":
+            return self.usd_micros
+        return 1
+
+    def arg(self, unit: str) -> str:
+        return (self.lease or "") if unit == "leases" else str(self.amount(unit))
+
+
+class AcquireCall:
+    """One acquire.lua call: its keys and 4 arguments per layer, in the same order.
+
+    Built from a plan's encoded template with this request's costs set by unit, or from
+    layers priced whole (the model's guard); :meth:`join` puts another subject's layers
+    behind these in one all-or-nothing call (the guard riding in the user's call on one
+    server). The reply's first ``size`` layers are this call's own.
+    """
+
+    __slots__ = ("args", "keys")
+
+    def __init__(self, keys: list[str], args: Sequence[bytes]) -> None:
+        self.keys = keys
+        self.args = args
+
+    @classmethod
+    def priced(cls, keys: list[str], template: Sequence[bytes],
+               per_call: Iterable[tuple[int, str]], costs: Costs) -> AcquireCall:
+        """``template`` with layer ``i`` of each ``(i, unit)`` in ``per_call`` charged this
+        request's cost in that unit (tokens, dollars, the lease id)."""
+        args = list(template)
+        for i, unit in per_call:
+            args[i * ACQUIRE_ARGS + 3] = costs.arg(unit).encode()
+        return cls(keys, args)
+
+    @classmethod
+    def of(cls, keys: list[str], layers: Iterable[LayerArgs], costs: Costs) -> AcquireCall:
+        """Every layer charged this request's cost in its unit."""
+        args: list[bytes] = []
+        for layer in layers:
+            args += layer_args(layer.kind, layer.limit, layer.param, costs.arg(layer.unit))
+        return cls(keys, args)
+
+    def join(self, other: AcquireCall) -> AcquireCall:
+        """One call checking these layers, then ``other``'s; nothing is charged unless all pass."""
+        return AcquireCall(self.keys + other.keys, [*self.args, *other.args])
+
+    @property
+    def size(self) -> int:
+        """How many layers the call holds (one key each)."""
+        return len(self.keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +221,3 @@ def decode_settle(args: Sequence[Any]) -> tuple[float, list[tuple[str, float, st
     items = [(_text(args[i]), float(args[i + 1]), _text(args[i + 2]))
              for i in range(1, len(args), SETTLE_ARGS)]
     return float(args[0]), items
-
-
-def encode_layers(calls: Iterable[tuple[str, float, float, str]]) -> tuple[bytes, ...]:
-    """The arguments of several layers, in order."""
-    out: list[bytes] = []
-    for kind, a, b, cost in calls:
-        out += layer_args(kind, a, b, cost)
-    return tuple(out)

@@ -60,3 +60,29 @@ def store_away(compiled: CompiledPlan) -> Decision:
     if compiled.fail_closed:
         return Decision(False, (), wait=1.0, unavailable=True)
     return Decision(True, (), degraded=True)
+
+
+class Refused(Exception):
+    """The user's layers refused (or, with the store away, a fail_closed one would not guess);
+    nothing was charged. The web layer maps it to its 429, 400 or 503."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__("refused by the user's layers")
+        self.decision = decision
+
+
+class GuardRefused(Exception):
+    """The model's upstream guard refused after the user's layers passed; the user's charge
+    was given back. ``wait``: seconds until it would pass; None when the request alone is more
+    than the guard ever lets through. ``decision``: the user's layers, as they passed."""
+
+    def __init__(self, model: str, wait: float | None, decision: Decision) -> None:
+        super().__init__(f"refused by the upstream guard of {model!r}")
+        self.model = model
+        self.wait = wait
+        self.decision = decision
+
+    @property
+    def retry_after(self) -> int | None:
+        """Whole seconds for Retry-After, rounded up; None when no wait helps."""
+        return None if self.wait is None else max(1, math.ceil(self.wait))

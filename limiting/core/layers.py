@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .codec import encode_layers, num_arg
+from .codec import num_arg, template_args
 from .policy import FailMode, Plan
 
 
@@ -54,7 +54,8 @@ class CompiledPlan:
     args: tuple[bytes, ...]        # kind, a, b, cost per layer, encoded once
     policy_header: str             # RateLimit-Policy never changes for a plan
     fail_closed: bool              # does any layer refuse while the store is away?
-    per_call: tuple[int, ...] = ()   # LLM layers and leases, whose cost each request sets
+    # (index, unit) of the LLM layers and leases, whose cost each request sets
+    per_call: tuple[tuple[int, str], ...] = ()
 
 
 def request_layers(plan: Plan) -> tuple[Layer, ...]:
@@ -96,19 +97,15 @@ def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1
     if llm and plan is not None:
         own += llm_layers(plan)
     layers = edges + own
-    args = encode_layers(
-        (layer.kind, layer.limit, layer.param,
-         ("-" if cost == 0 else "") if layer.kind == "c" else str(cost))
-        for layer in layers)
     return CompiledPlan(
         plan=plan,
         layers=layers,
         edge_count=len(edges),
         suffixes=tuple(layer.suffix for layer in own),
-        args=args,
+        args=template_args(layers, cost),
         policy_header=", ".join(f'"{layer.name}";q={num_arg(layer.limit)};w={layer.window}'
                                 for layer in layers),
         fail_closed=any(layer.fail == "fail_closed" for layer in layers),
-        per_call=tuple(i for i, layer in enumerate(layers)
+        per_call=tuple((i, layer.unit) for i, layer in enumerate(layers)
                        if layer.unit == "leases" or layer.unit in ESTIMATED_UNITS),
     )

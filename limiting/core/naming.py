@@ -1,5 +1,5 @@
-"""Redis-safe names for users and models: every key a subject owns shares one prefix and one
-hash tag, so one script (on one Cluster slot) sees them all.
+"""Redis-safe names for users and models (every key a subject owns shares one prefix and one
+hash tag, so one script on one Cluster slot sees them all), and the edge's per-IP keys.
 
 User ids come from request bodies and API keys, so they are hostile input: a brace would
 move a key to another Cluster slot, a separator could collide with another user's key.
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+
+from .layers import Layer, edge
+from .policy import FailMode
 
 MAX_USER_ID_LENGTH = 256
 # No ':' here, so a plain id can never look like the hashed form "h:<hex>".
@@ -31,3 +34,23 @@ BODY_USER = "b"
 def user_prefix(namespace: str, user_id: str, realm: str = KEY_USER) -> str:
     """Every key of one user shares this prefix and its hash tag, so one script sees them all."""
     return f"{namespace}{{{realm}:{user_tag(user_id)}}}:"
+
+
+class EdgeKeys:
+    """Flask-Limiter's own keys for the per-IP application limits, so both count as one."""
+
+    def __init__(self, texts: tuple[str, ...], prefix: str = "edge") -> None:
+        from limits import parse
+
+        self._items = [parse(text) for text in texts]
+        # key_for() joins its parts on every call; only the IP in the middle ever changes.
+        self._parts: list[tuple[str, str]] = []
+        for item in self._items:
+            head, tail = item.key_for(prefix, "\x00", "global").split("\x00")
+            self._parts.append(("LIMITS:" + head, tail))
+
+    def layers(self, fail: FailMode) -> tuple[Layer, ...]:
+        return tuple(edge(item.get_expiry(), item.amount, fail) for item in self._items)
+
+    def __call__(self, ip: str) -> list[str]:
+        return [head + ip + tail for head, tail in self._parts]

@@ -26,6 +26,9 @@ from .policy_reader import TableReader
 log = logging.getLogger("limiter.policy")
 _WARNED_REMOVED: set[tuple[str, str]] = set()
 
+# The built-in model, answered in this process: the demo needs no provider account.
+ECHO = "echo"
+
 _UNIT_NAMES = {1: "second", 60: "minute", 3600: "hour", 86400: "day", 2592000: "month"}
 
 
@@ -115,7 +118,22 @@ class Policy:
     local_fallback: bool = False   # while the store is away, limit in memory per worker
     aliases: Mapping[str, str] = field(default_factory=dict)   # alias -> model name
 
-    def plan_for(self, user: str) -> Plan:
+    def resolve(self, user: str, key_plan: str | None = None) -> Plan:
+        """The plan ``user`` is limited by, the one lookup everyone uses: ``key_plan`` (an API
+        key's) while the policy has it, else the user's own (``[users]``, else the default).
+
+        A key naming a plan the policy no longer has (removed while keys still name it) gets
+        the user's own, with one log line per name: removing a plan must not turn its keys'
+        requests into 500s."""
+        if key_plan is not None:
+            plan = self.plans.get(key_plan)
+            if plan is not None:
+                return plan
+            if (self.source, key_plan) not in _WARNED_REMOVED:
+                _WARNED_REMOVED.add((self.source, key_plan))
+                log.warning("plan %r is not in %s (removed?); its keys fall back to their "
+                            "user's own plan ([users], else the default %r)", key_plan,
+                            self.source, self.default_plan)
         return self.plans[self.users.get(user, self.default_plan)]
 
     def model(self, name: str) -> ModelPolicy | None:
@@ -125,23 +143,8 @@ class Policy:
             found = self.models.get(self.aliases[name])
         return found
 
-    def plan_named(self, name: str | None, user: str) -> Plan:
-        """The plan ``name`` (a key's), else ``user``'s. A name the policy no longer has
-        (the plan was removed while keys still name it) falls back to the default plan, with
-        one log line per name: removing a plan must not turn its keys' requests into 500s."""
-        if name is None:
-            return self.plan_for(user)
-        plan = self.plans.get(name)
-        if plan is not None:
-            return plan
-        if (self.source, name) not in _WARNED_REMOVED:
-            _WARNED_REMOVED.add((self.source, name))
-            log.warning("plan %r is not in %s (removed?); its keys use the default plan %r",
-                        name, self.source, self.default_plan)
-        return self.plans[self.default_plan]
 
-
-_PROVIDERS = ("openai", "anthropic", "echo")
+_PROVIDERS = ("openai", "anthropic", ECHO)
 
 
 def _window(reader: TableReader, key: str, text: str) -> Window:
@@ -254,7 +257,7 @@ def _alias_map(source: str, models: Mapping[str, ModelPolicy]) -> dict[str, str]
     for name, model in models.items():
         for i, alias in enumerate(model.aliases):
             where = f'{source}: models."{name}".aliases[{i}]'
-            if alias == "echo":
+            if alias == ECHO:
                 raise PolicyError(f"{where}: 'echo' is the built-in model, not an alias")
             if alias in models:
                 raise PolicyError(f"{where}: {alias!r} is already a model under [models]")
@@ -272,7 +275,7 @@ def _check_budgets(source: str, plans: Mapping[str, Plan],
     if not budgets:
         return
     for name, model in models.items():
-        if model.provider != "echo" and not model.priced:
+        if model.provider != ECHO and not model.priced:
             missing = "input_usd_per_million" if model.input_usd_per_million is None \
                 else "output_usd_per_million"
             raise PolicyError(f'{source}: models."{name}".{missing}: is required while '

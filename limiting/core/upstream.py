@@ -18,7 +18,7 @@ from typing import Any
 
 from .layers import Layer, window
 from .naming import user_tag
-from .policy import ModelPolicy
+from .policy import ECHO, ModelPolicy
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -28,7 +28,10 @@ def model_prefix(namespace: str, model: str) -> str:
     return f"{namespace}{{m:{user_tag(model)}}}:"
 
 
-def guard_layers(model: ModelPolicy | None) -> tuple[Layer, ...]:
+def guard_layers(name: str, model: ModelPolicy | None) -> tuple[Layer, ...]:
+    """The model's guard: its own windows from ``[models."…"]``, then the pacing learnt from
+    its provider's headers. A model answered in this process (the built-in echo, provider
+    "echo") has no provider to pace to: with no windows of its own it has no guard at all."""
     layers: list[Layer] = []
     if model is not None and model.requests_per_minute:
         layers.append(window("upstream-requests", "rpm", model.requests_per_minute, 60,
@@ -36,7 +39,9 @@ def guard_layers(model: ModelPolicy | None) -> tuple[Layer, ...]:
     if model is not None and model.tokens_per_minute:
         layers.append(window("upstream-tokens", "tpm", model.tokens_per_minute, 60, "fail_open",
                              "tokens"))
-    layers.append(Layer("upstream-pace", "p", "pace", 0, 0, 60, "fail_open", "pace"))
+    in_process = model.provider == ECHO if model is not None else name == ECHO
+    if not in_process:
+        layers.append(Layer("upstream-pace", "p", "pace", 0, 0, 60, "fail_open", "pace"))
     return tuple(layers)
 
 

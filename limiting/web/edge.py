@@ -7,7 +7,7 @@ import time
 from functools import partial
 from typing import Any
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits.errors import StorageError
@@ -16,10 +16,9 @@ from .. import metrics
 from ..core.policy import Policy
 from ..stores.store import Store, edge_storage
 from . import logs
+from .context import LIMITED_ROUTE, request_limits
 from .errors import LimiterUnavailable, json_response
 from .identity import client_ip
-
-LIMITED_ROUTE = "_llm_limited_route"
 
 
 def mark_limited(view: Any) -> Any:
@@ -29,13 +28,7 @@ def mark_limited(view: Any) -> Any:
 
 
 def is_limited_route() -> bool:
-    # Asked by up to four hooks per request: the answer is kept in the request's environ.
-    environ = request.environ
-    limited = environ.get(LIMITED_ROUTE)
-    if limited is None:
-        view = current_app.view_functions.get(request.endpoint or "")
-        limited = environ[LIMITED_ROUTE] = bool(getattr(view, LIMITED_ROUTE, False))
-    return bool(limited)
+    return request_limits().is_limited_route()
 
 
 def combines_edge(store: Store) -> bool:

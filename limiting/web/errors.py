@@ -8,7 +8,8 @@ from typing import Any
 from flask import Response, jsonify
 from werkzeug.exceptions import BadRequest, ServiceUnavailable, TooManyRequests
 
-from ..core.decision import Decision
+from ..core.decision import Decision, GuardRefused, Refused
+from ..core.headers import rate_limit_headers
 
 
 class RateLimited(TooManyRequests):
@@ -68,6 +69,20 @@ class ExceedsUpstream(ExceedsLimit):
                             "input tokens or a lower max_tokens.")
 
 
+class UpstreamSaturated(ServiceUnavailable):
+    """The model's upstream guard refused: the provider is at its limit, not the user."""
+
+    def __init__(self, model: str, retry_after: int) -> None:
+        super().__init__(f"The upstream for model {model!r} is saturated; retry after "
+                         f"{retry_after}s.")
+        self.model = model
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, object]:
+        return {"error": self.description, "code": "upstream_saturated",
+                "layer": f"upstream:{self.model}", "retry_after": self.retry_after}
+
+
 class LimiterUnavailable(ServiceUnavailable):
     """The store is away and a fail_closed layer will not guess."""
 
@@ -78,6 +93,25 @@ class LimiterUnavailable(ServiceUnavailable):
     def body(self) -> dict[str, Any]:
         return {"error": self.description, "code": "limiter_unavailable",
                 "retry_after": self.retry_after}
+
+
+def refusal_error(refusal: Refused | GuardRefused
+                  ) -> RateLimited | ExceedsLimit | UpstreamSaturated | LimiterUnavailable:
+    """The one map from the core's refusals to HTTP: a wait is a 429 (503 for the model's
+    guard: the provider is full, not the user), no wait ever helping is a 400, and the store
+    away with a fail_closed layer is a 503."""
+    if isinstance(refusal, GuardRefused):
+        retry = refusal.retry_after
+        if retry is None:
+            return ExceedsUpstream(refusal.model)
+        return UpstreamSaturated(refusal.model, retry)
+    decision = refusal.decision
+    if decision.unavailable:
+        return LimiterUnavailable(max(1, decision.retry_after))
+    if decision.wait is None:
+        layer = decision.refused.layer.name if decision.refused else "unknown"
+        return ExceedsLimit(layer, rate_limit_headers(decision))
+    return RateLimited.from_decision(decision, rate_limit_headers(decision))
 
 
 def json_response(status: int, body: Mapping[str, Any],

@@ -3,40 +3,42 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
-from flask import Blueprint, Flask, Response, current_app, g
+from flask import Blueprint, Flask, Response, current_app
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .. import metrics
-from ..core.decision import Decision
+from ..core.ask import Ask
+from ..core.decision import Decision, GuardRefused, Refused
 from ..core.headers import rate_limit_headers
 from ..core.layers import Layer
-from ..core.naming import BODY_USER, KEY_USER
+from ..core.naming import BODY_USER, KEY_USER, EdgeKeys
 from ..core.policy import Plan, Policy, load_policy, per_worker
 from ..core.pricing import STANDARD, PriceTerms
 from ..core.upstream import Observer
-from ..engine import EdgeKeys, Engine
+from ..engine import Engine
 from ..keys import ApiKeys
-from ..reservation import Reservation, UpstreamSaturated
+from ..reservation import Reservation
 from ..stores.embedded import resolve_store_url
 from ..stores.storage import open_store
 from ..stores.store import Store
 from . import logs
 from .auth_failures import AuthFailures
 from .cli import limits_cli
-from .edge import combines_edge, init_edge, is_limited_route, mark_limited
+from .context import request_limits
+from .edge import combines_edge, init_edge, mark_limited
 from .errors import (
     ExceedsLimit,
-    ExceedsUpstream,
     LimiterUnavailable,
     RateLimited,
+    UpstreamSaturated,
     json_response,
+    refusal_error,
 )
 from .identity import client_ip
 from .keys_cli import keys_cli
@@ -132,47 +134,49 @@ class RateLimiter:
 
         ``anonymous``: ``user`` is the client's own claim (a body field), not an authenticated
         user; such ids have limits of their own and never spend an authenticated user's.
-        The decision is kept on ``g`` so the response carries its headers.
+        The decision is kept in request_limits() so the response carries its headers.
         """
         started = time.perf_counter()
-        decision = self.engine.acquire(user, client_ip(), self.plan_for(user, plan),
-                                       BODY_USER if anonymous else KEY_USER)
+        engine = self.engine
+        decision = engine.acquire(user, client_ip(), engine.policy.resolve(user, plan),
+                                  BODY_USER if anonymous else KEY_USER)
         _record(decision, user, started)
-        g._llm_decision = decision
-        return _admitted(decision)
+        request_limits().decision = decision
+        if decision.allowed:
+            return decision
+        raise refusal_error(Refused(decision))
 
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
                 plan: str | None = None, *, anonymous: bool = False,
-                terms: PriceTerms = STANDARD) -> Reservation:
+                terms: PriceTerms = STANDARD, renews: bool = True) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
         user is charged nothing) or LimiterUnavailable. Use what it returns as a context
         manager (``with limiter.reserve(...) as r: ... r.settle(usage)``): it renews the
         lease and finishes by the billing rule however the block ends. ``terms`` (service
-        tier, cache writes, server tools) price the call beyond its tokens.
+        tier, cache writes, server tools) price the call beyond its tokens; ``renews=False``
+        for an answer made in this process, which cannot outlive its lease.
         """
         started = time.perf_counter()
-        decision, reservation, wait = self.engine.reserve(
-            user, client_ip(), self.plan_for(user, plan), model, self.policy.model(model),
-            input_tokens, max_output_tokens, guard=model != "echo", terms=terms,
-            realm=BODY_USER if anonymous else KEY_USER,
-        )
-        g._llm_decision = decision
-        if wait is not None and wait < 0:
-            metrics.DECISIONS.labels(f"upstream:{model}", "refused").inc()
-            logs.event("refused", user=user, layer=f"upstream:{model}", retry_after=None)
-            raise ExceedsUpstream(model)
-        if wait is not None:
-            retry = max(1, math.ceil(wait))
-            metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
-            metrics.DECISIONS.labels(f"upstream:{model}", "refused").inc()
-            metrics.GUARD_REFUSALS.labels(model).inc()
-            logs.event("refused", user=user, layer=f"upstream:{model}", retry_after=retry)
-            raise UpstreamSaturated(model, retry)
-        _record(decision, user, started)
-        _admitted(decision)
-        assert reservation is not None
+        engine = self.engine
+        policy = engine.policy
+        ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms)
+        limits = request_limits()
+        try:
+            reservation = engine.reserve(user, policy.resolve(user, plan), ask, ip=client_ip(),
+                                         realm=BODY_USER if anonymous else KEY_USER,
+                                         renews=renews)
+        except GuardRefused as guard:
+            limits.decision = guard.decision
+            _record_guard(guard, user, started)
+            raise refusal_error(guard) from None
+        except Refused as refused:
+            limits.decision = refused.decision
+            _record(refused.decision, user, started)
+            raise refusal_error(refused) from None
+        limits.decision = reservation.decision
+        _record(reservation.decision, user, started)
         return reservation
 
     def observe_upstream(self, model: str, headers: Mapping[str, str], status: int,
@@ -183,18 +187,13 @@ class RateLimiter:
             self._observer = Observer(self.engine.observe_args, max_hold=self.engine.max_hold)
         self._observer.submit(model, headers, status, tokens)
 
-    def plan_for(self, user: str, plan: str | None = None) -> Plan:
-        """The plan ``user`` is limited by: ``plan`` (a key's) if the policy has it, else the
-        user's own (``[users]`` or the default plan)."""
-        return self.policy.plan_named(plan, user)
-
     def plan_of_user(self, user: str, key_plans: Mapping[str, str] | None = None) -> Plan:
         """The plan ``user`` is served on, for operators (``limits show``, /admin/usage):
         their newest live key's, else [users]/default. ``key_plans`` (from
         ``keys.plans_by_user()``) saves a scan of every key when asking for many users."""
         if key_plans is None:
             key_plans = self.keys.plans_by_user(user)
-        return self.policy.plan_named(key_plans.get(user), user)
+        return self.policy.resolve(user, key_plans.get(user))
 
     def realm_of_user(self, user: str, key_plans: Mapping[str, str] | None = None,
                       anonymous: bool | None = None) -> str:
@@ -239,15 +238,15 @@ def _record(decision: Decision, user: str, started: float) -> None:
                    retry_after=decision.retry_after if decision.wait is not None else None)
 
 
-def _admitted(decision: Decision) -> Decision:
-    if decision.allowed:
-        return decision
-    if decision.unavailable:
-        raise LimiterUnavailable(max(1, decision.retry_after))
-    if decision.wait is None:
-        layer = decision.refused.layer.name if decision.refused else "unknown"
-        raise ExceedsLimit(layer, rate_limit_headers(decision))
-    raise RateLimited.from_decision(decision, rate_limit_headers(decision))
+def _record_guard(refusal: GuardRefused, user: str, started: float) -> None:
+    """A guard refusal counted and logged under the model's layer name."""
+    layer = f"upstream:{refusal.model}"
+    retry = refusal.retry_after
+    if retry is not None:
+        metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+        metrics.GUARD_REFUSALS.labels(refusal.model).inc()
+    metrics.DECISIONS.labels(layer, "refused").inc()
+    logs.event("refused", user=user, layer=layer, retry_after=retry)
 
 
 def current_limiter() -> RateLimiter:
@@ -289,8 +288,9 @@ def _setting(app: Flask, name: str, default: str) -> str:
 
 
 def _add_headers(response: Response) -> Response:
-    decision: Decision | None = g.get("_llm_decision")
-    if decision is None and is_limited_route():
+    limits = request_limits()
+    decision = limits.decision
+    if decision is None and limits.is_limited_route():
         # Turned away before acquire (bad input): the edge still counts the attempt.
         decision = current_limiter().engine.charge_edge(client_ip())
         if decision is not None and not decision.allowed:
@@ -300,7 +300,7 @@ def _add_headers(response: Response) -> Response:
         # A view that set them (the /v1 dialects do) keeps its own; otherwise they are new,
         # and extend appends where update would first look for each one.
         response.headers.extend(rate_limit_headers(decision))
-    rid = g.get("_llm_request_id")
+    rid = limits.request_id
     if rid is not None:
         response.headers["X-Request-ID"] = rid
     return response

@@ -9,7 +9,9 @@ import time
 import uuid
 from typing import Any
 
-from flask import g, has_request_context, request
+from flask import has_request_context, request
+
+from .context import request_limits
 
 log = logging.getLogger("limiter.decisions")
 
@@ -18,11 +20,12 @@ def request_id() -> str:
     """The caller's X-Request-ID when it looks sane, else one of ours; echoed on the answer."""
     if not has_request_context():
         return "-"
-    rid: str | None = g.get("_llm_request_id")
+    limits = request_limits()
+    rid = limits.request_id
     if rid is None:
         given = request.headers.get("X-Request-ID", "")
         rid = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
-        g._llm_request_id = rid
+        limits.request_id = rid
     return rid
 
 

@@ -1,0 +1,32 @@
+"""What one LLM request asks to reserve before its upstream call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codec import Costs
+from .policy import ModelPolicy
+from .pricing import STANDARD, PriceTerms, reserve_usd_micros
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """The model a request names (and its policy: None for the built-in echo), its input
+    estimate, the most it may write, and the price terms (tier, cache writes, server tools)."""
+
+    model_name: str
+    model: ModelPolicy | None
+    input_tokens: int
+    max_output_tokens: int
+    terms: PriceTerms = STANDARD
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.max_output_tokens
+
+    def costs(self, lease: str | None = None) -> Costs:
+        """The request's cost in every unit, dollars priced at the dearest the terms allow:
+        the settle gives back what the provider did not bill."""
+        usd = round(reserve_usd_micros(self.model, self.input_tokens, self.max_output_tokens,
+                                       self.terms))
+        return Costs(self.tokens, self.input_tokens, self.max_output_tokens, usd, lease)

@@ -1,0 +1,45 @@
+"""What the limiter knows about the request being served, in one typed object.
+
+Written by the extension (the decision), the logs (the request id) and the edge (is this a
+limited route?), read by the after_request hook and the /v1 dialects. It lives in the WSGI
+environ, so it is the request's own even when tests reuse one app context for many requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app, request
+
+from ..core.decision import Decision
+
+_KEY = "limiting.request"
+# The attribute mark_limited() sets on a view whose acquire() call counts the edge.
+LIMITED_ROUTE = "_llm_limited_route"
+
+
+@dataclass(slots=True)
+class RequestLimits:
+    """The limiter's state for one request."""
+
+    decision: Decision | None = None     # the user's decision (or the edge's, for bad input)
+    request_id: str | None = None        # X-Request-ID: the caller's, or one of ours
+    limited_route: bool | None = None    # None until asked: does the view call acquire()?
+
+    def is_limited_route(self) -> bool:
+        """Does the view call acquire() (so its edge check rides in that call)? Asked by up
+        to four hooks per request: looked up once."""
+        limited = self.limited_route
+        if limited is None:
+            view = current_app.view_functions.get(request.endpoint or "")
+            limited = self.limited_route = bool(getattr(view, LIMITED_ROUTE, False))
+        return limited
+
+
+def request_limits() -> RequestLimits:
+    """The current request's RequestLimits, made on first use."""
+    environ = request.environ
+    limits: RequestLimits | None = environ.get(_KEY)
+    if limits is None:
+        limits = environ[_KEY] = RequestLimits()
+    return limits
