@@ -268,3 +268,18 @@ def test_every_limited_route_sends_each_rate_limit_header_once(app: Flask,
         for name in ("RateLimit-Policy", "RateLimit", "X-RateLimit-Limit",
                      "X-RateLimit-Remaining", "X-RateLimit-Reset"):
             assert len(resp.headers.getlist(name)) == 1, (resp.request.path, name)
+
+
+def test_request_limits_belong_to_one_request(app: Flask) -> None:
+    """The decision, request id and limited-route flag live with the request, not the app
+    context: a client used inside one app context starts every request afresh."""
+    from limiting import request_limits
+
+    client = app.test_client()
+    with app.app_context():
+        assert chat(client).status_code == 200
+        with app.test_request_context("/chat", method="POST"):
+            limits = request_limits()
+            assert limits.decision is None and limits.request_id is None
+            assert limits.is_limited_route() and request_limits() is limits
+        assert client.get("/healthz").headers.get("X-RateLimit-Limit") is None

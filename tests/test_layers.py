@@ -9,7 +9,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from limiting.core.codec import AcquireCall, Costs, decode_acquire
+from limiting.core.layers import compile_plan
 from limiting.core.policy import parse_policy
+from limiting.core.upstream import guard_layers
 from limiting.engine import Engine
 from limiting.stores.storage import open_store
 from limiting.stores.store import Store
@@ -120,3 +123,22 @@ def test_headers_report_limit_remaining_reset(store: Store) -> None:
     assert states["user"].remaining == 9 and math.ceil(states["user"].reset) == 2
     assert states["quota-day"].remaining == 99
     assert 86400 <= states["quota-day"].reset <= 86400 + 1440 + 1
+
+
+def test_acquire_call_prices_layers_by_unit_and_joins_the_guard() -> None:
+    plan = parse_policy({"plans": {"p": {"burst": 5, "refill_per_second": 1,
+                                         "tokens_per_minute": 100, "budget_usd_per_day": 1,
+                                         "max_concurrent": 2}}}).plans["p"]
+    compiled = compile_plan(plan, llm=True)
+    costs = Costs(tokens=30, input_tokens=10, output_tokens=20, usd_micros=7, lease="L1")
+    own = AcquireCall.priced(["b", "t", "usd", "cc"], compiled.args, compiled.per_call, costs)
+    layers = decode_acquire(own.args)
+    assert [(c.kind, c.cost) for c in layers] == [("b", "1"), ("W", "30"), ("W", "7"),
+                                                  ("c", "L1")]
+    assert compiled.args[7] == b"1" and own.size == 4      # the template is left as it was
+    guard = AcquireCall.of(["rpm", "pace"], guard_layers("gpt-x", None)[-1:] * 2, costs)
+    joined = own.join(guard)
+    assert joined.keys == ["b", "t", "usd", "cc", "rpm", "pace"] and joined.size == 6
+    assert [c.cost for c in decode_acquire(joined.args)[4:]] == ["30", "30"]
+    # The built-in echo has no provider to pace to: no guard layers at all.
+    assert guard_layers("echo", None) == ()

@@ -115,3 +115,18 @@ def test_shipped_models_are_priced() -> None:
     for name, model in policy.models.items():
         assert model.priced, name
         assert model.requests_per_minute, name
+
+
+def test_resolve_is_the_one_plan_lookup(caplog: pytest.LogCaptureFixture) -> None:
+    policy = parse_policy({"defaults": {"plan": "free"}, "users": {"vip": "pro"},
+                           "plans": {"free": {"burst": 1, "refill_per_second": 1},
+                                     "pro": {"burst": 9, "refill_per_second": 1}}}, "r.toml")
+    assert policy.resolve("anyone").name == "free"           # the default
+    assert policy.resolve("vip").name == "pro"               # [users]
+    assert policy.resolve("anyone", "pro").name == "pro"     # a key's plan wins
+    with caplog.at_level("WARNING", logger="limiter.policy"):
+        # A key whose plan left the policy: the user's own, logged once per name.
+        assert policy.resolve("vip", "gold").name == "pro"
+        assert policy.resolve("anyone", "gold").name == "free"
+    assert [rec.getMessage() for rec in caplog.records if "'gold'" in rec.getMessage()] \
+        and len(caplog.records) == 1
