@@ -11,7 +11,10 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, tuple[str, str]] = {
+    "Ask": ("core.ask", "Ask"),
     "Decision": ("core.decision", "Decision"),
+    "GuardRefused": ("core.decision", "GuardRefused"),
+    "Refused": ("core.decision", "Refused"),
     "ExceedsLimit": ("web.errors", "ExceedsLimit"),
     "IMAGE_TOKENS": ("core.llm", "IMAGE_TOKENS"),
     "KeyRecord": ("keys", "KeyRecord"),
@@ -61,8 +64,10 @@ __all__ = [
     "IMAGE_TOKENS",
     "MAX_USER_ID_LENGTH",
     "STANDARD",
+    "Ask",
     "Decision",
     "ExceedsLimit",
+    "GuardRefused",
     "KeyRecord",
     "LayerState",
     "LimiterUnavailable",
@@ -74,6 +79,7 @@ __all__ = [
     "PricingError",
     "RateLimited",
     "RateLimiter",
+    "Refused",
     "RequestLimits",
     "Reservation",
     "StoreUnavailable",
@@ -116,7 +122,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .core.decision import Decision, LayerState
+    from .core.ask import Ask
+    from .core.decision import Decision, GuardRefused, LayerState, Refused
     from .core.headers import rate_limit_headers
     from .core.lease import provider_billed
     from .core.llm import (
