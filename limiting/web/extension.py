@@ -289,7 +289,8 @@ def _setting(app: Flask, name: str, default: str) -> str:
 
 
 def _add_headers(response: Response) -> Response:
-    decision: Decision | None = g.get("_llm_decision")
+    state = g._get_current_object()   # one lookup of the proxy for both reads below
+    decision: Decision | None = getattr(state, "_llm_decision", None)
     if decision is None and is_limited_route():
         # Turned away before acquire (bad input): the edge still counts the attempt.
         decision = current_limiter().engine.charge_edge(client_ip())
@@ -298,9 +299,11 @@ def _add_headers(response: Response) -> Response:
                                                              rate_limit_headers(decision)))
     if decision is not None and response.status_code != 429 and "RateLimit" not in response.headers:
         # A view that set them (the /v1 dialects do) keeps its own; otherwise they are new,
-        # and extend appends where update would first look for each one.
-        response.headers.extend(rate_limit_headers(decision))
-    rid = g.get("_llm_request_id")
+        # so add (extend would first walk the mapping as a multi-dict: twice the cost).
+        add = response.headers.add
+        for name, value in rate_limit_headers(decision).items():
+            add(name, value)
+    rid = getattr(state, "_llm_request_id", None)
     if rid is not None:
         response.headers["X-Request-ID"] = rid
     return response
