@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 from typing import Any
 
 from flask import Flask, Response
@@ -18,6 +17,7 @@ from ..stores.store import Store, edge_storage
 from . import logs
 from .context import LIMITED_ROUTE, request_limits
 from .errors import LimiterUnavailable, json_response
+from .flask_limiter_adapter import take_request_hooks
 from .identity import client_ip
 
 
@@ -79,38 +79,27 @@ def _skip_limited_routes(app: Flask, edge: Limiter) -> None:
     A request filter would do the same, but only after Flask-Limiter has resolved and
     evaluated its limits for the request: on the hot path that costs as much as our script.
     Its after_request and teardown hooks have nothing to do there either (no limit of its own
-    was looked at), but each still reads its per-request context.
+    was looked at). So its three hooks are taken out (flask_limiter_adapter) and run here,
+    in their places, on every other route.
     """
-    hooks = app.before_request_funcs.setdefault(None, [])
-    check = edge._check_request_limit
-    if check not in hooks:  # a Flask-Limiter that registers differently: filter instead
+    hooks = take_request_hooks(app, edge)
+    if hooks is None:  # a Flask-Limiter that registers differently: filter instead
         edge.request_filter(is_limited_route)
         return
 
+    @app.before_request
     def edge_check() -> None:
         if not is_limited_route():
-            check()
+            hooks.check()
 
-    hooks[hooks.index(check)] = edge_check
-    for registry in (app.after_request_funcs, app.teardown_request_funcs):
-        later = registry.get(None, [])
-        for i, hook in enumerate(later):
-            if _belongs_to(hook, edge):
-                later[i] = _unless_limited(hook)
+    @app.after_request
+    def edge_after(response: Response) -> Response:
+        return response if is_limited_route() else hooks.after(response)
 
-
-def _belongs_to(hook: Any, edge: Limiter) -> bool:
-    if isinstance(hook, partial):
-        return any(arg is edge for arg in hook.args)
-    return getattr(hook, "__self__", None) is edge
-
-
-def _unless_limited(hook: Any) -> Any:
-    """The hook, skipped on limited routes (it gets and gives back the response, or an error)."""
-    def unless_limited(arg: Any) -> Any:
-        return arg if is_limited_route() else hook(arg)
-
-    return unless_limited
+    @app.teardown_request
+    def edge_teardown(exc: BaseException | None) -> None:
+        if not is_limited_route():
+            hooks.teardown(exc)
 
 
 def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:
