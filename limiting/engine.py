@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Mapping, Sequence
 
 from .core.codec import AcquireReply, encode_layers, with_costs
-from .core.decision import Decision, from_reply, store_away
+from .core.decision import Decision, LayerState, from_reply, shadow_over, store_away
 from .core.layers import CompiledPlan, Layer, compile_plan, edge
 from .core.naming import KEY_USER, user_prefix
 from .core.policy import FailMode, ModelPolicy, Plan, Policy
@@ -124,12 +124,14 @@ class Engine:
             return decision, None, None
         own = cached.layers[cached.edge_count:]
         charges = [Charge(layer, key, costs.get(layer.unit, 1))
-                   for layer, key in zip(own, keys[cached.edge_count:], strict=True)]
+                   for layer, key in zip(own, keys[cached.edge_count:], strict=True)
+                   if decision.charged(layer)]
         reservation = Reservation(self.store, decision, reply.now_us, charges, lease, model,
                                   input_tokens, max_output_tokens, terms=terms)
         if guard_part is not None:
             layers, guard_keys, _, guard_costs = guard_part
-            _hold_guard(reservation, reply.now_us, layers, guard_keys, guard_costs)
+            over = shadow_over(layers, reply.states[len(cached.layers):])
+            _hold_guard(reservation, reply.now_us, layers, guard_keys, guard_costs, over)
         elif guard:
             wait = self._guard(reservation, model_name, input_tokens + max_output_tokens)
             if wait is not None:
@@ -143,7 +145,7 @@ class Engine:
         layers, prefix = self._guard_of(model_name)
         keys = [prefix + layer.suffix for layer in layers]
         costs = {"requests": 1, "tokens": tokens, "pace": tokens}
-        args = encode_layers((layer.kind, layer.limit, layer.param, str(costs[layer.unit]))
+        args = encode_layers((layer.code, layer.limit, layer.param, str(costs[layer.unit]))
                              for layer in layers)
         return layers, keys, list(args), costs
 
@@ -157,7 +159,8 @@ class Engine:
             return None  # the guard fails open: the provider still has its own limits
         if not reply.allowed:
             return _guard_wait(reply.wait_us)
-        _hold_guard(reservation, reply.now_us, layers, keys, costs)
+        _hold_guard(reservation, reply.now_us, layers, keys, costs,
+                    shadow_over(layers, reply.states))
         return None
 
     def peek_model(self, model_name: str) -> Decision:
@@ -224,12 +227,16 @@ def _guard_wait(wait_us: int) -> float:
 
 
 def _hold_guard(reservation: Reservation, charged_at: int, layers: tuple[Layer, ...],
-                keys: list[str], costs: dict[str, int]) -> None:
-    """Record what the guard's windows charged, so the settle can correct the tokens."""
+                keys: list[str], costs: dict[str, int], over: tuple[LayerState, ...] = ()
+                ) -> None:
+    """Record what the guard's windows charged, so the settle can correct the tokens;
+    ``over``: its shadow layers that would have refused (charged nothing), for the logs."""
     reservation.guard_at = charged_at
+    reservation.decision.would_refuse += over
+    uncharged = [s.layer for s in over]
     reservation.guard_charges = [Charge(layer, key, costs[layer.unit])
                                  for layer, key in zip(layers, keys, strict=True)
-                                 if layer.kind in ("w", "W")]
+                                 if layer.kind in ("w", "W") and layer not in uncharged]
 
 
 class EdgeKeys:
