@@ -6,8 +6,8 @@
 --   "w"/"W"  b = window in microseconds; delta = actual - reserved, applied to the slot
 --            that was charged (a slot that has left the window has nothing to give back)
 --   "b"      b = capacity; a negative delta puts tokens back (a refusal further on)
---   "m"      b unused; delta applied to the count if it is still the charged month's (a
---            month that has ended has nothing to give back)
+--   "m"      b = the month charged (year * 12 + month - 1 of the acquire's now_us); delta is
+--            applied to the count if it still is that month's (an ended month gives nothing)
 --   "c"      b = lease TTL in microseconds; delta = lease id: released
 --   "r"      b = lease TTL in microseconds; delta = lease id: renewed from now
 -- Returns the number of layers changed.
@@ -26,19 +26,6 @@ local writes = {}
 
 local function finite(x)
   return x ~= nil and x == x and x > -math.huge and x < math.huge
-end
-
--- The month number of µs time `us`, as acquire.lua's month_of counts months.
-local function month_number(us)
-  local z = math.floor(us / 86400000000) + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  return (yoe + era * 400 + (m <= 2 and 1 or 0)) * 12 + m - 1
 end
 
 local function bad(i, what)
@@ -75,7 +62,7 @@ for i = 1, #KEYS do
         if #raw ~= 16 then return bad(i, 'not a month count') end
         local month, held = unpack('<dd', raw)
         if not (finite(month) and finite(held)) then return bad(i, 'not a month count') end
-        if month == month_number(charged_at) then
+        if month == b then
           writes[#writes + 1] = {'SET', i, pack('<dd', month, math.max(0, held + delta)), ttl}
         end
       else

@@ -41,7 +41,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from limiting.core.codec import AcquireReply
+from limiting.core.codec import AcquireReply, SettleCall
 from limiting.core.decision import from_reply
 from limiting.core.headers import rate_limit_headers
 from limiting.core.layers import CompiledPlan, compile_plan, window
@@ -734,7 +734,9 @@ class MonthMachine(Clocked):
     def settle(self, pick: int, actual: int) -> None:
         at, reserved = self.pending.pop(pick % len(self.pending))
         layer = self.compiled.layers[2]
-        self.b.settle([self.keys[2]], [at, layer.kind, layer.param, actual - reserved])
+        call = SettleCall(at)   # as Reservation sends it: the month named by the acquire's now
+        call.add(self.keys[2], layer.kind, layer.param, actual - reserved)
+        self.b.settle(call.keys, call.args)
         month, count, expires = self.stored.get(2, (-1, 0, 0))
         # Only the charged month's count moves: a month that has ended gives nothing back.
         if month == utc_month(at)[0] and self.now < expires:
@@ -823,14 +825,14 @@ class LongAgreementMachine(RuleBasedStateMachine):
     def settle(self, pick: int, tokens: int, usd: int, refund: bool) -> None:
         """Reservation.settle (tokens and dollars to what was used) or refund_everything."""
         at, charged = self.reserved.pop(pick % len(self.reserved))
-        keys, args = [], [at]
+        call = SettleCall(at)
         actual = {1: 0, 2: 0, 3: 0, 4: 0} if refund else {3: tokens, 4: usd}
         for i, amount in charged.items():
             if i in actual and actual[i] != amount:
-                keys.append(self.keys[i])
-                args += [self.layers[i].kind, self.layers[i].param, actual[i] - amount]
+                call.add(self.keys[i], self.layers[i].kind, self.layers[i].param,
+                         actual[i] - amount)
         for b in self.backends:
-            b.settle(keys, args)
+            b.settle(call.keys, call.args)
 
 
 @pytest.mark.parametrize("mode", ["enforce", "shadow"])

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .windows import month_bounds
+
 ACQUIRE_ARGS = 4      # kind, a, b, cost
 SETTLE_ARGS = 3       # kind, b, delta
 REPLY_HEAD = 4        # allowed, refusing layer, wait_us, now_us
@@ -107,7 +109,8 @@ class AcquireReply:
 class SettleCall:
     """One settle.lua call: corrections to the layers an acquire at ``charged_at`` charged.
 
-    Kinds: "w"/"W" add ``delta`` units to the charged slot (b = window in µs); "b" puts
+    Kinds: "w"/"W" add ``delta`` units to the charged slot (b = window in µs); "m" to the
+    count of the month charged, if it still is the stored one (b = that month); "b" puts
     tokens back into a bucket (b = capacity); "c" releases the lease ``delta``; "r" renews
     it (b = the lease TTL in µs)."""
 
@@ -116,6 +119,10 @@ class SettleCall:
     items: list[tuple[str, float, str | float]] = field(default_factory=list)
 
     def add(self, key: str, kind: str, b: float, delta: str | float) -> None:
+        if kind == "m":
+            # A month count names the month charged (the acquire's, by the store's clock),
+            # so settle.lua need not know the calendar.
+            b = month_bounds(self.charged_at)[0]
         self.keys.append(key)
         self.items.append((kind, b, delta))
 

@@ -115,7 +115,7 @@ class MemoryStore:
                     state[1] = max(0.0, min(b, state[1] - delta))
                     continue
                 if kind == "m":
-                    if state[1] == month_bounds(int(charged_at))[0]:
+                    if state[1] == b:   # the month charged: an ended month gives nothing
                         state[2] = max(0.0, state[2] + delta)
                     continue
                 slot = b / 60
