@@ -7,7 +7,14 @@ from collections.abc import Mapping, Sequence
 
 from .core.ask import Ask
 from .core.codec import AcquireCall, AcquireReply, Costs
-from .core.decision import Decision, GuardRefused, Refused, from_reply, store_away
+from .core.decision import (
+    Decision,
+    GuardRefused,
+    Refused,
+    from_reply,
+    shadow_over,
+    store_away,
+)
 from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import KEY_USER, EdgeKeys, user_prefix
 from .core.policy import Plan, Policy
@@ -106,11 +113,13 @@ class Engine:
         if not decision.allowed:
             raise Refused(decision)
         skip = compiled.edge_count
-        charges = _charges(compiled.layers[skip:], own.keys[skip:], costs)
+        charges = [c for c in _charges(compiled.layers[skip:], own.keys[skip:], costs)
+                   if decision.charged(c.layer)]   # not a shadow layer that would refuse
         guard_at, guard_charges = 0, []
         if guard_call is not None:
             layers, apart = guard_call
             guard_at = reply.now_us
+            guard_states = reply.states[own.size:] if joined else []
             if not joined:
                 # A Cluster puts the guard in a slot of its own: a call of its own, after.
                 try:
@@ -123,9 +132,14 @@ class Engine:
                     raise GuardRefused(ask.model_name, _guard_wait(guard_reply.wait_us),
                                        decision)
                 guard_at = guard_reply.now_us if guard_reply is not None else 0
+                guard_states = guard_reply.states if guard_reply is not None else []
+            # Its shadow windows that would have refused charged nothing: logged, not settled.
+            over = shadow_over(layers, guard_states)
+            decision.would_refuse += over
+            uncharged = [state.layer for state in over]
             if guard_at:   # what the guard's windows charged, for the settle to correct
                 guard_charges = [c for c in _charges(layers, apart.keys, costs)
-                                 if c.layer.kind in ("w", "W")]
+                                 if c.layer.kind in ("w", "W") and c.layer not in uncharged]
         return Reservation(self.store, decision, ask, reply.now_us, charges, costs.lease,
                            guard_at, guard_charges, renews=renews)
 

@@ -37,6 +37,9 @@ STORE_ROUND_TRIPS = Counter("llm_limiter_store_round_trips_total",
                             "store_script_calls: calls / round trips = calls per trip).")
 STORE_SCRIPT_CALLS = Counter("llm_limiter_store_script_calls_total",
                              "Script calls carried by those round trips.")
+WOULD_REFUSE = Counter("llm_limiter_would_refuse_total",
+                       "Requests a shadow layer (mode = \"shadow\") would have refused and let "
+                       "through, by layer.", ["layer"])
 FAIL_POLICY = Counter("llm_limiter_fail_policy_total",
                       "Decisions made without the store: fail_open, fail_closed or fallback.",
                       ["outcome"])

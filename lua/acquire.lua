@@ -13,6 +13,11 @@
 --        ("-" only looks); a lease of a killed worker leaves by its TTL
 --   "p"  upstream pacing learnt from provider headers (a hash written by observe.lua):
 --        cost = tokens this call will use
+--   "m"  count per calendar month in UTC (from 00:00 on the 1st, by the store's clock):
+--        a = limit; state is the month number and the count, 16 bytes
+-- A kind ending in "?" is a shadow layer: decided as any other, but it never refuses. One
+-- that would refuse charges nothing and reports its remaining as what it would be had it
+-- counted the request: below 0 (everywhere else remaining is at least 0).
 -- A cost of 0 only looks (usage pages, `flask limits show`): nothing is written.
 --
 -- Returns {allowed, refusing layer (0: none), wait_us, now_us, then remaining, reset_us
@@ -48,10 +53,33 @@ local function pace(value)
   return nil
 end
 
+-- The UTC calendar month holding µs time `us`: its number (year * 12 + month - 1), start
+-- and end in µs. Civil-from-days (H. Hinnant); doubles are exact for these integers.
+local MONTH_DAYS = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31}
+local DAY_US = 86400000000
+local function month_of(us)
+  local days = math.floor(us / DAY_US)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5)       -- 0 on the 1st
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  local len = MONTH_DAYS[m]
+  if m == 2 and y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0) then len = 29 end
+  local start = days - day
+  return y * 12 + m - 1, start * DAY_US, (start + len) * DAY_US
+end
+
 local result = {1, 0, 0, now}
 local n = 4
 local writes = {}
 local costs = {}
+local kinds = {}          -- each layer's kind, its shadow mark taken off
 local edges = {}          -- {layer, cost, fresh}: written whether or not a later layer refuses
 local worst_wait, worst_layer = 0, 0
 
@@ -65,6 +93,9 @@ end
 for i = 1, #KEYS do
   local base = (i - 1) * 4
   local kind = ARGV[base + 1]
+  local shadow = string.byte(kind, -1) == 63   -- "?"
+  if shadow then kind = string.sub(kind, 1, -2) end
+  kinds[i] = kind
   local a = tonumber(ARGV[base + 2])
   local b = tonumber(ARGV[base + 3])
   local cost = tonumber(ARGV[base + 4]) or 0
@@ -176,6 +207,28 @@ for i = 1, #KEYS do
     end
     remaining = a - total
 
+  elseif kind == 'm' then
+    local raw = redis.call('GET', KEYS[i])
+    local month, start, stop = month_of(now)
+    local total = 0
+    if raw then
+      if #raw ~= 16 then return bad(i, 'not a month count') end
+      local held_month, held = unpack('<dd', raw)
+      if not (finite(held_month) and finite(held)) then return bad(i, 'not a month count') end
+      -- A count left from another month is a count of 0 in this one.
+      if held_month == month then total = held end
+    end
+    if total + cost <= a then
+      total = total + cost
+      writes[i] = {pack('<dd', month, total), math.ceil((stop - now) / 1000) + 1000}
+    elseif cost > a then
+      wait = -1
+    else
+      wait = stop - now   -- the 1st of next month, 00:00 UTC: the count starts again
+    end
+    remaining = a - total
+    if total > 0 then reset = stop - now end
+
   elseif kind == 'c' then
     -- Leases past their TTL are not counted here; the commit sweeps them.
     local after = string.format('(%.0f', now)
@@ -213,13 +266,24 @@ for i = 1, #KEYS do
     end
   end
 
+  local over = false
+  if shadow and wait ~= 0 then
+    -- It would refuse: the request passes it, uncounted, as an enforcing refusal would
+    -- leave it; the remaining below 0 tells the caller.
+    remaining = math.min(remaining - cost, -1)
+    over, wait, cost, writes[i] = true, 0, 0, nil
+  end
   if wait < 0 then
     worst_wait, worst_layer = -1, i
   elseif wait > 0 and worst_wait >= 0 and wait > worst_wait then
     worst_wait, worst_layer = wait, i
   end
   if wait == 0 then costs[i] = cost end
-  result[n + 1] = math.max(0, math.floor(remaining))
+  if over then
+    result[n + 1] = math.floor(remaining)
+  else
+    result[n + 1] = math.max(0, math.floor(remaining))
+  end
   result[n + 2] = math.max(0, math.ceil(reset))
   n = n + 2
 end
@@ -231,8 +295,8 @@ if worst_layer ~= 0 then
   result[1], result[2], result[3] = 0, worst_layer, math.ceil(worst_wait)
   -- Nothing is charged: layers that would have passed report what they still hold.
   for i, cost in pairs(costs) do
-    local kind = ARGV[(i - 1) * 4 + 1]
-    if kind == 'b' or kind == 'w' or kind == 'W' or kind == 'c' then
+    local kind = kinds[i]
+    if kind == 'b' or kind == 'w' or kind == 'W' or kind == 'c' or kind == 'm' then
       result[3 + 2 * i] = result[3 + 2 * i] + cost
     end
   end
@@ -242,7 +306,7 @@ end
 for i = 1, #KEYS do
   local w = writes[i]
   if w and costs[i] and costs[i] > 0 then
-    local kind = ARGV[(i - 1) * 4 + 1]
+    local kind = kinds[i]
     if kind == 'c' then
       redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
       redis.call('ZADD', KEYS[i], w[2], w[1])

@@ -6,6 +6,8 @@
 --   "w"/"W"  b = window in microseconds; delta = actual - reserved, applied to the slot
 --            that was charged (a slot that has left the window has nothing to give back)
 --   "b"      b = capacity; a negative delta puts tokens back (a refusal further on)
+--   "m"      b = the month charged (year * 12 + month - 1 of the acquire's now_us); delta is
+--            applied to the count if it still is that month's (an ended month gives nothing)
 --   "c"      b = lease TTL in microseconds; delta = lease id: released
 --   "r"      b = lease TTL in microseconds; delta = lease id: renewed from now
 -- Returns the number of layers changed.
@@ -56,6 +58,13 @@ for i = 1, #KEYS do
         if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
         local tokens = math.max(0, math.min(b, held - delta))
         writes[#writes + 1] = {'SET', i, pack('<dd', tokens, at), ttl}
+      elseif kind == 'm' then
+        if #raw ~= 16 then return bad(i, 'not a month count') end
+        local month, held = unpack('<dd', raw)
+        if not (finite(month) and finite(held)) then return bad(i, 'not a month count') end
+        if month == b then
+          writes[#writes + 1] = {'SET', i, pack('<dd', month, math.max(0, held + delta)), ttl}
+        end
       else
         local fmt, width = '<I4', 4
         if kind == 'W' then fmt, width = '<d', 8 end

@@ -5,9 +5,10 @@ settable clock) and on the real lua/acquire.lua and lua/settle.lua on the sessio
 (their clock line alone swapped for a test key, see tests/clocked.py). Keys and arguments
 are built by limiting.layers.compile_plan, as the Engine builds them.
 
-Covered: token bucket "b", sliding windows "w"/"W", settle, and leases "c" (in the
-agreement of the two backends). Not here: the edge window "f" (its expiry is Valkey's own
-clock, and memory:// never runs it) and pacing "p" (memory:// learns none).
+Covered: token bucket "b", sliding windows "w"/"W" (a week too), settle, leases "c" (in the
+agreement of the two backends), calendar months "m" and shadow layers (section 6). Not here:
+the edge window "f" (its expiry is Valkey's own clock, and memory:// never runs it) and
+pacing "p" (memory:// learns none).
 
 The reference models are exact logs in integer (or Fraction) arithmetic:
 - SlidingLog: every admitted (time, cost); a window of length L ending at t holds the
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
 
@@ -39,9 +41,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from limiting.core.layers import CompiledPlan, compile_plan
+from limiting.core.codec import AcquireReply, SettleCall
+from limiting.core.decision import from_reply
+from limiting.core.headers import rate_limit_headers
+from limiting.core.layers import CompiledPlan, compile_plan, window
 from limiting.core.naming import user_prefix
 from limiting.core.policy import Plan, Window
+from limiting.core.windows import MONTH, month_bounds
 from limiting.stores.scripts import script_source
 from tests.clocked import (
     CLOCK_LINE,
@@ -57,8 +63,8 @@ Backend = ClockedMemory | ClockedValkey
 PREFIX = user_prefix("rl:", "prop")
 START = st.integers(1_600_000_000_000_000, 1_900_000_000_000_000)   # µs, around today
 # (window seconds, wide): "w" is a plan quota; "W" the tokens-minute or usd-day layer.
-SHAPES = [(1, False), (2, False), (10, False), (60, False), (86400, False), (60, True),
-          (86400, True)]
+SHAPES = [(1, False), (2, False), (10, False), (60, False), (86400, False), (604800, False),
+          (60, True), (86400, True)]
 
 
 # Examples per machine and backend: the whole file stays well under a minute on two cores.
@@ -629,3 +635,243 @@ class SettleMachine(Clocked):
 def test_settle_moves_the_charged_slot(make_backend: Callable[[], Backend]) -> None:
     run_state_machine_as_test(lambda: SettleMachine(make_backend()),
                               settings=machine_settings(EXAMPLES))
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Calendar months, longer windows and shadow layers
+
+DAY_US = 86_400 * 10**6
+
+
+def utc_month(t: int) -> tuple[int, int, int]:
+    """(year * 12 + month - 1, start µs, end µs), from datetime: the reference for "m"."""
+    moment = datetime.fromtimestamp(t // 10**6, UTC)
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    end = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+    return (moment.year * 12 + moment.month - 1, int(start.timestamp()) * 10**6,
+            int(end.timestamp()) * 10**6)
+
+
+# Just before a month ends: February of leap and non-leap years (2100 is not one), 30- and
+# 31-day months, the turn of a year.
+MONTH_ENDS = st.builds(
+    lambda year, month, back: utc_month(int(datetime(year, month, 1, tzinfo=UTC).timestamp())
+                                        * 10**6)[2] - back,
+    st.sampled_from([2000, 2023, 2024, 2025, 2099, 2100]), st.integers(1, 12),
+    st.integers(0, 3 * DAY_US))
+
+
+def test_month_bounds_is_the_calendar() -> None:
+    for t in [0, 951_782_400 * 10**6 - 1, 951_782_400 * 10**6, 4_107_542_400 * 10**6 - 1,
+              1_709_164_800 * 10**6, 1_735_689_600 * 10**6 - 1]:
+        assert month_bounds(t) == utc_month(t)
+    for year, days in ((2100, 28), (2000, 29), (2024, 29), (2023, 28)):
+        _, start, end = month_bounds(int(datetime(year, 2, 15, tzinfo=UTC).timestamp()) * 10**6)
+        assert (end - start) // DAY_US == days
+
+
+def month_plan(limit: int, usd: int, mode: str = "enforce") -> CompiledPlan:
+    plan = Plan("p", burst=10**9, refill_per_second=1e9, budget_usd_per_month=usd / 1e6,
+                quotas=(Window(limit, MONTH, f"{limit} per month", calendar=True),), mode=mode)
+    return compile_plan(plan, llm=True)
+
+
+class MonthMachine(Clocked):
+    """A month quota and a month budget against exact per-month totals from datetime."""
+
+    unit_us = DAY_US
+    length_us = 31 * DAY_US
+
+    @initialize(limit=st.integers(1, 8), usd=st.integers(10, 400), start=MONTH_ENDS)
+    def setup(self, limit: int, usd: int, start: int) -> None:
+        self.compiled = month_plan(limit, usd)
+        assert [layer.kind for layer in self.compiled.layers] == ["b", "m", "m"]
+        self.keys = [PREFIX + s for s in self.compiled.suffixes]
+        self.limits = (limit, usd)
+        # Each month key as the scripts keep it: (month it counts, count, expires at µs).
+        self.stored: dict[int, tuple[int, int, int]] = {}
+        self.pending: list[tuple[int, int]] = []          # (charged at, usd reserved)
+        self.b.now_us = start
+
+    @rule(off=st.integers(-2, 2))
+    def to_month_edge(self, off: int) -> None:
+        target = utc_month(self.now)[2] + off
+        if target > self.now:
+            self.b.now_us = target
+
+    def used(self, layer: int, t: int) -> int:
+        month, count, expires = self.stored.get(layer, (-1, 0, 0))
+        return count if month == utc_month(t)[0] and t < expires else 0
+
+    @rule(cost=st.integers(1, 3), usd=st.integers(0, 150))
+    def request(self, cost: int, usd: int) -> None:
+        t, args = self.now, with_costs(self.compiled, {1: cost, 2: usd})
+        month, _, end = utc_month(t)
+        reply = self.b.acquire(self.keys, args)
+        fits = [self.used(i + 1, t) + c <= n for i, (c, n) in
+                enumerate(zip((cost, usd), self.limits, strict=True))]
+        assert reply[0] == all(fits), (fits, reply)
+        if reply[0]:
+            for i, c in ((1, cost), (2, usd)):
+                if c > 0:   # a cost of 0 writes nothing
+                    ttl_ms = -(-(end - t) // 1000) + 1000
+                    self.stored[i] = (month, self.used(i, t) + c, t + ttl_ms * 1000)
+            self.pending.append((t, usd))
+            assert remainings(reply)[1:] == [self.limits[0] - self.used(1, t),
+                                             self.limits[1] - self.used(2, t)]
+            assert reply[7] == end - t   # the quota's reset: 00:00 UTC on the next 1st
+            return
+        if cost > self.limits[0] or usd > self.limits[1]:
+            assert reply[2] == -1
+            return
+        # Exactly the first µs of next month, 00:00 UTC on the 1st: not one µs earlier.
+        assert reply[2] == end - t
+        assert self.probe(end, self.keys, args)[0] == 1
+        assert self.probe(end - 1, self.keys, args)[0] == 0
+
+    @precondition(lambda self: self.pending)
+    @rule(pick=st.integers(0, 100), actual=st.integers(0, 200))
+    def settle(self, pick: int, actual: int) -> None:
+        at, reserved = self.pending.pop(pick % len(self.pending))
+        layer = self.compiled.layers[2]
+        call = SettleCall(at)   # as Reservation sends it: the month named by the acquire's now
+        call.add(self.keys[2], layer.kind, layer.param, actual - reserved)
+        self.b.settle(call.keys, call.args)
+        month, count, expires = self.stored.get(2, (-1, 0, 0))
+        # Only the charged month's count moves: a month that has ended gives nothing back.
+        if month == utc_month(at)[0] and self.now < expires:
+            self.stored[2] = (month, max(0, count + actual - reserved), expires)
+            event("month settle: applied")
+
+    @rule()
+    def peek(self) -> None:
+        reply = self.b.acquire(self.keys, with_costs(self.compiled, {1: 0, 2: 0}))
+        assert remainings(reply)[1:] == [max(0, n - self.used(i + 1, self.now))
+                                         for i, n in enumerate(self.limits)]
+
+
+def test_month_counts_the_calendar_month(make_backend: Callable[[], Backend]) -> None:
+    run_state_machine_as_test(lambda: MonthMachine(make_backend()),
+                              settings=machine_settings(EXAMPLES))
+
+
+class LongAgreementMachine(RuleBasedStateMachine):
+    """Week and month quotas, tokens per day, dollars per month, enforcing or shadow: one
+    sequence on memory:// and on the Lua, every reply equal, settles as Engine sends them."""
+
+    def __init__(self, memory: ClockedMemory, valkey: ClockedValkey, mode: str) -> None:
+        super().__init__()
+        self.backends: tuple[Backend, Backend] = (memory, valkey)
+        self.mode = mode
+        self.reserved: list[tuple[int, dict[int, int]]] = []
+
+    @initialize(week=st.integers(1, 10), month=st.integers(1, 20), tokens=st.integers(10, 300),
+                usd=st.integers(100, 3000), start=MONTH_ENDS)
+    def setup(self, week: int, month: int, tokens: int, usd: int, start: int) -> None:
+        plan = Plan("p", burst=10**9, refill_per_second=1e9, mode=self.mode,
+                    quotas=(Window(week, 604800, f"{week} per week"),
+                            Window(month, MONTH, f"{month} per month", calendar=True)),
+                    tokens_per_day=tokens, budget_usd_per_month=usd / 1e6)
+        self.compiled = compile_plan(plan, llm=True)
+        self.layers = self.compiled.layers
+        assert [(x.kind, x.name) for x in self.layers] == [
+            ("b", "user"), ("w", "quota-week"), ("m", "quota-month"), ("W", "tokens-day"),
+            ("m", "usd-month")]
+        assert all(x.shadow == (self.mode == "shadow") for x in self.layers)
+        self.keys = [PREFIX + s for s in self.compiled.suffixes]
+        for b in self.backends:
+            b.now_us = start
+
+    @property
+    def now(self) -> int:
+        return self.backends[0].now_us
+
+    def acquire(self, args: list[bytes]) -> list[int]:
+        mem, lua = (b.acquire(self.keys, args) for b in self.backends)
+        assert mem == lua
+        return mem
+
+    @rule(n=st.integers(0, 30), unit=st.sampled_from([1, 10**6, 3600 * 10**6, DAY_US,
+                                                       7 * DAY_US]))
+    def advance(self, n: int, unit: int) -> None:
+        for b in self.backends:
+            b.now_us += n * unit
+
+    @rule(off=st.integers(-2, 2))
+    def to_month_edge(self, off: int) -> None:
+        target = utc_month(self.now)[2] + off
+        if target > self.now:
+            for b in self.backends:
+                b.now_us = target
+
+    @rule(cost=st.integers(1, 3), tokens=st.integers(1, 150), usd=st.integers(0, 2000))
+    def reserve(self, cost: int, tokens: int, usd: int) -> None:
+        costs = {1: cost, 2: cost, 3: tokens, 4: usd}
+        reply = self.acquire(with_costs(self.compiled, costs))
+        if self.mode == "shadow":
+            assert reply[0] == 1, "a shadow layer refused"
+        if reply[0] == 1:
+            # As Engine.reserve: a shadow layer that would have refused was not charged.
+            charged = {i: c for i, c in costs.items() if remainings(reply)[i] >= 0}
+            self.reserved.append((reply[3], charged))
+
+    @rule()
+    def peek(self) -> None:
+        self.acquire(with_costs(self.compiled, {1: 0, 2: 0, 3: 0, 4: 0}))
+
+    @precondition(lambda self: self.reserved)
+    @rule(pick=st.integers(0, 100), tokens=st.integers(0, 200), usd=st.integers(0, 3000),
+          refund=st.booleans())
+    def settle(self, pick: int, tokens: int, usd: int, refund: bool) -> None:
+        """Reservation.settle (tokens and dollars to what was used) or refund_everything."""
+        at, charged = self.reserved.pop(pick % len(self.reserved))
+        call = SettleCall(at)
+        actual = {1: 0, 2: 0, 3: 0, 4: 0} if refund else {3: tokens, 4: usd}
+        for i, amount in charged.items():
+            if i in actual and actual[i] != amount:
+                call.add(self.keys[i], self.layers[i].kind, self.layers[i].param,
+                         actual[i] - amount)
+        for b in self.backends:
+            b.settle(call.keys, call.args)
+
+
+@pytest.mark.parametrize("mode", ["enforce", "shadow"])
+def test_longer_windows_agree(r: redis.Redis, mode: str) -> None:
+    run_state_machine_as_test(lambda: LongAgreementMachine(ClockedMemory(), ClockedValkey(r),
+                                                           mode),
+                              settings=machine_settings(EXAMPLES, steps=50))
+
+
+def test_shadow_layer_never_refuses_and_counts_what_it_admits(
+        make_backend: Callable[[], Backend]) -> None:
+    """A refusal by an enforcing layer charges nothing, the shadow layers included; a shadow
+    layer that would refuse lets the request through uncounted, the enforcing ones count it."""
+    b = make_backend()
+    b.now_us = 1_709_000_000_000_000
+    shadow = replace(window("quota-day", "q86400", 2, 86400, "fail_closed"), shadow=True)
+    enforcing = window("quota-minute", "q60", 3, 60, "fail_closed")
+    compiled = compile_plan(None, (shadow, enforcing))
+    assert compiled.args[0] == b"w?" and compiled.shadow
+    keys = [PREFIX + "s", PREFIX + "e"]
+    replies = [b.acquire(keys, list(compiled.args)) for _ in range(4)]
+    assert [x[0] for x in replies] == [1, 1, 1, 0]
+    assert [remainings(x) for x in replies[:3]] == [[1, 2], [0, 1], [-1, 0]]
+    assert replies[3][1] == 2 and remainings(replies[3]) == [-1, 0]
+    decision = from_reply(compiled, AcquireReply.parse(replies[2]))
+    assert [s.remaining for s in decision.states] == [0, 0]
+    assert [s.layer.name for s in decision.would_refuse] == ["quota-day"]
+    assert not decision.charged(shadow) and decision.charged(enforcing)
+    peek = b.acquire(keys, list(compile_plan(None, (shadow, enforcing), cost=0).args))
+    assert remainings(peek) == [0, 0]   # the day counted 2, the minute 3: no more
+
+
+def test_month_headers_say_this_month(r: redis.Redis) -> None:
+    b = ClockedValkey(r, now_us=int(datetime(2024, 2, 10, 6, tzinfo=UTC).timestamp()) * 10**6)
+    compiled = month_plan(5, 1000)
+    reply = AcquireReply.parse(b.acquire([PREFIX + s for s in compiled.suffixes],
+                                         with_costs(compiled, {1: 1, 2: 10})))
+    headers = rate_limit_headers(from_reply(compiled, reply))
+    assert '"quota-month";q=5;w=2505600' in headers["RateLimit-Policy"]    # 29 days
+    assert '"usd-month";q=1000;w=2505600' in headers["RateLimit-Policy"]
+    until_march = (20 * 24 - 6) * 3600   # Feb 10, 06:00 to Mar 1, 00:00 UTC
+    assert f'"quota-month";r=4;t={until_march}' in headers["RateLimit"]

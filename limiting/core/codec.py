@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .windows import month_bounds
+
 ACQUIRE_ARGS = 4      # kind, a, b, cost
 SETTLE_ARGS = 3       # kind, b, delta
 REPLY_HEAD = 4        # allowed, refusing layer, wait_us, now_us
@@ -37,6 +39,8 @@ class LayerArgs(Protocol):
     @property
     def kind(self) -> str: ...
     @property
+    def code(self) -> str: ...   # the kind as the script reads it ("?": a shadow layer)
+    @property
     def limit(self) -> float: ...
     @property
     def param(self) -> float: ...
@@ -56,7 +60,7 @@ def template_args(layers: Iterable[LayerArgs], cost: int) -> tuple[bytes, ...]:
     out: list[bytes] = []
     for layer in layers:
         charge = ("-" if cost == 0 else "") if layer.kind == "c" else str(cost)
-        out += layer_args(layer.kind, layer.limit, layer.param, charge)
+        out += layer_args(layer.code, layer.limit, layer.param, charge)
     return tuple(out)
 
 
@@ -117,7 +121,7 @@ class AcquireCall:
         """Every layer charged this request's cost in its unit."""
         args: list[bytes] = []
         for layer in layers:
-            args += layer_args(layer.kind, layer.limit, layer.param, costs.arg(layer.unit))
+            args += layer_args(layer.code, layer.limit, layer.param, costs.arg(layer.unit))
         return cls(keys, args)
 
     def join(self, other: AcquireCall) -> AcquireCall:
@@ -193,7 +197,8 @@ class AcquireReply:
 class SettleCall:
     """One settle.lua call: corrections to the layers an acquire at ``charged_at`` charged.
 
-    Kinds: "w"/"W" add ``delta`` units to the charged slot (b = window in µs); "b" puts
+    Kinds: "w"/"W" add ``delta`` units to the charged slot (b = window in µs); "m" to the
+    count of the month charged, if it still is the stored one (b = that month); "b" puts
     tokens back into a bucket (b = capacity); "c" releases the lease ``delta``; "r" renews
     it (b = the lease TTL in µs)."""
 
@@ -202,6 +207,10 @@ class SettleCall:
     items: list[tuple[str, float, str | float]] = field(default_factory=list)
 
     def add(self, key: str, kind: str, b: float, delta: str | float) -> None:
+        if kind == "m":
+            # A month count names the month charged (the acquire's, by the store's clock),
+            # so settle.lua need not know the calendar.
+            b = month_bounds(self.charged_at)[0]
         self.keys.append(key)
         self.items.append((kind, b, delta))
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from .codec import AcquireReply
-from .layers import CompiledPlan, Layer
+from .layers import CompiledPlan, Layer, policy_header
 
 
 @dataclass(slots=True)  # not frozen: built on every request, and frozen __init__ is slower
@@ -26,6 +26,8 @@ class Decision:
     policy_header: str = ""
     unavailable: bool = False     # the store was away and a fail_closed layer refused
     degraded: bool = False        # decided without the shared store (failed open, or local)
+    # Shadow layers that would have refused this request had they enforced (it passed them).
+    would_refuse: tuple[LayerState, ...] = ()
 
     @property
     def retry_after(self) -> int:
@@ -33,6 +35,10 @@ class Decision:
         if self.wait is None:
             return 0
         return max(1, math.ceil(self.wait))
+
+    def charged(self, layer: Layer) -> bool:
+        """Did the call charge ``layer`` (not a shadow layer that would have refused)?"""
+        return not any(s.layer is layer for s in self.would_refuse)
 
     @property
     def tightest(self) -> LayerState | None:
@@ -49,10 +55,37 @@ def from_reply(compiled: CompiledPlan, reply: AcquireReply) -> Decision:
     states = tuple(LayerState(layer, remaining, reset / 1e6)
                    for layer, (remaining, reset) in zip(compiled.layers, reply.states,
                                                         strict=False))
+    header = compiled.policy_header
+    would: tuple[LayerState, ...] = ()
+    if compiled.calendar:
+        header = policy_header(compiled.layers, reply.now_us)
+    if compiled.shadow:
+        states, would = shadowed(states)
     if reply.allowed:
-        return Decision(True, states, policy_header=compiled.policy_header)
+        return Decision(True, states, policy_header=header, would_refuse=would)
     wait = None if reply.wait_us < 0 else reply.wait_us / 1e6
-    return Decision(False, states, states[reply.refused - 1], wait, compiled.policy_header)
+    return Decision(False, states, states[reply.refused - 1], wait, header, would_refuse=would)
+
+
+def shadow_over(layers: tuple[Layer, ...], states: list[tuple[int, int]]
+                ) -> tuple[LayerState, ...]:
+    """The shadow layers among ``layers`` (a model's guard) that would have refused, from the
+    script's (remaining, reset_us) for them."""
+    return tuple(LayerState(layer, remaining, reset / 1e6)
+                 for layer, (remaining, reset) in zip(layers, states, strict=False)
+                 if remaining < 0)
+
+
+def shadowed(states: tuple[LayerState, ...]
+             ) -> tuple[tuple[LayerState, ...], tuple[LayerState, ...]]:
+    """(states as headers show them, the shadow layers that would have refused).
+
+    The script marks a shadow layer that would have refused with a remaining below 0 (what
+    it would hold had it counted the request); headers show 0."""
+    would = tuple(s for s in states if s.remaining < 0)
+    if not would:
+        return states, ()
+    return tuple(LayerState(s.layer, max(0, s.remaining), s.reset) for s in states), would
 
 
 def store_away(compiled: CompiledPlan) -> Decision:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 from .codec import num_arg, template_args
 from .policy import FailMode, Plan
+from .windows import MONTH, month_bounds
 
 
 @dataclass(frozen=True, slots=True)
 class Layer:
     name: str         # what a 429 body calls it: "user", "quota-day", ...
-    kind: str         # "f" edge fixed window, "b" token bucket, "w"/"W" sliding window
+    kind: str         # "f" edge fixed window, "b" token bucket, "w"/"W" sliding window,
+                      # "m" calendar month
     suffix: str       # key suffix after the user's prefix ("" for the edge: keyed by IP)
     limit: float      # bucket capacity or window limit
     param: float      # refill per second, or window length in microseconds
@@ -21,6 +24,13 @@ class Layer:
     # What one unit of this layer is: "requests", "tokens", "input_tokens", "output_tokens",
     # "usd_micros", "leases" or "pace". A request's cost and its settle follow the unit.
     unit: str = "requests"
+    # Decided, counted and reported, but never refuses (a plan's or model's mode = "shadow").
+    shadow: bool = False
+
+    @property
+    def code(self) -> str:
+        """The kind as the acquire script reads it: a trailing "?" marks a shadow layer."""
+        return self.kind + "?" if self.shadow else self.kind
 
 
 def bucket(name: str, suffix: str, capacity: float, per_second: float, fail: FailMode) -> Layer:
@@ -37,6 +47,13 @@ def window(name: str, suffix: str, limit: float, seconds: int, fail: FailMode,
     """A strict sliding window; anything but requests is counted in 8-byte slots ("W")."""
     kind = "w" if unit == "requests" else "W"
     return Layer(name, kind, suffix, limit, seconds * 1_000_000, seconds, fail, unit)
+
+
+def month(name: str, suffix: str, limit: float, fail: FailMode,
+          unit: str = "requests") -> Layer:
+    """A count per calendar month in UTC, from 00:00 on the 1st (the script finds the month
+    from the store's clock; its w= in RateLimit-Policy is that month's length)."""
+    return Layer(name, "m", suffix, limit, 1, MONTH, fail, unit)
 
 
 # Units whose charge is a per-request estimate that the settle corrects; request counts stay.
@@ -56,12 +73,21 @@ class CompiledPlan:
     fail_closed: bool              # does any layer refuse while the store is away?
     # (index, unit) of the LLM layers and leases, whose cost each request sets
     per_call: tuple[tuple[int, str], ...] = ()
+    shadow: bool = False           # a layer may report "would refuse" (negative remaining)
+    calendar: bool = False         # a month layer: RateLimit-Policy's w= depends on the date
 
 
 def request_layers(plan: Plan) -> tuple[Layer, ...]:
     layers = [bucket("user", "b", plan.burst, plan.refill_per_second, plan.fail_rate)]
-    layers += [window(q.name, f"q{q.seconds}", q.amount, q.seconds, plan.fail_quota)
+    layers += [month(q.name, "qmonth", q.amount, plan.fail_quota) if q.calendar
+               else window(q.name, f"q{q.seconds}", q.amount, q.seconds, plan.fail_quota)
                for q in plan.quotas]
+    return _moded(plan, layers)
+
+
+def _moded(plan: Plan, layers: Iterable[Layer]) -> tuple[Layer, ...]:
+    if plan.mode == "shadow":
+        return tuple(replace(layer, shadow=True) for layer in layers)
     return tuple(layers)
 
 
@@ -75,15 +101,20 @@ def llm_layers(plan: Plan) -> tuple[Layer, ...]:
             ("output-tokens-minute", "to60", plan.output_tokens_per_minute, "output_tokens")):
         if limit:
             layers.append(window(name, suffix, limit, 60, fail, unit))
+    if plan.tokens_per_day:
+        layers.append(window("tokens-day", "t86400", plan.tokens_per_day, 86400, fail, "tokens"))
     if plan.budget_usd_per_day:
         # Micro-dollars: whole numbers in the script, exact to a millionth of a dollar.
         layers.append(window("usd-day", "usd86400", round(plan.budget_usd_per_day * 1e6), 86400,
                              fail, "usd_micros"))
+    if plan.budget_usd_per_month:
+        layers.append(month("usd-month", "usdmonth", round(plan.budget_usd_per_month * 1e6),
+                            fail, "usd_micros"))
     if plan.max_concurrent:
         ttl = plan.lease_ttl_seconds
         layers.append(Layer("concurrent", "c", "cc", plan.max_concurrent, ttl * 1_000_000, ttl,
                             fail, "leases"))
-    return tuple(layers)
+    return _moded(plan, layers)
 
 
 def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1,
@@ -103,9 +134,21 @@ def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1
         edge_count=len(edges),
         suffixes=tuple(layer.suffix for layer in own),
         args=template_args(layers, cost),
-        policy_header=", ".join(f'"{layer.name}";q={num_arg(layer.limit)};w={layer.window}'
-                                for layer in layers),
+        policy_header=policy_header(layers),
         fail_closed=any(layer.fail == "fail_closed" for layer in layers),
         per_call=tuple((i, layer.unit) for i, layer in enumerate(layers)
                        if layer.unit == "leases" or layer.unit in ESTIMATED_UNITS),
+        shadow=any(layer.shadow for layer in layers),
+        calendar=any(layer.kind == "m" for layer in layers),
     )
+
+
+def policy_header(layers: Iterable[Layer], now_us: int | None = None) -> str:
+    """RateLimit-Policy for ``layers``; a month layer's w= is the length of the month that
+    holds ``now_us`` (the store's clock at the call), else the longest a month can be."""
+    month_s = MONTH
+    if now_us is not None:
+        _, start, end = month_bounds(now_us)
+        month_s = (end - start) // 1_000_000
+    return ", ".join(f'"{layer.name}";q={num_arg(layer.limit)};'
+                     f'w={month_s if layer.kind == "m" else layer.window}' for layer in layers)

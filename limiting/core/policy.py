@@ -13,15 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
-
-from limits import parse_many
-from limits.errors import ConfigurationError as LimitsConfigurationError
+from typing import Any, Literal
 
 from .lease import RENEW_EVERY
 from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
 from .policy_reader import PolicyError as PolicyError
 from .policy_reader import TableReader
+from .windows import Window as Window  # re-exported: plans hold them
+from .windows import parse_window
 
 log = logging.getLogger("limiter.policy")
 _WARNED_REMOVED: set[tuple[str, str]] = set()
@@ -29,21 +28,8 @@ _WARNED_REMOVED: set[tuple[str, str]] = set()
 # The built-in model, answered in this process: the demo needs no provider account.
 ECHO = "echo"
 
-_UNIT_NAMES = {1: "second", 60: "minute", 3600: "hour", 86400: "day", 2592000: "month"}
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """At most ``amount`` units in any window of ``seconds`` (a strict sliding window)."""
-
-    amount: int
-    seconds: int
-    text: str
-
-    @property
-    def name(self) -> str:
-        unit = _UNIT_NAMES.get(self.seconds)
-        return f"quota-{unit}" if unit else f"quota-{self.seconds}s"
+Mode = Literal["enforce", "shadow"]
+MODES: tuple[Mode, ...] = ("enforce", "shadow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,18 +43,23 @@ class Plan:
     output_tokens_per_minute: int | None = None
     max_concurrent: int | None = None
     budget_usd_per_day: float | None = None
+    tokens_per_day: int | None = None            # a strict sliding day, as budget_usd_per_day
+    budget_usd_per_month: float | None = None    # the calendar month in UTC, as "N per month"
     default_max_tokens: int = 1024
     lease_ttl_seconds: int = 60    # a killed worker's lease frees itself after this
     # Paid quotas fail closed by default: an outage must not become free usage.
     fail_rate: FailMode = "fail_open"
     fail_quota: FailMode = "fail_closed"
+    # "shadow": every layer of the plan is decided, counted and reported, never refuses.
+    mode: Mode = "enforce"
 
     @property
     def meters_units(self) -> bool:
         """Does this plan limit tokens, dollars or requests in flight (not just requests)?"""
         return bool(self.tokens_per_minute or self.input_tokens_per_minute
                     or self.output_tokens_per_minute or self.budget_usd_per_day
-                    or self.max_concurrent)
+                    or self.max_concurrent or self.tokens_per_day
+                    or self.budget_usd_per_month)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +90,9 @@ class ModelPolicy:
     max_hold_seconds: float = 60.0
     # Tokens reserved per image: what the provider may bill for one (see core/llm.py).
     image_tokens: int = 1600
+    # "shadow": the guard's own windows (requests/tokens per minute) never refuse; the
+    # provider's learnt pacing still holds, as the provider itself would refuse.
+    mode: Mode = "enforce"
 
     @property
     def priced(self) -> bool:
@@ -147,17 +141,12 @@ class Policy:
 _PROVIDERS = ("openai", "anthropic", ECHO)
 
 
-def _window(reader: TableReader, key: str, text: str) -> Window:
+def _window(reader: TableReader, key: str, text: str, own_units: bool = True) -> Window:
     try:
-        items = parse_many(text)
-    except (LimitsConfigurationError, ValueError) as exc:
-        reader.fail(key, f"{text!r} is not a rate like '100 per day' ({exc})")
-    if len(items) != 1:
-        reader.fail(key, f"{text!r} must be exactly one rate")
-    item = items[0]
-    if item.amount < 1:
-        reader.fail(key, f"{text!r} must allow at least 1")
-    return Window(amount=item.amount, seconds=item.get_expiry(), text=text)
+        return parse_window(text, own_units)
+    except ValueError as exc:
+        reader.fail(key, str(exc))
+        raise   # unreachable: fail raises
 
 
 def _windows(r: TableReader, key: str) -> tuple[Window, ...]:
@@ -167,7 +156,7 @@ def _windows(r: TableReader, key: str) -> tuple[Window, ...]:
         if not isinstance(text, str):
             r.fail(f"{key}[{i}]", f"must be a string like '100 per day', got {text!r}")
         out.append(_window(r, f"{key}[{i}]", text))
-    seconds = [w.seconds for w in out]
+    seconds = [(w.seconds, w.calendar) for w in out]
     if len(set(seconds)) != len(seconds):
         r.fail(key, "two quotas share one window length; keep the tighter one")
     return tuple(out)
@@ -186,10 +175,13 @@ def _plan(source: str, name: str, table: Any) -> Plan:
         output_tokens_per_minute=r.positive("output_tokens_per_minute"),
         max_concurrent=r.positive("max_concurrent"),
         budget_usd_per_day=r.positive("budget_usd_per_day", (int, float)),
+        tokens_per_day=r.positive("tokens_per_day"),
+        budget_usd_per_month=r.positive("budget_usd_per_month", (int, float)),
         default_max_tokens=r.positive("default_max_tokens", default=1024),
         lease_ttl_seconds=r.positive("lease_ttl_seconds", default=60),
         fail_rate=r.fail_mode("fail_rate", "fail_open"),
         fail_quota=r.fail_mode("fail_quota", "fail_closed"),
+        mode=_mode(r),
     )
     if plan.lease_ttl_seconds < 2 * RENEW_EVERY:
         # A lease renewed every RENEW_EVERY s must survive one late renewal.
@@ -219,9 +211,17 @@ def _model(source: str, name: str, table: Any) -> ModelPolicy:
         aliases=_aliases(r),
         max_hold_seconds=float(r.positive("max_hold_seconds", (int, float), default=60.0)),
         image_tokens=r.positive("image_tokens", default=1600),
+        mode=_mode(r),
     )
     r.done()
     return model
+
+
+def _mode(r: TableReader) -> Mode:
+    value = r.get("mode", str, "enforce")
+    if value not in MODES:
+        r.fail("mode", f"must be one of {', '.join(MODES)}, got {value!r}")
+    return value  # type: ignore[no-any-return]
 
 
 def _price(r: TableReader, key: str) -> float | None:
@@ -271,7 +271,9 @@ def _alias_map(source: str, models: Mapping[str, ModelPolicy]) -> dict[str, str]
 def _check_budgets(source: str, plans: Mapping[str, Plan],
                    models: Mapping[str, ModelPolicy]) -> None:
     """A dollar budget is only as good as the prices: an unpriced model would spend it free."""
-    budgets = [name for name, plan in plans.items() if plan.budget_usd_per_day]
+    budgets = [(name, "budget_usd_per_day" if plan.budget_usd_per_day
+                else "budget_usd_per_month") for name, plan in plans.items()
+               if plan.budget_usd_per_day or plan.budget_usd_per_month]
     if not budgets:
         return
     for name, model in models.items():
@@ -279,7 +281,7 @@ def _check_budgets(source: str, plans: Mapping[str, Plan],
             missing = "input_usd_per_million" if model.input_usd_per_million is None \
                 else "output_usd_per_million"
             raise PolicyError(f'{source}: models."{name}".{missing}: is required while '
-                              f"plans.{budgets[0]} has budget_usd_per_day (an unpriced model "
+                              f"plans.{budgets[0][0]} has {budgets[0][1]} (an unpriced model "
                               "would spend the budget for free)")
 
 
@@ -292,7 +294,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     for i, text in enumerate(per_ip):
         if not isinstance(text, str):
             edge.fail(f"per_ip[{i}]", f"must be a string like '20 per 10 seconds', got {text!r}")
-        _window(edge, f"per_ip[{i}]", text)
+        _window(edge, f"per_ip[{i}]", text, own_units=False)   # Flask-Limiter reads these
     fail_edge = edge.fail_mode("fail", "fail_open")
     edge.done()
 
@@ -371,6 +373,8 @@ def per_worker(policy: Policy, workers: int) -> Policy:
             output_tokens_per_minute=share(plan.output_tokens_per_minute),
             max_concurrent=share(plan.max_concurrent),
             budget_usd_per_day=share(plan.budget_usd_per_day),
+            tokens_per_day=share(plan.tokens_per_day),
+            budget_usd_per_month=share(plan.budget_usd_per_month),
         )
         for name, plan in policy.plans.items()
     }

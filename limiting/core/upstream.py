@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -39,6 +40,9 @@ def guard_layers(name: str, model: ModelPolicy | None) -> tuple[Layer, ...]:
     if model is not None and model.tokens_per_minute:
         layers.append(window("upstream-tokens", "tpm", model.tokens_per_minute, 60, "fail_open",
                              "tokens"))
+    if model is not None and model.mode == "shadow":
+        # Our own windows only: the pacing learnt from the provider holds what it would refuse.
+        layers = [replace(layer, shadow=True) for layer in layers]
     in_process = model.provider == ECHO if model is not None else name == ECHO
     if not in_process:
         layers.append(Layer("upstream-pace", "p", "pace", 0, 0, 60, "fail_open", "pace"))

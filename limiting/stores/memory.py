@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from ..core.codec import AcquireReply, decode_acquire, decode_settle
+from ..core.windows import month_bounds
 from .store import ScriptArgs, StoreUnavailable
 
 SLOTS = 61
@@ -44,6 +45,9 @@ class MemoryStore:
             worst_wait, worst_layer = 0.0, 0
             for i, (key, call) in enumerate(zip(keys, decode_acquire(args), strict=True)):
                 kind, a, b = call.kind, call.a, call.b
+                shadow = kind.endswith("?")   # as acquire.lua: decided, never refusing
+                if shadow:
+                    kind = kind[:-1]
                 state = self._get(key, now)
                 if kind == "c":
                     remaining, reset, wait, write = _leases(state, now, a, b, call.cost)
@@ -52,8 +56,13 @@ class MemoryStore:
                     remaining, reset, wait, write, cost = 0, 0, 0.0, None, 0.0
                 else:
                     cost = call.units
-                    step = _bucket if kind == "b" else _window
+                    step = _bucket if kind == "b" else _month if kind == "m" else _window
                     remaining, reset, wait, write = step(state, now, a, b, cost)
+                over = shadow and wait != 0
+                if over:
+                    # As acquire.lua: passed uncounted; a remaining below 0 tells the caller.
+                    counted = cost if kind in ("b", "w", "W", "m") else 0.0
+                    remaining, wait, write = min(remaining - counted, -1), 0.0, None
                 if write is not None:
                     writes.append((key, write[0], write[1]))
                     charged.append((i, cost))
@@ -61,7 +70,8 @@ class MemoryStore:
                     worst_wait, worst_layer = -1, i + 1
                 elif wait > 0 and worst_wait >= 0 and wait > worst_wait:
                     worst_wait, worst_layer = wait, i + 1
-                reply.states.append((max(0, math.floor(remaining)), max(0, math.ceil(reset))))
+                held = math.floor(remaining) if over else max(0, math.floor(remaining))
+                reply.states.append((held, max(0, math.ceil(reset))))
             if worst_layer:
                 reply.allowed, reply.refused = False, worst_layer
                 reply.wait_us = math.ceil(worst_wait)
@@ -103,6 +113,10 @@ class MemoryStore:
                 delta = float(value)
                 if kind == "b":
                     state[1] = max(0.0, min(b, state[1] - delta))
+                    continue
+                if kind == "m":
+                    if state[1] == b:   # the month charged: an ended month gives nothing
+                        state[2] = max(0.0, state[2] + delta)
                     continue
                 slot = b / 60
                 idx = math.floor(charged_at / slot)
@@ -146,6 +160,18 @@ def _leases(state: list[Any] | None, now: int, most: float, ttl_us: float, lease
         return most - len(held), first, 0.0, (["c", held], ttl_us + 1e6)
     # As acquire.lua: the latest a slot frees is when the soonest lease runs out its TTL.
     return most - len(held), first, max(1e6, first), None
+
+
+def _month(state: list[Any] | None, now: int, limit: float, _: float, cost: float
+           ) -> tuple[float, float, float, tuple[list[Any], float] | None]:
+    month, _start, stop = month_bounds(now)
+    total = state[2] if state is not None and state[1] == month else 0.0
+    if total + cost <= limit:
+        total += cost
+        write = (["m", month, total], math.ceil((stop - now) / 1000) * 1000 + 1e6)
+        return limit - total, stop - now if total > 0 else 0.0, 0.0, write
+    wait = -1.0 if cost > limit else float(stop - now)
+    return limit - total, stop - now if total > 0 else 0.0, wait, None
 
 
 def _window(state: list[Any] | None, now: int, limit: float, length_us: float, cost: float

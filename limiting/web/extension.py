@@ -219,6 +219,8 @@ class RateLimiter:
 def _record(decision: Decision, user: str, started: float) -> None:
     """Every outcome counted; refusals and fail-policy decisions logged as JSON."""
     metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+    if decision.would_refuse and decision.allowed:
+        _would_refuse(decision, user)
     if decision.allowed and not decision.degraded:
         metrics.ALLOWED.inc()
         return
@@ -247,6 +249,13 @@ def _record_guard(refusal: GuardRefused, user: str, started: float) -> None:
         metrics.GUARD_REFUSALS.labels(refusal.model).inc()
     metrics.DECISIONS.labels(layer, "refused").inc()
     logs.event("refused", user=user, layer=layer, retry_after=retry)
+
+
+def _would_refuse(decision: Decision, user: str) -> None:
+    """Shadow layers that would have refused this admitted request: metered and logged."""
+    for state in decision.would_refuse:
+        metrics.WOULD_REFUSE.labels(state.layer.name).inc()
+        logs.event("would_refuse", user=user, layer=state.layer.name, over=-state.remaining)
 
 
 def current_limiter() -> RateLimiter:
