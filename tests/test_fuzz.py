@@ -32,36 +32,14 @@ from werkzeug.test import TestResponse
 
 from app import MAX_BODY_BYTES, create_app
 from tests.conftest import write_policy
+from tests.policies import LOADED, plan, policy, served_by
 
-POLICY = """
-[store]
-timeout_ms = 2000            # a loaded CI box must not turn into store-unavailable answers
-
-[edge]
-per_ip = ["1000000 per 10 seconds"]
-
-[defaults]
-plan = "roomy"
-
-[plans.roomy]
-burst = 1000000
-refill_per_second = 100000
-quotas = ["100000000 per day"]
-tokens_per_minute = 1000000000
-default_max_tokens = 64
-
-[plans.pro]
-burst = 1000000
-refill_per_second = 100000
-default_max_tokens = 32
-
-[users]
-"test-user-1" = "roomy"
-
-[models."gpt-4o-mini"]
-provider = "openai"
-requests_per_minute = 1000000
-"""
+POLICY = policy(
+    store=LOADED, per_ip="1000000 per 10 seconds", default="roomy", users={"test-user-1": "roomy"},
+    plans={"roomy": plan(1000000, 100000, "100000000 per day", tokens_per_minute=1000000000,
+                         default_max_tokens=64),
+           "pro": plan(1000000, 100000, default_max_tokens=32)},
+    models={"gpt-4o-mini": served_by("openai", requests_per_minute=1000000)})
 
 ADMIN_TOKEN = "adm-Zq7wX3pL9vK2mN8rT4yB6cD1fG5hJ0s"   # distinctive, so a leak is unambiguous
 ENV_UNSET = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ADMIN_TOKEN", "REQUIRE_API_KEY",
