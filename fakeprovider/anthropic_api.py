@@ -17,17 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .dialect import (
-    BadRequest,
-    Dialect,
-    bearer_token,
-    dumps,
-    optional_bool,
-    optional_positive_int,
-    random_id,
-    require_messages,
-    require_model,
-)
+from . import dialect
 from .meter import Generation
 from .ratelimit import Refusal, Snapshot, rfc3339_after
 from .server import Exchange, Headers
@@ -51,7 +41,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
-class AnthropicDialect(Dialect):
+class AnthropicDialect(dialect.Dialect):
     """The Anthropic Messages protocol."""
 
     name = "anthropic"
@@ -69,29 +59,29 @@ class AnthropicDialect(Dialect):
 
     def api_key(self, headers: dict[str, str]) -> str:
         # anthropic SDK 2.x sends api_key as "Authorization: Bearer"; 0.x sent x-api-key.
-        return headers.get("x-api-key", "").strip() or bearer_token(headers)
+        return headers.get("x-api-key", "").strip() or dialect.bearer_token(headers)
 
     def unauthorized_message(self) -> str:
         return "x-api-key header is required"
 
     def plan(self, body: Any, cached: tuple[int, int]) -> Completion:
         if not isinstance(body, dict):
-            raise BadRequest("Request body must be a JSON object.")
-        model = require_model(body)
-        messages = require_messages(body)
-        max_tokens = optional_positive_int(body, "max_tokens")
+            raise dialect.BadRequest("Request body must be a JSON object.")
+        model = dialect.require_model(body)
+        messages = dialect.require_messages(body)
+        max_tokens = dialect.optional_positive_int(body, "max_tokens")
         if max_tokens is None:
-            raise BadRequest("max_tokens: Field required", "max_tokens")
+            raise dialect.BadRequest("max_tokens: Field required", "max_tokens")
         system = body.get("system")
         if system is not None and not isinstance(system, (str, list)):
-            raise BadRequest(
+            raise dialect.BadRequest(
                 "system: Input should be a valid string or list of text blocks", "system"
             )
         return plan_reply(
             model=model,
             messages=messages,
             max_tokens=max_tokens,
-            stream=optional_bool(body, "stream"),
+            stream=dialect.optional_bool(body, "stream"),
             system=system,
             cached=cached,
         )
@@ -99,19 +89,18 @@ class AnthropicDialect(Dialect):
     def quota_headers(self, snap: Snapshot) -> Headers:
         requests_reset = rfc3339_after(snap.reset_requests)
         tokens_reset = rfc3339_after(snap.reset_tokens)
+        # Input and output tokens are limited by the tokens limit, each with its own remaining.
+        rows = (
+            ("requests", snap.limit_requests, snap.remaining_requests, requests_reset),
+            ("tokens", snap.limit_tokens, snap.remaining_tokens, tokens_reset),
+            ("input-tokens", snap.limit_tokens, snap.remaining_input_tokens, tokens_reset),
+            ("output-tokens", snap.limit_tokens, snap.remaining_output_tokens, tokens_reset),
+        )
         return [
-            ("anthropic-ratelimit-requests-limit", str(snap.limit_requests)),
-            ("anthropic-ratelimit-requests-remaining", str(snap.remaining_requests)),
-            ("anthropic-ratelimit-requests-reset", requests_reset),
-            ("anthropic-ratelimit-tokens-limit", str(snap.limit_tokens)),
-            ("anthropic-ratelimit-tokens-remaining", str(snap.remaining_tokens)),
-            ("anthropic-ratelimit-tokens-reset", tokens_reset),
-            ("anthropic-ratelimit-input-tokens-limit", str(snap.limit_tokens)),
-            ("anthropic-ratelimit-input-tokens-remaining", str(snap.remaining_input_tokens)),
-            ("anthropic-ratelimit-input-tokens-reset", tokens_reset),
-            ("anthropic-ratelimit-output-tokens-limit", str(snap.limit_tokens)),
-            ("anthropic-ratelimit-output-tokens-remaining", str(snap.remaining_output_tokens)),
-            ("anthropic-ratelimit-output-tokens-reset", tokens_reset),
+            (f"anthropic-ratelimit-{name}-{field}", value)
+            for name, limit, remaining, reset in rows
+            for field, value in (("limit", str(limit)), ("remaining", str(remaining)),
+                                 ("reset", reset))
         ]
 
     def refusal_body(self, refusal: Refusal, request_id: str) -> Any:
@@ -123,16 +112,9 @@ class AnthropicDialect(Dialect):
         )
         return self.error_body(429, message, request_id)
 
-    async def respond(
-        self,
-        ex: Exchange,
-        completion: Completion,
-        headers: Headers,
-        chunk_delay: float,
-        disconnect: bool,
-        bill: Generation,
-    ) -> None:
-        mid = random_id("msg_01", 22)
+    async def respond(self, ex: Exchange, completion: Completion, headers: Headers,
+                      chunk_delay: float, disconnect: bool, bill: Generation) -> None:
+        mid = dialect.random_id("msg_01", 22)
         stop_reason = "max_tokens" if completion.truncated else "end_turn"
         usage = _usage(completion)
         if not completion.stream:
@@ -145,7 +127,7 @@ class AnthropicDialect(Dialect):
         await ex.start_stream(200, headers)
 
         async def event(name: str, payload: dict[str, Any]) -> None:
-            await ex.send_chunk(f"event: {name}\ndata: {dumps(payload)}\n\n".encode())
+            await ex.send_chunk(f"event: {name}\ndata: {dialect.dumps(payload)}\n\n".encode())
 
         start_usage = dict(usage, output_tokens=1)
         await event(

@@ -129,15 +129,8 @@ class Dialect(ABC):
         """The 429 body for a refusal by the fake's own limits."""
 
     @abstractmethod
-    async def respond(
-        self,
-        ex: Exchange,
-        completion: Completion,
-        headers: Headers,
-        chunk_delay: float,
-        disconnect: bool,
-        bill: Generation,
-    ) -> None:
+    async def respond(self, ex: Exchange, completion: Completion, headers: Headers,
+                      chunk_delay: float, disconnect: bool, bill: Generation) -> None:
         """Send the successful reply, JSON or streamed, billing output as it is generated.
 
         A plain reply is billed whole before it is sent; a stream bills each

@@ -15,17 +15,7 @@ import asyncio
 import time
 from typing import Any
 
-from .dialect import (
-    BadRequest,
-    Dialect,
-    bearer_token,
-    dumps,
-    optional_bool,
-    optional_positive_int,
-    random_id,
-    require_messages,
-    require_model,
-)
+from . import dialect
 from .meter import Generation
 from .ratelimit import Refusal, Snapshot, format_duration
 from .server import Exchange, Headers
@@ -55,7 +45,7 @@ _SERVER_ERROR = (
 )
 
 
-class OpenAIDialect(Dialect):
+class OpenAIDialect(dialect.Dialect):
     """The OpenAI Chat Completions protocol."""
 
     name = "openai"
@@ -67,7 +57,7 @@ class OpenAIDialect(Dialect):
         return {"error": {"message": message or stock, "type": kind, "param": param, "code": code}}
 
     def api_key(self, headers: dict[str, str]) -> str:
-        return bearer_token(headers)
+        return dialect.bearer_token(headers)
 
     def unauthorized_message(self) -> str:
         return (
@@ -77,24 +67,25 @@ class OpenAIDialect(Dialect):
 
     def plan(self, body: Any, cached: tuple[int, int]) -> Completion:
         if not isinstance(body, dict):
-            raise BadRequest(
+            raise dialect.BadRequest(
                 "We could not parse the JSON body of your request: expected a JSON object."
             )
-        model = require_model(body)
-        messages = require_messages(body)
-        stream = optional_bool(body, "stream")
-        limit = optional_positive_int(body, "max_completion_tokens")
+        model = dialect.require_model(body)
+        messages = dialect.require_messages(body)
+        stream = dialect.optional_bool(body, "stream")
+        limit = dialect.optional_positive_int(body, "max_completion_tokens")
         if limit is None:
-            limit = optional_positive_int(body, "max_tokens")
+            limit = dialect.optional_positive_int(body, "max_tokens")
         options = body.get("stream_options")
         if options is not None:
             if not stream:
-                raise BadRequest(
+                raise dialect.BadRequest(
                     "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                     "stream_options",
                 )
             if not isinstance(options, dict):
-                raise BadRequest("Invalid 'stream_options': expected an object.", "stream_options")
+                raise dialect.BadRequest("Invalid 'stream_options': expected an object.",
+                                         "stream_options")
         include_usage = bool(options and options.get("include_usage") is True)
         return plan_reply(
             model=model,
@@ -131,16 +122,9 @@ class OpenAIDialect(Dialect):
             }
         }
 
-    async def respond(
-        self,
-        ex: Exchange,
-        completion: Completion,
-        headers: Headers,
-        chunk_delay: float,
-        disconnect: bool,
-        bill: Generation,
-    ) -> None:
-        cid = random_id("chatcmpl-", 29)
+    async def respond(self, ex: Exchange, completion: Completion, headers: Headers,
+                      chunk_delay: float, disconnect: bool, bill: Generation) -> None:
+        cid = dialect.random_id("chatcmpl-", 29)
         created = int(time.time())
         finish = "length" if completion.truncated else "stop"
         if not completion.stream:
@@ -149,21 +133,26 @@ class OpenAIDialect(Dialect):
             return
         await ex.start_stream(200, headers)
 
+        # Every chunk, the usage chunk too, opens with the same fields.
+        head: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": completion.model,
+            "service_tier": "default",
+            "system_fingerprint": FINGERPRINT,
+        }
+
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             payload: dict[str, Any] = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": completion.model,
-                "service_tier": "default",
-                "system_fingerprint": FINGERPRINT,
+                **head,
                 "choices": [
                     {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
                 ],
             }
             if completion.include_usage:
                 payload["usage"] = None
-            return f"data: {dumps(payload)}\n\n".encode()
+            return f"data: {dialect.dumps(payload)}\n\n".encode()
 
         await ex.send_chunk(chunk({"role": "assistant", "content": "", "refusal": None}))
         for i, piece in enumerate(completion.pieces()):
@@ -176,17 +165,8 @@ class OpenAIDialect(Dialect):
                 return
         await ex.send_chunk(chunk({}, finish))
         if completion.include_usage:
-            last = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": completion.model,
-                "service_tier": "default",
-                "system_fingerprint": FINGERPRINT,
-                "choices": [],
-                "usage": _usage(completion),
-            }
-            await ex.send_chunk(f"data: {dumps(last)}\n\n".encode())
+            last = {**head, "choices": [], "usage": _usage(completion)}
+            await ex.send_chunk(f"data: {dialect.dumps(last)}\n\n".encode())
         await ex.send_chunk(b"data: [DONE]\n\n")
         await ex.end_stream()
 

@@ -109,13 +109,8 @@ class FakeProvider:
         self.stop()
 
     # --- knobs (thread-safe; see State for details) ---------------------------------------------
-    def fail_next(
-        self,
-        status: int,
-        count: int = 1,
-        retry_after: float | None = None,
-        retry_after_ms: int | None = None,
-    ) -> None:
+    def fail_next(self, status: int, count: int = 1, retry_after: float | None = None,
+                  retry_after_ms: int | None = None) -> None:
         """Next ``count`` API requests get ``status`` and the provider's error body.
 
         ``retry_after`` / ``retry_after_ms`` add those headers verbatim when given.

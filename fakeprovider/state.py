@@ -41,15 +41,9 @@ class Failure:
 class State:
     """All mutable server state; every method is thread-safe."""
 
-    def __init__(
-        self,
-        delay: float = 0.0,
-        chunk_delay: float = 0.0,
-        rpm: int | None = None,
-        tpm: int | None = None,
-        max_logged: int = 10_000,
-        prices: Mapping[str, Mapping[str, float]] | None = None,
-    ) -> None:
+    def __init__(self, delay: float = 0.0, chunk_delay: float = 0.0, rpm: int | None = None,
+                 tpm: int | None = None, max_logged: int = 10_000,
+                 prices: Mapping[str, Mapping[str, float]] | None = None) -> None:
         self._lock = threading.Lock()
         self.meter = Meter(prices)  # its own lock: billing never waits on the knobs
         self._defaults = (delay, chunk_delay, rpm, tpm)
@@ -89,13 +83,8 @@ class State:
         with self._lock:
             self._windows = Windows(_positive_or_none("rpm", rpm), _positive_or_none("tpm", tpm))
 
-    def fail_next(
-        self,
-        status: int,
-        count: int = 1,
-        retry_after: float | None = None,
-        retry_after_ms: int | None = None,
-    ) -> None:
+    def fail_next(self, status: int, count: int = 1, retry_after: float | None = None,
+                  retry_after_ms: int | None = None) -> None:
         """Answer the next ``count`` API requests with ``status`` and the provider's error body."""
         if not 400 <= status <= 599:
             raise ValueError(f"status must be 4xx or 5xx, got {status}")
@@ -123,17 +112,11 @@ class State:
 
         Each call replaces earlier overrides; no arguments clears them.
         """
-        given = dict(
-            limit_requests=limit_requests,
-            limit_tokens=limit_tokens,
-            remaining_requests=remaining_requests,
-            remaining_tokens=remaining_tokens,
-            reset_requests=reset_requests,
-            reset_tokens=reset_tokens,
-        )
+        given = (limit_requests, limit_tokens, remaining_requests, remaining_tokens,
+                 reset_requests, reset_tokens)  # in the order of OVERRIDE_KEYS
         with self._lock:
             self._overrides = {
-                k: v for k, v in given.items() if v is not None and k in OVERRIDE_KEYS
+                k: v for k, v in zip(OVERRIDE_KEYS, given, strict=True) if v is not None
             }
 
     def set_cached_tokens(self, read: int, creation: int = 0) -> None:

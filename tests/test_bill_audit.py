@@ -122,15 +122,19 @@ def one(kind: str, server: Gunicorn, key: str, fp: FakeProvider, rng: random.Ran
     messages = _messages(rng)
     max_tokens = rng.randint(1, 40)
     call = Call(kind, model, estimate_input_tokens(messages), max_tokens, "ok")
+
+    def create(name: str) -> None:
+        """One call, not streamed, to ``name`` through the SDK of the model's provider."""
+        if model == GPT:
+            oai.chat.completions.create(model=name, messages=messages,  # type: ignore[arg-type]
+                                        max_tokens=max_tokens)
+        else:
+            ant.messages.create(model=name, messages=messages,  # type: ignore[arg-type]
+                                max_tokens=max_tokens)
+
     try:
         if kind == "unknown-model":
-            name = model + "-2099-01-01"
-            if model == GPT:
-                oai.chat.completions.create(model=name, messages=messages,  # type: ignore[arg-type]
-                                            max_tokens=max_tokens)
-            else:
-                ant.messages.create(model=name, messages=messages,  # type: ignore[arg-type]
-                                    max_tokens=max_tokens)
+            create(model + "-2099-01-01")
         elif kind == "absurd":
             path, auth = (("/v1/chat/completions", {"Authorization": f"Bearer {key}"})
                           if model == GPT else ("/v1/messages", {"x-api-key": key}))
@@ -147,12 +151,7 @@ def one(kind: str, server: Gunicorn, key: str, fp: FakeProvider, rng: random.Ran
                 # A 429/529 holds the model for everyone (a shared-limit signal), for the
                 # provider's retry-after: a short one keeps the mix flowing.
                 fp.fail_next(rng.choice([429, 500, 529]), retry_after_ms=20)
-            if model == GPT:
-                oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
-                                            max_tokens=max_tokens)
-            else:
-                ant.messages.create(model=model, messages=messages,  # type: ignore[arg-type]
-                                    max_tokens=max_tokens)
+            create(model)
         else:
             if kind == "broken":
                 fp.disconnect_mid_stream()

@@ -14,25 +14,12 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, write_policy
+from tests.policies import LOADED, plan, policy
 
 # Exactness is about atomicity, not the time budget (tests/test_faults.py covers that): a
 # generous budget keeps a CPU-starved test machine from turning decisions into 503s.
-EXACT = """
-[store]
-timeout_ms = 2000
-[edge]
-per_ip = ["100000 per minute"]
-[plans.p]
-burst = 50
-refill_per_second = 0.001
-quotas = ["1000 per day"]
-[plans.q]
-burst = 1000
-refill_per_second = 1000
-quotas = ["37 per day"]
-[users]
-"quota-user" = "q"
-"""
+EXACT = policy(store=LOADED, per_ip="100000 per minute", users={"quota-user": "q"},
+               plans={"p": plan(50, 0.001, "1000 per day"), "q": plan(1000, 1000, "37 per day")})
 
 
 def fire(url: str, user: str, n: int) -> list[httpx.Response]:

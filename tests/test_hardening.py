@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,35 +17,17 @@ from flask.testing import FlaskClient
 from app import create_app
 from limiting import current_limiter
 from tests.conftest import free_port, write_policy
+from tests.policies import plan, policy, served_by
 
 ADMIN = "admin-token-that-is-at-least-32-chars-long"
-POLICY = """
-[edge]
-per_ip = ["10000 per minute"]
-[defaults]
-plan = "starter"
-[plans.starter]
-burst = 2
-refill_per_second = 0.01
-quotas = ["100 per day"]
-[plans.pro]
-burst = 20
-refill_per_second = 1
-quotas = ["1000 per day"]
-tokens_per_minute = 100000
-[store]
-local_fallback = true
-[models."gpt-4o"]
-provider = "openai"
-requests_per_minute = 500
-"""
+PLANS = {"starter": plan(2, 0.01, "100 per day"),
+         "pro": plan(20, 1, "1000 per day", tokens_per_minute=100000)}
+with_plans = partial(policy, store={"local_fallback": True}, per_ip="10000 per minute",
+                     default="starter",
+                     models={"gpt-4o": served_by("openai", requests_per_minute=500)})
+POLICY = with_plans(plans=PLANS)
 # The same policy after the operator removed "pro" (its keys still name it).
-WITHOUT_PRO = POLICY.replace("""[plans.pro]
-burst = 20
-refill_per_second = 1
-quotas = ["1000 per day"]
-tokens_per_minute = 100000
-""", "")
+WITHOUT_PRO = with_plans(plans={"starter": PLANS["starter"]})
 
 
 def make_app(folder: Path, url: str, policy: str = POLICY, **config: object) -> Flask:

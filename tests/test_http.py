@@ -11,25 +11,10 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from tests.conftest import write_policy
+from tests.policies import STARTER_AND_PRO, policy, served_by
 
-POLICY = """
-[edge]
-per_ip = ["30 per minute"]
-[defaults]
-plan = "starter"
-[plans.starter]
-burst = 10
-refill_per_second = 0.5
-quotas = ["100 per day"]
-[plans.pro]
-burst = 20
-refill_per_second = 2
-quotas = ["2000 per day"]
-[users]
-"vip" = "pro"
-[models."gpt-4o"]
-provider = "openai"
-"""
+POLICY = policy(per_ip="30 per minute", default="starter", plans=STARTER_AND_PRO,
+                users={"vip": "pro"}, models={"gpt-4o": served_by("openai")})
 
 
 @pytest.fixture

@@ -13,15 +13,9 @@ from flask import Flask
 
 from app import create_app
 from tests.conftest import write_policy
+from tests.policies import plan, policy
 
-POLICY = """
-[edge]
-per_ip = ["1000 per minute"]
-[plans.starter]
-burst = 3
-refill_per_second = 0.01
-quotas = ["100 per day"]
-"""
+POLICY = policy(per_ip="1000 per minute", plans={"starter": plan(3, 0.01, "100 per day")})
 
 
 def app_with(tmp_path: Path, redis_url: str, **config: object) -> Flask:

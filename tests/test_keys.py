@@ -18,20 +18,10 @@ from limiting.stores.storage import open_store
 from limiting.stores.store import Store, StoreUnavailable
 from limiting.web.keys_cli import keys_cli
 from tests.conftest import free_port, write_policy
+from tests.policies import STARTER_AND_PRO, policy
 
 PLANS = ("starter", "pro")
-POLICY = """
-[defaults]
-plan = "starter"
-[plans.starter]
-burst = 10
-refill_per_second = 0.5
-quotas = ["100 per day"]
-[plans.pro]
-burst = 20
-refill_per_second = 2
-quotas = ["2000 per day"]
-"""
+POLICY = policy(default="starter", plans=STARTER_AND_PRO)
 
 
 @pytest.fixture(params=["redis", "memory"])

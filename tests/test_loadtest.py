@@ -15,18 +15,11 @@ from loadtest.classify import Outcome, classify, tightest_remaining
 from loadtest.cli import NotLoopback, loopback_target
 from loadtest.driver import LoadPlan, schedule
 from tests.conftest import ROOT, write_policy
+from tests.policies import LOADED, plan, policy
 
 BURST, REFILL, SECONDS, USERS, RATE = 5, 1, 6, 2, 10
-POLICY = f"""
-[store]
-timeout_ms = 2000
-[edge]
-per_ip = ["100000 per minute"]
-[plans.load]
-burst = {BURST}
-refill_per_second = {REFILL}
-quotas = ["20 per minute"]
-"""
+POLICY = policy(store=LOADED, per_ip="100000 per minute",
+                plans={"load": plan(BURST, REFILL, "20 per minute")})
 
 
 def loadtest(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -22,31 +22,18 @@ from fakeprovider import FakeProvider
 from fakeprovider.tokens import prompt_tokens
 from limiting.core.llm import estimate_input_tokens
 from tests.conftest import write_policy
+from tests.policies import LOADED, plan, policy, served_by
 
 BIG_MAX = 50_000    # a call charged as reserved stands out against everything settled here
 TOKENS = 100_000_000   # room for every call charged as reserved: the soak tests leases, not this
-POLICY = f"""
-[store]
-timeout_ms = 2000
-[edge]
-per_ip = ["1000000 per minute"]
-[plans.soak]
-burst = 100000
-refill_per_second = 10000
-tokens_per_minute = {TOKENS}
-max_concurrent = 8
-default_max_tokens = {BIG_MAX}
-[plans.tight]
-burst = 100000
-refill_per_second = 10000
-tokens_per_minute = 3000
-max_concurrent = 50
-default_max_tokens = 100
-[models."gpt-4o-mini"]
-provider = "openai"
-[models."claude-3-5-haiku-latest"]
-provider = "anthropic"
-"""
+POLICY = policy(
+    store=LOADED, per_ip="1000000 per minute",
+    plans={"soak": plan(100000, 10000, tokens_per_minute=TOKENS, max_concurrent=8,
+                        default_max_tokens=BIG_MAX),
+           "tight": plan(100000, 10000, tokens_per_minute=3000, max_concurrent=50,
+                         default_max_tokens=100)},
+    models={"gpt-4o-mini": served_by("openai"),
+            "claude-3-5-haiku-latest": served_by("anthropic")})
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"
 
 

@@ -28,48 +28,17 @@ from limiting.core.ask import Ask
 from limiting.core.upstream import pacing_args, refused_alone
 from providers import clients
 from tests.conftest import write_policy
+from tests.policies import LOADED, plan, policy, served_by
 
-POLICY = """
-[store]
-timeout_ms = 2000            # a loaded CI box must not turn into store-unavailable answers
-
-[edge]
-per_ip = ["100000 per 10 seconds"]
-
-[defaults]
-plan = "p"
-
-[plans.p]
-burst = 100
-refill_per_second = 10
-quotas = ["10000 per day"]
-tokens_per_minute = 1000000
-default_max_tokens = 20
-
-[plans.single]
-burst = 100
-refill_per_second = 10
-max_concurrent = 1
-lease_ttl_seconds = 30
-
-[models."gpt-4o-mini"]
-provider = "openai"
-
-[models."gpt-capped"]
-provider = "openai"
-max_hold_seconds = 5
-
-[models."gpt-small"]
-provider = "openai"
-tokens_per_minute = 100
-
-[models."claude-3-5-haiku-latest"]
-provider = "anthropic"
-
-[models."claude-small"]
-provider = "anthropic"
-tokens_per_minute = 100
-"""
+POLICY = policy(
+    store=LOADED, per_ip="100000 per 10 seconds", default="p",
+    plans={"p": plan(100, 10, "10000 per day", tokens_per_minute=1000000, default_max_tokens=20),
+           "single": plan(100, 10, max_concurrent=1, lease_ttl_seconds=30)},
+    models={"gpt-4o-mini": served_by("openai"),
+            "gpt-capped": served_by("openai", max_hold_seconds=5),
+            "gpt-small": served_by("openai", tokens_per_minute=100),
+            "claude-3-5-haiku-latest": served_by("anthropic"),
+            "claude-small": served_by("anthropic", tokens_per_minute=100)})
 HELLO = [{"role": "user", "content": "hello big world"}]
 BIG = [{"role": "user", "content": "word " * 400}]     # 400 tokens at the fake
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"

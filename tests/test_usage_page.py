@@ -15,23 +15,13 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, write_policy
+from tests.policies import plan, policy, served_by
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ADMIN = "admin-secret-of-at-least-32-characters"
-POLICY = """
-[edge]
-per_ip = ["10000 per minute"]
-[plans.p]
-burst = 20
-refill_per_second = 0.01
-quotas = ["100 per day"]
-tokens_per_minute = 50000
-[users]
-"page-user" = "p"
-[models."gpt-4o"]
-provider = "openai"
-requests_per_minute = 500
-"""
+POLICY = policy(per_ip="10000 per minute", users={"page-user": "p"},
+                plans={"p": plan(20, 0.01, "100 per day", tokens_per_minute=50000)},
+                models={"gpt-4o": served_by("openai", requests_per_minute=500)})
 
 
 @pytest.fixture

@@ -37,68 +37,25 @@ from limiting.core.provider_headers import (
     rfc3339_after,
 )
 from tests.conftest import ROOT, Gunicorn
+from tests.policies import LOADED, plan, policy, served_by
 
-POLICY = """
-[store]
-timeout_ms = 2000            # a loaded CI box must not turn into store-unavailable answers
-
-[edge]
-per_ip = ["100000 per 10 seconds"]
-
-[defaults]
-plan = "roomy"
-
-[plans.roomy]
-burst = 500
-refill_per_second = 50
-quotas = ["10000 per day"]
-tokens_per_minute = 100000
-default_max_tokens = 50
-
-[plans.tiny]
-burst = 2
-refill_per_second = 0.01
-
-[plans.metered]
-burst = 500
-refill_per_second = 50
-tokens_per_minute = 1000
-input_tokens_per_minute = 800
-output_tokens_per_minute = 500
-
-[plans.single]
-burst = 500
-refill_per_second = 50
-max_concurrent = 1
-tokens_per_minute = 100000
-
-[users]
-alice = "roomy"
-tiny = "tiny"
-meter = "metered"
-solo = "single"
-
-[models."gpt-4o-mini"]
-provider = "openai"
-requests_per_minute = 100000
-
-[models."claude-3-5-haiku-latest"]
-provider = "anthropic"
-requests_per_minute = 100000
-
-[models."gpt-saturated"]
-provider = "openai"
-requests_per_minute = 1
-
-[models."claude-saturated"]
-provider = "anthropic"
-requests_per_minute = 1
-""" + "".join(f"""
-[models."{vendor}-err-{status}"]
-provider = "{provider}"
-""" for status in (429, 529, 500)
-                   for vendor, provider in (("gpt", "openai"), ("claude", "anthropic")))
 USERS = {"alice": "roomy", "tiny": "tiny", "meter": "metered", "solo": "single"}
+POLICY = policy(
+    store=LOADED, per_ip="100000 per 10 seconds", default="roomy",
+    plans={"roomy": plan(500, 50, "10000 per day", tokens_per_minute=100000,
+                         default_max_tokens=50),
+           "tiny": plan(2, 0.01),
+           "metered": plan(500, 50, tokens_per_minute=1000, input_tokens_per_minute=800,
+                           output_tokens_per_minute=500),
+           "single": plan(500, 50, max_concurrent=1, tokens_per_minute=100000)},
+    users=USERS,
+    models={"gpt-4o-mini": served_by("openai", requests_per_minute=100000),
+            "claude-3-5-haiku-latest": served_by("anthropic", requests_per_minute=100000),
+            "gpt-saturated": served_by("openai", requests_per_minute=1),
+            "claude-saturated": served_by("anthropic", requests_per_minute=1),
+            # Names the fake provider answers with an error status.
+            **{f"{name}-err-{status}": served_by(provider) for status in (429, 529, 500)
+               for name, provider in (("gpt", "openai"), ("claude", "anthropic"))}})
 HELLO = [{"role": "user", "content": "hello big world"}]   # fake/echo: 3 + 4 prompt, 4 reply
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"
 

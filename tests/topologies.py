@@ -12,8 +12,9 @@ import ctypes
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -311,7 +312,10 @@ class SentinelSet(Topology):
         return f"redis+sentinel://{hosts}/{SERVICE}"
 
 
-def _started(request: pytest.FixtureRequest, topology: Topology) -> Topology:
+T = TypeVar("T", bound=Topology)
+
+
+def _started(request: pytest.FixtureRequest, topology: T) -> T:
     request.addfinalizer(topology.stop)  # before start: a half-built set is stopped too
     try:
         topology.start()
@@ -322,12 +326,30 @@ def _started(request: pytest.FixtureRequest, topology: Topology) -> Topology:
     return topology
 
 
-@pytest.fixture(scope="session")
-def cluster(request: pytest.FixtureRequest,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    topology = _started(request, Cluster(tmp_path_factory.mktemp("cluster")))
-    assert isinstance(topology, Cluster)
-    yield topology
+def _shared(name: str, make: Callable[[Path], Topology]) -> Any:
+    """A topology the whole session shares, and a fixture ``<name>_url`` for its URL."""
+
+    @pytest.fixture(scope="session", name=name)
+    def topology(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> Topology:
+        return _started(request, make(tmp_path_factory.mktemp(name)))
+
+    return topology
+
+
+def _own(name: str, make: Callable[[Path], Topology], doc: str) -> Any:
+    """A topology of one test's own, for a test that kills part of it."""
+
+    @pytest.fixture(name=name)
+    def topology(request: pytest.FixtureRequest, tmp_path: Path) -> Topology:
+        return _started(request, make(tmp_path / name))
+
+    topology.__doc__ = doc
+    return topology
+
+
+cluster = _shared("cluster", Cluster)
+sentinel_set = _shared("sentinel_set", SentinelSet)
 
 
 @pytest.fixture(scope="session")
@@ -336,37 +358,12 @@ def cluster_url(cluster: Cluster) -> str:
 
 
 @pytest.fixture(scope="session")
-def sentinel_set(request: pytest.FixtureRequest,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
-    topology = _started(request, SentinelSet(tmp_path_factory.mktemp("sentinel")))
-    assert isinstance(topology, SentinelSet)
-    yield topology
-
-
-@pytest.fixture(scope="session")
 def sentinel_url(sentinel_set: SentinelSet) -> str:
     return sentinel_set.url()
 
 
-@pytest.fixture
-def fresh_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Cluster:
-    """A cluster of this test's own, for a test that kills part of it."""
-    topology = _started(request, Cluster(tmp_path / "cluster"))
-    assert isinstance(topology, Cluster)
-    return topology
-
-
-@pytest.fixture
-def bare_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Cluster:
-    """Three masters and no replicas, of this test's own: a dead master stays dead."""
-    topology = _started(request, Cluster(tmp_path / "bare", replicas_per_master=0))
-    assert isinstance(topology, Cluster)
-    return topology
-
-
-@pytest.fixture
-def fresh_sentinel(request: pytest.FixtureRequest, tmp_path: Path) -> SentinelSet:
-    """A Sentinel set of this test's own, for a test that kills its master."""
-    topology = _started(request, SentinelSet(tmp_path / "sentinel"))
-    assert isinstance(topology, SentinelSet)
-    return topology
+fresh_cluster = _own("fresh_cluster", Cluster, "A cluster of this test's own.")
+bare_cluster = _own("bare_cluster", lambda folder: Cluster(folder, replicas_per_master=0),
+                    "Three masters and no replicas, of this test's own: a dead master stays dead.")
+fresh_sentinel = _own("fresh_sentinel", SentinelSet,
+                      "A Sentinel set of this test's own, for a test that kills its master.")

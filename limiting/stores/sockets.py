@@ -42,6 +42,8 @@ def os_socket(sock: Any) -> Any:
     return plain
 
 
+# redis-py (pinned 8.1.0) has no public hook between opening a socket and handing it to its
+# parser, so these override the private ``_connect``; tests/test_private_apis.py checks it.
 class OSSocketConnection(Connection):
     def _connect(self) -> Any:
         return os_socket(super()._connect())  # type: ignore[no-untyped-call]
