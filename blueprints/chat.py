@@ -20,7 +20,7 @@ from limiting import (
     limited_route,
     presented_key,
 )
-from providers import LLMRequest, check_available, protocol_for, provider_for
+from providers import LLMRequest, api_for, check_available, provider_for
 
 from .v1.serve import observer
 from .validation import json_object, string_field, user_id_field
@@ -47,23 +47,23 @@ def chat() -> dict[str, Any]:
     check_available(provider, model)
     plan_obj = limiter.plan_for(user, plan)   # a key's plan removed from the policy: default
     call = _request(model, provider, message, plan_obj.default_max_tokens)
-    protocol = protocol_for(provider)
+    api = api_for(provider)
     if provider == "echo" and not plan_obj.meters_units:
         # Nothing to reserve, settle or guard: one request, one decision.
         limiter.acquire(user, plan, anonymous=anonymous)
-        return {"reply": protocol.complete(call, _no_observer)[0]}
+        return {"reply": api.complete(call, _no_observer)[0]}
     spend = limiter.reserve(user, model, call.estimate, call.reserved_output, plan,
                             anonymous=anonymous)
     spend.renews = provider != "echo"      # an in-process answer cannot outlive its lease
     with spend:   # renews the lease; an exception cancels or charges by the billing rule
-        reply, usage = protocol.complete(call, observer(model))
+        reply, usage = api.complete(call, observer(model))
         if usage is not None:   # no usage report: charged as reserved, by the rule
             spend.settle(usage)
     return {"reply": reply}
 
 
 def _request(model: str, provider: str, message: str, max_tokens: int) -> LLMRequest:
-    """One user turn, in the names both provider protocols share."""
+    """One user turn, in the names both provider APIs share."""
     messages = [{"role": "user", "content": message}]
     return LLMRequest(model, provider, messages, max_tokens, estimate_input_tokens(messages),
                       {"model": model, "messages": messages, "max_tokens": max_tokens})

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 from limiting.core.policy import ModelPolicy, Policy
 
+from .apis import ANTHROPIC, OPENAI, ProviderAPI, api_for
 from .errors import UpstreamError
-from .protocols import ANTHROPIC, OPENAI, Protocol, protocol_for
 from .request import LLMRequest
 
 _KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -45,5 +45,5 @@ def check_available(provider: str, model: str) -> None:
         raise ProviderKeyMissing(model, f"model {model!r} needs {env} to be set on the server")
 
 
-__all__ = ["ANTHROPIC", "OPENAI", "LLMRequest", "Protocol", "ProviderKeyMissing", "UnknownModel",
-           "UpstreamError", "check_available", "protocol_for", "provider_for"]
+__all__ = ["ANTHROPIC", "OPENAI", "LLMRequest", "ProviderAPI", "ProviderKeyMissing",
+           "UnknownModel", "UpstreamError", "api_for", "check_available", "provider_for"]

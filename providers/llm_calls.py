@@ -1,6 +1,6 @@
 """The one upstream call: the provider's own JSON body, SSE events and response headers.
 
-/v1 and /chat both call through here (by way of :mod:`providers.protocols`). /v1 relays what
+/v1 and /chat both call through here (by way of :mod:`providers.apis`). /v1 relays what
 the provider said rather than a re-serialised SDK model, so clients see the exact fields; every
 response's headers are kept too (the limiter learns the provider's pacing from them). Each call
 reports ``observe(headers, status, tokens)`` once, on success and on an HTTP error alike, then

@@ -8,7 +8,7 @@ from typing import Any
 from limiting.core.pricing import STANDARD, PriceTerms
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class LLMRequest:
     """What to reserve for a call and what to send upstream.
 
@@ -21,7 +21,7 @@ class LLMRequest:
     messages: list[dict[str, Any]]
     max_output: int                 # the answer's own limit, as sent upstream
     estimate: int                   # the offline input estimate
-    params: dict[str, Any]          # the upstream body, in the protocol's own names
+    params: dict[str, Any]          # the upstream body, in the provider API's own names
     stream: bool = False
     terms: PriceTerms = STANDARD
     system: Any = None              # a top-level system prompt (Anthropic's); echo counts it

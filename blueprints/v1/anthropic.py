@@ -61,7 +61,7 @@ _UPSTREAM_TYPES = {503: "overloaded_error", 504: "timeout_error"}
 
 
 class AnthropicDialect(Dialect):
-    protocol = ANTHROPIC
+    api = ANTHROPIC
 
     def api_key(self, headers: Headers) -> str | None:
         key = headers.get("x-api-key", "").strip()

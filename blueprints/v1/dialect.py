@@ -10,7 +10,7 @@ from flask import Response
 from werkzeug.datastructures import Headers
 
 from limiting import Decision, json_response
-from providers import LLMRequest, Protocol
+from providers import LLMRequest, ProviderAPI
 from providers.llm_calls import Tally, UpstreamStream
 
 from .problems import ApiProblem
@@ -22,7 +22,7 @@ class Dialect(ABC):
     reservation → upstream → settle) is :func:`serve`'s and the same for every dialect."""
 
     #: The upstream calls, usage reader and echo of this wire format.
-    protocol: Protocol
+    api: ProviderAPI
 
     @abstractmethod
     def api_key(self, headers: Headers) -> str | None:

@@ -58,7 +58,7 @@ _TYPES = {AUTH: "invalid_request_error", INVALID: "invalid_request_error",
 
 
 class OpenAIDialect(Dialect):
-    protocol = OPENAI
+    api = OPENAI
 
     def api_key(self, headers: Headers) -> str | None:
         return bearer_token(headers.get("Authorization"))

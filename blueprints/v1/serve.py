@@ -46,13 +46,13 @@ def _serve(dialect: Dialect) -> Response:
                                             terms=call.terms)
     decision = reservation.decision
     headers = {**rate_limit_headers(decision), **dialect.provider_headers(decision)}
-    protocol, observe = dialect.protocol, observer(call.model)
+    api, observe = dialect.api, observer(call.model)
     renew = call.provider != "echo"   # an answer made in-process cannot outlive its lease
     if not call.stream:
-        answer = run_plain(reservation, lambda: protocol.answer(call, observe), protocol.usage,
+        answer = run_plain(reservation, lambda: api.answer(call, observe), api.usage,
                            renew)
         return json_reply(answer, headers)
-    upstream = open_stream(reservation, lambda: protocol.open(call, observe), renew)
+    upstream = open_stream(reservation, lambda: api.open(call, observe), renew)
     tally = Tally()
     return sse_response(dialect.relay(upstream, tally, call), tally, reservation,
                         upstream.close, dialect.error_event, headers)

@@ -1,6 +1,6 @@
-"""The two wire protocols a model is called in, each as one object: its upstream call, its usage
-reader, its reply text, and ``echo`` answering in it. /v1's dialects and /chat call models only
-through these, so there is one way to call a provider."""
+"""The two provider APIs a model is called through, each as one object: its upstream call, its
+usage reader, its reply text, and ``echo`` answering in its wire format. /v1's dialects and
+/chat call models only through these, so there is one way to call a provider."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ EchoStream = Callable[[str, echo_llm.EchoReply], UpstreamStream]
 
 
 @dataclass(frozen=True, slots=True)
-class Protocol:
-    """One provider API's wire format (OpenAI Chat Completions, Anthropic Messages)."""
+class ProviderAPI:
+    """One provider's chat API (OpenAI Chat Completions, Anthropic Messages)."""
 
     name: str                                  # the provider whose SDK speaks it
     usage: Callable[[Any], Usage | None]       # a body's or event's usage, as the limiter's
@@ -77,12 +77,12 @@ def _anthropic_text(data: Any) -> str:
                    and isinstance(block.get("text"), str))
 
 
-OPENAI = Protocol("openai", llm_calls.openai_usage, _openai_text,
+OPENAI = ProviderAPI("openai", llm_calls.openai_usage, _openai_text,
                   echo_llm.openai_completion, echo_llm.openai_stream)
-ANTHROPIC = Protocol("anthropic", llm_calls.anthropic_usage, _anthropic_text,
+ANTHROPIC = ProviderAPI("anthropic", llm_calls.anthropic_usage, _anthropic_text,
                      echo_llm.anthropic_message, echo_llm.anthropic_stream)
 
 
-def protocol_for(provider: str) -> Protocol:
-    """The protocol a model of ``provider`` is called in (``echo`` answers in OpenAI's)."""
+def api_for(provider: str) -> ProviderAPI:
+    """The API a model of ``provider`` is called through (``echo`` answers as OpenAI does)."""
     return ANTHROPIC if provider == "anthropic" else OPENAI
