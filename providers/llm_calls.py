@@ -5,7 +5,8 @@ the provider said rather than a re-serialised SDK model, so clients see the exac
 response's headers are kept too (the limiter learns the provider's pacing from them). Each call
 reports ``observe(headers, status, tokens)`` once, on success and on an HTTP error alike, then
 raises :class:`UpstreamError` for any failure. The usage readers turn each provider's usage
-object into the limiter's :class:`Usage`."""
+object into the limiter's :class:`Usage`.
+"""
 
 from __future__ import annotations
 
