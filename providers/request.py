@@ -8,7 +8,7 @@ from typing import Any
 from limiting.core.pricing import STANDARD, PriceTerms
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # not frozen: a frozen __init__ costs ~2 µs on /chat's hot path
 class LLMRequest:
     """What to reserve for a call and what to send upstream.
 
