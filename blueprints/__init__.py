@@ -2,12 +2,11 @@
 
 from flask import Flask
 
-from .anthropic_api import bp as anthropic_bp
 from .chat import bp as chat_bp
 from .errors import register_error_handlers
 from .health import bp as health_bp
-from .openai_api import bp as openai_bp
 from .usage import bp as usage_bp
+from .v1 import anthropic_bp, openai_bp
 
 
 def register_blueprints(app: Flask) -> None:

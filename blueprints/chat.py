@@ -20,8 +20,9 @@ from limiting import (
     limited_route,
     presented_key,
 )
-from providers import check_available, complete, provider_for
+from providers import LLMRequest, api_for, check_available, provider_for
 
+from .v1.serve import observer
 from .validation import json_object, string_field, user_id_field
 
 bp = Blueprint("chat", __name__)
@@ -45,20 +46,27 @@ def chat() -> dict[str, Any]:
     provider = provider_for(model, limiter.policy)
     check_available(provider, model)
     plan_obj = limiter.policy.resolve(user, plan)   # a key's plan that left: the user's own
-    max_tokens = plan_obj.default_max_tokens
+    call = _request(model, provider, message, plan_obj.default_max_tokens)
+    api = api_for(provider)
     if provider == "echo" and not plan_obj.meters_units:
         # Nothing to reserve, settle or guard: one request, one decision.
         limiter.acquire(user, plan, anonymous=anonymous)
-        return {"reply": complete(provider, model, message, max_tokens, _no_observer)[0]}
-    estimate = estimate_input_tokens([{"role": "user", "content": message}])
-    spend = limiter.reserve(user, model, estimate, max_tokens, plan, anonymous=anonymous)
-    spend.renews = provider != "echo"      # an in-process answer cannot outlive its lease
+        return {"reply": api.complete(call, _no_observer)[0]}
+    spend = limiter.reserve(user, model, call.estimate, call.reserved_output, plan,
+                            anonymous=anonymous,
+                            renews=provider != "echo")  # in-process: cannot outlive a lease
     with spend:   # renews the lease; an exception cancels or charges by the billing rule
-        reply, usage = complete(provider, model, message, max_tokens,
-                                lambda headers, status, tokens: limiter.observe_upstream(
-                                    model, headers, status, tokens))
-        spend.settle(usage)
+        reply, usage = api.complete(call, observer(model))
+        if usage is not None:   # no usage report: charged as reserved, by the rule
+            spend.settle(usage)
     return {"reply": reply}
+
+
+def _request(model: str, provider: str, message: str, max_tokens: int) -> LLMRequest:
+    """One user turn, in the names both provider APIs share."""
+    messages = [{"role": "user", "content": message}]
+    return LLMRequest(model, provider, messages, max_tokens, estimate_input_tokens(messages),
+                      {"model": model, "messages": messages, "max_tokens": max_tokens})
 
 
 def _key_user(limiter: RateLimiter) -> KeyRecord:

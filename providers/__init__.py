@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from limiting.core.llm import Usage
 from limiting.core.policy import ModelPolicy, Policy
 
-from .errors import Observe, UpstreamError
+from .apis import ANTHROPIC, OPENAI, ProviderAPI, api_for
+from .errors import UpstreamError
+from .request import LLMRequest
 
 _KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
@@ -44,18 +45,5 @@ def check_available(provider: str, model: str) -> None:
         raise ProviderKeyMissing(model, f"model {model!r} needs {env} to be set on the server")
 
 
-def complete(provider: str, model: str, message: str, max_tokens: int, observe: Observe
-             ) -> tuple[str, Usage]:
-    """One plain chat turn, for /chat: the reply and what it really used."""
-    if provider == "echo":
-        reply = " ".join(f"echo: {message}".split()[: max_tokens])
-        return reply, Usage(len(message.split()) + 4, len(reply.split()))
-    from . import clients
-
-    call = clients.openai_complete if provider == "openai" else clients.anthropic_complete
-    text, used_in, used_out, cached = call(model, message, max_tokens, observe)
-    return text, Usage(used_in, used_out, cached)
-
-
-__all__ = ["ProviderKeyMissing", "UnknownModel", "UpstreamError", "check_available", "complete",
-           "provider_for"]
+__all__ = ["ANTHROPIC", "OPENAI", "LLMRequest", "ProviderAPI", "ProviderKeyMissing",
+           "UnknownModel", "UpstreamError", "api_for", "check_available", "provider_for"]

@@ -7,10 +7,6 @@ import os
 from functools import cache
 from typing import TYPE_CHECKING
 
-from limiting.core.llm import estimate_input_tokens
-
-from .errors import Observe, UpstreamError, guarded_call
-
 if TYPE_CHECKING:  # imported at the first call instead: see errors.py
     import anthropic
     import openai
@@ -65,44 +61,3 @@ def reset() -> None:
     """Forget the clients (they read OPENAI_*/ANTHROPIC_* from the environment once)."""
     _openai_clients.cache_clear()
     _anthropic_clients.cache_clear()
-
-
-def _tokens(message: str, max_tokens: int) -> int:
-    """The call's tokens as /chat reserved them."""
-    return estimate_input_tokens([{"role": "user", "content": message}]) + max_tokens
-
-
-def openai_complete(model: str, message: str, max_tokens: int, observe: Observe
-                    ) -> tuple[str, int, int, int]:
-    """(reply, input tokens, output tokens, cached input tokens) of one chat turn."""
-    tokens = _tokens(message, max_tokens)
-    messages = [{"role": "user", "content": message}]
-    raw = guarded_call("openai", observe, tokens, lambda: openai_client().chat.completions
-                       .with_raw_response.create(model=model, messages=messages,  # type: ignore[arg-type]
-                                                 max_tokens=max_tokens))
-    observe(raw.headers, raw.status_code, tokens)
-    result = raw.parse()
-    if not result.choices:
-        raise UpstreamError(502, "upstream_error", "The openai API returned no choices.")
-    usage = result.usage
-    cached = 0
-    if usage is not None and usage.prompt_tokens_details is not None:
-        cached = usage.prompt_tokens_details.cached_tokens or 0
-    return (result.choices[0].message.content or "",
-            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, cached)
-
-
-def anthropic_complete(model: str, message: str, max_tokens: int, observe: Observe
-                       ) -> tuple[str, int, int, int]:
-    tokens = _tokens(message, max_tokens)
-    messages = [{"role": "user", "content": message}]
-    raw = guarded_call("anthropic", observe, tokens, lambda: anthropic_client().messages
-                       .with_raw_response.create(model=model, max_tokens=max_tokens,
-                                                 messages=messages))  # type: ignore[arg-type]
-    observe(raw.headers, raw.status_code, tokens)
-    result = raw.parse()
-    u = result.usage
-    cached = u.cache_read_input_tokens or 0
-    fresh = u.input_tokens + cached + (u.cache_creation_input_tokens or 0)
-    text = "".join(block.text for block in result.content if block.type == "text")
-    return text, fresh, u.output_tokens, cached

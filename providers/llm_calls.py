@@ -1,10 +1,11 @@
-"""Raw upstream calls for /v1: the provider's own JSON body, SSE events and response headers.
+"""The one upstream call: the provider's own JSON body, SSE events and response headers.
 
-The /v1 endpoints relay what the provider said rather than a re-serialised SDK model, so
-clients see the exact fields; they also need every response's headers (the limiter learns the
-provider's pacing from them). Each call reports ``observe(headers, status, tokens)`` once, on
-success and on an HTTP error alike, then raises :class:`UpstreamError` for any failure. The usage
-readers turn each provider's usage object into the limiter's :class:`Usage`.
+/v1 and /chat both call through here (by way of :mod:`providers.apis`). /v1 relays what
+the provider said rather than a re-serialised SDK model, so clients see the exact fields; every
+response's headers are kept too (the limiter learns the provider's pacing from them). Each call
+reports ``observe(headers, status, tokens)`` once, on success and on an HTTP error alike, then
+raises :class:`UpstreamError` for any failure. The usage readers turn each provider's usage
+object into the limiter's :class:`Usage`.
 """
 
 from __future__ import annotations
@@ -170,49 +171,34 @@ def _guarded(events: Iterator[SSEEvent], provider: str) -> Iterator[SSEEvent]:
         raise from_sdk(exc, provider) from None
 
 
-def _open(raw: Any, provider: str, observe: Observe, tokens: int) -> UpstreamStream:
+def _endpoint(provider: str) -> Any:
+    """The SDK resource whose ``create`` is the provider's chat call."""
+    if provider == "anthropic":
+        return anthropic_client().messages
+    return openai_client().chat.completions
+
+
+def create(provider: str, params: Mapping[str, Any], observe: Observe, tokens: int
+           ) -> UpstreamReply:
+    """One whole answer (POST /v1/chat/completions or /v1/messages upstream, not streamed)."""
+
+    def send() -> tuple[Any, bytes]:
+        raw = _endpoint(provider).with_raw_response.create(**params)
+        return raw, raw.http_response.read()
+
+    raw, body = guarded_call(provider, observe, tokens, send)
+    headers = dict(raw.headers)
+    observe(headers, raw.status_code, tokens)
+    return UpstreamReply(body, headers, raw.status_code)
+
+
+def stream(provider: str, params: Mapping[str, Any], observe: Observe, tokens: int
+           ) -> UpstreamStream:
+    """The same call with ``stream: true``; returns once the headers arrive."""
+    raw = guarded_call(provider, observe, tokens,
+                       lambda: _endpoint(provider).with_raw_response.create(**params, stream=True))
     response = raw.http_response
     headers = dict(response.headers)
     observe(headers, response.status_code, tokens)
     return UpstreamStream(headers, _guarded(parse_sse(response.iter_lines()), provider),
                           response.close, response.status_code)
-
-
-def openai_create(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamReply:
-    """POST /v1/chat/completions upstream, not streamed."""
-
-    def send() -> tuple[Any, bytes]:
-        raw = openai_client().chat.completions.with_raw_response.create(**params)
-        return raw, raw.http_response.read()
-
-    raw, body = guarded_call("openai", observe, tokens, send)
-    headers = dict(raw.headers)
-    observe(headers, raw.status_code, tokens)
-    return UpstreamReply(body, headers, raw.status_code)
-
-
-def openai_stream(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamStream:
-    """POST /v1/chat/completions upstream with ``stream: true``; returns once headers arrive."""
-    raw = guarded_call("openai", observe, tokens, lambda: openai_client().chat.completions
-                       .with_raw_response.create(**params, stream=True))
-    return _open(raw, "openai", observe, tokens)
-
-
-def anthropic_create(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamReply:
-    """POST /v1/messages upstream, not streamed."""
-
-    def send() -> tuple[Any, bytes]:
-        raw = anthropic_client().messages.with_raw_response.create(**params)
-        return raw, raw.http_response.read()
-
-    raw, body = guarded_call("anthropic", observe, tokens, send)
-    headers = dict(raw.headers)
-    observe(headers, raw.status_code, tokens)
-    return UpstreamReply(body, headers, raw.status_code)
-
-
-def anthropic_stream(params: Mapping[str, Any], observe: Observe, tokens: int) -> UpstreamStream:
-    """POST /v1/messages upstream with ``stream: true``; returns once headers arrive."""
-    raw = guarded_call("anthropic", observe, tokens, lambda: anthropic_client().messages
-                       .with_raw_response.create(**params, stream=True))
-    return _open(raw, "anthropic", observe, tokens)

@@ -38,7 +38,7 @@ from limiting.core.policy import PolicyError, parse_policy
 from limiting.core.pricing import usage_usd_micros
 from limiting.reservation import Reservation
 from limiting.stores.storage import open_store
-from providers import clients, complete
+from providers import OPENAI, LLMRequest, clients
 from providers.errors import UpstreamError, from_sdk
 from tests.conftest import free_port, provider_env, write_policy
 
@@ -268,7 +268,7 @@ def test_reported_usage_is_what_is_charged(app: Flask, client: FlaskClient, key:
 def test_a_long_call_keeps_its_lease_through_the_library_api(
         tmp_path: Path, r: redis.Redis, redis_url: str, fp: FakeProvider,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A /chat-shaped view: ``with limiter.reserve(...) as r`` around providers.complete. The
+    """A /chat-shaped view: ``with limiter.reserve(...) as r`` around a provider call. The
     call outlives lease_ttl_seconds (10 s); the lease is renewed, so a second call is refused
     while it runs, and it is released after."""
     monkeypatch.setenv("UPSTREAM_TIMEOUT", "30")
@@ -280,7 +280,11 @@ def test_a_long_call_keeps_its_lease_through_the_library_api(
     @app.post("/slow")
     def slow() -> dict[str, Any]:
         with limiter.reserve("long", GPT, 10, 20, "single") as res:
-            text, usage = complete("openai", GPT, "hello there", 20, lambda h, s, t: None)
+            messages = [{"role": "user", "content": "hello there"}]
+            call = LLMRequest(GPT, "openai", messages, 20, 10,
+                              {"model": GPT, "messages": messages, "max_tokens": 20})
+            text, usage = OPENAI.complete(call, lambda h, s, t: None)
+            assert usage is not None
             res.settle(usage)
         return {"reply": text}
 

@@ -42,7 +42,7 @@ def test_the_core_imports_neither_flask_nor_redis() -> None:
 def test_blueprints_use_only_the_public_limiting_package() -> None:
     """The HTTP faces see one public API (limiting/__init__), so the library's inside can
     move without breaking them."""
-    for path in sorted((ROOT / "blueprints").glob("*.py")):
+    for path in sorted((ROOT / "blueprints").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 assert not node.module.startswith("limiting."), \

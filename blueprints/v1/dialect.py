@@ -1,0 +1,56 @@
+"""What differs between /v1's provider APIs, as one interface :func:`serve` asks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from flask import Response
+from werkzeug.datastructures import Headers
+
+from limiting import Decision, json_response
+from providers import LLMRequest, ProviderAPI
+from providers.llm_calls import Tally, UpstreamStream
+
+from .problems import ApiProblem
+
+
+class Dialect(ABC):
+    """How one provider's HTTP API names things: where the key is, which fields a body has,
+    how errors and rate-limit headers look, how its stream is relayed. The flow (key → body →
+    reservation → upstream → settle) is :func:`serve`'s and the same for every dialect."""
+
+    #: The upstream calls, usage reader and echo of this wire format.
+    api: ProviderAPI
+
+    @abstractmethod
+    def api_key(self, headers: Headers) -> str | None:
+        """The key the request presents, where this API's clients send it."""
+
+    @abstractmethod
+    def parse(self, body: Mapping[str, Any], default_max: Callable[[], int]) -> LLMRequest:
+        """The body checked (an :class:`ApiProblem` when it is wrong) and read as the neutral
+        request; ``default_max`` gives the plan's output limit for a body without one."""
+
+    @abstractmethod
+    def error_body(self, problem: ApiProblem) -> dict[str, Any]:
+        """The problem in this API's JSON error shape."""
+
+    @abstractmethod
+    def error_event(self, problem: ApiProblem) -> str:
+        """The problem as the SSE event that ends a stream already under way."""
+
+    @abstractmethod
+    def provider_headers(self, decision: Decision) -> dict[str, str]:
+        """The provider's own rate-limit headers, from our decision."""
+
+    @abstractmethod
+    def relay(self, upstream: UpstreamStream, tally: Tally, call: LLMRequest) -> Iterator[str]:
+        """The upstream's events as this API's SSE text, reporting usage to ``tally`` and
+        marking it complete or failed before the last event goes out."""
+
+    def render(self, problem: ApiProblem) -> Response:
+        """The problem as a JSON response with its status and headers."""
+        return json_response(problem.status, self.error_body(problem), problem.headers,
+                             problem.retry_after)

@@ -1,0 +1,137 @@
+"""Body checks shared by the /v1 dialects, all before any limit is charged: bad input is the
+caller's 400 and costs nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+
+from limiting import (
+    IMAGE_TOKENS,
+    ModelPolicy,
+    PriceTerms,
+    PricingError,
+    UnpricedContent,
+    current_limiter,
+    estimate_input_tokens,
+    estimate_tokens,
+)
+from providers import UnknownModel, check_available, provider_for
+
+from ..validation import json_object
+from .problems import NOT_FOUND, ApiProblem, invalid
+
+# No model generates more in one answer (the largest allow ~128k); 10**400 is an attack.
+MAX_TOKENS_CAP = 1_000_000
+
+
+def read_body() -> dict[str, Any]:
+    try:
+        return json_object()
+    except RequestEntityTooLarge:
+        raise
+    except BadRequest as exc:
+        raise invalid(str(exc.description)) from None
+
+
+def model_field(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("'model' is required and must be a non-empty string.", "model")
+    return model
+
+
+def optional_bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be a boolean.", name)
+    return value
+
+
+def optional_positive_int(body: Mapping[str, Any], name: str,
+                          most: int = MAX_TOKENS_CAP) -> int | None:
+    """An integer in 1..``most``: beyond it no model answers, and an unbounded one (10**400)
+    would overflow the dollar estimate, so it is the caller's 400, never our 500."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise invalid(f"'{name}' must be an integer from 1 to {most:,}.", name)
+    return value
+
+
+def messages_field(body: Mapping[str, Any], *, null_content_ok: bool = False
+                   ) -> list[dict[str, Any]]:
+    """A non-empty list of {role: str, content: str | list} objects.
+
+    ``null_content_ok``: OpenAI lets an assistant turn that only calls tools have no content.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty array.", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise invalid(f"'messages[{i}]' must be an object with a string 'role'.",
+                          f"messages[{i}]")
+        content = message.get("content")
+        if isinstance(content, (str, list)):
+            continue
+        if content is None and null_content_ok and message["role"] == "assistant":
+            continue
+        raise invalid(f"'messages[{i}].content' must be a string or an array.",
+                      f"messages[{i}].content")
+    return messages
+
+
+def unknown_fields(body: Mapping[str, Any], known: frozenset[str]) -> None:
+    """Refuse fields we would not forward: silently dropping them would change the answer."""
+    for name in body:
+        if name not in known:
+            raise invalid(f"Unrecognized request argument supplied: {name}", name)
+
+
+def passthrough(body: Mapping[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """The fields forwarded upstream as the client sent them."""
+    return {k: v for k, v in body.items() if k in names and v is not None}
+
+
+def provider_of(model: str, not_found: str) -> tuple[str, ModelPolicy | None]:
+    """The model's provider (404 with the dialect's ``not_found`` message when the policy does
+    not list it; the server holding no key for it is refused too) and its priced entry."""
+    policy = current_limiter().policy
+    try:
+        provider = provider_for(model, policy)
+    except UnknownModel:
+        raise ApiProblem(404, NOT_FOUND, not_found, code="model_not_found") from None
+    check_available(provider, model)
+    return provider, policy.model(model)
+
+
+def price_terms(terms: Callable[[], PriceTerms]) -> PriceTerms:
+    """What prices the call beyond its tokens; a term the model has no price for is a 400."""
+    try:
+        return terms()
+    except PricingError as exc:
+        raise invalid(exc.message, exc.param) from None
+
+
+def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = None, *,
+             functions: Any = None, response_format: Any = None,
+             model: ModelPolicy | None = None) -> int:
+    """Offline input estimate. Tool and function definitions and a response schema count:
+    the provider puts them in the prompt and bills them as input; so do images, at the
+    model's ``image_tokens`` each. Content that cannot be priced before the call is a 400."""
+    image_tokens = model.image_tokens if model is not None else IMAGE_TOKENS
+    try:
+        total = estimate_input_tokens(messages, system, image_tokens)
+    except UnpricedContent as exc:
+        raise invalid(str(exc), "messages") from None
+    for schema in (tools, functions, response_format):
+        if schema:
+            total += estimate_tokens(json.dumps(schema, default=str))
+    return total

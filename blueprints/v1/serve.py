@@ -1,0 +1,126 @@
+"""One flow for every /v1 dialect: key → body → reservation → upstream (or echo) → settle or
+stream → headers. The dialect says how its API names things; what is charged follows the
+reservation rule (limiting.reservation) the same way for all of them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flask import Response, request
+
+from limiting import (
+    KeyRecord,
+    Plan,
+    Reservation,
+    StoreUnavailable,
+    Usage,
+    current_limiter,
+    rate_limit_headers,
+)
+from providers.errors import Observe
+from providers.llm_calls import Tally, UpstreamReply, UpstreamStream
+
+from .dialect import Dialect
+from .fields import read_body
+from .problems import AUTH, ApiProblem, problem_from, refusal
+from .sse import sse_response
+
+log = logging.getLogger("limiter.v1")
+
+
+def serve(dialect: Dialect) -> Response:
+    """The current request answered in ``dialect``; any failure in its error shape."""
+    try:
+        return _serve(dialect)
+    except Exception as exc:
+        return dialect.render(refusal(exc, dialect.provider_headers))
+
+
+def _serve(dialect: Dialect) -> Response:
+    record = authenticate(dialect.api_key(request.headers))
+    call = dialect.parse(read_body(), lambda: plan_of(record).default_max_tokens)
+    reservation = current_limiter().reserve(
+        record.user, call.model, call.estimate, call.reserved_output, plan=record.plan,
+        terms=call.terms,
+        renews=call.provider != "echo")   # an answer made in-process cannot outlive its lease
+    decision = reservation.decision
+    headers = {**rate_limit_headers(decision), **dialect.provider_headers(decision)}
+    api, observe = dialect.api, observer(call.model)
+    if not call.stream:
+        answer = run_plain(reservation, lambda: api.answer(call, observe), api.usage)
+        return json_reply(answer, headers)
+    upstream = open_stream(reservation, lambda: api.open(call, observe))
+    tally = Tally()
+    return sse_response(dialect.relay(upstream, tally, call), tally, reservation,
+                        upstream.close, dialect.error_event, headers)
+
+
+def authenticate(token: str | None) -> KeyRecord:
+    if not token:
+        raise ApiProblem(401, AUTH, "No API key provided.", code="invalid_api_key")
+    try:
+        record = current_limiter().keys.authenticate(token)
+    except StoreUnavailable as exc:
+        raise problem_from(exc) from None
+    if record is None:
+        raise ApiProblem(401, AUTH, "Incorrect or revoked API key provided.",
+                         code="invalid_api_key")
+    return record
+
+
+def plan_of(record: KeyRecord) -> Plan:
+    """The key's plan, as reserve() will charge it (a plan that left the policy: the
+    user's own)."""
+    return current_limiter().policy.resolve(record.user, record.plan)
+
+
+def observer(model: str) -> Observe:
+    """Feeds provider headers to the model's guard; a failure there never fails the call."""
+    limiter = current_limiter()
+
+    def observe(headers: Mapping[str, str], status: int, tokens: int = 0) -> None:
+        try:
+            limiter.observe_upstream(model, headers, status, tokens)
+        except Exception:
+            log.warning("observe_upstream failed for %s", model, exc_info=True)
+
+    return observe
+
+
+# --- the reservation's life (its rule lives in limiting.reservation) ------------------------------
+
+
+def run_plain(reservation: Reservation, call: Callable[[], UpstreamReply],
+              usage_of: Callable[[Any], Usage | None]) -> UpstreamReply:
+    """One whole upstream call inside the reservation: settled to the provider's reported
+    usage; a failure or a reply without usage follows the reservation rule."""
+    with reservation:
+        reply = call()
+        try:
+            usage = usage_of(reply.json())
+        except ValueError:
+            usage = None
+        if usage is not None:
+            reservation.settle(usage)
+    return reply
+
+
+def open_stream(reservation: Reservation, call: Callable[[], UpstreamStream]
+                ) -> UpstreamStream:
+    """Open the upstream stream (its HTTP errors are still plain errors) with the lease being
+    renewed; a failure to open finishes the reservation by the rule."""
+    reservation.start_renewal()
+    try:
+        return call()
+    except BaseException as exc:
+        reservation.finish(exc)
+        raise
+
+
+def json_reply(reply: UpstreamReply, headers: Mapping[str, str]) -> Response:
+    """The provider's body as it sent it, with our headers."""
+    response = Response(reply.body, status=200, mimetype="application/json")
+    response.headers.update(headers)
+    return response
