@@ -46,12 +46,13 @@ def chat() -> dict[str, Any]:
     provider = provider_for(model, limiter.policy)
     check_available(provider, model)
     plan_obj = limiter.policy.resolve(user, plan)   # a key's plan that left: the user's own
-    call = _request(model, provider, message, plan_obj.default_max_tokens)
     api = api_for(provider)
     if provider == "echo" and not plan_obj.meters_units:
-        # Nothing to reserve, settle or guard: one request, one decision.
+        # Nothing to reserve, settle or guard: one request, one decision (and no estimate).
         limiter.acquire(user, plan, anonymous=anonymous)
+        call = _request(model, provider, message, plan_obj.default_max_tokens, estimate=False)
         return {"reply": api.complete(call, _no_observer)[0]}
+    call = _request(model, provider, message, plan_obj.default_max_tokens)
     spend = limiter.reserve(user, model, call.estimate, call.reserved_output, plan,
                             anonymous=anonymous,
                             renews=provider != "echo")  # in-process: cannot outlive a lease
@@ -62,10 +63,13 @@ def chat() -> dict[str, Any]:
     return {"reply": reply}
 
 
-def _request(model: str, provider: str, message: str, max_tokens: int) -> LLMRequest:
-    """One user turn, in the names both provider APIs share."""
+def _request(model: str, provider: str, message: str, max_tokens: int,
+             estimate: bool = True) -> LLMRequest:
+    """One user turn, in the names both provider APIs share (``estimate``: of its input
+    tokens, for a reservation)."""
     messages = [{"role": "user", "content": message}]
-    return LLMRequest(model, provider, messages, max_tokens, estimate_input_tokens(messages),
+    tokens = estimate_input_tokens(messages) if estimate else 0
+    return LLMRequest(model, provider, messages, max_tokens, tokens,
                       {"model": model, "messages": messages, "max_tokens": max_tokens})
 
 

@@ -114,3 +114,17 @@ def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path
     resp = httpx.post(app2.url + "/chat", json={"message": "hi", "user_id": "test-user-1"})
     assert resp.status_code == 200
     assert '"quota-day";r=88;' in resp.headers["RateLimit"]
+
+
+def test_metrics_add_up_over_workers_within_a_second(four_workers) -> None:
+    """Admitted decisions are counted in each worker and written out at most a second apart
+    (limiting.metrics.FLUSH_SECONDS): /metrics, from any worker, soon shows all of them."""
+    codes = [resp.status_code for resp in fire(four_workers.url, "metered-user", 40)]
+    assert codes.count(200) == 40
+    line = 'llm_limiter_decisions_total{layer="all",outcome="allowed"} 40.0'
+    deadline = time.monotonic() + 10   # a bound, not a timing claim: usually ~1 s
+    while time.monotonic() < deadline:
+        if line in httpx.get(four_workers.url + "/metrics").text:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{line!r} never appeared in /metrics")

@@ -28,7 +28,7 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
-from ..metrics import STORE_ROUND_TRIPS, STORE_SCRIPT_CALLS
+from ..metrics import STORE_ROUND_TRIPS, STORE_SCRIPT_CALLS, count
 
 Call = tuple[Script, list[str], Sequence[Any]]
 
@@ -110,8 +110,8 @@ class Pipeliner:
 
     def _run(self, batch: list[_Pending]) -> None:
         """Send the batch and answer every call in it; never raises."""
-        STORE_ROUND_TRIPS.inc()
-        STORE_SCRIPT_CALLS.inc(len(batch))
+        count(STORE_ROUND_TRIPS)
+        count(STORE_SCRIPT_CALLS, len(batch))
         try:
             conn = self._idle.pop() if self._idle else self._pool.get_connection()
         except BaseException as exc:  # no connection to be had: every caller hears why

@@ -70,19 +70,22 @@ class BodyDeadline:
         ended. A body over the limit is read on, and dropped, up to DRAIN_BYTES more, so
         the 413 reaches a client still sending instead of a reset connection.
 
-        Each read sets the socket's timeout to what is left, which cuts a client that stops;
-        gunicorn's reader loops over recv() inside one read, so a client that trickles is
-        cut by gevent's timer around the whole (exact in the gevent workers, the default).
+        Under gevent (the default workers) one timer around the whole read cuts a client
+        that stops or trickles. Elsewhere each read sets the socket's timeout to what is
+        left, which cuts a client that stops (gunicorn's reader loops over recv() inside one
+        read, so a trickling client is cut only at the next read).
         Raises _Expired or TimeoutError at the deadline of a body within the limit."""
         stream = environ["wsgi.input"]
-        sock = environ.get("gunicorn.socket")
+        timer = self._timer()
+        # gevent's timer bounds the whole read; without it each read's socket timeout must.
+        sock = environ.get("gunicorn.socket") if isinstance(timer, nullcontext) else None
         prior = sock.gettimeout() if sock is not None else None
         deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
         keep = self.max_bytes + 1
         parts: list[bytes] = []
         total = 0
         try:
-            with self._timer():
+            with timer:
                 while total < self.max_bytes + DRAIN_BYTES:
                     if deadline is not None and sock is not None:
                         left = deadline - time.monotonic()

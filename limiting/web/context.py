@@ -7,7 +7,9 @@ environ, so it is the request's own even when tests reuse one app context for ma
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flask import current_app, request
 
@@ -25,6 +27,7 @@ class RequestLimits:
     decision: Decision | None = None     # the user's decision (or the edge's, for bad input)
     request_id: str | None = None        # X-Request-ID: the caller's, or one of ours
     limited_route: bool | None = None    # None until asked: does the view call acquire()?
+    headers: list[tuple[str, str]] | None = None   # RateLimit*, sent by SendLimitHeaders
 
     def is_limited_route(self) -> bool:
         """Does the view call acquire() (so its edge check rides in that call)? Asked by up
@@ -43,3 +46,27 @@ def request_limits() -> RequestLimits:
     if limits is None:
         limits = environ[_KEY] = RequestLimits()
     return limits
+
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+class SendLimitHeaders:
+    """WSGI middleware: the RateLimit headers the after_request hook chose join the
+    response's header list as it is sent. Every limited response carries five; added to a
+    werkzeug Response each is checked and copied again (~4 µs a response), and these are
+    values we wrote ourselves."""
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse
+                 ) -> Iterable[bytes]:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            limits: RequestLimits | None = environ.get(_KEY)
+            if limits is not None and limits.headers:
+                headers.extend(limits.headers)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)

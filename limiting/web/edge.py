@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response
@@ -20,6 +21,9 @@ from .errors import LimiterUnavailable, json_response
 from .flask_limiter_adapter import take_request_hooks
 from .identity import client_ip
 
+# Flask-Limiter's after-request hook, for the extension's own after_request to call.
+AfterHook = Callable[[Response], Response]
+
 
 def mark_limited(view: Any) -> Any:
     """Mark a view that calls acquire(): its edge check rides in that same script call."""
@@ -35,7 +39,8 @@ def combines_edge(store: Store) -> bool:
     return store.single_node
 
 
-def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
+def init_edge(app: Flask, policy: Policy, store: Store
+              ) -> tuple[Limiter | None, AfterHook | None]:
     """Register Flask-Limiter with the policy's [edge] per_ip limits; None when there are none.
 
     On one Redis server, limited routes count the edge inside their acquire call, on
@@ -43,7 +48,7 @@ def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
     is checked by Flask-Limiter before the view, as usual.
     """
     if not policy.edge_per_ip:
-        return None
+        return None, None
     uri, options = edge_storage(store)
     if policy.fail_edge == "fail_closed":
         options = {**options, "wrap_exceptions": True}
@@ -58,8 +63,7 @@ def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
         key_prefix="edge",
     )
     edge.init_app(app)
-    if combines_edge(store):
-        _skip_limited_routes(app, edge)
+    after = _skip_limited_routes(app, edge) if combines_edge(store) else None
 
     @app.errorhandler(RateLimitExceeded)
     def edge_refused(exc: RateLimitExceeded) -> Any:
@@ -70,36 +74,36 @@ def init_edge(app: Flask, policy: Policy, store: Store) -> Limiter | None:
         err = LimiterUnavailable()
         return json_response(503, err.body(), retry_after=err.retry_after)
 
-    return edge
+    return edge, after
 
 
-def _skip_limited_routes(app: Flask, edge: Limiter) -> None:
+def _skip_limited_routes(app: Flask, edge: Limiter) -> AfterHook | None:
     """Keep Flask-Limiter's hooks off the routes whose acquire call counts the edge.
 
     A request filter would do the same, but only after Flask-Limiter has resolved and
     evaluated its limits for the request: on the hot path that costs as much as our script.
     Its after_request and teardown hooks have nothing to do there either (no limit of its own
-    was looked at). So its three hooks are taken out (flask_limiter_adapter) and run here,
-    in their places, on every other route.
+    was looked at). So its three hooks are taken out (flask_limiter_adapter): the check and
+    the teardown run here, in their places, on every other route; its after-request hook is
+    returned for the extension's own after_request to call (one Flask hook instead of two
+    on every request).
     """
     hooks = take_request_hooks(app, edge)
     if hooks is None:  # a Flask-Limiter that registers differently: filter instead
         edge.request_filter(is_limited_route)
-        return
+        return None
 
     @app.before_request
     def edge_check() -> None:
         if not is_limited_route():
             hooks.check()
 
-    @app.after_request
-    def edge_after(response: Response) -> Response:
-        return response if is_limited_route() else hooks.after(response)
-
     @app.teardown_request
     def edge_teardown(exc: BaseException | None) -> None:
         if not is_limited_route():
             hooks.teardown(exc)
+
+    return hooks.after
 
 
 def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:

@@ -30,8 +30,8 @@ from ..stores.store import Store
 from . import logs
 from .auth_failures import AuthFailures
 from .cli import limits_cli
-from .context import request_limits
-from .edge import combines_edge, init_edge, mark_limited
+from .context import RequestLimits, SendLimitHeaders, request_limits
+from .edge import AfterHook, combines_edge, init_edge, mark_limited
 from .errors import (
     ExceedsLimit,
     LimiterUnavailable,
@@ -90,9 +90,10 @@ class RateLimiter:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
             # anything before them is the client's claim and must not pick the edge key.
             app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
-        self.edge = init_edge(app, policy, store)
+        self.edge, edge_after = init_edge(app, policy, store)
         app.extensions[EXTENSION_KEY] = self
-        app.after_request(_add_headers)
+        app.after_request(_after_request(edge_after))
+        app.wsgi_app = SendLimitHeaders(app.wsgi_app)  # type: ignore[method-assign]
         app.register_error_handler(RateLimited, _render_refusal)
         app.register_error_handler(LimiterUnavailable, _render_refusal)
         app.register_error_handler(UpstreamSaturated, _render_refusal)
@@ -218,11 +219,11 @@ class RateLimiter:
 
 def _record(decision: Decision, user: str, started: float) -> None:
     """Every outcome counted; refusals and fail-policy decisions logged as JSON."""
-    metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+    metrics.time_decision(started)
     if decision.would_refuse and decision.allowed:
         _would_refuse(decision, user)
     if decision.allowed and not decision.degraded:
-        metrics.ALLOWED.inc()
+        metrics.count(metrics.ALLOWED)
         return
     if decision.unavailable:
         metrics.DECISIONS.labels("store", "unavailable").inc()
@@ -245,7 +246,7 @@ def _record_guard(refusal: GuardRefused, user: str, started: float) -> None:
     layer = f"upstream:{refusal.model}"
     retry = refusal.retry_after
     if retry is not None:
-        metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+        metrics.time_decision(started)
         metrics.GUARD_REFUSALS.labels(refusal.model).inc()
     metrics.DECISIONS.labels(layer, "refused").inc()
     logs.event("refused", user=user, layer=layer, retry_after=retry)
@@ -296,8 +297,21 @@ def _setting(app: Flask, name: str, default: str) -> str:
     return str(value)
 
 
-def _add_headers(response: Response) -> Response:
-    limits = request_limits()
+def _after_request(edge_after: AfterHook | None) -> AfterHook:
+    """The extension's one after_request hook (each hook Flask runs costs on every request):
+    our headers, then Flask-Limiter's own hook on the routes it checked."""
+    if edge_after is None:
+        return lambda response: _add_headers(response, request_limits())
+
+    def after_request(response: Response) -> Response:
+        limits = request_limits()
+        response = _add_headers(response, limits)
+        return response if limits.is_limited_route() else edge_after(response)
+
+    return after_request
+
+
+def _add_headers(response: Response, limits: RequestLimits) -> Response:
     decision = limits.decision
     if decision is None and limits.is_limited_route():
         # Turned away before acquire (bad input): the edge still counts the attempt.
@@ -307,10 +321,8 @@ def _add_headers(response: Response) -> Response:
                                                              rate_limit_headers(decision)))
     if decision is not None and response.status_code != 429 and "RateLimit" not in response.headers:
         # A view that set them (the /v1 dialects do) keeps its own; otherwise they are new,
-        # so add (extend would first walk the mapping as a multi-dict: twice the cost).
-        add = response.headers.add
-        for name, value in rate_limit_headers(decision).items():
-            add(name, value)
+        # and join the header list as it is sent (SendLimitHeaders).
+        limits.headers = list(rate_limit_headers(decision).items())
     rid = limits.request_id
     if rid is not None:
         response.headers["X-Request-ID"] = rid
