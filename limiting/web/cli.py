@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn, TypeVar
 
 import click
 from flask.cli import AppGroup
@@ -19,9 +17,8 @@ from ..core.override import Override, check, parse_duration
 from ..core.policy import PolicyError, load_policy
 from ..overrides import REFRESH_SECONDS, OverrideTable, StoreOverrides, changed
 from ..stores.store import StoreUnavailable
+from .keys_cli import _fail, _guarded  # one way to fail a command, for both groups
 from .operated import app_limiter
-
-T = TypeVar("T")
 
 limits_cli = AppGroup("limits", help="Inspect and reset rate limits.")
 
@@ -97,19 +94,6 @@ def check_config(path: Path) -> None:
 
 
 _NAMESPACES = {KEY_USER: "key", BODY_USER: "chat"}
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _guarded(action: Callable[[], T]) -> T:
-    """Run against the store; an unreachable one is a message and exit 2, not a traceback."""
-    try:
-        return action()
-    except StoreUnavailable as exc:
-        _fail(f"the store is unreachable: {exc}", 2)
 
 
 def _table() -> OverrideTable:
