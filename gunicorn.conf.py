@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,23 +32,47 @@ accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 
-_embedded = None
 
-
-def on_starting(server: object) -> None:
-    """Metrics files for every worker; without REDIS_URL, one Valkey every worker shares."""
-    global _embedded
-    here = Path(__file__).resolve().parent
-    folder = Path(os.environ.get("LIMITER_INSTANCE") or here / "instance").resolve()
+def on_starting(server: Any) -> None:
+    """Metrics files for every worker; without REDIS_URL, one Valkey every worker shares;
+    the policy file checked, and the copy the workers load made."""
+    folder = _instance()
     # Workers write their counts here and /metrics adds them up; a new start starts at zero.
     metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or folder / "prometheus")
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # On the arbiter, not in this file's globals: HUP runs this file again, resetting them.
+    server.limits_source = Path(os.environ.get("LIMITS_CONFIG") or "limits.toml").resolve()
+    _keep_policy(server, reloading=False)
+    server.embedded_store = None
     if os.environ.get("REDIS_URL"):
         return
-    _embedded = spawn(folder)
+    server.embedded_store = spawn(folder)
     os.environ["REDIS_URL"] = socket_url(folder)
+
+
+def on_reload(server: Any) -> None:
+    """HUP: new workers load the policy file if it is good, else the last good one."""
+    _keep_policy(server, reloading=True)
+
+
+def _keep_policy(server: Any, reloading: bool) -> None:
+    from limiting.reloading import keep
+
+    kept, what = keep(server.limits_source, _instance(), reloading)
+    if what.startswith("accepted"):
+        os.environ["LIMITS_CONFIG"] = str(kept)
+        server.log.info("policy %s", what)
+    elif reloading:
+        # The workers keep loading the copy accepted last: the old policy keeps serving.
+        server.log.error("policy %s; still serving %s", what, kept)
+    # A bad file at start: the workers read it and fail with its reason, as without HUP.
+
+
+def _instance() -> Path:
+    here = Path(__file__).resolve().parent
+    return Path(os.environ.get("LIMITER_INSTANCE") or here / "instance").resolve()
 
 
 def post_worker_init(worker: object) -> None:
@@ -57,5 +82,5 @@ def post_worker_init(worker: object) -> None:
     warm()
 
 
-def on_exit(server: object) -> None:
-    stop_spawned(_embedded)
+def on_exit(server: Any) -> None:
+    stop_spawned(getattr(server, "embedded_store", None))

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .lease import RENEW_EVERY
 from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
@@ -27,6 +27,8 @@ _WARNED_REMOVED: set[tuple[str, str]] = set()
 
 # The built-in model, answered in this process: the demo needs no provider account.
 ECHO = "echo"
+
+OVERRIDDEN = "+override:"   # an override plan's name: its plan's, this, whose ("u:alice")
 
 Mode = Literal["enforce", "shadow"]
 MODES: tuple[Mode, ...] = ("enforce", "shadow")
@@ -99,6 +101,13 @@ class ModelPolicy:
         return self.input_usd_per_million is not None and self.output_usd_per_million is not None
 
 
+class PlanOverrides(Protocol):
+    """Operators' changes to one user's plan, kept outside the file (limiting/overrides.py);
+    ``realm`` is naming.KEY_USER or BODY_USER (naming imports this module)."""
+
+    def plan_for(self, user: str, realm: str, plan: Plan, plans: Mapping[str, Plan]) -> Plan: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     source: str
@@ -111,16 +120,26 @@ class Policy:
     timeout_ms: int = 50           # a decision's budget for connect and reply
     local_fallback: bool = False   # while the store is away, limit in memory per worker
     aliases: Mapping[str, str] = field(default_factory=dict)   # alias -> model name
+    overrides: PlanOverrides | None = field(default=None, compare=False, repr=False)
 
-    def resolve(self, user: str, key_plan: str | None = None) -> Plan:
+    def resolve(self, user: str, key_plan: str | None = None, realm: str | None = None) -> Plan:
         """The plan ``user`` is limited by, the one lookup everyone uses: ``key_plan`` (an API
         key's) while the policy has it, else the user's own (``[users]``, else the default).
 
         A key naming a plan the policy no longer has (removed while keys still name it) gets
         the user's own, with one log line per name: removing a plan must not turn its keys'
-        requests into 500s."""
+        requests into 500s. An override for ``user`` in ``realm`` (default: "u", the key
+        user's, with a ``key_plan``, else "b", the /chat user_id's) applies on top."""
+        plan = self._own(user, key_plan)
+        if self.overrides is None:
+            return plan
+        realm = realm or ("u" if key_plan is not None else "b")
+        return self.overrides.plan_for(user, realm, plan, self.plans)
+
+    def _own(self, user: str, key_plan: str | None) -> Plan:
         if key_plan is not None:
-            plan = self.plans.get(key_plan)
+            # An override plan's name (the local fallback passes it on) means its plan.
+            plan = self.plans.get(key_plan.partition(OVERRIDDEN)[0])
             if plan is not None:
                 return plan
             if (self.source, key_plan) not in _WARNED_REMOVED:
@@ -160,7 +179,6 @@ def _windows(r: TableReader, key: str) -> tuple[Window, ...]:
     if len(set(seconds)) != len(seconds):
         r.fail(key, "two quotas share one window length; keep the tighter one")
     return tuple(out)
-
 
 
 def _plan(source: str, name: str, table: Any) -> Plan:
@@ -378,4 +396,5 @@ def per_worker(policy: Policy, workers: int) -> Policy:
         )
         for name, plan in policy.plans.items()
     }
-    return replace(policy, plans=MappingProxyType(plans), edge_per_ip=())
+    # Overrides live in the store that is away; the fallback enforces the file's plans.
+    return replace(policy, plans=MappingProxyType(plans), edge_per_ip=(), overrides=None)

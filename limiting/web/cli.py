@@ -1,18 +1,23 @@
-"""`flask --app app limits ...`: look at and reset a user's layers from the shell."""
+"""`flask --app app limits ...`: look at, reset and override a user's limits from the shell."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 from flask.cli import AppGroup
 
 from ..core.layers import compile_plan
-from ..core.naming import BODY_USER
+from ..core.naming import BODY_USER, KEY_USER
+from ..core.override import Override, check, parse_duration
 from ..core.policy import PolicyError, load_policy
+from ..overrides import REFRESH_SECONDS, OverrideTable, StoreOverrides, changed
 from ..stores.store import StoreUnavailable
+from .keys_cli import _fail, _guarded  # one way to fail a command, for both groups
 from .operated import app_limiter
 
 limits_cli = AppGroup("limits", help="Inspect and reset rate limits.")
@@ -31,8 +36,10 @@ def show(user: str, anonymous: bool | None) -> None:
     """Every layer of USER: limit, remaining, reset (charges nothing)."""
     limiter = app_limiter()
     try:
-        plan = limiter.plan_of_user(user)   # the key's plan, as requests are served
         realm = limiter.realm_of_user(user, anonymous=anonymous)
+        key_plan = limiter.keys.plans_by_user(user).get(user) if realm == KEY_USER else None
+        # The key's plan and this namespace's override, as requests are served.
+        plan = limiter.policy.resolve(user, key_plan, realm)
         decision = limiter.engine.peek(user, plan, realm)
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
@@ -84,3 +91,110 @@ def check_config(path: Path) -> None:
 
 
 
+
+
+_NAMESPACES = {KEY_USER: "key", BODY_USER: "chat"}
+
+
+def _table() -> OverrideTable:
+    return OverrideTable(app_limiter().store)
+
+
+def _seen_here() -> None:
+    """This process's own limiter (tests, `flask shell`) sees the change now, not in 1 s."""
+    overrides = app_limiter().policy.overrides
+    if isinstance(overrides, StoreOverrides):
+        overrides.refresh(force=True)
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "until cleared"
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@limits_cli.command("set")
+@click.argument("user")
+@click.option("--plan", default=None, help="Serve USER on this plan (one under [plans]).")
+@click.option("--quota", "quotas", multiple=True, metavar='"N per unit"',
+              help="A quota for USER; it replaces the plan's quota of the same window and "
+                   "keeps its usage. Repeatable.")
+@click.option("--budget-usd-per-day", "budget", type=float, default=None,
+              help="USER's dollar budget per sliding day.")
+@click.option("--for", "duration", default=None, metavar="DURATION",
+              help="How long, e.g. 30m, 12h, 7d (default: until cleared).")
+@_WHO
+def set_override(user: str, plan: str | None, quotas: tuple[str, ...], budget: float | None,
+                 duration: str | None, anonymous: bool | None) -> None:
+    """Change USER's limits now, without a restart: every worker within a second."""
+    limiter = app_limiter()
+    try:
+        seconds = parse_duration(duration) if duration is not None else None
+        override = Override(plan=plan, quotas=quotas, budget_usd_per_day=budget)
+        check(override, limiter.policy)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    realm = _guarded(lambda: limiter.realm_of_user(user, anonymous=anonymous))
+    table = _table()
+    now = _guarded(table.now)
+    override = Override(plan=plan, quotas=quotas, budget_usd_per_day=budget, set_at=now,
+                        expires_at=None if seconds is None else now + seconds)
+    before = _guarded(table.load)[2].get((realm, user))
+    _guarded(lambda: table.put(realm, user, override))
+    changed("override_set", f"{realm}:{user}", before and before.what(), override.what())
+    _seen_here()
+    click.echo(f"override for {user} ({_NAMESPACES[realm]}): {override.what()}  "
+               f"{'until ' if seconds else ''}{_when(override.expires_at)}; every worker "
+               f"applies it within {REFRESH_SECONDS:g} s")
+
+
+@limits_cli.command("overrides")
+@click.option("--clear", "clear", default=None, metavar="USER", help="Remove USER's override.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
+@_WHO
+def list_overrides(clear: str | None, as_json: bool, anonymous: bool | None) -> None:
+    """Every override in force: user, namespace, what, set when, expires when."""
+    if clear is not None:
+        _clear(clear, anonymous)
+        return
+    _, now, records = _guarded(_table().load)
+    rows = [{"user": user, "namespace": _NAMESPACES.get(realm, realm), "what": o.what(),
+             "set_at": _when(o.set_at), "expires_at": _when(o.expires_at)}
+            for (realm, user), o in sorted(records.items(), key=lambda kv: kv[0][::-1])
+            if o.expires_at is None or o.expires_at > now]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    header = {"user": "user", "namespace": "namespace", "what": "what", "set_at": "set",
+              "expires_at": "expires"}
+    widths = {k: max(len(str(row[k])) for row in [header, *rows]) for k in header}
+    for row in [header, *rows]:
+        click.echo("  ".join(str(row[k]).ljust(widths[k]) for k in header).rstrip())
+    if not rows:
+        click.echo("(no overrides)")
+
+
+@limits_cli.command("unset")
+@click.argument("user")
+@_WHO
+def unset(user: str, anonymous: bool | None) -> None:
+    """Remove USER's override (both namespaces unless one is named): the plan applies again."""
+    _clear(user, anonymous)
+
+
+def _clear(user: str, anonymous: bool | None) -> None:
+    realms = [KEY_USER, BODY_USER] if anonymous is None else \
+        [BODY_USER if anonymous else KEY_USER]
+    table = _table()
+    records = _guarded(table.load)[2]
+    removed = []
+    for realm in realms:
+        if _guarded(lambda realm=realm: table.remove(realm, user)):   # type: ignore[misc]
+            before = records.get((realm, user))
+            changed("override_cleared", f"{realm}:{user}", before and before.what(), None)
+            removed.append(_NAMESPACES[realm])
+    if not removed:
+        _fail(f"no override for {user}", 1)
+    _seen_here()
+    click.echo(f"cleared the override of {user} ({', '.join(removed)}); every worker applies "
+               f"its plan again within {REFRESH_SECONDS:g} s")

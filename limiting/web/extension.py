@@ -23,6 +23,7 @@ from ..core.pricing import STANDARD, PriceTerms
 from ..core.upstream import Observer
 from ..engine import Engine
 from ..keys import ApiKeys
+from ..overrides import attach
 from ..reservation import Reservation
 from ..stores.embedded import resolve_store_url
 from ..stores.storage import open_store
@@ -73,6 +74,7 @@ class RateLimiter:
             resolve_store_url(app, _setting(app, "REDIS_URL", "")),
             timeout=policy.timeout_ms / 1000,
         )
+        policy = attach(policy, store)   # `flask limits set`: seen here within a second
         edge_layers: tuple[Layer, ...] = ()
         edge_keys = None
         if policy.edge_per_ip and combines_edge(store):
@@ -139,8 +141,9 @@ class RateLimiter:
         """
         started = time.perf_counter()
         engine = self.engine
-        decision = engine.acquire(user, client_ip(), engine.policy.resolve(user, plan),
-                                  BODY_USER if anonymous else KEY_USER)
+        realm = BODY_USER if anonymous else KEY_USER
+        decision = engine.acquire(user, client_ip(), engine.policy.resolve(user, plan, realm),
+                                  realm)
         _record(decision, user, started)
         request_limits().decision = decision
         if decision.allowed:
@@ -164,10 +167,10 @@ class RateLimiter:
         policy = engine.policy
         ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms)
         limits = request_limits()
+        realm = BODY_USER if anonymous else KEY_USER
         try:
-            reservation = engine.reserve(user, policy.resolve(user, plan), ask, ip=client_ip(),
-                                         realm=BODY_USER if anonymous else KEY_USER,
-                                         renews=renews)
+            reservation = engine.reserve(user, policy.resolve(user, plan, realm), ask,
+                                         ip=client_ip(), realm=realm, renews=renews)
         except GuardRefused as guard:
             limits.decision = guard.decision
             _record_guard(guard, user, started)

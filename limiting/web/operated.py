@@ -11,6 +11,7 @@ from flask import current_app
 
 from ..core.policy import Plan, Policy
 from ..engine import Engine
+from ..keys import ApiKeys
 from ..stores.store import Store
 
 EXTENSION_KEY = "llm_limiter"
@@ -27,6 +28,9 @@ class Operated(Protocol):
 
     @property
     def store(self) -> Store: ...
+
+    @property
+    def keys(self) -> ApiKeys: ...
 
     def plan_of_user(self, user: str, key_plans: Mapping[str, str] | None = None) -> Plan: ...
 

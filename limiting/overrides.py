@@ -1,0 +1,220 @@
+"""Operators' overrides (``flask limits set``) in the store, and each worker's copy of them.
+
+The store holds one hash, ``<ns>{overrides}``: field ``<realm>:<user>`` -> the override as
+JSON, and the field ``~version``, bumped after every change. A worker asks for the version at
+most once a second, on a request that comes due (no timer thread, and no store round trip on
+the other requests); only when it moved does it read the hash again. So a request that starts
+a second or more after ``limits set`` returned is decided by the new plan, in every worker.
+
+Expiry (``--for``) is in the store's clock: a worker turns ``expires_at`` into a deadline on
+its own monotonic clock when it reads the hash, so worker clocks never decide it.
+
+Imports nothing from redis at module level: gunicorn's master uses ``changed`` (the audit
+line) before gevent patches the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from .core.override import Override, derive
+from .core.policy import Plan, Policy
+
+if TYPE_CHECKING:
+    from .stores.store import Store
+
+REFRESH_SECONDS = 1.0
+VERSION = "~version"   # no realm starts with "~", so no user's field can be this one
+
+log = logging.getLogger("limiter.overrides")
+audit_log = logging.getLogger("limiter.audit")
+
+Who = tuple[str, str]   # (realm, user)
+
+
+def changed(action: str, user: str | None, before: object, after: object) -> None:
+    """Every change of limits (override set/cleared, policy reload accepted/refused) as one
+    JSON line; the audit trail takes these over."""
+    body = {"event": "limits_changed", "action": action, "user": user,
+            "before": before, "after": after}
+    audit_log.warning(json.dumps(body, default=str), extra={"event": body})
+
+
+class OverrideTable:
+    """The overrides in the store: read, written and cleared by whole records."""
+
+    def __init__(self, store: Store, namespace: str = "rl:") -> None:
+        from .stores.memory import MemoryStore
+
+        self.key = f"{namespace}{{overrides}}"
+        self._memory: _Memory | None = None
+        self._client: Any = None
+        if isinstance(store, MemoryStore):
+            self._memory = _memory_for(store)
+        elif getattr(store, "client", None) is not None:
+            self._client = store.client  # type: ignore[attr-defined]
+        else:
+            raise TypeError(f"overrides need a RedisStore or MemoryStore, not {type(store)!r}")
+
+    def version(self) -> int:
+        if self._memory is not None:
+            return self._memory.version
+        raw = self._redis(lambda c: c.hget(self.key, VERSION))
+        return int(raw or 0)
+
+    def now(self) -> float:
+        """The store's clock, in seconds: the one clock every worker agrees on."""
+        if self._memory is not None:
+            return time.time()
+        seconds, micros = self._redis(lambda c: c.time())
+        return float(seconds) + float(micros) / 1e6
+
+    def load(self) -> tuple[int, float, dict[Who, Override]]:
+        """Version, the store's time and every override, read together."""
+        if self._memory is not None:
+            with self._memory.lock:
+                return self._memory.version, time.time(), dict(self._memory.records)
+        raw = self._redis(lambda c: c.hgetall(self.key))
+        now = self.now()
+        version = 0
+        records: dict[Who, Override] = {}
+        for field, value in raw.items():
+            name = _text(field)
+            if name == VERSION:
+                version = int(value)
+                continue
+            realm, _, user = name.partition(":")
+            override = Override.from_json(value)
+            if override is not None:
+                records[(realm, user)] = override
+        return version, now, records
+
+    def put(self, realm: str, user: str, override: Override) -> None:
+        if self._memory is not None:
+            with self._memory.lock:
+                self._memory.records[(realm, user)] = override
+                self._memory.version += 1
+            return
+        # The record first, then the version: a worker that sees the new version sees it.
+        self._redis(lambda c: c.hset(self.key, f"{realm}:{user}", override.to_json()))
+        self._redis(lambda c: c.hincrby(self.key, VERSION, 1))
+
+    def remove(self, realm: str, user: str) -> bool:
+        if self._memory is not None:
+            with self._memory.lock:
+                found = self._memory.records.pop((realm, user), None) is not None
+                self._memory.version += found
+            return found
+        removed = int(self._redis(lambda c: c.hdel(self.key, f"{realm}:{user}")))
+        if removed:
+            self._redis(lambda c: c.hincrby(self.key, VERSION, 1))
+        return bool(removed)
+
+    def _redis(self, command: Callable[[Any], Any]) -> Any:
+        from .stores.store import STORE_ERRORS_CAUGHT, StoreUnavailable
+
+        try:
+            return command(self._client)
+        except STORE_ERRORS_CAUGHT as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+class StoreOverrides:
+    """One worker's copy of the overrides, and the plans made from them (``PlanOverrides``).
+
+    A derived plan is kept until its override or its base plan changes, so the engine, which
+    keeps compiled plans by name and identity, compiles it once.
+    """
+
+    def __init__(self, table: OverrideTable, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.table = table
+        self._clock = clock
+        self._version: int | None = None
+        self._due = 0.0
+        self._warned = False
+        # (realm, user) -> (override, deadline on self._clock or None)
+        self._active: dict[Who, tuple[Override, float | None]] = {}
+        self._derived: dict[Who, tuple[Plan, Plan]] = {}
+
+    def plan_for(self, user: str, realm: str, plan: Plan, plans: Mapping[str, Plan]) -> Plan:
+        now = self._clock()
+        if now >= self._due:
+            self._due = now + REFRESH_SECONDS   # before the read: one greenlet reads, not all
+            self.refresh()
+        if not self._active:
+            return plan
+        who = (realm, user)
+        found = self._active.get(who)
+        if found is None or (found[1] is not None and now >= found[1]):
+            return plan
+        cached = self._derived.get(who)
+        if cached is not None and cached[0] is plan:
+            return cached[1]
+        derived = derive(plan, found[0], plans, f"{realm}:{user}")
+        self._derived[who] = (plan, derived)
+        return derived
+
+    def refresh(self, force: bool = False) -> None:
+        """Read the overrides again if their version moved (``force``: read them anyway).
+        A store that does not answer leaves the last copy in force: an override is a change
+        of limits, never a reason to fail a request."""
+        try:
+            if not force and self._version is not None \
+                    and self.table.version() == self._version:
+                return
+            version, store_now, records = self.table.load()
+        except Exception as exc:   # the store away, a damaged field: never a failed request
+            if not self._warned:
+                self._warned = True
+                log.warning("overrides not refreshed (kept the last copy): %s", exc)
+            return
+        self._warned = False
+        local = self._clock()
+        self._active = {
+            who: (o, None if o.expires_at is None else local + o.expires_at - store_now)
+            for who, o in records.items()
+            if o.expires_at is None or o.expires_at > store_now}
+        self._derived = {}
+        self._version = version
+
+
+def attach(policy: Policy, store: Store) -> Policy:
+    """``policy`` with the store's overrides applied by ``resolve`` (a store of another kind,
+    such as a test's own: ``policy`` as it is)."""
+    try:
+        table = OverrideTable(store)
+    except TypeError:
+        return policy
+    return replace(policy, overrides=StoreOverrides(table))
+
+
+class _Memory:
+    """memory:// overrides, in this process only (dev servers and tests)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.version = 0
+        self.records: dict[Who, Override] = {}
+
+
+_MEMORY: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
+_MEMORY_LOCK = threading.Lock()
+
+
+def _memory_for(store: object) -> _Memory:
+    with _MEMORY_LOCK:
+        if store not in _MEMORY:
+            _MEMORY[store] = _Memory()
+        return _MEMORY[store]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,62 @@
+"""``kill -HUP`` on the gunicorn master: the policy file checked before any worker reads it.
+
+gunicorn answers HUP by starting new workers (which load the app, and so the policy) and then
+stopping the old ones gracefully; a worker that cannot load the app would stop the master.
+So the master checks the file first and the workers never read the operator's file itself:
+they read the copy the master last accepted (``<instance>/limits.last-good.toml``, written
+whole and renamed into place). A bad file is refused with its reason logged, and the new
+workers load the last good copy: the old policy keeps serving, with no failed request.
+
+Standard library (and the sans-io core) only: this runs in the master before gevent patches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+
+from .core.policy import PolicyError, parse_policy
+from .overrides import changed
+
+KEPT = "limits.last-good.toml"
+
+
+def check(source: Path) -> bytes:
+    """The file's bytes if it is a good policy; PolicyError with file, key and reason else."""
+    try:
+        data = source.read_bytes()
+        parse_policy(tomllib.loads(data.decode("utf-8")), str(source))
+    except FileNotFoundError:
+        raise PolicyError(f"{source}: (file): not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{source}: (syntax): {exc}") from None
+    return data
+
+
+def keep(source: Path, folder: Path, reloading: bool) -> tuple[Path | None, str]:
+    """Check ``source``; if good, make it the copy workers load. Returns the copy's path
+    (None: nothing was ever accepted) and what happened, for the master's log."""
+    kept = folder / KEPT
+    try:
+        data = check(source)
+    except PolicyError as exc:
+        if reloading:
+            changed("reload_refused", None, _digest(kept), str(exc))
+        return (kept if kept.exists() else None), f"refused: {exc}"
+    before = _digest(kept)
+    folder.mkdir(parents=True, exist_ok=True)
+    part = kept.with_suffix(f".{os.getpid()}.part")
+    part.write_bytes(data)
+    os.replace(part, kept)   # whole or not at all: a booting worker never reads half a file
+    if reloading:
+        changed("reload_accepted", None, before, _digest(kept))
+    return kept, f"accepted {source}"
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except FileNotFoundError:
+        return None
