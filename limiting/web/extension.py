@@ -148,7 +148,8 @@ class RateLimiter:
 
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
                 plan: str | None = None, *, anonymous: bool = False,
-                terms: PriceTerms = STANDARD, renews: bool = True) -> Reservation:
+                terms: PriceTerms = STANDARD, renews: bool = True,
+                key_id: str | None = None) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
@@ -156,12 +157,13 @@ class RateLimiter:
         manager (``with limiter.reserve(...) as r: ... r.settle(usage)``): it renews the
         lease and finishes by the billing rule however the block ends. ``terms`` (service
         tier, cache writes, server tools) price the call beyond its tokens; ``renews=False``
-        for an answer made in this process, which cannot outlive its lease.
+        for an answer made in this process, which cannot outlive its lease; ``key_id``: the
+        API key it came with, for the spend ledger.
         """
         started = time.perf_counter()
         engine = self.engine
         policy = engine.policy
-        ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms)
+        ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms, key_id)
         limits = request_limits()
         try:
             reservation = engine.reserve(user, policy.resolve(user, plan), ask, ip=client_ip(),
