@@ -14,6 +14,7 @@ from ..core.naming import BODY_USER
 from ..core.policy import PolicyError, load_policy
 from ..stores.store import StoreUnavailable
 from .operated import app_limiter
+from .spend_cli import audit_shell
 
 limits_cli = AppGroup("limits", help="Inspect and reset rate limits.")
 
@@ -68,6 +69,8 @@ def reset(user: str, layer: str | None, anonymous: bool | None) -> None:
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
         sys.exit(2)
+    audit_shell("limits.reset", f"{realm}:{user}", {"layer": layer or "all", "plan": plan.name},
+                {"keys_removed": removed})
     click.echo(f"reset {user}: {removed} key(s) removed")
 
 

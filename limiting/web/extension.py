@@ -23,6 +23,7 @@ from ..core.pricing import STANDARD, PriceTerms
 from ..core.upstream import Observer
 from ..engine import Engine
 from ..keys import ApiKeys
+from ..ledger import Ledger
 from ..reservation import Reservation
 from ..stores.embedded import resolve_store_url
 from ..stores.storage import open_store
@@ -43,6 +44,7 @@ from .errors import (
 from .identity import client_ip
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
+from .spend_cli import audit_command, spend_cli
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -99,6 +101,8 @@ class RateLimiter:
         app.register_error_handler(ExceedsLimit, _render_refusal)
         app.cli.add_command(limits_cli)
         app.cli.add_command(keys_cli)
+        app.cli.add_command(spend_cli)
+        app.cli.add_command(audit_command)
 
     @property
     def engine(self) -> Engine:
@@ -120,6 +124,11 @@ class RateLimiter:
             policy = self.policy
             self._keys = ApiKeys(self.store, policy.default_plan, policy.plans)
         return self._keys
+
+    @property
+    def ledger(self) -> Ledger:
+        """Who spent what, per day (limiting/ledger.py), on the same store."""
+        return Ledger(self.store, self.engine.namespace)
 
     @property
     def auth_failures(self) -> AuthFailures:
