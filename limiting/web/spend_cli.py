@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import NoReturn, TypeVar
 
 import click
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
 from ..audit import Audit, parse_since
 from ..ledger import Ledger, Spend, day_text, parse_day
@@ -107,6 +107,7 @@ def user(user: str, days: int, anonymous: bool | None) -> None:
 
 
 @click.command("audit")
+@with_appcontext
 @click.option("--since", default=None,
               help="Only entries newer than this: 2h, 7d, 30m, or an ISO date/time (UTC).")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
