@@ -9,22 +9,9 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-import redis
 
-from tests.conftest import write_policy
-from tests.policies import plan, policy, served_by
-from tests.test_usage_page import ADMIN, CHROMIUM
-
-POLICY = policy(per_ip="10000 per minute", users={"page-user": "p"},
-                plans={"p": plan(50, 0.01, "100 per day", tokens_per_minute=50000)},
-                models={"gpt-4o": served_by("openai", requests_per_minute=500)})
-
-
-@pytest.fixture
-def app(gunicorn, tmp_path: Path, r: redis.Redis, unix_url: str):
-    return gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, POLICY),
-                    ADMIN_TOKEN=ADMIN, WEB_CONCURRENCY="2")
+from tests.test_usage_page import ADMIN, admin_page
+from tests.test_usage_page import app as app  # the same server, policy and admin token
 
 
 def test_spend_on_the_usage_page(app, tmp_path: Path) -> None:
@@ -39,15 +26,8 @@ def test_spend_on_the_usage_page(app, tmp_path: Path) -> None:
     want = {row["user"]: row["tokens"] for row in spend["top"]}
     assert set(want) == {"page-user", "other-user"}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"])
+        browser, page = admin_page(pw, 900)
         try:
-            page = browser.new_context(
-                http_credentials={"username": "admin", "password": ADMIN},
-                viewport={"width": 1100, "height": 900}).new_page()
             page.goto(app.url + "/admin/usage", timeout=20_000)
             rows = page.locator('div[data-by="tok"] tr.who')
             rows.first.wait_for(timeout=10_000)

@@ -19,41 +19,19 @@ import openai
 import pytest
 import redis
 
-from app import create_app
 from fakeprovider import FakeProvider
 from limiting.ledger import Ledger, Spend
-from tests.conftest import Gunicorn, write_policy
-from tests.test_bill_audit import CLAUDE, GPT, PRICES, one
+from tests.conftest import Gunicorn
+from tests.test_bill_audit import BUDGET, CLAUDE, GPT, TOKENS, one, open_stack
+from tests.test_bill_audit import POLICY as BILL_POLICY
 
 ADMIN = "admin-secret-of-at-least-32-characters"
-TOKENS, BUDGET = 50_000_000, 100_000.0
-POLICY = f"""
-[store]
-timeout_ms = 2000
-[edge]
-per_ip = ["1000000 per minute"]
-[defaults]
-plan = "audit"
-[plans.audit]
-burst = 100000
-refill_per_second = 10000
-tokens_per_minute = {TOKENS}
-budget_usd_per_day = {BUDGET}
-max_concurrent = 16
-default_max_tokens = 64
+POLICY = BILL_POLICY + """
 [plans.tiny]
 burst = 1
 refill_per_second = 0.001
 quotas = ["1 per day"]
 budget_usd_per_day = 10
-[models."{GPT}"]
-provider = "openai"
-input_usd_per_million = {PRICES[GPT][0]}
-output_usd_per_million = {PRICES[GPT][1]}
-[models."{CLAUDE}"]
-provider = "anthropic"
-input_usd_per_million = {PRICES[CLAUDE][0]}
-output_usd_per_million = {PRICES[CLAUDE][1]}
 """
 KINDS = ["plain"] * 8 + ["stream"] * 6 + ["cut"] * 6 + ["upstream-error"] * 4 + ["broken"] * 2
 
@@ -61,18 +39,10 @@ KINDS = ["plain"] * 8 + ["stream"] * 6 + ["cut"] * 6 + ["upstream-error"] * 4 + 
 @pytest.fixture
 def stack(gunicorn, tmp_path: Path, r: redis.Redis, unix_url: str
           ) -> Iterator[tuple[Gunicorn, FakeProvider, object, str]]:
-    policy = write_policy(tmp_path, POLICY)
-    prices = {m: {"input": p[0], "output": p[1], "cached_input": p[0] / 2,
-                  "cache_write": p[0] * 1.25} for m, p in PRICES.items()}
-    with FakeProvider(chunk_delay=0.002, prices=prices) as fp:
-        server = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=policy, WEB_CONCURRENCY="2",
-                          UPSTREAM_TIMEOUT="5", OPENAI_API_KEY="sk-fake",
-                          OPENAI_BASE_URL=fp.url + "/v1", ANTHROPIC_API_KEY="sk-fake",
-                          ANTHROPIC_BASE_URL=fp.url, ADMIN_TOKEN=ADMIN)
-        app = create_app({"REDIS_URL": unix_url, "LIMITS_CONFIG": policy,
-                          "ADMIN_TOKEN": ADMIN})
-        key, _ = app.extensions["llm_limiter"].keys.create("spender", plan="audit")
-        yield server, fp, app, key
+    # A longer upstream timeout than the bill audit's: no call here is meant to time out.
+    with open_stack(gunicorn, tmp_path, unix_url, POLICY, "spender", ADMIN_TOKEN=ADMIN,
+                    UPSTREAM_TIMEOUT="5") as opened:
+        yield opened
 
 
 def used(app: object, user: str) -> tuple[int, int]:

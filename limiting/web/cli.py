@@ -13,8 +13,8 @@ from ..core.layers import compile_plan
 from ..core.naming import BODY_USER
 from ..core.policy import PolicyError, load_policy
 from ..stores.store import StoreUnavailable
+from .audit_cli import audit_shell
 from .operated import app_limiter
-from .spend_cli import audit_shell
 
 limits_cli = AppGroup("limits", help="Inspect and reset rate limits.")
 

@@ -13,8 +13,8 @@ from flask.cli import AppGroup
 from ..keys import ApiKeys, KeyRecord, well_formed
 from ..stores.memory import MemoryStore
 from ..stores.store import StoreUnavailable
+from .audit_cli import audit_shell
 from .operated import app_limiter
-from .spend_cli import audit_shell
 
 T = TypeVar("T")
 

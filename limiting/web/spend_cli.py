@@ -7,33 +7,17 @@ Exit codes as the other commands: 0 done, 1 nothing found (an empty day, an unkn
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import NoReturn, TypeVar
 
 import click
 from flask.cli import AppGroup, with_appcontext
 
 from ..audit import Audit, parse_since
 from ..ledger import Ledger, Spend, day_text, parse_day
-from ..stores.store import StoreUnavailable
+from .keys_cli import _fail, _guarded
 from .operated import app_limiter
 
-T = TypeVar("T")
-
 spend_cli = AppGroup("spend", help="Who spent what: the per-day spend ledger.")
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _guarded(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except StoreUnavailable as exc:
-        _fail(f"the store is unreachable: {exc}", 2)
 
 
 def _ledger() -> Ledger:
@@ -124,16 +108,3 @@ def audit_command(since: str | None, limit: int) -> None:
     if not entries:
         click.echo("(no entries)")
 
-
-def audit_shell(action: str, subject: str, before: object = None, after: object = None
-                ) -> None:
-    """Record a shell command's change as the shell user; a store that is away by now
-    leaves the change done and says it went unaudited."""
-    from ..audit import record, shell_actor
-
-    limiter = app_limiter()
-    try:
-        record(limiter.store, shell_actor(), action, subject, before, after,
-               namespace=limiter.engine.namespace)
-    except StoreUnavailable as exc:
-        click.echo(f"warning: done, but not written to the audit trail: {exc}", err=True)
