@@ -149,15 +149,9 @@ def spend_user(user: str) -> Any:
                     + [{"user": user, "realm": realm, "key_id": kid, **s.json()}
                        for kid in key_ids for s in ledger.history(user, realm, days, kid)])
     return {"user": user, "realm": realm, "days": [s.json() for s in history],
-            "total": _sum(history).json(),
+            "total": Spend.sum(history).json(),
             "keys": {kid: [s.json() for s in ledger.history(user, realm, days, kid)]
                      for kid in key_ids}}
-
-
-def _sum(days: Sequence[Spend]) -> Spend:
-    last = days[-1].day if days else 0
-    return Spend(last, *(sum(getattr(s, f) for s in days) for f in (
-        "input_tokens", "cached_input_tokens", "output_tokens", "usd_micros", "requests")))
 
 
 def admin_token(app: Flask | None = None) -> str:

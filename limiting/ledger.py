@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from .core.codec import LEDGER_FIELDS, SettleCall, ledger_counts, ledger_rank
@@ -93,6 +93,14 @@ class Spend:
     def of(cls, day: int, fields: Mapping[str, Any]) -> Spend:
         got = [int(float(fields.get(name, 0) or 0)) for name in LEDGER_FIELDS]
         return cls(day, *got)
+
+    @classmethod
+    def sum(cls, days: Sequence[Spend]) -> Spend:
+        """Several days added up, dated by the last."""
+        return cls(days[-1].day if days else 0,
+                   *(sum(getattr(s, name) for s in days) for name in (
+                       "input_tokens", "cached_input_tokens", "output_tokens", "usd_micros",
+                       "requests")))
 
     @property
     def tokens(self) -> int:
@@ -242,7 +250,3 @@ class Ledger:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def utc_now_text() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -83,8 +83,7 @@ def user(user: str, days: int, anonymous: bool | None) -> None:
     click.echo(_row("day", *HEAD))
     for s in history:
         click.echo(_row(day_text(s.day), *_spend_cols(s)))
-    total = Spend(0, *(sum(getattr(s, f) for s in history) for f in (
-        "input_tokens", "cached_input_tokens", "output_tokens", "usd_micros", "requests")))
+    total = Spend.sum(history)
     click.echo(_row("total", *_spend_cols(total)))
     if not total.requests:
         sys.exit(1)
