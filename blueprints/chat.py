@@ -54,7 +54,7 @@ def chat() -> dict[str, Any]:
         return {"reply": api.complete(call, _no_observer)[0]}
     call = _request(model, provider, message, plan_obj.default_max_tokens)
     spend = limiter.reserve(user, model, call.estimate, call.reserved_output, plan,
-                            anonymous=anonymous,
+                            anonymous=anonymous, key_id=key.key_id if key else None,
                             renews=provider != "echo")  # in-process: cannot outlive a lease
     with spend:   # renews the lease; an exception cancels or charges by the billing rule
         reply, usage = api.complete(call, observer(model))

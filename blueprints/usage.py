@@ -1,4 +1,5 @@
-"""GET /v1/usage for the caller; /admin/usage, a page an operator keeps open, and its JSON.
+"""GET /v1/usage for the caller; /admin/usage, a page an operator keeps open, and its JSON;
+/admin/spend, who spent what per day (the spend ledger), as JSON or CSV.
 
 The admin credential is ADMIN_TOKEN (Bearer, or HTTP Basic with the token as password, which
 a browser asks for by itself), at least 32 characters (create_app refuses a shorter one).
@@ -8,19 +9,25 @@ IP, and that IP gets 429 with Retry-After until the window frees, whatever it pr
 
 from __future__ import annotations
 
+import csv
 import hmac
+import io
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request
-from werkzeug.exceptions import Forbidden, TooManyRequests, Unauthorized
+from werkzeug.exceptions import BadRequest, Forbidden, TooManyRequests, Unauthorized
 
 from limiting import (
     Decision,
+    Ledger,
+    Spend,
     client_ip,
     current_limiter,
+    day_text,
+    parse_day,
     presented_key,
 )
 
@@ -45,7 +52,106 @@ def my_usage() -> dict[str, Any]:
         raise Unauthorized("A valid API key is required.")
     plan = limiter.policy.resolve(record.user, record.plan)
     decision = limiter.engine.peek(record.user, plan)
-    return {"user": record.user, "plan": plan.name, "layers": layers_json(decision)}
+    out = {"user": record.user, "plan": plan.name, "layers": layers_json(decision)}
+    if "days" in request.args:
+        ledger = limiter.ledger
+        days = ledger.days(_count("days", 7))
+        realm = limiter.realm_of_user(record.user, anonymous=False)
+        out["history"] = [s.json() for s in ledger.history(record.user, realm, days)]
+    return out
+
+
+def _count(name: str, default: int) -> int:
+    """A day count or top-N from the query: 1 up to what the ledger keeps (plus today)."""
+    raw = request.args.get(name, str(default))
+    most = current_limiter().policy.history_days + 1
+    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        raise BadRequest(f"'{name}' must be a whole number from 1 (at most {most} days kept).")
+    return min(int(raw), most) if name == "days" else int(raw)
+
+
+def _day(ledger: Ledger) -> int:
+    text = request.args.get("day")
+    if not text:
+        return ledger.today()
+    try:
+        return parse_day(text)
+    except ValueError:
+        raise BadRequest("'day' must be a date, YYYY-MM-DD (UTC).") from None
+
+
+def _wants_csv() -> bool:
+    fmt = request.args.get("format")
+    if fmt is not None:
+        return fmt == "csv"
+    best = request.accept_mimetypes.best_match(["application/json", "text/csv"])
+    return best == "text/csv"
+
+
+def _csv(name: str, head: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Response:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(head), extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return Response(buf.getvalue(), content_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
+
+
+SPEND_COLUMNS = ("day", "requests", "input_tokens", "cached_input_tokens", "output_tokens",
+                 "tokens", "usd_micros", "usd")
+
+
+@bp.get("/admin/spend")
+def spend_top() -> Any:
+    """The day's top spenders (``top``, by ``by`` = usd or tok, of one ``model`` or all),
+    each with a sparkline of their last ``days``; the day's total per model; daily totals."""
+    require_admin()
+    limiter = current_limiter()
+    ledger = limiter.ledger
+    day, top, by = _day(ledger), _count("top", 20), request.args.get("by", "usd")
+    if by not in ("usd", "tok"):
+        raise BadRequest("'by' must be usd or tok.")
+    model = request.args.get("model") or None
+    rows = ledger.top(day, top, model, by)
+    if _wants_csv():
+        return _csv(f"spend-{day_text(day)}", ("user", "realm", "score", *SPEND_COLUMNS),
+                    [row.json() for row in rows])
+    spark = list(range(day - _count("days", 30) + 1, day + 1))
+    models = [*limiter.policy.models, *limiter.policy.aliases, "echo"]
+    return {"day": day_text(day), "by": by, "model": model,
+            "top": [{**row.json(), "spark": [s.usd_micros if by == "usd" else s.tokens
+                                             for s in ledger.history(row.user, row.realm,
+                                                                     spark)]}
+                    for row in rows],
+            "total": ledger.totals([day])[0].json(),
+            "models": {name: s.json() for name, s in ledger.models(day, models).items()},
+            "daily": [s.json() for s in ledger.totals(spark)]}
+
+
+@bp.get("/admin/spend/user/<path:user>")
+def spend_user(user: str) -> Any:
+    """One user's last ``days``, in all and per API key (``realm``: u = the API key user,
+    b = the /chat user_id; default: the key user when they hold a live key)."""
+    require_admin()
+    limiter = current_limiter()
+    ledger = limiter.ledger
+    realm = request.args.get("realm") or limiter.realm_of_user(user)
+    if realm not in ("u", "b"):
+        raise BadRequest("'realm' must be u (API key user) or b (/chat user_id).")
+    days = ledger.days(_count("days", 30))
+    history = ledger.history(user, realm, days)
+    key_ids = [rec.key_id for rec in limiter.keys.list(user)] if realm == "u" else []
+    if _wants_csv():
+        return _csv(f"spend-{user}", ("user", "realm", "key_id", *SPEND_COLUMNS),
+                    [{"user": user, "realm": realm, "key_id": "", **s.json()}
+                     for s in history]
+                    + [{"user": user, "realm": realm, "key_id": kid, **s.json()}
+                       for kid in key_ids for s in ledger.history(user, realm, days, kid)])
+    return {"user": user, "realm": realm, "days": [s.json() for s in history],
+            "total": Spend.sum(history).json(),
+            "keys": {kid: [s.json() for s in ledger.history(user, realm, days, kid)]
+                     for kid in key_ids}}
 
 
 def admin_token(app: Flask | None = None) -> str:

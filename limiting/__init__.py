@@ -19,6 +19,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "IMAGE_TOKENS": ("core.llm", "IMAGE_TOKENS"),
     "KeyRecord": ("keys", "KeyRecord"),
     "LayerState": ("core.decision", "LayerState"),
+    "Ledger": ("ledger", "Ledger"),
+    "Spend": ("ledger", "Spend"),
+    "day_text": ("ledger", "day_text"),
+    "parse_day": ("ledger", "parse_day"),
     "LimiterUnavailable": ("web.errors", "LimiterUnavailable"),
     "MAX_USER_ID_LENGTH": ("core.naming", "MAX_USER_ID_LENGTH"),
     "ModelPolicy": ("core.policy", "ModelPolicy"),
@@ -70,6 +74,7 @@ __all__ = [
     "GuardRefused",
     "KeyRecord",
     "LayerState",
+    "Ledger",
     "LimiterUnavailable",
     "ModelPolicy",
     "Plan",
@@ -82,6 +87,7 @@ __all__ = [
     "Refused",
     "RequestLimits",
     "Reservation",
+    "Spend",
     "StoreUnavailable",
     "UnpricedContent",
     "UpstreamSaturated",
@@ -91,6 +97,7 @@ __all__ = [
     "bearer_token",
     "client_ip",
     "current_limiter",
+    "day_text",
     "estimate_input_tokens",
     "estimate_tokens",
     "has_cache_control",
@@ -100,6 +107,7 @@ __all__ = [
     "load_policy",
     "openai_error_type",
     "openai_headers",
+    "parse_day",
     "parse_policy",
     "presented_key",
     "provider_billed",
@@ -153,6 +161,7 @@ if TYPE_CHECKING:
     )
     from .core.provider_headers import anthropic_headers, openai_error_type, openai_headers
     from .keys import KeyRecord, bearer_token, presented_key
+    from .ledger import Ledger, Spend, day_text, parse_day
     from .metrics import render as render_metrics
     from .reservation import Reservation
     from .stores.store import StoreUnavailable

@@ -19,6 +19,7 @@ from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import KEY_USER, EdgeKeys, user_prefix
 from .core.policy import Plan, Policy
 from .core.upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_args
+from .ledger import LedgerKeys, Spender
 from .reservation import Charge, Reservation, new_lease_id
 from .stores.store import Store, StoreUnavailable
 
@@ -42,6 +43,7 @@ class Engine:
         # On one server the model's guard keys can join the user's call, as the edge does.
         self.guard_in_call = store.single_node
         self._edge_only = compile_plan(None, edge) if edge else None
+        self.ledger_keys = LedgerKeys(namespace)
         # While the shared store is away: the same layers in this process, limits shared out.
         self.fallback: Engine | None = None
 
@@ -94,6 +96,8 @@ class Engine:
         charged) or GuardRefused (the model's guard: the user's charge was given back).
         """
         compiled = self._compiled_llm(plan)
+        spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
+                          self.policy.history_days)
         costs = ask.costs(new_lease_id() if plan.max_concurrent else None)
         own = AcquireCall.priced(self._keys(compiled, user, ip, realm), compiled.args,
                                  compiled.per_call, costs)
@@ -106,7 +110,7 @@ class Engine:
         try:
             reply = self._call(call.keys, call.args)
         except StoreUnavailable:
-            return self._reserve_away(user, plan, ask, compiled, realm, renews)
+            return self._reserve_away(user, plan, ask, compiled, realm, renews, spender)
         decision = from_reply(compiled, reply.first(own.size) if joined else reply)
         if joined and reply.refused_after(own.size):  # the user's layers passed; none charged
             raise GuardRefused(ask.model_name, _guard_wait(reply.wait_us), decision)
@@ -141,10 +145,10 @@ class Engine:
                 guard_charges = [c for c in _charges(layers, apart.keys, costs)
                                  if c.layer.kind in ("w", "W") and c.layer not in uncharged]
         return Reservation(self.store, decision, ask, reply.now_us, charges, costs.lease,
-                           guard_at, guard_charges, renews=renews)
+                           guard_at, guard_charges, renews=renews, spender=spender)
 
     def _reserve_away(self, user: str, plan: Plan, ask: Ask, compiled: CompiledPlan,
-                      realm: str, renews: bool) -> Reservation:
+                      realm: str, renews: bool, spender: Spender) -> Reservation:
         """The store is away: the local fallback (no guard: the provider still has its own
         limits), else the failure policy; failing open holds nothing to settle."""
         if self.fallback is not None:
@@ -154,7 +158,7 @@ class Engine:
         decision = store_away(compiled)
         if not decision.allowed:
             raise Refused(decision)
-        return Reservation(self.store, decision, ask, renews=renews)
+        return Reservation(self.store, decision, ask, renews=renews, spender=spender)
 
     def _guard_call(self, model_name: str, costs: Costs
                     ) -> tuple[tuple[Layer, ...], AcquireCall] | None:

@@ -32,6 +32,16 @@ TOKENS_SETTLED = Counter("llm_limiter_tokens_settled_total",
                          "Tokens charged at settlement, by kind (input, cached_input, output).",
                          ["kind"])
 USD_SETTLED = Counter("llm_limiter_usd_settled_total", "Dollars charged at settlement.")
+# Per plan and model: both bounded by the policy file. Never a label per user or key: who
+# spent what is the store's spend ledger (limiting/ledger.py), not Prometheus series.
+SPEND_USD = Counter("llm_limiter_spend_usd_total",
+                    "Dollars charged at settlement, by plan and model.", ["plan", "model"])
+SPEND_TOKENS = Counter("llm_limiter_spend_tokens_total",
+                       "Tokens charged at settlement, by plan, model and kind (input, "
+                       "cached_input, output).", ["plan", "model", "kind"])
+SPEND_REQUESTS = Counter("llm_limiter_spend_requests_total",
+                         "Reservations settled or charged as reserved (not cancelled), by "
+                         "plan and model.", ["plan", "model"])
 GUARD_REFUSALS = Counter("llm_limiter_upstream_guard_refusals_total",
                          "Requests held back by a model's upstream guard.", ["model"])
 STORE_ERRORS = Counter("llm_limiter_store_errors_total",

@@ -29,6 +29,7 @@ from .core.lease import KeepAlive, provider_billed
 from .core.llm import Usage
 from .core.policy import ModelPolicy
 from .core.pricing import reserve_usd_micros, usage_usd_micros
+from .ledger import Spender
 from .stores.store import Store, StoreUnavailable
 
 log = logging.getLogger("limiter.reservation")
@@ -56,10 +57,12 @@ class Reservation:
 
     def __init__(self, store: Store, decision: Decision, ask: Ask, charged_at: int = 0,
                  charges: Sequence[Charge] = (), lease: str | None = None, guard_at: int = 0,
-                 guard_charges: Sequence[Charge] = (), *, renews: bool = True) -> None:
+                 guard_charges: Sequence[Charge] = (), *, renews: bool = True,
+                 spender: Spender | None = None) -> None:
         """What ``ask`` holds: ``charges`` made by the acquire at ``charged_at`` (the store's
         clock), and ``guard_charges`` by the model's guard at ``guard_at``. Nothing charged
-        (the store away, failing open): nothing to settle."""
+        (the store away, failing open): nothing to settle. ``spender``: whom the spend
+        ledger books a settled call to (and its plan and model, for the metrics)."""
         self.store = store
         self.decision = decision
         self.charged_at = charged_at
@@ -71,6 +74,7 @@ class Reservation:
         self.guard_at = guard_at
         self.guard_charges = guard_charges
         self.terms = ask.terms    # tier, cache writes, server tools: the settle prices with them
+        self.spender = spender
         self.done = False
         # False for answers made in-process (echo), which cannot outlive a lease.
         self.renews = renews
@@ -158,17 +162,7 @@ class Reservation:
     def _finish(self, usage: Usage | None, as_reserved: bool = False) -> None:
         if not self._claim():
             return
-        if usage is not None:
-            # Each write is a locked mmap update in multiprocess mode: skip the zeros.
-            cached = min(usage.cached_input_tokens, usage.input_tokens)
-            for counter, value in ((metrics.INPUT_TOKENS, usage.input_tokens - cached),
-                                   (metrics.CACHED_TOKENS, cached),
-                                   (metrics.OUTPUT_TOKENS, usage.output_tokens)):
-                if value > 0:
-                    counter.inc(value)
-            usd = self._usd(usage, as_reserved)
-            if usd > 0:
-                metrics.USD_SETTLED.inc(usd / 1e6)
+        counts = self._counted(usage, as_reserved) if usage is not None else None
         own = SettleCall(self.charged_at)
         for charge in self.charges:
             layer = charge.layer
@@ -178,7 +172,15 @@ class Reservation:
                 spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
                 if spent != charge.amount:
                     own.add(charge.key, layer.kind, layer.param, spent - charge.amount)
+        apart = own
+        if counts is not None and self.spender is not None and self.charged_at:
+            # One server: the ledger rides in the user's settle, no extra round trip. A
+            # Cluster keeps the day-wide keys in the day's slot: one more call, after.
+            apart = own if self.store.single_node else SettleCall(self.charged_at)
+            self.spender.book(self.charged_at, counts, own, apart)
         self._run(own)
+        if apart is not own:
+            self._run(apart)
         guard = SettleCall(self.guard_at)
         for charge in self.guard_charges:
             if charge.layer.unit == "tokens":
@@ -187,6 +189,31 @@ class Reservation:
                     guard.add(charge.key, charge.layer.kind, charge.layer.param,
                               spent - charge.amount)
         self._run(guard)
+
+    def _counted(self, usage: Usage, as_reserved: bool) -> tuple[int, int, int, int, int]:
+        """Count what a finished call was charged in the metrics; its ledger counts back
+        (input not read from a cache, cached input, output, micro-dollars, one request)."""
+        cached = min(usage.cached_input_tokens, usage.input_tokens)
+        raw_usd = self._usd(usage, as_reserved)
+        usd = round(raw_usd)
+        counts = (usage.input_tokens - cached, cached, usage.output_tokens, usd, 1)
+        # Each write is a locked mmap update in multiprocess mode: skip the zeros.
+        for counter, value in zip((metrics.INPUT_TOKENS, metrics.CACHED_TOKENS,
+                                   metrics.OUTPUT_TOKENS), counts, strict=False):
+            if value > 0:
+                counter.inc(value)
+        if raw_usd > 0:
+            metrics.USD_SETTLED.inc(raw_usd / 1e6)
+        spender = self.spender
+        if spender is not None:
+            labels = (spender.plan, spender.model)
+            metrics.SPEND_REQUESTS.labels(*labels).inc()
+            if usd > 0:
+                metrics.SPEND_USD.labels(*labels).inc(usd / 1e6)
+            for kind, value in zip(("input", "cached_input", "output"), counts, strict=False):
+                if value > 0:
+                    metrics.SPEND_TOKENS.labels(*labels, kind).inc(value)
+        return counts
 
     def refund_everything(self) -> None:
         """A later layer refused after this one committed: as if the request never came."""

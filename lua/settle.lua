@@ -10,13 +10,17 @@
 --            applied to the count if it still is that month's (an ended month gives nothing)
 --   "c"      b = lease TTL in microseconds; delta = lease id: released
 --   "r"      b = lease TTL in microseconds; delta = lease id: renewed from now
--- Returns the number of layers changed.
+--   "h"      the spend ledger: b = when the day's key expires (unix ms); delta = integers
+--            "in cin out usd req" added to those fields of the day's hash (limiting/ledger.py)
+--   "z"      b = as "h"; delta = "score member": the member's score in a day's ranking
+-- Returns the number of layers changed (ledger items are not counted).
 --
 -- All or nothing, as acquire.lua: the first pass reads and checks every key (a key of the
 -- wrong type or a value this script did not write answers an error before any write); the
 -- second pass writes what the first computed. No count is driven below zero.
 
 local SLOTS = 61
+local LEDGER_FIELDS = {'in', 'cin', 'out', 'usd', 'req'}
 local pack, unpack = struct.pack, struct.unpack
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -36,7 +40,18 @@ for i = 1, #KEYS do
   local base = 1 + (i - 1) * 3
   local kind, b = ARGV[base + 1], tonumber(ARGV[base + 2])
 
-  if kind == 'c' or kind == 'r' then
+  if kind == 'h' or kind == 'z' then
+    local want = kind == 'h' and 'hash' or 'zset'
+    local typ = redis.call('TYPE', KEYS[i]).ok
+    if typ ~= 'none' and typ ~= want then return bad(i, 'not a spend ledger ' .. want) end
+    local arg = ARGV[base + 3]
+    local ok = kind == 'h' and string.match(arg, '^%-?%d+ %-?%d+ %-?%d+ %-?%d+ %-?%d+$')
+      or kind == 'z' and string.match(arg, '^%-?%d+ .')
+    if not (ok and finite(b)) then return bad(i, 'not a spend ledger item') end
+    -- b is when the day leaves the history; a day already gone is not written back.
+    local ttl = math.floor(b - now / 1000)
+    if ttl > 0 then writes[#writes + 1] = {kind, i, ttl} end
+  elseif kind == 'c' or kind == 'r' then
     -- ZSCORE fails on a key of another type, here, before anything is written.
     local score = redis.call('ZSCORE', KEYS[i], ARGV[base + 3])
     if kind == 'c' then
@@ -91,7 +106,21 @@ end
 
 for _, w in ipairs(writes) do
   local key = KEYS[w[2]]
-  if w[1] == 'ZREM' then
+  local arg = ARGV[1 + (w[2] - 1) * 3 + 3]
+  if w[1] == 'h' then
+    local f = 0
+    for v in string.gmatch(arg, '%S+') do
+      f = f + 1
+      if v ~= '0' and LEDGER_FIELDS[f] then redis.call('HINCRBY', key, LEDGER_FIELDS[f], v) end
+    end
+    if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, w[3]) end
+    changed = changed - 1
+  elseif w[1] == 'z' then
+    local score, member = string.match(arg, '^(%S+) (.*)$')
+    redis.call('ZINCRBY', key, score, member)
+    redis.call('PEXPIRE', key, w[3])
+    changed = changed - 1
+  elseif w[1] == 'ZREM' then
     redis.call('ZREM', key, ARGV[1 + (w[2] - 1) * 3 + 3])
   elseif w[1] == 'RENEW' then
     redis.call('ZADD', key, 'XX', 'CH', w[3], ARGV[1 + (w[2] - 1) * 3 + 3])

@@ -15,8 +15,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -84,16 +86,26 @@ class Call:
 @pytest.fixture
 def stack(gunicorn, tmp_path: Path, r: redis.Redis, unix_url: str
           ) -> Iterator[tuple[Gunicorn, FakeProvider, object, str]]:
-    policy = write_policy(tmp_path, POLICY)
+    with open_stack(gunicorn, tmp_path, unix_url, POLICY, "audited") as opened:
+        yield opened
+
+
+@contextmanager
+def open_stack(gunicorn: Any, tmp_path: Path, unix_url: str, text: str, user: str,
+               **env: str) -> Iterator[tuple[Gunicorn, FakeProvider, Any, str]]:
+    """gunicorn on ``text``'s policy before the fake provider, the same app in this process,
+    and a key of ``user`` on the audit plan."""
+    policy = write_policy(tmp_path, text)
     prices = {m: {"input": p[0], "output": p[1], "cached_input": p[0] / 2,
                   "cache_write": p[0] * 1.25} for m, p in PRICES.items()}
     with FakeProvider(chunk_delay=0.002, prices=prices) as fp:
-        server = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=policy, WEB_CONCURRENCY="2",
-                          UPSTREAM_TIMEOUT="1.5", OPENAI_API_KEY="sk-fake",
-                          OPENAI_BASE_URL=fp.url + "/v1", ANTHROPIC_API_KEY="sk-fake",
-                          ANTHROPIC_BASE_URL=fp.url)
-        app = create_app({"REDIS_URL": unix_url, "LIMITS_CONFIG": policy})
-        key, _ = app.extensions["llm_limiter"].keys.create("audited", plan="audit")
+        server = gunicorn(**{"REDIS_URL": unix_url, "LIMITS_CONFIG": policy,
+                             "WEB_CONCURRENCY": "2", "UPSTREAM_TIMEOUT": "1.5",
+                             "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": fp.url + "/v1",
+                             "ANTHROPIC_API_KEY": "sk-fake", "ANTHROPIC_BASE_URL": fp.url,
+                             **env})
+        app = create_app({"REDIS_URL": unix_url, "LIMITS_CONFIG": policy, **env})
+        key, _ = app.extensions["llm_limiter"].keys.create(user, plan="audit")
         yield server, fp, app, key
 
 

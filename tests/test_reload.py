@@ -108,3 +108,7 @@ def test_hup_reloads_a_good_file_and_refuses_a_bad_one_under_load(
     assert "policy refused" in log and "plans.broken.burst" in log, log[-3000:]
     assert '"action": "reload_refused"' in log and '"action": "reload_accepted"' in log
     assert (tmp_path / "instance" / KEPT).read_text() == AFTER
+    # The audit trail has each reload once, though four workers started on each.
+    actions = [fields[b"action"] for _, fields in r.xrange("rl:audit")]
+    assert actions.count(b"policy.reload_accepted") == 1, actions
+    assert actions.count(b"policy.reload_refused") == 1, actions

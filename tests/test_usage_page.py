@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -52,20 +53,25 @@ def test_v1_usage_is_the_callers_own(app, tmp_path: Path, unix_url: str) -> None
     assert {layer["layer"] for layer in body["layers"]} >= {"user", "quota-day", "tokens-minute"}
 
 
+def admin_page(pw: Any, height: int) -> tuple[Any, Any]:
+    """Debian's chromium, headless, and a page that presents the admin credential."""
+    browser = pw.chromium.launch(
+        executable_path=CHROMIUM, headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update",
+              "--disable-sync"])
+    page = browser.new_context(http_credentials={"username": "admin", "password": ADMIN},
+                               viewport={"width": 1100, "height": height}).new_page()
+    return browser, page
+
+
 def test_usage_page_in_headless_chromium(app, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium"
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"])
+        browser, page = admin_page(pw, 700)
         try:
-            page = browser.new_context(
-                http_credentials={"username": "admin", "password": ADMIN},
-                viewport={"width": 1100, "height": 700}).new_page()
             page.goto(app.url + "/admin/usage?users=page-user", timeout=20_000)
             bar = page.locator('section[data-name="page-user"] div[data-layer="user"] .fill')
             bar.wait_for(timeout=10_000)

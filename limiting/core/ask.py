@@ -19,6 +19,7 @@ class Ask:
     input_tokens: int
     max_output_tokens: int
     terms: PriceTerms = STANDARD
+    key_id: str | None = None      # the API key it came with: the spend ledger books it too
 
     @property
     def tokens(self) -> int:

@@ -2,7 +2,8 @@
 
 acquire.lua takes 4 arguments per layer (kind, a, b, cost) and answers {allowed, refusing
 layer (1-based, 0: none), wait_us, now_us, then remaining and reset_us per layer}; settle.lua
-takes the acquire's now_us, then 3 arguments per layer (kind, b, delta or lease id). The
+takes the acquire's now_us, then 3 arguments per layer (kind, b, delta or lease id), the
+spend ledger's counters and rankings riding behind them as kinds "h" and "z". The
 Redis store sends what this module encodes and memory:// decodes it, so the two can never
 read a call differently.
 """
@@ -200,7 +201,9 @@ class SettleCall:
     Kinds: "w"/"W" add ``delta`` units to the charged slot (b = window in µs); "m" to the
     count of the month charged, if it still is the stored one (b = that month); "b" puts
     tokens back into a bucket (b = capacity); "c" releases the lease ``delta``; "r" renews
-    it (b = the lease TTL in µs)."""
+    it (b = the lease TTL in µs). The spend ledger (limiting/ledger.py): "h" adds
+    :func:`ledger_counts` to a day's hash, "z" adds :func:`ledger_rank` to a day's sorted
+    set; for both b = when the day's key expires (unix ms)."""
 
     charged_at: int
     keys: list[str] = field(default_factory=list)
@@ -230,3 +233,29 @@ def decode_settle(args: Sequence[Any]) -> tuple[float, list[tuple[str, float, st
     items = [(_text(args[i]), float(args[i + 1]), _text(args[i + 2]))
              for i in range(1, len(args), SETTLE_ARGS)]
     return float(args[0]), items
+
+
+# --- the spend ledger, riding in the settle call ------------------------------------------------
+
+LEDGER_FIELDS = ("in", "cin", "out", "usd", "req")   # short hash fields: bytes per user per day
+
+
+def ledger_counts(values: Sequence[int]) -> str:
+    """A "h" item's delta: one integer per LEDGER_FIELDS name, in that order."""
+    if len(values) != len(LEDGER_FIELDS):
+        raise ValueError(f"ledger counts take {len(LEDGER_FIELDS)} values")
+    return " ".join(str(int(v)) for v in values)
+
+
+def ledger_rank(score: int, member: str) -> str:
+    """A "z" item's delta: the score to add, then the member (which may hold spaces)."""
+    return f"{int(score)} {member}"
+
+
+def decode_ledger_counts(text: str) -> dict[str, int]:
+    return dict(zip(LEDGER_FIELDS, (int(v) for v in text.split()), strict=True))
+
+
+def decode_ledger_rank(text: str) -> tuple[int, str]:
+    score, _, member = text.partition(" ")
+    return int(score), member

@@ -119,6 +119,7 @@ class Policy:
     fail_edge: FailMode = "fail_open"
     timeout_ms: int = 50           # a decision's budget for connect and reply
     local_fallback: bool = False   # while the store is away, limit in memory per worker
+    history_days: int = 35         # days the spend ledger keeps (limiting/ledger.py)
     aliases: Mapping[str, str] = field(default_factory=dict)   # alias -> model name
     overrides: PlanOverrides | None = field(default=None, compare=False, repr=False)
 
@@ -339,6 +340,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     store = TableReader(source, "store", top.get("store", dict, {}))
     timeout_ms = store.positive("timeout_ms", default=50)
     local_fallback = store.get("local_fallback", bool, False)
+    history_days = store.positive("history_days", default=35)
     store.done()
     top.done()
     return Policy(
@@ -351,6 +353,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         fail_edge=fail_edge,
         timeout_ms=timeout_ms,
         local_fallback=local_fallback,
+        history_days=history_days,
         aliases=MappingProxyType(aliases),
     )
 

@@ -11,7 +11,13 @@ import threading
 import time
 from typing import Any
 
-from ..core.codec import AcquireReply, decode_acquire, decode_settle
+from ..core.codec import (
+    AcquireReply,
+    decode_acquire,
+    decode_ledger_counts,
+    decode_ledger_rank,
+    decode_settle,
+)
 from ..core.windows import month_bounds
 from .store import ScriptArgs, StoreUnavailable
 
@@ -96,6 +102,9 @@ class MemoryStore:
             now = self._now_us()
             charged_at, items = decode_settle(args)
             for key, (kind, b, value) in zip(keys, items, strict=True):
+                if kind in ("h", "z"):
+                    self._ledger(key, kind, b, value, now)
+                    continue
                 item = self._data.get(key)
                 if item is None:
                     continue
@@ -126,6 +135,29 @@ class MemoryStore:
                     state[3][idx % SLOTS] = new
                     state[2] = max(0.0, state[2] + new - held)
             return len(keys)
+
+    def _ledger(self, key: str, kind: str, expire_ms: float, value: str, now: int) -> None:
+        """As settle.lua's "h" and "z": add to a day's counters or ranking, until it expires."""
+        until = expire_ms * 1000
+        if until <= now:
+            return
+        state = self._get(key, now) or [kind, {}]
+        counts = state[1]
+        if kind == "h":
+            for name, add in decode_ledger_counts(value).items():
+                if add:
+                    counts[name] = counts.get(name, 0) + add
+        else:
+            score, member = decode_ledger_rank(value)
+            counts[member] = counts.get(member, 0) + score
+        if counts:
+            self._data[key] = (until, state)
+
+    def read(self, key: str) -> dict[str, float] | None:
+        """A ledger hash's fields or a ranking's scores (limiting/ledger.py reads them)."""
+        with self._lock:
+            state = self._get(key, self._now_us())
+            return dict(state[1]) if state is not None and state[0] in ("h", "z") else None
 
     def ping(self) -> bool:
         return True

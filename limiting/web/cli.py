@@ -15,8 +15,9 @@ from ..core.layers import compile_plan
 from ..core.naming import BODY_USER, KEY_USER
 from ..core.override import Override, check, parse_duration
 from ..core.policy import PolicyError, load_policy
-from ..overrides import REFRESH_SECONDS, OverrideTable, StoreOverrides, changed
+from ..overrides import REFRESH_SECONDS, OverrideTable, StoreOverrides
 from ..stores.store import StoreUnavailable
+from .audit_cli import audit_shell
 from .keys_cli import _fail, _guarded  # one way to fail a command, for both groups
 from .operated import app_limiter
 
@@ -75,6 +76,8 @@ def reset(user: str, layer: str | None, anonymous: bool | None) -> None:
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
         sys.exit(2)
+    audit_shell("limits.reset", f"{realm}:{user}", {"layer": layer or "all", "plan": plan.name},
+                {"keys_removed": removed})
     click.echo(f"reset {user}: {removed} key(s) removed")
 
 
@@ -141,7 +144,7 @@ def set_override(user: str, plan: str | None, quotas: tuple[str, ...], budget: f
                         expires_at=None if seconds is None else now + seconds)
     before = _guarded(table.load)[2].get((realm, user))
     _guarded(lambda: table.put(realm, user, override))
-    changed("override_set", f"{realm}:{user}", before and before.what(), override.what())
+    audit_shell("limits.set", f"{realm}:{user}", before and before.what(), override.what())
     _seen_here()
     click.echo(f"override for {user} ({_NAMESPACES[realm]}): {override.what()}  "
                f"{'until ' if seconds else ''}{_when(override.expires_at)}; every worker "
@@ -191,7 +194,7 @@ def _clear(user: str, anonymous: bool | None) -> None:
     for realm in realms:
         if _guarded(lambda realm=realm: table.remove(realm, user)):   # type: ignore[misc]
             before = records.get((realm, user))
-            changed("override_cleared", f"{realm}:{user}", before and before.what(), None)
+            audit_shell("limits.unset", f"{realm}:{user}", before and before.what(), None)
             removed.append(_NAMESPACES[realm])
     if not removed:
         _fail(f"no override for {user}", 1)

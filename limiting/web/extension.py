@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from flask import Blueprint, Flask, Response, current_app
@@ -13,6 +15,7 @@ from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .. import metrics
+from ..audit import record_reloads
 from ..core.ask import Ask
 from ..core.decision import Decision, GuardRefused, Refused
 from ..core.headers import rate_limit_headers
@@ -23,7 +26,9 @@ from ..core.pricing import STANDARD, PriceTerms
 from ..core.upstream import Observer
 from ..engine import Engine
 from ..keys import ApiKeys
+from ..ledger import Ledger
 from ..overrides import attach
+from ..reloading import KEPT
 from ..reservation import Reservation
 from ..stores.embedded import resolve_store_url
 from ..stores.storage import open_store
@@ -44,6 +49,7 @@ from .errors import (
 from .identity import client_ip
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
+from .spend_cli import audit_command, spend_cli
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,6 +81,7 @@ class RateLimiter:
             timeout=policy.timeout_ms / 1000,
         )
         policy = attach(policy, store)   # `flask limits set`: seen here within a second
+        _audit_reloads(policy, store)
         edge_layers: tuple[Layer, ...] = ()
         edge_keys = None
         if policy.edge_per_ip and combines_edge(store):
@@ -102,6 +109,8 @@ class RateLimiter:
         app.register_error_handler(ExceedsLimit, _render_refusal)
         app.cli.add_command(limits_cli)
         app.cli.add_command(keys_cli)
+        app.cli.add_command(spend_cli)
+        app.cli.add_command(audit_command)
 
     @property
     def engine(self) -> Engine:
@@ -123,6 +132,11 @@ class RateLimiter:
             policy = self.policy
             self._keys = ApiKeys(self.store, policy.default_plan, policy.plans)
         return self._keys
+
+    @property
+    def ledger(self) -> Ledger:
+        """Who spent what, per day (limiting/ledger.py), on the same store."""
+        return Ledger(self.store, self.engine.namespace)
 
     @property
     def auth_failures(self) -> AuthFailures:
@@ -152,7 +166,8 @@ class RateLimiter:
 
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
                 plan: str | None = None, *, anonymous: bool = False,
-                terms: PriceTerms = STANDARD, renews: bool = True) -> Reservation:
+                terms: PriceTerms = STANDARD, renews: bool = True,
+                key_id: str | None = None) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
@@ -160,12 +175,13 @@ class RateLimiter:
         manager (``with limiter.reserve(...) as r: ... r.settle(usage)``): it renews the
         lease and finishes by the billing rule however the block ends. ``terms`` (service
         tier, cache writes, server tools) price the call beyond its tokens; ``renews=False``
-        for an answer made in this process, which cannot outlive its lease.
+        for an answer made in this process, which cannot outlive its lease; ``key_id``: the
+        API key it came with, for the spend ledger.
         """
         started = time.perf_counter()
         engine = self.engine
         policy = engine.policy
-        ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms)
+        ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms, key_id)
         limits = request_limits()
         realm = BODY_USER if anonymous else KEY_USER
         try:
@@ -291,6 +307,18 @@ def limited_route(view: F) -> F:
     """For a view that calls ``current_limiter().acquire(user)`` itself (after parsing its
     body): its edge check then happens in that same call instead of before the view."""
     return cast(F, mark_limited(view))
+
+
+def _audit_reloads(policy: Policy, store: Store) -> None:
+    """A worker that gunicorn's master started on its checked copy of the policy puts the
+    master's reloads (kept beside that copy) in the audit trail; never fails a start."""
+    source = Path(policy.source)
+    if source.name != KEPT:
+        return
+    try:
+        record_reloads(store, source.parent)
+    except Exception:
+        logging.getLogger("limiter.audit").warning("policy reloads not audited", exc_info=True)
 
 
 def _setting(app: Flask, name: str, default: str) -> str:

@@ -10,9 +10,10 @@ from typing import NoReturn, TypeVar
 import click
 from flask.cli import AppGroup
 
-from ..keys import ApiKeys, KeyRecord
+from ..keys import ApiKeys, KeyRecord, well_formed
 from ..stores.memory import MemoryStore
 from ..stores.store import StoreUnavailable
+from .audit_cli import audit_shell
 from .operated import app_limiter
 
 T = TypeVar("T")
@@ -62,6 +63,8 @@ def create(user: str, plan: str | None, name: str | None) -> None:
     except ValueError as exc:
         _fail(str(exc), 2)
     _warn_if_memory()
+    audit_shell("keys.create", record.key_id, None,
+                {"user": record.user, "plan": record.plan, "name": record.name})
     label = f"  name {record.name}" if record.name else ""
     click.echo(f"created key {record.key_id} for user {record.user}  plan {record.plan}{label}"
                "  (shown once: store it now)")
@@ -89,9 +92,14 @@ def list_keys(user: str | None) -> None:
 def revoke(key_id_or_key: str) -> None:
     """Revoke a key by its key_id or the key itself; it stops working at once."""
     keys = keys_for_app()
+    key_id = key_id_or_key
+    if well_formed(key_id_or_key):   # the key itself: the trail names it by its key_id only
+        found = _guarded(lambda: keys.authenticate(key_id_or_key))
+        key_id = found.key_id if found is not None else "?"
     count = _guarded(lambda: keys.revoke(key_id_or_key))
     if count == 0:
         _fail("no live key matches (unknown or already revoked)", 1)
+    audit_shell("keys.revoke", key_id, "live", "revoked")
     click.echo(f"revoked {count} key(s)")
 
 

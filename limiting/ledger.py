@@ -1,0 +1,252 @@
+"""The spend ledger: who spent what, per UTC day, in the limiter's own store.
+
+A settle books what a reservation really charged into day counters, in the same settle.lua
+call (kinds "h" and "z", limiting/core/codec.py): a hash per day for the user and for the API
+key (both under the user's hash tag, so they ride in the user's own call on every topology),
+and day-wide keys under the day's own tag ``{spend:YYYYMMDD}``: the day's total, one hash per
+model, and the spenders ranked by micro-dollars and by tokens (overall and per model). On one
+server all of it is one call; on a Cluster the day-wide keys are one more call, after.
+
+The day is the acquire's, by the store's clock (the reservation's ``charged_at``), so a call
+admitted at 23:59:59 UTC is booked to that day. Each day's keys expire on their own after
+``[store] history_days``. A cancelled or refused call books nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+from .core.codec import LEDGER_FIELDS, SettleCall, ledger_counts, ledger_rank
+from .core.naming import user_prefix, user_tag
+from .stores.memory import MemoryStore
+from .stores.store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
+
+DAY_US = 86_400 * 1_000_000
+EPOCH = date(1970, 1, 1)
+
+
+def day_of(us: float) -> int:
+    """The UTC day (days since 1970-01-01) of a store timestamp in microseconds."""
+    return int(us // DAY_US)
+
+
+def day_text(day: int) -> str:
+    return (EPOCH + timedelta(days=day)).isoformat()
+
+
+def parse_day(text: str) -> int:
+    """``YYYY-MM-DD`` as a day number; ValueError for anything else."""
+    return (date.fromisoformat(text) - EPOCH).days
+
+
+def _stamp(day: int) -> str:
+    return (EPOCH + timedelta(days=day)).strftime("%Y%m%d")
+
+
+def member(user: str, realm: str) -> str:
+    """A ranking's member: the realm keeps a key's user and a /chat user_id apart."""
+    return f"{realm}:{user}"
+
+
+class LedgerKeys:
+    """Where each day's counters live."""
+
+    def __init__(self, namespace: str = "rl:") -> None:
+        self.namespace = namespace
+
+    def user(self, user: str, realm: str, day: int) -> str:
+        return f"{user_prefix(self.namespace, user, realm)}spend:{_stamp(day)}"
+
+    def key(self, user: str, realm: str, key_id: str, day: int) -> str:
+        return f"{user_prefix(self.namespace, user, realm)}spend:k:{key_id}:{_stamp(day)}"
+
+    def _day(self, day: int) -> str:
+        return f"{self.namespace}{{spend:{_stamp(day)}}}:"
+
+    def total(self, day: int) -> str:
+        return self._day(day) + "total"
+
+    def model(self, day: int, model: str) -> str:
+        return self._day(day) + "m:" + user_tag(model)
+
+    def rank(self, day: int, by: str = "usd", model: str | None = None) -> str:
+        """Spenders of the day by ``by`` ("usd": micro-dollars, "tok": tokens)."""
+        return self._day(day) + f"rank:{by}" + ("" if model is None else ":m:" + user_tag(model))
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """One subject's counters for one day."""
+
+    day: int
+    input_tokens: int = 0          # not read from a cache
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    usd_micros: int = 0
+    requests: int = 0
+
+    @classmethod
+    def of(cls, day: int, fields: Mapping[str, Any]) -> Spend:
+        got = [int(float(fields.get(name, 0) or 0)) for name in LEDGER_FIELDS]
+        return cls(day, *got)
+
+    @classmethod
+    def sum(cls, days: Sequence[Spend]) -> Spend:
+        """Several days added up, dated by the last."""
+        return cls(days[-1].day if days else 0,
+                   *(sum(getattr(s, name) for s in days) for name in (
+                       "input_tokens", "cached_input_tokens", "output_tokens", "usd_micros",
+                       "requests")))
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.cached_input_tokens + self.output_tokens
+
+    @property
+    def usd(self) -> float:
+        return self.usd_micros / 1e6
+
+    def json(self) -> dict[str, Any]:
+        return {"day": day_text(self.day), "requests": self.requests,
+                "input_tokens": self.input_tokens,
+                "cached_input_tokens": self.cached_input_tokens,
+                "output_tokens": self.output_tokens, "tokens": self.tokens,
+                "usd_micros": self.usd_micros, "usd": round(self.usd, 6)}
+
+
+@dataclass(frozen=True, slots=True)
+class Spender:
+    """Who a reservation's spend is booked to, and under which plan and model (the
+    Prometheus labels: bounded by the policy, never the user)."""
+
+    keys: LedgerKeys
+    user: str
+    realm: str
+    plan: str
+    model: str
+    key_id: str | None = None
+    history_days: int = 35
+
+    def book(self, charged_at: int, counts: Sequence[int], own: SettleCall,
+             apart: SettleCall) -> None:
+        """Add one settled call's ``counts`` (LEDGER_FIELDS order) to the day of
+        ``charged_at``: the user's and key's hashes to ``own`` (the user's settle call, the
+        same slot), the day-wide keys to ``apart`` (the same call on one server)."""
+        day = day_of(charged_at)
+        expires_ms = (day + 1 + self.history_days) * 86_400_000
+        values = ledger_counts(counts)
+        own.add(self.keys.user(self.user, self.realm, day), "h", expires_ms, values)
+        if self.key_id:
+            own.add(self.keys.key(self.user, self.realm, self.key_id, day), "h", expires_ms,
+                    values)
+        apart.add(self.keys.total(day), "h", expires_ms, values)
+        apart.add(self.keys.model(day, self.model), "h", expires_ms, values)
+        who = member(self.user, self.realm)
+        usd, tokens = counts[3], counts[0] + counts[1] + counts[2]
+        if usd:
+            apart.add(self.keys.rank(day, "usd"), "z", expires_ms, ledger_rank(usd, who))
+            apart.add(self.keys.rank(day, "usd", self.model), "z", expires_ms,
+                      ledger_rank(usd, who))
+        if tokens:
+            apart.add(self.keys.rank(day, "tok"), "z", expires_ms, ledger_rank(tokens, who))
+
+
+@dataclass(frozen=True, slots=True)
+class TopRow:
+    user: str
+    realm: str
+    score: int            # micro-dollars or tokens, as ranked
+    spend: Spend          # the user's whole day (every model)
+
+    def json(self) -> dict[str, Any]:
+        return {"user": self.user, "realm": self.realm, "score": self.score,
+                **self.spend.json()}
+
+
+class Ledger:
+    """Reads the ledger back: a subject's days, a day's top spenders, totals per day/model."""
+
+    def __init__(self, store: Store, namespace: str = "rl:") -> None:
+        self.store = store
+        self.keys = LedgerKeys(namespace)
+
+    def today(self) -> int:
+        """Today in UTC by the store's clock (the same clock the ledger was written by)."""
+        if isinstance(self.store, RedisStore):
+            sec, usec = self._redis(lambda c: c.time())
+            return day_of(int(sec) * 1_000_000 + int(usec))
+        return day_of(time.time() * 1e6)
+
+    def days(self, count: int, today: int | None = None) -> list[int]:
+        """The last ``count`` days, oldest first, today included."""
+        last = self.today() if today is None else today
+        return list(range(last - max(1, count) + 1, last + 1))
+
+    def history(self, user: str, realm: str, days: Iterable[int],
+                key_id: str | None = None) -> list[Spend]:
+        days = list(days)
+        names = [self.keys.key(user, realm, key_id, d) if key_id else
+                 self.keys.user(user, realm, d) for d in days]
+        return [Spend.of(d, f) for d, f in zip(days, self._hashes(names), strict=True)]
+
+    def totals(self, days: Iterable[int]) -> list[Spend]:
+        days = list(days)
+        rows = self._hashes([self.keys.total(d) for d in days])
+        return [Spend.of(d, f) for d, f in zip(days, rows, strict=True)]
+
+    def models(self, day: int, names: Iterable[str]) -> dict[str, Spend]:
+        names = list(names)
+        rows = self._hashes([self.keys.model(day, name) for name in names])
+        return {name: Spend.of(day, f) for name, f in zip(names, rows, strict=True)
+                if any(f.values())}
+
+    def top(self, day: int, n: int = 20, model: str | None = None, by: str = "usd"
+            ) -> list[TopRow]:
+        """The day's ``n`` biggest spenders, exact (the ranking holds every spender)."""
+        ranked = self._ranking(self.keys.rank(day, by, model), n)
+        who = [m.partition(":")[::2] for m, _ in ranked]
+        rows = self._hashes([self.keys.user(user, realm, day) for realm, user in who])
+        return [TopRow(user, realm, int(score), Spend.of(day, f))
+                for (realm, user), (_, score), f in zip(who, ranked, rows, strict=True)]
+
+    # --- the store --------------------------------------------------------------------------------
+
+    def _hashes(self, names: list[str]) -> list[dict[str, Any]]:
+        if isinstance(self.store, MemoryStore):
+            return [self.store.read(name) or {} for name in names]
+        if not names:
+            return []
+
+        def fetch(c: Any) -> list[Any]:
+            # Single-key commands: a Cluster pipeline sends each to its slot.
+            pipe = c.pipeline(transaction=False)
+            for name in names:
+                pipe.hgetall(name)
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        return [{_text(k): v for k, v in raw.items()} for raw in self._redis(fetch)]
+
+    def _ranking(self, name: str, n: int) -> list[tuple[str, float]]:
+        if isinstance(self.store, MemoryStore):
+            scores = self.store.read(name) or {}
+            # As ZREVRANGE: score, then member, both descending.
+            ordered = sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+            return ordered[:n]
+        raw = self._redis(lambda c: c.zrevrange(name, 0, max(0, n - 1), withscores=True))
+        return [(_text(m), float(s)) for m, s in raw]
+
+    def _redis(self, command: Any) -> Any:
+        if not isinstance(self.store, RedisStore):
+            raise TypeError(f"the ledger needs a RedisStore or MemoryStore, not {self.store!r}")
+        try:
+            return command(self.store.client)
+        except STORE_ERRORS_CAUGHT as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
