@@ -56,14 +56,18 @@ class Reservation:
 
     def __init__(self, store: Store, decision: Decision, ask: Ask, charged_at: int = 0,
                  charges: Sequence[Charge] = (), lease: str | None = None, guard_at: int = 0,
-                 guard_charges: Sequence[Charge] = (), *, renews: bool = True) -> None:
+                 guard_charges: Sequence[Charge] = (), *, renews: bool = True,
+                 more: Sequence[tuple[int, Sequence[Charge]]] = ()) -> None:
         """What ``ask`` holds: ``charges`` made by the acquire at ``charged_at`` (the store's
-        clock), and ``guard_charges`` by the model's guard at ``guard_at``. Nothing charged
-        (the store away, failing open): nothing to settle."""
+        clock), and ``guard_charges`` by the model's guard at ``guard_at``. ``more``: charges
+        of the same kind made by calls of their own (an org in another Cluster slot), each
+        (charged_at, charges) settled, refunded and renewed like ``charges``, in a call of its
+        own. Nothing charged (the store away, failing open): nothing to settle."""
         self.store = store
         self.decision = decision
         self.charged_at = charged_at
         self.charges = charges
+        self.groups = [(charged_at, charges), *more]
         self.lease = lease
         self.model: ModelPolicy | None = ask.model
         self.input_tokens = ask.input_tokens
@@ -91,7 +95,7 @@ class Reservation:
         """Renew the lease every RENEW_EVERY seconds until finished (only if there is one)."""
         with self._lock:
             if self.done or self._keepalive is not None or not self.renews \
-                    or not any(c.layer.kind == "c" for c in self.charges):
+                    or not any(c.layer.kind == "c" for _, group in self.groups for c in group):
                 return
             self._keepalive = KeepAlive(self).start()
 
@@ -169,16 +173,17 @@ class Reservation:
             usd = self._usd(usage, as_reserved)
             if usd > 0:
                 metrics.USD_SETTLED.inc(usd / 1e6)
-        own = SettleCall(self.charged_at)
-        for charge in self.charges:
-            layer = charge.layer
-            if layer.unit == "leases":
-                own.add(charge.key, "c", layer.param, self.lease or "")
-            elif layer.unit in ESTIMATED_UNITS:
-                spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
-                if spent != charge.amount:
-                    own.add(charge.key, layer.kind, layer.param, spent - charge.amount)
-        self._run(own)
+        for charged_at, charges in self.groups:
+            own = SettleCall(charged_at)
+            for charge in charges:
+                layer = charge.layer
+                if layer.unit == "leases":
+                    own.add(charge.key, "c", layer.param, self.lease or "")
+                elif layer.unit in ESTIMATED_UNITS:
+                    spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
+                    if spent != charge.amount:
+                        own.add(charge.key, layer.kind, layer.param, spent - charge.amount)
+            self._run(own)
         guard = SettleCall(self.guard_at)
         for charge in self.guard_charges:
             if charge.layer.unit == "tokens":
@@ -192,22 +197,25 @@ class Reservation:
         """A later layer refused after this one committed: as if the request never came."""
         if not self._claim():
             return
-        call = SettleCall(self.charged_at)
-        for charge in self.charges:
-            layer = charge.layer
-            if layer.unit == "leases":
-                call.add(charge.key, "c", layer.param, self.lease or "")
-            elif layer.kind == "b":
-                call.add(charge.key, "b", layer.limit, -charge.amount)
-            else:
-                call.add(charge.key, layer.kind, layer.param, -charge.amount)
-        self._run(call)
+        for charged_at, charges in self.groups:
+            call = SettleCall(charged_at)
+            for charge in charges:
+                layer = charge.layer
+                if layer.unit == "leases":
+                    call.add(charge.key, "c", layer.param, self.lease or "")
+                elif layer.kind == "b":
+                    call.add(charge.key, "b", layer.limit, -charge.amount)
+                else:
+                    call.add(charge.key, layer.kind, layer.param, -charge.amount)
+            self._run(call)
 
     def renew(self) -> None:
         """Keep a streaming request's lease alive for another TTL."""
-        for charge in self.charges:
-            if charge.layer.unit == "leases" and not self.done:
-                call = SettleCall(self.charged_at)
+        for charged_at, charges in self.groups:
+            for charge in charges:
+                if charge.layer.unit != "leases" or self.done:
+                    continue
+                call = SettleCall(charged_at)
                 call.add(charge.key, "r", charge.layer.param, self.lease or "")
                 self._run(call)
 
