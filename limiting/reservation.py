@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -41,6 +41,10 @@ class Charge:
     layer: Layer
     key: str
     amount: float      # units reserved (a lease id for "c" layers lives in Reservation)
+
+
+# One settle item: (kind, b, delta or lease id), as SettleCall.add takes them.
+_Fix = tuple[str, float, "str | float"]
 
 
 def new_lease_id() -> str:
@@ -173,17 +177,18 @@ class Reservation:
             usd = self._usd(usage, as_reserved)
             if usd > 0:
                 metrics.USD_SETTLED.inc(usd / 1e6)
-        for charged_at, charges in self.groups:
-            own = SettleCall(charged_at)
-            for charge in charges:
-                layer = charge.layer
-                if layer.unit == "leases":
-                    own.add(charge.key, "c", layer.param, self.lease or "")
-                elif layer.unit in ESTIMATED_UNITS:
-                    spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
-                    if spent != charge.amount:
-                        own.add(charge.key, layer.kind, layer.param, spent - charge.amount)
-            self._run(own)
+
+        def settled(charge: Charge) -> _Fix | None:
+            layer = charge.layer
+            if layer.unit == "leases":
+                return "c", layer.param, self.lease or ""
+            if layer.unit in ESTIMATED_UNITS:
+                spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
+                if spent != charge.amount:
+                    return layer.kind, layer.param, spent - charge.amount
+            return None
+
+        self._each_group(settled)
         guard = SettleCall(self.guard_at)
         for charge in self.guard_charges:
             if charge.layer.unit == "tokens":
@@ -197,27 +202,32 @@ class Reservation:
         """A later layer refused after this one committed: as if the request never came."""
         if not self._claim():
             return
-        for charged_at, charges in self.groups:
-            call = SettleCall(charged_at)
-            for charge in charges:
-                layer = charge.layer
-                if layer.unit == "leases":
-                    call.add(charge.key, "c", layer.param, self.lease or "")
-                elif layer.kind == "b":
-                    call.add(charge.key, "b", layer.limit, -charge.amount)
-                else:
-                    call.add(charge.key, layer.kind, layer.param, -charge.amount)
-            self._run(call)
+
+        def refunded(charge: Charge) -> _Fix:
+            layer = charge.layer
+            if layer.unit == "leases":
+                return "c", layer.param, self.lease or ""
+            if layer.kind == "b":
+                return "b", layer.limit, -charge.amount
+            return layer.kind, layer.param, -charge.amount
+
+        self._each_group(refunded)
 
     def renew(self) -> None:
         """Keep a streaming request's lease alive for another TTL."""
+        if not self.done:
+            self._each_group(lambda charge: ("r", charge.layer.param, self.lease or "")
+                             if charge.layer.unit == "leases" else None)
+
+    def _each_group(self, fix: Callable[[Charge], _Fix | None]) -> None:
+        """One settle call per group of charges (one slot each): ``fix`` of every charge."""
         for charged_at, charges in self.groups:
+            call = SettleCall(charged_at)
             for charge in charges:
-                if charge.layer.unit != "leases" or self.done:
-                    continue
-                call = SettleCall(charged_at)
-                call.add(charge.key, "r", charge.layer.param, self.lease or "")
-                self._run(call)
+                item = fix(charge)
+                if item is not None:
+                    call.add(charge.key, *item)
+            self._run(call)
 
     def _run(self, call: SettleCall) -> None:
         if not call:

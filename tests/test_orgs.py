@@ -65,10 +65,15 @@ def left(app: Flask, user: str, anonymous: bool = True) -> dict[str, int]:
     return {s.layer.name: s.remaining for s in decision.states}
 
 
+def app_of(tmp_path: Path, redis_url: str, text: str = POLICY, keys: str = "0") -> Flask:
+    """The app on ``text``; /chat takes body user_ids unless ``keys`` is "1"."""
+    return create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, text),
+                       "REQUIRE_API_KEY": keys})
+
+
 @pytest.fixture
 def app(tmp_path: Path, r: redis.Redis, redis_url: str) -> Flask:
-    return create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, POLICY),
-                       "REQUIRE_API_KEY": "0"})
+    return app_of(tmp_path, redis_url)
 
 
 @pytest.fixture
@@ -155,9 +160,8 @@ def test_two_members_share_the_org_quota_and_a_refusal_charges_nothing(
 
 def test_a_members_own_refusal_charges_the_org_nothing(tmp_path: Path, r: redis.Redis,
                                                        redis_url: str) -> None:
-    text = POLICY.replace('quotas = ["50 per day"]', 'quotas = ["1 per day"]')
-    app = create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, text),
-                      "REQUIRE_API_KEY": "0"})
+    app = app_of(tmp_path, redis_url,
+                 POLICY.replace('quotas = ["50 per day"]', 'quotas = ["1 per day"]'))
     client = app.test_client()
     assert chat(client, "alice").status_code == 200
     response = chat(client, "alice")
@@ -185,9 +189,8 @@ def test_org_layers_in_headers_usage_and_the_cli(app: Flask, client: FlaskClient
 
 def test_a_shadow_org_counts_but_never_refuses(tmp_path: Path, r: redis.Redis,
                                                redis_url: str) -> None:
-    text = POLICY.replace('[orgs."acme"]\n', '[orgs."acme"]\nmode = "shadow"\n')
-    app = create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, text),
-                      "REQUIRE_API_KEY": "0"})
+    app = app_of(tmp_path, redis_url,
+                 POLICY.replace('[orgs."acme"]\n', '[orgs."acme"]\nmode = "shadow"\n'))
     client = app.test_client()
     name = {"layer": "org:acme/quota-day"}
     before = REGISTRY.get_sample_value("llm_limiter_would_refuse_total", name) or 0
@@ -203,8 +206,7 @@ def test_a_shadow_org_counts_but_never_refuses(tmp_path: Path, r: redis.Redis,
 
 def test_keys_create_org_charges_the_keys_org_over_users(tmp_path: Path, r: redis.Redis,
                                                          redis_url: str) -> None:
-    app = create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, POLICY),
-                      "REQUIRE_API_KEY": "1"})
+    app = app_of(tmp_path, redis_url, keys="1")
     runner = app.test_cli_runner()
     made = runner.invoke(args=["keys", "create", "alice", "--org", "beta"])
     assert made.exit_code == 0 and "org beta" in made.output, made.output
