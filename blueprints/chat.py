@@ -39,22 +39,24 @@ def chat() -> dict[str, Any]:
         claimed = string_field(body, "user_id")
         if claimed is not None and claimed != key.user:
             raise Forbidden("'user_id' must be the API key's own user (or left out).")
-        user, plan, anonymous = key.user, key.plan, False
+        user, plan, org, anonymous = key.user, key.plan, key.org, False
     else:
-        user, plan, anonymous = user_id_field(body), None, True
+        user, plan, org, anonymous = user_id_field(body), None, None, True
     model = string_field(body, "model") or current_app.config.get("DEFAULT_MODEL", "echo")
     provider = provider_for(model, limiter.policy)
     check_available(provider, model)
     plan_obj = limiter.policy.resolve(user, plan)   # a key's plan that left: the user's own
     api = api_for(provider)
-    if provider == "echo" and not plan_obj.meters_units:
+    org_obj = limiter.policy.org_of(user, org)
+    if provider == "echo" and not plan_obj.meters_units \
+            and not (org_obj is not None and org_obj.meters_units):
         # Nothing to reserve, settle or guard: one request, one decision (and no estimate).
-        limiter.acquire(user, plan, anonymous=anonymous)
+        limiter.acquire(user, plan, anonymous=anonymous, org=org)
         call = _request(model, provider, message, plan_obj.default_max_tokens, estimate=False)
         return {"reply": api.complete(call, _no_observer)[0]}
     call = _request(model, provider, message, plan_obj.default_max_tokens)
     spend = limiter.reserve(user, model, call.estimate, call.reserved_output, plan,
-                            anonymous=anonymous, key_id=key.key_id if key else None,
+                            anonymous=anonymous, org=org, key_id=key.key_id if key else None,
                             renews=provider != "echo")  # in-process: cannot outlive a lease
     with spend:   # renews the lease; an exception cancels or charges by the billing rule
         reply, usage = api.complete(call, observer(model))

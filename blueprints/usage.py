@@ -51,8 +51,10 @@ def my_usage() -> dict[str, Any]:
     if record is None:
         raise Unauthorized("A valid API key is required.")
     plan = limiter.policy.resolve(record.user, record.plan)
-    decision = limiter.engine.peek(record.user, plan)
-    out = {"user": record.user, "plan": plan.name, "layers": layers_json(decision)}
+    org = limiter.policy.org_of(record.user, record.org)
+    decision = limiter.engine.peek(record.user, plan, org=org)
+    out = {"user": record.user, "plan": plan.name, "org": org.name if org else None,
+           "layers": layers_json(decision)}
     if "days" in request.args:
         ledger = limiter.ledger
         days = ledger.days(_count("days", 7))
@@ -209,12 +211,16 @@ def usage_json() -> dict[str, Any]:
     require_admin()
     limiter = current_limiter()
     key_plans = limiter.keys.plans_by_user()
-    out: dict[str, Any] = {"users": [], "models": []}
+    key_orgs = limiter.keys.orgs_by_user()
+    out: dict[str, Any] = {"users": [], "orgs": [], "models": []}
     for user in known_users(key_plans):
         plan = limiter.plan_of_user(user, key_plans)
-        out["users"].append({"user": user, "plan": plan.name,
+        org = limiter.org_of_user(user, key_orgs)
+        out["users"].append({"user": user, "plan": plan.name, "org": org.name if org else None,
                              "layers": layers_json(limiter.engine.peek(
                                  user, plan, limiter.realm_of_user(user, key_plans)))})
+    for name, org in limiter.policy.orgs.items():   # the key holders' (the org's own)
+        out["orgs"].append({"org": name, "layers": layers_json(limiter.engine.peek_org(org))})
     for model in limiter.policy.models:
         out["models"].append({"model": model,
                               "layers": layers_json(limiter.engine.peek_model(model))})

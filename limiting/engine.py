@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from .core.ask import Ask
 from .core.codec import AcquireCall, AcquireReply, Costs
@@ -16,7 +17,8 @@ from .core.decision import (
     store_away,
 )
 from .core.layers import CompiledPlan, Layer, compile_plan
-from .core.naming import KEY_USER, EdgeKeys, user_prefix
+from .core.naming import KEY_USER, EdgeKeys, org_prefix, user_prefix
+from .core.orgs import compile_org, joined
 from .core.policy import Plan, Policy
 from .core.upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_args
 from .ledger import LedgerKeys, Spender
@@ -40,6 +42,7 @@ class Engine:
         self.edge_keys = edge_keys
         self._compiled: dict[str, CompiledPlan] = {}
         self._llm: dict[str, CompiledPlan] = {}
+        self._orgs: dict[tuple[str, bool], CompiledPlan] = {}
         # On one server the model's guard keys can join the user's call, as the edge does.
         self.guard_in_call = store.single_node
         self._edge_only = compile_plan(None, edge) if edge else None
@@ -69,9 +72,12 @@ class Engine:
         return keys
 
     def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None,
-                realm: str = KEY_USER) -> Decision:
-        """Check and, only if every user layer passes, charge one request to ``user``."""
+                realm: str = KEY_USER, org: Plan | None = None) -> Decision:
+        """Check and, only if every user layer (and every layer of ``org``) passes, charge
+        one request to ``user`` (and to ``org``)."""
         compiled = self.compiled(plan or self.policy.resolve(user))
+        if org is not None:
+            return self._acquire_with_org(user, ip, compiled, realm, org)
         try:
             reply = self._call(self._keys(compiled, user, ip, realm), compiled.args)
         except StoreUnavailable:
@@ -85,46 +91,132 @@ class Engine:
             return store_away(compiled)
         return from_reply(compiled, reply)
 
+    def _acquire_with_org(self, user: str, ip: str | None, compiled: CompiledPlan,
+                          realm: str, org: Plan) -> Decision:
+        """acquire() for a member of ``org``: its layers join the user's call on one server;
+        on a Cluster they follow in a call of their own, and a refusal there gives the
+        user's charge back."""
+        own = AcquireCall(self._keys(compiled, user, ip, realm), compiled.args)
+        org_part = self._org_call(org, realm, None)
+        call = own.join(org_part[1]) if self.guard_in_call else own
+        try:
+            reply = self._call(call.keys, call.args)
+        except StoreUnavailable:
+            if self.fallback is not None:
+                fb = self.fallback
+                name = compiled.plan.name if compiled.plan is not None else None
+                decision = fb.acquire(user, None, fb.policy.resolve(user, name), realm,
+                                      fb.policy.orgs.get(org.name))
+                decision.degraded = True
+                return decision
+            return joined(store_away(compiled), store_away(org_part[0]))
+        decision, _, undo = self._org_decision(compiled, own, reply, org_part, call is not own)
+        if undo:
+            skip = compiled.edge_count
+            Reservation(self.store, decision, _NO_ASK, reply.now_us,
+                        _charges(compiled.layers[skip:], own.keys[skip:], _NO_COSTS)
+                        ).refund_everything()
+        return decision
+
+    def _org_call(self, org: Plan, realm: str, costs: Costs | None
+                  ) -> tuple[CompiledPlan, AcquireCall]:
+        """``org``'s layers and their call for one request: its request layers, and with
+        ``costs`` (a reservation's) its tokens, dollars and requests in flight too."""
+        key = (org.name, costs is not None)
+        compiled = self._orgs.get(key)
+        if compiled is None or compiled.plan is not org:
+            compiled = self._orgs[key] = replace(compile_org(org, llm=costs is not None),
+                                                 plan=org)
+        prefix = org_prefix(self.namespace, org.name, realm)
+        keys = [prefix + layer.suffix for layer in compiled.layers]
+        if costs is None:
+            return compiled, AcquireCall(keys, compiled.args)
+        return compiled, AcquireCall.priced(keys, compiled.args, compiled.per_call, costs)
+
+    def _org_decision(self, compiled: CompiledPlan, own: AcquireCall, reply: AcquireReply,
+                      org_part: tuple[CompiledPlan, AcquireCall], in_call: bool
+                      ) -> tuple[Decision, AcquireReply | None, bool]:
+        """(the user's and the org's decision as one, the org's own reply when its call was
+        apart, must the user's charge be given back). ``in_call``: the org's layers rode in
+        ``reply``; otherwise (a Cluster) its call runs now, only if the user's passed."""
+        org_compiled, org_call = org_part
+        decision = from_reply(compiled, reply.first(own.size))
+        if in_call:
+            return joined(decision, from_reply(org_compiled, reply.part(
+                own.size, org_call.size))), None, False
+        if not decision.allowed:
+            return decision, None, False
+        try:
+            org_reply: AcquireReply | None = self._call(org_call.keys, org_call.args)
+        except StoreUnavailable:   # the org's layers by their failure policy
+            org_reply = None
+        org_decision = (store_away(org_compiled) if org_reply is None
+                        else from_reply(org_compiled, org_reply))
+        both = joined(decision, org_decision)
+        return both, org_reply, not both.allowed
+
     def reserve(self, user: str, plan: Plan, ask: Ask, *, ip: str | None = None,
-                realm: str = KEY_USER, guard: bool = True, renews: bool = True
-                ) -> Reservation:
+                realm: str = KEY_USER, guard: bool = True, renews: bool = True,
+                org: Plan | None = None) -> Reservation:
         """Charge one request to ``user`` and reserve its LLM units, then pass the model's
         guard (``guard=False``: skip it, as the local fallback does). ``renews=False``: an
         answer made in this process, whose lease needs no keep-alive.
 
-        Returns the complete reservation. Raises Refused (the user's layers: nothing was
-        charged) or GuardRefused (the model's guard: the user's charge was given back).
+        Returns the complete reservation. Raises Refused (the user's or ``org``'s layers:
+        nothing was charged) or GuardRefused (the model's guard: the charges were given back).
         """
         compiled = self._compiled_llm(plan)
         spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
                           self.policy.history_days)
-        costs = ask.costs(new_lease_id() if plan.max_concurrent else None)
+        leases = plan.max_concurrent or (org is not None and org.max_concurrent)
+        costs = ask.costs(new_lease_id() if leases else None)
         own = AcquireCall.priced(self._keys(compiled, user, ip, realm), compiled.args,
                                  compiled.per_call, costs)
+        org_part = self._org_call(org, realm, costs) if org is not None else None
         guard_call = self._guard_call(ask.model_name, costs) if guard else None
         call = own
+        if org_part is not None and self.guard_in_call:
+            call = call.join(org_part[1])   # one server: the org's layers in the same call
+        head = call.size
         if guard_call is not None and self.guard_in_call:
             # One server: the model's guard joins the user's all-or-nothing call.
-            call = own.join(guard_call[1])
-        joined = call is not own
+            call = call.join(guard_call[1])
+        guard_joined = call.size > head
         try:
             reply = self._call(call.keys, call.args)
         except StoreUnavailable:
-            return self._reserve_away(user, plan, ask, compiled, realm, renews, spender)
-        decision = from_reply(compiled, reply.first(own.size) if joined else reply)
-        if joined and reply.refused_after(own.size):  # the user's layers passed; none charged
+            return self._reserve_away(user, plan, ask, compiled, realm, renews, spender,
+                                      org)
+        org_reply, undo = None, False
+        if org_part is None:
+            decision = from_reply(compiled, reply.first(own.size) if guard_joined else reply)
+        else:
+            decision, org_reply, undo = self._org_decision(compiled, own, reply, org_part,
+                                                           head > own.size)
+        if guard_joined and reply.refused_after(head):  # the rest passed; none charged
             raise GuardRefused(ask.model_name, _guard_wait(reply.wait_us), decision)
-        if not decision.allowed:
-            raise Refused(decision)
         skip = compiled.edge_count
         charges = [c for c in _charges(compiled.layers[skip:], own.keys[skip:], costs)
                    if decision.charged(c.layer)]   # not a shadow layer that would refuse
+        if not decision.allowed:
+            if undo:   # the org refused in a call of its own: give the user's charge back
+                Reservation(self.store, decision, ask, reply.now_us, charges,
+                            costs.lease).refund_everything()
+            raise Refused(decision)
+        more: list[tuple[int, list[Charge]]] = []
+        if org_part is not None:
+            org_charges = [c for c in _charges(org_part[0].layers, org_part[1].keys, costs)
+                           if decision.charged(c.layer)]
+            if head > own.size:
+                charges += org_charges   # charged by the same call: settled with the user's
+            elif org_reply is not None:
+                more.append((org_reply.now_us, org_charges))
         guard_at, guard_charges = 0, []
         if guard_call is not None:
             layers, apart = guard_call
             guard_at = reply.now_us
-            guard_states = reply.states[own.size:] if joined else []
-            if not joined:
+            guard_states = reply.states[head:] if guard_joined else []
+            if not guard_joined:
                 # A Cluster puts the guard in a slot of its own: a call of its own, after.
                 try:
                     guard_reply = self._call(apart.keys, apart.args)
@@ -132,7 +224,7 @@ class Engine:
                     guard_reply = None
                 if guard_reply is not None and not guard_reply.allowed:
                     Reservation(self.store, decision, ask, reply.now_us, charges,
-                                costs.lease).refund_everything()
+                                costs.lease, more=more).refund_everything()
                     raise GuardRefused(ask.model_name, _guard_wait(guard_reply.wait_us),
                                        decision)
                 guard_at = guard_reply.now_us if guard_reply is not None else 0
@@ -145,17 +237,21 @@ class Engine:
                 guard_charges = [c for c in _charges(layers, apart.keys, costs)
                                  if c.layer.kind in ("w", "W") and c.layer not in uncharged]
         return Reservation(self.store, decision, ask, reply.now_us, charges, costs.lease,
-                           guard_at, guard_charges, renews=renews, spender=spender)
+                           guard_at, guard_charges, renews=renews, spender=spender, more=more)
 
     def _reserve_away(self, user: str, plan: Plan, ask: Ask, compiled: CompiledPlan,
-                      realm: str, renews: bool, spender: Spender) -> Reservation:
+                      realm: str, renews: bool, spender: Spender,
+                      org: Plan | None = None) -> Reservation:
         """The store is away: the local fallback (no guard: the provider still has its own
         limits), else the failure policy; failing open holds nothing to settle."""
         if self.fallback is not None:
             fb = self.fallback
             return fb.reserve(user, fb.policy.resolve(user, plan.name), ask, realm=realm,
-                              guard=False, renews=renews)
+                              guard=False, renews=renews,
+                              org=None if org is None else fb.policy.orgs.get(org.name))
         decision = store_away(compiled)
+        if org is not None:
+            decision = joined(decision, store_away(compile_org(org, llm=True)))
         if not decision.allowed:
             raise Refused(decision)
         return Reservation(self.store, decision, ask, renews=renews, spender=spender)
@@ -210,11 +306,28 @@ class Engine:
             return None
         return from_reply(self._edge_only, reply)
 
-    def peek(self, user: str, plan: Plan | None = None, realm: str = KEY_USER) -> Decision:
-        """Every user layer's state for ``user``, charging nothing."""
+    def peek(self, user: str, plan: Plan | None = None, realm: str = KEY_USER,
+             org: Plan | None = None) -> Decision:
+        """Every user layer's state for ``user`` (then ``org``'s), charging nothing."""
         compiled = compile_plan(plan or self.policy.resolve(user), cost=0, llm=True)
         reply = self._call(self._keys(compiled, user, None, realm), compiled.args)
-        return from_reply(compiled, reply)
+        decision = from_reply(compiled, reply)
+        return decision if org is None else joined(decision, self.peek_org(org, realm))
+
+    def peek_org(self, org: Plan, realm: str = KEY_USER) -> Decision:
+        """Every layer of ``org`` (its key holders', or with BODY_USER its /chat user_ids'),
+        charging nothing."""
+        compiled = compile_org(org, llm=True, cost=0)
+        prefix = org_prefix(self.namespace, org.name, realm)
+        return from_reply(compiled, self._call([prefix + lay.suffix for lay in compiled.layers],
+                                               compiled.args))
+
+    def reset_org(self, org: Plan, layer: str | None = None, realm: str = KEY_USER) -> int:
+        """Forget ``org``'s usage (one layer, by its name with or without "org:<name>/")."""
+        prefix = org_prefix(self.namespace, org.name, realm)
+        keys = [prefix + lay.suffix for lay in compile_org(org, llm=True).layers
+                if layer in (None, lay.name, lay.name.partition("/")[2])]
+        return self.store.delete(keys) if keys else 0
 
     def _call(self, keys: list[str], args: Sequence[bytes]) -> AcquireReply:
         return AcquireReply.parse(self.store.acquire(keys, args))
@@ -226,6 +339,11 @@ class Engine:
         layers = compile_plan(plan or self.policy.resolve(user), llm=True).layers
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0
+
+
+# acquire()'s refund when an org in another slot refused: one request, no LLM units.
+_NO_ASK = Ask("", None, 0, 0)
+_NO_COSTS = Costs()
 
 
 def _charges(layers: Sequence[Layer], keys: Sequence[str], costs: Costs) -> list[Charge]:

@@ -48,6 +48,7 @@ class KeyRecord:
     name: str | None
     created_at: int
     revoked: bool
+    org: str | None = None    # the org its requests are charged to (None: the user's own)
 
 
 def new_key() -> str:
@@ -113,9 +114,10 @@ class ApiKeys:
     """Create, authenticate, list and revoke API keys in the limiter's store."""
 
     def __init__(self, store: Store, default_plan: str, plans: Collection[str],
-                 namespace: str = "rl:") -> None:
+                 namespace: str = "rl:", *, orgs: Collection[str] = ()) -> None:
         self.default_plan = default_plan
         self.plans = tuple(plans)
+        self.orgs = tuple(orgs)
         self.namespace = namespace
         self.index_key = f"{namespace}keys:index"
         self._client: Any = None
@@ -133,25 +135,31 @@ class ApiKeys:
         """The record's Redis key; the digest is the hash tag, so one key per slot."""
         return f"{self.namespace}key:{{{hexdigest}}}"
 
-    def create(self, user: str, plan: str | None = None,
-               name: str | None = None) -> tuple[str, KeyRecord]:
-        """A new key for ``user``; the secret is returned once and never stored."""
+    def create(self, user: str, plan: str | None = None, name: str | None = None,
+               org: str | None = None) -> tuple[str, KeyRecord]:
+        """A new key for ``user`` (charged to ``org`` too, if given, whatever [users] says);
+        the secret is returned once and never stored."""
         if not user or not user.strip() or len(user) > MAX_USER_ID_LENGTH:
             raise ValueError(f"user id must be 1..{MAX_USER_ID_LENGTH} characters, not blank")
         plan = self.default_plan if plan is None else plan
         if plan not in self.plans:
             raise ValueError(f"unknown plan {plan!r}; valid plans: {', '.join(self.plans)}")
+        if org is not None and org not in self.orgs:
+            valid = ", ".join(self.orgs) or "none under [orgs]"
+            raise ValueError(f"unknown org {org!r}; valid orgs: {valid}")
         if name is not None and len(name) > MAX_NAME_LENGTH:
             raise ValueError(f"key name must be at most {MAX_NAME_LENGTH} characters")
         while True:
             key = new_key()
             hexd = digest(key)
             record = KeyRecord(key[len(KEY_PREFIX):][:KEY_ID_LENGTH], user, plan, name,
-                               int(time.time()), False)
+                               int(time.time()), False, org)
             fields = {"hash": hexd, "key_id": record.key_id, "user": user, "plan": plan,
                       "created_at": str(record.created_at)}
             if name is not None:
                 fields["name"] = name
+            if org is not None:
+                fields["org"] = org
             # Claim the key_id first: a (72-bit, so theoretical) clash draws a new key instead
             # of leaving a record that no key_id reaches and so could never be revoked by id.
             if self._claim(record.key_id, hexd, fields):
@@ -199,6 +207,10 @@ class ApiKeys:
     def plans_by_user(self, user: str | None = None) -> dict[str, str]:
         """user -> the plan of their newest live key (revoked keys serve no one)."""
         return {rec.user: rec.plan for rec in self.list(user) if not rec.revoked}
+
+    def orgs_by_user(self, user: str | None = None) -> dict[str, str | None]:
+        """user -> the org of their newest live key (None: the key names none)."""
+        return {rec.user: rec.org for rec in self.list(user) if not rec.revoked}
 
     def revoke(self, key_id_or_key: str) -> int:
         """Revoke by key_id or full key; how many live keys this revoked (0 or 1)."""
@@ -274,7 +286,7 @@ def _record(fields: Mapping[str, str]) -> KeyRecord | None:
         return KeyRecord(
             key_id=fields["key_id"], user=fields["user"], plan=fields["plan"],
             name=fields.get("name"), created_at=int(fields["created_at"]),
-            revoked="revoked" in fields,
+            revoked="revoked" in fields, org=fields.get("org"),
         )
     except (KeyError, ValueError):
         return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -44,6 +44,10 @@ class Charge:
     amount: float      # units reserved (a lease id for "c" layers lives in Reservation)
 
 
+# One settle item: (kind, b, delta or lease id), as SettleCall.add takes them.
+_Fix = tuple[str, float, "str | float"]
+
+
 def new_lease_id() -> str:
     return uuid.uuid4().hex
 
@@ -58,15 +62,20 @@ class Reservation:
     def __init__(self, store: Store, decision: Decision, ask: Ask, charged_at: int = 0,
                  charges: Sequence[Charge] = (), lease: str | None = None, guard_at: int = 0,
                  guard_charges: Sequence[Charge] = (), *, renews: bool = True,
-                 spender: Spender | None = None) -> None:
+                 spender: Spender | None = None,
+                 more: Sequence[tuple[int, Sequence[Charge]]] = ()) -> None:
         """What ``ask`` holds: ``charges`` made by the acquire at ``charged_at`` (the store's
-        clock), and ``guard_charges`` by the model's guard at ``guard_at``. Nothing charged
-        (the store away, failing open): nothing to settle. ``spender``: whom the spend
-        ledger books a settled call to (and its plan and model, for the metrics)."""
+        clock), and ``guard_charges`` by the model's guard at ``guard_at``. ``more``: charges
+        of the same kind made by calls of their own (an org in another Cluster slot), each
+        (charged_at, charges) settled, refunded and renewed like ``charges``, in a call of its
+        own. Nothing charged (the store away, failing open): nothing to settle. ``spender``:
+        whom the spend ledger books a settled call to (and its plan and model, for the
+        metrics)."""
         self.store = store
         self.decision = decision
         self.charged_at = charged_at
         self.charges = charges
+        self.groups = [(charged_at, charges), *more]
         self.lease = lease
         self.model: ModelPolicy | None = ask.model
         self.input_tokens = ask.input_tokens
@@ -95,7 +104,7 @@ class Reservation:
         """Renew the lease every RENEW_EVERY seconds until finished (only if there is one)."""
         with self._lock:
             if self.done or self._keepalive is not None or not self.renews \
-                    or not any(c.layer.kind == "c" for c in self.charges):
+                    or not any(c.layer.kind == "c" for _, group in self.groups for c in group):
                 return
             self._keepalive = KeepAlive(self).start()
 
@@ -163,24 +172,28 @@ class Reservation:
         if not self._claim():
             return
         counts = self._counted(usage, as_reserved) if usage is not None else None
-        own = SettleCall(self.charged_at)
-        for charge in self.charges:
+
+        def settled(charge: Charge) -> _Fix | None:
             layer = charge.layer
             if layer.unit == "leases":
-                own.add(charge.key, "c", layer.param, self.lease or "")
-            elif layer.unit in ESTIMATED_UNITS:
+                return "c", layer.param, self.lease or ""
+            if layer.unit in ESTIMATED_UNITS:
                 spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
                 if spent != charge.amount:
-                    own.add(charge.key, layer.kind, layer.param, spent - charge.amount)
-        apart = own
-        if counts is not None and self.spender is not None and self.charged_at:
-            # One server: the ledger rides in the user's settle, no extra round trip. A
-            # Cluster keeps the day-wide keys in the day's slot: one more call, after.
+                    return layer.kind, layer.param, spent - charge.amount
+            return None
+
+        def book(own: SettleCall) -> SettleCall | None:
+            """The spend ledger rides in the user's settle: no extra round trip on one
+            server. A Cluster keeps the day-wide keys in the day's slot: a call of their own,
+            returned to run after."""
+            if counts is None or self.spender is None or not self.charged_at:
+                return None
             apart = own if self.store.single_node else SettleCall(self.charged_at)
             self.spender.book(self.charged_at, counts, own, apart)
-        self._run(own)
-        if apart is not own:
-            self._run(apart)
+            return None if apart is own else apart
+
+        self._each_group(settled, book)
         guard = SettleCall(self.guard_at)
         for charge in self.guard_charges:
             if charge.layer.unit == "tokens":
@@ -219,24 +232,38 @@ class Reservation:
         """A later layer refused after this one committed: as if the request never came."""
         if not self._claim():
             return
-        call = SettleCall(self.charged_at)
-        for charge in self.charges:
+
+        def refunded(charge: Charge) -> _Fix:
             layer = charge.layer
             if layer.unit == "leases":
-                call.add(charge.key, "c", layer.param, self.lease or "")
-            elif layer.kind == "b":
-                call.add(charge.key, "b", layer.limit, -charge.amount)
-            else:
-                call.add(charge.key, layer.kind, layer.param, -charge.amount)
-        self._run(call)
+                return "c", layer.param, self.lease or ""
+            if layer.kind == "b":
+                return "b", layer.limit, -charge.amount
+            return layer.kind, layer.param, -charge.amount
+
+        self._each_group(refunded)
 
     def renew(self) -> None:
         """Keep a streaming request's lease alive for another TTL."""
-        for charge in self.charges:
-            if charge.layer.unit == "leases" and not self.done:
-                call = SettleCall(self.charged_at)
-                call.add(charge.key, "r", charge.layer.param, self.lease or "")
-                self._run(call)
+        if not self.done:
+            self._each_group(lambda charge: ("r", charge.layer.param, self.lease or "")
+                             if charge.layer.unit == "leases" else None)
+
+    def _each_group(self, fix: Callable[[Charge], _Fix | None],
+                    first: Callable[[SettleCall], SettleCall | None] | None = None) -> None:
+        """One settle call per group of charges (one slot each): ``fix`` of every charge.
+        ``first`` may add to the user's call (the first group), and return a call to run
+        after it."""
+        for i, (charged_at, charges) in enumerate(self.groups):
+            call = SettleCall(charged_at)
+            for charge in charges:
+                item = fix(charge)
+                if item is not None:
+                    call.add(charge.key, *item)
+            after = first(call) if first is not None and i == 0 else None
+            self._run(call)
+            if after is not None:
+                self._run(after)
 
     def _run(self, call: SettleCall) -> None:
         if not call:

@@ -43,7 +43,7 @@ def _serve(dialect: Dialect) -> Response:
     call = dialect.parse(read_body(), lambda: plan_of(record).default_max_tokens)
     reservation = current_limiter().reserve(
         record.user, call.model, call.estimate, call.reserved_output, plan=record.plan,
-        terms=call.terms, key_id=record.key_id,
+        org=record.org, terms=call.terms, key_id=record.key_id,
         renews=call.provider != "echo")   # an answer made in-process cannot outlive its lease
     decision = reservation.decision
     headers = {**rate_limit_headers(decision), **dialect.provider_headers(decision)}

@@ -190,6 +190,14 @@ class AcquireReply:
         return AcquireReply(self.allowed, self.refused, self.wait_us, self.now_us,
                             self.states[:n])
 
+    def part(self, start: int, n: int) -> AcquireReply:
+        """The reply as layers ``start`` .. ``start + n`` saw it (an org's, behind a user's):
+        refused only if one of them refused."""
+        states = self.states[start:start + n]
+        if start < self.refused <= start + n:
+            return AcquireReply(False, self.refused - start, self.wait_us, self.now_us, states)
+        return AcquireReply(True, 0, 0, self.now_us, states)
+
 
 # --- settle ---------------------------------------------------------------------------------------
 

@@ -78,7 +78,9 @@ class CompiledPlan:
 
 
 def request_layers(plan: Plan) -> tuple[Layer, ...]:
-    layers = [bucket("user", "b", plan.burst, plan.refill_per_second, plan.fail_rate)]
+    # burst 0: no bucket (an org may have only quotas; a plan always has one)
+    layers = [bucket("user", "b", plan.burst, plan.refill_per_second, plan.fail_rate)
+              ] if plan.burst else []
     layers += [month(q.name, "qmonth", q.amount, plan.fail_quota) if q.calendar
                else window(q.name, f"q{q.seconds}", q.amount, q.seconds, plan.fail_quota)
                for q in plan.quotas]

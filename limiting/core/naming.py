@@ -36,6 +36,12 @@ def user_prefix(namespace: str, user_id: str, realm: str = KEY_USER) -> str:
     return f"{namespace}{{{realm}:{user_tag(user_id)}}}:"
 
 
+def org_prefix(namespace: str, org: str, realm: str = KEY_USER) -> str:
+    """Every key of one org, under its own hash tag. The members' realm picks one of two
+    sets: /chat body user_ids (anyone can type one) never spend key holders' org limits."""
+    return user_prefix(namespace, org, "o" if realm == KEY_USER else "ob")
+
+
 class EdgeKeys:
     """Flask-Limiter's own keys for the per-IP application limits, so both count as one."""
 

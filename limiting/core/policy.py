@@ -6,7 +6,6 @@ first paying user is a typo found too late.
 
 from __future__ import annotations
 
-import logging
 import math
 import tomllib
 from collections.abc import Mapping
@@ -16,14 +15,12 @@ from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from .lease import RENEW_EVERY
+from .members import read_members, warn_removed
 from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
 from .policy_reader import PolicyError as PolicyError
 from .policy_reader import TableReader
 from .windows import Window as Window  # re-exported: plans hold them
 from .windows import parse_window
-
-log = logging.getLogger("limiter.policy")
-_WARNED_REMOVED: set[tuple[str, str]] = set()
 
 # The built-in model, answered in this process: the demo needs no provider account.
 ECHO = "echo"
@@ -122,6 +119,9 @@ class Policy:
     history_days: int = 35         # days the spend ledger keeps (limiting/ledger.py)
     aliases: Mapping[str, str] = field(default_factory=dict)   # alias -> model name
     overrides: PlanOverrides | None = field(default=None, compare=False, repr=False)
+    # [orgs]: limits shared by every member, read as plans (burst 0: no requests bucket).
+    orgs: Mapping[str, Plan] = field(default_factory=dict)
+    user_orgs: Mapping[str, str] = field(default_factory=dict)   # [users] member -> org
 
     def resolve(self, user: str, key_plan: str | None = None, realm: str | None = None) -> Plan:
         """The plan ``user`` is limited by, the one lookup everyone uses: ``key_plan`` (an API
@@ -143,12 +143,20 @@ class Policy:
             plan = self.plans.get(key_plan.partition(OVERRIDDEN)[0])
             if plan is not None:
                 return plan
-            if (self.source, key_plan) not in _WARNED_REMOVED:
-                _WARNED_REMOVED.add((self.source, key_plan))
-                log.warning("plan %r is not in %s (removed?); its keys fall back to their "
-                            "user's own plan ([users], else the default %r)", key_plan,
-                            self.source, self.default_plan)
+            warn_removed(self.source, "plan", key_plan,
+                     f"their user's own plan ([users], else the default {self.default_plan!r})")
         return self.plans[self.users.get(user, self.default_plan)]
+
+    def org_of(self, user: str, key_org: str | None = None) -> Plan | None:
+        """The org ``user`` is charged to, by :meth:`resolve`'s rule: ``key_org`` (an API
+        key's) while the policy has it, else the user's own ([users]), else none."""
+        if key_org is not None:
+            org = self.orgs.get(key_org)
+            if org is not None:
+                return org
+            warn_removed(self.source, "org", key_org, "their user's own org ([users])")
+        name = self.user_orgs.get(user)
+        return None if name is None else self.orgs[name]
 
     def model(self, name: str) -> ModelPolicy | None:
         """The model ``name`` is billed and guarded as (an alias gives its model), or None."""
@@ -182,12 +190,16 @@ def _windows(r: TableReader, key: str) -> tuple[Window, ...]:
     return tuple(out)
 
 
-def _plan(source: str, name: str, table: Any) -> Plan:
-    r = TableReader(source, f"plans.{name}", table)
+def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
+    """A plan, or with ``org`` an org's limits: any subset of a plan's layers (the requests
+    bucket only when burst and refill_per_second are given)."""
+    r = TableReader(source, f'orgs."{name}"' if org else f"plans.{name}", table)
+    rate = not org or "burst" in r.table or "refill_per_second" in r.table
     plan = Plan(
         name=name,
-        burst=r.positive("burst", required=True),
-        refill_per_second=float(r.positive("refill_per_second", (int, float), required=True)),
+        burst=r.positive("burst", required=rate) or 0,
+        refill_per_second=float(r.positive("refill_per_second", (int, float), required=rate)
+                                or 0),
         quotas=_windows(r, "quotas"),
         tokens_per_minute=r.positive("tokens_per_minute"),
         input_tokens_per_minute=r.positive("input_tokens_per_minute"),
@@ -196,7 +208,7 @@ def _plan(source: str, name: str, table: Any) -> Plan:
         budget_usd_per_day=r.positive("budget_usd_per_day", (int, float)),
         tokens_per_day=r.positive("tokens_per_day"),
         budget_usd_per_month=r.positive("budget_usd_per_month", (int, float)),
-        default_max_tokens=r.positive("default_max_tokens", default=1024),
+        default_max_tokens=1024 if org else r.positive("default_max_tokens", default=1024),
         lease_ttl_seconds=r.positive("lease_ttl_seconds", default=60),
         fail_rate=r.fail_mode("fail_rate", "fail_open"),
         fail_quota=r.fail_mode("fail_quota", "fail_closed"),
@@ -289,9 +301,10 @@ def _alias_map(source: str, models: Mapping[str, ModelPolicy]) -> dict[str, str]
 
 def _check_budgets(source: str, plans: Mapping[str, Plan],
                    models: Mapping[str, ModelPolicy]) -> None:
-    """A dollar budget is only as good as the prices: an unpriced model would spend it free."""
-    budgets = [(name, "budget_usd_per_day" if plan.budget_usd_per_day
-                else "budget_usd_per_month") for name, plan in plans.items()
+    """A dollar budget is only as good as the prices: an unpriced model would spend it free.
+    ``plans`` by table ("plans.pro", 'orgs."acme"')."""
+    budgets = [(where, "budget_usd_per_day" if plan.budget_usd_per_day
+                else "budget_usd_per_month") for where, plan in plans.items()
                if plan.budget_usd_per_day or plan.budget_usd_per_month]
     if not budgets:
         return
@@ -300,7 +313,7 @@ def _check_budgets(source: str, plans: Mapping[str, Plan],
             missing = "input_usd_per_million" if model.input_usd_per_million is None \
                 else "output_usd_per_million"
             raise PolicyError(f'{source}: models."{name}".{missing}: is required while '
-                              f"plans.{budgets[0][0]} has {budgets[0][1]} (an unpriced model "
+                              f"{budgets[0][0]} has {budgets[0][1]} (an unpriced model "
                               "would spend the budget for free)")
 
 
@@ -328,14 +341,15 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         defaults.fail("plan", f"names no plan under [plans]: {default_plan!r}")
     defaults.done()
 
-    users = top.get("users", dict, {})
-    for user, plan in users.items():
-        if plan not in plans:
-            top.fail(f'users."{user}"', f"names no plan under [plans]: {plan!r}")
+    orgs = {name: _plan(source, name, t, org=True)
+            for name, t in top.get("orgs", dict, {}).items()}
+    users, user_orgs = read_members(source, top.get("users", dict, {}), default_plan, plans,
+                                    orgs)
 
     models = {name: _model(source, name, t) for name, t in top.get("models", dict, {}).items()}
     aliases = _alias_map(source, models)
-    _check_budgets(source, plans, models)
+    _check_budgets(source, {**{f"plans.{n}": p for n, p in plans.items()},
+                            **{f'orgs."{n}"': o for n, o in orgs.items()}}, models)
 
     store = TableReader(source, "store", top.get("store", dict, {}))
     timeout_ms = store.positive("timeout_ms", default=50)
@@ -355,6 +369,8 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         local_fallback=local_fallback,
         history_days=history_days,
         aliases=MappingProxyType(aliases),
+        orgs=MappingProxyType(orgs),
+        user_orgs=MappingProxyType(user_orgs),
     )
 
 
@@ -378,16 +394,14 @@ def per_worker(policy: Policy, workers: int) -> Policy:
         return policy
 
     def share(value: float | None) -> Any:
-        if value is None:
-            return None
+        if not value:   # None, or an org's 0: no such layer
+            return value
         part = value / workers
         return max(1, math.floor(part)) if isinstance(value, int) else part
 
-    plans = {
-        name: replace(
-            plan,
-            burst=share(plan.burst),
-            refill_per_second=plan.refill_per_second / workers,
+    def shared(plan: Plan) -> Plan:
+        return replace(
+            plan, burst=share(plan.burst), refill_per_second=plan.refill_per_second / workers,
             quotas=tuple(replace(q, amount=share(q.amount)) for q in plan.quotas),
             tokens_per_minute=share(plan.tokens_per_minute),
             input_tokens_per_minute=share(plan.input_tokens_per_minute),
@@ -395,9 +409,9 @@ def per_worker(policy: Policy, workers: int) -> Policy:
             max_concurrent=share(plan.max_concurrent),
             budget_usd_per_day=share(plan.budget_usd_per_day),
             tokens_per_day=share(plan.tokens_per_day),
-            budget_usd_per_month=share(plan.budget_usd_per_month),
-        )
-        for name, plan in policy.plans.items()
-    }
+            budget_usd_per_month=share(plan.budget_usd_per_month))
+
     # Overrides live in the store that is away; the fallback enforces the file's plans.
-    return replace(policy, plans=MappingProxyType(plans), edge_per_ip=(), overrides=None)
+    return replace(policy, edge_per_ip=(), overrides=None,
+                   plans=MappingProxyType({n: shared(p) for n, p in policy.plans.items()}),
+                   orgs=MappingProxyType({n: shared(o) for n, o in policy.orgs.items()}))

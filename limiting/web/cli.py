@@ -13,8 +13,9 @@ from flask.cli import AppGroup
 
 from ..core.layers import compile_plan
 from ..core.naming import BODY_USER, KEY_USER
+from ..core.orgs import compile_org
 from ..core.override import Override, check, parse_duration
-from ..core.policy import PolicyError, load_policy
+from ..core.policy import Plan, PolicyError, load_policy
 from ..overrides import REFRESH_SECONDS, OverrideTable, StoreOverrides
 from ..stores.store import StoreUnavailable
 from .audit_cli import audit_shell
@@ -30,36 +31,79 @@ _WHO = click.option(
          "USER holds a live key, else the /chat user_id): the two never share limits.")
 
 
+_ORG = click.option("--org", "org_name", default=None,
+                    help="An org under [orgs] (its key holders' layers; with --anonymous its "
+                         "/chat user_ids').")
+
+
+def _org(name: str) -> Plan:
+    org = app_limiter().policy.orgs.get(name)
+    if org is None:
+        _fail(f"no org {name!r} under [orgs]", 2)
+    return org
+
+
 @limits_cli.command("show")
-@click.argument("user")
+@click.argument("user", required=False)
 @_WHO
-def show(user: str, anonymous: bool | None) -> None:
-    """Every layer of USER: limit, remaining, reset (charges nothing)."""
+@_ORG
+def show(user: str | None, anonymous: bool | None, org_name: str | None) -> None:
+    """Every layer of USER (and of their org), or of --org ORG: limit, remaining, reset
+    (charges nothing)."""
     limiter = app_limiter()
+    if (user is None) == (org_name is None):
+        _fail("name a USER or an --org (not both)", 2)
     try:
-        realm = limiter.realm_of_user(user, anonymous=anonymous)
-        key_plan = limiter.keys.plans_by_user(user).get(user) if realm == KEY_USER else None
-        # The key's plan and this namespace's override, as requests are served.
-        plan = limiter.policy.resolve(user, key_plan, realm)
-        decision = limiter.engine.peek(user, plan, realm)
+        if user is None:
+            assert org_name is not None
+            realm = BODY_USER if anonymous else KEY_USER
+            decision = limiter.engine.peek_org(_org(org_name), realm)
+            head = f"org {org_name} ({'/chat user_ids' if anonymous else 'API key users'})"
+        else:
+            realm = limiter.realm_of_user(user, anonymous=anonymous)
+            key_plan = limiter.keys.plans_by_user(user).get(user) if realm == KEY_USER else None
+            # The key's plan and this namespace's override, as requests are served.
+            plan = limiter.policy.resolve(user, key_plan, realm)
+            org = limiter.org_of_user(user)
+            decision = limiter.engine.peek(user, plan, realm, org)
+            who = "/chat user_id" if realm == BODY_USER else "API key user"
+            head = f"user {user} ({who})  plan {plan.name}" + (f"  org {org.name}" if org else "")
     except StoreUnavailable as exc:
-        click.echo(f"error: the store is unreachable: {exc}", err=True)
-        sys.exit(2)
-    who = "/chat user_id" if realm == BODY_USER else "API key user"
-    click.echo(f"user {user} ({who})  plan {plan.name}")
-    click.echo(f"{'layer':<16}{'limit':>12}{'remaining':>12}{'reset_s':>10}")
+        _fail(f"the store is unreachable: {exc}", 2)
+    click.echo(head)
+    width = max([16, *(len(s.layer.name) + 2 for s in decision.states)])
+    click.echo(f"{'layer':<{width}}{'limit':>12}{'remaining':>12}{'reset_s':>10}")
     for s in decision.states:
-        click.echo(f"{s.layer.name:<16}{s.layer.limit:>12g}{s.remaining:>12}"
+        click.echo(f"{s.layer.name:<{width}}{s.layer.limit:>12g}{s.remaining:>12}"
                    f"{math.ceil(s.reset):>10}")
 
 
 @limits_cli.command("reset")
-@click.argument("user")
+@click.argument("user", required=False)
 @click.option("--layer", default=None, help="Only this layer (e.g. user, quota-day).")
 @_WHO
-def reset(user: str, layer: str | None, anonymous: bool | None) -> None:
-    """Forget USER's usage, in every layer or one."""
+@_ORG
+def reset(user: str | None, layer: str | None, anonymous: bool | None,
+          org_name: str | None) -> None:
+    """Forget USER's (or --org ORG's) usage, in every layer or one. A user's reset leaves
+    their org's layers alone: the other members share them."""
     limiter = app_limiter()
+    if (user is None) == (org_name is None):
+        _fail("name a USER or an --org (not both)", 2)
+    if user is None:
+        assert org_name is not None
+        org = _org(org_name)
+        names = [lay.name for lay in compile_org(org, llm=True).layers]
+        if layer is not None and layer not in names \
+                and layer not in [n.partition("/")[2] for n in names]:
+            _fail(f"no layer {layer!r} for this org; layers: {', '.join(names)}", 2)
+        try:
+            removed = limiter.engine.reset_org(org, layer,
+                                               BODY_USER if anonymous else KEY_USER)
+        except StoreUnavailable as exc:
+            _fail(f"the store is unreachable: {exc}", 2)
+        click.echo(f"reset org {org_name}: {removed} key(s) removed")
+        return
     try:
         plan = limiter.plan_of_user(user)
         realm = limiter.realm_of_user(user, anonymous=anonymous)
@@ -90,7 +134,8 @@ def check_config(path: Path) -> None:
     except PolicyError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"{path}: ok ({len(policy.plans)} plans, {len(policy.models)} models)")
+    orgs = f", {len(policy.orgs)} orgs" if policy.orgs else ""
+    click.echo(f"{path}: ok ({len(policy.plans)} plans{orgs}, {len(policy.models)} models)")
 
 
 

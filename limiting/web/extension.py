@@ -130,7 +130,8 @@ class RateLimiter:
         """API keys on the same store (created by ``flask keys create``)."""
         if self._keys is None:
             policy = self.policy
-            self._keys = ApiKeys(self.store, policy.default_plan, policy.plans)
+            self._keys = ApiKeys(self.store, policy.default_plan, policy.plans,
+                                 orgs=policy.orgs)
         return self._keys
 
     @property
@@ -145,9 +146,10 @@ class RateLimiter:
             self._auth_failures = AuthFailures(self.store)
         return self._auth_failures
 
-    def acquire(self, user: str, plan: str | None = None, *, anonymous: bool = False
-                ) -> Decision:
-        """Charge one request to ``user`` or raise RateLimited / LimiterUnavailable.
+    def acquire(self, user: str, plan: str | None = None, *, anonymous: bool = False,
+                org: str | None = None) -> Decision:
+        """Charge one request to ``user`` (and their org) or raise RateLimited /
+        LimiterUnavailable. ``plan``, ``org``: an API key's (else the user's own).
 
         ``anonymous``: ``user`` is the client's own claim (a body field), not an authenticated
         user; such ids have limits of their own and never spend an authenticated user's.
@@ -155,9 +157,10 @@ class RateLimiter:
         """
         started = time.perf_counter()
         engine = self.engine
+        policy = engine.policy
         realm = BODY_USER if anonymous else KEY_USER
-        decision = engine.acquire(user, client_ip(), engine.policy.resolve(user, plan, realm),
-                                  realm)
+        decision = engine.acquire(user, client_ip(), policy.resolve(user, plan, realm), realm,
+                                  policy.org_of(user, org))
         _record(decision, user, started)
         request_limits().decision = decision
         if decision.allowed:
@@ -167,7 +170,7 @@ class RateLimiter:
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
                 plan: str | None = None, *, anonymous: bool = False,
                 terms: PriceTerms = STANDARD, renews: bool = True,
-                key_id: str | None = None) -> Reservation:
+                key_id: str | None = None, org: str | None = None) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
@@ -176,7 +179,8 @@ class RateLimiter:
         lease and finishes by the billing rule however the block ends. ``terms`` (service
         tier, cache writes, server tools) price the call beyond its tokens; ``renews=False``
         for an answer made in this process, which cannot outlive its lease; ``key_id``: the
-        API key it came with, for the spend ledger.
+        API key it came with, for the spend ledger. ``org``: an API key's org (else the
+        user's own, from [users]); its layers are charged with the user's.
         """
         started = time.perf_counter()
         engine = self.engine
@@ -186,7 +190,8 @@ class RateLimiter:
         realm = BODY_USER if anonymous else KEY_USER
         try:
             reservation = engine.reserve(user, policy.resolve(user, plan, realm), ask,
-                                         ip=client_ip(), realm=realm, renews=renews)
+                                         ip=client_ip(), realm=realm, renews=renews,
+                                         org=policy.org_of(user, org))
         except GuardRefused as guard:
             limits.decision = guard.decision
             _record_guard(guard, user, started)
@@ -214,6 +219,14 @@ class RateLimiter:
         if key_plans is None:
             key_plans = self.keys.plans_by_user(user)
         return self.policy.resolve(user, key_plans.get(user))
+
+    def org_of_user(self, user: str, key_orgs: Mapping[str, str | None] | None = None
+                    ) -> Plan | None:
+        """The org ``user``'s requests are charged to, for operators: their newest live
+        key's, else [users]'s. ``key_orgs``: from ``keys.orgs_by_user()``."""
+        if key_orgs is None:
+            key_orgs = self.keys.orgs_by_user(user)
+        return self.policy.org_of(user, key_orgs.get(user))
 
     def realm_of_user(self, user: str, key_plans: Mapping[str, str] | None = None,
                       anonymous: bool | None = None) -> str:

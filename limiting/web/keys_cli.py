@@ -29,7 +29,8 @@ keys_cli = AppGroup(
 def keys_for_app() -> ApiKeys:
     """The ApiKeys of the running app, on its store and plans."""
     limiter = app_limiter()
-    return ApiKeys(limiter.store, limiter.policy.default_plan, limiter.policy.plans)
+    policy = limiter.policy
+    return ApiKeys(limiter.store, policy.default_plan, policy.plans, orgs=policy.orgs)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -55,17 +56,21 @@ def _warn_if_memory() -> None:
 @click.argument("user")
 @click.option("--plan", default=None, help="Plan of the key (default: [defaults] plan).")
 @click.option("--name", default=None, help="A label for operators, e.g. 'ci' or 'laptop'.")
-def create(user: str, plan: str | None, name: str | None) -> None:
+@click.option("--org", default=None,
+              help="Org its requests are charged to as well (default: USER's org in [users]).")
+def create(user: str, plan: str | None, name: str | None, org: str | None) -> None:
     """Issue a key for USER; the key is printed once, alone on the last line."""
     keys = keys_for_app()
     try:
-        key, record = _guarded(lambda: keys.create(user, plan=plan, name=name))
+        key, record = _guarded(lambda: keys.create(user, plan=plan, name=name, org=org))
     except ValueError as exc:
         _fail(str(exc), 2)
     _warn_if_memory()
     audit_shell("keys.create", record.key_id, None,
-                {"user": record.user, "plan": record.plan, "name": record.name})
-    label = f"  name {record.name}" if record.name else ""
+                {"user": record.user, "plan": record.plan, "org": record.org,
+                 "name": record.name})
+    label = (f"  org {record.org}" if record.org else "") + (
+        f"  name {record.name}" if record.name else "")
     click.echo(f"created key {record.key_id} for user {record.user}  plan {record.plan}{label}"
                "  (shown once: store it now)")
     click.echo(key)
@@ -78,7 +83,7 @@ def list_keys(user: str | None) -> None:
     keys = keys_for_app()
     records = _guarded(lambda: keys.list(user))
     rows = [_row(rec) for rec in records]
-    header = ("key_id", "user", "plan", "name", "created", "revoked")
+    header = ("key_id", "user", "plan", "org", "name", "created", "revoked")
     widths = [max(len(str(col)) for col in column) for column in zip(header, *rows, strict=True)]
     for row in (header, *rows):
         click.echo("  ".join(str(col).ljust(w) for col, w in zip(row, widths, strict=True))
@@ -105,5 +110,5 @@ def revoke(key_id_or_key: str) -> None:
 
 def _row(rec: KeyRecord) -> tuple[str, ...]:
     created = datetime.fromtimestamp(rec.created_at, UTC).isoformat(timespec="seconds")
-    return (rec.key_id, rec.user, rec.plan, rec.name or "-", created,
+    return (rec.key_id, rec.user, rec.plan, rec.org or "-", rec.name or "-", created,
             "yes" if rec.revoked else "no")

@@ -34,6 +34,9 @@ class Operated(Protocol):
 
     def plan_of_user(self, user: str, key_plans: Mapping[str, str] | None = None) -> Plan: ...
 
+    def org_of_user(self, user: str, key_orgs: Mapping[str, str | None] | None = None
+                    ) -> Plan | None: ...
+
     def realm_of_user(self, user: str, key_plans: Mapping[str, str] | None = None,
                       anonymous: bool | None = None) -> str: ...
 

@@ -1,0 +1,41 @@
+"""Orgs: limits above users, shared by every member, decided with the member's own layers.
+
+An org's limits are read as a plan's (``[orgs."acme"]`` takes any subset of a plan's keys);
+its layers are named ``org:<name>/<layer>`` ("org:acme/quota-day", the requests bucket
+"org:acme/rate") in 429 bodies, logs and RateLimit headers, and live under the org's own
+hash tag (core/naming.py org_prefix), so one org's keys are one Cluster slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .decision import Decision
+from .layers import CompiledPlan, compile_plan, llm_layers, request_layers
+from .policy import Plan
+
+
+def org_layer_name(org: str, layer: str) -> str:
+    return f"org:{org}/{'rate' if layer == 'user' else layer}"
+
+
+def compile_org(org: Plan, llm: bool = False, cost: int = 1) -> CompiledPlan:
+    """The script arguments of ``org``'s layers (request layers; with ``llm`` its tokens,
+    dollars and requests in flight too), compiled bare as the model's guard is."""
+    layers = request_layers(org) + (llm_layers(org) if llm else ())
+    named = tuple(replace(layer, name=org_layer_name(org.name, layer.name)) for layer in layers)
+    return compile_plan(None, named, cost)
+
+
+def joined(first: Decision, second: Decision) -> Decision:
+    """One decision for two subjects' layers decided for one request (a user's, then their
+    org's): refused if either refused, by the first refusal; headers list both."""
+    by = first if not first.allowed else second
+    refused = not by.allowed
+    return Decision(
+        not refused, first.states + second.states,
+        by.refused if refused else None, by.wait if refused else 0.0,
+        ", ".join(h for h in (first.policy_header, second.policy_header) if h),
+        unavailable=by.unavailable if refused else False,
+        degraded=first.degraded or second.degraded,
+        would_refuse=first.would_refuse + second.would_refuse)
