@@ -19,6 +19,7 @@ from .lease import RENEW_EVERY
 from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
 from .policy_reader import PolicyError as PolicyError
 from .policy_reader import TableReader
+from .routes import RouteLimit, parse_routes
 from .windows import Window as Window  # re-exported: plans hold them
 from .windows import parse_window
 
@@ -111,6 +112,8 @@ class Policy:
     timeout_ms: int = 50           # a decision's budget for connect and reply
     local_fallback: bool = False   # while the store is away, limit in memory per worker
     aliases: Mapping[str, str] = field(default_factory=dict)   # alias -> model name
+    # [routes."blueprint.endpoint"]: limits of a route, as its decorators would set them
+    routes: Mapping[str, tuple[RouteLimit, ...]] = field(default_factory=dict)
 
     def resolve(self, user: str, key_plan: str | None = None) -> Plan:
         """The plan ``user`` is limited by, the one lookup everyone uses: ``key_plan`` (an API
@@ -322,6 +325,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     timeout_ms = store.positive("timeout_ms", default=50)
     local_fallback = store.get("local_fallback", bool, False)
     store.done()
+    routes = parse_routes(source, top.get("routes", dict, {}))
     top.done()
     return Policy(
         source=source,
@@ -334,6 +338,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         timeout_ms=timeout_ms,
         local_fallback=local_fallback,
         aliases=MappingProxyType(aliases),
+        routes=MappingProxyType(routes),
     )
 
 

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import click
+from flask import current_app
 from flask.cli import AppGroup
 
 from ..core.layers import compile_plan
 from ..core.naming import BODY_USER
 from ..core.policy import PolicyError, load_policy
+from ..core.routes import unknown_endpoints
 from ..stores.store import StoreUnavailable
 from .operated import app_limiter
 
@@ -77,6 +79,8 @@ def check_config(path: Path) -> None:
     """Validate a policy file without starting anything."""
     try:
         policy = load_policy(path)
+        if policy.routes:   # endpoints exist only in the app: checked against the one loaded
+            unknown_endpoints(str(path), policy.routes, set(current_app.view_functions))
     except PolicyError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -8,6 +8,7 @@ environ, so it is the request's own even when tests reuse one app context for ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from flask import current_app, request
 
@@ -25,6 +26,7 @@ class RequestLimits:
     decision: Decision | None = None     # the user's decision (or the edge's, for bad input)
     request_id: str | None = None        # X-Request-ID: the caller's, or one of ours
     limited_route: bool | None = None    # None until asked: does the view call acquire()?
+    routes: Any = None                   # the route's limits (limiting.web.routes.RouteState)
 
     def is_limited_route(self) -> bool:
         """Does the view call acquire() (so its edge check rides in that call)? Asked by up

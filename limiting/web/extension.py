@@ -21,7 +21,7 @@ from ..core.naming import BODY_USER, KEY_USER, EdgeKeys
 from ..core.policy import Plan, Policy, load_policy, per_worker
 from ..core.pricing import STANDARD, PriceTerms
 from ..core.upstream import Observer
-from ..engine import Engine
+from ..engine import Charged, Engine
 from ..keys import ApiKeys
 from ..reservation import Reservation
 from ..stores.embedded import resolve_store_url
@@ -43,6 +43,10 @@ from .errors import (
 from .identity import client_ip
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
+from .routes import RouteLimits, install, keep, pending
+from .routes import exempt as exempt_routes
+from .routes import sliding_window as route_window
+from .routes import token_bucket as route_bucket
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,6 +68,7 @@ class RateLimiter:
         self._observer: Observer | None = None
         self._auth_failures: AuthFailures | None = None
         self.edge: Limiter | None = None
+        self.routes = RouteLimits()
         if app is not None:
             self.init_app(app)
 
@@ -90,6 +95,8 @@ class RateLimiter:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
             # anything before them is the client's claim and must not pick the edge key.
             app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
+        # Before the edge's hooks: a route whose call carries the edge is marked first.
+        install(app, self.routes, lambda: self.engine, _record)
         self.edge = init_edge(app, policy, store)
         app.extensions[EXTENSION_KEY] = self
         app.after_request(_add_headers)
@@ -138,8 +145,16 @@ class RateLimiter:
         """
         started = time.perf_counter()
         engine = self.engine
-        decision = engine.acquire(user, client_ip(), engine.policy.resolve(user, plan),
-                                  BODY_USER if anonymous else KEY_USER)
+        realm = BODY_USER if anonymous else KEY_USER
+        state, extra = pending(user)
+        if extra:   # the route's own limits, in the same call
+            outcome = engine.acquire_with(user, client_ip(), engine.policy.resolve(user, plan),
+                                          realm, extra)
+            decision = outcome.decision
+            keep(state, outcome.charged)
+        else:
+            decision = engine.acquire(user, client_ip(), engine.policy.resolve(user, plan),
+                                      realm)
         _record(decision, user, started)
         request_limits().decision = decision
         if decision.allowed:
@@ -163,10 +178,12 @@ class RateLimiter:
         policy = engine.policy
         ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms)
         limits = request_limits()
+        state, extra = pending(user)
+        charged: list[Charged] = []
         try:
             reservation = engine.reserve(user, policy.resolve(user, plan), ask, ip=client_ip(),
                                          realm=BODY_USER if anonymous else KEY_USER,
-                                         renews=renews)
+                                         renews=renews, extra=extra, charged=charged)
         except GuardRefused as guard:
             limits.decision = guard.decision
             _record_guard(guard, user, started)
@@ -176,6 +193,7 @@ class RateLimiter:
             _record(refused.decision, user, started)
             raise refusal_error(refused) from None
         limits.decision = reservation.decision
+        keep(state, charged)
         _record(reservation.decision, user, started)
         return reservation
 
@@ -211,9 +229,16 @@ class RateLimiter:
         return _acquiring(lambda: self, user)
 
     def exempt(self, target: Callable[..., Any] | Blueprint) -> None:
-        """Keep a view or blueprint (health checks, metrics) out of the edge limits."""
+        """Keep a view or blueprint (health checks, metrics) out of the edge limits and of
+        every route limit (decorators and [routes])."""
+        exempt_routes(target)
         if self.edge is not None:
             self.edge.exempt(target)
+
+    # The route decorators (limiting.web.routes): also importable without a limiter, for
+    # reusable blueprints, as ``from limiting import token_bucket, sliding_window``.
+    token_bucket = staticmethod(route_bucket)
+    sliding_window = staticmethod(route_window)
 
 
 def _record(decision: Decision, user: str, started: float) -> None:
