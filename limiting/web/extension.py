@@ -49,6 +49,7 @@ from .routes import sliding_window as route_window
 from .routes import token_bucket as route_bucket
 
 F = TypeVar("F", bound=Callable[..., Any])
+E = TypeVar("E", bound=Callable[..., Any] | Blueprint)
 
 
 class RateLimiter:
@@ -228,12 +229,13 @@ class RateLimiter:
 
         return _acquiring(lambda: self, user)
 
-    def exempt(self, target: Callable[..., Any] | Blueprint) -> None:
+    def exempt(self, target: E) -> E:
         """Keep a view or blueprint (health checks, metrics) out of the edge limits and of
-        every route limit (decorators and [routes])."""
+        every route limit (decorators and [routes]); usable as a decorator."""
         exempt_routes(target)
         if self.edge is not None:
-            self.edge.exempt(target)
+            self.edge.exempt(cast(Any, target))
+        return target
 
     # The route decorators (limiting.web.routes): also importable without a limiter, for
     # reusable blueprints, as ``from limiting import token_bucket, sliding_window``.
