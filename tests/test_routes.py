@@ -245,7 +245,7 @@ mode = "shadow"
 
 
 def test_toml_routes(tmp_path: Path, r: redis.Redis, redis_url: str) -> None:
-    app, limiter = make_app(tmp_path, redis_url, ROUTES)
+    app, _ = make_app(tmp_path, redis_url, ROUTES)
     bp = Blueprint("api", __name__)
 
     @bp.post("/summarise")
@@ -292,10 +292,7 @@ def test_decorator_arguments_are_checked_at_import() -> None:
 
 
 def test_check_config_refuses_an_unknown_endpoint(tmp_path: Path, redis_url: str) -> None:
-    from click.testing import CliRunner
-
     app, _ = make_app(tmp_path, redis_url, '[routes."nowhere.view"]\nquotas = ["1 per day"]\n')
     result = app.test_cli_runner().invoke(args=["limits", "check-config",
                                                 app.config["LIMITS_CONFIG"]])
     assert result.exit_code == 1 and 'routes."nowhere.view": no such endpoint' in result.output
-    assert isinstance(CliRunner, type)
