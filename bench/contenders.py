@@ -50,7 +50,8 @@ def base_env(redis_url: str, workers: int) -> dict[str, str]:
 class Contender:
     """One row of a table.
 
-    kind: baseline | ours | uvicorn; target: module:app; worker_class: None = the app's default.
+    kind: baseline | ours | uvicorn; target: module:app (ours: app:app unless given, e.g. the
+    app with two route decorators); worker_class: None = the app's default.
     """
 
     name: str
@@ -105,7 +106,8 @@ class Contender:
                 # gunicorn runs gthread instead of sync whenever threads > 1, and
                 # gunicorn.conf.py sets threads (GUNICORN_THREADS, default 64) for every class.
                 env["GUNICORN_THREADS"] = "1"
-            argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *_NO_CTL, "app:app"]
+            target = self.target or "app:app"
+            argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *_NO_CTL, target]
         elif self.kind == "uvicorn":
             # Plain uvicorn as the article installs it: asyncio loop and h11, no extras.
             # Access log off, as gunicorn's is by default, so neither side pays for logging.
@@ -118,6 +120,11 @@ class Contender:
             raise ValueError(self.kind)
         slug = self.name.replace(" ", "_").replace("(", "").replace(")", "").replace(":", "")
         return Managed(self.name, argv, env, ROOT, logdir / f"{slug}-{port}.log")
+
+
+def ours_with_route_limits(worker_class: str | None) -> Contender:
+    """The echo section's row for route limits: two stacked decorators on /chat."""
+    return Contender("ours + 2 route limits", "ours", "bench.apps.ours_routes:app", worker_class)
 
 
 def ours_default_worker_class() -> str:

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import streaming
-from bench.contenders import ROOT, SLOW_MODEL, Contender, ours_default_worker_class
+from bench.contenders import (
+    ROOT,
+    SLOW_MODEL,
+    Contender,
+    ours_default_worker_class,
+    ours_with_route_limits,
+)
 from bench.loadgen import WrkFailed, WrkResult, run_wrk
 from bench.procs import Managed, NotReady, free_port, read_line, wait_ready
 from bench.report import Row
@@ -117,6 +123,7 @@ def fast_section(s: Settings, wrk: str, redis_url: str, logdir: Path) -> list[Ro
         Contender("article", "baseline", "bench.apps.article:app", s.worker_class),
         Contender("one-evalsha", "baseline", "bench.apps.one_evalsha:app", s.worker_class),
         Contender("ours", "ours", worker_class=s.worker_class),
+        ours_with_route_limits(s.worker_class),
     ]
     contenders += [
         Contender(f"ours ({c})", "ours", worker_class=c)

@@ -61,6 +61,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "request_limits": ("web.context", "request_limits"),
     "render_metrics": ("metrics", "render"),
     "server_tool_uses": ("core.pricing", "server_tool_uses"),
+    "sliding_window": ("web.routes", "sliding_window"),
+    "token_bucket": ("web.routes", "token_bucket"),
     "tier_multiplier": ("core.pricing", "tier_multiplier"),
 }
 
@@ -115,7 +117,9 @@ __all__ = [
     "render_metrics",
     "request_limits",
     "server_tool_uses",
+    "sliding_window",
     "tier_multiplier",
+    "token_bucket",
 ]
 
 
@@ -175,3 +179,4 @@ if TYPE_CHECKING:
     )
     from .web.extension import RateLimiter, current_limiter, limited, limited_route
     from .web.identity import client_ip
+    from .web.routes import sliding_window, token_bucket

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from .core.ask import Ask
-from .core.codec import AcquireCall, AcquireReply, Costs
+from .core.codec import AcquireCall, AcquireReply, Costs, SettleCall
 from .core.decision import (
     Decision,
     GuardRefused,
@@ -16,6 +16,8 @@ from .core.decision import (
     shadow_over,
     store_away,
 )
+from .core.groups import Group, merged, ordered, plan_calls
+from .core.groups import joined as join_groups
 from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import KEY_USER, EdgeKeys, org_prefix, user_prefix
 from .core.orgs import compile_org, joined
@@ -24,6 +26,20 @@ from .core.upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_
 from .ledger import LedgerKeys, Spender
 from .reservation import Charge, Reservation, new_lease_id
 from .stores.store import Store, StoreUnavailable
+
+# What a call charged one group: the group, the store's clock at that call (which window slot
+# it charged) and the group's (remaining, reset_us) per layer in that call's reply.
+Charged = tuple[Group, int, list[tuple[int, int]]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The decision over every group of a request, and what was charged to each (empty when
+    refused: a refusal charges nothing, compensation included). ``away``: the store was."""
+
+    decision: Decision
+    charged: list[Charged] = field(default_factory=list)
+    away: bool = False
 
 
 class Engine:
@@ -43,6 +59,7 @@ class Engine:
         self._compiled: dict[str, CompiledPlan] = {}
         self._llm: dict[str, CompiledPlan] = {}
         self._orgs: dict[tuple[str, bool], CompiledPlan] = {}
+        self._combined: dict[tuple[Layer, ...], CompiledPlan] = {}
         # On one server the model's guard keys can join the user's call, as the edge does.
         self.guard_in_call = store.single_node
         self._edge_only = compile_plan(None, edge) if edge else None
@@ -155,16 +172,115 @@ class Engine:
         both = joined(decision, org_decision)
         return both, org_reply, not both.allowed
 
+    # --- requests composed of groups ------------------------------------------------------------
+
+    def plan_group(self, compiled: CompiledPlan, user: str, ip: str | None,
+                   realm: str = KEY_USER, call: AcquireCall | None = None) -> Group:
+        """``compiled``'s layers for ``user`` (the edge's first, never given back) as a Group;
+        ``call``: already priced (a reservation's tokens and lease)."""
+        if call is None:
+            call = AcquireCall(self._keys(compiled, user, ip, realm), compiled.args)
+        return Group(compiled.layers, call, user_prefix(self.namespace, user, realm),
+                     (1,) * len(compiled.layers), compiled.edge_count)
+
+    def edge_group(self, ip: str) -> Group | None:
+        """The edge's layers for ``ip`` when they ride in the store call (one server)."""
+        if self._edge_only is None or self.edge_keys is None:
+            return None
+        return Group(self.edge, AcquireCall(self.edge_keys(ip), self._edge_only.args), "",
+                     (1,) * len(self.edge), len(self.edge))
+
+    def combined(self, layers: tuple[Layer, ...]) -> CompiledPlan:
+        """The decision's view of ``layers`` (headers, shadow, month), built once per set."""
+        found = self._combined.get(layers)
+        if found is None:
+            if len(self._combined) > 4096:   # endpoints x plans: bounded, but never unbounded
+                self._combined.clear()
+            found = self._combined[layers] = compile_plan(None, layers)
+        return found
+
+    def decide(self, groups: Sequence[Group]) -> Outcome:
+        """Check every group and charge them all only if all pass.
+
+        One server: one call. A Cluster: one call per hash tag, in order; a refusal gives
+        back what the earlier calls charged, so the request still charges nothing (the cost
+        is a round trip per further slot, and one more to give back on a refusal; between
+        the calls the earlier charge is visible to others, which may be refused by it)."""
+        calls = plan_calls(groups, self.store.single_node)
+        compiled = self.combined(ordered(calls))
+        replies: list[AcquireReply] = []
+        charged: list[Charged] = []
+        for call_groups in calls:
+            call = join_groups(call_groups)
+            try:
+                reply = self._call(call.keys, call.args)
+            except StoreUnavailable:
+                self.refund(charged)
+                return Outcome(store_away(compiled), away=True)
+            replies.append(reply)
+            if not reply.allowed:
+                self.refund(charged)
+                charged = []
+                break
+            at = 0
+            for group in call_groups:
+                size = group.call.size
+                charged.append((group, reply.now_us, reply.states[at:at + size]))
+                at += size
+        return Outcome(from_reply(compiled, merged(replies)), charged)
+
+    def acquire_with(self, user: str, ip: str | None, plan: Plan, realm: str,
+                     extra: Sequence[Group], org: Plan | None = None) -> Outcome:
+        """:meth:`acquire` with more groups (a route's limits) decided with the plan's (and
+        ``org``'s, as a group of its own)."""
+        compiled = self.compiled(plan)
+        groups = [self.plan_group(compiled, user, ip, realm), *extra]
+        if org is not None:
+            org_compiled, org_call = self._org_call(org, realm, None)
+            groups.append(Group(org_compiled.layers, org_call,
+                                org_prefix(self.namespace, org.name, realm),
+                                (1,) * len(org_compiled.layers)))
+        outcome = self.decide(groups)
+        if outcome.away and self.fallback is not None:
+            # The local fallback knows plans (and orgs) only; the route limits' store is away.
+            outcome.decision = self.acquire(user, ip, plan, realm, org)
+        return outcome
+
+    def refund(self, charged: Sequence[Charged]) -> None:
+        """Give back what ``charged`` took (a later call refused; a deduct_when said no):
+        one settle call per acquire call (the same clock, the same slot)."""
+        calls: dict[tuple[int, str], SettleCall] = {}
+        for group, at, states in charged:
+            for layer, key, amount in group.refunds(states):
+                tag = "" if self.store.single_node else group.tag
+                call = calls.setdefault((at, tag), SettleCall(at))
+                if layer.kind == "b":
+                    call.add(key, "b", layer.limit, -amount)
+                else:
+                    call.add(key, layer.kind, layer.param, -amount)
+        for call in calls.values():
+            with contextlib.suppress(StoreUnavailable):   # then it ages out with its window
+                self.store.run("settle", call.keys, call.args)
+
     def reserve(self, user: str, plan: Plan, ask: Ask, *, ip: str | None = None,
                 realm: str = KEY_USER, guard: bool = True, renews: bool = True,
-                org: Plan | None = None) -> Reservation:
+                org: Plan | None = None, extra: Sequence[Group] = (),
+                charged: list[Charged] | None = None) -> Reservation:
         """Charge one request to ``user`` and reserve its LLM units, then pass the model's
         guard (``guard=False``: skip it, as the local fallback does). ``renews=False``: an
         answer made in this process, whose lease needs no keep-alive.
 
-        Returns the complete reservation. Raises Refused (the user's or ``org``'s layers:
-        nothing was charged) or GuardRefused (the model's guard: the charges were given back).
+        ``extra``: more groups (a route's limits) decided in the user's call on one server,
+        else first in calls of their own, given back if the user or guard refuses; what they
+        charged is appended to ``charged``.
+
+        Returns the complete reservation. Raises Refused (the user's, ``org``'s or a route's
+        layers: nothing was charged) or GuardRefused (the model's guard: the charges were
+        given back).
         """
+        if extra and not self.store.single_node:
+            return self._reserve_apart(user, plan, ask, ip, realm, guard, renews, extra,
+                                       charged, org)
         compiled = self._compiled_llm(plan)
         spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
                           self.policy.history_days)
@@ -172,6 +288,12 @@ class Engine:
         costs = ask.costs(new_lease_id() if leases else None)
         own = AcquireCall.priced(self._keys(compiled, user, ip, realm), compiled.args,
                                  compiled.per_call, costs)
+        plan_size = own.size
+        if extra:
+            # One server: the route's groups join the user's call, after the plan's layers.
+            own = join_groups([self.plan_group(compiled, user, ip, realm, own), *extra])
+            compiled = replace(self.combined(compiled.layers + ordered([extra])),
+                               plan=compiled.plan, edge_count=compiled.edge_count)
         org_part = self._org_call(org, realm, costs) if org is not None else None
         guard_call = self._guard_call(ask.model_name, costs) if guard else None
         call = own
@@ -196,13 +318,22 @@ class Engine:
         if guard_joined and reply.refused_after(head):  # the rest passed; none charged
             raise GuardRefused(ask.model_name, _guard_wait(reply.wait_us), decision)
         skip = compiled.edge_count
-        charges = [c for c in _charges(compiled.layers[skip:], own.keys[skip:], costs)
+        charges = [c for c in _charges(compiled.layers[skip:plan_size],
+                                       own.keys[skip:plan_size], costs)
                    if decision.charged(c.layer)]   # not a shadow layer that would refuse
         if not decision.allowed:
             if undo:   # the org refused in a call of its own: give the user's charge back
                 Reservation(self.store, decision, ask, reply.now_us, charges,
                             costs.lease).refund_everything()
             raise Refused(decision)
+        at = plan_size
+        for group in extra:
+            states = reply.states[at:at + group.call.size]
+            at += group.call.size
+            charges += [Charge(layer, key, amount)
+                        for layer, key, amount in group.refunds(states)]
+            if charged is not None:
+                charged.append((group, reply.now_us, states))
         more: list[tuple[int, list[Charge]]] = []
         if org_part is not None:
             org_charges = [c for c in _charges(org_part[0].layers, org_part[1].keys, costs)
@@ -238,6 +369,28 @@ class Engine:
                                  if c.layer.kind in ("w", "W") and c.layer not in uncharged]
         return Reservation(self.store, decision, ask, reply.now_us, charges, costs.lease,
                            guard_at, guard_charges, renews=renews, spender=spender, more=more)
+
+    def _reserve_apart(self, user: str, plan: Plan, ask: Ask, ip: str | None, realm: str,
+                       guard: bool, renews: bool, extra: Sequence[Group],
+                       charged: list[Charged] | None, org: Plan | None) -> Reservation:
+        """A Cluster: ``extra`` decided first in calls of their own slots, then the user's
+        reservation; a refusal there gives ``extra``'s charge back."""
+        first = self.decide(extra)
+        if not first.decision.allowed:
+            raise Refused(first.decision)
+        try:
+            reservation = self.reserve(user, plan, ask, ip=ip, realm=realm, guard=guard,
+                                       renews=renews, org=org)
+        except Refused as refused:
+            self.refund(first.charged)
+            raise Refused(_joined(refused.decision, first.decision)) from None
+        except GuardRefused:
+            self.refund(first.charged)
+            raise
+        reservation.decision = _joined(reservation.decision, first.decision)
+        if charged is not None:
+            charged += first.charged
+        return reservation
 
     def _reserve_away(self, user: str, plan: Plan, ask: Ask, compiled: CompiledPlan,
                       realm: str, renews: bool, spender: Spender,
@@ -349,6 +502,13 @@ _NO_COSTS = Costs()
 def _charges(layers: Sequence[Layer], keys: Sequence[str], costs: Costs) -> list[Charge]:
     return [Charge(layer, key, costs.amount(layer.unit))
             for layer, key in zip(layers, keys, strict=True)]
+
+
+def _joined(decision: Decision, more: Decision) -> Decision:
+    """``decision`` with ``more``'s layers after its own (calls made apart, read as one)."""
+    header = ", ".join(h for h in (decision.policy_header, more.policy_header) if h)
+    return replace(decision, states=decision.states + more.states, policy_header=header,
+                   would_refuse=decision.would_refuse + more.would_refuse)
 
 
 def _guard_wait(wait_us: int) -> float | None:

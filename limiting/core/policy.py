@@ -19,6 +19,7 @@ from .members import read_members, warn_removed
 from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
 from .policy_reader import PolicyError as PolicyError
 from .policy_reader import TableReader
+from .routes import RouteLimit, parse_routes
 from .windows import Window as Window  # re-exported: plans hold them
 from .windows import parse_window
 
@@ -122,6 +123,8 @@ class Policy:
     # [orgs]: limits shared by every member, read as plans (burst 0: no requests bucket).
     orgs: Mapping[str, Plan] = field(default_factory=dict)
     user_orgs: Mapping[str, str] = field(default_factory=dict)   # [users] member -> org
+    # [routes."blueprint.endpoint"]: limits of a route, as its decorators would set them
+    routes: Mapping[str, tuple[RouteLimit, ...]] = field(default_factory=dict)
 
     def resolve(self, user: str, key_plan: str | None = None, realm: str | None = None) -> Plan:
         """The plan ``user`` is limited by, the one lookup everyone uses: ``key_plan`` (an API
@@ -356,6 +359,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     local_fallback = store.get("local_fallback", bool, False)
     history_days = store.positive("history_days", default=35)
     store.done()
+    routes = parse_routes(source, top.get("routes", dict, {}))
     top.done()
     return Policy(
         source=source,
@@ -371,6 +375,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         aliases=MappingProxyType(aliases),
         orgs=MappingProxyType(orgs),
         user_orgs=MappingProxyType(user_orgs),
+        routes=MappingProxyType(routes),
     )
 
 

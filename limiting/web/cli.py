@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+from flask import current_app
 from flask.cli import AppGroup
 
 from ..core.layers import compile_plan
@@ -16,6 +17,7 @@ from ..core.naming import BODY_USER, KEY_USER
 from ..core.orgs import compile_org
 from ..core.override import Override, check, parse_duration
 from ..core.policy import Plan, PolicyError, load_policy
+from ..core.routes import unknown_endpoints
 from ..overrides import REFRESH_SECONDS, OverrideTable, StoreOverrides
 from ..stores.store import StoreUnavailable
 from .audit_cli import audit_shell
@@ -131,6 +133,8 @@ def check_config(path: Path) -> None:
     """Validate a policy file without starting anything."""
     try:
         policy = load_policy(path)
+        if policy.routes:   # endpoints exist only in the app: checked against the one loaded
+            unknown_endpoints(str(path), policy.routes, set(current_app.view_functions))
     except PolicyError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -28,6 +28,7 @@ class RequestLimits:
     request_id: str | None = None        # X-Request-ID: the caller's, or one of ours
     limited_route: bool | None = None    # None until asked: does the view call acquire()?
     headers: list[tuple[str, str]] | None = None   # RateLimit*, sent by SendLimitHeaders
+    routes: Any = None                   # the route's limits (limiting.web.routes.RouteState)
 
     def is_limited_route(self) -> bool:
         """Does the view call acquire() (so its edge check rides in that call)? Asked by up

@@ -24,7 +24,7 @@ from ..core.naming import BODY_USER, KEY_USER, EdgeKeys
 from ..core.policy import Plan, Policy, load_policy, per_worker
 from ..core.pricing import STANDARD, PriceTerms
 from ..core.upstream import Observer
-from ..engine import Engine
+from ..engine import Charged, Engine
 from ..keys import ApiKeys
 from ..ledger import Ledger
 from ..overrides import attach
@@ -49,9 +49,14 @@ from .errors import (
 from .identity import client_ip
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
+from .routes import RouteLimits, install, keep, pending
+from .routes import exempt as exempt_routes
+from .routes import sliding_window as route_window
+from .routes import token_bucket as route_bucket
 from .spend_cli import audit_command, spend_cli
 
 F = TypeVar("F", bound=Callable[..., Any])
+E = TypeVar("E", bound=Callable[..., Any] | Blueprint)
 
 
 class RateLimiter:
@@ -71,6 +76,7 @@ class RateLimiter:
         self._observer: Observer | None = None
         self._auth_failures: AuthFailures | None = None
         self.edge: Limiter | None = None
+        self.routes = RouteLimits()
         if app is not None:
             self.init_app(app)
 
@@ -99,6 +105,8 @@ class RateLimiter:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
             # anything before them is the client's claim and must not pick the edge key.
             app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
+        # Before the edge's hooks: a route whose call carries the edge is marked first.
+        install(app, self.routes, lambda: self.engine, _record)
         self.edge, edge_after = init_edge(app, policy, store)
         app.extensions[EXTENSION_KEY] = self
         app.after_request(_after_request(edge_after))
@@ -159,8 +167,14 @@ class RateLimiter:
         engine = self.engine
         policy = engine.policy
         realm = BODY_USER if anonymous else KEY_USER
-        decision = engine.acquire(user, client_ip(), policy.resolve(user, plan, realm), realm,
-                                  policy.org_of(user, org))
+        resolved, org_plan = policy.resolve(user, plan, realm), policy.org_of(user, org)
+        state, extra = pending(user)
+        if extra:   # the route's own limits, in the same call
+            outcome = engine.acquire_with(user, client_ip(), resolved, realm, extra, org_plan)
+            decision = outcome.decision
+            keep(state, outcome.charged)
+        else:
+            decision = engine.acquire(user, client_ip(), resolved, realm, org_plan)
         _record(decision, user, started)
         request_limits().decision = decision
         if decision.allowed:
@@ -188,10 +202,13 @@ class RateLimiter:
         ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms, key_id)
         limits = request_limits()
         realm = BODY_USER if anonymous else KEY_USER
+        state, extra = pending(user)
+        charged: list[Charged] = []
         try:
             reservation = engine.reserve(user, policy.resolve(user, plan, realm), ask,
                                          ip=client_ip(), realm=realm, renews=renews,
-                                         org=policy.org_of(user, org))
+                                         org=policy.org_of(user, org), extra=extra,
+                                         charged=charged)
         except GuardRefused as guard:
             limits.decision = guard.decision
             _record_guard(guard, user, started)
@@ -201,6 +218,7 @@ class RateLimiter:
             _record(refused.decision, user, started)
             raise refusal_error(refused) from None
         limits.decision = reservation.decision
+        keep(state, charged)
         _record(reservation.decision, user, started)
         return reservation
 
@@ -243,10 +261,18 @@ class RateLimiter:
 
         return _acquiring(lambda: self, user)
 
-    def exempt(self, target: Callable[..., Any] | Blueprint) -> None:
-        """Keep a view or blueprint (health checks, metrics) out of the edge limits."""
+    def exempt(self, target: E) -> E:
+        """Keep a view or blueprint (health checks, metrics) out of the edge limits and of
+        every route limit (decorators and [routes]); usable as a decorator."""
+        exempt_routes(target)
         if self.edge is not None:
-            self.edge.exempt(target)
+            self.edge.exempt(cast(Any, target))
+        return target
+
+    # The route decorators (limiting.web.routes): also importable without a limiter, for
+    # reusable blueprints, as ``from limiting import token_bucket, sliding_window``.
+    token_bucket = staticmethod(route_bucket)
+    sliding_window = staticmethod(route_window)
 
 
 def _record(decision: Decision, user: str, started: float) -> None:

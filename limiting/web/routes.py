@@ -1,0 +1,265 @@
+"""Limits where the routes are: ``@token_bucket`` / ``@sliding_window`` on a view or Blueprint,
+``[routes."blueprint.endpoint"]`` in the policy, ``exempt``, ``deduct_when``.
+
+The decorators only mark their target; nothing is charged by them. One hook, before the view,
+finds the route's limits (its own, its blueprints', the policy's) and:
+
+- on a view that charges a user (``limit(user=...)``, /chat, /v1), leaves them for that view's
+  acquire/reserve, whose one call checks them with the edge and the plan;
+- on any other view, decides them with the edge in one call, before the view.
+
+Either way every limit a request meets is decided in one all-or-nothing call (one per hash
+slot on a Cluster, compensated). A limit with ``deduct_when`` is charged with the others and
+given back after the view when ``deduct_when(response)`` is false: charged first, so even
+concurrent requests over many workers never pass more than the limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from flask import Flask, Response, current_app, request
+
+from ..core.decision import Decision, Refused
+from ..core.groups import Group
+from ..core.layers import Layer, bucket, month, window
+from ..core.naming import user_tag
+from ..core.policy import Policy
+from ..core.routes import HEADER_KEY, RouteLimit, unknown_endpoints
+from ..core.routes import sliding_window as sliding_window_limit
+from ..core.routes import token_bucket as token_bucket_limit
+from ..engine import Charged, Engine
+from .context import LIMITED_ROUTE, request_limits
+from .errors import refusal_error
+from .identity import client_ip
+
+log = logging.getLogger("limiter.routes")
+T = TypeVar("T")
+
+# Attributes on a view function or Blueprint object.
+ROUTE_LIMITS = "_llm_route_limits"
+ROUTE_EXEMPT = "_llm_route_exempt"
+
+
+def _attach(limit: RouteLimit) -> Callable[[T], T]:
+    def mark(target: T) -> T:
+        own = getattr(target, ROUTE_LIMITS, ())
+        # Decorators apply bottom up: the one written on top is listed first.
+        setattr(target, ROUTE_LIMITS, (limit, *own))
+        return target
+    return mark
+
+
+def token_bucket(burst: float, per_second: float, key: Any = "ip", cost: Any = 1,
+                 scope: str | None = None, **options: Any) -> Callable[[T], T]:
+    """``@token_bucket(5, 0.1, key=...)`` on a view or ``token_bucket(...)(blueprint)``: a
+    bucket of ``burst`` units refilled ``per_second``. ``key``: a callable, or "ip" (the
+    default), "user", "key", "org", "header:<Name>"; ``cost``: units a call, or a callable
+    (0: only looks); ``scope``: share it with every route naming the same scope. Options:
+    ``mode="shadow"``, ``deduct_when=lambda response: ...``, ``fail="fail_closed"``."""
+    return _attach(token_bucket_limit(burst, per_second, key, cost, scope, **options))
+
+
+def sliding_window(text: str, key: Any = "ip", cost: Any = 1, scope: str | None = None,
+                   **options: Any) -> Callable[[T], T]:
+    """``@sliding_window("100 per day", ...)``: a strict sliding window (``"N per month"``:
+    the calendar month, UTC); arguments as :func:`token_bucket`'s."""
+    return _attach(sliding_window_limit(text, key, cost, scope, **options))
+
+
+def exempt(target: Any) -> Any:
+    """Keep a view or Blueprint out of every route limit (decorators and [routes])."""
+    setattr(target, ROUTE_EXEMPT, True)
+    return target
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A route limit as one endpoint meets it: its layer, hash tag head and key suffix."""
+
+    limit: RouteLimit
+    layer: Layer
+    head: str        # "r:<endpoint>" (the route's own) or "s:<scope>" (shared)
+    suffix: str
+
+
+@dataclass(slots=True)
+class RouteState:
+    """A request's route limits: waiting for the view's acquire, then what they charged."""
+
+    bounds: tuple[Bound, ...]
+    used: bool = False
+    charged: list[tuple[Charged, Callable[[Any], bool]]] = field(default_factory=list)
+
+
+def bind(endpoint: str, limits: Sequence[RouteLimit]) -> tuple[Bound, ...]:
+    """``limits`` as ``endpoint`` meets them: named for headers and 429s (the scope, else
+    "route:<endpoint>"; a window adds its unit), keyed apart when two would collide."""
+    out: list[Bound] = []
+    seen: set[tuple[str, str]] = set()
+    for limit in limits:
+        base = limit.scope or f"route:{endpoint}"
+        head = f"s:{user_tag(limit.scope)}" if limit.scope else f"r:{user_tag(endpoint)}"
+        if limit.window is None:
+            name, suffix = base, "b"
+            layer = bucket(name, suffix, limit.burst, limit.per_second, limit.fail)
+        else:
+            w = limit.window
+            name = f"{base}:{w.name.removeprefix('quota-')}"
+            suffix = "m" if w.calendar else f"w{w.seconds}"
+            layer = (month(name, suffix, w.amount, limit.fail) if w.calendar
+                     else window(name, suffix, w.amount, w.seconds, limit.fail))
+        n = 1
+        while (head, suffix) in seen:   # two alike on one route: each its own counter
+            n += 1
+            suffix = f"{layer.suffix}.{n}"
+            name = f"{layer.name}#{n}"
+        seen.add((head, suffix))
+        layer = replace(layer, name=name, suffix=suffix, shadow=limit.mode == "shadow")
+        out.append(Bound(limit, layer, head, suffix))
+    return tuple(out)
+
+
+class RouteLimits:
+    """Every endpoint's route limits for one app, found once per endpoint and policy."""
+
+    def __init__(self, namespace: str = "rl:") -> None:
+        self.namespace = namespace
+        self._cache: dict[str, tuple[Bound, ...]] = {}
+        self._policy: Policy | None = None
+        self._checked = False
+
+    def of(self, app: Flask, policy: Policy, endpoint: str) -> tuple[Bound, ...]:
+        if policy is not self._policy:   # a reloaded policy: its [routes] may have changed
+            self._cache.clear()
+            self._policy, self._checked = policy, False
+        found = self._cache.get(endpoint)
+        if found is None:
+            found = self._cache[endpoint] = bind(endpoint, self._find(app, policy, endpoint))
+        return found
+
+    def _find(self, app: Flask, policy: Policy, endpoint: str) -> list[RouteLimit]:
+        view = app.view_functions.get(endpoint)
+        parts = endpoint.split(".")[:-1]
+        blueprints = [app.blueprints.get(".".join(parts[:i])) for i in range(len(parts), 0, -1)]
+        targets = [view, *blueprints]
+        if any(getattr(t, ROUTE_EXEMPT, False) for t in targets if t is not None):
+            return []
+        limits = [limit for t in targets if t is not None for limit in getattr(t, ROUTE_LIMITS, ())]
+        return limits + list(policy.routes.get(endpoint, ()))
+
+    def warn_unknown(self, app: Flask, policy: Policy) -> None:
+        """[routes] naming an endpoint the app lacks: logged once per policy (the app's
+        blueprints are only all known now); ``limits check-config`` refuses it outright."""
+        if self._checked or not policy.routes:
+            return
+        self._checked = True
+        try:
+            unknown_endpoints(policy.source, policy.routes, set(app.view_functions))
+        except ValueError as exc:
+            log.warning("%s; that route limit applies to nothing", exc)
+
+    def groups(self, bounds: Sequence[Bound], user: str | None) -> list[Group]:
+        """One Group per limit, keyed and costed inside this request."""
+        out = []
+        for b in bounds:
+            limit = b.limit
+            cost = limit.cost() if callable(limit.cost) else limit.cost
+            if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+                raise TypeError(f"{b.layer.name}: cost must be a whole number >= 0, got {cost!r}")
+            tag = f"{self.namespace}{{{b.head}:{user_tag(key_value(limit.key, user))}}}"
+            out.append(Group.of([b.layer], [f"{tag}:{b.suffix}"], [cost], tag))
+        return out
+
+
+def key_value(key: Any, user: str | None) -> str:
+    """The value a route limit is counted by in this request."""
+    if callable(key):
+        return str(key())
+    if key == "ip":
+        return "ip:" + client_ip()
+    if key in ("user", "org"):
+        # The user this request charges (an org falls back to its user until orgs key it);
+        # a route that charges nobody counts by the client's address.
+        return "u:" + user if user is not None else "ip:" + client_ip()
+    if key == "key":
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
+        if token:
+            return "k:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        return "ip:" + client_ip()
+    header = request.headers.get(key[len(HEADER_KEY):])
+    return "h:" + header if header else "ip:" + client_ip()
+
+
+def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
+            record: Callable[[Decision, str, float], None]) -> None:
+    """The hooks: decide a route's limits before its view (or leave them to its acquire),
+    and give back what a ``deduct_when`` refuses after it. Installed before the edge's hooks,
+    so that a route whose call carries the edge is known as one when they run."""
+
+    @app.before_request
+    def route_limits() -> None:
+        endpoint = request.endpoint
+        if endpoint is None:
+            return
+        started = time.perf_counter()
+        eng = engine()
+        routes.warn_unknown(current_app, eng.policy)
+        bounds = routes.of(current_app, eng.policy, endpoint)
+        if not bounds:
+            return
+        limits = request_limits()
+        state = limits.routes = RouteState(bounds)
+        if getattr(current_app.view_functions.get(endpoint), LIMITED_ROUTE, False):
+            return   # the view's acquire/reserve checks them in its call
+        limits.limited_route = True   # this call carries the edge (one server)
+        groups = routes.groups(bounds, None)
+        edge = eng.edge_group(client_ip())
+        outcome = eng.decide([edge, *groups] if edge is not None else groups)
+        state.used = True
+        keep(state, outcome.charged)
+        limits.decision = outcome.decision
+        record(outcome.decision, "ip:" + client_ip(), started)
+        if not outcome.decision.allowed:
+            raise refusal_error(Refused(outcome.decision))
+
+    @app.after_request
+    def deduct(response: Response) -> Response:
+        state = request_limits().routes
+        if state is not None and state.charged:
+            back = [charged for charged, when in state.charged if not when(response)]
+            if back:
+                engine().refund(back)
+        return response
+
+
+def pending(user: str) -> tuple[RouteState | None, list[Group]]:
+    """The route limits the view's acquire/reserve should carry (once per request)."""
+    state: RouteState | None = request_limits().routes
+    if state is None or state.used:
+        return None, []
+    state.used = True
+    return state, current_limiter_routes().groups(state.bounds, user)
+
+
+def keep(state: RouteState | None, charged: Sequence[Charged]) -> None:
+    """Remember what was charged to limits with a ``deduct_when``, for after the view."""
+    if state is None:
+        return
+    for item in charged:
+        for b in state.bounds:
+            if item[0].layers[0] is b.layer and b.limit.deduct_when is not None:
+                state.charged.append((item, b.limit.deduct_when))
+
+
+def current_limiter_routes() -> RouteLimits:
+    from .operated import EXTENSION_KEY
+
+    routes: RouteLimits = current_app.extensions[EXTENSION_KEY].routes
+    return routes
