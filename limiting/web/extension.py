@@ -14,17 +14,18 @@ from flask import Blueprint, Flask, Response, current_app
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .. import metrics
 from ..audit import record_reloads
+from ..composed import Charged
 from ..core.ask import Ask
 from ..core.decision import Decision, GuardRefused, Refused
 from ..core.headers import rate_limit_headers
 from ..core.layers import Layer
 from ..core.naming import BODY_USER, KEY_USER, EdgeKeys
-from ..core.policy import Plan, Policy, load_policy, per_worker
+from ..core.policy import Plan, Policy, load_policy
 from ..core.pricing import STANDARD, PriceTerms
+from ..core.shares import per_worker
 from ..core.upstream import Observer
-from ..engine import Charged, Engine
+from ..engine import Engine
 from ..keys import ApiKeys
 from ..ledger import Ledger
 from ..overrides import attach
@@ -33,7 +34,6 @@ from ..reservation import Reservation
 from ..stores.embedded import resolve_store_url
 from ..stores.storage import open_store
 from ..stores.store import Store
-from . import logs
 from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .context import RequestLimits, SendLimitHeaders, request_limits
@@ -49,6 +49,7 @@ from .errors import (
 from .identity import client_ip
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
+from .recording import record, record_guard
 from .routes import RouteLimits, install, keep, pending
 from .routes import exempt as exempt_routes
 from .routes import sliding_window as route_window
@@ -106,7 +107,7 @@ class RateLimiter:
             # anything before them is the client's claim and must not pick the edge key.
             app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
         # Before the edge's hooks: a route whose call carries the edge is marked first.
-        install(app, self.routes, lambda: self.engine, _record)
+        install(app, self.routes, lambda: self.engine, record)
         self.edge, edge_after = init_edge(app, policy, store)
         app.extensions[EXTENSION_KEY] = self
         app.after_request(_after_request(edge_after))
@@ -175,7 +176,7 @@ class RateLimiter:
             keep(state, outcome.charged)
         else:
             decision = engine.acquire(user, client_ip(), resolved, realm, org_plan)
-        _record(decision, user, started)
+        record(decision, user, started)
         request_limits().decision = decision
         if decision.allowed:
             return decision
@@ -211,15 +212,15 @@ class RateLimiter:
                                          charged=charged)
         except GuardRefused as guard:
             limits.decision = guard.decision
-            _record_guard(guard, user, started)
+            record_guard(guard, user, started)
             raise refusal_error(guard) from None
         except Refused as refused:
             limits.decision = refused.decision
-            _record(refused.decision, user, started)
+            record(refused.decision, user, started)
             raise refusal_error(refused) from None
         limits.decision = reservation.decision
         keep(state, charged)
-        _record(reservation.decision, user, started)
+        record(reservation.decision, user, started)
         return reservation
 
     def observe_upstream(self, model: str, headers: Mapping[str, str], status: int,
@@ -273,48 +274,6 @@ class RateLimiter:
     # reusable blueprints, as ``from limiting import token_bucket, sliding_window``.
     token_bucket = staticmethod(route_bucket)
     sliding_window = staticmethod(route_window)
-
-
-def _record(decision: Decision, user: str, started: float) -> None:
-    """Every outcome counted; refusals and fail-policy decisions logged as JSON."""
-    metrics.time_decision(started)
-    if decision.would_refuse and decision.allowed:
-        _would_refuse(decision, user)
-    if decision.allowed and not decision.degraded:
-        metrics.count(metrics.ALLOWED)
-        return
-    if decision.unavailable:
-        metrics.DECISIONS.labels("store", "unavailable").inc()
-        metrics.FAIL_POLICY.labels("fail_closed").inc()
-        logs.event("fail_closed", user=user, retry_after=decision.retry_after)
-    elif decision.degraded:
-        outcome = "fallback" if decision.states else "fail_open"
-        metrics.DECISIONS.labels("store", "allowed" if decision.allowed else "refused").inc()
-        metrics.FAIL_POLICY.labels(outcome).inc()
-        logs.event(outcome, user=user, allowed=decision.allowed)
-    else:
-        layer = decision.refused.layer.name if decision.refused else "unknown"
-        metrics.DECISIONS.labels(layer, "refused").inc()
-        logs.event("refused", user=user, layer=layer,
-                   retry_after=decision.retry_after if decision.wait is not None else None)
-
-
-def _record_guard(refusal: GuardRefused, user: str, started: float) -> None:
-    """A guard refusal counted and logged under the model's layer name."""
-    layer = f"upstream:{refusal.model}"
-    retry = refusal.retry_after
-    if retry is not None:
-        metrics.time_decision(started)
-        metrics.GUARD_REFUSALS.labels(refusal.model).inc()
-    metrics.DECISIONS.labels(layer, "refused").inc()
-    logs.event("refused", user=user, layer=layer, retry_after=retry)
-
-
-def _would_refuse(decision: Decision, user: str) -> None:
-    """Shadow layers that would have refused this admitted request: metered and logged."""
-    for state in decision.would_refuse:
-        metrics.WOULD_REFUSE.labels(state.layer.name).inc()
-        logs.event("would_refuse", user=user, layer=state.layer.name, over=-state.remaining)
 
 
 def current_limiter() -> RateLimiter:

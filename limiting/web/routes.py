@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, request
 
+from ..composed import Charged
 from ..core.decision import Decision, Refused
 from ..core.groups import Group
 from ..core.layers import Layer, bucket, month, window
@@ -33,7 +34,7 @@ from ..core.policy import Policy
 from ..core.routes import HEADER_KEY, RouteLimit, unknown_endpoints
 from ..core.routes import sliding_window as sliding_window_limit
 from ..core.routes import token_bucket as token_bucket_limit
-from ..engine import Charged, Engine
+from ..engine import Engine
 from .context import LIMITED_ROUTE, request_limits
 from .errors import refusal_error
 from .identity import client_ip

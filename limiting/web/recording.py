@@ -1,0 +1,49 @@
+"""Every decision counted in /metrics, and refusals and fail-policy decisions logged as JSON."""
+
+from __future__ import annotations
+
+from .. import metrics
+from ..core.decision import Decision, GuardRefused
+from . import logs
+
+
+def record(decision: Decision, user: str, started: float) -> None:
+    """Every outcome counted; refusals and fail-policy decisions logged as JSON."""
+    metrics.time_decision(started)
+    if decision.would_refuse and decision.allowed:
+        would_refuse(decision, user)
+    if decision.allowed and not decision.degraded:
+        metrics.count(metrics.ALLOWED)
+        return
+    if decision.unavailable:
+        metrics.DECISIONS.labels("store", "unavailable").inc()
+        metrics.FAIL_POLICY.labels("fail_closed").inc()
+        logs.event("fail_closed", user=user, retry_after=decision.retry_after)
+    elif decision.degraded:
+        outcome = "fallback" if decision.states else "fail_open"
+        metrics.DECISIONS.labels("store", "allowed" if decision.allowed else "refused").inc()
+        metrics.FAIL_POLICY.labels(outcome).inc()
+        logs.event(outcome, user=user, allowed=decision.allowed)
+    else:
+        layer = decision.refused.layer.name if decision.refused else "unknown"
+        metrics.DECISIONS.labels(layer, "refused").inc()
+        logs.event("refused", user=user, layer=layer,
+                   retry_after=decision.retry_after if decision.wait is not None else None)
+
+
+def record_guard(refusal: GuardRefused, user: str, started: float) -> None:
+    """A guard refusal counted and logged under the model's layer name."""
+    layer = f"upstream:{refusal.model}"
+    retry = refusal.retry_after
+    if retry is not None:
+        metrics.time_decision(started)
+        metrics.GUARD_REFUSALS.labels(refusal.model).inc()
+    metrics.DECISIONS.labels(layer, "refused").inc()
+    logs.event("refused", user=user, layer=layer, retry_after=retry)
+
+
+def would_refuse(decision: Decision, user: str) -> None:
+    """Shadow layers that would have refused this admitted request: metered and logged."""
+    for state in decision.would_refuse:
+        metrics.WOULD_REFUSE.labels(state.layer.name).inc()
+        logs.event("would_refuse", user=user, layer=state.layer.name, over=-state.remaining)
