@@ -15,8 +15,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 _live: list[Managed] = []
+
+
+class _Served(Protocol):
+    server_worker: str | None
+
+
+R = TypeVar("R", bound=_Served)
 
 
 def free_port() -> int:
@@ -92,6 +100,14 @@ class Managed:
             return None
         found = re.findall(r"Using worker: (\S+)", text)
         return found[-1] if found else None
+
+    def finished(self, result: R) -> R:
+        """``result`` of a run, tagged with the worker class that served it; NotReady when
+        the process died during the run (its numbers then measure a crash)."""
+        if self.exited() is not None:
+            raise NotReady(f"died during the run: {self.reason()}")
+        result.server_worker = self.gunicorn_worker()
+        return result
 
     def reason(self) -> str:
         code = self.exited()

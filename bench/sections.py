@@ -93,10 +93,7 @@ def measure(
             run_wrk(wrk, port, connections=warm, duration_s=s.warmup, **common)
             time.sleep(settle)
         result = run_wrk(wrk, port, connections=connections, duration_s=duration, **common)
-        if managed.exited() is not None:
-            raise NotReady(f"died during the run: {managed.reason()}")
-        result.server_worker = managed.gunicorn_worker()
-        return result
+        return managed.finished(result)
     finally:
         managed.stop()
 
@@ -159,6 +156,17 @@ def fast_section(s: Settings, wrk: str, redis_url: str, logdir: Path) -> list[Ro
     return list(rows.values())
 
 
+def _skipped(tag: str, row: Row | StreamRow, provider: Managed) -> bool:
+    """A row that cannot run now: its contender never started, or the provider died."""
+    if row.failure and not row.runs:
+        say(f"{tag}: skipped ({row.failure.splitlines()[0]})")
+        return True
+    if provider.exited() is not None:
+        row.failure = f"fake provider died: {provider.reason()}"
+        return True
+    return False
+
+
 def start_provider(
     delay: float, logdir: Path, chunk_delay: float | None = None
 ) -> tuple[Managed, str, str]:
@@ -219,11 +227,7 @@ def slow_section(s: Settings, wrk: str, redis_url: str, logdir: Path) -> tuple[l
     try:
         for rnd, row, c in plan:
             tag = f"[slow {rnd}/{s.slow_rounds} c={row.connections}] {c.name} [{row.worker_class}]"
-            if row.failure and not row.runs:
-                say(f"{tag}: skipped ({row.failure.splitlines()[0]})")
-                continue
-            if provider.exited() is not None:
-                row.failure = f"fake provider died: {provider.reason()}"
+            if _skipped(tag, row, provider):
                 continue
             try:
                 res = measure(
@@ -276,11 +280,7 @@ def stream_section(s: Settings, redis_url: str, logdir: Path) -> tuple[list[Stre
             for c in contenders:
                 row = rows[c]
                 tag = f"[stream {rnd}/{s.stream_rounds} n={s.stream_n}] {c.name}"
-                if row.failure and not row.runs:
-                    say(f"{tag}: skipped ({row.failure.splitlines()[0]})")
-                    continue
-                if provider.exited() is not None:
-                    row.failure = f"fake provider died: {provider.reason()}"
+                if _skipped(tag, row, provider):
                     continue
                 try:
                     res = streaming.measure_stream(

@@ -395,10 +395,7 @@ def measure_stream(
         cpu_after = group_cpu_s(managed.proc.pid)
         if cpu_before is not None and cpu_after is not None:
             result.server_cpu_s = cpu_after - cpu_before
-        if managed.exited() is not None:
-            raise NotReady(f"died during the run: {managed.reason()}")
-        result.server_worker = managed.gunicorn_worker()
-        return result
+        return managed.finished(result)
     finally:
         managed.stop()
 

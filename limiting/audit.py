@@ -70,12 +70,18 @@ def _text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _wire(text: str) -> str:
+    """Text Redis can take as UTF-8: a name from argv or a body may hold lone surrogates."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def record(store: Store, actor: str, action: str, subject: str, before: Any = None,
            after: Any = None, *, namespace: str = "rl:") -> None:
     """Append one entry (``before``/``after``: text, or anything JSON encodes). Raises
     StoreUnavailable when the store is away: the caller says the change went unaudited."""
-    fields = {"actor": actor, "action": action, "subject": subject,
-              "before": _text(before), "after": _text(after)}
+    fields = {name: _wire(value) for name, value in (
+        ("actor", actor), ("action", action), ("subject", subject),
+        ("before", _text(before)), ("after", _text(after)))}
     if isinstance(store, MemoryStore):
         at = int(datetime.now(UTC).timestamp() * 1000)
         with _LOCK:

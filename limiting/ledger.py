@@ -14,6 +14,7 @@ admitted at 23:59:59 UTC is booked to that day. Each day's keys expire on their 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,8 +49,16 @@ def _stamp(day: int) -> str:
 
 
 def member(user: str, realm: str) -> str:
-    """A ranking's member: the realm keeps a key's user and a /chat user_id apart."""
-    return f"{realm}:{user}"
+    """A ranking's member: the realm keeps a key's user and a /chat user_id apart. The id is
+    JSON-quoted with every non-ASCII character escaped: a /chat user_id is the client's text,
+    and one with a lone surrogate ("\\ud800") cannot travel to Redis as UTF-8 at all."""
+    return f"{realm}:{json.dumps(user)}"
+
+
+def from_member(text: str) -> tuple[str, str]:
+    """(realm, user) of a ranking's member."""
+    realm, _, quoted = text.partition(":")
+    return realm, json.loads(quoted)
 
 
 class LedgerKeys:
@@ -208,7 +217,7 @@ class Ledger:
             ) -> list[TopRow]:
         """The day's ``n`` biggest spenders, exact (the ranking holds every spender)."""
         ranked = self._ranking(self.keys.rank(day, by, model), n)
-        who = [m.partition(":")[::2] for m, _ in ranked]
+        who = [from_member(m) for m, _ in ranked]
         rows = self._hashes([self.keys.user(user, realm, day) for realm, user in who])
         return [TopRow(user, realm, int(score), Spend.of(day, f))
                 for (realm, user), (_, score), f in zip(who, ranked, rows, strict=True)]

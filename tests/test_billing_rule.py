@@ -103,10 +103,6 @@ def app(tmp_path: Path, r: redis.Redis, redis_url: str, fp: FakeProvider) -> Fla
     return create_app({"REDIS_URL": redis_url, "LIMITS_CONFIG": write_policy(tmp_path, POLICY)})
 
 
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
-
 
 @pytest.fixture
 def key(app: Flask) -> str:

@@ -41,10 +41,6 @@ def app(tmp_path: Path, r: redis.Redis, redis_url: str) -> Flask:
     return make_app(tmp_path, redis_url)
 
 
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
-
 
 def new_key(app: Flask, user: str, plan: str | None = None) -> str:
     with app.app_context():

@@ -23,10 +23,6 @@ def app(tmp_path: Path, r: redis.Redis, redis_url: str) -> Flask:
                        "TESTING": True})
 
 
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
-
 
 def chat(client: FlaskClient, user: str = "u1", message: str = "hello", **extra: object):
     return client.post("/chat", json={"message": message, "user_id": user, **extra})

@@ -140,3 +140,14 @@ def test_bytes_per_active_user_per_day(r: redis.Redis) -> None:
     print(f"\nledger: {per_user:.0f} bytes per active user per day "
           f"(user hash, key hash, 3 ranking entries)")
     assert KEYS.rank(day) and 100 < per_user < 1000
+
+
+def test_any_user_id_is_ranked_and_read_back_as_it_came(backend: Backend) -> None:
+    """A /chat user_id is the client's text: a lone surrogate cannot travel as UTF-8, and a
+    colon or a quote must not split the ranking's member."""
+    odd = ["\ud800", "ünï ☃", 'a:"b"', ""]
+    for i, user in enumerate(odd):
+        book(backend, spender(user), MIDNIGHT + i, (1, 0, 1, 10 + i, 1))
+    top = reader(backend).top(day_of(MIDNIGHT), 10)
+    assert [(row.user, row.score, row.spend.usd_micros) for row in top] == [
+        (user, 10 + i, 10 + i) for i, user in reversed(list(enumerate(odd)))]

@@ -76,10 +76,6 @@ def app(tmp_path: Path, r: redis.Redis, redis_url: str) -> Flask:
     return app_of(tmp_path, redis_url)
 
 
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
-
 
 def chat(client: FlaskClient, user: str, **headers: str):
     return client.post("/chat", json={"message": "hi", "user_id": user}, headers=headers)
