@@ -299,3 +299,23 @@ def test_check_config_refuses_an_unknown_endpoint(tmp_path: Path, redis_url: str
     result = app.test_cli_runner().invoke(args=["limits", "check-config",
                                                 app.config["LIMITS_CONFIG"]])
     assert result.exit_code == 1 and 'routes."nowhere.view": no such endpoint' in result.output
+
+
+def test_a_limit_keyed_by_org_is_shared_by_its_members(tmp_path: Path, r: redis.Redis,
+                                                        redis_url: str) -> None:
+    """key="org": the members of one org share the route's count; a user in no org counts
+    alone (an org of one)."""
+    orgs = ('[orgs."acme"]\nquotas = ["1000 per day"]\n'
+            '[users]\n"ann" = { org = "acme" }\n"bob" = { org = "acme" }\n')
+    app, limiter = make_app(tmp_path, redis_url, orgs)
+
+    @app.post("/team")
+    @limiter.sliding_window("3 per day", key="org")
+    @limiter.limit(user=lambda: request.headers["X-User"])
+    def team() -> str:
+        return "ok"
+
+    client = app.test_client()
+    assert codes(client, "/team", 2, headers={"X-User": "ann"}) == [200, 200]
+    assert codes(client, "/team", 2, headers={"X-User": "bob"}) == [200, 429]
+    assert codes(client, "/team", 4, headers={"X-User": "cy"}) == [200, 200, 200, 429]

@@ -169,7 +169,7 @@ class RateLimiter:
         policy = engine.policy
         realm = BODY_USER if anonymous else KEY_USER
         resolved, org_plan = policy.resolve(user, plan, realm), policy.org_of(user, org)
-        state, extra = pending(user)
+        state, extra = pending(user, org_plan.name if org_plan is not None else None)
         if extra:   # the route's own limits, in the same call
             outcome = engine.acquire_with(user, client_ip(), resolved, realm, extra, org_plan)
             decision = outcome.decision
@@ -203,13 +203,13 @@ class RateLimiter:
         ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms, key_id)
         limits = request_limits()
         realm = BODY_USER if anonymous else KEY_USER
-        state, extra = pending(user)
+        org_plan = policy.org_of(user, org)
+        state, extra = pending(user, org_plan.name if org_plan is not None else None)
         charged: list[Charged] = []
         try:
             reservation = engine.reserve(user, policy.resolve(user, plan, realm), ask,
                                          ip=client_ip(), realm=realm, renews=renews,
-                                         org=policy.org_of(user, org), extra=extra,
-                                         charged=charged)
+                                         org=org_plan, extra=extra, charged=charged)
         except GuardRefused as guard:
             limits.decision = guard.decision
             record_guard(guard, user, started)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, after_this_request, current_app, request
 
 from ..composed import Charged
 from ..core.decision import Decision, Refused
@@ -165,28 +165,32 @@ class RouteLimits:
         except ValueError as exc:
             log.warning("%s; that route limit applies to nothing", exc)
 
-    def groups(self, bounds: Sequence[Bound], user: str | None) -> list[Group]:
-        """One Group per limit, keyed and costed inside this request."""
+    def groups(self, bounds: Sequence[Bound], user: str | None,
+               org: str | None = None) -> list[Group]:
+        """One Group per limit, keyed and costed inside this request (``user`` and ``org``:
+        whom the view charges, if anyone)."""
         out = []
         for b in bounds:
             limit = b.limit
             cost = limit.cost() if callable(limit.cost) else limit.cost
             if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
                 raise TypeError(f"{b.layer.name}: cost must be a whole number >= 0, got {cost!r}")
-            tag = f"{self.namespace}{{{b.head}:{user_tag(key_value(limit.key, user))}}}"
+            tag = f"{self.namespace}{{{b.head}:{user_tag(key_value(limit.key, user, org))}}}"
             out.append(Group.of([b.layer], [f"{tag}:{b.suffix}"], [cost], tag))
         return out
 
 
-def key_value(key: Any, user: str | None) -> str:
+def key_value(key: Any, user: str | None, org: str | None = None) -> str:
     """The value a route limit is counted by in this request."""
     if callable(key):
         return str(key())
     if key == "ip":
         return "ip:" + client_ip()
+    if key == "org" and org is not None:
+        return "o:" + org
     if key in ("user", "org"):
-        # The user this request charges (an org falls back to its user until orgs key it);
-        # a route that charges nobody counts by the client's address.
+        # The user this request charges (a user in no org is an org of one); a route that
+        # charges nobody counts by the client's address.
         return "u:" + user if user is not None else "ip:" + client_ip()
     if key == "key":
         auth = request.headers.get("Authorization", "")
@@ -217,6 +221,8 @@ def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
             return
         limits = request_limits()
         state = limits.routes = RouteState(bounds)
+        if any(b.limit.deduct_when is not None for b in bounds):
+            after_this_request(deduct)   # only these requests pay for an after hook
         if getattr(current_app.view_functions.get(endpoint), LIMITED_ROUTE, False):
             return   # the view's acquire/reserve checks them in its call
         limits.limited_route = True   # this call carries the edge (one server)
@@ -230,7 +236,6 @@ def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
         if not outcome.decision.allowed:
             raise refusal_error(Refused(outcome.decision))
 
-    @app.after_request
     def deduct(response: Response) -> Response:
         state = request_limits().routes
         if state is not None and state.charged:
@@ -240,13 +245,14 @@ def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
         return response
 
 
-def pending(user: str) -> tuple[RouteState | None, list[Group]]:
-    """The route limits the view's acquire/reserve should carry (once per request)."""
+def pending(user: str, org: str | None = None) -> tuple[RouteState | None, list[Group]]:
+    """The route limits the view's acquire/reserve should carry (once per request); ``org``:
+    the org the request is charged to, for limits keyed by "org"."""
     state: RouteState | None = request_limits().routes
     if state is None or state.used:
         return None, []
     state.used = True
-    return state, current_limiter_routes().groups(state.bounds, user)
+    return state, current_limiter_routes().groups(state.bounds, user, org)
 
 
 def keep(state: RouteState | None, charged: Sequence[Charged]) -> None:
