@@ -135,6 +135,10 @@ class RouteLimits:
         self._policy: Policy | None = None
         self._checked = False
 
+    def cached(self, policy: Policy, endpoint: str) -> tuple[Bound, ...] | None:
+        """The endpoint's limits when already found for this policy, else None."""
+        return self._cache.get(endpoint) if policy is self._policy else None
+
     def of(self, app: Flask, policy: Policy, endpoint: str) -> tuple[Bound, ...]:
         if policy is not self._policy:   # a reloaded policy: its [routes] may have changed
             self._cache.clear()
@@ -213,12 +217,14 @@ def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
         endpoint = request.endpoint
         if endpoint is None:
             return
-        started = time.perf_counter()
         eng = engine()
-        routes.warn_unknown(current_app, eng.policy)
-        bounds = routes.of(current_app, eng.policy, endpoint)
+        bounds = routes.cached(eng.policy, endpoint)   # every request: no app lookups
+        if bounds is None:
+            routes.warn_unknown(current_app, eng.policy)
+            bounds = routes.of(current_app, eng.policy, endpoint)
         if not bounds:
             return
+        started = time.perf_counter()
         limits = request_limits()
         state = limits.routes = RouteState(bounds)
         if any(b.limit.deduct_when is not None for b in bounds):
