@@ -4,12 +4,14 @@ LLM units, an org's layers, a route's limits and the model's guard included)."""
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from .composed import Calls, Charged, Outcome
 from .core.ask import Ask
-from .core.codec import AcquireCall, Costs
+from .core.capacity import pace_share
+from .core.codec import AcquireCall, AcquireReply, Costs
 from .core.decision import (
     Decision,
     GuardRefused,
@@ -117,17 +119,29 @@ class Engine(Calls):
             compiled = replace(self.combined(compiled.layers + ordered([extra])),
                                plan=compiled.plan, edge_count=compiled.edge_count)
         org_part = self._org_call(org, realm, costs) if org is not None else None
-        guard_call = self._guard_call(ask.model_name, costs) if guard else None
-        call = own
+        shard, other = self._shards(ask.model_name)
+        guard_call = self._guard_call(ask.model_name, costs, plan.name, shard) if guard else None
+        base = own
         if org_part is not None and self.guard_in_call:
-            call = call.join(org_part[1])   # one server: the org's layers in the same call
-        head = call.size
+            base = base.join(org_part[1])   # one server: the org's layers in the same call
+        head = base.size
+        call = base
         if guard_call is not None and self.guard_in_call:
             # One server: the model's guard joins the user's all-or-nothing call.
-            call = call.join(guard_call[1])
+            call = base.join(guard_call[1])
         guard_joined = call.size > head
         try:
             reply = self._call(call.keys, call.args)
+            if guard_joined and reply.refused_after(head) and other is not None:
+                # That shard is full and nothing was charged: the whole call again, with
+                # another shard's guard; the wait told is the shorter of the two.
+                first_wait = reply.wait_us
+                guard_call = self._guard_call(ask.model_name, costs, plan.name, other)
+                assert guard_call is not None
+                call = base.join(guard_call[1])
+                reply = self._call(call.keys, call.args)
+                if reply.refused_after(head):
+                    reply.wait_us = _shorter(first_wait, reply.wait_us)
         except StoreUnavailable:
             return self._reserve_away(user, plan, ask, compiled, realm, renews, spender,
                                       org)
@@ -171,10 +185,16 @@ class Engine(Calls):
             guard_states = reply.states[head:] if guard_joined else []
             if not guard_joined:
                 # A Cluster puts the guard in a slot of its own: a call of its own, after.
-                try:
-                    guard_reply = self._call(apart.keys, apart.args)
-                except StoreUnavailable:   # the guard fails open: the provider has its limits
-                    guard_reply = None
+                guard_reply = self._guard_apart(apart)
+                if guard_reply is not None and not guard_reply.allowed and other is not None:
+                    # That shard is full: one other shard before refusing.
+                    first_wait = guard_reply.wait_us
+                    second = self._guard_call(ask.model_name, costs, plan.name, other)
+                    assert second is not None
+                    layers, apart = second
+                    guard_reply = self._guard_apart(apart)
+                    if guard_reply is not None and not guard_reply.allowed:
+                        guard_reply.wait_us = _shorter(first_wait, guard_reply.wait_us)
                 if guard_reply is not None and not guard_reply.allowed:
                     Reservation(self.store, decision, ask, reply.now_us, charges,
                                 costs.lease, more=more).refund_everything()
@@ -231,22 +251,59 @@ class Engine(Calls):
             raise Refused(decision)
         return Reservation(self.store, decision, ask, renews=renews, spender=spender)
 
-    def _guard_call(self, model_name: str, costs: Costs
-                    ) -> tuple[tuple[Layer, ...], AcquireCall] | None:
-        """The model's guard layers and their call for one request; None: it has none."""
-        layers, prefix = self._guard_of(model_name)
+    def _guard_call(self, model_name: str, costs: Costs, plan: str | None = None,
+                    shard: int = 0) -> tuple[tuple[Layer, ...], AcquireCall] | None:
+        """The model's guard layers and their call for one request of ``plan`` on ``shard``;
+        None: it has none."""
+        layers, prefix = self._guard_of(model_name, plan, shard)
         if not layers:
             return None
         return layers, AcquireCall.of([prefix + layer.suffix for layer in layers], layers, costs)
 
+    def _guard_apart(self, call: AcquireCall) -> AcquireReply | None:
+        """The guard in a call of its own; None: the store is away, and the guard fails open
+        (the provider has its own limits)."""
+        try:
+            return self._call(call.keys, call.args)
+        except StoreUnavailable:
+            return None
+
+    def _shards(self, model_name: str) -> tuple[int, int | None]:
+        """The guard's shard for one request, and the one other it tries before refusing
+        (None: one shard). Random, not by user: one busy user must not fill one shard."""
+        model = self.policy.model(model_name)
+        shards = model.shards if model is not None else 1
+        if shards == 1:
+            return 0, None
+        first = random.randrange(shards)
+        return first, (first + random.randrange(1, shards)) % shards
+
+    def _shard_prefixes(self, model_name: str) -> list[str]:
+        """Every shard's key prefix of the model's guard."""
+        model = self.policy.model(model_name)
+        return [self._guard_of(model_name, None, i)[1]
+                for i in range(model.shards if model is not None else 1)]
+
     def peek_model(self, model_name: str) -> Decision:
-        """The model's guard layers (shared windows, learnt pacing), charging nothing."""
-        layers, prefix = self._guard_of(model_name)
+        """The model's guard layers (shared windows, learnt pacing), charging nothing; a
+        sharded guard's remaining summed over its shards."""
+        layers, _ = self._guard_of(model_name)
         if not layers:
             return Decision(True, ())
-        compiled = compile_plan(None, layers, cost=0)
-        reply = self._call([prefix + layer.suffix for layer in layers], compiled.args)
-        return from_reply(compiled, reply)
+        model = self.policy.model(model_name)
+        # Reported as one guard: its whole limits, every shard's remaining added up.
+        whole = guard_layers(model_name, model if model is None else replace(model, shards=1))
+        states: list[tuple[int, int]] = []
+        reply = None
+        for i, prefix in enumerate(self._shard_prefixes(model_name)):
+            shard_layers = self._guard_of(model_name, None, i)[0]
+            compiled = compile_plan(None, shard_layers, cost=0)
+            reply = self._call([prefix + layer.suffix for layer in shard_layers], compiled.args)
+            states = reply.states if not states else [
+                (a + b, max(r, s)) for (a, r), (b, s) in zip(states, reply.states, strict=True)]
+        assert reply is not None
+        reply.states = states
+        return from_reply(compile_plan(None, whole, cost=0), reply)
 
     def max_hold(self, model_name: str) -> float:
         """The longest model-wide hold a provider's retry-after may write for this model."""
@@ -261,15 +318,21 @@ class Engine(Calls):
 
     def observe_args(self, model_name: str, args: list[int]) -> None:
         # Pacing is advice: a store that is away loses one observation, nothing more.
-        with contextlib.suppress(StoreUnavailable):
-            self.store.run("observe", [self._guard_of(model_name)[1] + "pace"], args)
+        # A sharded guard: each shard gets its part of what the provider says is left.
+        prefixes = self._shard_prefixes(model_name)
+        for i, prefix in enumerate(prefixes):
+            with contextlib.suppress(StoreUnavailable):
+                self.store.run("observe", [prefix + "pace"], pace_share(args, len(prefixes), i))
 
-    def _guard_of(self, model_name: str) -> tuple[tuple[Layer, ...], str]:
-        """The guard's layers and key prefix: an alias shares its model's, as one upstream
-        limit covers both names."""
+    def _guard_of(self, model_name: str, plan: str | None = None,
+                  shard: int = 0) -> tuple[tuple[Layer, ...], str]:
+        """The guard's layers (as ``plan`` may fill them) and key prefix on ``shard``: an
+        alias shares its model's, as one upstream limit covers both names."""
         model = self.policy.model(model_name)
         name = model.name if model is not None else model_name
-        return guard_layers(model_name, model), model_prefix(self.namespace, name)
+        sharded = model is not None and model.shards > 1
+        return (guard_layers(model_name, model, plan, shard),
+                model_prefix(self.namespace, name, shard if sharded else None))
 
     def charge_edge(self, ip: str) -> Decision | None:
         """Count a request that never reached acquire (bad input) at the edge, as any edge would."""
@@ -313,6 +376,13 @@ def _joined(decision: Decision, more: Decision) -> Decision:
     header = ", ".join(h for h in (decision.policy_header, more.policy_header) if h)
     return replace(decision, states=decision.states + more.states, policy_header=header,
                    would_refuse=decision.would_refuse + more.would_refuse)
+
+
+def _shorter(first: int, second: int) -> int:
+    """The shorter of two shards' waits (-1: never on that shard)."""
+    if first < 0 or second < 0:
+        return max(first, second)
+    return min(first, second)
 
 
 def _guard_wait(wait_us: int) -> float | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
+from .capacity import read_reserve, read_shards
 from .lease import RENEW_EVERY
 from .members import read_members, warn_removed
 from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
@@ -93,6 +94,9 @@ class ModelPolicy:
     # "shadow": the guard's own windows (requests/tokens per minute) never refuse; the
     # provider's learnt pacing still holds, as the provider itself would refuse.
     mode: Mode = "enforce"
+    # Shares of the guard's windows only these plans may use (limiting/core/capacity.py).
+    reserve: Mapping[str, float] = field(default_factory=dict)
+    shards: int = 1   # slots the guard's windows are spread over, each with its share
 
     @property
     def priced(self) -> bool:
@@ -225,16 +229,18 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
     return plan
 
 
-def _model(source: str, name: str, table: Any) -> ModelPolicy:
+def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> ModelPolicy:
     r = TableReader(source, f'models."{name}"', table)
+    rpm, tpm = r.positive("requests_per_minute"), r.positive("tokens_per_minute")
+    reserve = read_reserve(r, plans)
     provider = r.get("provider", str, required=True)
     if provider not in _PROVIDERS:
         r.fail("provider", f"must be one of {', '.join(_PROVIDERS)}, got {provider!r}")
     model = ModelPolicy(
         name=name,
         provider=provider,
-        requests_per_minute=r.positive("requests_per_minute"),
-        tokens_per_minute=r.positive("tokens_per_minute"),
+        requests_per_minute=rpm,
+        tokens_per_minute=tpm,
         input_usd_per_million=_price(r, "input_usd_per_million"),
         output_usd_per_million=_price(r, "output_usd_per_million"),
         cached_input_usd_per_million=_price(r, "cached_input_usd_per_million"),
@@ -246,6 +252,8 @@ def _model(source: str, name: str, table: Any) -> ModelPolicy:
         max_hold_seconds=float(r.positive("max_hold_seconds", (int, float), default=60.0)),
         image_tokens=r.positive("image_tokens", default=1600),
         mode=_mode(r),
+        reserve=MappingProxyType(reserve),
+        shards=read_shards(r, (rpm, tpm), reserve),
     )
     r.done()
     return model
@@ -349,7 +357,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     users, user_orgs = read_members(source, top.get("users", dict, {}), default_plan, plans,
                                     orgs)
 
-    models = {name: _model(source, name, t) for name, t in top.get("models", dict, {}).items()}
+    models = {n: _model(source, n, t, plans) for n, t in top.get("models", dict, {}).items()}
     aliases = _alias_map(source, models)
     _check_budgets(source, {**{f"plans.{n}": p for n, p in plans.items()},
                             **{f'orgs."{n}"': o for n, o in orgs.items()}}, models)

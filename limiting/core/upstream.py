@@ -17,29 +17,40 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from .capacity import ceiling, guard_limit, shard_share
 from .layers import Layer, window
 from .naming import user_tag
-from .policy import ECHO, ModelPolicy
+from .policy import ECHO, OVERRIDDEN, ModelPolicy
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
-def model_prefix(namespace: str, model: str) -> str:
-    return f"{namespace}{{m:{user_tag(model)}}}:"
+def model_prefix(namespace: str, model: str, shard: int | None = None) -> str:
+    """The guard's keys' prefix; a shard's has a hash tag of its own (its own Cluster slot)."""
+    tag = user_tag(model) if shard is None else f"{user_tag(model)}:{shard}"
+    return f"{namespace}{{m:{tag}}}:"
 
 
-def guard_layers(name: str, model: ModelPolicy | None) -> tuple[Layer, ...]:
+def guard_layers(name: str, model: ModelPolicy | None, plan: str | None = None,
+                 shard: int = 0) -> tuple[Layer, ...]:
     """The model's guard: its own windows from ``[models."…"]``, then the pacing learnt from
     its provider's headers. A model answered in this process (the built-in echo, provider
-    "echo") has no provider to pace to: with no windows of its own it has no guard at all."""
+    "echo") has no provider to pace to: with no windows of its own it has no guard at all.
+
+    ``plan`` (None: no plan, as a usage page reads it) fills the windows up to its ceiling:
+    all but the shares ``reserve`` keeps for other plans. ``shard``: which of the model's
+    ``shards`` the windows are, each with its part of the limits."""
     layers: list[Layer] = []
-    if model is not None and model.requests_per_minute:
-        layers.append(window("upstream-requests", "rpm", model.requests_per_minute, 60,
-                             "fail_open"))
-    if model is not None and model.tokens_per_minute:
-        layers.append(window("upstream-tokens", "tpm", model.tokens_per_minute, 60, "fail_open",
-                             "tokens"))
+    if model is not None:
+        part = ceiling(model.reserve, None if plan is None else plan.partition(OVERRIDDEN)[0])
+        for layer_name, suffix, limit, unit in (
+                ("upstream-requests", "rpm", model.requests_per_minute, "requests"),
+                ("upstream-tokens", "tpm", model.tokens_per_minute, "tokens")):
+            if limit:
+                a = guard_limit(limit, model.shards, shard, part) if plan is not None \
+                    else shard_share(limit, model.shards, shard)
+                layers.append(window(layer_name, suffix, a, 60, "fail_open", unit))
     if model is not None and model.mode == "shadow":
         # Our own windows only: the pacing learnt from the provider holds what it would refuse.
         layers = [replace(layer, shadow=True) for layer in layers]
