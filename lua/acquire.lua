@@ -179,8 +179,10 @@ for i = 1, #KEYS do
       wait = -1  -- more than the bucket ever holds: no wait makes it pass
     else
       wait = (cost - tokens) / b * 1e6 + 1
-      if wait <= deadline then
-        longest, before[i] = math.max(longest, wait), tokens
+      -- Its slot, exactly: no µs of margin that would pile up along a queue of waiters.
+      local slot_at = wait - 1
+      if math.ceil(slot_at - 0.001) <= deadline then
+        longest, before[i] = math.max(longest, slot_at), tokens
         wait, writes[i] = 0, {tokens}
         tokens = tokens - cost
       end
@@ -344,7 +346,8 @@ if worst_layer ~= 0 then
 end
 
 -- Admitted: it runs `delay` µs from now, and its bucket and windows are charged as then.
-local delay = math.ceil(longest)
+local delay = 0
+if longest > 0 then delay = math.ceil(longest - 0.001) end  -- float dust is not a µs
 result[3] = delay
 for i = 1, #KEYS do
   local w = writes[i]

@@ -104,7 +104,7 @@ class MemoryStore:
                     reply.states[i] = (held, reset_us)
                 return reply.encode()
             # Admitted: it runs `delay` µs from now; its bucket and windows charged as then.
-            delay = math.ceil(longest)
+            delay = math.ceil(longest - 0.001) if longest > 0 else 0   # float dust: no µs
             reply.wait_us = delay
             for (key, state, ttl_us), (_, cost) in zip(writes, charged, strict=True):
                 if cost > 0:  # cost 0 only looks
@@ -210,9 +210,10 @@ def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: fl
         left = tokens - cost
         return left, (cap - left) / rate * 1e6, 0.0, (write, 0.0), None
     wait = -1.0 if cost > cap else (cost - tokens) / rate * 1e6 + 1
-    if 0 <= wait <= deadline:
+    # Its slot, exactly: no µs of margin that would pile up along a queue of waiters.
+    if wait >= 0 and math.ceil(wait - 1 - 0.001) <= deadline:
         left = tokens - cost
-        return left, (cap - left) / rate * 1e6, wait, (write, 0.0), tokens
+        return left, (cap - left) / rate * 1e6, wait - 1, (write, 0.0), tokens
     return tokens, (cap - tokens) / rate * 1e6, wait, None, None
 
 
