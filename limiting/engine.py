@@ -49,7 +49,7 @@ class Engine(Calls):
     def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None,
                 realm: str = KEY_USER, org: Plan | None = None) -> Decision:
         """Check and, only if every user layer (and every layer of ``org``) passes, charge
-        one request to ``user`` (and to ``org``)."""
+        one request to ``user`` (and to ``org``). Never waits: :meth:`acquire_with` does."""
         plan = plan or self.policy.resolve(user)
         if org is not None:   # the org's layers as a group of their own, in the same call
             return self.acquire_with(user, ip, plan, realm, (), org).decision
@@ -68,14 +68,16 @@ class Engine(Calls):
         return from_reply(compiled, reply)
 
     def acquire_with(self, user: str, ip: str | None, plan: Plan, realm: str,
-                     extra: Sequence[Group], org: Plan | None = None) -> Outcome:
+                     extra: Sequence[Group], org: Plan | None = None,
+                     max_wait: float = 0.0) -> Outcome:
         """:meth:`acquire` with more groups (a route's limits) decided with the plan's (and
-        ``org``'s, as a group of its own)."""
+        ``org``'s, as a group of its own). ``max_wait``: seconds the request may wait for a
+        future slot (the decision's delay); what ``outcome.charged`` took gives it back."""
         compiled = self.compiled(plan)
         groups = [self.plan_group(compiled, user, ip, realm), *extra]
         if org is not None:
             groups.append(self.org_group(org, realm))
-        outcome = self.decide(groups)
+        outcome = self.decide(groups, _us(max_wait))
         if outcome.away and self.fallback is not None:
             # The local fallback knows plans (and orgs) only; the route limits' store is away.
             fb = self.fallback
@@ -87,7 +89,7 @@ class Engine(Calls):
     def reserve(self, user: str, plan: Plan, ask: Ask, *, ip: str | None = None,
                 realm: str = KEY_USER, guard: bool = True, renews: bool = True,
                 org: Plan | None = None, extra: Sequence[Group] = (),
-                charged: list[Charged] | None = None) -> Reservation:
+                charged: list[Charged] | None = None, max_wait: float = 0.0) -> Reservation:
         """Charge one request to ``user`` and reserve its LLM units, then pass the model's
         guard (``guard=False``: skip it, as the local fallback does). ``renews=False``: an
         answer made in this process, whose lease needs no keep-alive.
@@ -96,13 +98,16 @@ class Engine(Calls):
         else first in calls of their own, given back if the user or guard refuses; what they
         charged is appended to ``charged``.
 
+        ``max_wait``: seconds the request may wait for a future slot of the user's layers
+        and the guard's (the decision's delay; refund_everything gives the slot back).
+
         Returns the complete reservation. Raises Refused (the user's, ``org``'s or a route's
         layers: nothing was charged) or GuardRefused (the model's guard: the charges were
         given back).
         """
         if extra and not self.store.single_node:
             return self._reserve_apart(user, plan, ask, ip, realm, guard, renews, extra,
-                                       charged, org)
+                                       charged, org, max_wait)
         compiled = self._compiled_llm(plan)
         spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
                           self.policy.history_days)
@@ -127,7 +132,7 @@ class Engine(Calls):
             call = call.join(guard_call[1])
         guard_joined = call.size > head
         try:
-            reply = self._call(call.keys, call.args)
+            reply = self._call(call.keys, call.args, _us(max_wait))
         except StoreUnavailable:
             return self._reserve_away(user, plan, ask, compiled, realm, renews, spender,
                                       org)
@@ -145,7 +150,7 @@ class Engine(Calls):
                    if decision.charged(c.layer)]   # not a shadow layer that would refuse
         if not decision.allowed:
             if undo:   # the org refused in a call of its own: give the user's charge back
-                Reservation(self.store, decision, ask, reply.now_us, charges,
+                Reservation(self.store, decision, ask, reply.charged_at, charges,
                             costs.lease).refund_everything()
             raise Refused(decision)
         at = plan_size
@@ -155,7 +160,7 @@ class Engine(Calls):
             charges += [Charge(layer, key, amount)
                         for layer, key, amount in group.refunds(states)]
             if charged is not None:
-                charged.append((group, reply.now_us, states))
+                charged.append((group, reply.charged_at, states))
         more: list[tuple[int, list[Charge]]] = []
         if org_part is not None:
             org_charges = [c for c in _charges(org_part[0].layers, org_part[1].keys, costs)
@@ -167,20 +172,22 @@ class Engine(Calls):
         guard_at, guard_charges = 0, []
         if guard_call is not None:
             layers, apart = guard_call
-            guard_at = reply.now_us
+            guard_at = reply.charged_at
             guard_states = reply.states[head:] if guard_joined else []
             if not guard_joined:
                 # A Cluster puts the guard in a slot of its own: a call of its own, after.
                 try:
-                    guard_reply = self._call(apart.keys, apart.args)
+                    guard_reply = self._call(apart.keys, apart.args, _us(max_wait))
                 except StoreUnavailable:   # the guard fails open: the provider has its limits
                     guard_reply = None
                 if guard_reply is not None and not guard_reply.allowed:
-                    Reservation(self.store, decision, ask, reply.now_us, charges,
+                    Reservation(self.store, decision, ask, reply.charged_at, charges,
                                 costs.lease, more=more).refund_everything()
                     raise GuardRefused(ask.model_name, _guard_wait(guard_reply.wait_us),
                                        decision)
-                guard_at = guard_reply.now_us if guard_reply is not None else 0
+                guard_at = guard_reply.charged_at if guard_reply is not None else 0
+                if guard_reply is not None:   # it waits for the later of the two slots
+                    decision.delay = max(decision.delay, guard_reply.delay_us / 1e6)
                 guard_states = guard_reply.states if guard_reply is not None else []
             # Its shadow windows that would have refused charged nothing: logged, not settled.
             over = shadow_over(layers, guard_states)
@@ -189,20 +196,21 @@ class Engine(Calls):
             if guard_at:   # what the guard's windows charged, for the settle to correct
                 guard_charges = [c for c in _charges(layers, apart.keys, costs)
                                  if c.layer.kind in ("w", "W") and c.layer not in uncharged]
-        return Reservation(self.store, decision, ask, reply.now_us, charges, costs.lease,
+        return Reservation(self.store, decision, ask, reply.charged_at, charges, costs.lease,
                            guard_at, guard_charges, renews=renews, spender=spender, more=more)
 
     def _reserve_apart(self, user: str, plan: Plan, ask: Ask, ip: str | None, realm: str,
                        guard: bool, renews: bool, extra: Sequence[Group],
-                       charged: list[Charged] | None, org: Plan | None) -> Reservation:
+                       charged: list[Charged] | None, org: Plan | None,
+                       max_wait: float = 0.0) -> Reservation:
         """A Cluster: ``extra`` decided first in calls of their own slots, then the user's
         reservation; a refusal there gives ``extra``'s charge back."""
-        first = self.decide(extra)
+        first = self.decide(extra, _us(max_wait))
         if not first.decision.allowed:
             raise Refused(first.decision)
         try:
             reservation = self.reserve(user, plan, ask, ip=ip, realm=realm, guard=guard,
-                                       renews=renews, org=org)
+                                       renews=renews, org=org, max_wait=max_wait)
         except Refused as refused:
             self.refund(first.charged)
             raise Refused(_joined(refused.decision, first.decision)) from None
@@ -210,6 +218,7 @@ class Engine(Calls):
             self.refund(first.charged)
             raise
         reservation.decision = _joined(reservation.decision, first.decision)
+        reservation.decision.delay = max(reservation.decision.delay, first.decision.delay)
         if charged is not None:
             charged += first.charged
         return reservation
@@ -313,6 +322,10 @@ def _joined(decision: Decision, more: Decision) -> Decision:
     header = ", ".join(h for h in (decision.policy_header, more.policy_header) if h)
     return replace(decision, states=decision.states + more.states, policy_header=header,
                    would_refuse=decision.would_refuse + more.would_refuse)
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1e6) if seconds > 0 else 0
 
 
 def _guard_wait(wait_us: int) -> float | None:

@@ -14,9 +14,9 @@ from typing import Any
 from ..core.codec import (
     AcquireReply,
     decode_acquire,
-    decode_max_wait,
     decode_ledger_counts,
     decode_ledger_rank,
+    decode_max_wait,
     decode_settle,
 )
 from ..core.windows import month_bounds
