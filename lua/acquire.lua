@@ -24,8 +24,8 @@
 -- that the bucket, a window ("w"/"W") or the provider's pacing would refuse with a wait no
 -- longer than it is admitted into its future slot now, and sleeps until then: the slot is
 -- taken in this call, so arrival order here is the order of service across all workers.
--- The bucket is charged as at the moment the request runs (its state's time may lie ahead:
--- later callers see the debt and wait behind it); a window charges the slot the request
+-- The bucket is charged as at the moment the request runs (its tokens go below 0: later
+-- callers see the debt and wait behind it); a window charges the slot the request
 -- runs in, never the current one, and a later caller is decided no earlier than the latest
 -- slot charged, so no window ever holds more than its limit, waits included. Edge, leases,
 -- months and shadow layers never wait: they pass now or refuse.
@@ -356,10 +356,12 @@ for i = 1, #KEYS do
     local base = (i - 1) * 4
     if kind == 'b' then
       local a, b = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-      local tokens = math.min(a, w[1] + delay * b / 1e6) - costs[i]
+      -- The level at its run time, told as of now: below 0 while waiters queue (their
+      -- debt: later callers wait behind it, and a waiter's refund pays it back).
+      local tokens = math.min(a, w[1] + delay * b / 1e6) - costs[i] - delay * b / 1e6
       -- Past the time to refill, a fresh bucket says the same: let the key go.
-      redis.call('SET', KEYS[i], pack('<dd', tokens, now + delay),
-        'PX', math.ceil(((a - tokens) / b * 1e6 + delay) / 1000) + 1000)
+      redis.call('SET', KEYS[i], pack('<dd', tokens, now),
+        'PX', math.ceil((a - tokens) / b * 1000) + 1000)
     elseif kind == 'w' or kind == 'W' then
       local state, e, total, slot, fmt, width = w[1], w[2], w[3], w[4], w[5], w[6]
       local r = math.max(e, math.floor((now + delay) / slot))

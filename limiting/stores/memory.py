@@ -143,7 +143,9 @@ class MemoryStore:
                     continue
                 delta = float(value)
                 if kind == "b":
-                    state[1] = max(0.0, min(b, state[1] - delta))
+                    # As settle.lua: a refund pays back waiters' debt (below 0) too.
+                    left = min(b, state[1] - delta)
+                    state[1] = left if delta <= 0 else max(0.0, left)
                     continue
                 if kind == "m":
                     if state[1] == b:   # the month charged: an ended month gives nothing
@@ -202,9 +204,9 @@ def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: fl
     tokens = cap if state is None else min(cap, state[1] + (now - state[2]) * rate / 1e6)
 
     def write(delay: int, held: float = tokens) -> tuple[list[Any], float]:
-        left = min(cap, held + delay * rate / 1e6) - cost
-        return ["b", left, now + delay], math.ceil(((cap - left) / rate * 1e6 + delay)
-                                                  / 1000) * 1000 + 1e6
+        # As acquire.lua: the level at its run time, told as of now (below 0: a debt).
+        left = min(cap, held + delay * rate / 1e6) - cost - delay * rate / 1e6
+        return ["b", left, now], math.ceil((cap - left) / rate * 1000) * 1000 + 1e6
 
     if tokens >= cost:
         left = tokens - cost
