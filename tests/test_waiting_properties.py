@@ -123,3 +123,23 @@ def test_eight_waiters_are_spaced_by_the_rate(make_backend: Callable[[], Backend
     assert all(abs(w - 250_000 * k) <= 2 * k + 1 for k, w in enumerate(admitted)), admitted
     refused = [r[2] for r in replies if r[0] == 0]
     assert all(3_000_000 < w <= 3_250_000 + 2 * 24 for w in refused), refused
+
+
+def test_max_wait_seconds_is_checked_with_file_key_and_reason() -> None:
+    import pytest
+
+    from limiting.core.policy import PolicyError, parse_policy
+
+    def plans(value: object) -> dict[str, object]:
+        return {"plans": {"p": {"burst": 1, "refill_per_second": 1, "max_wait_seconds": value}}}
+
+    assert parse_policy(plans(2.5)).plans["p"].max_wait_seconds == 2.5
+    assert parse_policy({"plans": {"p": {"burst": 1, "refill_per_second": 1}}}
+                        ).plans["p"].max_wait_seconds == 0
+    for bad in (-1, 301, float("nan"), "3", True):
+        with pytest.raises(PolicyError, match=r"limits\.toml: plans\.p\.max_wait_seconds"):
+            parse_policy(plans(bad), "limits.toml")
+    with pytest.raises(PolicyError, match="max_wait_seconds"):   # orgs do not wait alone
+        parse_policy({"plans": {"p": {"burst": 1, "refill_per_second": 1}},
+                      "orgs": {"o": {"quotas": ["5 per day"], "max_wait_seconds": 1}}},
+                     "limits.toml")
