@@ -195,17 +195,6 @@ def _windows(r: TableReader, key: str) -> tuple[Window, ...]:
     return tuple(out)
 
 
-MAX_WAIT_CEILING = 300.0   # a waiter holds a connection (a greenlet): minutes, not hours
-
-
-def _max_wait(r: TableReader) -> float:
-    value = float(r.get("max_wait_seconds", (int, float), 0))
-    if not (0 <= value <= MAX_WAIT_CEILING):   # nan fails both
-        r.fail("max_wait_seconds", f"must be a number of seconds from 0 to "
-               f"{MAX_WAIT_CEILING:g}, got {value!r}")
-    return value
-
-
 def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
     """A plan, or with ``org`` an org's limits: any subset of a plan's layers (the requests
     bucket only when burst and refill_per_second are given)."""
@@ -229,7 +218,8 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
         fail_rate=r.fail_mode("fail_rate", "fail_open"),
         fail_quota=r.fail_mode("fail_quota", "fail_closed"),
         mode=_mode(r),
-        max_wait_seconds=0.0 if org else _max_wait(r),
+        # A waiter holds a connection (a greenlet): minutes, not hours.
+        max_wait_seconds=0.0 if org else r.seconds("max_wait_seconds", 300.0),
     )
     if plan.lease_ttl_seconds < 2 * RENEW_EVERY:
         # A lease renewed every RENEW_EVERY s must survive one late renewal.
