@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from .core.codec import AcquireCall, AcquireReply, Costs, SettleCall
+from .core.codec import AcquireCall, AcquireReply, Costs, SettleCall, with_deadline
 from .core.decision import Decision, from_reply, store_away
 from .core.groups import Group, merged, ordered, plan_calls
 from .core.groups import joined as join_groups
@@ -79,8 +79,9 @@ class Calls:
             return self.edge_keys(ip or "unknown") + keys
         return keys
 
-    def _call(self, keys: list[str], args: Sequence[bytes]) -> AcquireReply:
-        return AcquireReply.parse(self.store.acquire(keys, args))
+    def _call(self, keys: list[str], args: Sequence[bytes], wait_us: int = 0) -> AcquireReply:
+        """One acquire call; ``wait_us``: how long the request may wait for a future slot."""
+        return AcquireReply.parse(self.store.acquire(keys, with_deadline(args, wait_us)))
 
     def _org_call(self, org: Plan, realm: str, costs: Costs | None
                   ) -> tuple[CompiledPlan, AcquireCall]:
@@ -145,7 +146,7 @@ class Calls:
             found = self._combined[layers] = compile_plan(None, layers)
         return found
 
-    def decide(self, groups: Sequence[Group]) -> Outcome:
+    def decide(self, groups: Sequence[Group], wait_us: int = 0) -> Outcome:
         """Check every group and charge them all only if all pass.
 
         One server: one call. A Cluster: one call per hash tag, in order; a refusal gives
@@ -159,7 +160,7 @@ class Calls:
         for call_groups in calls:
             call = join_groups(call_groups)
             try:
-                reply = self._call(call.keys, call.args)
+                reply = self._call(call.keys, call.args, wait_us)
             except StoreUnavailable:
                 self.refund(charged)
                 return Outcome(store_away(compiled), away=True)
@@ -171,7 +172,7 @@ class Calls:
             at = 0
             for group in call_groups:
                 size = group.call.size
-                charged.append((group, reply.now_us, reply.states[at:at + size]))
+                charged.append((group, reply.charged_at, reply.states[at:at + size]))
                 at += size
         return Outcome(from_reply(compiled, merged(replies)), charged)
 

@@ -3,15 +3,12 @@ LLM units, an org's layers, a route's limits and the model's guard included)."""
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
-from .composed import Calls, Charged, Outcome
+from .composed import Charged, Outcome
 from .core.ask import Ask
-from .core.capacity import pace_share
-from .core.codec import AcquireCall, AcquireReply, Costs
+from .core.codec import AcquireCall, Costs
 from .core.decision import (
     Decision,
     GuardRefused,
@@ -26,13 +23,13 @@ from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import KEY_USER, EdgeKeys, user_prefix
 from .core.orgs import compile_org, joined
 from .core.policy import Plan, Policy
-from .core.upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_args
+from .guard import Guard, guard_wait, shorter, us
 from .ledger import LedgerKeys, Spender
 from .reservation import Charge, Reservation, new_lease_id
 from .stores.store import Store, StoreUnavailable
 
 
-class Engine(Calls):
+class Engine(Guard):
     """Decides for a user, and for the caller's IP when the edge rides in the same call.
 
     ``edge`` holds the edge layers and their keys' builder when the store is one server, so
@@ -51,7 +48,7 @@ class Engine(Calls):
     def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None,
                 realm: str = KEY_USER, org: Plan | None = None) -> Decision:
         """Check and, only if every user layer (and every layer of ``org``) passes, charge
-        one request to ``user`` (and to ``org``)."""
+        one request to ``user`` (and to ``org``). Never waits: :meth:`acquire_with` does."""
         plan = plan or self.policy.resolve(user)
         if org is not None:   # the org's layers as a group of their own, in the same call
             return self.acquire_with(user, ip, plan, realm, (), org).decision
@@ -70,14 +67,16 @@ class Engine(Calls):
         return from_reply(compiled, reply)
 
     def acquire_with(self, user: str, ip: str | None, plan: Plan, realm: str,
-                     extra: Sequence[Group], org: Plan | None = None) -> Outcome:
+                     extra: Sequence[Group], org: Plan | None = None,
+                     max_wait: float = 0.0) -> Outcome:
         """:meth:`acquire` with more groups (a route's limits) decided with the plan's (and
-        ``org``'s, as a group of its own)."""
+        ``org``'s, as a group of its own). ``max_wait``: seconds the request may wait for a
+        future slot (the decision's delay); what ``outcome.charged`` took gives it back."""
         compiled = self.compiled(plan)
         groups = [self.plan_group(compiled, user, ip, realm), *extra]
         if org is not None:
             groups.append(self.org_group(org, realm))
-        outcome = self.decide(groups)
+        outcome = self.decide(groups, us(max_wait))
         if outcome.away and self.fallback is not None:
             # The local fallback knows plans (and orgs) only; the route limits' store is away.
             fb = self.fallback
@@ -89,7 +88,7 @@ class Engine(Calls):
     def reserve(self, user: str, plan: Plan, ask: Ask, *, ip: str | None = None,
                 realm: str = KEY_USER, guard: bool = True, renews: bool = True,
                 org: Plan | None = None, extra: Sequence[Group] = (),
-                charged: list[Charged] | None = None) -> Reservation:
+                charged: list[Charged] | None = None, max_wait: float = 0.0) -> Reservation:
         """Charge one request to ``user`` and reserve its LLM units, then pass the model's
         guard (``guard=False``: skip it, as the local fallback does). ``renews=False``: an
         answer made in this process, whose lease needs no keep-alive.
@@ -98,13 +97,16 @@ class Engine(Calls):
         else first in calls of their own, given back if the user or guard refuses; what they
         charged is appended to ``charged``.
 
+        ``max_wait``: seconds the request may wait for a future slot of the user's layers
+        and the guard's (the decision's delay; refund_everything gives the slot back).
+
         Returns the complete reservation. Raises Refused (the user's, ``org``'s or a route's
         layers: nothing was charged) or GuardRefused (the model's guard: the charges were
         given back).
         """
         if extra and not self.store.single_node:
             return self._reserve_apart(user, plan, ask, ip, realm, guard, renews, extra,
-                                       charged, org)
+                                       charged, org, max_wait)
         compiled = self._compiled_llm(plan)
         spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
                           self.policy.history_days)
@@ -131,7 +133,7 @@ class Engine(Calls):
             call = base.join(guard_call[1])
         guard_joined = call.size > head
         try:
-            reply = self._call(call.keys, call.args)
+            reply = self._call(call.keys, call.args, us(max_wait))
             if guard_joined and reply.refused_after(head) and other is not None:
                 # That shard is full and nothing was charged: the whole call again, with
                 # another shard's guard; the wait told is the shorter of the two.
@@ -139,9 +141,9 @@ class Engine(Calls):
                 guard_call = self._guard_call(ask.model_name, costs, plan.name, other)
                 assert guard_call is not None
                 call = base.join(guard_call[1])
-                reply = self._call(call.keys, call.args)
+                reply = self._call(call.keys, call.args, us(max_wait))
                 if reply.refused_after(head):
-                    reply.wait_us = _shorter(first_wait, reply.wait_us)
+                    reply.wait_us = shorter(first_wait, reply.wait_us)
         except StoreUnavailable:
             return self._reserve_away(user, plan, ask, compiled, realm, renews, spender,
                                       org)
@@ -152,14 +154,14 @@ class Engine(Calls):
             decision, org_reply, undo = self._org_decision(compiled, own, reply, org_part,
                                                            head > own.size)
         if guard_joined and reply.refused_after(head):  # the rest passed; none charged
-            raise GuardRefused(ask.model_name, _guard_wait(reply.wait_us), decision)
+            raise GuardRefused(ask.model_name, guard_wait(reply.wait_us), decision)
         skip = compiled.edge_count
         charges = [c for c in _charges(compiled.layers[skip:plan_size],
                                        own.keys[skip:plan_size], costs)
                    if decision.charged(c.layer)]   # not a shadow layer that would refuse
         if not decision.allowed:
             if undo:   # the org refused in a call of its own: give the user's charge back
-                Reservation(self.store, decision, ask, reply.now_us, charges,
+                Reservation(self.store, decision, ask, reply.charged_at, charges,
                             costs.lease).refund_everything()
             raise Refused(decision)
         at = plan_size
@@ -169,7 +171,7 @@ class Engine(Calls):
             charges += [Charge(layer, key, amount)
                         for layer, key, amount in group.refunds(states)]
             if charged is not None:
-                charged.append((group, reply.now_us, states))
+                charged.append((group, reply.charged_at, states))
         more: list[tuple[int, list[Charge]]] = []
         if org_part is not None:
             org_charges = [c for c in _charges(org_part[0].layers, org_part[1].keys, costs)
@@ -181,26 +183,28 @@ class Engine(Calls):
         guard_at, guard_charges = 0, []
         if guard_call is not None:
             layers, apart = guard_call
-            guard_at = reply.now_us
+            guard_at = reply.charged_at
             guard_states = reply.states[head:] if guard_joined else []
             if not guard_joined:
                 # A Cluster puts the guard in a slot of its own: a call of its own, after.
-                guard_reply = self._guard_apart(apart)
+                guard_reply = self._guard_apart(apart, max_wait)
                 if guard_reply is not None and not guard_reply.allowed and other is not None:
                     # That shard is full: one other shard before refusing.
                     first_wait = guard_reply.wait_us
                     second = self._guard_call(ask.model_name, costs, plan.name, other)
                     assert second is not None
                     layers, apart = second
-                    guard_reply = self._guard_apart(apart)
+                    guard_reply = self._guard_apart(apart, max_wait)
                     if guard_reply is not None and not guard_reply.allowed:
-                        guard_reply.wait_us = _shorter(first_wait, guard_reply.wait_us)
+                        guard_reply.wait_us = shorter(first_wait, guard_reply.wait_us)
                 if guard_reply is not None and not guard_reply.allowed:
-                    Reservation(self.store, decision, ask, reply.now_us, charges,
+                    Reservation(self.store, decision, ask, reply.charged_at, charges,
                                 costs.lease, more=more).refund_everything()
-                    raise GuardRefused(ask.model_name, _guard_wait(guard_reply.wait_us),
+                    raise GuardRefused(ask.model_name, guard_wait(guard_reply.wait_us),
                                        decision)
-                guard_at = guard_reply.now_us if guard_reply is not None else 0
+                guard_at = guard_reply.charged_at if guard_reply is not None else 0
+                if guard_reply is not None:   # it waits for the later of the two slots
+                    decision.delay = max(decision.delay, guard_reply.delay_us / 1e6)
                 guard_states = guard_reply.states if guard_reply is not None else []
             # Its shadow windows that would have refused charged nothing: logged, not settled.
             over = shadow_over(layers, guard_states)
@@ -209,20 +213,21 @@ class Engine(Calls):
             if guard_at:   # what the guard's windows charged, for the settle to correct
                 guard_charges = [c for c in _charges(layers, apart.keys, costs)
                                  if c.layer.kind in ("w", "W") and c.layer not in uncharged]
-        return Reservation(self.store, decision, ask, reply.now_us, charges, costs.lease,
+        return Reservation(self.store, decision, ask, reply.charged_at, charges, costs.lease,
                            guard_at, guard_charges, renews=renews, spender=spender, more=more)
 
     def _reserve_apart(self, user: str, plan: Plan, ask: Ask, ip: str | None, realm: str,
                        guard: bool, renews: bool, extra: Sequence[Group],
-                       charged: list[Charged] | None, org: Plan | None) -> Reservation:
+                       charged: list[Charged] | None, org: Plan | None,
+                       max_wait: float = 0.0) -> Reservation:
         """A Cluster: ``extra`` decided first in calls of their own slots, then the user's
         reservation; a refusal there gives ``extra``'s charge back."""
-        first = self.decide(extra)
+        first = self.decide(extra, us(max_wait))
         if not first.decision.allowed:
             raise Refused(first.decision)
         try:
             reservation = self.reserve(user, plan, ask, ip=ip, realm=realm, guard=guard,
-                                       renews=renews, org=org)
+                                       renews=renews, org=org, max_wait=max_wait)
         except Refused as refused:
             self.refund(first.charged)
             raise Refused(_joined(refused.decision, first.decision)) from None
@@ -230,6 +235,7 @@ class Engine(Calls):
             self.refund(first.charged)
             raise
         reservation.decision = _joined(reservation.decision, first.decision)
+        reservation.decision.delay = max(reservation.decision.delay, first.decision.delay)
         if charged is not None:
             charged += first.charged
         return reservation
@@ -250,89 +256,6 @@ class Engine(Calls):
         if not decision.allowed:
             raise Refused(decision)
         return Reservation(self.store, decision, ask, renews=renews, spender=spender)
-
-    def _guard_call(self, model_name: str, costs: Costs, plan: str | None = None,
-                    shard: int = 0) -> tuple[tuple[Layer, ...], AcquireCall] | None:
-        """The model's guard layers and their call for one request of ``plan`` on ``shard``;
-        None: it has none."""
-        layers, prefix = self._guard_of(model_name, plan, shard)
-        if not layers:
-            return None
-        return layers, AcquireCall.of([prefix + layer.suffix for layer in layers], layers, costs)
-
-    def _guard_apart(self, call: AcquireCall) -> AcquireReply | None:
-        """The guard in a call of its own; None: the store is away, and the guard fails open
-        (the provider has its own limits)."""
-        try:
-            return self._call(call.keys, call.args)
-        except StoreUnavailable:
-            return None
-
-    def _shards(self, model_name: str) -> tuple[int, int | None]:
-        """The guard's shard for one request, and the one other it tries before refusing
-        (None: one shard). Random, not by user: one busy user must not fill one shard."""
-        model = self.policy.model(model_name)
-        shards = model.shards if model is not None else 1
-        if shards == 1:
-            return 0, None
-        first = random.randrange(shards)
-        return first, (first + random.randrange(1, shards)) % shards
-
-    def _shard_prefixes(self, model_name: str) -> list[str]:
-        """Every shard's key prefix of the model's guard."""
-        model = self.policy.model(model_name)
-        return [self._guard_of(model_name, None, i)[1]
-                for i in range(model.shards if model is not None else 1)]
-
-    def peek_model(self, model_name: str) -> Decision:
-        """The model's guard layers (shared windows, learnt pacing), charging nothing; a
-        sharded guard's remaining summed over its shards."""
-        layers, _ = self._guard_of(model_name)
-        if not layers:
-            return Decision(True, ())
-        model = self.policy.model(model_name)
-        # Reported as one guard: its whole limits, every shard's remaining added up.
-        whole = guard_layers(model_name, model if model is None else replace(model, shards=1))
-        states: list[tuple[int, int]] = []
-        reply = None
-        for i, prefix in enumerate(self._shard_prefixes(model_name)):
-            shard_layers = self._guard_of(model_name, None, i)[0]
-            compiled = compile_plan(None, shard_layers, cost=0)
-            reply = self._call([prefix + layer.suffix for layer in shard_layers], compiled.args)
-            states = reply.states if not states else [
-                (a + b, max(r, s)) for (a, r), (b, s) in zip(states, reply.states, strict=True)]
-        assert reply is not None
-        reply.states = states
-        return from_reply(compile_plan(None, whole, cost=0), reply)
-
-    def max_hold(self, model_name: str) -> float:
-        """The longest model-wide hold a provider's retry-after may write for this model."""
-        model = self.policy.model(model_name)   # an alias holds as its model does
-        return model.max_hold_seconds if model is not None else DEFAULT_MAX_HOLD
-
-    def observe(self, model_name: str, headers: Mapping[str, str], status: int) -> None:
-        """Learn the provider's pacing for ``model_name`` from one of its responses, now."""
-        args = pacing_args(headers, status, self.max_hold(model_name))
-        if args is not None:
-            self.observe_args(model_name, args)
-
-    def observe_args(self, model_name: str, args: list[int]) -> None:
-        # Pacing is advice: a store that is away loses one observation, nothing more.
-        # A sharded guard: each shard gets its part of what the provider says is left.
-        prefixes = self._shard_prefixes(model_name)
-        for i, prefix in enumerate(prefixes):
-            with contextlib.suppress(StoreUnavailable):
-                self.store.run("observe", [prefix + "pace"], pace_share(args, len(prefixes), i))
-
-    def _guard_of(self, model_name: str, plan: str | None = None,
-                  shard: int = 0) -> tuple[tuple[Layer, ...], str]:
-        """The guard's layers (as ``plan`` may fill them) and key prefix on ``shard``: an
-        alias shares its model's, as one upstream limit covers both names."""
-        model = self.policy.model(model_name)
-        name = model.name if model is not None else model_name
-        sharded = model is not None and model.shards > 1
-        return (guard_layers(model_name, model, plan, shard),
-                model_prefix(self.namespace, name, shard if sharded else None))
 
     def charge_edge(self, ip: str) -> Decision | None:
         """Count a request that never reached acquire (bad input) at the edge, as any edge would."""
@@ -376,15 +299,3 @@ def _joined(decision: Decision, more: Decision) -> Decision:
     header = ", ".join(h for h in (decision.policy_header, more.policy_header) if h)
     return replace(decision, states=decision.states + more.states, policy_header=header,
                    would_refuse=decision.would_refuse + more.would_refuse)
-
-
-def _shorter(first: int, second: int) -> int:
-    """The shorter of two shards' waits (-1: never on that shard)."""
-    if first < 0 or second < 0:
-        return max(first, second)
-    return min(first, second)
-
-
-def _guard_wait(wait_us: int) -> float | None:
-    """The guard's wait in seconds; None when no wait ever makes the request pass."""
-    return max(0.001, wait_us / 1e6) if wait_us >= 0 else None

@@ -28,6 +28,11 @@ DECISION_SECONDS = Histogram("llm_limiter_decision_seconds",
                              "one decision in 8 is timed.",
                              buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
                                       0.1, 0.25, 1.0))
+# Requests admitted into a future slot (a plan's max_wait_seconds): "served" slept until
+# their slot; "abandoned" hung up while waiting and gave it back.
+WAITS = Counter("llm_limiter_waits_total", "Requests that waited for their slot, by outcome.",
+                ["outcome"])
+WAIT_SECONDS = Counter("llm_limiter_wait_seconds_total", "Seconds requests waited for a slot.")
 TOKENS_SETTLED = Counter("llm_limiter_tokens_settled_total",
                          "Tokens charged at settlement, by kind (input, cached_input, output).",
                          ["kind"])

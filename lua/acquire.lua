@@ -20,9 +20,20 @@
 -- counted the request: below 0 (everywhere else remaining is at least 0).
 -- A cost of 0 only looks (usage pages, `flask limits show`): nothing is written.
 --
+-- ARGV[#KEYS * 4 + 1], optional: the deadline in µs (a plan's max_wait_seconds). A request
+-- that the bucket, a window ("w"/"W") or the provider's pacing would refuse with a wait no
+-- longer than it is admitted into its future slot now, and sleeps until then: the slot is
+-- taken in this call, so arrival order here is the order of service across all workers.
+-- The bucket is charged as at the moment the request runs (its tokens go below 0: later
+-- callers see the debt and wait behind it); a window charges the slot the request
+-- runs in, never the current one, and a later caller is decided no earlier than the latest
+-- slot charged, so no window ever holds more than its limit, waits included. Edge, leases,
+-- months and shadow layers never wait: they pass now or refuse.
+--
 -- Returns {allowed, refusing layer (0: none), wait_us, now_us, then remaining, reset_us
--- per layer}. wait_us is the exact time until this request would pass (-1: never, its
--- cost exceeds a limit). Redis TIME is the only clock.
+-- per layer}. Refused: wait_us is the exact time until this request would pass (-1: never,
+-- its cost exceeds a limit). Allowed: wait_us is how long it sleeps before its slot (0: it
+-- runs now). Redis TIME is the only clock.
 --
 -- All or nothing: every command that can fail (a key of the wrong type, a stored value that
 -- is not what this script wrote) runs in the first pass, which only reads; a bad value
@@ -37,6 +48,7 @@ local pack, unpack = struct.pack, struct.unpack
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local max_wait = tonumber(ARGV[#KEYS * 4 + 1]) or 0
 
 local function finite(x)
   return x ~= nil and x == x and x > -math.huge and x < math.huge
@@ -82,6 +94,24 @@ local costs = {}
 local kinds = {}          -- each layer's kind, its shadow mark taken off
 local edges = {}          -- {layer, cost, fresh}: written whether or not a later layer refuses
 local worst_wait, worst_layer = 0, 0
+local longest = 0         -- the longest wait admitted into a future slot, µs
+local before = {}         -- a layer admitted into a future slot: its remaining before it
+
+-- A window's ring moved on from slot `from` to slot `to`: the slots between leave it.
+local function advance(state, total, from, to, fmt, width)
+  if to - from >= SLOTS then
+    return string.sub(state, 1, 16) .. string.rep('\0', SLOTS * width), 0
+  end
+  for k = from + 1, to do
+    local off = 16 + (k % SLOTS) * width
+    local old = unpack(fmt, state, off + 1)
+    if old ~= 0 then
+      total = total - old
+      state = state:sub(1, off) .. pack(fmt, 0) .. state:sub(off + width + 1)
+    end
+  end
+  return state, total
+end
 
 local function count_edges()
   for _, e in ipairs(edges) do
@@ -141,14 +171,21 @@ for i = 1, #KEYS do
       if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
       tokens = math.min(a, held + (now - at) * b / 1e6)
     end
+    local deadline = shadow and 0 or max_wait
     if tokens >= cost then
+      writes[i] = {tokens}
       tokens = tokens - cost
-      -- Past the time to refill, a fresh bucket says the same: let the key go.
-      writes[i] = {pack('<dd', tokens, now), math.ceil((a - tokens) / b * 1000) + 1000}
     elseif cost > a then
       wait = -1  -- more than the bucket ever holds: no wait makes it pass
     else
       wait = (cost - tokens) / b * 1e6 + 1
+      -- Its slot, exactly: no µs of margin that would pile up along a queue of waiters.
+      local slot_at = wait - 1
+      if math.ceil(slot_at - 0.001) <= deadline then
+        longest, before[i] = math.max(longest, slot_at), tokens
+        wait, writes[i] = 0, {tokens}
+        tokens = tokens - cost
+      end
     end
     remaining = tokens
     reset = (a - tokens) / b * 1e6
@@ -167,36 +204,26 @@ for i = 1, #KEYS do
       if cur - last >= SLOTS then
         raw = nil
       else
-        state = raw
         -- Slots last+1..cur reuse the ring positions of slots that have left the window.
-        for k = last + 1, cur do
-          local off = 16 + (k % SLOTS) * width
-          local old = unpack(fmt, state, off + 1)
-          if old ~= 0 then
-            total = total - old
-            state = state:sub(1, off) .. pack(fmt, 0) .. state:sub(off + width + 1)
-          end
-        end
+        -- A last slot ahead of cur is a waiter's: this request is decided from there.
+        state, total = advance(raw, total, last, cur, fmt, width)
       end
     end
     if not raw then
       last, total = cur, 0
       state = pack('<dd', cur, 0) .. string.rep('\0', SLOTS * width)
     end
+    local e = math.max(cur, last)   -- the earliest slot this request may run in
+    local deadline = shadow and 0 or max_wait
     if total + cost <= a then
-      local off = 16 + (cur % SLOTS) * width
-      local held = unpack(fmt, state, off + 1)
-      total = total + cost
-      state = pack('<dd', cur, total) .. state:sub(17, off) .. pack(fmt, held + cost)
-        .. state:sub(off + width + 1)
-      reset = (cur + SLOTS) * slot - now
-      writes[i] = {state, math.ceil(reset / 1000) + 1000}
-      if total == 0 then reset = 0 end  -- an empty window (a look with cost 0)
+      if e > cur then wait = e * slot - now + 1 end
+      reset = (e + SLOTS) * slot - now
+      if total + cost == 0 then reset = 0 end  -- an empty window (a look with cost 0)
     else
       -- Oldest slot first: when enough has left the window, this request fits.
       local need, freed = total + cost - a, 0
       wait = -1
-      for k = cur - SLOTS + 1, cur do
+      for k = e - SLOTS + 1, e do
         freed = freed + unpack(fmt, state, 16 + (k % SLOTS) * width + 1)
         if freed >= need then
           wait = (k + SLOTS) * slot - now + 1
@@ -204,6 +231,13 @@ for i = 1, #KEYS do
         end
       end
       reset = (last + SLOTS) * slot - now
+    end
+    if wait == 0 or (wait > 0 and wait <= deadline) then
+      if wait > 0 then longest, before[i] = math.max(longest, wait), a - total end
+      -- Charged in the commit, to the slot the request runs in.
+      writes[i] = {state, e, total, slot, fmt, width}
+      wait = 0
+      total = total + cost
     end
     remaining = a - total
 
@@ -264,6 +298,10 @@ for i = 1, #KEYS do
     else
       cost = 0
     end
+    if wait > 0 and not shadow and wait <= max_wait then
+      -- The provider's own window reopens by then; nothing of ours to charge ahead.
+      longest, wait = math.max(longest, wait), 0
+    end
   end
 
   local over = false
@@ -281,6 +319,8 @@ for i = 1, #KEYS do
   if wait == 0 then costs[i] = cost end
   if over then
     result[n + 1] = math.floor(remaining)
+  elseif before[i] then
+    result[n + 1] = 0
   else
     result[n + 1] = math.max(0, math.floor(remaining))
   end
@@ -296,18 +336,42 @@ if worst_layer ~= 0 then
   -- Nothing is charged: layers that would have passed report what they still hold.
   for i, cost in pairs(costs) do
     local kind = kinds[i]
-    if kind == 'b' or kind == 'w' or kind == 'W' or kind == 'c' or kind == 'm' then
+    if before[i] then
+      result[3 + 2 * i] = math.max(0, math.floor(before[i]))
+    elseif kind == 'b' or kind == 'w' or kind == 'W' or kind == 'c' or kind == 'm' then
       result[3 + 2 * i] = result[3 + 2 * i] + cost
     end
   end
   return result
 end
 
+-- Admitted: it runs `delay` µs from now, and its bucket and windows are charged as then.
+local delay = 0
+if longest > 0 then delay = math.ceil(longest - 0.001) end  -- float dust is not a µs
+result[3] = delay
 for i = 1, #KEYS do
   local w = writes[i]
   if w and costs[i] and costs[i] > 0 then
     local kind = kinds[i]
-    if kind == 'c' then
+    local base = (i - 1) * 4
+    if kind == 'b' then
+      local a, b = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+      -- The level at its run time, told as of now: below 0 while waiters queue (their
+      -- debt: later callers wait behind it, and a waiter's refund pays it back).
+      local tokens = math.min(a, w[1] + delay * b / 1e6) - costs[i] - delay * b / 1e6
+      -- Past the time to refill, a fresh bucket says the same: let the key go.
+      redis.call('SET', KEYS[i], pack('<dd', tokens, now),
+        'PX', math.ceil((a - tokens) / b * 1000) + 1000)
+    elseif kind == 'w' or kind == 'W' then
+      local state, e, total, slot, fmt, width = w[1], w[2], w[3], w[4], w[5], w[6]
+      local r = math.max(e, math.floor((now + delay) / slot))
+      state, total = advance(state, total, e, r, fmt, width)
+      local off = 16 + (r % SLOTS) * width
+      local held = unpack(fmt, state, off + 1)
+      state = pack('<dd', r, total + costs[i]) .. state:sub(17, off)
+        .. pack(fmt, held + costs[i]) .. state:sub(off + width + 1)
+      redis.call('SET', KEYS[i], state, 'PX', math.ceil(((r + SLOTS) * slot - now) / 1000) + 1000)
+    elseif kind == 'c' then
       redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
       redis.call('ZADD', KEYS[i], w[2], w[1])
       redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[(i - 1) * 4 + 3]) / 1000) + 1000)

@@ -71,7 +71,9 @@ for i = 1, #KEYS do
         -- Refilling stays acquire's job: only the held tokens move.
         local held, at = unpack('<dd', raw)
         if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
-        local tokens = math.max(0, math.min(b, held - delta))
+        -- A refund pays back the debt of waiters (tokens below 0) too; a charge stops at 0.
+        local tokens = math.min(b, held - delta)
+        if delta > 0 then tokens = math.max(0, tokens) end
         writes[#writes + 1] = {'SET', i, pack('<dd', tokens, at), ttl}
       elseif kind == 'm' then
         if #raw ~= 16 then return bad(i, 'not a month count') end

@@ -1,7 +1,8 @@
 """The Lua scripts' calling convention, and the only module that knows its positions.
 
-acquire.lua takes 4 arguments per layer (kind, a, b, cost) and answers {allowed, refusing
-layer (1-based, 0: none), wait_us, now_us, then remaining and reset_us per layer}; settle.lua
+acquire.lua takes 4 arguments per layer (kind, a, b, cost), then optionally the deadline
+(µs) a request may wait for its slot, and answers {allowed, refusing layer (1-based, 0:
+none), wait_us, now_us, then remaining and reset_us per layer}; settle.lua
 takes the acquire's now_us, then 3 arguments per layer (kind, b, delta or lease id), the
 spend ledger's counters and rankings riding behind them as kinds "h" and "z". The
 Redis store sends what this module encodes and memory:// decodes it, so the two can never
@@ -149,10 +150,23 @@ class LayerCall:
         return float(self.cost)
 
 
+def with_deadline(args: Sequence[bytes], max_wait_us: int) -> Sequence[bytes]:
+    """An acquire call's arguments with the deadline behind its layers' (0: no waiting, and
+    the call is sent exactly as before)."""
+    return [*args, str(int(max_wait_us)).encode()] if max_wait_us > 0 else args
+
+
 def decode_acquire(args: Sequence[Any]) -> list[LayerCall]:
+    end = len(args) - len(args) % ACQUIRE_ARGS   # the deadline, if any, is not a layer
     return [LayerCall(_text(args[i]), float(args[i + 1]), float(args[i + 2]),
                       _text(args[i + 3]))
-            for i in range(0, len(args), ACQUIRE_ARGS)]
+            for i in range(0, end, ACQUIRE_ARGS)]
+
+
+def decode_max_wait(args: Sequence[Any], layers: int) -> float:
+    """The deadline (µs) sent behind ``layers`` layers' arguments; 0 when none was."""
+    extra = args[layers * ACQUIRE_ARGS:]
+    return float(_text(extra[0])) if extra else 0.0
 
 
 @dataclass(slots=True)   # not frozen: built on every request, and frozen __init__ is slower
@@ -162,7 +176,9 @@ class AcquireReply:
 
     allowed: bool
     refused: int          # 1-based index of the refusing layer; 0 when allowed
-    wait_us: int          # until this request would pass; -1: never (its cost is over a limit)
+    # Refused: until this request would pass; -1: never (its cost is over a limit).
+    # Allowed: how long it sleeps until the slot it was admitted into (0: it runs now).
+    wait_us: int
     now_us: int           # the store's clock at the call: which window slot it charged
     states: list[tuple[int, int]] = field(default_factory=list)
 
@@ -178,6 +194,16 @@ class AcquireReply:
             out += [remaining, reset]
         return out
 
+    @property
+    def delay_us(self) -> int:
+        """Admitted into a future slot: µs until it (0: now, or refused)."""
+        return self.wait_us if self.allowed else 0
+
+    @property
+    def charged_at(self) -> int:
+        """The store's time the charge was made as: a waiter's windows count its slot's."""
+        return self.now_us + self.delay_us
+
     def refused_after(self, n: int) -> bool:
         """Did a layer past the first ``n`` refuse (e.g. the model's guard behind a user's)?"""
         return not self.allowed and self.refused > n
@@ -187,6 +213,7 @@ class AcquireReply:
         Nothing was charged either way when any layer refused."""
         if self.refused_after(n):
             return AcquireReply(True, 0, 0, self.now_us, self.states[:n])
+        # Allowed, a waiter's delay is the whole call's: every layer charged as then.
         return AcquireReply(self.allowed, self.refused, self.wait_us, self.now_us,
                             self.states[:n])
 
@@ -196,7 +223,7 @@ class AcquireReply:
         states = self.states[start:start + n]
         if start < self.refused <= start + n:
             return AcquireReply(False, self.refused - start, self.wait_us, self.now_us, states)
-        return AcquireReply(True, 0, 0, self.now_us, states)
+        return AcquireReply(True, 0, self.delay_us, self.now_us, states)
 
 
 # --- settle ---------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ class Decision:
     degraded: bool = False        # decided without the shared store (failed open, or local)
     # Shadow layers that would have refused this request had they enforced (it passed them).
     would_refuse: tuple[LayerState, ...] = ()
+    # Allowed into a future slot (max_wait_seconds): seconds to sleep before running.
+    delay: float = 0.0
 
     @property
     def retry_after(self) -> int:
@@ -62,7 +64,8 @@ def from_reply(compiled: CompiledPlan, reply: AcquireReply) -> Decision:
     if compiled.shadow:
         states, would = shadowed(states)
     if reply.allowed:
-        return Decision(True, states, policy_header=header, would_refuse=would)
+        return Decision(True, states, policy_header=header, would_refuse=would,
+                        delay=reply.delay_us / 1e6)
     wait = None if reply.wait_us < 0 else reply.wait_us / 1e6
     return Decision(False, states, states[reply.refused - 1], wait, header, would_refuse=would)
 

@@ -80,7 +80,9 @@ def merged(replies: Sequence[AcquireReply]) -> AcquireReply:
         states += reply.states
     last = replies[-1]
     refused = len(states) + last.refused if not last.allowed else 0
-    return AcquireReply(last.allowed, refused, last.wait_us, replies[0].now_us,
+    # Admitted, each call may have put the request in a later slot: it waits for the last.
+    wait = last.wait_us if not last.allowed else max(r.delay_us for r in replies)
+    return AcquireReply(last.allowed, refused, wait, replies[0].now_us,
                         states + last.states)
 
 

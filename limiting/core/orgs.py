@@ -38,4 +38,5 @@ def joined(first: Decision, second: Decision) -> Decision:
         ", ".join(h for h in (first.policy_header, second.policy_header) if h),
         unavailable=by.unavailable if refused else False,
         degraded=first.degraded or second.degraded,
-        would_refuse=first.would_refuse + second.would_refuse)
+        would_refuse=first.would_refuse + second.would_refuse,
+        delay=max(first.delay, second.delay))

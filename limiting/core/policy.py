@@ -53,6 +53,8 @@ class Plan:
     fail_quota: FailMode = "fail_closed"
     # "shadow": every layer of the plan is decided, counted and reported, never refuses.
     mode: Mode = "enforce"
+    # Wait up to this long for a slot instead of a 429 (the bucket, windows, model's guard).
+    max_wait_seconds: float = 0.0
 
     @property
     def meters_units(self) -> bool:
@@ -220,6 +222,8 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
         fail_rate=r.fail_mode("fail_rate", "fail_open"),
         fail_quota=r.fail_mode("fail_quota", "fail_closed"),
         mode=_mode(r),
+        # A waiter holds a connection (a greenlet): minutes, not hours.
+        max_wait_seconds=0.0 if org else r.seconds("max_wait_seconds", 300.0),
     )
     if plan.lease_ttl_seconds < 2 * RENEW_EVERY:
         # A lease renewed every RENEW_EVERY s must survive one late renewal.

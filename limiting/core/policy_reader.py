@@ -52,6 +52,13 @@ class TableReader:
             self.fail(key, f"must be a positive number, got {value!r}")
         return value
 
+    def seconds(self, key: str, ceiling: float) -> float:
+        """Seconds from 0 to ``ceiling`` (default 0)."""
+        value = float(self.get(key, (int, float), 0))
+        if not (0 <= value <= ceiling):   # nan fails both
+            self.fail(key, f"must be a number of seconds from 0 to {ceiling:g}, got {value!r}")
+        return value
+
     def fail_mode(self, key: str, default: FailMode) -> FailMode:
         value = self.get(key, str, default)
         if value not in FAIL_MODES:

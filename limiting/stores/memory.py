@@ -16,6 +16,7 @@ from ..core.codec import (
     decode_acquire,
     decode_ledger_counts,
     decode_ledger_rank,
+    decode_max_wait,
     decode_settle,
 )
 from ..core.windows import month_bounds
@@ -46,24 +47,34 @@ class MemoryStore:
         with self._lock:
             now = self._now_us()
             reply = AcquireReply(True, 0, 0, now)
-            writes: list[tuple[str, list[Any], float]] = []
+            writes: list[tuple[str, Any, float]] = []
             charged: list[tuple[int, float]] = []
             worst_wait, worst_layer = 0.0, 0
+            max_wait = decode_max_wait(args, len(keys))
+            longest = 0.0           # as acquire.lua: the longest wait admitted into a slot
+            before: dict[int, float] = {}   # such a layer's remaining before it
             for i, (key, call) in enumerate(zip(keys, decode_acquire(args), strict=True)):
                 kind, a, b = call.kind, call.a, call.b
                 shadow = kind.endswith("?")   # as acquire.lua: decided, never refusing
                 if shadow:
                     kind = kind[:-1]
+                deadline = 0.0 if shadow else max_wait
                 state = self._get(key, now)
                 if kind == "c":
                     remaining, reset, wait, write = _leases(state, now, a, b, call.cost)
                     cost = 0.0 if call.cost == "-" else 1.0
                 elif kind == "p":  # no provider pacing is learnt in memory
                     remaining, reset, wait, write, cost = 0, 0, 0.0, None, 0.0
+                elif kind == "m":
+                    cost = call.units
+                    remaining, reset, wait, write = _month(state, now, a, b, cost)
                 else:
                     cost = call.units
-                    step = _bucket if kind == "b" else _month if kind == "m" else _window
-                    remaining, reset, wait, write = step(state, now, a, b, cost)
+                    step = _bucket if kind == "b" else _window
+                    remaining, reset, wait, write, pre = step(state, now, a, b, cost, deadline)
+                    if pre is not None:
+                        longest, before[i] = max(longest, wait), pre
+                        wait = 0.0
                 over = shadow and wait != 0
                 if over:
                     # As acquire.lua: passed uncounted; a remaining below 0 tells the caller.
@@ -77,6 +88,8 @@ class MemoryStore:
                 elif wait > 0 and worst_wait >= 0 and wait > worst_wait:
                     worst_wait, worst_layer = wait, i + 1
                 held = math.floor(remaining) if over else max(0, math.floor(remaining))
+                if i in before:
+                    held = 0
                 reply.states.append((held, max(0, math.ceil(reset))))
             if worst_layer:
                 reply.allowed, reply.refused = False, worst_layer
@@ -84,10 +97,19 @@ class MemoryStore:
                 # Nothing is charged: layers that would have passed report what they still hold.
                 for i, cost in charged:
                     held, reset_us = reply.states[i]
-                    reply.states[i] = (held + int(cost), reset_us)
+                    if i in before:
+                        held = max(0, math.floor(before[i]))
+                    else:
+                        held += int(cost)
+                    reply.states[i] = (held, reset_us)
                 return reply.encode()
+            # Admitted: it runs `delay` µs from now; its bucket and windows charged as then.
+            delay = math.ceil(longest - 0.001) if longest > 0 else 0   # float dust: no µs
+            reply.wait_us = delay
             for (key, state, ttl_us), (_, cost) in zip(writes, charged, strict=True):
                 if cost > 0:  # cost 0 only looks
+                    if callable(state):
+                        state, ttl_us = state(delay)
                     self._data[key] = (now + ttl_us, state)
             if len(self._data) > 100_000:
                 self._data = {k: v for k, v in self._data.items() if v[0] > now}
@@ -121,7 +143,9 @@ class MemoryStore:
                     continue
                 delta = float(value)
                 if kind == "b":
-                    state[1] = max(0.0, min(b, state[1] - delta))
+                    # As settle.lua: a refund pays back waiters' debt (below 0) too.
+                    left = min(b, state[1] - delta)
+                    state[1] = left if delta <= 0 else max(0.0, left)
                     continue
                 if kind == "m":
                     if state[1] == b:   # the month charged: an ended month gives nothing
@@ -170,15 +194,29 @@ class MemoryStore:
         self._data.clear()
 
 
-def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: float
-            ) -> tuple[float, float, float, tuple[list[Any], float] | None]:
+Step = tuple[float, float, float, "tuple[Any, float] | None", "float | None"]
+
+
+def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: float,
+            deadline: float) -> Step:
+    """As acquire.lua: (remaining, reset, wait, write, remaining before it when admitted
+    into a future slot). The write is charged as at the moment the request runs."""
     tokens = cap if state is None else min(cap, state[1] + (now - state[2]) * rate / 1e6)
+
+    def write(delay: int, held: float = tokens) -> tuple[list[Any], float]:
+        # As acquire.lua: the level at its run time, told as of now (below 0: a debt).
+        left = min(cap, held + delay * rate / 1e6) - cost - delay * rate / 1e6
+        return ["b", left, now], math.ceil((cap - left) / rate * 1000) * 1000 + 1e6
+
     if tokens >= cost:
-        tokens -= cost
-        write = (["b", tokens, now], (cap - tokens) / rate * 1e6 + 1e6)
-        return tokens, (cap - tokens) / rate * 1e6, 0.0, write
+        left = tokens - cost
+        return left, (cap - left) / rate * 1e6, 0.0, (write, 0.0), None
     wait = -1.0 if cost > cap else (cost - tokens) / rate * 1e6 + 1
-    return tokens, (cap - tokens) / rate * 1e6, wait, None
+    # Its slot, exactly: no µs of margin that would pile up along a queue of waiters.
+    if wait >= 0 and math.ceil(wait - 1 - 0.001) <= deadline:
+        left = tokens - cost
+        return left, (cap - left) / rate * 1e6, wait - 1, (write, 0.0), tokens
+    return tokens, (cap - tokens) / rate * 1e6, wait, None, None
 
 
 def _leases(state: list[Any] | None, now: int, most: float, ttl_us: float, lease: str
@@ -206,27 +244,51 @@ def _month(state: list[Any] | None, now: int, limit: float, _: float, cost: floa
     return limit - total, stop - now if total > 0 else 0.0, wait, None
 
 
-def _window(state: list[Any] | None, now: int, limit: float, length_us: float, cost: float
-            ) -> tuple[float, float, float, tuple[list[Any], float] | None]:
+def _advance(slots: list[float], total: float, start: int, stop: int) -> float:
+    """As acquire.lua's advance: slots start+1..stop take the ring places of those leaving."""
+    if stop - start >= SLOTS:
+        slots[:] = [0.0] * SLOTS
+        return 0.0
+    for k in range(start + 1, stop + 1):
+        total -= slots[k % SLOTS]
+        slots[k % SLOTS] = 0.0
+    return total
+
+
+def _window(state: list[Any] | None, now: int, limit: float, length_us: float, cost: float,
+            deadline: float) -> Step:
+    """As acquire.lua: a later caller is decided no earlier than the latest slot charged
+    (a waiter's), and the commit charges the slot the request runs in."""
     slot = length_us / 60
     cur = math.floor(now / slot)
     if state is None or cur - state[1] >= SLOTS:
         last, total, slots = cur, 0.0, [0.0] * SLOTS
     else:
-        last, total, slots = state[1], state[2], list(state[3])
-        for k in range(int(last) + 1, cur + 1):
-            total -= slots[k % SLOTS]
-            slots[k % SLOTS] = 0.0
+        last, total, slots = int(state[1]), state[2], list(state[3])
+        total = _advance(slots, total, last, cur)
+    e = max(cur, last)
+    wait = 0.0
     if total + cost <= limit:
-        slots[cur % SLOTS] += cost
-        total += cost
-        reset = (cur + SLOTS) * slot - now
-        write = (["w", cur, total, slots], reset + 1e6)
-        return limit - total, reset if total > 0 else 0.0, 0.0, write
-    need, freed, wait = total + cost - limit, 0.0, -1.0
-    for k in range(cur - SLOTS + 1, cur + 1):
-        freed += slots[k % SLOTS]
-        if freed >= need:
-            wait = (k + SLOTS) * slot - now + 1
-            break
-    return limit - total, (last + SLOTS) * slot - now, wait, None
+        if e > cur:
+            wait = e * slot - now + 1
+        reset = (e + SLOTS) * slot - now if total + cost != 0 else 0.0
+    else:
+        need, freed, wait = total + cost - limit, 0.0, -1.0
+        for k in range(e - SLOTS + 1, e + 1):
+            freed += slots[k % SLOTS]
+            if freed >= need:
+                wait = (k + SLOTS) * slot - now + 1
+                break
+        reset = (last + SLOTS) * slot - now
+    if not (wait == 0 or 0 < wait <= deadline):
+        return limit - total, reset, wait, None, None
+    pre = limit - total if wait > 0 else None
+
+    def write(delay: int) -> tuple[list[Any], float]:
+        run = max(e, math.floor((now + delay) / slot))
+        ring = list(slots)
+        held = _advance(ring, total, e, run) + cost
+        ring[run % SLOTS] += cost
+        return ["w", run, held, ring], math.ceil(((run + SLOTS) * slot - now) / 1000) * 1000 + 1e6
+
+    return limit - total - cost, reset, wait, (write, 0.0), pre

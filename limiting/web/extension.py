@@ -55,6 +55,7 @@ from .routes import exempt as exempt_routes
 from .routes import sliding_window as route_window
 from .routes import token_bucket as route_bucket
 from .spend_cli import audit_command, spend_cli
+from .waiting import ClientGone, max_wait, wait_for_slot
 
 F = TypeVar("F", bound=Callable[..., Any])
 E = TypeVar("E", bound=Callable[..., Any] | Blueprint)
@@ -170,15 +171,21 @@ class RateLimiter:
         realm = BODY_USER if anonymous else KEY_USER
         resolved, org_plan = policy.resolve(user, plan, realm), policy.org_of(user, org)
         state, extra = pending(user, org_plan.name if org_plan is not None else None)
-        if extra:   # the route's own limits, in the same call
-            outcome = engine.acquire_with(user, client_ip(), resolved, realm, extra, org_plan)
-            decision = outcome.decision
-            keep(state, outcome.charged)
+        wait = max_wait(resolved)
+        charged: list[Charged] = []
+        if extra or wait:   # the route's own limits, in the same call; a slot to give back
+            outcome = engine.acquire_with(user, client_ip(), resolved, realm, extra, org_plan,
+                                          wait)
+            decision, charged = outcome.decision, outcome.charged
         else:
             decision = engine.acquire(user, client_ip(), resolved, realm, org_plan)
         record(decision, user, started)
         request_limits().decision = decision
         if decision.allowed:
+            if not wait_for_slot(decision, user):
+                engine.refund(charged)   # hung up while waiting: the slot goes back
+                raise ClientGone()
+            keep(state, charged)
             return decision
         raise refusal_error(Refused(decision))
 
@@ -206,10 +213,11 @@ class RateLimiter:
         org_plan = policy.org_of(user, org)
         state, extra = pending(user, org_plan.name if org_plan is not None else None)
         charged: list[Charged] = []
+        resolved = policy.resolve(user, plan, realm)
         try:
-            reservation = engine.reserve(user, policy.resolve(user, plan, realm), ask,
-                                         ip=client_ip(), realm=realm, renews=renews,
-                                         org=org_plan, extra=extra, charged=charged)
+            reservation = engine.reserve(user, resolved, ask, ip=client_ip(), realm=realm,
+                                         renews=renews, org=org_plan, extra=extra,
+                                         charged=charged, max_wait=max_wait(resolved))
         except GuardRefused as guard:
             limits.decision = guard.decision
             record_guard(guard, user, started)
@@ -219,8 +227,13 @@ class RateLimiter:
             record(refused.decision, user, started)
             raise refusal_error(refused) from None
         limits.decision = reservation.decision
-        keep(state, charged)
         record(reservation.decision, user, started)
+        if not wait_for_slot(reservation.decision, user):
+            reservation.refund_everything()   # hung up while waiting: the slot goes back
+            if extra and not engine.store.single_node:
+                engine.refund(charged)        # the route's, charged in calls of their own
+            raise ClientGone()
+        keep(state, charged)
         return reservation
 
     def observe_upstream(self, model: str, headers: Mapping[str, str], status: int,

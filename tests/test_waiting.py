@@ -1,0 +1,118 @@
+"""Waiting with a deadline over real gunicorn workers (4, gevent): requests the bucket would
+refuse are admitted into their future slot and served in arrival order, spaced by the rate;
+those whose slot lies beyond the deadline are refused at once; a client that hangs up while
+waiting gives its slot back. No timing asserts beyond loose bounds."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import redis
+
+from tests.conftest import write_policy
+
+WAITING = ("[edge]\nper_ip = ['100000 per minute']\n[defaults]\nplan = 'w'\n"
+           "[plans.w]\nburst = 1\nrefill_per_second = 4\nmax_wait_seconds = 3\n"
+           "[plans.slow]\nburst = 1\nrefill_per_second = 0.5\nmax_wait_seconds = 10\n"
+           "[users]\n'slow-user' = 'slow'\n")
+
+
+def timed_posts(url: str, n: int, user: str, headers: dict[str, str] | None = None
+                ) -> tuple[float, list[tuple[float, httpx.Response]]]:
+    """``n`` concurrent /chat calls for ``user``: (start, [(seconds to answer, response)])."""
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    start = time.monotonic()
+
+    def one(_: int) -> tuple[float, httpx.Response]:
+        resp = client.post(url + "/chat", json={"message": "hi", "user_id": user},
+                           headers=headers or {})
+        return time.monotonic() - start, resp
+
+    with httpx.Client(limits=limits, timeout=30) as client, ThreadPoolExecutor(n) as pool:
+        return start, list(pool.map(one, range(n)))
+
+
+def test_eight_concurrent_calls_all_pass_spaced_by_the_rate(gunicorn, tmp_path: Path,
+                                                            r: redis.Redis,
+                                                            unix_url: str) -> None:
+    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, WAITING),
+                   WEB_CONCURRENCY="4")
+    _, answers = timed_posts(app.url, 8, "eight")
+    assert [resp.status_code for _, resp in answers] == [200] * 8, answers[0][1].text
+    took = sorted(t for t, _ in answers)
+    # 1 now, then one each 250 ms: the last runs 1.75 s after the first; never sooner.
+    assert took[-1] >= 1.7
+    assert took[-1] < 6.0     # a bound for the test, not a benchmark
+    for _, resp in answers:   # a request that waited still carries honest headers
+        assert resp.headers["RateLimit-Policy"] and "X-RateLimit-Remaining" in resp.headers
+
+
+def test_24_concurrent_admit_the_slots_within_3_seconds(gunicorn, tmp_path: Path,
+                                                        r: redis.Redis, unix_url: str) -> None:
+    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, WAITING),
+                   WEB_CONCURRENCY="4")
+    _, answers = timed_posts(app.url, 24, "many")
+    served = [t for t, resp in answers if resp.status_code == 200]
+    refused = [(t, resp) for t, resp in answers if resp.status_code == 429]
+    assert len(served) == 13 and len(refused) == 11   # 1 + 3 s x 4
+    # Refused at once, with the honest wait (the queue's end, past the deadline).
+    assert max(t for t, _ in refused) < max(served)
+    for _, resp in refused:
+        assert resp.json()["code"] == "rate_limited"
+        assert int(resp.headers["Retry-After"]) >= 3
+
+
+def test_the_header_asks_for_less_and_bad_values_are_400(gunicorn, tmp_path: Path,
+                                                          r: redis.Redis,
+                                                          unix_url: str) -> None:
+    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, WAITING),
+                   WEB_CONCURRENCY="2")
+    body = {"message": "hi", "user_id": "hdr"}
+    for bad in ("soon", "-1", "nan", "inf", "1e999"):
+        resp = httpx.post(app.url + "/chat", json=body,
+                          headers={"X-RateLimit-Max-Wait": bad})
+        assert resp.status_code == 400 and resp.json()["code"] == "invalid_request", bad
+    assert httpx.post(app.url + "/chat", json=body).status_code == 200
+    # "0": this client never waits, whatever the plan allows.
+    started = time.monotonic()
+    now = httpx.post(app.url + "/chat", json=body, headers={"X-RateLimit-Max-Wait": "0"})
+    assert now.status_code == 429 and time.monotonic() - started < 1.0
+    # More than the plan's 3 s is capped: a queue 4 s long is refused, not waited out.
+    _, answers = timed_posts(app.url, 16, "capped", {"X-RateLimit-Max-Wait": "60"})
+    assert sum(resp.status_code == 200 for _, resp in answers) == 13
+
+
+def _raw_chat(port: int, user: str) -> socket.socket:
+    body = json.dumps({"message": "hi", "user_id": user}).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def test_a_client_that_hangs_up_while_waiting_gives_its_slot_back(gunicorn, tmp_path: Path,
+                                                                   r: redis.Redis,
+                                                                   unix_url: str) -> None:
+    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, WAITING),
+                   WEB_CONCURRENCY="4")
+    body = {"message": "hi", "user_id": "slow-user"}
+    assert httpx.post(app.url + "/chat", json=body).status_code == 200   # the one token
+    # Three clients queue for the next slots (2, 4 and 6 s away at 0.5 per second)...
+    socks = [_raw_chat(app.port, "slow-user") for _ in range(3)]
+    time.sleep(0.5)
+    for sock in socks:   # ...and hang up.
+        sock.close()
+    time.sleep(1.0)      # seen within a poll (0.25 s)
+    # Their slots are back: the next free one is the first refill (< 2 s away), not 8 s.
+    probe = httpx.post(app.url + "/chat", json=body, headers={"X-RateLimit-Max-Wait": "0"})
+    assert probe.status_code == 429
+    assert int(probe.headers["Retry-After"]) <= 2, probe.headers["Retry-After"]
+    deadline = time.monotonic() + 5
+    while "abandoned_wait" not in app.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert app.log.read_text().count('"abandoned_wait"') == 3

@@ -1,0 +1,105 @@
+"""Waiting with a deadline through /v1 with the real openai and anthropic SDKs, plain and
+streamed, against the fake provider under gunicorn x4: a burst of calls for one key is served
+in its future slots, spaced by the rate; the calls whose slot lies past the deadline get the
+SDK's RateLimitError at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import anthropic
+import openai
+import pytest
+import redis
+
+from fakeprovider import FakeProvider
+from tests.conftest import ROOT, Gunicorn
+from tests.policies import plan, policy, served_by
+
+VARIANTS = ["openai", "openai-stream", "anthropic", "anthropic-stream"]
+USERS = {f"{v}-{n}": "w" for v in VARIANTS for n in (8, 24)}
+POLICY = policy(
+    per_ip="100000 per 10 seconds", default="w",
+    plans={"w": plan(1, 4, max_wait_seconds=3)},
+    models={"gpt-4o-mini": served_by("openai", requests_per_minute=100000),
+            "claude-3-5-haiku-latest": served_by("anthropic", requests_per_minute=100000)})
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, redis_url: str
+           ) -> Iterator[tuple[str, dict[str, str]]]:
+    redis.Redis.from_url(redis_url).flushall()
+    folder = tmp_path_factory.mktemp("waiting-v1")
+    (folder / "limits.toml").write_text(POLICY)
+    env = {"REDIS_URL": redis_url, "LIMITS_CONFIG": str(folder / "limits.toml")}
+    procs = {user: subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "app", "keys", "create", user, "--plan", p],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for user, p in USERS.items()}
+    with FakeProvider() as fp:
+        server = Gunicorn({**env, "WEB_CONCURRENCY": "4", "UPSTREAM_TIMEOUT": "5",
+                           "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": fp.url + "/v1",
+                           "ANTHROPIC_API_KEY": "sk-fake", "ANTHROPIC_BASE_URL": fp.url},
+                          folder / "gunicorn.log").start()
+        keys = {}
+        for user, proc in procs.items():
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            keys[user] = out.strip().splitlines()[-1]
+        try:
+            yield server.url, keys
+        finally:
+            server.stop()
+
+
+def caller(url: str, key: str, variant: str) -> Callable[[], str]:
+    """One call of ``variant``: "ok", or "429" for the SDK's RateLimitError."""
+    if variant.startswith("openai"):
+        oai = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+        def call() -> str:
+            try:
+                if variant.endswith("stream"):
+                    chunks = list(oai.chat.completions.create(model="gpt-4o-mini",
+                                                              messages=HELLO, stream=True))
+                    assert chunks
+                else:
+                    assert oai.chat.completions.create(model="gpt-4o-mini",
+                                                       messages=HELLO).choices
+            except openai.RateLimitError:
+                return "429"
+            return "ok"
+        return call
+    ant = anthropic.Anthropic(base_url=url, api_key=key, max_retries=0, timeout=30)
+
+    def call_ant() -> str:
+        try:
+            if variant.endswith("stream"):
+                with ant.messages.stream(model="claude-3-5-haiku-latest", max_tokens=16,
+                                         messages=HELLO) as stream:
+                    assert stream.get_final_message().content
+            else:
+                assert ant.messages.create(model="claude-3-5-haiku-latest", max_tokens=16,
+                                           messages=HELLO).content
+        except anthropic.RateLimitError:
+            return "429"
+        return "ok"
+    return call_ant
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sdk_calls_wait_for_their_slots(served: tuple[str, dict[str, str]],
+                                        variant: str) -> None:
+    url, keys = served
+    call = caller(url, keys[f"{variant}-8"], variant)
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: call(), range(8))) == ["ok"] * 8
+    call = caller(url, keys[f"{variant}-24"], variant)
+    with ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(lambda _: call(), range(24)))
+    assert outcomes.count("ok") == 13 and outcomes.count("429") == 11
