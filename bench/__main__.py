@@ -6,6 +6,8 @@ Slow section: a fake provider answering in 1 s, this project vs the article's Fa
 256 and 1,000 connections. Then decisions/s vs PING and Redis bytes per active user.
 Open section (in fast too): none, Flask-Limiter and ours at a fixed rate, half of none's
 capacity (hey); the latency ours adds below saturation.
+Abuse section (in fast too): one user over its limit hammering, one IP rotating user ids
+against the edge; refusals/s against the bare app's 200/s, store calls per refusal.
 Stream section: 1,000 concurrent streamed /v1/chat/completions calls, this project vs the same
 passthrough without a limiter; the limiter's added time-to-first-byte as a ratio.
 Everything talks to one Valkey started here, over a unix socket; HTTP only to 127.0.0.1.
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import decisions, openloop, procs, report
+from bench import abuse, decisions, openloop, procs, report
 from bench.contenders import ROOT, SLOW_MODEL
 from bench.loadgen import ensure_wrk
 from bench.report import Row
@@ -47,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         action="store_true",
         help="smoke run: 1 round, 4 s per measurement, 1 s warm-up (stream: 1 round, same N)",
     )
-    p.add_argument("--only", choices=("fast", "open", "slow", "stream"),
-                   help="run only one section (fast includes open)")
+    p.add_argument("--only", choices=("fast", "open", "abuse", "slow", "stream"),
+                   help="run only one section (fast includes open and abuse)")
     p.add_argument(
         "--rounds", type=int, help="interleaved rounds in the fast section (default 3, quick 1)"
     )
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                         duration=s.duration, rounds=1 if s.rounds < 3 else 2,
                         connections=s.connections, threads=s.threads, users=s.users, say=say)
                     out += [*lines, ""]
+                if s.only in (None, "fast", "abuse"):
+                    out += [*abuse.abuse_section(s, wrk, redis_url, logdir), ""]
                 if s.only in (None, "slow"):
                     slow_rows, note = slow_section(s, wrk, redis_url, logdir)
                     out += [

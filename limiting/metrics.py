@@ -60,6 +60,9 @@ STORE_SCRIPT_CALLS = Counter("llm_limiter_store_script_calls_total",
 WOULD_REFUSE = Counter("llm_limiter_would_refuse_total",
                        "Requests a shadow layer (mode = \"shadow\") would have refused and let "
                        "through, by layer.", ["layer"])
+DENY_CACHE_HITS = Counter("llm_limiter_deny_cache_hits_total",
+                          "Refusals answered from a worker's deny cache, without a store call "
+                          "(also counted in llm_limiter_decisions_total).")
 FAIL_POLICY = Counter("llm_limiter_fail_policy_total",
                       "Decisions made without the store: fail_open, fail_closed or fallback.",
                       ["outcome"])
@@ -69,6 +72,7 @@ ALLOWED = DECISIONS.labels("all", "allowed")
 INPUT_TOKENS = TOKENS_SETTLED.labels("input")
 CACHED_TOKENS = TOKENS_SETTLED.labels("cached_input")
 OUTPUT_TOKENS = TOKENS_SETTLED.labels("output")
+_REFUSED: dict[str, Any] = {}   # layer name -> its refused child (names come from the policy)
 
 
 # --- the hot path's counts, buffered -------------------------------------------------------------
@@ -97,6 +101,14 @@ def count(child: Any, amount: float = 1) -> None:
         flush()
     elif _flusher_pid != os.getpid():
         _start_flusher()
+
+
+def refused(layer: str) -> None:
+    """One refusal by ``layer``, buffered."""
+    child = _REFUSED.get(layer)
+    if child is None:
+        child = _REFUSED[layer] = DECISIONS.labels(layer, "refused")
+    count(child)
 
 
 def time_decision(started: float) -> None:

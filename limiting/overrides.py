@@ -1,10 +1,13 @@
 """Operators' overrides (``flask limits set``) in the store, and each worker's copy of them.
 
 The store holds one hash, ``<ns>{overrides}``: field ``<realm>:<user>`` -> the override as
-JSON, and the field ``~version``, bumped after every change. A worker asks for the version at
-most once a second, on a request that comes due (no timer thread, and no store round trip on
-the other requests); only when it moved does it read the hash again. So a request that starts
-a second or more after ``limits set`` returned is decided by the new plan, in every worker.
+JSON, the field ``~version``, bumped after every change, and ``~deny``, bumped by ``limits
+reset`` (usage forgotten: every worker's deny cache, limiting/deny.py, must ask again). A
+worker asks for the version at most once a second, on a request that comes due (no timer
+thread, and no store round trip on the other requests); only when it moved does it read the
+hash again. So a request that starts
+a second or more after ``limits set`` returned is decided by the new plan, in every worker;
+either field moving also clears the worker's deny cache (``StoreOverrides.listeners``).
 
 Expiry (``--for``) is in the store's clock: a worker turns ``expires_at`` into a deadline on
 its own monotonic clock when it reads the hash, so worker clocks never decide it.
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 
 REFRESH_SECONDS = 1.0
 VERSION = "~version"   # no realm starts with "~", so no user's field can be this one
+DENY = "~deny"
 
 log = logging.getLogger("limiter.overrides")
 audit_log = logging.getLogger("limiter.audit")
@@ -64,10 +68,20 @@ class OverrideTable:
             raise TypeError(f"overrides need a RedisStore or MemoryStore, not {type(store)!r}")
 
     def version(self) -> int:
+        """The overrides' version plus the deny epoch: moves whenever either does, in one
+        read (both only ever grow)."""
         if self._memory is not None:
             return self._memory.version
-        raw = self._redis(lambda c: c.hget(self.key, VERSION))
-        return int(raw or 0)
+        raw = self._redis(lambda c: c.hmget(self.key, [VERSION, DENY]))
+        return sum(int(value or 0) for value in raw)
+
+    def bump_deny(self) -> None:
+        """Usage was forgotten (``limits reset``): every worker's deny cache asks again."""
+        if self._memory is not None:
+            with self._memory.lock:
+                self._memory.version += 1
+            return
+        self._redis(lambda c: c.hincrby(self.key, DENY, 1))
 
     def now(self) -> float:
         """The store's clock, in seconds: the one clock every worker agrees on."""
@@ -87,8 +101,8 @@ class OverrideTable:
         records: dict[Who, Override] = {}
         for field, value in raw.items():
             name = _text(field)
-            if name == VERSION:
-                version = int(value)
+            if name in (VERSION, DENY):
+                version += int(value)
                 continue
             realm, _, user = name.partition(":")
             override = Override.from_json(value)
@@ -143,6 +157,8 @@ class StoreOverrides:
         # (realm, user) -> (override, deadline on self._clock or None)
         self._active: dict[Who, tuple[Override, float | None]] = {}
         self._derived: dict[Who, tuple[Plan, Plan]] = {}
+        # Called after every read that found a new version (the deny cache's clear).
+        self.listeners: list[Callable[[], None]] = []
 
     def plan_for(self, user: str, realm: str, plan: Plan, plans: Mapping[str, Plan]) -> Plan:
         now = self._clock()
@@ -184,6 +200,8 @@ class StoreOverrides:
             if o.expires_at is None or o.expires_at > store_now}
         self._derived = {}
         self._version = version
+        for listener in self.listeners:
+            listener()
 
 
 def attach(policy: Policy, store: Store) -> Policy:
@@ -194,6 +212,13 @@ def attach(policy: Policy, store: Store) -> Policy:
     except TypeError:
         return policy
     return replace(policy, overrides=StoreOverrides(table))
+
+
+def on_change(policy: Policy, listener: Callable[[], None]) -> None:
+    """Call ``listener`` whenever this worker reads changed overrides or a ``limits reset``
+    (nothing to watch without store overrides: then never)."""
+    if isinstance(policy.overrides, StoreOverrides):
+        policy.overrides.listeners.append(listener)
 
 
 class _Memory:

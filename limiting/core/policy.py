@@ -6,7 +6,6 @@ first paying user is a typo found too late.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -245,13 +244,13 @@ def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> Mod
         provider=provider,
         requests_per_minute=rpm,
         tokens_per_minute=tpm,
-        input_usd_per_million=_price(r, "input_usd_per_million"),
-        output_usd_per_million=_price(r, "output_usd_per_million"),
-        cached_input_usd_per_million=_price(r, "cached_input_usd_per_million"),
-        cache_write_usd_per_million=_price(r, "cache_write_usd_per_million"),
-        cache_write_1h_usd_per_million=_price(r, "cache_write_1h_usd_per_million"),
-        server_tool_usd_per_use=_price(r, "server_tool_usd_per_use"),
-        service_tiers=MappingProxyType(_tiers(r)),
+        input_usd_per_million=r.price("input_usd_per_million"),
+        output_usd_per_million=r.price("output_usd_per_million"),
+        cached_input_usd_per_million=r.price("cached_input_usd_per_million"),
+        cache_write_usd_per_million=r.price("cache_write_usd_per_million"),
+        cache_write_1h_usd_per_million=r.price("cache_write_1h_usd_per_million"),
+        server_tool_usd_per_use=r.price("server_tool_usd_per_use"),
+        service_tiers=MappingProxyType(r.multipliers("service_tiers")),
         aliases=_aliases(r),
         max_hold_seconds=float(r.positive("max_hold_seconds", (int, float), default=60.0)),
         image_tokens=r.positive("image_tokens", default=1600),
@@ -268,25 +267,6 @@ def _mode(r: TableReader) -> Mode:
     if value not in MODES:
         r.fail("mode", f"must be one of {', '.join(MODES)}, got {value!r}")
     return value  # type: ignore[no-any-return]
-
-
-def _price(r: TableReader, key: str) -> float | None:
-    """A price in dollars: zero is free, below zero or not finite is a typo that bills wrong."""
-    value = r.get(key, (int, float))
-    if value is None:
-        return None
-    if not (math.isfinite(value) and value >= 0):
-        r.fail(key, f"must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _tiers(r: TableReader) -> dict[str, float]:
-    tiers = r.get("service_tiers", dict, {})
-    for tier, factor in tiers.items():
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
-                or not (math.isfinite(factor) and factor > 0):
-            r.fail(f"service_tiers.{tier}", f"must be a positive price multiplier, got {factor!r}")
-    return {tier: float(factor) for tier, factor in tiers.items()}
 
 
 def _aliases(r: TableReader) -> tuple[str, ...]:

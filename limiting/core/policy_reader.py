@@ -59,6 +59,24 @@ class TableReader:
             self.fail(key, f"must be a number of seconds from 0 to {ceiling:g}, got {value!r}")
         return value
 
+    def price(self, key: str) -> float | None:
+        """Dollars: zero is free; below zero or not finite is a typo that bills wrong."""
+        value = self.get(key, (int, float))
+        if value is None:
+            return None
+        if not (math.isfinite(value) and value >= 0):
+            self.fail(key, f"must be a finite number >= 0, got {value!r}")
+        return float(value)
+
+    def multipliers(self, key: str) -> dict[str, float]:
+        """A table of positive, finite factors (e.g. service tiers' price multipliers)."""
+        table = self.get(key, dict, {})
+        for name, factor in table.items():
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                    or not (math.isfinite(factor) and factor > 0):
+                self.fail(f"{key}.{name}", f"must be a positive price multiplier, got {factor!r}")
+        return {name: float(factor) for name, factor in table.items()}
+
     def fail_mode(self, key: str, default: FailMode) -> FailMode:
         value = self.get(key, str, default)
         if value not in FAIL_MODES:

@@ -104,6 +104,7 @@ def reset(user: str | None, layer: str | None, anonymous: bool | None,
                                                BODY_USER if anonymous else KEY_USER)
         except StoreUnavailable as exc:
             _fail(f"the store is unreachable: {exc}", 2)
+        _forgotten()
         click.echo(f"reset org {org_name}: {removed} key(s) removed")
         return
     try:
@@ -122,6 +123,7 @@ def reset(user: str | None, layer: str | None, anonymous: bool | None,
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
         sys.exit(2)
+    _forgotten()
     audit_shell("limits.reset", f"{realm}:{user}", {"layer": layer or "all", "plan": plan.name},
                 {"keys_removed": removed})
     click.echo(f"reset {user}: {removed} key(s) removed")
@@ -157,6 +159,17 @@ def _seen_here() -> None:
     overrides = app_limiter().policy.overrides
     if isinstance(overrides, StoreOverrides):
         overrides.refresh(force=True)
+
+
+def _forgotten() -> None:
+    """Usage was forgotten: every worker's deny cache (limiting/deny.py) stops answering
+    within a second, this process's at once."""
+    try:
+        table = _table()
+    except TypeError:   # a store of another kind keeps no overrides, nor a deny epoch
+        return
+    _guarded(table.bump_deny)
+    _seen_here()
 
 
 def _when(at: float | None) -> str:

@@ -112,8 +112,9 @@ def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:
     limit = exc.limit.limit
     reset_at = current.reset_at if current is not None else time.time() + limit.get_expiry()
     retry_after = max(1, math.ceil(reset_at - time.time()))
-    metrics.DECISIONS.labels("edge", "refused").inc()
-    logs.event("refused", ip=client_ip(), layer="edge", retry_after=retry_after)
+    metrics.refused("edge")
+    logs.request_id()
+    logs.refusals.refused("ip", client_ip(), "edge", retry_after)
     return json_response(429, {
         "error": f"Too many requests from this address ({limit}); retry after {retry_after}s.",
         "code": "rate_limited",

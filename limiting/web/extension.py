@@ -25,10 +25,11 @@ from ..core.policy import Plan, Policy, load_policy
 from ..core.pricing import STANDARD, PriceTerms
 from ..core.shares import per_worker
 from ..core.upstream import Observer
+from ..deny import DenyCache
 from ..engine import Engine
 from ..keys import ApiKeys
 from ..ledger import Ledger
-from ..overrides import attach
+from ..overrides import attach, on_change
 from ..reloading import KEPT
 from ..reservation import Reservation
 from ..stores.embedded import resolve_store_url
@@ -37,6 +38,7 @@ from ..stores.store import Store
 from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .context import RequestLimits, SendLimitHeaders, request_limits
+from .denying import refuse_if_denied, remember_refusal
 from .edge import AfterHook, combines_edge, init_edge, mark_limited
 from .errors import (
     ExceedsLimit,
@@ -77,6 +79,8 @@ class RateLimiter:
         self._keys: ApiKeys | None = None
         self._observer: Observer | None = None
         self._auth_failures: AuthFailures | None = None
+        # This worker's remembered refusals (limiting/deny.py); None: DENY_CACHE=0.
+        self.deny: DenyCache | None = None
         self.edge: Limiter | None = None
         self.routes = RouteLimits()
         if app is not None:
@@ -102,6 +106,9 @@ class RateLimiter:
             # gunicorn.conf.py reads the same variable, with the same default.
             workers = int(_setting(app, "WEB_CONCURRENCY", "4") or 4)
             self._engine.fallback = Engine(MemoryStore(), per_worker(policy, workers))
+        if _setting(app, "DENY_CACHE", "1").lower() not in ("0", "false", "no", "off"):
+            self.deny = DenyCache()
+            on_change(policy, self.deny.clear)   # limits set/unset/reset: ask the store again
         hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
         if hops > 0:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
@@ -170,6 +177,7 @@ class RateLimiter:
         policy = engine.policy
         realm = BODY_USER if anonymous else KEY_USER
         resolved, org_plan = policy.resolve(user, plan, realm), policy.org_of(user, org)
+        refuse_if_denied(self.deny, user, realm, resolved, started)
         state, extra = pending(user, org_plan.name if org_plan is not None else None)
         wait = max_wait(resolved)
         charged: list[Charged] = []
@@ -187,6 +195,7 @@ class RateLimiter:
                 raise ClientGone()
             keep(state, charged)
             return decision
+        remember_refusal(self.deny, engine, decision, user, realm, resolved, started)
         raise refusal_error(Refused(decision))
 
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
@@ -211,9 +220,10 @@ class RateLimiter:
         limits = request_limits()
         realm = BODY_USER if anonymous else KEY_USER
         org_plan = policy.org_of(user, org)
+        resolved = policy.resolve(user, plan, realm)
+        refuse_if_denied(self.deny, user, realm, resolved, started)
         state, extra = pending(user, org_plan.name if org_plan is not None else None)
         charged: list[Charged] = []
-        resolved = policy.resolve(user, plan, realm)
         try:
             reservation = engine.reserve(user, resolved, ask, ip=client_ip(), realm=realm,
                                          renews=renews, org=org_plan, extra=extra,
@@ -225,6 +235,8 @@ class RateLimiter:
         except Refused as refused:
             limits.decision = refused.decision
             record(refused.decision, user, started)
+            remember_refusal(self.deny, engine, refused.decision, user, realm, resolved,
+                             started)
             raise refusal_error(refused) from None
         limits.decision = reservation.decision
         record(reservation.decision, user, started)

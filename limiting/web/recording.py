@@ -1,10 +1,12 @@
-"""Every decision counted in /metrics, and refusals and fail-policy decisions logged as JSON."""
+"""Every decision counted in /metrics, and refusals and fail-policy decisions logged as JSON
+(refusals aggregated per subject and layer: limiting/web/logs.py)."""
 
 from __future__ import annotations
 
 from .. import metrics
 from ..core.decision import Decision, GuardRefused
 from . import logs
+from .identity import client_ip
 
 
 def record(decision: Decision, user: str, started: float) -> None:
@@ -25,10 +27,20 @@ def record(decision: Decision, user: str, started: float) -> None:
         metrics.FAIL_POLICY.labels(outcome).inc()
         logs.event(outcome, user=user, allowed=decision.allowed)
     else:
-        layer = decision.refused.layer.name if decision.refused else "unknown"
-        metrics.DECISIONS.labels(layer, "refused").inc()
-        logs.event("refused", user=user, layer=layer,
-                   retry_after=decision.retry_after if decision.wait is not None else None)
+        refused(decision, user)
+
+
+def refused(decision: Decision, user: str) -> None:
+    """A refusal by the user's layers (or the edge in their call), counted and logged: an
+    edge refusal under the client's IP, so an IP rotating user ids is one subject."""
+    layer = decision.refused.layer.name if decision.refused else "unknown"
+    metrics.refused(layer)
+    logs.request_id()   # every refusal names its request (X-Request-ID), logged or not
+    retry = decision.retry_after if decision.wait is not None else None
+    if layer == "edge":
+        logs.refusals.refused("ip", client_ip(), layer, retry)
+    else:
+        logs.refusals.refused("user", user, layer, retry)
 
 
 def record_guard(refusal: GuardRefused, user: str, started: float) -> None:
@@ -38,8 +50,9 @@ def record_guard(refusal: GuardRefused, user: str, started: float) -> None:
     if retry is not None:
         metrics.time_decision(started)
         metrics.GUARD_REFUSALS.labels(refusal.model).inc()
-    metrics.DECISIONS.labels(layer, "refused").inc()
-    logs.event("refused", user=user, layer=layer, retry_after=retry)
+    metrics.refused(layer)
+    logs.request_id()
+    logs.refusals.refused("user", user, layer, retry)
 
 
 def would_refuse(decision: Decision, user: str) -> None:

@@ -1,0 +1,41 @@
+"""The deny cache (limiting/deny.py) on the request path: asked before the store call,
+told the store's refusals after it."""
+
+from __future__ import annotations
+
+from .. import metrics
+from ..core.decision import Decision, Refused
+from ..core.policy import Plan
+from ..deny import DenyCache
+from ..engine import Engine
+from .context import request_limits
+from .errors import refusal_error
+from .identity import client_ip
+from .recording import record
+
+
+def refuse_if_denied(deny: DenyCache | None, user: str, realm: str, plan: Plan,
+                     started: float) -> None:
+    """Raise the refusal now, with no store call, when this worker's deny cache knows the
+    store would refuse: the same 429 (body, Retry-After, RateLimit headers) as the store's."""
+    if not deny:   # off, or nothing remembered: the common case costs this test
+        return
+    # A request that may wait for its slot (the plan's max_wait_seconds) is the store's to
+    # place: an entry answers only when its wait is longer than that.
+    decision = deny.refusal(client_ip(), user, realm, plan,
+                            float(getattr(plan, "max_wait_seconds", 0) or 0))
+    if decision is None:
+        return
+    metrics.count(metrics.DENY_CACHE_HITS)
+    request_limits().decision = decision
+    record(decision, user, started)
+    raise refusal_error(Refused(decision))
+
+
+def remember_refusal(deny: DenyCache | None, engine: Engine, decision: Decision, user: str,
+                     realm: str, plan: Plan, started: float) -> None:
+    """Tell the deny cache the store's refusal of a call sent at ``started``."""
+    if deny is not None:
+        compiled = engine.compiled(plan)
+        deny.learn(decision, started, client_ip(), user, realm, plan, compiled.layers,
+                   compiled.edge_count)
