@@ -130,3 +130,15 @@ def test_resolve_is_the_one_plan_lookup(caplog: pytest.LogCaptureFixture) -> Non
         assert policy.resolve("anyone", "gold").name == "free"
     assert [rec.getMessage() for rec in caplog.records if "'gold'" in rec.getMessage()] \
         and len(caplog.records) == 1
+
+
+def test_a_wait_may_not_outlive_a_lease() -> None:
+    """A waiter holds its concurrency lease unrenewed while it sleeps: the policy refuses a
+    wait as long as the lease's TTL, naming file, key and reason."""
+    table = {"plans": {"p": {"burst": 1, "refill_per_second": 1, "max_concurrent": 2,
+                             "lease_ttl_seconds": 30, "max_wait_seconds": 30}}}
+    with pytest.raises(PolicyError, match=r"plans\.p\.max_wait_seconds: must be under "
+                                          r"lease_ttl_seconds \(30\)"):
+        parse_policy(table, "limits.toml")
+    table["plans"]["p"]["max_wait_seconds"] = 29
+    assert parse_policy(table, "limits.toml").plans["p"].max_wait_seconds == 29

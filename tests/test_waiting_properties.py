@@ -143,3 +143,4 @@ def test_max_wait_seconds_is_checked_with_file_key_and_reason() -> None:
         parse_policy({"plans": {"p": {"burst": 1, "refill_per_second": 1}},
                       "orgs": {"o": {"quotas": ["5 per day"], "max_wait_seconds": 1}}},
                      "limits.toml")
+

@@ -228,6 +228,10 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
         # A lease renewed every RENEW_EVERY s must survive one late renewal.
         r.fail("lease_ttl_seconds", f"must be at least {2 * RENEW_EVERY:g} seconds (twice the "
                f"lease renewal interval), got {plan.lease_ttl_seconds!r}")
+    if plan.max_concurrent and plan.max_wait_seconds >= plan.lease_ttl_seconds:
+        # A waiter holds its lease unrenewed: it must not outlive the wait.
+        r.fail("max_wait_seconds", f"must be under lease_ttl_seconds "
+               f"({plan.lease_ttl_seconds}) while max_concurrent is set")
     r.done()
     return plan
 
