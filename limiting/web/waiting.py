@@ -40,6 +40,8 @@ def max_wait(plan: Plan) -> float:
     asks. A value that is not a number of seconds from 0 up is a 400: a client that meant
     "never wait" must not be left waiting by a typo. More than the plan's is capped."""
     ceiling = plan.max_wait_seconds
+    if ceiling <= 0:
+        return 0.0   # a plan that never waits: the header asks for nothing (and costs nothing)
     raw = request.headers.get(HEADER)
     if raw is None:
         return ceiling
