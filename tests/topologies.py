@@ -101,7 +101,21 @@ class Server:
             with self.client() as c:
                 return bool(c.ping())
 
-        wait_until(up, timeout, f"{self.name} on port {self.port} answers PING")
+        for attempt in range(3):
+            try:
+                wait_until(up, timeout, f"{self.name} on port {self.port} answers PING")
+                return
+            except RuntimeError as exc:
+                # free_port() closes its socket before the server binds: another process
+                # (or its bus port, +10000) may take the port meanwhile. Another port, then.
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self.port = free_port()
+                if self.bus_port is not None:   # a cluster node: its bus port too
+                    at = self.args.index("--cluster-port") + 1
+                    self.bus_port = free_port()
+                    self.args[at] = str(self.bus_port)
+                self.start()
 
     def kill(self) -> None:
         """SIGKILL, as a crashed host: no goodbye to replicas, clients or the cluster bus."""
