@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response
 from werkzeug.exceptions import BadRequest, ServiceUnavailable, TooManyRequests
 
 from ..core.decision import Decision, GuardRefused, Refused
@@ -120,10 +121,11 @@ def json_response(status: int, body: Mapping[str, Any],
     """Every JSON error the app answers, in one place: the body, its status, its headers and
     Retry-After (whole seconds) when there is a wait to tell (werkzeug types the exceptions'
     ``retry_after`` loosely; ours are ints)."""
-    response = jsonify(body)
-    response.status_code = status
-    if headers:
-        response.headers.update(headers)
+    # As Flask's jsonify writes it (sorted, compact, a newline), built directly: a refusal
+    # under abuse is the hot path, and each header set on a made Response is looked up first.
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str) + "\n"
+    extra = list(headers.items()) if headers else []
     if isinstance(retry_after, int) and retry_after > 0:
-        response.headers["Retry-After"] = str(retry_after)
-    return response
+        extra = [(name, value) for name, value in extra if name.lower() != "retry-after"]
+        extra.append(("Retry-After", str(retry_after)))
+    return Response(text, status=status, headers=extra, mimetype="application/json")

@@ -385,5 +385,9 @@ def _add_headers(response: Response, limits: RequestLimits) -> Response:
 
 def _render_refusal(exc: RateLimited | LimiterUnavailable | UpstreamSaturated | ExceedsLimit
                     ) -> Response:
-    headers = exc.limit_headers if isinstance(exc, (RateLimited, ExceedsLimit)) else None
-    return json_response(exc.code or 429, exc.body(), headers, exc.retry_after)
+    if isinstance(exc, (RateLimited, ExceedsLimit)) and exc.limit_headers:
+        # Our own header values: they join the WSGI list as sent (SendLimitHeaders), as an
+        # admitted response's do; a refusal under abuse is the hot path.
+        request_limits().headers = [(name, value) for name, value in exc.limit_headers.items()
+                                    if name != "Retry-After"]
+    return json_response(exc.code or 429, exc.body(), None, exc.retry_after)

@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from typing import Any
 
 from flask import has_request_context, request
@@ -33,7 +32,7 @@ def request_id() -> str:
     rid = limits.request_id
     if rid is None:
         given = request.headers.get("X-Request-ID", "")
-        rid = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+        rid = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(16).hex()
         limits.request_id = rid
     return rid
 
