@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -109,6 +111,34 @@ class Gunicorn:
 def client(app: Flask) -> FlaskClient:
     """A test client of the module's own ``app`` fixture (each test module builds its app)."""
     return app.test_client()
+
+
+@contextlib.contextmanager
+def keyed_app(folder: Path, env: dict[str, str], users: Mapping[str, str], workers: int
+              ) -> Iterator[tuple[Gunicorn, Any, dict[str, str]]]:
+    """gunicorn on ``env`` in front of a FakeProvider, with one API key per user (``users``:
+    user -> plan) made by `flask keys create` as an operator would, in parallel (each CLI start
+    costs seconds). Yields (server, fake provider, user -> key); stops both after."""
+    from fakeprovider import FakeProvider
+
+    procs = {user: subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "app", "keys", "create", user, "--plan", plan],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for user, plan in users.items()}
+    with FakeProvider() as fp:
+        server = Gunicorn({**env, "WEB_CONCURRENCY": str(workers), "UPSTREAM_TIMEOUT": "5",
+                           "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": fp.url + "/v1",
+                           "ANTHROPIC_API_KEY": "sk-fake", "ANTHROPIC_BASE_URL": fp.url},
+                          folder / "gunicorn.log").start()
+        try:
+            keys = {}
+            for user, proc in procs.items():
+                out, err = proc.communicate(timeout=60)
+                assert proc.returncode == 0, err
+                keys[user] = out.strip().splitlines()[-1]
+            yield server, fp, keys
+        finally:
+            server.stop()
 
 
 @pytest.fixture

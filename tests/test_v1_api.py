@@ -36,7 +36,7 @@ from limiting.core.provider_headers import (
     openai_headers,
     rfc3339_after,
 )
-from tests.conftest import ROOT, Gunicorn
+from tests.conftest import ROOT, keyed_app
 from tests.policies import LOADED, plan, policy, served_by
 
 USERS = {"alice": "roomy", "tiny": "tiny", "meter": "metered", "solo": "single"}
@@ -98,28 +98,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     policy = folder / "limits.toml"
     policy.write_text(POLICY)
     env = {"REDIS_URL": redis_url, "LIMITS_CONFIG": str(policy)}
-    # Keys the way an operator makes them; in parallel, as each CLI start costs seconds.
-    procs = {user: subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "app", "keys", "create", user, "--plan", plan],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for user, plan in USERS.items()}
-    with FakeProvider() as fp:
-        server = Gunicorn({**env, "WEB_CONCURRENCY": "2", "UPSTREAM_TIMEOUT": "5",
-                           "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": fp.url + "/v1",
-                           "ANTHROPIC_API_KEY": "sk-fake", "ANTHROPIC_BASE_URL": fp.url},
-                          folder / "gunicorn.log").start()
-        keys = {}
-        for user, proc in procs.items():
-            out, err = proc.communicate(timeout=60)
-            assert proc.returncode == 0, err
-            keys[user] = out.strip().splitlines()[-1]
+    with keyed_app(folder, env, USERS, workers=2) as (server, fp, keys):
         stack = Stack(server.url, fp, keys, env, create_app(dict(env)))
         try:
             yield stack
         finally:
             for client in stack.clients:    # idle keep-alives would hold up the shutdown
                 client.close()
-            server.stop()
 
 
 @pytest.fixture

@@ -5,9 +5,6 @@ SDK's RateLimitError at once."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,8 +13,7 @@ import openai
 import pytest
 import redis
 
-from fakeprovider import FakeProvider
-from tests.conftest import ROOT, Gunicorn
+from tests.conftest import keyed_app
 from tests.policies import plan, policy, served_by
 
 VARIANTS = ["openai", "openai-stream", "anthropic", "anthropic-stream"]
@@ -37,24 +33,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, redis_url: str
     folder = tmp_path_factory.mktemp("waiting-v1")
     (folder / "limits.toml").write_text(POLICY)
     env = {"REDIS_URL": redis_url, "LIMITS_CONFIG": str(folder / "limits.toml")}
-    procs = {user: subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "app", "keys", "create", user, "--plan", p],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for user, p in USERS.items()}
-    with FakeProvider() as fp:
-        server = Gunicorn({**env, "WEB_CONCURRENCY": "4", "UPSTREAM_TIMEOUT": "5",
-                           "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": fp.url + "/v1",
-                           "ANTHROPIC_API_KEY": "sk-fake", "ANTHROPIC_BASE_URL": fp.url},
-                          folder / "gunicorn.log").start()
-        keys = {}
-        for user, proc in procs.items():
-            out, err = proc.communicate(timeout=60)
-            assert proc.returncode == 0, err
-            keys[user] = out.strip().splitlines()[-1]
-        try:
-            yield server.url, keys
-        finally:
-            server.stop()
+    with keyed_app(folder, env, USERS, workers=4) as (server, _, keys):
+        yield server.url, keys
 
 
 def caller(url: str, key: str, variant: str) -> Callable[[], str]:
