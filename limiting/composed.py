@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from .core.codec import AcquireCall, AcquireReply, Costs, SettleCall, with_deadline
-from .core.decision import Decision, from_reply, store_away
+from .core.decision import Decision, from_reply, joined, store_away
 from .core.groups import Group, merged, ordered, plan_calls
 from .core.groups import joined as join_groups
 from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import KEY_USER, EdgeKeys, org_prefix, user_prefix
-from .core.orgs import compile_org, joined
+from .core.orgs import compile_org
 from .core.policy import Plan, Policy
 from .stores.store import Store, StoreUnavailable
 

@@ -14,6 +14,7 @@ from .core.decision import (
     GuardRefused,
     Refused,
     from_reply,
+    joined,
     shadow_over,
     store_away,
 )
@@ -21,7 +22,7 @@ from .core.groups import Group, ordered
 from .core.groups import joined as join_groups
 from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import KEY_USER, EdgeKeys, user_prefix
-from .core.orgs import compile_org, joined
+from .core.orgs import compile_org
 from .core.policy import Plan, Policy
 from .guard import Guard, guard_wait, shorter, us
 from .ledger import LedgerKeys, Spender
@@ -230,11 +231,11 @@ class Engine(Guard):
                                        renews=renews, org=org, max_wait=max_wait)
         except Refused as refused:
             self.refund(first.charged)
-            raise Refused(_joined(refused.decision, first.decision)) from None
+            raise Refused(joined(refused.decision, first.decision)) from None
         except GuardRefused:
             self.refund(first.charged)
             raise
-        reservation.decision = _joined(reservation.decision, first.decision)
+        reservation.decision = joined(reservation.decision, first.decision)
         reservation.decision.delay = max(reservation.decision.delay, first.decision.delay)
         if charged is not None:
             charged += first.charged
@@ -284,18 +285,6 @@ class Engine(Guard):
         return self.store.delete(keys) if keys else 0
 
 
-# acquire()'s refund when an org in another slot refused: one request, no LLM units.
-_NO_ASK = Ask("", None, 0, 0)
-_NO_COSTS = Costs()
-
-
 def _charges(layers: Sequence[Layer], keys: Sequence[str], costs: Costs) -> list[Charge]:
     return [Charge(layer, key, costs.amount(layer.unit))
             for layer, key in zip(layers, keys, strict=True)]
-
-
-def _joined(decision: Decision, more: Decision) -> Decision:
-    """``decision`` with ``more``'s layers after its own (calls made apart, read as one)."""
-    header = ", ".join(h for h in (decision.policy_header, more.policy_header) if h)
-    return replace(decision, states=decision.states + more.states, policy_header=header,
-                   would_refuse=decision.would_refuse + more.would_refuse)

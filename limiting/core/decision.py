@@ -122,3 +122,19 @@ class GuardRefused(Exception):
     def retry_after(self) -> int | None:
         """Whole seconds for Retry-After, rounded up; None when no wait helps."""
         return None if self.wait is None else max(1, math.ceil(self.wait))
+
+
+def joined(first: Decision, second: Decision) -> Decision:
+    """One decision for two subjects' layers decided for one request, in one call or in
+    calls made apart (a user's, then their org's or a route's): refused if either refused,
+    by the first refusal; headers list both; the longer wait for a slot."""
+    by = first if not first.allowed else second
+    refused = not by.allowed
+    return Decision(
+        not refused, first.states + second.states,
+        by.refused if refused else None, by.wait if refused else 0.0,
+        ", ".join(h for h in (first.policy_header, second.policy_header) if h),
+        unavailable=by.unavailable if refused else False,
+        degraded=first.degraded or second.degraded,
+        would_refuse=first.would_refuse + second.would_refuse,
+        delay=max(first.delay, second.delay))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .decision import Decision
 from .layers import CompiledPlan, compile_plan, llm_layers, request_layers
 from .policy import Plan
 
@@ -25,18 +24,3 @@ def compile_org(org: Plan, llm: bool = False, cost: int = 1) -> CompiledPlan:
     layers = request_layers(org) + (llm_layers(org) if llm else ())
     named = tuple(replace(layer, name=org_layer_name(org.name, layer.name)) for layer in layers)
     return compile_plan(None, named, cost)
-
-
-def joined(first: Decision, second: Decision) -> Decision:
-    """One decision for two subjects' layers decided for one request (a user's, then their
-    org's): refused if either refused, by the first refusal; headers list both."""
-    by = first if not first.allowed else second
-    refused = not by.allowed
-    return Decision(
-        not refused, first.states + second.states,
-        by.refused if refused else None, by.wait if refused else 0.0,
-        ", ".join(h for h in (first.policy_header, second.policy_header) if h),
-        unavailable=by.unavailable if refused else False,
-        degraded=first.degraded or second.degraded,
-        would_refuse=first.would_refuse + second.would_refuse,
-        delay=max(first.delay, second.delay))
