@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 import threading
-import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,9 +27,6 @@ from .stores.memory import MemoryStore
 from .stores.store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
 
 MAX_ENTRIES = 10_000
-_MEMORY: weakref.WeakKeyDictionary[MemoryStore, list[tuple[int, dict[str, str]]]] = (
-    weakref.WeakKeyDictionary())
-_SEEN: weakref.WeakKeyDictionary[MemoryStore, set[str]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -85,7 +81,7 @@ def record(store: Store, actor: str, action: str, subject: str, before: Any = No
     if isinstance(store, MemoryStore):
         at = int(datetime.now(UTC).timestamp() * 1000)
         with _LOCK:
-            log = _MEMORY.setdefault(store, [])
+            log = _memory_log(store)
             log.append((at, fields))
             del log[:-MAX_ENTRIES]
         return
@@ -110,7 +106,7 @@ def record_reloads(store: Store, folder: Path, namespace: str = "rl:") -> int:
 def _first_time(store: Store, key: str) -> bool:
     if isinstance(store, MemoryStore):
         with _LOCK:
-            seen = _SEEN.setdefault(store, set())
+            seen: set[str] = store.table("audit-seen", set)
             if key in seen:
                 return False
             seen.add(key)
@@ -130,7 +126,7 @@ class Audit:
         low = int(since.timestamp() * 1000) if since is not None else 0
         if isinstance(self.store, MemoryStore):
             with _LOCK:
-                rows = [(at, dict(f)) for at, f in _MEMORY.get(self.store, []) if at >= low]
+                rows = [(at, dict(f)) for at, f in _memory_log(self.store) if at >= low]
             rows = rows[-limit:]
         else:
             raw = _redis(self.store, lambda c: c.xrevrange(self.key, "+", f"{low}-0",
@@ -156,6 +152,11 @@ def parse_since(text: str, now: datetime) -> datetime:
     except ValueError:
         raise ValueError(f"--since must be like 2h, 7d or 2026-01-31, got {text!r}") from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _memory_log(store: MemoryStore) -> list[tuple[int, dict[str, str]]]:
+    """memory://'s trail: (ms, fields), oldest first."""
+    return store.table("audit", list)
 
 
 def _s(value: Any) -> str:

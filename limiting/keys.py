@@ -18,7 +18,6 @@ import re
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -98,18 +97,6 @@ class _MemoryKeys:
         self.index: dict[str, str] = {}
 
 
-# Records belong to the store, not to one ApiKeys: the CLI and each request build their own.
-_MEMORY: weakref.WeakKeyDictionary[MemoryStore, _MemoryKeys] = weakref.WeakKeyDictionary()
-_MEMORY_LOCK = threading.Lock()
-
-
-def _memory_for(store: MemoryStore) -> _MemoryKeys:
-    with _MEMORY_LOCK:
-        if store not in _MEMORY:
-            _MEMORY[store] = _MemoryKeys()
-        return _MEMORY[store]
-
-
 class ApiKeys:
     """Create, authenticate, list and revoke API keys in the limiter's store."""
 
@@ -124,7 +111,8 @@ class ApiKeys:
         self._store: RedisStore | None = None
         self._memory: _MemoryKeys | None = None
         if isinstance(store, MemoryStore):
-            self._memory = _memory_for(store)
+            # The store's, not this ApiKeys': the CLI and each request build their own.
+            self._memory = store.table("keys", _MemoryKeys)
         elif isinstance(store, RedisStore):
             self._client = store.client
             self._store = store

@@ -22,7 +22,6 @@ import json
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -61,7 +60,7 @@ class OverrideTable:
         self._memory: _Memory | None = None
         self._client: Any = None
         if isinstance(store, MemoryStore):
-            self._memory = _memory_for(store)
+            self._memory = store.table("overrides", _Memory)
         elif getattr(store, "client", None) is not None:
             self._client = store.client  # type: ignore[attr-defined]
         else:
@@ -228,17 +227,6 @@ class _Memory:
         self.lock = threading.Lock()
         self.version = 0
         self.records: dict[Who, Override] = {}
-
-
-_MEMORY: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
-_MEMORY_LOCK = threading.Lock()
-
-
-def _memory_for(store: object) -> _Memory:
-    with _MEMORY_LOCK:
-        if store not in _MEMORY:
-            _MEMORY[store] = _Memory()
-        return _MEMORY[store]
 
 
 def _text(value: object) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from ..core.codec import (
     AcquireReply,
@@ -22,6 +23,8 @@ from ..core.codec import (
 from ..core.windows import month_bounds
 from .store import ScriptArgs, StoreUnavailable
 
+T = TypeVar("T")
+
 SLOTS = 61
 
 
@@ -33,6 +36,16 @@ class MemoryStore:
         self._lock = threading.Lock()
         # key -> (expires_at_us, state); state is ["b", tokens, at] or ["w", last, total, slots]
         self._data: dict[str, tuple[float, list[Any]]] = {}
+        self._tables: dict[str, Any] = {}
+
+    def table(self, name: str, factory: Callable[[], T]) -> T:
+        """State another module keeps for this store (API keys, overrides, the audit trail),
+        made on first use: it belongs to the store, as their Redis keys belong to Redis."""
+        with self._lock:
+            found = self._tables.get(name)
+            if found is None:
+                found = self._tables[name] = factory()
+            return cast(T, found)
 
     def _now_us(self) -> int:
         return time.time_ns() // 1000
