@@ -29,7 +29,7 @@ bp = Blueprint("chat", __name__)
 
 
 @bp.post("/chat")
-@limited_route
+@limited_route(early=True, body_user="user_id")   # who pays: the key's user, else user_id
 def chat() -> dict[str, Any]:
     limiter = current_limiter()
     key = _key_user(limiter) if current_app.config.get("REQUIRE_API_KEY") else None

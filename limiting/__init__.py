@@ -50,7 +50,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "has_cache_control": ("core.pricing", "has_cache_control"),
     "json_response": ("web.errors", "json_response"),
     "limited": ("web.extension", "limited"),
-    "limited_route": ("web.extension", "limited_route"),
+    "limited_route": ("web.edge", "limited_route"),
     "load_policy": ("core.policy", "load_policy"),
     "openai_error_type": ("core.provider_headers", "openai_error_type"),
     "openai_headers": ("core.provider_headers", "openai_headers"),
@@ -170,6 +170,7 @@ if TYPE_CHECKING:
     from .reservation import Reservation
     from .stores.store import StoreUnavailable
     from .web.context import RequestLimits, request_limits
+    from .web.edge import limited_route
     from .web.errors import (
         ExceedsLimit,
         LimiterUnavailable,
@@ -177,6 +178,6 @@ if TYPE_CHECKING:
         UpstreamSaturated,
         json_response,
     )
-    from .web.extension import RateLimiter, current_limiter, limited, limited_route
+    from .web.extension import RateLimiter, current_limiter, limited
     from .web.identity import client_ip
     from .web.routes import sliding_window, token_bucket

@@ -27,14 +27,15 @@ overrides check (limiting/overrides.py), and at once in the process that ran the
 
 Bounded: ``MAX_ENTRIES`` subjects, oldest first out (every entry is under a second old, so
 oldest-first is least-recently-refused-first); an entry is about ``ENTRY_BYTES`` (its refused
-Decision included), so a full cache holds about 8 MB per worker.
+Decision included), so a full cache holds about 8 MB per worker. As many aliases (what a
+refused request presented, for limiting/web/door.py), ~350 bytes each, oldest first out.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from .core.decision import Decision, LayerState
@@ -76,6 +77,7 @@ class DenyCache:
         self.max_entries = max_entries
         self.max_stale = max_stale
         self._entries: OrderedDict[tuple[str, str], Denial] = OrderedDict()
+        self._aliases: OrderedDict[Hashable, tuple[str, str, str | None]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -83,6 +85,7 @@ class DenyCache:
     def clear(self) -> None:
         """Forget every refusal (an operator changed limits: ask the store again)."""
         self._entries.clear()
+        self._aliases.clear()
 
     def refusal(self, ip: str | None, user: str, realm: str, plan: Plan,
                 patience: float = 0.0) -> Decision | None:
@@ -90,45 +93,71 @@ class DenyCache:
 
         ``patience``: seconds this request may wait for a slot instead of a 429 (the plan's
         max_wait_seconds): an entry whose wait is within it does not answer."""
-        entries = self._entries
-        if not entries:
+        if not self._entries:
             return None
-        now = self.clock()
         if ip is not None:
-            found = entries.get((EDGE, ip))
-            if found is not None:
-                answer = self._answer((EDGE, ip), found, now, patience)
-                if answer is not None:
-                    return answer
+            answer = self.edge(ip, patience)
+            if answer is not None:
+                return answer
+        return self.caller(user, realm, plan, patience)
+
+    def edge(self, ip: str, patience: float = 0.0) -> Decision | None:
+        """The edge's refusal of ``ip`` to answer now, or None."""
+        key = (EDGE, ip)
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        return self._answer(key, found, self.clock(), patience)
+
+    def caller(self, user: str, realm: str, plan: Plan, patience: float = 0.0
+               ) -> Decision | None:
+        """The refusal of ``user``'s plan request layers to answer now, or None: only for a
+        request decided on the very Plan object that was refused."""
         key = (realm, user)
-        found = entries.get(key)
+        found = self._entries.get(key)
         if found is None or found.plan is not plan:
             return None
-        return self._answer(key, found, now, patience)
+        return self._answer(key, found, self.clock(), patience)
+
+    def alias(self, credential: Hashable, realm: str, user: str, key_plan: str | None
+              ) -> None:
+        """Remember who ``credential`` (an opaque token the web layer read from a refused
+        request, such as its API key) named, so that a request presenting it again can be
+        matched to its entry before anything else is known (limiting/web/door.py)."""
+        aliases = self._aliases
+        aliases.pop(credential, None)
+        if len(aliases) >= self.max_entries:
+            aliases.popitem(last=False)
+        aliases[credential] = (realm, user, key_plan)
+
+    def named(self, credential: Hashable) -> tuple[str, str, str | None] | None:
+        """(realm, user, key plan) a refused request with ``credential`` named, or None."""
+        return self._aliases.get(credential) if self._aliases else None
 
     def learn(self, decision: Decision, sent: float, ip: str | None, user: str, realm: str,
-              plan: Plan, layers: tuple[Layer, ...], edge_count: int) -> None:
+              plan: Plan, layers: tuple[Layer, ...], edge_count: int) -> str | None:
         """Remember the store's refusal ``decision`` of a call sent at ``sent`` (this clock),
-        if it is one this cache may answer for. ``layers``/``edge_count``: the plan's compiled
-        layers (the edge's first), to tell an edge or plan layer from an org's or a route's."""
+        if it is one this cache may answer for: "edge" or "caller", what it kept (None:
+        nothing). ``layers``/``edge_count``: the plan's compiled layers (the edge's first), to
+        tell an edge or plan layer from an org's or a route's."""
         refused = decision.refused
         wait = decision.wait
         if (decision.allowed or refused is None or wait is None or wait <= 0
                 or decision.unavailable or decision.degraded):
-            return
+            return None
         layer = refused.layer
         if layer.shadow or layer.unit != "requests":
-            return
+            return None
         try:
             at = layers.index(layer)
         except ValueError:   # an org's or a route's layer
-            return
+            return None
         if at < edge_count:
             if ip is None:
-                return
-            key, owner = (EDGE, ip), None
+                return None
+            key, owner, kept = (EDGE, ip), None, "edge"
         else:
-            key, owner = (realm, user), plan
+            key, owner, kept = (realm, user), plan, "caller"
         now = self.clock()
         due = sent + min(wait, self.max_stale - PROBE_SECONDS)
         entry = Denial(decision, owner, sent + wait, due,
@@ -138,6 +167,7 @@ class DenyCache:
         if len(entries) >= self.max_entries:
             entries.popitem(last=False)
         entries[key] = entry
+        return kept
 
     def _answer(self, key: tuple[str, str], entry: Denial, now: float, patience: float
                 ) -> Decision | None:

@@ -3,12 +3,15 @@ told the store's refusals after it."""
 
 from __future__ import annotations
 
+from flask import current_app, request
+
 from .. import metrics
 from ..core.decision import Decision, Refused
 from ..core.policy import Plan
 from ..deny import DenyCache
 from ..engine import Engine
 from .context import request_limits
+from .door import early_of, learn_alias
 from .errors import refusal_error
 from .identity import client_ip
 from .recording import record
@@ -33,9 +36,16 @@ def refuse_if_denied(deny: DenyCache | None, user: str, realm: str, plan: Plan,
 
 
 def remember_refusal(deny: DenyCache | None, engine: Engine, decision: Decision, user: str,
-                     realm: str, plan: Plan, started: float) -> None:
-    """Tell the deny cache the store's refusal of a call sent at ``started``."""
-    if deny is not None:
-        compiled = engine.compiled(plan)
-        deny.learn(decision, started, client_ip(), user, realm, plan, compiled.layers,
-                   compiled.edge_count)
+                     realm: str, plan: Plan, key_plan: str | None, started: float) -> None:
+    """Tell the deny cache the store's refusal of a call sent at ``started``; on a view that
+    lets the door refuse early, also what in the request named ``user`` (``key_plan``: the
+    API key's plan, as the view passed it)."""
+    if deny is None:
+        return
+    compiled = engine.compiled(plan)
+    kept = deny.learn(decision, started, client_ip(), user, realm, plan, compiled.layers,
+                      compiled.edge_count)
+    if kept == "caller":
+        early = early_of(current_app.view_functions.get(request.endpoint or ""))
+        if early is not None:
+            learn_alias(deny, early, request.headers, realm, user, key_plan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, Response
 from flask_limiter import Limiter
@@ -17,10 +17,12 @@ from ..core.policy import Policy
 from ..stores.store import Store, edge_storage
 from . import logs
 from .context import LIMITED_ROUTE, request_limits
+from .door import mark_early
 from .errors import LimiterUnavailable, json_response
 from .flask_limiter_adapter import take_request_hooks
 from .identity import client_ip
 
+F = TypeVar("F", bound=Callable[..., Any])
 # Flask-Limiter's after-request hook, for the extension's own after_request to call.
 AfterHook = Callable[[Response], Response]
 
@@ -29,6 +31,26 @@ def mark_limited(view: Any) -> Any:
     """Mark a view that calls acquire(): its edge check rides in that same script call."""
     setattr(view, LIMITED_ROUTE, True)
     return view
+
+
+def limited_route(view: F | None = None, *, early: bool = False,
+                  body_user: str | None = None) -> Any:
+    """For a view that calls ``current_limiter().acquire(user)`` itself (after parsing its
+    body): its edge check then happens in that same call instead of before the view.
+
+    ``early=True`` lets this worker refuse a caller it has just refused before Flask runs
+    (limiting/web/door.py), at a fraction of the cost. It is the view's promise that it
+    renders the limiter's own refusals and names its caller by the presented API key (a key
+    user) or, for an anonymous caller, by the JSON body's string field ``body_user``.
+    Usable bare (``@limited_route``) or called (``@limited_route(early=True, ...)``).
+    """
+
+    def mark(target: F) -> F:
+        if early:
+            mark_early(target, body_user)
+        return mark_limited(target)  # type: ignore[no-any-return]
+
+    return mark if view is None else mark(view)
 
 
 def is_limited_route() -> bool:

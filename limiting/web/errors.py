@@ -121,11 +121,16 @@ def json_response(status: int, body: Mapping[str, Any],
     """Every JSON error the app answers, in one place: the body, its status, its headers and
     Retry-After (whole seconds) when there is a wait to tell (werkzeug types the exceptions'
     ``retry_after`` loosely; ours are ints)."""
-    # As Flask's jsonify writes it (sorted, compact, a newline), built directly: a refusal
-    # under abuse is the hot path, and each header set on a made Response is looked up first.
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str) + "\n"
+    # Built directly, not by jsonify: a refusal under abuse is the hot path, and each header
+    # set on a made Response is looked up first.
+    text = json_text(body)
     extra = list(headers.items()) if headers else []
     if isinstance(retry_after, int) and retry_after > 0:
         extra = [(name, value) for name, value in extra if name.lower() != "retry-after"]
         extra.append(("Retry-After", str(retry_after)))
     return Response(text, status=status, headers=extra, mimetype="application/json")
+
+
+def json_text(body: Mapping[str, Any]) -> str:
+    """A JSON body as Flask's jsonify writes it: sorted, compact, and a newline."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str) + "\n"

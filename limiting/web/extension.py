@@ -39,6 +39,7 @@ from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .context import RequestLimits, SendLimitHeaders, request_limits
 from .denying import refuse_if_denied, remember_refusal
+from .door import Door
 from .edge import AfterHook, combines_edge, init_edge, mark_limited
 from .errors import (
     ExceedsLimit,
@@ -109,6 +110,10 @@ class RateLimiter:
         if _setting(app, "DENY_CACHE", "1").lower() not in ("0", "false", "no", "off"):
             self.deny = DenyCache()
             on_change(policy, self.deny.clear)   # limits set/unset/reset: ask the store again
+        if self.deny is not None:
+            # Inside ProxyFix (added next): the door sees the address the edge counts.
+            app.wsgi_app = Door(  # type: ignore[method-assign]
+                app.wsgi_app, app, self.deny, lambda: self.engine.policy)
         hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
         if hops > 0:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
@@ -195,7 +200,7 @@ class RateLimiter:
                 raise ClientGone()
             keep(state, charged)
             return decision
-        remember_refusal(self.deny, engine, decision, user, realm, resolved, started)
+        remember_refusal(self.deny, engine, decision, user, realm, resolved, plan, started)
         raise refusal_error(Refused(decision))
 
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
@@ -236,7 +241,7 @@ class RateLimiter:
             limits.decision = refused.decision
             record(refused.decision, user, started)
             remember_refusal(self.deny, engine, refused.decision, user, realm, resolved,
-                             started)
+                             plan, started)
             raise refusal_error(refused) from None
         limits.decision = reservation.decision
         record(reservation.decision, user, started)
@@ -324,12 +329,6 @@ def _acquiring(limiter: Callable[[], RateLimiter], user: Callable[[], str]
         return cast(F, mark_limited(wrapper))
 
     return decorator
-
-
-def limited_route(view: F) -> F:
-    """For a view that calls ``current_limiter().acquire(user)`` itself (after parsing its
-    body): its edge check then happens in that same call instead of before the view."""
-    return cast(F, mark_limited(view))
 
 
 def _audit_reloads(policy: Policy, store: Store) -> None:

@@ -31,10 +31,13 @@ def request_id() -> str:
     limits = request_limits()
     rid = limits.request_id
     if rid is None:
-        given = request.headers.get("X-Request-ID", "")
-        rid = given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(16).hex()
-        limits.request_id = rid
+        rid = limits.request_id = request_id_for(request.headers.get("X-Request-ID", ""))
     return rid
+
+
+def request_id_for(given: str) -> str:
+    """``given`` (the caller's X-Request-ID) when it looks sane, else a new one."""
+    return given if 0 < len(given) <= 128 and given.isprintable() else os.urandom(16).hex()
 
 
 def event(name: str, **fields: Any) -> None:

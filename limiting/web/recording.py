@@ -31,14 +31,19 @@ def record(decision: Decision, user: str, started: float) -> None:
 
 
 def refused(decision: Decision, user: str) -> None:
-    """A refusal by the user's layers (or the edge in their call), counted and logged: an
-    edge refusal under the client's IP, so an IP rotating user ids is one subject."""
+    """A refusal by the user's layers (or the edge in their call), counted and logged."""
+    logs.request_id()   # every refusal names its request (X-Request-ID), logged or not
+    count_refusal(decision, user, client_ip())
+
+
+def count_refusal(decision: Decision, user: str, ip: str) -> None:
+    """Count and log a refusal (no request context needed: limiting/web/door.py has none):
+    an edge refusal under the client's IP, so an IP rotating user ids is one subject."""
     layer = decision.refused.layer.name if decision.refused else "unknown"
     metrics.refused(layer)
-    logs.request_id()   # every refusal names its request (X-Request-ID), logged or not
     retry = decision.retry_after if decision.wait is not None else None
     if layer == "edge":
-        logs.refusals.refused("ip", client_ip(), layer, retry)
+        logs.refusals.refused("ip", ip, layer, retry)
     else:
         logs.refusals.refused("user", user, layer, retry)
 

@@ -1,0 +1,219 @@
+"""Refusing at the door: a caller this worker's deny cache (limiting/deny.py) holds is answered
+its 429 before Flask builds a request — WSGI middleware inside ProxyFix, so the client address
+is the one the edge counts.
+
+Under abuse the refusal is the hot path, and in Flask it costs more than the bare app's whole
+200 (request and app contexts, URL matching, hooks, the view's body parsing, an exception and
+its handler, the response object). Here it costs a route lookup, a dict lookup or two and a
+response written from the cached decision: the same status, JSON body and headers (RateLimit,
+X-RateLimit-*, Retry-After counted down, X-Request-ID) the view would have sent.
+
+It answers only on routes that say it may (``limited_route(early=True, body_user=...)``): views
+that render the limiter's own refusals and name their caller by the presented API key (a key
+user) or, anonymous, by a string field of their JSON body. What it answers from:
+
+- an edge refusal of the client IP (any request on such a route carries the edge in its call);
+- a plan refusal of the caller, found through what the refused request presented: its API key,
+  or its body field (``DenyCache.alias``, learned only from what the view itself decided). The
+  plan is resolved again here, so an override or reload in between means "ask the store".
+
+Everything else — a caller not yet refused here, an app that routes by host or subdomain, a
+body over 64 KiB — goes on to Flask unchanged (a body read here is handed on). A revoked key
+still in the cache is refused 429 rather than 401 until its entry ends (a second at most):
+either way it gets no work done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.exceptions import HTTPException
+
+from .. import metrics
+from ..core.decision import Decision, Refused
+from ..core.naming import BODY_USER, KEY_USER
+from ..core.policy import Policy
+from ..deny import DenyCache
+from ..keys import presented_key
+from .context import LIMITED_ROUTE
+from .errors import RateLimited, json_text, refusal_error
+from .logs import request_id_for
+from .recording import count_refusal
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+Answer = tuple[str, list[tuple[str, str]], bytes]
+
+# The attribute limited_route(early=True) sets on a view.
+EARLY = "_llm_early"
+MAX_ROUTES = 4096          # (method, path, host) lookups remembered; beyond, matched each time
+MAX_PEEK = 64 * 1024       # a larger body is the view's to read
+_STATUS = "429 TOO MANY REQUESTS"   # as werkzeug writes it
+
+
+@dataclass(frozen=True, slots=True)
+class Early:
+    """How a view names its caller, for the door: the presented API key, else ``body_user``
+    (a JSON body field; None: key users only)."""
+
+    body_user: str | None = None
+
+
+def mark_early(view: Any, body_user: str | None) -> Any:
+    setattr(view, EARLY, Early(body_user))
+    return view
+
+
+def early_of(view: Any) -> Early | None:
+    """The view's promise to the door, if it made one (and calls acquire itself)."""
+    if view is None or not getattr(view, LIMITED_ROUTE, False):
+        return None
+    return getattr(view, EARLY, None)
+
+
+def learn_alias(deny: DenyCache, early: Early, headers: Any, realm: str, user: str,
+                key_plan: str | None) -> None:
+    """After the store refused ``user`` on an early view: remember what this request presented
+    that named them, so the next such request can be refused at the door."""
+    if realm == KEY_USER:
+        presented = presented_key(headers)
+        if presented is not None:
+            deny.alias(("key", presented), realm, user, key_plan)
+    elif realm == BODY_USER and early.body_user is not None:
+        deny.alias(("body", early.body_user, user), realm, user, None)
+
+
+class Door:
+    """``app.wsgi_app = Door(app.wsgi_app, app, deny, lambda: limiter.policy)``."""
+
+    def __init__(self, wsgi_app: WSGIApp, app: Flask, deny: DenyCache,
+                 policy: Callable[[], Policy]) -> None:
+        self.wsgi_app = wsgi_app
+        self.app = app
+        self.deny = deny
+        self.policy = policy
+        self._routes: dict[tuple[str, str, str, str], Early | None] = {}
+        self._ceiling: tuple[int, float] = (0, 0.0)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse
+                 ) -> Iterable[bytes]:
+        if self.deny:   # nothing refused lately: one test, and on to Flask
+            answer = self._answer(environ)
+            if answer is not None:
+                status, headers, body = answer
+                start_response(status, headers)
+                return [body]
+        return self.wsgi_app(environ, start_response)
+
+    def _answer(self, environ: dict[str, Any]) -> Answer | None:
+        early = self._early(environ)
+        if early is None:
+            return None
+        started = time.perf_counter()
+        deny = self.deny
+        policy = self.policy()
+        ip = environ.get("REMOTE_ADDR") or "unknown"
+        decision = deny.edge(ip, self._patience(policy))
+        user = ip
+        if decision is None:
+            named = self._named(environ, early)
+            if named is None:
+                return None
+            realm, user, key_plan = named
+            plan = policy.resolve(user, key_plan, realm)
+            decision = deny.caller(user, realm, plan, plan.max_wait_seconds)
+            if decision is None:
+                return None
+        metrics.count(metrics.DENY_CACHE_HITS)
+        metrics.time_decision(started)
+        count_refusal(decision, user, ip)
+        return render(decision, environ.get("HTTP_X_REQUEST_ID", ""))
+
+    def _early(self, environ: dict[str, Any]) -> Early | None:
+        """The route's Early, or None: looked up once per (method, path, host)."""
+        key = (environ.get("REQUEST_METHOD", ""), environ.get("SCRIPT_NAME", ""),
+               environ.get("PATH_INFO", ""), environ.get("HTTP_HOST", ""))
+        routes = self._routes
+        try:
+            return routes[key]
+        except KeyError:
+            pass
+        app = self.app
+        url_map = app.url_map
+        early = None
+        # OPTIONS is Flask's own answer (the view never runs); host routing: not ours to guess.
+        if key[0] != "OPTIONS" and not (url_map.host_matching or app.subdomain_matching):
+            try:
+                adapter = url_map.bind_to_environ(
+                    environ, server_name=app.config.get("SERVER_NAME"),
+                    subdomain=url_map.default_subdomain or None)
+                endpoint, _ = adapter.match()
+                early = early_of(app.view_functions.get(str(endpoint)))
+            except HTTPException:   # not found, wrong method, a redirect: Flask's to answer
+                early = None
+        if len(routes) < MAX_ROUTES:
+            routes[key] = early
+        return early
+
+    def _patience(self, policy: Policy) -> float:
+        """The longest any plan may wait: an edge entry answers here only past it (the
+        caller's plan, and so its own patience, is not known yet)."""
+        plans = policy.plans
+        known, ceiling = self._ceiling
+        if known != id(plans):
+            ceiling = max((p.max_wait_seconds for p in plans.values()), default=0.0)
+            self._ceiling = (id(plans), ceiling)
+        return ceiling
+
+    def _named(self, environ: dict[str, Any], early: Early
+               ) -> tuple[str, str, str | None] | None:
+        deny = self.deny
+        # werkzeug's header view only when there is a key to read (the common abuse has none).
+        presented = (presented_key(EnvironHeaders(environ))
+                     if "HTTP_AUTHORIZATION" in environ or "HTTP_X_API_KEY" in environ else None)
+        if presented is not None:
+            found = deny.named(("key", presented))
+            if found is not None:
+                return found
+        if early.body_user is None:
+            return None
+        user = _body_field(environ, early.body_user)
+        return None if user is None else deny.named(("body", early.body_user, user))
+
+
+def render(decision: Decision, request_id: str) -> Answer:
+    """The 429 the view's error handler would send for ``decision`` (errors.json_response)."""
+    exc = refusal_error(Refused(decision))
+    assert isinstance(exc, RateLimited)   # the deny cache keeps refusals with a wait only
+    body = json_text(exc.body()).encode()
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    headers += [(name, value) for name, value in exc.limit_headers.items()
+                if name != "Retry-After"]
+    headers.append(("Retry-After", str(exc.retry_after)))
+    headers.append(("X-Request-ID", request_id_for(request_id)))
+    return _STATUS, headers, body
+
+
+def _body_field(environ: dict[str, Any], field: str) -> str | None:
+    """A string field of the JSON body, or None; the body is handed on for the view."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return None
+    if not 0 < length <= MAX_PEEK:
+        return None
+    data = environ["wsgi.input"].read(length)
+    environ["wsgi.input"] = io.BytesIO(data)
+    try:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError):   # the view answers a bad body its own way
+        return None
+    value = parsed.get(field) if isinstance(parsed, dict) else None
+    return value if isinstance(value, str) else None

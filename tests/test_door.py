@@ -1,0 +1,191 @@
+"""Refusing at the door (limiting/web/door.py): a caller this worker has just refused is answered
+before Flask runs — no hook, no view, no store call — with the very 429 the view would send;
+and nobody else is ever refused there, nor loses their body."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import create_app
+from limiting.deny import DenyCache
+from limiting.web.door import MAX_PEEK
+from tests.conftest import write_policy
+from tests.policies import LOADED, plan, policy
+
+# A burst of one that refills in 100 s: the second request is refused with a long wait.
+HELD = policy(store=LOADED, per_ip="100000 per minute",
+              plans={"starter": plan(1, 0.01, "1000 per day"),
+                     "pro": plan(100, 100, "1000 per day")})
+EDGE = policy(store=LOADED, per_ip="2 per minute",
+              plans={"starter": plan(1000, 1000, "100000 per day")})
+
+
+def commands(r: redis.Redis) -> int:
+    """Every command Valkey ran so far (INFO's own excepted)."""
+    stats: dict[str, Any] = r.info("commandstats")   # type: ignore[assignment]
+    return sum(int(v.get("calls", 0)) for k, v in stats.items() if k != "cmdstat_info")
+
+
+def _app(url: str, tmp_path: Path, text: str, **config: Any) -> tuple[Flask, list[str]]:
+    """The app, and a list each request that reaches Flask appends its path to."""
+    app = create_app({"REDIS_URL": url, "LIMITS_CONFIG": write_policy(tmp_path, text),
+                      "TESTING": True, **config})
+    reached: list[str] = []
+
+    @app.before_request
+    def note() -> None:
+        from flask import request
+        reached.append(request.path)
+
+    return app, reached
+
+
+def chat(client: FlaskClient, user: str, message: str = "hi", ip: str = "10.0.0.1",
+         **kw: Any) -> Any:
+    return client.post("/chat", json={"message": message, "user_id": user},
+                       environ_base={"REMOTE_ADDR": ip}, **kw)
+
+
+def _same_refusal(resp: Any, first: Any) -> None:
+    """``resp`` is the 429 ``first`` was, counted down: body, headers, Retry-After."""
+    assert resp.status_code == 429
+    assert resp.mimetype == "application/json"
+    body, want = resp.get_json(), first.get_json()
+    assert set(body) == set(want) and body["code"] == want["code"] == "rate_limited"
+    assert body["layer"] == want["layer"]
+    retry = int(resp.headers["Retry-After"])
+    assert 1 <= retry <= int(first.headers["Retry-After"]) and body["retry_after"] == retry
+    assert body["error"] == want["error"].replace(f"{want['retry_after']}s", f"{retry}s")
+    for name in ("RateLimit-Policy", "X-RateLimit-Limit", "X-RateLimit-Remaining"):
+        assert resp.headers[name] == first.headers[name]
+    assert resp.headers["X-RateLimit-Reset"] == resp.headers["Retry-After"]
+    assert resp.headers["RateLimit"].split(";")[0] == first.headers["RateLimit"].split(";")[0]
+    assert int(resp.headers["Content-Length"]) == len(resp.get_data())
+    assert resp.headers["X-Request-ID"]
+
+
+def test_an_anonymous_caller_is_refused_at_the_door_whatever_the_message(
+        r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    app, reached = _app(redis_url, tmp_path, HELD)
+    client = app.test_client()
+    assert chat(client, "mallory").status_code == 200
+    first = chat(client, "mallory")   # the store's refusal, through Flask
+    assert first.status_code == 429 and len(reached) == 2
+    before = commands(r)
+    answers = [chat(client, "mallory", message=f"try {i}", headers={"X-Request-ID": f"r{i}"})
+               for i in range(30)]
+    assert len(reached) == 2, "the door answers before Flask: no hook ran"
+    assert commands(r) == before, "and without a store call"
+    for i, resp in enumerate(answers):
+        _same_refusal(resp, first)
+        assert resp.headers["X-Request-ID"] == f"r{i}"   # the caller's id, echoed
+    # Anyone else goes on to Flask, their body whole; so does the held user on a plan change.
+    resp = chat(client, "trent", message="é" * 1000)
+    assert resp.status_code == 200 and resp.get_json()["reply"].count("é") == 1000
+    assert reached[-1] == "/chat"
+
+
+def test_an_api_key_is_refused_at_the_door_without_looking_it_up(
+        r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    app, reached = _app(redis_url, tmp_path, HELD, REQUIRE_API_KEY="1")
+    key, _ = app.extensions["llm_limiter"].keys.create("kim")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {key}"}
+    assert client.post("/chat", json={"message": "hi"}, headers=auth).status_code == 200
+    first = client.post("/chat", json={"message": "hi"}, headers=auth)
+    assert first.status_code == 429
+    seen, before = len(reached), commands(r)
+    for i in range(20):
+        _same_refusal(client.post("/chat", json={"message": f"m{i}"},
+                                  headers={"X-API-Key": key}), first)
+    assert len(reached) == seen and commands(r) == before, "no Flask, no key lookup"
+    # Without the key the request is Flask's to answer (a 401), not the door's.
+    assert client.post("/chat", json={"message": "hi", "user_id": "kim"}).status_code == 401
+    # The same key on a route that renders refusals its own way (/v1, OpenAI's error shape)
+    # is still answered by Flask.
+    resp = client.post("/v1/chat/completions", headers=auth,
+                       json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 429 and resp.get_json()["error"]["type"] == "requests"
+    assert reached[-1] == "/v1/chat/completions"
+
+
+def test_an_ip_over_the_edge_is_refused_at_the_door_whatever_user_it_names(
+        r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    app, reached = _app(redis_url, tmp_path, EDGE)
+    client = app.test_client()
+    assert [chat(client, f"u{i}").status_code for i in range(2)] == [200, 200]
+    first = chat(client, "u2")
+    assert first.status_code == 429 and first.get_json()["layer"] == "edge"
+    seen, before = len(reached), commands(r)
+    for i in range(20):
+        _same_refusal(chat(client, f"rotating-{i}"), first)
+    assert len(reached) == seen and commands(r) == before
+    # Another address is not held; nor is a route that is no limited route of the door's;
+    # and a preflight is Flask's to answer (OPTIONS never runs the view).
+    assert chat(client, "u0", ip="10.0.0.2").status_code == 200
+    client.options("/chat", environ_base={"REMOTE_ADDR": "10.0.0.1"})
+    assert reached[-1] == "/chat"
+    assert client.get("/healthz", environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code == 200
+
+
+def test_reset_and_overrides_let_the_caller_through_the_door_at_once(
+        r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    app, _ = _app(redis_url, tmp_path, HELD)
+    client, cli = app.test_client(), app.test_cli_runner()
+    assert chat(client, "oscar").status_code == 200
+    assert chat(client, "oscar").status_code == 429
+    assert chat(client, "oscar").status_code == 429
+    assert cli.invoke(args=["limits", "reset", "oscar", "--anonymous"]).exit_code == 0
+    assert chat(client, "oscar").status_code == 200
+    assert chat(client, "oscar").status_code == 429
+    assert cli.invoke(args=["limits", "set", "oscar", "--plan", "pro", "--anonymous"]
+                      ).exit_code == 0
+    time.sleep(0.05)   # the bucket's one key, now refilled at pro's 100 a second
+    assert chat(client, "oscar").status_code == 200
+
+
+@pytest.mark.parametrize("body", [
+    b'{"message": "hi", "user_id": "mallory"',          # cut short
+    b'[' * 100_000,                                      # nested past the parser's depth
+    b'{"message": "hi", "user_id": ["mallory"]}',       # not a string
+    b'\xff\xfe{}',                                       # not UTF-8
+])
+def test_a_body_the_door_cannot_read_is_the_views_to_refuse(
+        r: redis.Redis, redis_url: str, tmp_path: Path, body: bytes) -> None:
+    app, reached = _app(redis_url, tmp_path, HELD)
+    client = app.test_client()
+    chat(client, "mallory")
+    assert chat(client, "mallory").status_code == 429   # held: the door is awake
+    resp = client.post("/chat", data=body, content_type="application/json",
+                       environ_base={"REMOTE_ADDR": "10.0.0.1"})
+    assert resp.status_code == 400 and resp.get_json()["code"]
+    assert reached[-1] == "/chat"
+
+
+def test_a_body_past_the_peek_is_handed_on_unread(
+        r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    app, reached = _app(redis_url, tmp_path, HELD)
+    client = app.test_client()
+    chat(client, "mallory")
+    assert chat(client, "mallory").status_code == 429
+    seen = len(reached)
+    resp = chat(client, "mallory", message="x" * (MAX_PEEK + 10))
+    assert resp.status_code == 429 and len(reached) == seen + 1   # Flask's deny cache
+
+
+def test_aliases_are_bounded_and_cleared_with_the_cache() -> None:
+    deny = DenyCache(max_entries=100)
+    for i in range(250):
+        deny.alias(("key", f"k{i}"), "u", f"user-{i}", "starter")
+    assert deny.named(("key", "k0")) is None                      # the oldest went first
+    assert deny.named(("key", "k249")) == ("u", "user-249", "starter")
+    assert len(deny._aliases) == 100
+    deny.clear()
+    assert deny.named(("key", "k249")) is None
