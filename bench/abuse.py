@@ -2,7 +2,9 @@
 
 (a) one user over its limit hammering /chat (a plan of burst 1 that refills once in 1,000 s:
 nearly every request is a 429); (b) one IP rotating user ids against the edge (3 requests an
-hour per address; every request names a new user id). Each against the bare echo app's 200/s
+hour per address; every request names a new user id); (c) as (a), but the user is an API
+key's (REQUIRE_API_KEY=1: each request presents the key, which is otherwise looked up in the
+store). Each against the bare echo app's 200/s
 in the same round, and the store calls per refusal: Valkey's INFO commandstats (EVALSHA, and
 every command) read before and after the measured run, divided by the refusals. The user case
 also runs with the deny cache off (DENY_CACHE=0): what each refusal cost before it.
@@ -11,6 +13,8 @@ also runs with the deny cache off (DENY_CACHE=0): what each refusal cost before 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +47,7 @@ class Case:
     users: int
     policy: str = ""           # ours: the policy text
     env: tuple[tuple[str, str], ...] = ()
+    keyed: bool = False        # every request presents an API key made for the run
 
 
 @dataclass
@@ -79,9 +84,11 @@ def _measure(case: Case, s: Settings, wrk: str, redis_url: str, logdir: Path
         managed.env["LIMITS_CONFIG"] = str(path)
     managed.env.update(dict(case.env))
     try:
+        key = _make_key(managed.env) if case.keyed else ""
         managed.start()
-        wait_ready(managed, port, {"message": "ready?", "user_id": "bench-ready"})
-        common = dict(threads=s.threads, timeout_s=5, users=case.users)
+        wait_ready(managed, port, {"message": "ready?", "user_id": "bench-ready"},
+                   {"Authorization": f"Bearer {key}"} if key else None)
+        common = dict(threads=s.threads, timeout_s=5, users=case.users, key=key)
         if s.warmup > 0:
             run_wrk(wrk, port, connections=s.connections, duration_s=s.warmup, **common)
         time.sleep(0.2)
@@ -93,6 +100,14 @@ def _measure(case: Case, s: Settings, wrk: str, redis_url: str, logdir: Path
         managed.stop()
 
 
+def _make_key(env: dict[str, str]) -> str:
+    """An API key for the run, made by the app's own CLI on the run's store."""
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "keys", "create",
+                           "bench-keyed"], env=env, capture_output=True, text=True, timeout=60,
+                          check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def abuse_section(s: Settings, wrk: str, redis_url: str, logdir: Path) -> list[str]:
     none = Contender("none", "baseline", "bench.apps.nolimit:app", s.worker_class)
     ours = Contender("ours", "ours", worker_class=s.worker_class)
@@ -101,6 +116,8 @@ def abuse_section(s: Settings, wrk: str, redis_url: str, logdir: Path) -> list[s
         Case("(a) one user over its limit", ours, 1, USER_POLICY),
         Case("(a) same, deny cache off", ours, 1, USER_POLICY, (("DENY_CACHE", "0"),)),
         Case("(b) one IP rotating user ids", ours, 10**9, EDGE_POLICY),
+        Case("(c) one API key over its limit", ours, 1, USER_POLICY,
+             (("REQUIRE_API_KEY", "1"),), keyed=True),
     ]
     rows = {c.name: AbuseRow(c.name) for c in cases}
     for rnd in range(1, s.rounds + 1):
@@ -162,6 +179,6 @@ def _table(s: Settings, rows: list[AbuseRow]) -> list[str]:
         "(goal <= 0.05 EVALSHA); commands count every call Valkey ran, the script's own inner "
         "calls (TIME, GET, INCRBY, PTTL) and the workers' once-a-second overrides check included. "
         "(a): policy burst 1, refill 0.001/s, one user_id; (b): edge 3 per hour, a new user_id "
-        "every request.",
+        "every request; (c): as (a), an API key's user (the key presented on every request).",
     ]
     return lines

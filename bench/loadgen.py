@@ -83,6 +83,7 @@ def run_wrk(
     timeout_s: float,
     users: int,
     model: str = "",
+    key: str = "",
 ) -> WrkResult:
     threads = max(1, min(threads, connections))
     argv = [
@@ -95,7 +96,8 @@ def run_wrk(
         str(SCRIPT),
         f"http://127.0.0.1:{port}/chat",
     ]
-    env = dict(os.environ, BENCH_USERS=str(users), BENCH_THREADS=str(threads), BENCH_MODEL=model)
+    env = dict(os.environ, BENCH_USERS=str(users), BENCH_THREADS=str(threads), BENCH_MODEL=model,
+               BENCH_KEY=key)
     try:
         done = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=duration_s + timeout_s + 30

@@ -127,11 +127,13 @@ def stop_all() -> None:
         managed.stop(grace=3.0)
 
 
-def post_json(port: int, path: str, body: dict, timeout: float) -> tuple[int, bytes]:
+def post_json(port: int, path: str, body: dict, timeout: float,
+              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(
-            "POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"}
+            "POST", path, body=json.dumps(body),
+            headers={"Content-Type": "application/json", **(headers or {})}
         )
         resp = conn.getresponse()
         return resp.status, resp.read()
@@ -143,7 +145,8 @@ class NotReady(Exception):
     pass
 
 
-def wait_ready(managed: Managed, port: int, body: dict, deadline_s: float = 30.0) -> None:
+def wait_ready(managed: Managed, port: int, body: dict,
+               headers: dict[str, str] | None = None, deadline_s: float = 30.0) -> None:
     """Block until POST /chat answers 200, or raise NotReady with the reason."""
     deadline = time.monotonic() + deadline_s
     last = "no answer"
@@ -151,7 +154,7 @@ def wait_ready(managed: Managed, port: int, body: dict, deadline_s: float = 30.0
         if managed.exited() is not None:
             raise NotReady(managed.reason())
         try:
-            status, payload = post_json(port, "/chat", body, timeout=10.0)
+            status, payload = post_json(port, "/chat", body, timeout=10.0, headers=headers)
         except (OSError, http.client.HTTPException) as exc:
             last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.2)

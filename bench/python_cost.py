@@ -71,24 +71,34 @@ def _stub_store() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stub", action="store_true", help="ours' store answers from memory")
+    parser.add_argument("--abuse", action="store_true",
+                        help="ours refuses: one user over its limit (bench/abuse.py's (a))")
     parser.add_argument("-n", type=int, default=4000, help="requests per pass")
     opts = parser.parse_args()
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="bench-prom-"))
     with valkey() as url:
-        os.environ.update(REDIS_URL=url, LIMITS_CONFIG=BENCH_POLICY, REQUIRE_API_KEY="0")
+        policy = BENCH_POLICY
+        if opts.abuse:
+            from bench.abuse import USER_POLICY
+
+            policy = os.path.join(tempfile.mkdtemp(prefix="bench-abuse-"), "limits.toml")
+            with open(policy, "w") as f:
+                f.write(USER_POLICY)
+        os.environ.update(REDIS_URL=url, LIMITS_CONFIG=policy, REQUIRE_API_KEY="0")
         from app import create_app
         from bench.apps.nolimit import app as bare
 
         if opts.stub:
             _stub_store()
         ours = create_app()
-        bodies = [json.dumps({"message": "hello", "user_id": f"user-{u}"}).encode()
-                  for u in range(1000)]
+        bodies = [json.dumps({"message": f"hello {u}", "user_id": "mallory" if opts.abuse
+                              else f"user-{u}"}).encode() for u in range(1000)]
         for name, app in (("none", bare), ("ours", ours)):
             cpu_per_request(app, 1000, bodies)   # warm: scripts loaded, caches filled
             best = min(cpu_per_request(app, opts.n, bodies)[0] for _ in range(5))
-            print(json.dumps({"contender": name, "stub": opts.stub, "cpu us/request":
-                              round(best, 1)}))
+            print(json.dumps({"contender": name, "stub": opts.stub, "abuse": opts.abuse,
+                              "cpu us/request": round(best, 1),
+                              "status": cpu_per_request(app, 1, bodies)[1]}))
 
 
 if __name__ == "__main__":

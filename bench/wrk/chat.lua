@@ -11,6 +11,11 @@ if model ~= "" then
   model_part = string.format(',"model":"%s"', model)
 end
 local headers = { ["Content-Type"] = "application/json" }
+-- BENCH_KEY: every request presents this API key (and names no user_id: the key's user pays).
+local key = os.getenv("BENCH_KEY") or ""
+if key ~= "" then
+  headers["Authorization"] = "Bearer " .. key
+end
 
 local threads = {}
 local next_id = 0
@@ -29,7 +34,12 @@ samples = {}  -- status -> first body seen, for non-2xx only
 function request()
   counter = counter + 1
   local user = (counter * nthreads + tid) % nusers
-  local body = string.format('{"message":"hello %d","user_id":"bench-user-%d"%s}', counter, user, model_part)
+  local body
+  if key ~= "" then
+    body = string.format('{"message":"hello %d"%s}', counter, model_part)
+  else
+    body = string.format('{"message":"hello %d","user_id":"bench-user-%d"%s}', counter, user, model_part)
+  end
   return wrk.format("POST", path, headers, body)
 end
 
