@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, request
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from limiting import (
+    Early,
     KeyRecord,
     RateLimiter,
     current_limiter,
@@ -29,7 +30,7 @@ bp = Blueprint("chat", __name__)
 
 
 @bp.post("/chat")
-@limited_route(early=True, body_user="user_id")   # who pays: the key's user, else user_id
+@limited_route(early=Early(body_user="user_id"))   # who pays: the key's user, else user_id
 def chat() -> dict[str, Any]:
     limiter = current_limiter()
     key = _key_user(limiter) if current_app.config.get("REQUIRE_API_KEY") else None

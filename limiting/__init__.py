@@ -15,6 +15,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Decision": ("core.decision", "Decision"),
     "GuardRefused": ("core.decision", "GuardRefused"),
     "Refused": ("core.decision", "Refused"),
+    "Early": ("web.door", "Early"),
     "ExceedsLimit": ("web.errors", "ExceedsLimit"),
     "IMAGE_TOKENS": ("core.llm", "IMAGE_TOKENS"),
     "KeyRecord": ("keys", "KeyRecord"),
@@ -72,6 +73,7 @@ __all__ = [
     "STANDARD",
     "Ask",
     "Decision",
+    "Early",
     "ExceedsLimit",
     "GuardRefused",
     "KeyRecord",
@@ -170,6 +172,7 @@ if TYPE_CHECKING:
     from .reservation import Reservation
     from .stores.store import StoreUnavailable
     from .web.context import RequestLimits, request_limits
+    from .web.door import Early
     from .web.edge import limited_route
     from .web.errors import (
         ExceedsLimit,

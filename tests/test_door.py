@@ -4,6 +4,8 @@ and nobody else is ever refused there, nor loses their body."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from limiting.deny import DenyCache
 from limiting.web.door import MAX_PEEK
-from tests.conftest import write_policy
+from tests.conftest import keyed_app, write_policy
 from tests.policies import LOADED, plan, policy
 
 # A burst of one that refills in 100 s: the second request is refused with a long wait.
@@ -108,12 +110,66 @@ def test_an_api_key_is_refused_at_the_door_without_looking_it_up(
     assert len(reached) == seen and commands(r) == before, "no Flask, no key lookup"
     # Without the key the request is Flask's to answer (a 401), not the door's.
     assert client.post("/chat", json={"message": "hi", "user_id": "kim"}).status_code == 401
-    # The same key on a route that renders refusals its own way (/v1, OpenAI's error shape)
-    # is still answered by Flask.
+    assert reached[-1] == "/chat"
+    # The same key on /v1 is refused at the door in that API's own error shape.
+    seen = len(reached)
     resp = client.post("/v1/chat/completions", headers=auth,
                        json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]})
     assert resp.status_code == 429 and resp.get_json()["error"]["type"] == "requests"
-    assert reached[-1] == "/v1/chat/completions"
+    assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+    resp = client.post("/v1/messages", headers={"x-api-key": key}, json={
+        "model": "echo", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 429 and resp.get_json()["error"]["type"] == "rate_limit_error"
+    assert len(reached) == seen
+
+
+VARIANTS = ("openai", "anthropic")
+SDK_POLICY = policy(per_ip="100000 per minute", default="held",
+                    plans={"held": plan(1, 0.01, "1000 per day")})
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def _numbers_out(body: object) -> str:
+    return re.sub(r"\d+", "N", json.dumps(body, sort_keys=True))
+
+
+def _sdk_call(url: str, key: str, variant: str) -> Any:
+    """One call through the real SDK: the reply, or the RateLimitError it raised."""
+    import anthropic
+    import openai
+
+    try:
+        if variant == "openai":
+            return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).chat.\
+                completions.create(model="echo", messages=HELLO)   # type: ignore[arg-type]
+        return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0).messages.create(
+            model="echo", max_tokens=5, messages=HELLO)   # type: ignore[arg-type]
+    except (openai.RateLimitError, anthropic.RateLimitError) as exc:
+        return exc
+
+
+def test_the_sdks_see_the_same_refusal_from_the_door_as_from_the_store(
+        tmp_path: Path, redis_url: str) -> None:
+    redis.Redis.from_url(redis_url).flushall()
+    (tmp_path / "limits.toml").write_text(SDK_POLICY)
+    env = {"REDIS_URL": redis_url, "LIMITS_CONFIG": str(tmp_path / "limits.toml")}
+    r = redis.Redis.from_url(redis_url)
+    with keyed_app(tmp_path, env, {v: "held" for v in VARIANTS}, workers=2) as (
+            server, _, keys):
+        for variant in VARIANTS:
+            assert not isinstance(_sdk_call(server.url, keys[variant], variant), Exception)
+            first = _sdk_call(server.url, keys[variant], variant)   # the store's, via Flask
+            before = commands(r)
+            refusals = [_sdk_call(server.url, keys[variant], variant) for _ in range(40)]
+            # Each worker asks the store (a key lookup and a script) until it has learnt the
+            # refusal, and probes at most once a second after; the rest is the door's.
+            assert commands(r) - before <= 40 // 2, "most refusals make no store call"
+            for exc in refusals:
+                assert type(exc) is type(first)
+                assert exc.status_code == 429
+                assert _numbers_out(exc.body) == _numbers_out(first.body)   # waits count down
+                assert 1 <= int(exc.response.headers["retry-after"]) <= int(
+                    first.response.headers["retry-after"])
 
 
 def test_an_ip_over_the_edge_is_refused_at_the_door_whatever_user_it_names(

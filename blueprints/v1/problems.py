@@ -115,3 +115,12 @@ def refusal(exc: BaseException,
     if problem.kind == RATE_LIMITED and decision is not None:
         problem.headers = {**provider_headers(decision), **problem.headers}
     return problem
+
+
+def refused(decision: Decision,
+            provider_headers: Callable[[Decision], dict[str, str]]) -> ApiProblem:
+    """The problem for a refusal the limiter remembered (its door answers it with no request
+    context): the one :func:`refusal` makes for the same decision raised in the view."""
+    problem = problem_from(RateLimited.from_decision(decision, rate_limit_headers(decision)))
+    problem.headers = {**provider_headers(decision), **problem.headers}
+    return problem

@@ -8,9 +8,11 @@ its handler, the response object). Here it costs a route lookup, a dict lookup o
 response written from the cached decision: the same status, JSON body and headers (RateLimit,
 X-RateLimit-*, Retry-After counted down, X-Request-ID) the view would have sent.
 
-It answers only on routes that say it may (``limited_route(early=True, body_user=...)``): views
-that render the limiter's own refusals and name their caller by the presented API key (a key
-user) or, anonymous, by a string field of their JSON body. What it answers from:
+It answers only on routes that say it may (``limited_route(early=Early(...))``): the view's
+promise that it names its caller by the API key ``Early.key`` reads from the headers (a key
+user) or, anonymous, by the string field ``Early.body_user`` of its JSON body, and that its
+refusal of a decision is what ``Early.render`` makes (default: the limiter's own JSON 429).
+What it answers from:
 
 - an edge refusal of the client IP (any request on such a route carries the edge in its call);
 - a plan refusal of the caller, found through what the refused request presented: its API key,
@@ -32,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
 
@@ -51,7 +53,7 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 Answer = tuple[str, list[tuple[str, str]], bytes]
 
-# The attribute limited_route(early=True) sets on a view.
+# The attribute limited_route(early=...) sets on a view.
 EARLY = "_llm_early"
 MAX_ROUTES = 4096          # (method, path, host) lookups remembered; beyond, matched each time
 MAX_PEEK = 64 * 1024       # a larger body is the view's to read
@@ -60,14 +62,20 @@ _STATUS = "429 TOO MANY REQUESTS"   # as werkzeug writes it
 
 @dataclass(frozen=True, slots=True)
 class Early:
-    """How a view names its caller, for the door: the presented API key, else ``body_user``
-    (a JSON body field; None: key users only)."""
+    """How a view names its caller and renders a refusal, for the door.
+
+    ``key``: the API key a request presents, as the view reads it (default: Bearer, else
+    X-API-Key); ``body_user``: the JSON body field naming an anonymous caller (None: key users
+    only); ``render``: the view's response to a refused decision (default: the limiter's JSON
+    429), called with no request context."""
 
     body_user: str | None = None
+    key: Callable[[Any], str | None] = presented_key
+    render: Callable[[Decision], Response] | None = None
 
 
-def mark_early(view: Any, body_user: str | None) -> Any:
-    setattr(view, EARLY, Early(body_user))
+def mark_early(view: Any, early: Early) -> Any:
+    setattr(view, EARLY, early)
     return view
 
 
@@ -83,8 +91,8 @@ def learn_alias(deny: DenyCache, early: Early, headers: Any, realm: str, user: s
     """After the store refused ``user`` on an early view: remember what this request presented
     that named them, so the next such request can be refused at the door."""
     if realm == KEY_USER:
-        presented = presented_key(headers)
-        if presented is not None:
+        presented = early.key(headers)
+        if presented:
             deny.alias(("key", presented), realm, user, key_plan)
     elif realm == BODY_USER and early.body_user is not None:
         deny.alias(("body", early.body_user, user), realm, user, None)
@@ -105,17 +113,21 @@ class Door:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
                  ) -> Iterable[bytes]:
         if self.deny:   # nothing refused lately: one test, and on to Flask
-            answer = self._answer(environ)
-            if answer is not None:
-                status, headers, body = answer
+            early = self._early(environ)
+            decision = None if early is None else self._refusal(environ, early)
+            if early is not None and decision is not None:
+                rid = request_id_for(environ.get("HTTP_X_REQUEST_ID", ""))
+                if early.render is not None:
+                    response = early.render(decision)
+                    response.headers["X-Request-ID"] = rid
+                    return response(environ, start_response)
+                status, headers, body = render(decision, rid)
                 start_response(status, headers)
                 return [body]
         return self.wsgi_app(environ, start_response)
 
-    def _answer(self, environ: dict[str, Any]) -> Answer | None:
-        early = self._early(environ)
-        if early is None:
-            return None
+    def _refusal(self, environ: dict[str, Any], early: Early) -> Decision | None:
+        """The cached refusal this request meets (counted and logged), or None."""
         started = time.perf_counter()
         deny = self.deny
         policy = self.policy()
@@ -134,7 +146,7 @@ class Door:
         metrics.count(metrics.DENY_CACHE_HITS)
         metrics.time_decision(started)
         count_refusal(decision, user, ip)
-        return render(decision, environ.get("HTTP_X_REQUEST_ID", ""))
+        return decision
 
     def _early(self, environ: dict[str, Any]) -> Early | None:
         """The route's Early, or None: looked up once per (method, path, host)."""
@@ -176,9 +188,9 @@ class Door:
                ) -> tuple[str, str, str | None] | None:
         deny = self.deny
         # werkzeug's header view only when there is a key to read (the common abuse has none).
-        presented = (presented_key(EnvironHeaders(environ))
+        presented = (early.key(EnvironHeaders(environ))
                      if "HTTP_AUTHORIZATION" in environ or "HTTP_X_API_KEY" in environ else None)
-        if presented is not None:
+        if presented:
             found = deny.named(("key", presented))
             if found is not None:
                 return found
@@ -189,7 +201,8 @@ class Door:
 
 
 def render(decision: Decision, request_id: str) -> Answer:
-    """The 429 the view's error handler would send for ``decision`` (errors.json_response)."""
+    """The 429 the app's error handler would send for ``decision`` (errors.json_response),
+    with ``request_id`` (already checked) as X-Request-ID."""
     exc = refusal_error(Refused(decision))
     assert isinstance(exc, RateLimited)   # the deny cache keeps refusals with a wait only
     body = json_text(exc.body()).encode()
@@ -197,7 +210,7 @@ def render(decision: Decision, request_id: str) -> Answer:
     headers += [(name, value) for name, value in exc.limit_headers.items()
                 if name != "Retry-After"]
     headers.append(("Retry-After", str(exc.retry_after)))
-    headers.append(("X-Request-ID", request_id_for(request_id)))
+    headers.append(("X-Request-ID", request_id))
     return _STATUS, headers, body
 
 

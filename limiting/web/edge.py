@@ -17,7 +17,7 @@ from ..core.policy import Policy
 from ..stores.store import Store, edge_storage
 from . import logs
 from .context import LIMITED_ROUTE, request_limits
-from .door import mark_early
+from .door import Early, mark_early
 from .errors import LimiterUnavailable, json_response
 from .flask_limiter_adapter import take_request_hooks
 from .identity import client_ip
@@ -33,21 +33,19 @@ def mark_limited(view: Any) -> Any:
     return view
 
 
-def limited_route(view: F | None = None, *, early: bool = False,
-                  body_user: str | None = None) -> Any:
+def limited_route(view: F | None = None, *, early: Early | None = None) -> Any:
     """For a view that calls ``current_limiter().acquire(user)`` itself (after parsing its
     body): its edge check then happens in that same call instead of before the view.
 
-    ``early=True`` lets this worker refuse a caller it has just refused before Flask runs
-    (limiting/web/door.py), at a fraction of the cost. It is the view's promise that it
-    renders the limiter's own refusals and names its caller by the presented API key (a key
-    user) or, for an anonymous caller, by the JSON body's string field ``body_user``.
-    Usable bare (``@limited_route``) or called (``@limited_route(early=True, ...)``).
+    ``early``: let this worker refuse a caller it has just refused before Flask runs
+    (limiting/web/door.py), at a fraction of the cost. It is the view's promise of how it
+    names its caller (the API key it reads, or a JSON body field) and renders a refusal.
+    Usable bare (``@limited_route``) or called (``@limited_route(early=Early(...))``).
     """
 
     def mark(target: F) -> F:
-        if early:
-            mark_early(target, body_user)
+        if early is not None:
+            mark_early(target, early)
         return mark_limited(target)  # type: ignore[no-any-return]
 
     return mark if view is None else mark(view)
