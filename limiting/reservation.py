@@ -242,6 +242,12 @@ class Reservation:
             return layer.kind, layer.param, -charge.amount
 
         self._each_group(refunded)
+        # The guard's windows too: a waiter that hung up took a slot of the model's as well,
+        # which would otherwise stay taken for everyone until it left the window.
+        guard = SettleCall(self.guard_at)
+        for charge in self.guard_charges:
+            guard.add(charge.key, charge.layer.kind, charge.layer.param, -charge.amount)
+        self._run(guard)
 
     def renew(self) -> None:
         """Keep a streaming request's lease alive for another TTL."""
