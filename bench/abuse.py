@@ -86,8 +86,10 @@ def _measure(case: Case, s: Settings, wrk: str, redis_url: str, logdir: Path
     try:
         key = _make_key(managed.env) if case.keyed else ""
         managed.start()
-        wait_ready(managed, port, {"message": "ready?", "user_id": "bench-ready"},
-                   {"Authorization": f"Bearer {key}"} if key else None)
+        if key:   # the key's user pays: no user_id (another would be a 403)
+            wait_ready(managed, port, {"message": "ready?"}, {"Authorization": f"Bearer {key}"})
+        else:
+            wait_ready(managed, port, {"message": "ready?", "user_id": "bench-ready"})
         common = dict(threads=s.threads, timeout_s=5, users=case.users, key=key)
         if s.warmup > 0:
             run_wrk(wrk, port, connections=s.connections, duration_s=s.warmup, **common)

@@ -245,3 +245,29 @@ def test_aliases_are_bounded_and_cleared_with_the_cache() -> None:
     assert len(deny._aliases) == 100
     deny.clear()
     assert deny.named(("key", "k249")) is None
+
+
+def test_a_door_that_fails_lets_flask_answer(redis_url: str, r: redis.Redis,
+                                             tmp_path: Path) -> None:
+    from flask import request
+
+    from limiting import Early, RateLimiter, current_limiter, limited_route
+
+    def broken(decision: Any) -> Any:
+        raise RuntimeError("a renderer with a bug")
+
+    app = Flask(__name__)
+    app.config.update(REDIS_URL=redis_url, LIMITS_CONFIG=write_policy(tmp_path, HELD))
+    RateLimiter(app)
+
+    @app.post("/ask")
+    @limited_route(early=Early(body_user="user_id", render=broken))
+    def ask() -> dict[str, str]:
+        user = request.get_json()["user_id"]
+        current_limiter().acquire(user, anonymous=True)
+        return {"ok": user}
+
+    client = app.test_client()
+    assert client.post("/ask", json={"user_id": "u"}).status_code == 200
+    codes = [client.post("/ask", json={"user_id": "u"}).status_code for _ in range(3)]
+    assert codes == [429, 429, 429]   # the store's, then Flask's deny cache: never a 500

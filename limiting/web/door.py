@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from .errors import RateLimited, json_text, refusal_error
 from .logs import request_id_for
 from .recording import count_refusal
 
+log = logging.getLogger("limiter.door")
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 Answer = tuple[str, list[tuple[str, str]], bytes]
@@ -109,22 +111,36 @@ class Door:
         self.policy = policy
         self._routes: dict[tuple[str, str, str, str], Early | None] = {}
         self._ceiling: tuple[int, float] = (0, 0.0)
+        self._failed = False   # logged once per process
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
                  ) -> Iterable[bytes]:
         if self.deny:   # nothing refused lately: one test, and on to Flask
-            early = self._early(environ)
-            decision = None if early is None else self._refusal(environ, early)
-            if early is not None and decision is not None:
-                rid = request_id_for(environ.get("HTTP_X_REQUEST_ID", ""))
-                if early.render is not None:
-                    response = early.render(decision)
-                    response.headers["X-Request-ID"] = rid
-                    return response(environ, start_response)
-                status, headers, body = render(decision, rid)
-                start_response(status, headers)
-                return [body]
+            try:
+                answered = self._answer(environ, start_response)
+            except Exception:   # never a 500 from here: the view decides instead
+                if not self._failed:
+                    self._failed = True
+                    log.exception("refusing at the door failed; Flask answers instead")
+                answered = None
+            if answered is not None:
+                return answered
         return self.wsgi_app(environ, start_response)
+
+    def _answer(self, environ: dict[str, Any], start_response: StartResponse
+                ) -> Iterable[bytes] | None:
+        early = self._early(environ)
+        decision = None if early is None else self._refusal(environ, early)
+        if early is None or decision is None:
+            return None
+        rid = request_id_for(environ.get("HTTP_X_REQUEST_ID", ""))
+        if early.render is not None:
+            response = early.render(decision)
+            response.headers["X-Request-ID"] = rid
+            return response(environ, start_response)
+        status, headers, body = render(decision, rid)
+        start_response(status, headers)
+        return [body]
 
     def _refusal(self, environ: dict[str, Any], early: Early) -> Decision | None:
         """The cached refusal this request meets (counted and logged), or None."""
