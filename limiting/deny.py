@@ -101,23 +101,26 @@ class DenyCache:
                 return answer
         return self.caller(user, realm, plan, patience)
 
-    def edge(self, ip: str, patience: float = 0.0) -> Decision | None:
-        """The edge's refusal of ``ip`` to answer now, or None."""
+    def edge(self, ip: str, patience: float = 0.0, probe: bool = True) -> Decision | None:
+        """The edge's refusal of ``ip`` to answer now, or None. ``probe=False``: an entry that
+        is due to be asked again is left for a request that will ask the store (the door's
+        requests go on to Flask, where one does)."""
         key = (EDGE, ip)
         found = self._entries.get(key)
         if found is None:
             return None
-        return self._answer(key, found, self.clock(), patience)
+        return self._answer(key, found, self.clock(), patience, probe)
 
-    def caller(self, user: str, realm: str, plan: Plan, patience: float = 0.0
-               ) -> Decision | None:
+    def caller(self, user: str, realm: str, plan: Plan, patience: float = 0.0,
+               probe: bool = True) -> Decision | None:
         """The refusal of ``user``'s plan request layers to answer now, or None: only for a
-        request decided on the very Plan object that was refused."""
+        request decided on the very Plan object that was refused. ``probe``: as for
+        :meth:`edge`."""
         key = (realm, user)
         found = self._entries.get(key)
         if found is None or found.plan is not plan:
             return None
-        return self._answer(key, found, self.clock(), patience)
+        return self._answer(key, found, self.clock(), patience, probe)
 
     def alias(self, credential: Hashable, realm: str, user: str, key_plan: str | None
               ) -> None:
@@ -169,13 +172,14 @@ class DenyCache:
         entries[key] = entry
         return kept
 
-    def _answer(self, key: tuple[str, str], entry: Denial, now: float, patience: float
-                ) -> Decision | None:
+    def _answer(self, key: tuple[str, str], entry: Denial, now: float, patience: float,
+                probe: bool = True) -> Decision | None:
         if now >= entry.stale or now >= entry.until:
             self._entries.pop(key, None)
             return None
         if now >= entry.due and not entry.asked:
-            entry.asked = True   # this request asks the store; its answer renews the entry
+            if probe:
+                entry.asked = True   # this request asks the store; its answer renews the entry
             return None
         if entry.until - now <= patience:
             return None

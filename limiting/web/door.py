@@ -148,7 +148,8 @@ class Door:
         deny = self.deny
         policy = self.policy()
         ip = environ.get("REMOTE_ADDR") or "unknown"
-        decision = deny.edge(ip, self._patience(policy))
+        # probe=False: an entry due to be asked again is asked by Flask's path, not lost here.
+        decision = deny.edge(ip, self._patience(policy), probe=False)
         user = ip
         if decision is None:
             named = self._named(environ, early)
@@ -156,7 +157,7 @@ class Door:
                 return None
             realm, user, key_plan = named
             plan = policy.resolve(user, key_plan, realm)
-            decision = deny.caller(user, realm, plan, plan.max_wait_seconds)
+            decision = deny.caller(user, realm, plan, plan.max_wait_seconds, probe=False)
             if decision is None:
                 return None
         metrics.count(metrics.DENY_CACHE_HITS)
