@@ -171,3 +171,11 @@ def provider_env(monkeypatch: pytest.MonkeyPatch, upstream_timeout: str = "2"
         clients.reset()
         yield fake
         clients.reset()
+
+
+def store_calls(r: redis.Redis, *commands: str) -> int:
+    """How many of ``commands`` (e.g. "evalsha"; none: every one but INFO) Valkey has run."""
+    stats: dict[str, Any] = r.info("commandstats")   # type: ignore[assignment]
+    if not commands:
+        return sum(int(v.get("calls", 0)) for k, v in stats.items() if k != "cmdstat_info")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)

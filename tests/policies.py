@@ -76,3 +76,10 @@ def _value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+# A burst of one that refills in 100 s: the second request is refused with a long wait (the
+# deny cache answers it a second at a time at most).
+HELD = policy(store=LOADED, per_ip="100000 per minute",
+              plans={"starter": plan(1, 0.01, "1000 per day"),
+                     "pro": plan(100, 100, "1000 per day")})

@@ -24,25 +24,22 @@ from limiting.core.decision import Decision, LayerState
 from limiting.core.layers import bucket, edge
 from limiting.deny import ENTRY_BYTES, DenyCache
 from limiting.web import logs
-from tests.conftest import write_policy
-from tests.policies import LOADED, plan, policy
+from tests.conftest import store_calls, write_policy
+from tests.policies import HELD, LOADED, plan, policy
 
 # One request a second after a burst of two: a refusal waits up to a second.
 HAMMER = policy(store=LOADED, per_ip="100000 per minute",
                 plans={"starter": plan(2, 1, "1000 per day"),
                        "pro": plan(100, 100, "1000 per day")})
 # A long wait: the store says ~100 s, the cache answers a second at a time at most.
-SLOW = policy(store=LOADED, per_ip="100000 per minute",
-              plans={"starter": plan(1, 0.01, "1000 per day"),
-                     "pro": plan(100, 100, "1000 per day")})
+SLOW = HELD
 # The edge holds an address to 3 requests a minute; users are roomy.
 EDGE = policy(store=LOADED, per_ip="3 per minute",
               plans={"starter": plan(1000, 1000, "100000 per day")})
 
 
 def evalsha_calls(r: redis.Redis) -> int:
-    stats: dict[str, Any] = r.info("commandstats")   # type: ignore[assignment]
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return store_calls(r, "evalsha")
 
 
 def _app(url: str, tmp_path: Path, text: str, **config: Any) -> Flask:

@@ -19,27 +19,20 @@ from flask.testing import FlaskClient
 from app import create_app
 from limiting.deny import DenyCache
 from limiting.web.door import MAX_PEEK
-from tests.conftest import keyed_app, write_policy
-from tests.policies import LOADED, plan, policy
+from tests.conftest import keyed_app, store_calls, write_policy
+from tests.policies import HELD, LOADED, plan, policy
 
-# A burst of one that refills in 100 s: the second request is refused with a long wait.
-HELD = policy(store=LOADED, per_ip="100000 per minute",
-              plans={"starter": plan(1, 0.01, "1000 per day"),
-                     "pro": plan(100, 100, "1000 per day")})
 EDGE = policy(store=LOADED, per_ip="2 per minute",
               plans={"starter": plan(1000, 1000, "100000 per day")})
 
 
 def commands(r: redis.Redis) -> int:
-    """Every command Valkey ran so far (INFO's own excepted)."""
-    stats: dict[str, Any] = r.info("commandstats")   # type: ignore[assignment]
-    return sum(int(v.get("calls", 0)) for k, v in stats.items() if k != "cmdstat_info")
+    return store_calls(r)
 
 
 def lookups(r: redis.Redis) -> int:
     """Key lookups and scripts Valkey ran so far."""
-    stats: dict[str, Any] = r.info("commandstats")   # type: ignore[assignment]
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("hgetall", "evalsha"))
+    return store_calls(r, "hgetall", "evalsha")
 
 
 def _app(url: str, tmp_path: Path, text: str, **config: Any) -> tuple[Flask, list[str]]:
