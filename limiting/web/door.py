@@ -20,9 +20,13 @@ What it answers from:
   plan is resolved again here, so an override or reload in between means "ask the store".
 
 Everything else — a caller not yet refused here, an app that routes by host or subdomain, a
-body over 64 KiB — goes on to Flask unchanged (a body read here is handed on). A revoked key
-still in the cache is refused 429 rather than 401 until its entry ends (a second at most):
-either way it gets no work done.
+body over 64 KiB — goes on to Flask unchanged (a body read here is handed on).
+
+Where it answers differently from the view: a held caller is refused here whatever else is
+wrong with its request — a body the view would answer 400 (a missing message, an unknown
+model), a user_id that is not its key's (403), a bad X-RateLimit-Max-Wait — and a revoked key
+still in the cache gets a 429 rather than a 401 until its entry ends (a second at most). Each
+is a refusal of a caller the store has just refused: no work is done either way.
 """
 
 from __future__ import annotations
