@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from flask import Flask, Response
 from flask_limiter import Limiter
@@ -33,7 +33,16 @@ def mark_limited(view: Any) -> Any:
     return view
 
 
-def limited_route(view: F | None = None, *, early: Early | None = None) -> Any:
+@overload
+def limited_route(view: F) -> F: ...
+
+
+@overload
+def limited_route(view: None = None, *, early: Early | None = None) -> Callable[[F], F]: ...
+
+
+def limited_route(view: F | None = None, *, early: Early | None = None
+                  ) -> F | Callable[[F], F]:
     """For a view that calls ``current_limiter().acquire(user)`` itself (after parsing its
     body): its edge check then happens in that same call instead of before the view.
 
