@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Flask, current_app, request
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from limiting import (
@@ -29,8 +29,14 @@ from .validation import json_object, string_field, user_id_field
 bp = Blueprint("chat", __name__)
 
 
+def _requires_key(app: Flask) -> bool:
+    """Whether /chat names its caller by the API key in ``app`` (else by the body alone)."""
+    return bool(app.config.get("REQUIRE_API_KEY"))
+
+
 @bp.post("/chat")
-@limited_route(early=Early(body_user="user_id"))   # who pays: the key's user, else user_id
+# Who pays: the key's user with REQUIRE_API_KEY, else user_id (a key sent along is ignored).
+@limited_route(early=Early(body_user="user_id", uses_key=_requires_key))
 def chat() -> dict[str, Any]:
     limiter = current_limiter()
     key = _key_user(limiter) if current_app.config.get("REQUIRE_API_KEY") else None

@@ -123,6 +123,25 @@ def test_an_api_key_is_refused_at_the_door_without_looking_it_up(
     assert len(reached) == seen
 
 
+def test_a_held_key_sent_along_does_not_refuse_chats_body_user(
+        r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """Without REQUIRE_API_KEY /chat pays by user_id and ignores any key: a key held on /v1
+    (so known to the door) that a /chat request also sends must not refuse its body user."""
+    app, reached = _app(redis_url, tmp_path, HELD)
+    key, _ = app.extensions["llm_limiter"].keys.create("kim")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    codes = [client.post("/v1/chat/completions", json=body, headers=auth).status_code
+             for _ in range(3)]
+    assert codes == [200, 429, 429] and len(reached) == 2   # the door holds kim's key
+    resp = chat(client, "bob", headers=auth)
+    assert resp.status_code == 200 and resp.get_json() == {"reply": "echo: hi"}
+    resp = chat(client, "bob", headers={"X-API-Key": key})
+    assert resp.status_code == 429 and resp.get_json()["layer"] == "user"   # bob's own burst
+    assert len(reached) == 4, "both went to Flask"
+
+
 VARIANTS = ("openai", "anthropic")
 SDK_POLICY = policy(per_ip="100000 per minute", default="held",
                     plans={"held": plan(1, 0.01, "1000 per day")})

@@ -22,11 +22,15 @@ What it answers from:
 Everything else — a caller not yet refused here, an app that routes by host or subdomain, a
 body over 64 KiB — goes on to Flask unchanged (a body read here is handed on).
 
-Where it answers differently from the view: a held caller is refused here whatever else is
-wrong with its request — a body the view would answer 400 (a missing message, an unknown
-model), a user_id that is not its key's (403), a bad X-RateLimit-Max-Wait — and a revoked key
-still in the cache gets a 429 rather than a 401 until its entry ends (a second at most). Each
-is a refusal of a caller the store has just refused: no work is done either way.
+Where it answers differently from Flask, and only for a caller genuinely held: whatever else
+Flask would have found wrong first — an invalid body or model (400, 404), a user_id not the
+key's (403), a key revoked since (401), a body over MAX_CONTENT_LENGTH (413), a bad
+X-RateLimit-Max-Wait (400) — it is refused 429 until its entry ends (a second at most):
+either way it gets no work done. Flask counts
+such a bad request at the edge; here it is not counted (no refusal answered without the store
+is). And an IP held at the edge whose caller is held too may be told the caller's refusal
+where Flask would tell it the edge's.
+(tests/test_door_differential.py compares the two paths request by request.)
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flask import Flask, Response
@@ -73,11 +77,15 @@ class Early:
     ``key``: the API key a request presents, as the view reads it (default: Bearer, else
     X-API-Key); ``body_user``: the JSON body field naming an anonymous caller (None: key users
     only); ``render``: the view's response to a refused decision (default: the limiter's JSON
-    429), called with no request context."""
+    429), called with no request context; ``uses_key``: whether the view names its caller by
+    that key at all in a given app (None: in every app), asked once per route — a view that
+    ignores keys in some apps (/chat without REQUIRE_API_KEY) must not have a held key the
+    request also presents refuse the body's user, whom it would serve."""
 
     body_user: str | None = None
     key: Callable[[Any], str | None] = presented_key
     render: Callable[[Decision], Response] | None = None
+    uses_key: Callable[[Flask], bool] | None = None
 
 
 def mark_early(view: Any, early: Early) -> Any:
@@ -189,6 +197,9 @@ class Door:
                     subdomain=url_map.default_subdomain or None)
                 endpoint, _ = adapter.match()
                 early = early_of(app.view_functions.get(str(endpoint)))
+                if early is not None and early.uses_key is not None \
+                        and not early.uses_key(app):
+                    early = replace(early, key=_no_key)
             except HTTPException:   # not found, wrong method, a redirect: Flask's to answer
                 early = None
         if len(routes) < MAX_ROUTES:
@@ -233,6 +244,11 @@ def render(decision: Decision, request_id: str) -> Answer:
     headers.append(("Retry-After", str(exc.retry_after)))
     headers.append(("X-Request-ID", request_id))
     return _STATUS, headers, body
+
+
+def _no_key(headers: Any) -> None:
+    """The key reader of a view that reads none in this app."""
+    return None
 
 
 def _body_field(environ: dict[str, Any], field: str) -> str | None:
