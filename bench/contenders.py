@@ -84,6 +84,9 @@ class Contender:
         if upstream is not None:
             env["OPENAI_API_KEY"] = "sk-fake"
             env["OPENAI_BASE_URL"] = f"{upstream}/v1"
+            # A provider key turns ours' API-key requirement on; /chat is compared the
+            # article's way (the body's user_id), as every other contender serves it.
+            env.setdefault("REQUIRE_API_KEY", "0")
         if self.kind == "baseline":
             env["BENCH_BIND"] = f"127.0.0.1:{port}"
             env["BENCH_WORKER_CLASS"] = self.worker_class or "gevent"
