@@ -36,7 +36,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 
 from .core.decision import Decision, LayerState
 from .core.layers import Layer
@@ -130,7 +132,7 @@ class DenyCache:
         aliases = self._aliases
         aliases.pop(credential, None)
         if len(aliases) >= self.max_entries:
-            aliases.popitem(last=False)
+            _drop_oldest(aliases)
         aliases[credential] = (realm, user, key_plan)
 
     def named(self, credential: Hashable) -> tuple[str, str, str | None] | None:
@@ -168,7 +170,7 @@ class DenyCache:
         entries = self._entries
         entries.pop(key, None)   # re-added last: the newest
         if len(entries) >= self.max_entries:
-            entries.popitem(last=False)
+            _drop_oldest(entries)
         entries[key] = entry
         return kept
 
@@ -184,6 +186,13 @@ class DenyCache:
         if entry.until - now <= patience:
             return None
         return aged(entry.decision, now - entry.replied, entry.honest - now)
+
+
+def _drop_oldest(table: OrderedDict[Any, Any]) -> None:
+    """The oldest entry out; under gthread workers another thread may have emptied the
+    table since its length was read, and a refusal must never fail on that."""
+    with suppress(KeyError):
+        table.popitem(last=False)
 
 
 def aged(decision: Decision, elapsed: float, wait: float) -> Decision:
