@@ -293,3 +293,21 @@ def test_a_door_that_fails_lets_flask_answer(redis_url: str, r: redis.Redis,
     assert client.post("/ask", json={"user_id": "u"}).status_code == 200
     codes = [client.post("/ask", json={"user_id": "u"}).status_code for _ in range(3)]
     assert codes == [429, 429, 429]   # the store's, then Flask's deny cache: never a 500
+
+
+def test_behind_a_proxy_the_door_holds_the_client_not_the_proxy(
+        r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """The door sits inside ProxyFix: with TRUSTED_PROXIES=1 it sees X-Forwarded-For's client,
+    so one client over the edge does not shut out everyone behind the same proxy."""
+    app, reached = _app(redis_url, tmp_path, EDGE, TRUSTED_PROXIES="1")
+    client = app.test_client()
+
+    def via_proxy(client_ip: str, user: str) -> Any:
+        return chat(client, user, ip="10.9.9.9", headers={"X-Forwarded-For": client_ip})
+
+    assert [via_proxy("203.0.113.7", f"u{i}").status_code for i in range(2)] == [200, 200]
+    assert via_proxy("203.0.113.7", "u2").status_code == 429   # the store's: the edge
+    seen = len(reached)
+    assert via_proxy("203.0.113.7", "u3").status_code == 429
+    assert len(reached) == seen, "answered at the door"
+    assert via_proxy("198.51.100.1", "u4").status_code == 200   # another client, same proxy
