@@ -62,6 +62,15 @@ Backend = ClockedMemory | ClockedValkey
 
 PREFIX = user_prefix("rl:", "prop")
 START = st.integers(1_600_000_000_000_000, 1_900_000_000_000_000)   # µs, around today
+# Two request windows of different lengths: (limit, seconds) each.
+TWO_WINDOWS = st.lists(st.tuples(st.integers(1, 8), st.sampled_from([1, 2, 10, 60])),
+                       min_size=2, max_size=2, unique_by=lambda q: q[1])
+
+
+def bucket_and_windows(burst: int, rate: float, quotas: list[tuple[int, int]]) -> Plan:
+    """A plan of a bucket and the given request windows."""
+    return Plan("p", burst=burst, refill_per_second=rate,
+                quotas=tuple(Window(n, s, f"{n} per {s} seconds") for n, s in quotas))
 # (window seconds, wide): "w" is a plan quota; "W" the tokens-minute or usd-day layer.
 SHAPES = [(1, False), (2, False), (10, False), (60, False), (86400, False), (604800, False),
           (60, True), (86400, True)]
@@ -381,12 +390,9 @@ def test_bucket_cost_above_capacity_never_passes(make_backend: Callable[[], Back
 
 class AllOrNothingMachine(Clocked):
     @initialize(burst=st.integers(1, 4), rate=st.sampled_from([0.2, 1.0, 3.0]),
-                quotas=st.lists(st.tuples(st.integers(1, 8), st.sampled_from([1, 2, 10, 60])),
-                                min_size=2, max_size=2, unique_by=lambda q: q[1]),
-                start=START)
+                quotas=TWO_WINDOWS, start=START)
     def setup(self, burst: int, rate: float, quotas: list[tuple[int, int]], start: int) -> None:
-        plan = Plan("p", burst=burst, refill_per_second=rate,
-                    quotas=tuple(Window(n, s, f"{n} per {s} seconds") for n, s in quotas))
+        plan = bucket_and_windows(burst, rate, quotas)
         self.compiled = compile_plan(plan)
         assert [layer.kind for layer in self.compiled.layers] == ["b", "w", "w"]
         self.peek_args = list(compile_plan(plan, cost=0).args)

@@ -8,18 +8,28 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
-from tests.conftest import write_policy
+from tests.conftest import Gunicorn, write_policy
 
 WAITING = ("[edge]\nper_ip = ['100000 per minute']\n[defaults]\nplan = 'w'\n"
            "[plans.w]\nburst = 1\nrefill_per_second = 4\nmax_wait_seconds = 3\n"
            "[plans.slow]\nburst = 1\nrefill_per_second = 0.5\nmax_wait_seconds = 10\n"
            "[users]\n'slow-user' = 'slow'\n")
+
+
+@pytest.fixture
+def waiting_app(gunicorn: Callable[..., Gunicorn], tmp_path: Path, r: redis.Redis,
+                unix_url: str) -> Callable[[int], Gunicorn]:
+    """Starts gunicorn with WAITING on that many workers, on an emptied store."""
+    return lambda workers: gunicorn(REDIS_URL=unix_url, WEB_CONCURRENCY=str(workers),
+                                    LIMITS_CONFIG=write_policy(tmp_path, WAITING))
 
 
 def timed_posts(url: str, n: int, user: str, headers: dict[str, str] | None = None
@@ -37,11 +47,9 @@ def timed_posts(url: str, n: int, user: str, headers: dict[str, str] | None = No
         return start, list(pool.map(one, range(n)))
 
 
-def test_eight_concurrent_calls_all_pass_spaced_by_the_rate(gunicorn, tmp_path: Path,
-                                                            r: redis.Redis,
-                                                            unix_url: str) -> None:
-    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, WAITING),
-                   WEB_CONCURRENCY="4")
+def test_eight_concurrent_calls_all_pass_spaced_by_the_rate(
+        waiting_app: Callable[[int], Gunicorn]) -> None:
+    app = waiting_app(4)
     _, answers = timed_posts(app.url, 8, "eight")
     assert [resp.status_code for _, resp in answers] == [200] * 8, answers[0][1].text
     took = sorted(t for t, _ in answers)
@@ -52,10 +60,9 @@ def test_eight_concurrent_calls_all_pass_spaced_by_the_rate(gunicorn, tmp_path: 
         assert resp.headers["RateLimit-Policy"] and "X-RateLimit-Remaining" in resp.headers
 
 
-def test_24_concurrent_admit_the_slots_within_3_seconds(gunicorn, tmp_path: Path,
-                                                        r: redis.Redis, unix_url: str) -> None:
-    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, WAITING),
-                   WEB_CONCURRENCY="4")
+def test_24_concurrent_admit_the_slots_within_3_seconds(
+        waiting_app: Callable[[int], Gunicorn]) -> None:
+    app = waiting_app(4)
     _, answers = timed_posts(app.url, 24, "many")
     served = [t for t, resp in answers if resp.status_code == 200]
     refused = [(t, resp) for t, resp in answers if resp.status_code == 429]
@@ -67,11 +74,9 @@ def test_24_concurrent_admit_the_slots_within_3_seconds(gunicorn, tmp_path: Path
         assert int(resp.headers["Retry-After"]) >= 3
 
 
-def test_the_header_asks_for_less_and_bad_values_are_400(gunicorn, tmp_path: Path,
-                                                          r: redis.Redis,
-                                                          unix_url: str) -> None:
-    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, WAITING),
-                   WEB_CONCURRENCY="2")
+def test_the_header_asks_for_less_and_bad_values_are_400(
+        waiting_app: Callable[[int], Gunicorn]) -> None:
+    app = waiting_app(2)
     body = {"message": "hi", "user_id": "hdr"}
     for bad in ("soon", "-1", "nan", "inf", "1e999"):
         resp = httpx.post(app.url + "/chat", json=body,
@@ -95,11 +100,9 @@ def _raw_chat(port: int, user: str) -> socket.socket:
     return sock
 
 
-def test_a_client_that_hangs_up_while_waiting_gives_its_slot_back(gunicorn, tmp_path: Path,
-                                                                   r: redis.Redis,
-                                                                   unix_url: str) -> None:
-    app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, WAITING),
-                   WEB_CONCURRENCY="4")
+def test_a_client_that_hangs_up_while_waiting_gives_its_slot_back(
+        waiting_app: Callable[[int], Gunicorn]) -> None:
+    app = waiting_app(4)
     body = {"message": "hi", "user_id": "slow-user"}
     assert httpx.post(app.url + "/chat", json=body).status_code == 200   # the one token
     # Three clients queue for the next slots (2, 4 and 6 s away at 0.5 per second)...

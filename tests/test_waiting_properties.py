@@ -18,14 +18,16 @@ from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 from limiting.core.codec import with_deadline
 from limiting.core.layers import compile_plan
-from limiting.core.policy import Plan, Window
+from limiting.core.policy import Plan
 from tests.test_properties import (
     EPS,
     PREFIX,
     START,
+    TWO_WINDOWS,
     Backend,
     Clocked,
     SlidingLog,
+    bucket_and_windows,
     machine_settings,
     make_backend,
     with_costs,
@@ -38,12 +40,9 @@ class WaitingMachine(Clocked):
     """A bucket and two windows; each request asks for a deadline of its own."""
 
     @initialize(burst=st.integers(1, 4), rate=st.sampled_from([0.5, 1.0, 4.0]),
-                quotas=st.lists(st.tuples(st.integers(1, 8), st.sampled_from([1, 2, 10, 60])),
-                                min_size=2, max_size=2, unique_by=lambda q: q[1]),
-                start=START)
+                quotas=TWO_WINDOWS, start=START)
     def setup(self, burst: int, rate: float, quotas: list[tuple[int, int]], start: int) -> None:
-        plan = Plan("p", burst=burst, refill_per_second=rate,
-                    quotas=tuple(Window(n, s, f"{n} per {s} seconds") for n, s in quotas))
+        plan = bucket_and_windows(burst, rate, quotas)
         self.compiled = compile_plan(plan)
         self.keys = [PREFIX + s for s in self.compiled.suffixes]
         self.burst, self.rate = burst, Fraction(rate)
