@@ -13,7 +13,14 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from .core.codec import AcquireCall, AcquireReply, Costs, SettleCall, with_deadline
+from .core.codec import (
+    AcquireCall,
+    AcquireReply,
+    Costs,
+    SettleCall,
+    given_back,
+    with_deadline,
+)
 from .core.decision import Decision, from_reply, joined, store_away
 from .core.groups import Group, merged, ordered, plan_calls
 from .core.groups import joined as join_groups
@@ -183,11 +190,7 @@ class Calls:
         for group, at, states in charged:
             for layer, key, amount in group.refunds(states):
                 tag = "" if self.store.single_node else group.tag
-                call = calls.setdefault((at, tag), SettleCall(at))
-                if layer.kind == "b":
-                    call.add(key, "b", layer.limit, -amount)
-                else:
-                    call.add(key, layer.kind, layer.param, -amount)
+                calls.setdefault((at, tag), SettleCall(at)).add(key, *given_back(layer, amount))
         for call in calls.values():
             with contextlib.suppress(StoreUnavailable):   # then it ages out with its window
                 self.store.run("settle", call.keys, call.args)

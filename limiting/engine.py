@@ -19,7 +19,6 @@ from .core.decision import (
     store_away,
 )
 from .core.groups import Group, ordered
-from .core.groups import joined as join_groups
 from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import KEY_USER, EdgeKeys, user_prefix
 from .core.orgs import compile_org
@@ -118,7 +117,8 @@ class Engine(Guard):
         plan_size = own.size
         if extra:
             # One server: the route's groups join the user's call, after the plan's layers.
-            own = join_groups([self.plan_group(compiled, user, ip, realm, own), *extra])
+            for group in extra:
+                own = own.join(group.call)
             compiled = replace(self.combined(compiled.layers + ordered([extra])),
                                plan=compiled.plan, edge_count=compiled.edge_count)
         org_part = self._org_call(org, realm, costs) if org is not None else None
@@ -235,8 +235,7 @@ class Engine(Guard):
         except GuardRefused:
             self.refund(first.charged)
             raise
-        reservation.decision = joined(reservation.decision, first.decision)
-        reservation.decision.delay = max(reservation.decision.delay, first.decision.delay)
+        reservation.decision = joined(reservation.decision, first.decision)   # the later slot
         if charged is not None:
             charged += first.charged
         return reservation

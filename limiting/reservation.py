@@ -22,7 +22,7 @@ from types import TracebackType
 
 from . import metrics
 from .core.ask import Ask
-from .core.codec import SettleCall
+from .core.codec import SettleCall, given_back
 from .core.decision import Decision
 from .core.layers import ESTIMATED_UNITS, Layer
 from .core.lease import KeepAlive, provider_billed
@@ -237,17 +237,11 @@ class Reservation:
             layer = charge.layer
             if layer.unit == "leases":
                 return "c", layer.param, self.lease or ""
-            if layer.kind == "b":
-                return "b", layer.limit, -charge.amount
-            return layer.kind, layer.param, -charge.amount
+            return given_back(layer, charge.amount)
 
-        self._each_group(refunded)
         # The guard's windows too: a waiter that hung up took a slot of the model's as well,
         # which would otherwise stay taken for everyone until it left the window.
-        guard = SettleCall(self.guard_at)
-        for charge in self.guard_charges:
-            guard.add(charge.key, charge.layer.kind, charge.layer.param, -charge.amount)
-        self._run(guard)
+        self._each_group(refunded, groups=[*self.groups, (self.guard_at, self.guard_charges)])
 
     def renew(self) -> None:
         """Keep a streaming request's lease alive for another TTL."""
@@ -256,11 +250,12 @@ class Reservation:
                              if charge.layer.unit == "leases" else None)
 
     def _each_group(self, fix: Callable[[Charge], _Fix | None],
-                    first: Callable[[SettleCall], SettleCall | None] | None = None) -> None:
-        """One settle call per group of charges (one slot each): ``fix`` of every charge.
-        ``first`` may add to the user's call (the first group), and return a call to run
-        after it."""
-        for i, (charged_at, charges) in enumerate(self.groups):
+                    first: Callable[[SettleCall], SettleCall | None] | None = None,
+                    groups: Sequence[tuple[int, Sequence[Charge]]] | None = None) -> None:
+        """One settle call per group of charges (one slot each; default: the user's and
+        ``more``): ``fix`` of every charge. ``first`` may add to the user's call (the first
+        group), and return a call to run after it."""
+        for i, (charged_at, charges) in enumerate(self.groups if groups is None else groups):
             call = SettleCall(charged_at)
             for charge in charges:
                 item = fix(charge)

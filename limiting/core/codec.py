@@ -229,6 +229,14 @@ class AcquireReply:
 # --- settle ---------------------------------------------------------------------------------------
 
 
+def given_back(layer: LayerArgs, amount: float) -> tuple[str, float, float]:
+    """A settle entry (kind, param, delta) undoing a charge of ``amount`` on ``layer``: a
+    bucket is told its capacity (its refill is capped there), any other layer its own param."""
+    if layer.kind == "b":
+        return "b", layer.limit, -amount
+    return layer.kind, layer.param, -amount
+
+
 @dataclass(slots=True)
 class SettleCall:
     """One settle.lua call: corrections to the layers an acquire at ``charged_at`` charged.
