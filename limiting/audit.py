@@ -111,7 +111,9 @@ def _first_time(store: Store, key: str) -> bool:
                 return False
             seen.add(key)
             return True
-    return bool(_redis(store, lambda c: c.set(key, 1, nx=True, ex=7 * 86400)))
+    # No expiry: the master's reload file keeps its entries for good, and every worker
+    # start replays it; a marker that expired would record an old reload again.
+    return bool(_redis(store, lambda c: c.set(key, 1, nx=True)))
 
 
 class Audit:

@@ -56,9 +56,14 @@ def member(user: str, realm: str) -> str:
 
 
 def from_member(text: str) -> tuple[str, str]:
-    """(realm, user) of a ranking's member."""
+    """(realm, user) of a ranking's member; one written before ids were JSON-quoted (still
+    in the days kept) reads as its plain text."""
     realm, _, quoted = text.partition(":")
-    return realm, json.loads(quoted)
+    try:
+        user = json.loads(quoted)
+    except ValueError:
+        return realm, quoted
+    return realm, user if isinstance(user, str) else quoted
 
 
 class LedgerKeys:

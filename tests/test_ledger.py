@@ -151,3 +151,12 @@ def test_any_user_id_is_ranked_and_read_back_as_it_came(backend: Backend) -> Non
     top = reader(backend).top(day_of(MIDNIGHT), 10)
     assert [(row.user, row.score, row.spend.usd_micros) for row in top] == [
         (user, 10 + i, 10 + i) for i, user in reversed(list(enumerate(odd)))]
+
+
+def test_a_ranking_member_written_before_ids_were_quoted_still_reads() -> None:
+    from limiting.ledger import from_member, member
+
+    assert from_member(member("alice", "u")) == ("u", "alice")
+    assert from_member(member('"quoted" \ud800', "b")) == ("b", '"quoted" \ud800')
+    assert from_member("u:alice") == ("u", "alice")        # as days before the change hold
+    assert from_member("b:42") == ("b", "42")

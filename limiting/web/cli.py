@@ -62,10 +62,10 @@ def show(user: str | None, anonymous: bool | None, org_name: str | None) -> None
             decision = limiter.engine.peek_org(_org(org_name), realm)
             head = f"org {org_name} ({'/chat user_ids' if anonymous else 'API key users'})"
         else:
-            realm = limiter.realm_of_user(user, anonymous=anonymous)
-            key_plan = limiter.keys.plans_by_user(user).get(user) if realm == KEY_USER else None
+            key_plans = limiter.keys.plans_by_user(user)
+            realm = limiter.realm_of_user(user, key_plans, anonymous)
             # The key's plan and this namespace's override, as requests are served.
-            plan = limiter.policy.resolve(user, key_plan, realm)
+            plan = limiter.plan_of_user(user, key_plans, realm)
             org = limiter.org_of_user(user)
             decision = limiter.engine.peek(user, plan, realm, org)
             who = "/chat user_id" if realm == BODY_USER else "API key user"
@@ -108,8 +108,9 @@ def reset(user: str | None, layer: str | None, anonymous: bool | None,
         click.echo(f"reset org {org_name}: {removed} key(s) removed")
         return
     try:
-        plan = limiter.plan_of_user(user)
-        realm = limiter.realm_of_user(user, anonymous=anonymous)
+        key_plans = limiter.keys.plans_by_user(user)
+        realm = limiter.realm_of_user(user, key_plans, anonymous)
+        plan = limiter.plan_of_user(user, key_plans, realm)   # that namespace's, as served
     except StoreUnavailable as exc:
         click.echo(f"error: the store is unreachable: {exc}", err=True)
         sys.exit(2)

@@ -261,13 +261,16 @@ class RateLimiter:
             self._observer = Observer(self.engine.observe_args, max_hold=self.engine.max_hold)
         self._observer.submit(model, headers, status, tokens)
 
-    def plan_of_user(self, user: str, key_plans: Mapping[str, str] | None = None) -> Plan:
-        """The plan ``user`` is served on, for operators (``limits show``, /admin/usage):
-        their newest live key's, else [users]/default. ``key_plans`` (from
+    def plan_of_user(self, user: str, key_plans: Mapping[str, str] | None = None,
+                     realm: str | None = None) -> Plan:
+        """The plan ``user`` is served on, for operators (``limits show|reset``,
+        /admin/usage): their newest live key's, else [users]/default, with the override of
+        ``realm`` (BODY_USER: the /chat user_id's, which no key names). ``key_plans`` (from
         ``keys.plans_by_user()``) saves a scan of every key when asking for many users."""
         if key_plans is None:
             key_plans = self.keys.plans_by_user(user)
-        return self.policy.resolve(user, key_plans.get(user))
+        key_plan = None if realm == BODY_USER else key_plans.get(user)
+        return self.policy.resolve(user, key_plan, realm)
 
     def org_of_user(self, user: str, key_orgs: Mapping[str, str | None] | None = None
                     ) -> Plan | None:
