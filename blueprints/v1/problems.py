@@ -110,8 +110,7 @@ def refusal(exc: BaseException,
         if decision is not None:
             limits.decision = decision
             if not decision.allowed:
-                problem = problem_from(RateLimited.from_decision(
-                    decision, rate_limit_headers(decision)))
+                return refused(decision, provider_headers)
     if problem.kind == RATE_LIMITED and decision is not None:
         problem.headers = {**provider_headers(decision), **problem.headers}
     return problem

@@ -25,8 +25,7 @@ def refuse_if_denied(deny: DenyCache | None, user: str, realm: str, plan: Plan,
         return
     # A request that may wait for its slot (the plan's max_wait_seconds) is the store's to
     # place: an entry answers only when its wait is longer than that.
-    decision = deny.refusal(client_ip(), user, realm, plan,
-                            float(getattr(plan, "max_wait_seconds", 0) or 0))
+    decision = deny.refusal(client_ip(), user, realm, plan, plan.max_wait_seconds)
     if decision is None:
         return
     metrics.count(metrics.DENY_CACHE_HITS)

@@ -113,16 +113,17 @@ def learn_alias(deny: DenyCache, early: Early, headers: Any, realm: str, user: s
 
 
 class Door:
-    """``app.wsgi_app = Door(app.wsgi_app, app, deny, lambda: limiter.policy)``."""
+    """``app.wsgi_app = Door(app.wsgi_app, app, deny, policy)``."""
 
-    def __init__(self, wsgi_app: WSGIApp, app: Flask, deny: DenyCache,
-                 policy: Callable[[], Policy]) -> None:
+    def __init__(self, wsgi_app: WSGIApp, app: Flask, deny: DenyCache, policy: Policy) -> None:
         self.wsgi_app = wsgi_app
         self.app = app
         self.deny = deny
-        self.policy = policy
+        self.policy = policy   # a worker's for its life (overrides pick among its plans)
+        # The longest any plan may wait: an edge entry answers here only past it (the
+        # caller's plan, and so its own patience, is not known yet).
+        self.patience = max((p.max_wait_seconds for p in policy.plans.values()), default=0.0)
         self._routes: dict[tuple[str, str, str, str], Early | None] = {}
-        self._ceiling: tuple[int, float] = (0, 0.0)
         self._failed = False   # logged once per process
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
@@ -158,10 +159,10 @@ class Door:
         """The cached refusal this request meets (counted and logged), or None."""
         started = time.perf_counter()
         deny = self.deny
-        policy = self.policy()
+        policy = self.policy
         ip = environ.get("REMOTE_ADDR") or "unknown"
         # probe=False: an entry due to be asked again is asked by Flask's path, not lost here.
-        decision = deny.edge(ip, self._patience(policy), probe=False)
+        decision = deny.edge(ip, self.patience, probe=False)
         user = ip
         if decision is None:
             named = self._named(environ, early)
@@ -205,16 +206,6 @@ class Door:
         if len(routes) < MAX_ROUTES:
             routes[key] = early
         return early
-
-    def _patience(self, policy: Policy) -> float:
-        """The longest any plan may wait: an edge entry answers here only past it (the
-        caller's plan, and so its own patience, is not known yet)."""
-        plans = policy.plans
-        known, ceiling = self._ceiling
-        if known != id(plans):
-            ceiling = max((p.max_wait_seconds for p in plans.values()), default=0.0)
-            self._ceiling = (id(plans), ceiling)
-        return ceiling
 
     def _named(self, environ: dict[str, Any], early: Early
                ) -> tuple[str, str, str | None] | None:

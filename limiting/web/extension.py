@@ -110,10 +110,8 @@ class RateLimiter:
         if _setting(app, "DENY_CACHE", "1").lower() not in ("0", "false", "no", "off"):
             self.deny = DenyCache()
             on_change(policy, self.deny.clear)   # limits set/unset/reset: ask the store again
-        if self.deny is not None:
             # Inside ProxyFix (added next): the door sees the address the edge counts.
-            app.wsgi_app = Door(  # type: ignore[method-assign]
-                app.wsgi_app, app, self.deny, lambda: self.engine.policy)
+            app.wsgi_app = Door(app.wsgi_app, app, self.deny, policy)  # type: ignore[method-assign]
         hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
         if hops > 0:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
@@ -183,7 +181,8 @@ class RateLimiter:
         realm = BODY_USER if anonymous else KEY_USER
         resolved, org_plan = policy.resolve(user, plan, realm), policy.org_of(user, org)
         refuse_if_denied(self.deny, user, realm, resolved, started)
-        state, extra = pending(user, org_plan.name if org_plan is not None else None)
+        state, extra = pending(self.routes, user,
+                               org_plan.name if org_plan is not None else None)
         wait = max_wait(resolved)
         charged: list[Charged] = []
         if extra or wait:   # the route's own limits, in the same call; a slot to give back
@@ -227,7 +226,8 @@ class RateLimiter:
         org_plan = policy.org_of(user, org)
         resolved = policy.resolve(user, plan, realm)
         refuse_if_denied(self.deny, user, realm, resolved, started)
-        state, extra = pending(user, org_plan.name if org_plan is not None else None)
+        state, extra = pending(self.routes, user,
+                               org_plan.name if org_plan is not None else None)
         charged: list[Charged] = []
         try:
             reservation = engine.reserve(user, resolved, ask, ip=client_ip(), realm=realm,

@@ -28,9 +28,7 @@ keys_cli = AppGroup(
 
 def keys_for_app() -> ApiKeys:
     """The ApiKeys of the running app, on its store and plans."""
-    limiter = app_limiter()
-    policy = limiter.policy
-    return ApiKeys(limiter.store, policy.default_plan, policy.plans, orgs=policy.orgs)
+    return app_limiter().keys
 
 
 def _fail(message: str, code: int) -> NoReturn:

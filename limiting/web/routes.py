@@ -35,6 +35,7 @@ from ..core.routes import HEADER_KEY, RouteLimit, unknown_endpoints
 from ..core.routes import sliding_window as sliding_window_limit
 from ..core.routes import token_bucket as token_bucket_limit
 from ..engine import Engine
+from ..keys import presented_key
 from .context import LIMITED_ROUTE, request_limits
 from .errors import refusal_error
 from .identity import client_ip
@@ -176,9 +177,12 @@ class RouteLimits:
         out = []
         for b in bounds:
             limit = b.limit
-            cost = limit.cost() if callable(limit.cost) else limit.cost
-            if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
-                raise TypeError(f"{b.layer.name}: cost must be a whole number >= 0, got {cost!r}")
+            cost = limit.cost
+            if callable(cost):   # a fixed cost was checked when the limit was made
+                cost = cost()
+                if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+                    raise TypeError(f"{b.layer.name}: cost must be a whole number >= 0, "
+                                    f"got {cost!r}")
             tag = f"{self.namespace}{{{b.head}:{user_tag(key_value(limit.key, user, org))}}}"
             out.append(Group.of([b.layer], [f"{tag}:{b.suffix}"], [cost], tag))
         return out
@@ -197,8 +201,7 @@ def key_value(key: Any, user: str | None, org: str | None = None) -> str:
         # charges nobody counts by the client's address.
         return "u:" + user if user is not None else "ip:" + client_ip()
     if key == "key":
-        auth = request.headers.get("Authorization", "")
-        token = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
+        token = presented_key(request.headers)   # as authentication reads it
         if token:
             return "k:" + hashlib.sha256(token.encode()).hexdigest()[:32]
         return "ip:" + client_ip()
@@ -251,14 +254,15 @@ def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
         return response
 
 
-def pending(user: str, org: str | None = None) -> tuple[RouteState | None, list[Group]]:
+def pending(routes: RouteLimits, user: str, org: str | None = None
+            ) -> tuple[RouteState | None, list[Group]]:
     """The route limits the view's acquire/reserve should carry (once per request); ``org``:
     the org the request is charged to, for limits keyed by "org"."""
     state: RouteState | None = request_limits().routes
     if state is None or state.used:
         return None, []
     state.used = True
-    return state, current_limiter_routes().groups(state.bounds, user, org)
+    return state, routes.groups(state.bounds, user, org)
 
 
 def keep(state: RouteState | None, charged: Sequence[Charged]) -> None:
@@ -269,10 +273,3 @@ def keep(state: RouteState | None, charged: Sequence[Charged]) -> None:
         for b in state.bounds:
             if item[0].layers[0] is b.layer and b.limit.deduct_when is not None:
                 state.charged.append((item, b.limit.deduct_when))
-
-
-def current_limiter_routes() -> RouteLimits:
-    from .operated import EXTENSION_KEY
-
-    routes: RouteLimits = current_app.extensions[EXTENSION_KEY].routes
-    return routes
