@@ -51,11 +51,13 @@ class Guard(Calls):
         first = random.randrange(shards)
         return first, (first + random.randrange(1, shards)) % shards
 
-    def _shard_prefixes(self, model_name: str) -> list[str]:
-        """Every shard's key prefix of the model's guard."""
+    def _shard_count(self, model_name: str) -> int:
         model = self.policy.model(model_name)
-        return [self._guard_of(model_name, None, i)[1]
-                for i in range(model.shards if model is not None else 1)]
+        return model.shards if model is not None else 1
+
+    def _shard_prefixes(self, model_name: str) -> list[str]:
+        """Every shard's key prefix of the model's guard (no layers built for it)."""
+        return [self._prefix(model_name, i) for i in range(self._shard_count(model_name))]
 
     def peek_model(self, model_name: str) -> Decision:
         """The model's guard layers (shared windows, learnt pacing), charging nothing; a
@@ -68,8 +70,8 @@ class Guard(Calls):
         whole = guard_layers(model_name, model if model is None else replace(model, shards=1))
         states: list[tuple[int, int]] = []
         reply = None
-        for i, prefix in enumerate(self._shard_prefixes(model_name)):
-            shard_layers = self._guard_of(model_name, None, i)[0]
+        for i in range(self._shard_count(model_name)):
+            shard_layers, prefix = self._guard_of(model_name, None, i)
             compiled = compile_plan(None, shard_layers, cost=0)
             reply = self._call([prefix + layer.suffix for layer in shard_layers], compiled.args)
             states = reply.states if not states else [
@@ -101,11 +103,15 @@ class Guard(Calls):
                   shard: int = 0) -> tuple[tuple[Layer, ...], str]:
         """The guard's layers (as ``plan`` may fill them) and key prefix on ``shard``: an
         alias shares its model's, as one upstream limit covers both names."""
+        return (guard_layers(model_name, self.policy.model(model_name), plan, shard),
+                self._prefix(model_name, shard))
+
+    def _prefix(self, model_name: str, shard: int) -> str:
+        """The guard's key prefix on ``shard``: an alias shares its model's."""
         model = self.policy.model(model_name)
-        name = model.name if model is not None else model_name
-        sharded = model is not None and model.shards > 1
-        return (guard_layers(model_name, model, plan, shard),
-                model_prefix(self.namespace, name, shard if sharded else None))
+        if model is None:
+            return model_prefix(self.namespace, model_name, None)
+        return model_prefix(self.namespace, model.name, shard if model.shards > 1 else None)
 
 
 def shorter(first: int, second: int) -> int:
