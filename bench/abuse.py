@@ -77,12 +77,12 @@ def _measure(case: Case, s: Settings, wrk: str, redis_url: str, logdir: Path
     """One run: (wrk's result, EVALSHA calls, store commands) during the measured part."""
     flushall(redis_url)
     port = free_port()
-    managed = case.contender.process(port, redis_url, s.workers, logdir)
+    env = dict(case.env)
     if case.policy:
         path = logdir / f"abuse-{case.name.split()[0].strip('()')}.toml"
         path.write_text(case.policy)
-        managed.env["LIMITS_CONFIG"] = str(path)
-    managed.env.update(dict(case.env))
+        env["LIMITS_CONFIG"] = str(path)
+    managed = case.contender.process(port, redis_url, s.workers, logdir, extra_env=env)
     try:
         key = _make_key(managed.env) if case.keyed else ""
         managed.start()

@@ -102,7 +102,7 @@ class Contender:
         elif self.kind == "ours":
             env["HOST"] = "127.0.0.1"
             env["PORT"] = str(port)
-            env["LIMITS_CONFIG"] = LIMITS
+            env.setdefault("LIMITS_CONFIG", LIMITS)   # extra_env may name another policy
             if self.worker_class:
                 env["GUNICORN_WORKER_CLASS"] = self.worker_class
             if self.worker_class == "sync":

@@ -59,10 +59,6 @@ class RouteLimit:
     fail: FailMode = "fail_open"
     deduct_when: Callable[[Any], bool] | None = None
 
-    @property
-    def is_bucket(self) -> bool:
-        return self.window is None
-
 
 def token_bucket(burst: float, per_second: float, key: KeySource = "ip", cost: CostSource = 1,
                  scope: str | None = None, *, mode: RouteMode = "enforce",
