@@ -14,16 +14,15 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 from ..stores.sockets import gevent_patched
+from .context import StartResponse, WSGIApp
 
 READ_STEP = 64 * 1024
 DRAIN_BYTES = 8 * 1024 * 1024   # read and dropped past the limit, for a clean 413
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class _Expired(Exception):

@@ -53,14 +53,12 @@ from ..core.naming import BODY_USER, KEY_USER
 from ..core.policy import Policy
 from ..deny import DenyCache
 from ..keys import presented_key
-from .context import LIMITED_ROUTE
+from .context import LIMITED_ROUTE, StartResponse, WSGIApp
 from .errors import RateLimited, json_text, refusal_error
 from .logs import request_id_for
 from .recording import count_refusal
 
 log = logging.getLogger("limiter.door")
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 Answer = tuple[str, list[tuple[str, str]], bytes]
 
 # The attribute limited_route(early=...) sets on a view.

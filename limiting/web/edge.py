@@ -12,7 +12,6 @@ from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits.errors import StorageError
 
-from .. import metrics
 from ..core.policy import Policy
 from ..stores.store import Store, edge_storage
 from . import logs
@@ -21,6 +20,7 @@ from .door import Early, mark_early
 from .errors import LimiterUnavailable, json_response
 from .flask_limiter_adapter import take_request_hooks
 from .identity import client_ip
+from .recording import refused_by
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Flask-Limiter's after-request hook, for the extension's own after_request to call.
@@ -141,9 +141,8 @@ def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:
     limit = exc.limit.limit
     reset_at = current.reset_at if current is not None else time.time() + limit.get_expiry()
     retry_after = max(1, math.ceil(reset_at - time.time()))
-    metrics.refused("edge")
     logs.request_id()
-    logs.refusals.refused("ip", client_ip(), "edge", retry_after)
+    refused_by("ip", client_ip(), "edge", retry_after)
     return json_response(429, {
         "error": f"Too many requests from this address ({limit}); retry after {retry_after}s.",
         "code": "rate_limited",

@@ -40,12 +40,18 @@ def count_refusal(decision: Decision, user: str, ip: str) -> None:
     """Count and log a refusal (no request context needed: limiting/web/door.py has none):
     an edge refusal under the client's IP, so an IP rotating user ids is one subject."""
     layer = decision.refused.layer.name if decision.refused else "unknown"
-    metrics.refused(layer)
     retry = decision.retry_after if decision.wait is not None else None
     if layer == "edge":
-        logs.refusals.refused("ip", ip, layer, retry)
+        refused_by("ip", ip, layer, retry)
     else:
-        logs.refusals.refused("user", user, layer, retry)
+        refused_by("user", user, layer, retry)
+
+
+def refused_by(kind: str, who: str, layer: str, retry_after: int | None) -> None:
+    """One refusal of ``who`` (a "user", or an "ip" at the edge) by ``layer``: counted, and
+    in the aggregated refusal log."""
+    metrics.refused(layer)
+    logs.refusals.refused(kind, who, layer, retry_after)
 
 
 def record_guard(refusal: GuardRefused, user: str, started: float) -> None:
@@ -55,9 +61,8 @@ def record_guard(refusal: GuardRefused, user: str, started: float) -> None:
     if retry is not None:
         metrics.time_decision(started)
         metrics.GUARD_REFUSALS.labels(refusal.model).inc()
-    metrics.refused(layer)
     logs.request_id()
-    logs.refusals.refused("user", user, layer, retry)
+    refused_by("user", user, layer, retry)
 
 
 def would_refuse(decision: Decision, user: str) -> None:
