@@ -11,25 +11,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from .capacity import read_reserve, read_shards
 from .lease import RENEW_EVERY
 from .members import read_members, warn_removed
+from .policy_reader import MODES as MODES
 from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
+from .policy_reader import Mode as Mode
 from .policy_reader import PolicyError as PolicyError
 from .policy_reader import TableReader
 from .routes import RouteLimit, parse_routes
 from .windows import Window as Window  # re-exported: plans hold them
-from .windows import parse_window
 
 # The built-in model, answered in this process: the demo needs no provider account.
 ECHO = "echo"
 
 OVERRIDDEN = "+override:"   # an override plan's name: its plan's, this, whose ("u:alice")
 
-Mode = Literal["enforce", "shadow"]
-MODES: tuple[Mode, ...] = ("enforce", "shadow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,27 +176,6 @@ class Policy:
 _PROVIDERS = ("openai", "anthropic", ECHO)
 
 
-def _window(reader: TableReader, key: str, text: str, own_units: bool = True) -> Window:
-    try:
-        return parse_window(text, own_units)
-    except ValueError as exc:
-        reader.fail(key, str(exc))
-        raise   # unreachable: fail raises
-
-
-def _windows(r: TableReader, key: str) -> tuple[Window, ...]:
-    texts = r.get(key, list, [])
-    out = []
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            r.fail(f"{key}[{i}]", f"must be a string like '100 per day', got {text!r}")
-        out.append(_window(r, f"{key}[{i}]", text))
-    seconds = [(w.seconds, w.calendar) for w in out]
-    if len(set(seconds)) != len(seconds):
-        r.fail(key, "two quotas share one window length; keep the tighter one")
-    return tuple(out)
-
-
 def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
     """A plan, or with ``org`` an org's limits: any subset of a plan's layers (the requests
     bucket only when burst and refill_per_second are given)."""
@@ -208,7 +186,7 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
         burst=r.positive("burst", required=rate) or 0,
         refill_per_second=float(r.positive("refill_per_second", (int, float), required=rate)
                                 or 0),
-        quotas=_windows(r, "quotas"),
+        quotas=r.windows("quotas"),
         tokens_per_minute=r.positive("tokens_per_minute"),
         input_tokens_per_minute=r.positive("input_tokens_per_minute"),
         output_tokens_per_minute=r.positive("output_tokens_per_minute"),
@@ -220,7 +198,7 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
         lease_ttl_seconds=r.positive("lease_ttl_seconds", default=60),
         fail_rate=r.fail_mode("fail_rate", "fail_open"),
         fail_quota=r.fail_mode("fail_quota", "fail_closed"),
-        mode=_mode(r),
+        mode=r.mode(),
         # A waiter holds a connection (a greenlet): minutes, not hours.
         max_wait_seconds=0.0 if org else r.seconds("max_wait_seconds", 300.0),
     )
@@ -258,19 +236,12 @@ def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> Mod
         aliases=_aliases(r),
         max_hold_seconds=float(r.positive("max_hold_seconds", (int, float), default=60.0)),
         image_tokens=r.positive("image_tokens", default=1600),
-        mode=_mode(r),
+        mode=r.mode(),
         reserve=MappingProxyType(reserve),
         shards=read_shards(r, (rpm, tpm), reserve),
     )
     r.done()
     return model
-
-
-def _mode(r: TableReader) -> Mode:
-    value = r.get("mode", str, "enforce")
-    if value not in MODES:
-        r.fail("mode", f"must be one of {', '.join(MODES)}, got {value!r}")
-    return value  # type: ignore[no-any-return]
 
 
 def _aliases(r: TableReader) -> tuple[str, ...]:
@@ -325,7 +296,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     for i, text in enumerate(per_ip):
         if not isinstance(text, str):
             edge.fail(f"per_ip[{i}]", f"must be a string like '20 per 10 seconds', got {text!r}")
-        _window(edge, f"per_ip[{i}]", text, own_units=False)   # Flask-Limiter reads these
+        edge.window(f"per_ip[{i}]", text, own_units=False)   # Flask-Limiter reads these
     fail_edge = edge.fail_mode("fail", "fail_open")
     edge.done()
 

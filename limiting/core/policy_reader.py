@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+from .windows import Window, parse_window
+
 FailMode = Literal["fail_open", "fail_closed"]
 FAIL_MODES: tuple[FailMode, ...] = ("fail_open", "fail_closed")
+Mode = Literal["enforce", "shadow"]
+MODES: tuple[Mode, ...] = ("enforce", "shadow")
 
 
 class PolicyError(ValueError):
@@ -82,6 +86,33 @@ class TableReader:
         if value not in FAIL_MODES:
             self.fail(key, f"must be one of {', '.join(FAIL_MODES)}, got {value!r}")
         return value  # type: ignore[no-any-return]
+
+    def mode(self) -> Mode:
+        """``mode``: "enforce" (the default) or "shadow" (log and count, never refuse)."""
+        value = self.get("mode", str, "enforce")
+        if value not in MODES:
+            self.fail("mode", f"must be one of {', '.join(MODES)}, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def window(self, key: str, text: str, own_units: bool = True) -> Window:
+        """One "N per unit" text, parsed (a bad one fails naming ``key``)."""
+        try:
+            return parse_window(text, own_units)
+        except ValueError as exc:
+            self.fail(key, str(exc))
+            raise   # unreachable: fail raises
+
+    def windows(self, key: str, distinct: bool = True) -> tuple[Window, ...]:
+        """A list of "N per unit" texts; ``distinct``: no two of one window length."""
+        out = []
+        for i, text in enumerate(self.get(key, list, [])):
+            if not isinstance(text, str):
+                self.fail(f"{key}[{i}]", f"must be a string like '100 per day', got {text!r}")
+            out.append(self.window(f"{key}[{i}]", text))
+        lengths = [(w.seconds, w.calendar) for w in out]
+        if distinct and len(set(lengths)) != len(lengths):
+            self.fail(key, "two quotas share one window length; keep the tighter one")
+        return tuple(out)
 
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from .policy_reader import FailMode, PolicyError, TableReader
+from .policy_reader import MODES, FailMode, Mode, PolicyError, TableReader
 from .windows import Window, parse_window
 
 # What a TOML route's key may name; decorators may also pass a callable.
 KEY_NAMES = ("user", "ip", "key", "org")
 HEADER_KEY = "header:"
-RouteMode = Literal["enforce", "shadow"]
 
 # A key or cost read inside the request: a value, or a callable evaluated per request.
 KeySource = str | Callable[[], str]
@@ -55,13 +54,13 @@ class RouteLimit:
     key: KeySource = "ip"
     cost: CostSource = 1
     scope: str | None = None
-    mode: RouteMode = "enforce"
+    mode: Mode = "enforce"
     fail: FailMode = "fail_open"
     deduct_when: Callable[[Any], bool] | None = None
 
 
 def token_bucket(burst: float, per_second: float, key: KeySource = "ip", cost: CostSource = 1,
-                 scope: str | None = None, *, mode: RouteMode = "enforce",
+                 scope: str | None = None, *, mode: Mode = "enforce",
                  fail: FailMode = "fail_open",
                  deduct_when: Callable[[Any], bool] | None = None) -> RouteLimit:
     """A token bucket of ``burst`` units refilled ``per_second``; checked on the spot."""
@@ -74,7 +73,7 @@ def token_bucket(burst: float, per_second: float, key: KeySource = "ip", cost: C
 
 
 def sliding_window(text: str, key: KeySource = "ip", cost: CostSource = 1,
-                   scope: str | None = None, *, mode: RouteMode = "enforce",
+                   scope: str | None = None, *, mode: Mode = "enforce",
                    fail: FailMode = "fail_closed",
                    deduct_when: Callable[[Any], bool] | None = None) -> RouteLimit:
     """A strict sliding window ("100 per day"; "N per month": the calendar month, UTC)."""
@@ -88,7 +87,7 @@ def _check(key: object, cost: object, scope: object, mode: object) -> None:
     check_cost(cost)
     if scope is not None and (not isinstance(scope, str) or not scope):
         raise ValueError(f"scope must be a non-empty string, got {scope!r}")
-    if mode not in ("enforce", "shadow"):
+    if mode not in MODES:
         raise ValueError(f"mode must be 'enforce' or 'shadow', got {mode!r}")
 
 
@@ -104,14 +103,12 @@ def parse_routes(source: str, table: Mapping[str, Any]) -> dict[str, tuple[Route
         key = r.get("key", str, "ip")
         cost = r.get("cost", int, 1)
         scope = r.get("scope", str)
-        mode = r.get("mode", str, "enforce")
         for name, value, check in (("key", key, check_key), ("cost", cost, check_cost)):
             try:
                 check(value)
             except ValueError as exc:
                 r.fail(name, str(exc))
-        if mode not in ("enforce", "shadow"):
-            r.fail("mode", f"must be one of enforce, shadow, got {mode!r}")
+        mode = r.mode()
         if scope is not None and not scope:
             r.fail("scope", "must be a non-empty name")
         limits: list[RouteLimit] = []
@@ -124,16 +121,9 @@ def parse_routes(source: str, table: Mapping[str, Any]) -> dict[str, tuple[Route
                                      None, key, cost, scope, mode,
                                      r.fail_mode("fail_rate", "fail_open")))
             b.done()
-        quotas = r.get("quotas", list, [])
         fail_quota = r.fail_mode("fail_quota", "fail_closed")
-        for i, text in enumerate(quotas):
-            try:
-                if not isinstance(text, str):
-                    raise ValueError(f"must be a string like '100 per day', got {text!r}")
-                window = parse_window(text)
-            except ValueError as exc:
-                r.fail(f"quotas[{i}]", str(exc))
-                raise   # unreachable: fail raises
+        # Two of one length are two limits here: each is bound to a key of its own.
+        for window in r.windows("quotas", distinct=False):
             limits.append(RouteLimit(window=window, key=key, cost=cost, scope=scope, mode=mode,
                                      fail=fail_quota))
         if not limits:
