@@ -57,10 +57,8 @@ class Engine(Guard):
             reply = self._call(self._keys(compiled, user, ip, realm), compiled.args)
         except StoreUnavailable:
             if self.fallback is not None:
-                # The plan it was given (a key's), as this worker's share of it.
-                fb = self.fallback
-                name = compiled.plan.name if compiled.plan is not None else None
-                decision = fb.acquire(user, None, fb.policy.resolve(user, name), realm)
+                fb, fb_plan, _ = self._in_fallback(user, plan)
+                decision = fb.acquire(user, None, fb_plan, realm)
                 decision.degraded = True
                 return decision
             return store_away(compiled)
@@ -79,9 +77,8 @@ class Engine(Guard):
         outcome = self.decide(groups, us(max_wait))
         if outcome.away and self.fallback is not None:
             # The local fallback knows plans (and orgs) only; the route limits' store is away.
-            fb = self.fallback
-            outcome.decision = fb.acquire(user, None, fb.policy.resolve(user, plan.name), realm,
-                                          None if org is None else fb.policy.orgs.get(org.name))
+            fb, fb_plan, fb_org = self._in_fallback(user, plan, org)
+            outcome.decision = fb.acquire(user, None, fb_plan, realm, fb_org)
             outcome.decision.degraded = True
         return outcome
 
@@ -246,16 +243,24 @@ class Engine(Guard):
         """The store is away: the local fallback (no guard: the provider still has its own
         limits), else the failure policy; failing open holds nothing to settle."""
         if self.fallback is not None:
-            fb = self.fallback
-            return fb.reserve(user, fb.policy.resolve(user, plan.name), ask, realm=realm,
-                              guard=False, renews=renews,
-                              org=None if org is None else fb.policy.orgs.get(org.name))
+            fb, fb_plan, fb_org = self._in_fallback(user, plan, org)
+            return fb.reserve(user, fb_plan, ask, realm=realm, guard=False, renews=renews,
+                              org=fb_org)
         decision = store_away(compiled)
         if org is not None:
             decision = joined(decision, store_away(compile_org(org, llm=True)))
         if not decision.allowed:
             raise Refused(decision)
         return Reservation(self.store, decision, ask, renews=renews, spender=spender)
+
+    def _in_fallback(self, user: str, plan: Plan, org: Plan | None = None
+                     ) -> tuple[Engine, Plan, Plan | None]:
+        """The local fallback, with ``plan`` (the one given: a key's) and ``org`` as this
+        worker's share of them."""
+        fb = self.fallback
+        assert fb is not None
+        return (fb, fb.policy.resolve(user, plan.name),
+                None if org is None else fb.policy.orgs.get(org.name))
 
     def charge_edge(self, ip: str) -> Decision | None:
         """Count a request that never reached acquire (bad input) at the edge, as any edge would."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .policy import ECHO, OVERRIDDEN, Plan, Policy
+from .policy import OVERRIDDEN, Plan, Policy, unpriced
 from .windows import Window, parse_window
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*")
@@ -79,10 +79,9 @@ def check(override: Override, policy: Policy) -> None:
     if budget is not None:
         if not (math.isfinite(budget) and budget > 0):
             raise ValueError(f"--budget-usd-per-day must be a positive number, got {budget:g}")
-        unpriced = [name for name, model in policy.models.items()
-                    if model.provider != ECHO and not model.priced]
-        if unpriced:
-            raise ValueError(f"model {unpriced[0]!r} has no prices in {policy.source}: a "
+        free = unpriced(policy.models)
+        if free:
+            raise ValueError(f"model {free[0]!r} has no prices in {policy.source}: a "
                              "dollar budget would let it spend for free")
 
 

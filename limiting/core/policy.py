@@ -278,13 +278,18 @@ def _check_budgets(source: str, plans: Mapping[str, Plan],
                if plan.budget_usd_per_day or plan.budget_usd_per_month]
     if not budgets:
         return
-    for name, model in models.items():
-        if model.provider != ECHO and not model.priced:
-            missing = "input_usd_per_million" if model.input_usd_per_million is None \
-                else "output_usd_per_million"
-            raise PolicyError(f'{source}: models."{name}".{missing}: is required while '
-                              f"{budgets[0][0]} has {budgets[0][1]} (an unpriced model "
-                              "would spend the budget for free)")
+    for name in unpriced(models):
+        model = models[name]
+        missing = "input_usd_per_million" if model.input_usd_per_million is None \
+            else "output_usd_per_million"
+        raise PolicyError(f'{source}: models."{name}".{missing}: is required while '
+                          f"{budgets[0][0]} has {budgets[0][1]} (an unpriced model "
+                          "would spend the budget for free)")
+
+
+def unpriced(models: Mapping[str, ModelPolicy]) -> list[str]:
+    """The models a dollar budget cannot count: served by a provider, with no prices."""
+    return [name for name, model in models.items() if model.provider != ECHO and not model.priced]
 
 
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
