@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from .composed import Charged, Outcome
 from .core.ask import Ask
-from .core.codec import AcquireCall, Costs
+from .core.codec import AcquireCall, AcquireReply, Costs
 from .core.decision import (
     Decision,
     GuardRefused,
@@ -23,7 +23,7 @@ from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import KEY_USER, EdgeKeys, user_prefix
 from .core.orgs import compile_org
 from .core.policy import Plan, Policy
-from .guard import Guard, guard_wait, shorter, us
+from .guard import Guard, guard_wait, us
 from .ledger import LedgerKeys, Spender
 from .reservation import Charge, Reservation, new_lease_id
 from .stores.store import Store, StoreUnavailable
@@ -132,16 +132,19 @@ class Engine(Guard):
         guard_joined = call.size > head
         try:
             reply = self._call(call.keys, call.args, us(max_wait))
-            if guard_joined and reply.refused_after(head) and other is not None:
+            if guard_joined:
+                def joined_call(guard: AcquireCall) -> AcquireReply:
+                    whole = base.join(guard)
+                    return self._call(whole.keys, whole.args, us(max_wait))
+
                 # That shard is full and nothing was charged: the whole call again, with
-                # another shard's guard; the wait told is the shorter of the two.
-                first_wait = reply.wait_us
-                guard_call = self._guard_call(ask.model_name, costs, plan.name, other)
-                assert guard_call is not None
-                call = base.join(guard_call[1])
-                reply = self._call(call.keys, call.args, us(max_wait))
-                if reply.refused_after(head):
-                    reply.wait_us = shorter(first_wait, reply.wait_us)
+                # another shard's guard.
+                retried = self._other_shard(ask.model_name, costs, plan.name, other, reply,
+                                            lambda r: r.refused_after(head), joined_call)
+                if retried is not None:
+                    guard_call, again = retried
+                    assert again is not None
+                    reply = again
         except StoreUnavailable:
             return self._reserve_away(user, plan, ask, compiled, realm, renews, spender,
                                       org)
@@ -186,15 +189,12 @@ class Engine(Guard):
             if not guard_joined:
                 # A Cluster puts the guard in a slot of its own: a call of its own, after.
                 guard_reply = self._guard_apart(apart, max_wait)
-                if guard_reply is not None and not guard_reply.allowed and other is not None:
-                    # That shard is full: one other shard before refusing.
-                    first_wait = guard_reply.wait_us
-                    second = self._guard_call(ask.model_name, costs, plan.name, other)
-                    assert second is not None
-                    layers, apart = second
-                    guard_reply = self._guard_apart(apart, max_wait)
-                    if guard_reply is not None and not guard_reply.allowed:
-                        guard_reply.wait_us = shorter(first_wait, guard_reply.wait_us)
+                # That shard is full: one other shard before refusing.
+                retried = self._other_shard(ask.model_name, costs, plan.name, other,
+                                            guard_reply, lambda r: not r.allowed,
+                                            lambda guard: self._guard_apart(guard, max_wait))
+                if retried is not None:
+                    (layers, apart), guard_reply = retried
                 if guard_reply is not None and not guard_reply.allowed:
                     Reservation(self.store, decision, ask, reply.charged_at, charges,
                                 costs.lease, more=more).refund_everything()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from .composed import Calls
@@ -20,18 +20,39 @@ from .core.layers import Layer, compile_plan
 from .core.upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_args
 from .stores.store import StoreUnavailable
 
+# The guard's layers for one request, and their call.
+GuardCall = tuple[tuple[Layer, ...], AcquireCall]
+
 
 class Guard(Calls):
     """Calls, and the model's guard."""
 
     def _guard_call(self, model_name: str, costs: Costs, plan: str | None = None,
-                    shard: int = 0) -> tuple[tuple[Layer, ...], AcquireCall] | None:
+                    shard: int = 0) -> GuardCall | None:
         """The model's guard layers and their call for one request of ``plan`` on ``shard``;
         None: it has none."""
         layers, prefix = self._guard_of(model_name, plan, shard)
         if not layers:
             return None
         return layers, AcquireCall.of([prefix + layer.suffix for layer in layers], layers, costs)
+
+    def _other_shard(self, model_name: str, costs: Costs, plan: str, other: int | None,
+                     first: AcquireReply | None, refused: Callable[[AcquireReply], bool],
+                     send: Callable[[AcquireCall], AcquireReply | None]
+                     ) -> tuple[GuardCall, AcquireReply | None] | None:
+        """When the request's shard of the guard ``refused`` it in ``first`` (nothing was
+        charged), the same request once more on ``other``: (its guard call, ``send``'s reply,
+        telling the shorter of the two waits if that shard refuses too). None: one shard, or
+        no refusal. ``send`` makes the call (the user's with the guard joined, or the
+        guard's alone)."""
+        if other is None or first is None or not refused(first):
+            return None
+        guard_call = self._guard_call(model_name, costs, plan, other)
+        assert guard_call is not None
+        reply = send(guard_call[1])
+        if reply is not None and refused(reply):
+            reply.wait_us = shorter(first.wait_us, reply.wait_us)
+        return guard_call, reply
 
     def _guard_apart(self, call: AcquireCall, max_wait: float = 0) -> AcquireReply | None:
         """The guard in a call of its own (waiting up to ``max_wait`` seconds for its slot);
