@@ -112,18 +112,14 @@ def reset(user: str | None, layer: str | None, anonymous: bool | None,
         realm = limiter.realm_of_user(user, key_plans, anonymous)
         plan = limiter.plan_of_user(user, key_plans, realm)   # that namespace's, as served
     except StoreUnavailable as exc:
-        click.echo(f"error: the store is unreachable: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"the store is unreachable: {exc}", 2)
     names = [lay.name for lay in compile_plan(plan, llm=True).layers]
     if layer is not None and layer not in names:
-        click.echo(f"error: no layer {layer!r} for this user; layers: {', '.join(names)}",
-                   err=True)
-        sys.exit(2)
+        _fail(f"no layer {layer!r} for this user; layers: {', '.join(names)}", 2)
     try:
         removed = limiter.engine.reset(user, layer, plan, realm)
     except StoreUnavailable as exc:
-        click.echo(f"error: the store is unreachable: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"the store is unreachable: {exc}", 2)
     _forgotten()
     audit_shell("limits.reset", f"{realm}:{user}", {"layer": layer or "all", "plan": plan.name},
                 {"keys_removed": removed})
@@ -143,9 +139,6 @@ def check_config(path: Path) -> None:
         sys.exit(1)
     orgs = f", {len(policy.orgs)} orgs" if policy.orgs else ""
     click.echo(f"{path}: ok ({len(policy.plans)} plans{orgs}, {len(policy.models)} models)")
-
-
-
 
 
 _NAMESPACES = {KEY_USER: "key", BODY_USER: "chat"}
