@@ -13,9 +13,12 @@ APT_GET ?= apt-get
 
 .PHONY: run test test-tools lint bench clean
 
-$(VENV)/.runtime: requirements.txt
+# The project installs itself (editable), so the app, the tests and the CLI import it by the
+# one name an adopter uses: `limiting`.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt

@@ -9,8 +9,9 @@ from typing import Any
 
 from flask import Flask
 
-from blueprints import health_bp, register_blueprints, usage
+from blueprints import register
 from limiting import RateLimiter
+from limiting.blueprints import usage
 from limiting.web import logs as limiter_logs
 from limiting.web.body import BodyDeadline
 
@@ -50,10 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     limiter_logs.configure()
     app.config["REQUIRE_API_KEY"] = _require_api_key(app.config.get("REQUIRE_API_KEY"))
     limiter = RateLimiter(app)
-    register_blueprints(app)
-    limiter.exempt(health_bp)
-    limiter.exempt(usage.usage_page)   # an operator's page refreshes itself
-    limiter.exempt(usage.usage_json)
+    register(app, limiter)
     # Outermost: a body is whole (or refused) before ProxyFix, the edge or any view runs.
     app.wsgi_app = BodyDeadline(  # type: ignore[method-assign]
         app.wsgi_app, timeout=float(app.config["BODY_TIMEOUT"]),

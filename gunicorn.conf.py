@@ -77,7 +77,7 @@ def _instance() -> Path:
 
 def post_worker_init(worker: object) -> None:
     """The SDKs load in each worker before it serves, not on its first upstream call."""
-    from providers.clients import warm
+    from limiting.providers.clients import warm
 
     warm()
 

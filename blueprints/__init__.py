@@ -1,22 +1,17 @@
-"""HTTP faces only: each blueprint parses, asks the limiter, calls upstream, answers."""
+"""This app's HTTP faces: the library's blueprints (``limiting.blueprints``), composed the way
+this repository's app serves them. An adopting app does the same in its own few lines."""
+
+from __future__ import annotations
 
 from flask import Flask
 
-from .chat import bp as chat_bp
-from .errors import register_error_handlers
-from .health import bp as health_bp
-from .usage import bp as usage_bp
-from .v1 import anthropic_bp, openai_bp
+from limiting import RateLimiter
+from limiting.blueprints import health_bp, register_blueprints, usage
 
 
-def register_blueprints(app: Flask) -> None:
-    register_error_handlers(app)
-    app.register_blueprint(chat_bp)
-    app.register_blueprint(health_bp)
-    app.register_blueprint(openai_bp)
-    app.register_blueprint(anthropic_bp)
-    app.register_blueprint(usage_bp)
-
-
-__all__ = ["anthropic_bp", "chat_bp", "health_bp", "openai_bp", "register_blueprints",
-           "register_error_handlers", "usage_bp"]
+def register(app: Flask, limiter: RateLimiter) -> None:
+    """Every face of the library; health and the operator's usage page stay unlimited."""
+    register_blueprints(app)
+    limiter.exempt(health_bp)
+    limiter.exempt(usage.usage_page)   # an operator's page refreshes itself
+    limiter.exempt(usage.usage_json)

@@ -160,7 +160,7 @@ def provider_env(monkeypatch: pytest.MonkeyPatch, upstream_timeout: str = "2"
     """A FakeProvider the in-process app's SDK clients call, keys and base URLs set as a
     deployment would set them; the clients are made anew for it and forgotten after."""
     from fakeprovider import FakeProvider
-    from providers import clients
+    from limiting.providers import clients
 
     with FakeProvider() as fake:
         monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")

@@ -36,10 +36,10 @@ from limiting.core.lease import RENEW_EVERY, provider_billed
 from limiting.core.llm import Usage, estimate_input_tokens
 from limiting.core.policy import PolicyError, parse_policy
 from limiting.core.pricing import usage_usd_micros
+from limiting.providers import OPENAI, LLMRequest, clients
+from limiting.providers.errors import UpstreamError, from_sdk
 from limiting.reservation import Reservation
 from limiting.stores.storage import open_store
-from providers import OPENAI, LLMRequest, clients
-from providers.errors import UpstreamError, from_sdk
 from tests.conftest import free_port, provider_env, write_policy
 
 POLICY = """

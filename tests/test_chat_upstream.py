@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from fakeprovider import FakeProvider
-from providers import clients
+from limiting.providers import clients
 from tests.conftest import provider_env, write_policy
 
 POLICY = """

@@ -24,9 +24,9 @@ from limiting.core.ask import Ask
 from limiting.core.decision import GuardRefused
 from limiting.core.policy import OVERRIDDEN, Plan, Policy, PolicyError, parse_policy
 from limiting.engine import Engine
+from limiting.providers import clients
 from limiting.stores.storage import open_store
 from limiting.web.cli import limits_cli
-from providers import clients
 from tests.conftest import write_policy
 from tests.policies import LOADED, plan, policy, served_by
 

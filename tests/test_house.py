@@ -1,6 +1,6 @@
 """The house rules: limiting/core imports neither Flask nor redis (nor werkzeug, Flask-Limiter
-or gevent), directly or through another limiting module; blueprints import only the public
-limiting package."""
+or gevent), directly or through another limiting module; the engine never imports the HTTP
+faces; every module has one import name."""
 
 from __future__ import annotations
 
@@ -39,13 +39,26 @@ def test_the_core_imports_neither_flask_nor_redis() -> None:
                 raise AssertionError(f"{path.name} imports {name}, outside the core")
 
 
-def test_blueprints_use_only_the_public_limiting_package() -> None:
-    """The HTTP faces see one public API (limiting/__init__), so the library's inside can
-    move without breaking them."""
-    for path in sorted((ROOT / "blueprints").rglob("*.py")):
+def test_the_engine_never_imports_the_http_faces() -> None:
+    """The library's layers stand without its blueprints: an app may register none of them."""
+    faces = ("limiting.blueprints", "limiting.providers")
+    for folder in ("core", "stores", "web"):
+        for path in sorted((ROOT / "limiting" / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                         else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                assert not any(n.startswith(faces) for n in names), f"{path} imports {names}"
+
+
+def test_every_module_has_one_import_name() -> None:
+    """Installed, only ``limiting`` exists: nothing may import the library by another name."""
+    others = ("providers", "fakeprovider.providers")
+    for path in sorted(ROOT.glob("**/*.py")):
+        if ".venv" in path.parts or "docs" in path.parts:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                assert not node.module.startswith("limiting."), \
-                    f"{path.name} imports {node.module}; import it from limiting"
-            if isinstance(node, ast.Import):
-                assert not any(a.name.startswith("limiting.") for a in node.names), path.name
+                top = node.module.split(".")[0]
+                assert top not in others, f"{path}: from {node.module}"
+                if top == "blueprints":
+                    assert path.name == "app.py", f"{path}: use limiting.blueprints"

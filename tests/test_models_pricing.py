@@ -27,8 +27,8 @@ from limiting.core.llm import Usage
 from limiting.core.policy import ModelPolicy
 from limiting.core.pricing import PriceTerms, reserve_usd_micros, usage_usd_micros
 from limiting.core.upstream import model_prefix
-from providers import clients
-from providers.llm_calls import anthropic_usage
+from limiting.providers import clients
+from limiting.providers.llm_calls import anthropic_usage
 from tests.conftest import write_policy
 
 POLICY = """

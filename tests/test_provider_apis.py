@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from limiting import Usage
-from providers import ANTHROPIC, OPENAI, LLMRequest, ProviderAPI, UpstreamError, api_for
+from limiting.providers import ANTHROPIC, OPENAI, LLMRequest, ProviderAPI, UpstreamError, api_for
 
 MESSAGES = [{"role": "user", "content": "hello there general kenobi"}]
 

@@ -26,7 +26,7 @@ from app import create_app
 from fakeprovider import FakeProvider
 from limiting.core.ask import Ask
 from limiting.core.upstream import pacing_args, refused_alone
-from providers import clients
+from limiting.providers import clients
 from tests.conftest import write_policy
 from tests.policies import LOADED, plan, policy, served_by
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flask import Flask, request
 
-from blueprints import chat_bp
 from limiting import RateLimiter
+from limiting.blueprints import chat_bp
 
 app = Flask(__name__)
 app.config.update(

@@ -21,7 +21,7 @@ from limiting import (
     limited_route,
     presented_key,
 )
-from providers import LLMRequest, api_for, check_available, provider_for
+from limiting.providers import LLMRequest, api_for, check_available, provider_for
 
 from .v1.serve import observer
 from .validation import json_object, string_field, user_id_field

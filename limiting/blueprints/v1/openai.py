@@ -36,8 +36,8 @@ from limiting import (
     openai_headers,
     tier_multiplier,
 )
-from providers import OPENAI, LLMRequest, UpstreamError
-from providers.llm_calls import Tally, UpstreamStream, openai_usage
+from limiting.providers import OPENAI, LLMRequest, UpstreamError
+from limiting.providers.llm_calls import Tally, UpstreamStream, openai_usage
 
 from . import fields
 from .dialect import Dialect

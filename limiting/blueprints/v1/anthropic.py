@@ -34,8 +34,8 @@ from limiting import (
     server_tool_uses,
     tier_multiplier,
 )
-from providers import ANTHROPIC, LLMRequest, UpstreamError
-from providers.llm_calls import Tally, UpstreamStream, anthropic_usage
+from limiting.providers import ANTHROPIC, LLMRequest, UpstreamError
+from limiting.providers.llm_calls import Tally, UpstreamStream, anthropic_usage
 
 from . import fields
 from .dialect import Dialect

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from flask import Response, stream_with_context
 
 from limiting import Reservation
-from providers.llm_calls import Tally
+from limiting.providers.llm_calls import Tally
 
 from .problems import ApiProblem, problem_from
 

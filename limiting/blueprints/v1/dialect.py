@@ -10,8 +10,8 @@ from flask import Response
 from werkzeug.datastructures import Headers
 
 from limiting import Decision, json_response
-from providers import LLMRequest, ProviderAPI
-from providers.llm_calls import Tally, UpstreamStream
+from limiting.providers import LLMRequest, ProviderAPI
+from limiting.providers.llm_calls import Tally, UpstreamStream
 
 from .problems import ApiProblem
 

@@ -19,7 +19,7 @@ from limiting import (
     estimate_input_tokens,
     estimate_tokens,
 )
-from providers import UnknownModel, check_available, provider_for
+from limiting.providers import UnknownModel, check_available, provider_for
 
 from ..validation import json_object
 from .problems import NOT_FOUND, ApiProblem, invalid

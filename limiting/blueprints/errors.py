@@ -13,7 +13,7 @@ from limiting import (
     StoreUnavailable,
     json_response,
 )
-from providers import ProviderKeyMissing, UnknownModel, UpstreamError
+from limiting.providers import ProviderKeyMissing, UnknownModel, UpstreamError
 
 log = logging.getLogger("limiter.errors")
 

@@ -19,8 +19,8 @@ from limiting import (
     current_limiter,
     rate_limit_headers,
 )
-from providers.errors import Observe
-from providers.llm_calls import Tally, UpstreamReply, UpstreamStream
+from limiting.providers.errors import Observe
+from limiting.providers.llm_calls import Tally, UpstreamReply, UpstreamStream
 
 from .dialect import Dialect
 from .fields import read_body

@@ -20,7 +20,7 @@ from limiting import (
     rate_limit_headers,
     request_limits,
 )
-from providers import UnknownModel, UpstreamError
+from limiting.providers import UnknownModel, UpstreamError
 
 log = logging.getLogger("limiter.v1")
 
