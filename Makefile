@@ -1,4 +1,5 @@
-# `make run` serves the app; `make test` runs the whole suite; `make docs` builds the site. All build .venv first.
+# `make run` serves the app; `make test` runs the whole suite; `make docs` builds the Sphinx
+# site under docs/. All build .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
