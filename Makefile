@@ -1,4 +1,5 @@
-# `make run` serves the app; `make test` runs the whole suite. Both build .venv first.
+# `make run` serves the app; `make test` runs the whole suite; `make docs` builds the Sphinx
+# site under docs/. All build .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ CHROMIUM ?= chromium
 CURL ?= curl
 APT_GET ?= apt-get
 
-.PHONY: run test test-tools lint bench clean
+.PHONY: run test test-tools lint docs bench clean
 
 # The project installs itself (editable), so the app, the tests and the CLI import it by the
 # one name an adopter uses: `limiting`.
@@ -23,6 +24,10 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.runtime requirements-docs.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-docs.txt
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
@@ -55,8 +60,14 @@ lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
+# The site under docs/, warnings as errors: the API and policy-file references are read from
+# the code, so a name or key without its documentation fails here. Then README's own links.
+docs: $(VENV)/.docs
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) docs/_ext/readme_links.py README.md
+
 bench: $(VENV)/.bench
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) instance .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) instance .pytest_cache .mypy_cache .ruff_cache docs/_build
