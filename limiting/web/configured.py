@@ -6,15 +6,16 @@ the policy file's tables), ``LIMITS_CONFIG`` (app.config, then the environment: 
 must exist), ``limits.toml`` in the app's root folder, the built-in policy.
 
 Store: ``REDIS_URL`` (app.config, then the environment); else the embedded Valkey of the app's
-instance folder when it answers (``gunicorn -c python:limiting.gunicorn`` runs it) or when a
-``flask`` command runs (so `flask keys create` keeps what it makes); else memory:// in this
-process, said once in the log.
+instance folder when it answers (``gunicorn -c python:limiting.gunicorn`` runs it) or when an
+operator command runs (`flask limits|keys|spend|audit`: so `flask keys create` keeps what it
+makes); else memory:// in this process (`flask run`, tests), said once in the log.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from ..stores.embedded import answers, instance_dir, resolve_store_url, socket_u
 from ..stores.storage import open_store
 from ..stores.store import Store
 
-PER_PROCESS = ("no REDIS_URL: limits are counted in this process only (memory://), so each "
-               "process has its own until REDIS_URL is set (or gunicorn runs with "
-               "-c python:limiting.gunicorn, which starts a store every worker shares)")
+PER_PROCESS = ("no REDIS_URL: limits are per process (memory://) until REDIS_URL is set; "
+               "`gunicorn -c python:limiting.gunicorn` gives every worker one shared store")
+# The command groups RateLimiter adds to `flask` (tests/test_configured.py keeps them in step).
+OPERATOR_COMMANDS = frozenset({"limits", "keys", "spend", "audit"})
 _said: list[bool] = []   # the per-process warning, once per process (not per app or test)
 
 
@@ -62,11 +64,25 @@ def app_store(app: Flask, timeout: float) -> Store:
         folder = instance_dir(app)
         if answers(folder):
             url = socket_url(folder)
-        elif click.get_current_context(silent=True) is not None:
-            url = resolve_store_url(app, "")   # a `flask` command: start the embedded one
+        elif operator_command():
+            url = resolve_store_url(app, "")   # started here, stopped when the command ends
         else:
             if not _said:
                 _said.append(True)
                 logging.getLogger("limiter.store").warning(PER_PROCESS)
             url = "memory://"
     return open_store(url, timeout=timeout)
+
+
+def operator_command() -> bool:
+    """Is this process `flask ... limits|keys|spend|audit ...`? Flask loads the app before it
+    can find those groups (the app adds them), so the command line says which one runs."""
+    if click.get_current_context(silent=True) is None:
+        return False
+    words = iter(sys.argv[1:])
+    for word in words:
+        if word in ("--app", "-A", "--env-file", "-e"):
+            next(words, None)     # the option's value, not a command
+        elif not word.startswith("-"):
+            return word in OPERATOR_COMMANDS
+    return False

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 
-from blueprints import pages       # this app's own packages, not the library's
 from flask import Flask
-from providers import PROVIDER
+from providers import PROVIDER  # the app's own package, as blueprints below
 
+from blueprints import pages  # this app's own packages, not the library's
 from limiting import RateLimiter
 from limiting.blueprints import chat_bp
 
