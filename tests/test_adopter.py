@@ -210,6 +210,7 @@ def test_c_d_e_gunicorn_from_the_package_and_the_cli(adopter: Adopter, app_folde
         reset = adopter.run("flask", "--app", "myapp", "limits", "reset", "carol",
                             cwd=app_folder)
         assert reset.returncode == 0, reset.stderr
+        assert_the_other_commands_work(adopter, app_folder)
         time.sleep(10)   # the edge's window (20 per 10 seconds) that the burst filled
         assert '"quota-day";r=99' in chat(served.url, "carol").headers["RateLimit"]
         log = served.log.read_text()
@@ -218,6 +219,25 @@ def test_c_d_e_gunicorn_from_the_package_and_the_cli(adopter: Adopter, app_folde
     assert "default_limits.toml" in log                # the master checked the built-in policy
     assert not (instance / "valkey.sock").exists()
     assert (instance / "prometheus").is_dir()
+
+
+def assert_the_other_commands_work(adopter: Adopter, folder: Path) -> None:
+    """keys create|list|revoke, spend and audit: on the store gunicorn serves from."""
+    def flask(*args: str) -> str:
+        done = adopter.run("flask", "--app", "myapp", *args, cwd=folder)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    key_id = flask("keys", "create", "dave", "--plan", "pro").split()[2]
+    assert re.search(rf"^{key_id}\s+dave\s+pro\s", flask("keys", "list"), re.M)
+    flask("keys", "revoke", key_id)
+    # /chat's echo model spends nothing: the command answers from the store, with no spender
+    # (exit 1 says so), not an unreachable store (exit 2).
+    spend = adopter.run("flask", "--app", "myapp", "spend", "user", "carol", "--anonymous",
+                        "--days", "1", cwd=folder)
+    assert spend.returncode in (0, 1) and "user carol" in spend.stdout, spend.stderr
+    trail = flask("audit")
+    assert "keys.create" in trail and "keys.revoke" in trail and "limits.reset" in trail
 
 
 def test_an_own_gunicorn_config_keeps_its_settings_and_adds_ours(
