@@ -23,9 +23,18 @@ SOCKET_NAME = "valkey.sock"
 
 
 def instance_dir(app: Flask | None = None) -> Path:
-    if app is not None:
-        return Path(app.instance_path)
-    return Path(os.environ.get("LIMITER_INSTANCE", "instance")).resolve()
+    """The folder of the embedded store: LIMITER_INSTANCE (app.config, then the environment),
+    else the app's instance folder (gunicorn's master works out the same one: limiting.gunicorn)."""
+    named = (app.config.get("LIMITER_INSTANCE") if app is not None else None) \
+        or os.environ.get("LIMITER_INSTANCE")
+    if named or app is None:
+        return Path(named or "instance").resolve()
+    return Path(app.instance_path)
+
+
+def answers(folder: Path) -> bool:
+    """Does an embedded server answer on ``folder``'s socket (gunicorn's, or a CLI's)?"""
+    return _answers(folder / SOCKET_NAME)
 
 
 def socket_url(folder: Path) -> str:

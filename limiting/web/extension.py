@@ -21,7 +21,7 @@ from ..core.decision import Decision, GuardRefused, Refused
 from ..core.headers import rate_limit_headers
 from ..core.layers import Layer
 from ..core.naming import BODY_USER, KEY_USER, EdgeKeys
-from ..core.policy import Plan, Policy, load_policy
+from ..core.policy import Plan, Policy
 from ..core.pricing import STANDARD, PriceTerms
 from ..core.shares import per_worker
 from ..core.upstream import Observer
@@ -32,11 +32,10 @@ from ..ledger import Ledger
 from ..overrides import attach, on_change
 from ..reloading import KEPT
 from ..reservation import Reservation
-from ..stores.embedded import resolve_store_url
-from ..stores.storage import open_store
 from ..stores.store import Store
 from .auth_failures import AuthFailures
 from .cli import limits_cli
+from .configured import app_policy, app_store
 from .context import RequestLimits, SendLimitHeaders, request_limits
 from .denying import refuse_if_denied, remember_refusal
 from .door import Door
@@ -67,9 +66,10 @@ E = TypeVar("E", bound=Callable[..., Any] | Blueprint)
 class RateLimiter:
     """Layered limits for a Flask app: edge per IP, then one atomic call for a user's layers.
 
-    Configuration (app.config, falling back to the environment): ``LIMITS_CONFIG`` (policy TOML,
-    default limits.toml), ``REDIS_URL`` (unset: the embedded Valkey under the instance folder),
-    ``TRUSTED_PROXIES`` (X-Forwarded-For hops to believe, default 0).
+    Works with no configuration (limiting/web/configured.py: the policy's and the store's
+    order). Configuration (app.config, falling back to the environment): ``LIMITS`` (the
+    policy as a dict), ``LIMITS_CONFIG`` (a policy file), ``REDIS_URL``, ``TRUSTED_PROXIES``
+    (X-Forwarded-For hops to believe, default 0).
     """
 
     def __init__(self, app: Flask | None = None, *, policy: Policy | None = None,
@@ -88,11 +88,8 @@ class RateLimiter:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        policy = self._policy or load_policy(_setting(app, "LIMITS_CONFIG", "limits.toml"))
-        store = self._store or open_store(
-            resolve_store_url(app, _setting(app, "REDIS_URL", "")),
-            timeout=policy.timeout_ms / 1000,
-        )
+        policy = app_policy(app, self._policy)
+        store = self._store or app_store(app, timeout=policy.timeout_ms / 1000)
         policy = attach(policy, store)   # `flask limits set`: seen here within a second
         _audit_reloads(policy, store)
         edge_layers: tuple[Layer, ...] = ()

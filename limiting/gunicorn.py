@@ -1,0 +1,119 @@
+"""gunicorn settings and hooks for an app that uses the limiter:
+``gunicorn -c python:limiting.gunicorn yourapp:app``.
+
+What they add to plain gunicorn: without REDIS_URL, one embedded Valkey that every worker
+shares (socket and data under the app's instance folder, or LIMITER_INSTANCE), so limits are
+exact across workers and `flask --app yourapp limits ...` reaches the same store; the Prometheus
+multiprocess folder; the policy file checked by the master at start and on ``kill -HUP``; gevent
+workers; and on SIGTERM the store stopped with the rest.
+
+Your own config file keeps its settings and adds ours with ``from limiting.gunicorn import *``;
+a hook of your own with one of these names calls ours first (``limiting.gunicorn.on_starting``).
+
+Worker class by measurement (bench/, README "Benchmark"): sync workers serve one call each,
+so 4 workers answer 4 calls at once; gevent holds a thousand waiting calls per worker on one
+core's worth of CPU. GUNICORN_WORKER_CLASS overrides, e.g. for the benchmark's comparison.
+
+Standard library only at import, and in the master: nothing here may import ssl (Flask, redis,
+the app) before gevent patches the workers. So the app's folders come from its module's
+import spec (limiting/locations.py), not from importing it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .locations import instance_override, module_folders, policy_path
+from .stores.embedded import socket_url, spawn, stop_spawned
+
+__all__ = [
+    "accesslog", "backlog", "bind", "errorlog", "graceful_timeout", "keepalive", "loglevel",
+    "on_exit", "on_reload", "on_starting", "post_worker_init", "threads", "timeout",
+    "worker_class", "worker_connections", "workers",
+]
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))  # per gevent worker
+threads = int(os.environ.get("GUNICORN_THREADS", "64"))                 # per gthread worker
+backlog = 2048
+# For async workers this is a heartbeat, not a request deadline; a stream may run far longer.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+graceful_timeout = 30   # let in-flight calls and streams finish on SIGTERM
+keepalive = 5
+accesslog = os.environ.get("ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+
+
+def on_starting(server: Any) -> None:
+    """Metrics files for every worker; without REDIS_URL, one Valkey every worker shares;
+    the policy checked, and the copy the workers load made."""
+    # On the arbiter, not in module globals: what HUP needs survives a reload of the config.
+    server.limits_root, server.limits_instance = _folders(server)
+    server.limits_named = os.environ.get("LIMITS_CONFIG") or None
+    # Workers write their counts here and /metrics adds them up; a new start starts at zero.
+    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+                       or server.limits_instance / "prometheus")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    _keep_policy(server, reloading=False)
+    server.embedded_store = None
+    if os.environ.get("REDIS_URL"):
+        return
+    server.embedded_store = spawn(server.limits_instance)
+    os.environ["REDIS_URL"] = socket_url(server.limits_instance)
+    server.log.info("no REDIS_URL: the workers share the embedded Valkey at %s",
+                    os.environ["REDIS_URL"])
+
+
+def on_reload(server: Any) -> None:
+    """HUP: new workers load the policy if it is good, else the last good one."""
+    _keep_policy(server, reloading=True)
+
+
+def post_worker_init(worker: Any) -> None:
+    """The SDKs load in each worker before it serves, not on its first upstream call."""
+    from .providers.clients import warm
+
+    warm()
+
+
+def on_exit(server: Any) -> None:
+    """The embedded store stops with the master: no process of ours outlives it."""
+    stop_spawned(getattr(server, "embedded_store", None))
+
+
+def _keep_policy(server: Any, reloading: bool) -> None:
+    """The policy file the app would read (LIMITS_CONFIG, else limits.toml in its root, else
+    the built-in one), checked; the workers load the copy accepted last."""
+    from .reloading import keep
+
+    source, _named = policy_path(server.limits_named, server.limits_root)
+    kept, what = keep(source.resolve(), server.limits_instance, reloading)
+    if what.startswith("accepted"):
+        os.environ["LIMITS_CONFIG"] = str(kept)
+        server.log.info("policy %s", what)
+    elif reloading:
+        # The workers keep loading the copy accepted last: the old policy keeps serving.
+        server.log.error("policy %s; still serving %s", what, kept)
+    else:
+        # A bad file at start: the workers read it and fail with its reason, as without HUP.
+        os.environ["LIMITS_CONFIG"] = str(source)
+
+
+def _folders(server: Any) -> tuple[Path, Path]:
+    """The app's root and instance folders, from the module gunicorn was told to serve."""
+    uri = getattr(server.app, "app_uri", None) or server.cfg.wsgi_app or ""
+    module = str(uri).partition(":")[0].strip()
+    if module:
+        root, instance = module_folders(module)
+    else:   # a paste deployment: the folder gunicorn runs in
+        root = Path.cwd()
+        instance = root / "instance"
+    return root, instance_override() or instance
