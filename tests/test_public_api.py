@@ -80,6 +80,11 @@ def test_a_declaration_that_cannot_be_meant_fails_at_import(kwargs: dict[str, ob
         limiting.plan(**kwargs)  # type: ignore[arg-type]
 
 
+def test_a_bare_plan_is_refused_rather_than_registering_its_wrapper() -> None:
+    with pytest.raises(TypeError):
+        limiting.plan(_copy())  # type: ignore[call-arg]   # @plan without the call
+
+
 def _copy() -> Callable[[], str]:
     """A fresh view function each time (the decorator marks what it is given)."""
     def view() -> str:

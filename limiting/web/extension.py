@@ -290,13 +290,13 @@ class RateLimiter:
             anonymous = user not in key_plans
         return BODY_USER if anonymous else KEY_USER
 
-    def plan(self, user: Callable[[], str] | None = None, *, user_from: UserFrom | None = None,
+    def plan(self, *, user: Callable[[], str] | None = None, user_from: UserFrom | None = None,
              key_setting: str | None = None, read_key: KeyReader | None = None,
              render: Render | None = None) -> Callable[[F], F]:
         """Charge a view to the user's plan: ``@limiter.plan(user=lambda: ...)`` charges
         ``user()`` before the view; ``@limiter.plan(user_from="key" | "<body field>")``
         declares who pays for a view that charges itself (see :func:`limiting.plan`)."""
-        return declare(lambda: self, user, user_from=user_from, key_setting=key_setting,
+        return declare(lambda: self, user=user, user_from=user_from, key_setting=key_setting,
                        read_key=read_key, render=render)
 
     def exempt(self, target: E) -> E:

@@ -42,12 +42,13 @@ class Charges(Protocol):
     def acquire(self, user: str) -> Decision: ...
 
 
-def declare(limiter: Callable[[], Charges], user: Callable[[], str] | None = None, *,
+def declare(limiter: Callable[[], Charges], *, user: Callable[[], str] | None = None,
             user_from: UserFrom | None = None, key_setting: str | None = None,
             read_key: KeyReader | None = None, render: Render | None = None
             ) -> Callable[[F], F]:
     """The decorator ``RateLimiter.plan`` and ``plan`` return (``limiter``: the one that
-    charges ``user()``); the arguments are checked here, when the module is imported."""
+    charges ``user()``); the arguments are checked here, when the module is imported. All
+    are keywords: a bare ``@plan`` (no call) fails there too instead of registering a wrapper."""
     if user is not None and user_from is not None:
         raise TypeError("plan(): user= (the decorator charges) or user_from= (the view "
                         "charges itself), not both")
@@ -69,7 +70,7 @@ def declare(limiter: Callable[[], Charges], user: Callable[[], str] | None = Non
     return decorator
 
 
-def plan(user: Callable[[], str] | None = None, *, user_from: UserFrom | None = None,
+def plan(*, user: Callable[[], str] | None = None, user_from: UserFrom | None = None,
          key_setting: str | None = None, read_key: KeyReader | None = None,
          render: Render | None = None) -> Callable[[F], F]:
     """Charge a view to the user's plan (bucket, quotas, LLM units) on the running app's
@@ -85,7 +86,7 @@ def plan(user: Callable[[], str] | None = None, *, user_from: UserFrom | None = 
     limiter's JSON 429). With ``user_from`` each worker answers a caller it has just refused
     before Flask runs; a view that picks its user any other way must not declare it.
     """
-    return declare(_app_limiter, user, user_from=user_from, key_setting=key_setting,
+    return declare(_app_limiter, user=user, user_from=user_from, key_setting=key_setting,
                    read_key=read_key, render=render)
 
 
