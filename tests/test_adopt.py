@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 from flask import Blueprint, Flask, request
 
-from limiting import RateLimiter, limited
+from limiting import RateLimiter, plan
 from tests.conftest import ROOT, write_policy
 
 POLICY = "[plans.free]\nburst = 3\nrefill_per_second = 0.01\nquotas = ['100 per day']\n"
@@ -22,14 +22,14 @@ def test_decorating_your_own_routes(tmp_path: Path, r: redis.Redis, redis_url: s
     limiter = RateLimiter(app)
 
     @app.post("/summarise")
-    @limiter.limit(user=lambda: request.headers["X-User-Id"])
+    @limiter.plan(user=lambda: request.headers["X-User-Id"])
     def summarise() -> dict[str, bool]:
         return {"ok": True}
 
     bp = Blueprint("reusable", __name__)
 
     @bp.get("/report")
-    @limited(user=lambda: request.args["user"])
+    @plan(user=lambda: request.args["user"])
     def report() -> dict[str, bool]:
         return {"ok": True}
 

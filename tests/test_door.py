@@ -273,7 +273,7 @@ def test_a_door_that_fails_lets_flask_answer(redis_url: str, r: redis.Redis,
                                              tmp_path: Path) -> None:
     from flask import request
 
-    from limiting import Early, RateLimiter, current_limiter, limited_route
+    from limiting import RateLimiter, current_limiter, plan
 
     def broken(decision: Any) -> Any:
         raise RuntimeError("a renderer with a bug")
@@ -283,7 +283,7 @@ def test_a_door_that_fails_lets_flask_answer(redis_url: str, r: redis.Redis,
     RateLimiter(app)
 
     @app.post("/ask")
-    @limited_route(early=Early(body_user="user_id", render=broken))
+    @plan(user_from="user_id", render=broken)
     def ask() -> dict[str, str]:
         user = request.get_json()["user_id"]
         current_limiter().acquire(user, anonymous=True)

@@ -155,12 +155,12 @@ def test_with_the_plan_one_call_either_refusal_charges_nothing(tmp_path: Path, r
 
     @app.post("/s")
     @limiter.sliding_window("2 per day", key="user")
-    @limiter.limit(user=lambda: request.headers["X-User"])
+    @limiter.plan(user=lambda: request.headers["X-User"])
     def s() -> str:
         return "s"
 
     @app.post("/plain")
-    @limiter.limit(user=lambda: request.headers["X-User"])
+    @limiter.plan(user=lambda: request.headers["X-User"])
     def plain() -> str:
         return "p"
 
@@ -190,8 +190,7 @@ def test_reserve_carries_the_route_limits(tmp_path: Path, r: redis.Redis, redis_
             spend.settle(Usage(10, 5))
         return "done"
 
-    from limiting import limited_route
-    limited_route(llm)
+    limiter.plan()(llm)   # it charges itself (reserve): the route's limits join that call
     client = app.test_client()
     assert codes(client, "/llm", 1, headers={"X-User": "warm"}) == [200]   # scripts loaded
     before = acquire_calls(r)
@@ -311,7 +310,7 @@ def test_a_limit_keyed_by_org_is_shared_by_its_members(tmp_path: Path, r: redis.
 
     @app.post("/team")
     @limiter.sliding_window("3 per day", key="org")
-    @limiter.limit(user=lambda: request.headers["X-User"])
+    @limiter.plan(user=lambda: request.headers["X-User"])
     def team() -> str:
         return "ok"
 

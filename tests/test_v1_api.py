@@ -26,7 +26,8 @@ from flask import Flask
 
 from app import create_app
 from fakeprovider import FakeProvider
-from limiting import Decision, LayerState
+from limiting import Decision
+from limiting.core.decision import LayerState
 from limiting.core.layers import Layer
 from limiting.core.lease import KeepAlive
 from limiting.core.llm import estimate_input_tokens

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, request
+from flask import Blueprint, current_app, request
 from werkzeug.exceptions import Forbidden, Unauthorized
 
-from limiting import (
-    Early,
-    KeyRecord,
-    RateLimiter,
-    current_limiter,
-    estimate_input_tokens,
-    limited_route,
-    presented_key,
-)
+from limiting.core.llm import estimate_input_tokens
+from limiting.keys import KeyRecord, presented_key
 from limiting.providers import LLMRequest, api_for, check_available, provider_for
+from limiting.web.extension import RateLimiter, current_limiter
+from limiting.web.payer import plan
 
 from .v1.serve import observer
 from .validation import json_object, string_field, user_id_field
@@ -29,14 +24,9 @@ from .validation import json_object, string_field, user_id_field
 bp = Blueprint("chat", __name__)
 
 
-def _requires_key(app: Flask) -> bool:
-    """Whether /chat names its caller by the API key in ``app`` (else by the body alone)."""
-    return bool(app.config.get("REQUIRE_API_KEY"))
-
-
 @bp.post("/chat")
 # Who pays: the key's user with REQUIRE_API_KEY, else user_id (a key sent along is ignored).
-@limited_route(early=Early(body_user="user_id", uses_key=_requires_key))
+@plan(user_from=("key", "user_id"), key_setting="REQUIRE_API_KEY")
 def chat() -> dict[str, Any]:
     limiter = current_limiter()
     key = _key_user(limiter) if current_app.config.get("REQUIRE_API_KEY") else None

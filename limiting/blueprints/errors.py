@@ -8,12 +8,9 @@ from typing import Any
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from limiting import (
-    LimiterUnavailable,
-    StoreUnavailable,
-    json_response,
-)
 from limiting.providers import ProviderKeyMissing, UnknownModel, UpstreamError
+from limiting.stores.store import StoreUnavailable
+from limiting.web.errors import LimiterUnavailable, json_response
 
 log = logging.getLogger("limiter.errors")
 

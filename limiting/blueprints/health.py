@@ -9,13 +9,11 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import TooManyRequests, Unauthorized
 
-from limiting import (
-    StoreUnavailable,
-    bearer_token,
-    client_ip,
-    current_limiter,
-    render_metrics,
-)
+from limiting.keys import bearer_token
+from limiting.metrics import render as render_metrics
+from limiting.stores.store import StoreUnavailable
+from limiting.web.extension import current_limiter
+from limiting.web.identity import client_ip
 
 bp = Blueprint("health", __name__)
 

@@ -20,16 +20,11 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, render_template, request
 from werkzeug.exceptions import BadRequest, Forbidden, TooManyRequests, Unauthorized
 
-from limiting import (
-    Decision,
-    Ledger,
-    Spend,
-    client_ip,
-    current_limiter,
-    day_text,
-    parse_day,
-    presented_key,
-)
+from limiting.core.decision import Decision
+from limiting.keys import presented_key
+from limiting.ledger import Ledger, Spend, day_text, parse_day
+from limiting.web.extension import current_limiter
+from limiting.web.identity import client_ip
 
 bp = Blueprint("usage", __name__, template_folder="templates")
 MAX_USERS = 200

@@ -7,7 +7,7 @@ from typing import Any
 from flask import request
 from werkzeug.exceptions import BadRequest
 
-from limiting import MAX_USER_ID_LENGTH
+from limiting.core.naming import MAX_USER_ID_LENGTH
 
 
 def json_object() -> dict[str, Any]:

@@ -18,6 +18,10 @@ class LayerState:
 
 @dataclass(slots=True)  # not frozen: built on every request, and frozen __init__ is slower
 class Decision:
+    """One verdict on a request over every layer it met (``acquire`` returns it; the
+    request's is in ``request_limits().decision``): allowed or the refusing layer, each
+    layer's remaining count, and the wait until it would pass."""
+
     allowed: bool
     states: tuple[LayerState, ...]
     refused: LayerState | None = None

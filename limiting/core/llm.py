@@ -22,6 +22,10 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """What a provider reports an LLM call used, for ``Reservation.settle``: the call is
+    charged these tokens (and the dollars priced from them), the rest of its reservation
+    given back."""
+
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0   # served from the provider's prompt cache: not input-limited

@@ -112,6 +112,9 @@ class PlanOverrides(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Policy:
+    """The checked policy file (plans, users, orgs, models, routes, edge): what
+    ``RateLimiter(app, policy=...)`` enforces; made by load_policy or parse_policy."""
+
     source: str
     edge_per_ip: tuple[str, ...]
     default_plan: str
@@ -293,7 +296,8 @@ def unpriced(models: Mapping[str, ModelPolicy]) -> list[str]:
 
 
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
-    """Build a Policy from parsed TOML, checking every key."""
+    """Build a Policy from a dict with the policy file's schema (parsed TOML, or written in
+    code), checking every key."""
     top = TableReader(source, "", dict(data))
 
     edge = TableReader(source, "edge", top.get("edge", dict, {}))
@@ -352,7 +356,8 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read and check the TOML policy file at ``path``."""
+    """Read and check the TOML policy file at ``path`` (for ``RateLimiter(app, policy=...)``;
+    a PolicyError names the file, key and reason)."""
     source = str(path)
     try:
         with open(path, "rb") as fh:

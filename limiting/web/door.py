@@ -8,11 +8,10 @@ its handler, the response object). Here it costs a route lookup, a dict lookup o
 response written from the cached decision: the same status, JSON body and headers (RateLimit,
 X-RateLimit-*, Retry-After counted down, X-Request-ID) the view would have sent.
 
-It answers only on routes that say it may (``limited_route(early=Early(...))``): the view's
-promise that it names its caller by the API key ``Early.key`` reads from the headers (a key
-user) or, anonymous, by the string field ``Early.body_user`` of its JSON body, and that its
-refusal of a decision is what ``Early.render`` makes (default: the limiter's own JSON 429).
-What it answers from:
+It answers only on routes whose view declares where its user comes from
+(``plan(user_from=...)``, payer.py, which builds the route's :class:`Early`): the API key it
+reads from the headers (a key user) or, anonymous, a string field of its JSON body, and how it
+renders a refused decision (default: the limiter's own JSON 429). What it answers from:
 
 - an edge refusal of the client IP (any request on such a route carries the edge in its call);
 - a plan refusal of the caller, found through what the refused request presented: its API key,
@@ -61,7 +60,7 @@ from .recording import count_refusal
 log = logging.getLogger("limiter.door")
 Answer = tuple[str, list[tuple[str, str]], bytes]
 
-# The attribute limited_route(early=...) sets on a view.
+# The attribute plan(user_from=...) sets on a view (payer.py).
 EARLY = "_llm_early"
 MAX_ROUTES = 4096          # (method, path, host) lookups remembered; beyond, matched each time
 MAX_PEEK = 64 * 1024       # a larger body is the view's to read
@@ -70,7 +69,8 @@ _STATUS = "429 TOO MANY REQUESTS"   # as werkzeug writes it
 
 @dataclass(frozen=True, slots=True)
 class Early:
-    """How a view names its caller and renders a refusal, for the door.
+    """How a view names its caller and renders a refusal, for the door: built by
+    ``plan(user_from=...)`` from what the view declares (payer.py), never written by hand.
 
     ``key``: the API key a request presents, as the view reads it (default: Bearer, else
     X-API-Key); ``body_user``: the JSON body field naming an anonymous caller (None: key users
@@ -92,7 +92,7 @@ def mark_early(view: Any, early: Early) -> Any:
 
 
 def early_of(view: Any) -> Early | None:
-    """The view's promise to the door, if it made one (and calls acquire itself)."""
+    """What the view declared to the door, if anything (and it calls acquire itself)."""
     if view is None or not getattr(view, LIMITED_ROUTE, False):
         return None
     return getattr(view, EARLY, None)
@@ -198,7 +198,7 @@ class Door:
                 early = early_of(app.view_functions.get(str(endpoint)))
                 if early is not None and early.uses_key is not None \
                         and not early.uses_key(app):
-                    early = replace(early, key=_no_key)
+                    early = replace(early, key=no_key)
             except HTTPException:   # not found, wrong method, a redirect: Flask's to answer
                 early = None
         if len(routes) < MAX_ROUTES:
@@ -235,8 +235,8 @@ def render(decision: Decision, request_id: str) -> Answer:
     return _STATUS, headers, body
 
 
-def _no_key(headers: Any) -> None:
-    """The key reader of a view that reads none in this app."""
+def no_key(headers: Any) -> None:
+    """The key reader of a view that reads none (in this app, or ever)."""
     return None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any
 
 from flask import Flask, Response
 from flask_limiter import Limiter
@@ -16,48 +16,20 @@ from ..core.policy import Policy
 from ..stores.store import Store, edge_storage
 from . import logs
 from .context import LIMITED_ROUTE, request_limits
-from .door import Early, mark_early
 from .errors import LimiterUnavailable, json_response
 from .flask_limiter_adapter import take_request_hooks
 from .identity import client_ip
 from .recording import refused_by
 
-F = TypeVar("F", bound=Callable[..., Any])
 # Flask-Limiter's after-request hook, for the extension's own after_request to call.
 AfterHook = Callable[[Response], Response]
 
 
 def mark_limited(view: Any) -> Any:
-    """Mark a view that calls acquire(): its edge check rides in that same script call."""
+    """Mark a view that calls acquire() (payer.plan): its edge check rides in that same
+    script call."""
     setattr(view, LIMITED_ROUTE, True)
     return view
-
-
-@overload
-def limited_route(view: F) -> F: ...
-
-
-@overload
-def limited_route(view: None = None, *, early: Early | None = None) -> Callable[[F], F]: ...
-
-
-def limited_route(view: F | None = None, *, early: Early | None = None
-                  ) -> F | Callable[[F], F]:
-    """For a view that calls ``current_limiter().acquire(user)`` itself (after parsing its
-    body): its edge check then happens in that same call instead of before the view.
-
-    ``early``: let this worker refuse a caller it has just refused before Flask runs
-    (limiting/web/door.py), at a fraction of the cost. It is the view's promise of how it
-    names its caller (the API key it reads, or a JSON body field) and renders a refusal.
-    Usable bare (``@limited_route``) or called (``@limited_route(early=Early(...))``).
-    """
-
-    def mark(target: F) -> F:
-        if early is not None:
-            mark_early(target, early)
-        return mark_limited(target)  # type: ignore[no-any-return]
-
-    return mark if view is None else mark(view)
 
 
 def is_limited_route() -> bool:

@@ -1,8 +1,7 @@
-"""The Flask extension: ``RateLimiter().init_app(app)``, then ``limit``/``acquire`` on any route."""
+"""The Flask extension: ``RateLimiter().init_app(app)``, then ``plan``/``acquire`` on any route."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -39,7 +38,7 @@ from .configured import app_policy, app_store
 from .context import RequestLimits, SendLimitHeaders, request_limits
 from .denying import refuse_if_denied, remember_refusal
 from .door import Door
-from .edge import AfterHook, combines_edge, init_edge, mark_limited
+from .edge import AfterHook, combines_edge, init_edge
 from .errors import (
     ExceedsLimit,
     LimiterUnavailable,
@@ -51,6 +50,7 @@ from .errors import (
 from .identity import client_ip
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
+from .payer import KeyReader, Render, UserFrom, declare
 from .recording import record, record_guard
 from .routes import RouteLimits, install, keep, pending
 from .routes import exempt as exempt_routes
@@ -287,10 +287,14 @@ class RateLimiter:
             anonymous = user not in key_plans
         return BODY_USER if anonymous else KEY_USER
 
-    def limit(self, user: Callable[[], str]) -> Callable[[F], F]:
-        """Decorate a view: ``user()`` names who pays, inside the request."""
-
-        return _acquiring(lambda: self, user)
+    def plan(self, *, user: Callable[[], str] | None = None, user_from: UserFrom | None = None,
+             key_setting: str | None = None, read_key: KeyReader | None = None,
+             render: Render | None = None) -> Callable[[F], F]:
+        """Charge a view to the user's plan: ``@limiter.plan(user=lambda: ...)`` charges
+        ``user()`` before the view; ``@limiter.plan(user_from="key" | "<body field>")``
+        declares who pays for a view that charges itself (see :func:`limiting.plan`)."""
+        return declare(lambda: self, user=user, user_from=user_from, key_setting=key_setting,
+                       read_key=read_key, render=render)
 
     def exempt(self, target: E) -> E:
         """Keep a view or blueprint (health checks, metrics) out of the edge limits and of
@@ -301,7 +305,8 @@ class RateLimiter:
         return target
 
     # The route decorators (limiting.web.routes): also importable without a limiter, for
-    # reusable blueprints, as ``from limiting import token_bucket, sliding_window``.
+    # reusable blueprints, as ``from limiting import token_bucket, sliding_window``
+    # (and ``limiting.plan`` for this ``plan``).
     token_bucket = staticmethod(route_bucket)
     sliding_window = staticmethod(route_window)
 
@@ -309,26 +314,6 @@ class RateLimiter:
 def current_limiter() -> RateLimiter:
     """The RateLimiter of the running app, for blueprints that do not import an instance."""
     return cast(RateLimiter, current_app.extensions[EXTENSION_KEY])
-
-
-def limited(user: Callable[[], str]) -> Callable[[F], F]:
-    """``@limited(user=...)`` for reusable blueprints: resolves the app's limiter per request."""
-    return _acquiring(current_limiter, user)
-
-
-def _acquiring(limiter: Callable[[], RateLimiter], user: Callable[[], str]
-               ) -> Callable[[F], F]:
-    """A decorator that charges ``user()`` to ``limiter()`` before the view runs."""
-
-    def decorator(view: F) -> F:
-        @functools.wraps(view)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            limiter().acquire(user())
-            return view(*args, **kwargs)
-
-        return cast(F, mark_limited(wrapper))
-
-    return decorator
 
 
 def _audit_reloads(policy: Policy, store: Store) -> None:

@@ -4,7 +4,7 @@
 The decorators only mark their target; nothing is charged by them. One hook, before the view,
 finds the route's limits (its own, its blueprints', the policy's) and:
 
-- on a view that charges a user (``limit(user=...)``, /chat, /v1), leaves them for that view's
+- on a view that charges a user (``plan(...)``: its own, /chat, /v1), leaves them for that view's
   acquire/reserve, whose one call checks them with the edge and the plan;
 - on any other view, decides them with the edge in one call, before the view.
 

@@ -5,33 +5,27 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from limiting import Early, limited_route
+from limiting.web.payer import plan
 
 from .anthropic import ANTHROPIC_DIALECT
 from .dialect import Dialect
 from .openai import OPENAI_DIALECT
-from .problems import refused
 from .serve import serve
 
 openai_bp = Blueprint("openai_api", __name__)
 anthropic_bp = Blueprint("anthropic_api", __name__)
 
 
-def _early(dialect: Dialect) -> Early:
-    """The door's view of a dialect: the key as it reads it, a refusal in its error shape."""
-    return Early(key=dialect.api_key,
-                 render=lambda decision: dialect.render(refused(decision,
-                                                                dialect.provider_headers)))
-
-
 @openai_bp.post("/v1/chat/completions")
-@limited_route(early=_early(OPENAI_DIALECT))
+# Who pays: the API key's user (read as OpenAI's clients send it); refusals in its shape.
+@plan(user_from="key", read_key=OPENAI_DIALECT.api_key, render=OPENAI_DIALECT.refusal)
 def chat_completions() -> Response:
     return serve(OPENAI_DIALECT)
 
 
 @anthropic_bp.post("/v1/messages")
-@limited_route(early=_early(ANTHROPIC_DIALECT))
+@plan(user_from="key", read_key=ANTHROPIC_DIALECT.api_key,
+      render=ANTHROPIC_DIALECT.refusal)
 def messages() -> Response:
     return serve(ANTHROPIC_DIALECT)
 

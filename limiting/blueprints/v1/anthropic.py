@@ -25,15 +25,10 @@ from typing import Any
 
 from werkzeug.datastructures import Headers
 
-from limiting import (
-    Decision,
-    PriceTerms,
-    anthropic_headers,
-    bearer_token,
-    has_cache_control,
-    server_tool_uses,
-    tier_multiplier,
-)
+from limiting.core.decision import Decision
+from limiting.core.pricing import PriceTerms, has_cache_control, server_tool_uses, tier_multiplier
+from limiting.core.provider_headers import anthropic_headers
+from limiting.keys import bearer_token
 from limiting.providers import ANTHROPIC, LLMRequest, UpstreamError
 from limiting.providers.llm_calls import Tally, UpstreamStream, anthropic_usage
 

@@ -9,11 +9,12 @@ from typing import Any
 from flask import Response
 from werkzeug.datastructures import Headers
 
-from limiting import Decision, json_response
+from limiting.core.decision import Decision
 from limiting.providers import LLMRequest, ProviderAPI
 from limiting.providers.llm_calls import Tally, UpstreamStream
+from limiting.web.errors import json_response
 
-from .problems import ApiProblem
+from .problems import ApiProblem, refused
 
 
 class Dialect(ABC):
@@ -54,3 +55,8 @@ class Dialect(ABC):
         """The problem as a JSON response with its status and headers."""
         return json_response(problem.status, self.error_body(problem), problem.headers,
                              problem.retry_after)
+
+    def refusal(self, decision: Decision) -> Response:
+        """A refused decision as this API's 429 (the door answers with it too: it needs no
+        request context)."""
+        return self.render(refused(decision, self.provider_headers))

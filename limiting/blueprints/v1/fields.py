@@ -9,17 +9,11 @@ from typing import Any
 
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
-from limiting import (
-    IMAGE_TOKENS,
-    ModelPolicy,
-    PriceTerms,
-    PricingError,
-    UnpricedContent,
-    current_limiter,
-    estimate_input_tokens,
-    estimate_tokens,
-)
+from limiting.core.llm import IMAGE_TOKENS, UnpricedContent, estimate_input_tokens, estimate_tokens
+from limiting.core.policy import ModelPolicy
+from limiting.core.pricing import PriceTerms, PricingError
 from limiting.providers import UnknownModel, check_available, provider_for
+from limiting.web.extension import current_limiter
 
 from ..validation import json_object
 from .problems import NOT_FOUND, ApiProblem, invalid

@@ -27,15 +27,11 @@ from typing import Any
 
 from werkzeug.datastructures import Headers
 
-from limiting import (
-    Decision,
-    PriceTerms,
-    bearer_token,
-    estimate_tokens,
-    openai_error_type,
-    openai_headers,
-    tier_multiplier,
-)
+from limiting.core.decision import Decision
+from limiting.core.llm import estimate_tokens
+from limiting.core.pricing import PriceTerms, tier_multiplier
+from limiting.core.provider_headers import openai_error_type, openai_headers
+from limiting.keys import bearer_token
 from limiting.providers import OPENAI, LLMRequest, UpstreamError
 from limiting.providers.llm_calls import Tally, UpstreamStream, openai_usage
 

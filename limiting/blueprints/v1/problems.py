@@ -8,19 +8,14 @@ from collections.abc import Callable, Mapping
 
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from limiting import (
-    Decision,
-    ExceedsLimit,
-    LimiterUnavailable,
-    RateLimited,
-    StoreUnavailable,
-    UpstreamSaturated,
-    client_ip,
-    current_limiter,
-    rate_limit_headers,
-    request_limits,
-)
+from limiting.core.decision import Decision
+from limiting.core.headers import rate_limit_headers
 from limiting.providers import UnknownModel, UpstreamError
+from limiting.stores.store import StoreUnavailable
+from limiting.web.context import request_limits
+from limiting.web.errors import ExceedsLimit, LimiterUnavailable, RateLimited, UpstreamSaturated
+from limiting.web.extension import current_limiter
+from limiting.web.identity import client_ip
 
 log = logging.getLogger("limiter.v1")
 

@@ -10,17 +10,15 @@ from typing import Any
 
 from flask import Response, request
 
-from limiting import (
-    KeyRecord,
-    Plan,
-    Reservation,
-    StoreUnavailable,
-    Usage,
-    current_limiter,
-    rate_limit_headers,
-)
+from limiting.core.headers import rate_limit_headers
+from limiting.core.llm import Usage
+from limiting.core.policy import Plan
+from limiting.keys import KeyRecord
 from limiting.providers.errors import Observe
 from limiting.providers.llm_calls import Tally, UpstreamReply, UpstreamStream
+from limiting.reservation import Reservation
+from limiting.stores.store import StoreUnavailable
+from limiting.web.extension import current_limiter
 
 from .dialect import Dialect
 from .fields import read_body

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 from flask import Response, stream_with_context
 
-from limiting import Reservation
 from limiting.providers.llm_calls import Tally
+from limiting.reservation import Reservation
 
 from .problems import ApiProblem, problem_from
 
