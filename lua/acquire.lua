@@ -8,7 +8,8 @@
 --        other layer is looked at. Single server only: its key has no hash tag.
 --   "b"  token bucket: a = capacity, b = refill per second
 --   "w"  strict sliding window: a = limit, b = window in microseconds; state is 61 slots
---        of 4-byte counts ("W": 8-byte counts, for tokens and micro-dollars)
+--        of 4-byte counts ("W": 8-byte counts, for tokens and micro-dollars), then the
+--        waiters' slots ahead of them
 --   "c"  requests in flight: a = max, b = lease TTL in microseconds, cost = lease id
 --        ("-" only looks); a lease of a killed worker leaves by its TTL
 --   "p"  upstream pacing learnt from provider headers (a hash written by observe.lua):
@@ -25,10 +26,16 @@
 -- longer than it is admitted into its future slot now, and sleeps until then: the slot is
 -- taken in this call, so arrival order here is the order of service across all workers.
 -- The bucket is charged as at the moment the request runs (its tokens go below 0: later
--- callers see the debt and wait behind it); a window charges the slot the request
--- runs in, never the current one, and a later caller is decided no earlier than the latest
--- slot charged, so no window ever holds more than its limit, waits included. Edge, leases,
--- months and shadow layers never wait: they pass now or refuse.
+-- callers see the debt and wait behind it). A window charges the slot the request runs in:
+-- a slot ahead of the ring goes in the window's tail (after the 61 slots: 8-byte slot
+-- number and count pairs, in slot order), which moves no later caller's earliest slot: a
+-- charge counts in every window that holds its slot and in no other, and a request passes
+-- in slot s when every window ending at s or later has room for it. So a waiter, whatever
+-- its own layers make it wait for, holds back no one sharing a window with it (the
+-- model's guard, an org, a route scope) beyond what its one charge takes, no window ever
+-- holds more than its limit, waits included, and a hang-up's refund takes its tail entry
+-- away with no trace. Edge, leases, months and shadow layers never wait: they pass now or
+-- refuse.
 --
 -- Returns {allowed, refusing layer (0: none), wait_us, now_us, then remaining, reset_us
 -- per layer}. Refused: wait_us is the exact time until this request would pass (-1: never,

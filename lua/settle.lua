@@ -4,7 +4,8 @@
 -- ARGV[1]  the acquire call's now_us: which sliding-window slot holds the reservation.
 -- then 3 values per layer: kind, b, delta
 --   "w"/"W"  b = window in microseconds; delta = actual - reserved, applied to the slot
---            that was charged (a slot that has left the window has nothing to give back)
+--            that was charged, in the ring or in the tail of waiters' slots ahead of it (a
+--            slot that has left the window has nothing to give back)
 --   "b"      b = capacity; a negative delta puts tokens back (a refusal further on)
 --   "m"      b = the month charged (year * 12 + month - 1 of the acquire's now_us); delta is
 --            applied to the count if it still is that month's (an ended month gives nothing)

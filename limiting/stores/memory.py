@@ -34,7 +34,8 @@ class MemoryStore:
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._lock = threading.Lock()
-        # key -> (expires_at_us, state); state is ["b", tokens, at] or ["w", last, total, slots]
+        # key -> (expires_at_us, state); state is ["b", tokens, at] or
+        # ["w", last, total, slots, {slot ahead of the ring: count}] (acquire.lua's tail)
         self._data: dict[str, tuple[float, list[Any]]] = {}
         self._tables: dict[str, Any] = {}
 
