@@ -8,7 +8,8 @@
 --        other layer is looked at. Single server only: its key has no hash tag.
 --   "b"  token bucket: a = capacity, b = refill per second
 --   "w"  strict sliding window: a = limit, b = window in microseconds; state is 61 slots
---        of 4-byte counts ("W": 8-byte counts, for tokens and micro-dollars)
+--        of 4-byte counts ("W": 8-byte counts, for tokens and micro-dollars), then the
+--        waiters' slots ahead of them
 --   "c"  requests in flight: a = max, b = lease TTL in microseconds, cost = lease id
 --        ("-" only looks); a lease of a killed worker leaves by its TTL
 --   "p"  upstream pacing learnt from provider headers (a hash written by observe.lua):
@@ -25,10 +26,16 @@
 -- longer than it is admitted into its future slot now, and sleeps until then: the slot is
 -- taken in this call, so arrival order here is the order of service across all workers.
 -- The bucket is charged as at the moment the request runs (its tokens go below 0: later
--- callers see the debt and wait behind it); a window charges the slot the request
--- runs in, never the current one, and a later caller is decided no earlier than the latest
--- slot charged, so no window ever holds more than its limit, waits included. Edge, leases,
--- months and shadow layers never wait: they pass now or refuse.
+-- callers see the debt and wait behind it). A window charges the slot the request runs in:
+-- a slot ahead of the ring goes in the window's tail (after the 61 slots: 8-byte slot
+-- number and count pairs, in slot order), which moves no later caller's earliest slot: a
+-- charge counts in every window that holds its slot and in no other, and a request passes
+-- in slot s when every window ending at s or later has room for it. So a waiter, whatever
+-- its own layers make it wait for, holds back no one sharing a window with it (the
+-- model's guard, an org, a route scope) beyond what its one charge takes, no window ever
+-- holds more than its limit, waits included, and a hang-up's refund takes its tail entry
+-- away with no trace. Edge, leases, months and shadow layers never wait: they pass now or
+-- refuse.
 --
 -- Returns {allowed, refusing layer (0: none), wait_us, now_us, then remaining, reset_us
 -- per layer}. Refused: wait_us is the exact time until this request would pass (-1: never,
@@ -196,50 +203,86 @@ for i = 1, #KEYS do
     if kind == 'W' then fmt, width = '<d', 8 end
     local slot = b / 60
     local cur = math.floor(now / slot)
+    local ring_end = 16 + SLOTS * width
     local last, total, state
+    local tail = {}         -- waiters' charges in slots ahead of the ring: {slot, count}
     if raw then
-      if #raw ~= 16 + SLOTS * width then return bad(i, 'not a sliding window') end
+      if #raw < ring_end or (#raw - ring_end) % (8 + width) ~= 0 then
+        return bad(i, 'not a sliding window')
+      end
       last, total = unpack('<dd', raw)
       if not (finite(last) and finite(total)) then return bad(i, 'not a sliding window') end
-      if cur - last >= SLOTS then
-        raw = nil
-      else
-        -- Slots last+1..cur reuse the ring positions of slots that have left the window.
-        -- A last slot ahead of cur is a waiter's: this request is decided from there.
-        state, total = advance(raw, total, last, cur, fmt, width)
-      end
-    end
-    if not raw then
-      last, total = cur, 0
-      state = pack('<dd', cur, 0) .. string.rep('\0', SLOTS * width)
-    end
-    local e = math.max(cur, last)   -- the earliest slot this request may run in
-    local deadline = shadow and 0 or max_wait
-    if total + cost <= a then
-      if e > cur then wait = e * slot - now + 1 end
-      reset = (e + SLOTS) * slot - now
-      if total + cost == 0 then reset = 0 end  -- an empty window (a look with cost 0)
-    else
-      -- Oldest slot first: when enough has left the window, this request fits.
-      local need, freed = total + cost - a, 0
-      wait = -1
-      for k = e - SLOTS + 1, e do
-        freed = freed + unpack(fmt, state, 16 + (k % SLOTS) * width + 1)
-        if freed >= need then
-          wait = (k + SLOTS) * slot - now + 1
-          break
+      local prev = last
+      for off = ring_end, #raw - 1, 8 + width do
+        local at, held = unpack('<d', raw, off + 1), unpack(fmt, raw, off + 9)
+        if not (finite(at) and finite(held) and at > prev) then
+          return bad(i, 'not a sliding window')
         end
+        tail[#tail + 1], prev = {at, held}, at
       end
-      reset = (last + SLOTS) * slot - now
+      state = string.sub(raw, 1, ring_end)
     end
+    local e = math.max(cur, last or cur)   -- the ring's newest slot: this request's earliest
+    if raw and e - last >= SLOTS then raw = nil end
+    if raw then
+      -- Slots last+1..e reuse the ring positions of slots that have left the window; a
+      -- waiter's charge whose slot has come moves from the tail into the ring.
+      state, total = advance(state, total, last, e, fmt, width)
+    else
+      last, total = e, 0
+      state = pack('<dd', e, 0) .. string.rep('\0', SLOTS * width)
+    end
+    local ahead, newest, kept, at = 0, last, {}, {}
+    for _, t in ipairs(tail) do
+      if t[1] > e then
+        kept[#kept + 1], at[t[1]], ahead = t, t[2], ahead + t[2]
+      elseif e - t[1] < SLOTS then
+        local off = 16 + (t[1] % SLOTS) * width
+        local held = unpack(fmt, state, off + 1)
+        state = state:sub(1, off) .. pack(fmt, held + t[2]) .. state:sub(off + width + 1)
+        total = total + t[2]
+      end
+      newest = math.max(newest, t[1])
+    end
+    tail = kept
+    local deadline = shadow and 0 or max_wait
+    -- A charge in slot s counts in every window that ends at s or later. A waiter's charge
+    -- ahead stays in the tail: it never moves a later caller's earliest slot, it counts in
+    -- the windows that hold it, as any charge does. A request may run in slot s when every
+    -- window ending at s or later has room for it (later slots then too: waits stay honest).
+    local run = e
+    if cost > a then
+      wait = -1
+    elseif total + ahead + cost > a then
+      local used, blocked = total, nil
+      for x = e, math.max(e, newest) + SLOTS - 1 do
+        if x > e then
+          local gone = x - SLOTS
+          if gone <= e then
+            used = used - unpack(fmt, state, 16 + (gone % SLOTS) * width + 1)
+          else
+            used = used - (at[gone] or 0)
+          end
+          used = used + (at[x] or 0)
+        end
+        if used + cost > a then blocked = x end
+      end
+      if blocked then run = blocked + 1 end
+    end
+    if wait == 0 and run > cur then wait = run * slot - now + 1 end
+    local far = math.max(e, newest)
     if wait == 0 or (wait > 0 and wait <= deadline) then
-      if wait > 0 then longest, before[i] = math.max(longest, wait), a - total end
+      if wait > 0 then longest, before[i] = math.max(longest, wait), a - total - ahead end
+      reset = (math.max(run, far) + SLOTS) * slot - now
+      if total + ahead + cost == 0 then reset = 0 end  -- an empty window (a look with cost 0)
       -- Charged in the commit, to the slot the request runs in.
-      writes[i] = {state, e, total, slot, fmt, width}
+      writes[i] = {state, e, total, slot, fmt, width, tail}
       wait = 0
       total = total + cost
+    else
+      reset = (math.max(last, newest) + SLOTS) * slot - now
     end
-    remaining = a - total
+    remaining = a - total - ahead
 
   elseif kind == 'm' then
     local raw = redis.call('GET', KEYS[i])
@@ -363,14 +406,27 @@ for i = 1, #KEYS do
       redis.call('SET', KEYS[i], pack('<dd', tokens, now),
         'PX', math.ceil((a - tokens) / b * 1000) + 1000)
     elseif kind == 'w' or kind == 'W' then
-      local state, e, total, slot, fmt, width = w[1], w[2], w[3], w[4], w[5], w[6]
+      local state, e, total, slot, fmt, width, tail = w[1], w[2], w[3], w[4], w[5], w[6], w[7]
       local r = math.max(e, math.floor((now + delay) / slot))
-      state, total = advance(state, total, e, r, fmt, width)
-      local off = 16 + (r % SLOTS) * width
+      local off = 16 + (e % SLOTS) * width
       local held = unpack(fmt, state, off + 1)
-      state = pack('<dd', r, total + costs[i]) .. state:sub(17, off)
-        .. pack(fmt, held + costs[i]) .. state:sub(off + width + 1)
-      redis.call('SET', KEYS[i], state, 'PX', math.ceil(((r + SLOTS) * slot - now) / 1000) + 1000)
+      if r == e then
+        total, held = total + costs[i], held + costs[i]
+      end
+      state = pack('<dd', e, total) .. state:sub(17, off) .. pack(fmt, held)
+        .. state:sub(off + width + 1)
+      -- A waiter's charge goes in the tail, in slot order; the ring stays at e.
+      local far, put = e, r == e
+      for _, t in ipairs(tail) do
+        if not put and t[1] >= r then
+          put = true
+          if t[1] == r then t = {r, t[2] + costs[i]}
+          else state = state .. pack('<d', r) .. pack(fmt, costs[i]) end
+        end
+        state, far = state .. pack('<d', t[1]) .. pack(fmt, t[2]), t[1]
+      end
+      if not put then state, far = state .. pack('<d', r) .. pack(fmt, costs[i]), r end
+      redis.call('SET', KEYS[i], state, 'PX', math.ceil(((far + SLOTS) * slot - now) / 1000) + 1000)
     elseif kind == 'c' then
       redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
       redis.call('ZADD', KEYS[i], w[2], w[1])

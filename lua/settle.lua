@@ -4,7 +4,8 @@
 -- ARGV[1]  the acquire call's now_us: which sliding-window slot holds the reservation.
 -- then 3 values per layer: kind, b, delta
 --   "w"/"W"  b = window in microseconds; delta = actual - reserved, applied to the slot
---            that was charged (a slot that has left the window has nothing to give back)
+--            that was charged, in the ring or in the tail of waiters' slots ahead of it (a
+--            slot that has left the window has nothing to give back)
 --   "b"      b = capacity; a negative delta puts tokens back (a refusal further on)
 --   "m"      b = the month charged (year * 12 + month - 1 of the acquire's now_us); delta is
 --            applied to the count if it still is that month's (an ended month gives nothing)
@@ -85,13 +86,37 @@ for i = 1, #KEYS do
       else
         local fmt, width = '<I4', 4
         if kind == 'W' then fmt, width = '<d', 8 end
-        if #raw ~= 16 + SLOTS * width then return bad(i, 'not a sliding window') end
+        local ring_end = 16 + SLOTS * width
+        if #raw < ring_end or (#raw - ring_end) % (8 + width) ~= 0 then
+          return bad(i, 'not a sliding window')
+        end
         local slot = b / 60
         local idx = math.floor(charged_at / slot)
         local last, total = unpack('<dd', raw)
         if not (finite(last) and finite(total)) then return bad(i, 'not a sliding window') end
+        if idx > last and math.floor(now / slot) - idx < SLOTS then
+          -- A waiter's slot ahead of the ring: its tail entry moves; one at 0 leaves the
+          -- tail, so a hang-up leaves no trace in anyone's schedule.
+          local state, prev = raw:sub(1, ring_end), last
+          local add = delta   -- a slot of the tail that is missing (a settle after expiry)
+          if kind == 'w' then add = math.min(add, 4294967295) end
+          for off = ring_end, #raw - 1, 8 + width do
+            local at, held = unpack('<d', raw, off + 1), unpack(fmt, raw, off + 9)
+            if not (finite(at) and finite(held) and at > prev) then
+              return bad(i, 'not a sliding window')
+            end
+            if idx > prev and idx < at and add > 0 then
+              state = state .. pack('<d', idx) .. pack(fmt, add)
+            end
+            if at == idx then held = math.max(0, held + delta) end
+            if kind == 'w' then held = math.min(held, 4294967295) end
+            if held > 0 then state = state .. pack('<d', at) .. pack(fmt, held) end
+            prev = at
+          end
+          if idx > prev and add > 0 then state = state .. pack('<d', idx) .. pack(fmt, add) end
+          writes[#writes + 1] = {'SET', i, state, ttl}
         -- The slot is still in the ring while no later write has moved past it.
-        if idx <= last and last - idx < SLOTS and math.floor(now / slot) - idx < SLOTS then
+        elseif idx <= last and last - idx < SLOTS and math.floor(now / slot) - idx < SLOTS then
           local off = 16 + (idx % SLOTS) * width
           local held = unpack(fmt, raw, off + 1)
           local new = math.max(0, held + delta)

@@ -77,7 +77,7 @@ class ClockedMemory(MemoryStore):
         item = self._data.get(key)
         if item is None or item[0] <= self.now_us:
             return None
-        _, last, total, slots = item[1]
+        _, last, total, slots = item[1][:4]
         return last, total, list(slots)
 
 

@@ -93,7 +93,12 @@ class Gunicorn:
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_http(self.url + "/healthz", proc=self.proc)
+        try:
+            # Four workers booting on a busy two-core box can take most of a minute.
+            wait_http(self.url + "/healthz", timeout=90.0, proc=self.proc)
+        except BaseException:
+            self.stop()   # a server that never answered is still stopped: nothing leaks
+            raise
         return self
 
     def stop(self) -> int | None:

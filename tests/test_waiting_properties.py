@@ -10,15 +10,25 @@ interval of the bucket, over those run times: waits included, no more than the l
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Callable
 from fractions import Fraction
 
+import redis
 from hypothesis import strategies as st
-from hypothesis.stateful import initialize, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
-from limiting.core.codec import with_deadline
+from limiting.core.codec import layer_args, with_deadline
 from limiting.core.layers import compile_plan
 from limiting.core.policy import Plan
+from tests.clocked import SLOTS, ClockedMemory, ClockedValkey
 from tests.test_properties import (
     EPS,
     PREFIX,
@@ -143,3 +153,129 @@ def test_max_wait_seconds_is_checked_with_file_key_and_reason() -> None:
                       "orgs": {"o": {"quotas": ["5 per day"], "max_wait_seconds": 1}}},
                      "limits.toml")
 
+
+
+# ----------------------------------------------------------------------------------------
+# A window shared with others: a waiter's charge moves no one else's slot (issue 19, item 1)
+
+
+def _tail(backend: Backend, key: str) -> dict[int, float]:
+    """The waiters' charges a window holds ahead of its ring: slot -> count."""
+    if isinstance(backend, ClockedMemory):
+        item = backend._data.get(key)
+        return {} if item is None or item[0] <= backend.now_us else dict(item[1][4])
+    backend._expire_now()
+    raw = backend.client.get(key)
+    if raw is None:
+        return {}
+    ring_end = 16 + SLOTS * 4
+    pairs = [struct.unpack_from("<dI", raw, off) for off in range(ring_end, len(raw), 12)]
+    return {int(slot): float(count) for slot, count in pairs}
+
+
+class SharedWindowMachine(RuleBasedStateMachine):
+    """One window shared by a waiting plan (its own bucket of burst 1, a deadline) and two
+    plans that never wait (one checked against all of the limit, one against half, as
+    ``reserve`` does), on memory:// and the Lua at once, every reply compared. A waiter may
+    hang up before its slot (its charges given back as Reservation.refund_everything does).
+
+    The rule: a request that never waits is refused only when some window ending in its slot
+    or later, its charges in the slots they run in, has no room; waiters included, no window
+    of the limit's length ever holds more than the limit at run times; and a hung-up waiter
+    leaves nothing behind in the window's state."""
+
+    def __init__(self, memory: ClockedMemory, valkey: ClockedValkey) -> None:
+        super().__init__()
+        self.backends: tuple[Backend, Backend] = (memory, valkey)
+
+    @initialize(limit=st.integers(2, 8), seconds=st.sampled_from([1, 2, 10, 60]),
+                rate=st.sampled_from([0.05, 0.5, 2.0]), start=START)
+    def setup(self, limit: int, seconds: int, rate: float, start: int) -> None:
+        self.limit, self.length = limit, seconds * 10**6
+        self.slot = self.length / 60
+        self.window_key, self.bucket_key = PREFIX + "shared", PREFIX + "own"
+        self.rate = rate
+        self.runs: dict[int, tuple[int, int, int]] = {}   # id -> (run µs, slot, charged_at)
+        self.next_id = 0
+        self.log = SlidingLog(limit, self.length)
+        for b in self.backends:
+            b.now_us = start
+
+    @property
+    def now(self) -> int:
+        return self.backends[0].now_us
+
+    def call(self, keys: list[str], args: list[bytes]) -> list[int]:
+        mem, lua = (b.acquire(keys, args) for b in self.backends)
+        assert mem == lua
+        return mem
+
+    def used(self, x: int) -> int:
+        """Charges in the 61 slots of the window ending in slot ``x``."""
+        return sum(1 for _, s, _ in self.runs.values() if x - SLOTS < s <= x)
+
+    def room_from(self, first: int, limit: int) -> bool:
+        """Every window ending in slot ``first`` or later has room for one more."""
+        top = max([first, *(s for _, s, _ in self.runs.values())]) + SLOTS
+        return all(self.used(x) + 1 <= limit for x in range(first, top))
+
+    def admit(self, run: int, charged_at: int) -> None:
+        self.runs[self.next_id] = (run, math.floor(charged_at / self.slot), charged_at)
+        self.next_id += 1
+        self.log.add(run, 1)
+        for end in sorted(t for t, _ in self.log.entries):   # waits included, never more
+            assert self.log.used(end) <= self.limit
+
+    @rule(n=st.integers(0, 30), unit=st.sampled_from([1, 10**5, 10**6, 10 * 10**6]))
+    def advance(self, n: int, unit: int) -> None:
+        for b in self.backends:
+            b.now_us += n * unit
+
+    @rule(deadline_s=st.sampled_from([1, 5, 30, 120]))
+    def waiter(self, deadline_s: float) -> None:
+        args = [*layer_args("b", 1, self.rate, "1"), *layer_args("w", self.limit, self.length, "1")]
+        reply = self.call([self.bucket_key, self.window_key],
+                          list(with_deadline(args, deadline_s * 10**6)))
+        if reply[0] == 1:
+            at = reply[3] + reply[2]
+            assert self.room_from(math.floor(at / self.slot), self.limit)
+            self.admit(at, at)
+
+    @rule(half=st.booleans())
+    def other(self, half: bool) -> None:
+        limit = self.limit // 2 if half else self.limit
+        reply = self.call([self.window_key], layer_args("w", limit, self.length, "1"))
+        now = self.now
+        # Held back only by charges that count in a window holding its slot.
+        assert (reply[0] == 1) == self.room_from(math.floor(now / self.slot), limit), reply
+        if reply[0] == 1:
+            assert reply[2] == 0
+            self.admit(now, now)
+
+    @rule(pick=st.integers(0, 100))
+    def hang_up(self, pick: int) -> None:
+        waiting = sorted(i for i, (run, _, _) in self.runs.items() if run > self.now)
+        if not waiting:
+            return
+        i = waiting[pick % len(waiting)]
+        run, _, charged_at = self.runs.pop(i)
+        if (run, 1) in self.log.entries:   # else pruned: too old to count in any window
+            self.log.entries.remove((run, 1))
+        for b in self.backends:
+            b.settle([self.bucket_key, self.window_key],
+                     [charged_at, "b", 1, -1, "w", self.length, -1])
+
+    @invariant()
+    def no_trace(self) -> None:
+        """The tail holds the waiters still ahead of the ring, and nothing of those gone."""
+        if not hasattr(self, "runs"):
+            return
+        tails = [_tail(b, self.window_key) for b in self.backends]
+        assert tails[0] == tails[1]
+        for slot, count in tails[0].items():
+            assert count == sum(1 for _, s, _ in self.runs.values() if s == slot) > 0
+
+
+def test_a_waiter_holds_no_one_sharing_its_window(r: redis.Redis) -> None:
+    run_state_machine_as_test(lambda: SharedWindowMachine(ClockedMemory(), ClockedValkey(r)),
+                              settings=machine_settings(60))

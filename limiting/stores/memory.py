@@ -34,7 +34,8 @@ class MemoryStore:
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._lock = threading.Lock()
-        # key -> (expires_at_us, state); state is ["b", tokens, at] or ["w", last, total, slots]
+        # key -> (expires_at_us, state); state is ["b", tokens, at] or
+        # ["w", last, total, slots, {slot ahead of the ring: count}] (acquire.lua's tail)
         self._data: dict[str, tuple[float, list[Any]]] = {}
         self._tables: dict[str, Any] = {}
 
@@ -166,7 +167,15 @@ class MemoryStore:
                     continue
                 slot = b / 60
                 idx = math.floor(charged_at / slot)
-                if idx <= state[1] and math.floor(now / slot) - idx < SLOTS:
+                if idx > state[1] and math.floor(now / slot) - idx < SLOTS:
+                    # As settle.lua: a waiter's tail slot; one at 0 leaves no trace.
+                    tail = state[4]
+                    left = max(0.0, tail.get(idx, 0.0) + delta)
+                    if left > 0:
+                        tail[idx] = left
+                    else:
+                        tail.pop(idx, None)
+                elif idx <= state[1] and math.floor(now / slot) - idx < SLOTS:
                     held = state[3][idx % SLOTS]
                     new = max(0.0, held + delta)
                     state[3][idx % SLOTS] = new
@@ -270,38 +279,62 @@ def _advance(slots: list[float], total: float, start: int, stop: int) -> float:
 
 def _window(state: list[Any] | None, now: int, limit: float, length_us: float, cost: float,
             deadline: float) -> Step:
-    """As acquire.lua: a later caller is decided no earlier than the latest slot charged
-    (a waiter's), and the commit charges the slot the request runs in."""
+    """As acquire.lua: the ring of 61 slots ends at the current slot (or a later one left by
+    an older version); a waiter's charge ahead of it waits in the tail, counted in every
+    window that holds it and moving no later caller's earliest slot."""
     slot = length_us / 60
     cur = math.floor(now / slot)
-    if state is None or cur - state[1] >= SLOTS:
-        last, total, slots = cur, 0.0, [0.0] * SLOTS
+    tail: list[tuple[int, float]] = sorted(state[4].items()) if state is not None else []
+    e = cur if state is None else max(cur, int(state[1]))
+    if state is None or e - state[1] >= SLOTS:
+        last, total, slots = e, 0.0, [0.0] * SLOTS
     else:
         last, total, slots = int(state[1]), state[2], list(state[3])
-        total = _advance(slots, total, last, cur)
-    e = max(cur, last)
-    wait = 0.0
-    if total + cost <= limit:
-        if e > cur:
-            wait = e * slot - now + 1
-        reset = (e + SLOTS) * slot - now if total + cost != 0 else 0.0
-    else:
-        need, freed, wait = total + cost - limit, 0.0, -1.0
-        for k in range(e - SLOTS + 1, e + 1):
-            freed += slots[k % SLOTS]
-            if freed >= need:
-                wait = (k + SLOTS) * slot - now + 1
-                break
-        reset = (last + SLOTS) * slot - now
+        total = _advance(slots, total, last, e)
+    ahead, newest, at = 0.0, last, {}
+    for k, held in tail:
+        if k > e:
+            at[k] = held
+            ahead += held
+        elif e - k < SLOTS:   # a waiter's slot has come: into the ring
+            slots[k % SLOTS] += held
+            total += held
+        newest = max(newest, k)
+    run, wait = e, 0.0
+    if cost > limit:
+        wait = -1.0
+    elif total + ahead + cost > limit:
+        # As acquire.lua: the slot after the last window, ending at e or later, with no room.
+        used, blocked = total, None
+        for x in range(e, max(e, newest) + SLOTS):
+            if x > e:
+                gone = x - SLOTS
+                used -= slots[gone % SLOTS] if gone <= e else at.get(gone, 0.0)
+                used += at.get(x, 0.0)
+            if used + cost > limit:
+                blocked = x
+        if blocked is not None:
+            run = blocked + 1
+    if wait == 0 and run > cur:
+        wait = run * slot - now + 1
+    far = max(e, newest)
     if not (wait == 0 or 0 < wait <= deadline):
-        return limit - total, reset, wait, None, None
-    pre = limit - total if wait > 0 else None
+        reset = (max(last, newest) + SLOTS) * slot - now
+        return limit - total - ahead, reset, wait, None, None
+    pre = limit - total - ahead if wait > 0 else None
+    reset = (max(run, far) + SLOTS) * slot - now if total + ahead + cost != 0 else 0.0
 
     def write(delay: int) -> tuple[list[Any], float]:
-        run = max(e, math.floor((now + delay) / slot))
-        ring = list(slots)
-        held = _advance(ring, total, e, run) + cost
-        ring[run % SLOTS] += cost
-        return ["w", run, held, ring], math.ceil(((run + SLOTS) * slot - now) / 1000) * 1000 + 1e6
+        r = max(e, math.floor((now + delay) / slot))
+        ring, ahead_of = list(slots), dict(at)
+        held = total
+        if r == e:
+            ring[e % SLOTS] += cost
+            held += cost
+        else:
+            ahead_of[r] = ahead_of.get(r, 0.0) + cost
+        far = max([e, *ahead_of])
+        return (["w", e, held, ring, ahead_of],
+                math.ceil(((far + SLOTS) * slot - now) / 1000) * 1000 + 1e6)
 
-    return limit - total - cost, reset, wait, (write, 0.0), pre
+    return limit - total - ahead - cost, reset, wait, (write, 0.0), pre
