@@ -113,7 +113,12 @@ class Rendering:
                 self.extra += next((n for p, n in CLIENT_TOOLS if kind.startswith(p)), 0)
 
     def tokens(self) -> int:
-        return len(_encoding().encode_ordinary("\n".join(self.parts))) + self.extra
+        from bpe_openai.errors import TokenLimitError
+        try:
+            text = len(_encoding().encode_ordinary("\n".join(self.parts)))
+        except TokenLimitError as exc:   # past its chunk limit it still says the count
+            text = exc.token_count
+        return text + self.extra
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:

@@ -54,12 +54,13 @@ def pdf_pages(data: str) -> int:
 
 
 def document_pages(part: Mapping[str, Any]) -> tuple[int, Any]:
-    """(PDF pages, what else of the part is text to count) of a ``document`` (Anthropic) or
-    ``file`` (OpenAI) part; raises UnpricedContent for one sent by URL or id, or not a PDF."""
+    """(PDF pages, what else of the part is text to count, ``type`` left out) of a
+    ``document`` (Anthropic) or ``file`` (OpenAI) part; raises UnpricedContent for one sent
+    by URL or id, or not a PDF."""
     source = part.get("source")
     if part.get("type") == "document" and isinstance(source, Mapping):
         kind = source.get("type")
-        rest: Any = {k: v for k, v in part.items() if k != "source"}   # title, context: text
+        rest: Any = {k: v for k, v in part.items() if k not in ("source", "type")}  # title...
         if kind == "base64":
             if source.get("media_type") != _PDF or not isinstance(source.get("data"), str):
                 raise UnpricedContent("An inline document must be a PDF (media_type "
@@ -77,7 +78,7 @@ def document_pages(part: Mapping[str, Any]) -> tuple[int, Any]:
         if not isinstance(data, str):
             raise UnpricedContent("A file sent by id cannot be priced before the call; send "
                                   "its content inline as file_data.")
-        parts = [{k: v for k, v in part.items() if k != "file"},
+        parts = [{k: v for k, v in part.items() if k not in ("file", "type")},
                  {k: v for k, v in file.items() if k != "file_data"}]
         return pdf_pages(data), parts
     raise UnpricedContent(f"A {part.get('type')} part without an inline source cannot be "

@@ -22,7 +22,7 @@ import gzip
 import hashlib
 import importlib.util
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,8 @@ def encoding_for(model: str | None) -> str | None:
 @cache
 def _encoder(name: str) -> Any:
     """tiktoken's Encoding for ``name`` built from the packaged file, or None when the packages
-    are missing or the file is not OpenAI's. Loaded once per process (~0.7 s)."""
+    are missing or the file is not OpenAI's. Loaded once per process, by the first text long
+    enough to need it (~0.7 s of CPU: at start it held up every worker's boot)."""
     with _lock:
         try:
             import tiktoken
@@ -105,9 +106,3 @@ def count_tokens(texts: Sequence[str], encoding: str | None, *,
     return sum(size if size <= 1 else len(encoder.encode_ordinary(text))
                for text, size in zip(texts, sizes, strict=True))
 
-
-def warm(models: Iterable[str]) -> None:
-    """Load the encodings ``models`` use now (~0.3 s each, once a process), not in the first
-    long request that needs one."""
-    for model in models:
-        encoding_for(model)

@@ -23,7 +23,6 @@ from ..core.naming import BODY_USER, KEY_USER, EdgeKeys
 from ..core.policy import Plan, Policy
 from ..core.pricing import STANDARD, PriceTerms
 from ..core.shares import per_worker
-from ..core.tokenizer import warm
 from ..core.upstream import Observer
 from ..deny import DenyCache
 from ..engine import Engine
@@ -92,7 +91,6 @@ class RateLimiter:
         policy = app_policy(app, self._policy)
         store = self._store or app_store(app, timeout=policy.timeout_ms / 1000)
         policy = attach(policy, store)   # `flask limits set`: seen here within a second
-        warm(policy.models)              # the tokenizers its models count with
         _audit_reloads(policy, store)
         edge_layers: tuple[Layer, ...] = ()
         edge_keys = None
