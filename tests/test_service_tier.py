@@ -136,16 +136,6 @@ def test_a_tier_the_provider_chose_is_charged_at_its_price(s: Stack, model: str,
     assert s.spent(user) <= billed + 1
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_a_cheaper_tier_served_is_settled_at_its_price(s: Stack, stream: bool) -> None:
-    s.fake.set_service_tier(None, TIERS)
-    user, key = s.key()
-    s.call(key, GPT, stream, service_tier="flex")
-    s.fake.quiesce()
-    billed = s.fake.meter().usd * 1e6
-    assert abs(s.spent(user) - billed) <= 1
-
-
 def test_the_reservation_is_at_the_dearest_tier_the_request_allows(s: Stack) -> None:
     model = s.limiter.policy.model(GPT)
     assert tier_multiplier(model, None) == tier_multiplier(model, "auto") == 2.0
