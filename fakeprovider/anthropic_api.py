@@ -21,6 +21,7 @@ from . import dialect
 from .meter import Generation
 from .ratelimit import Refusal, Snapshot, rfc3339_after
 from .server import Exchange, Headers
+from .state import Billing
 from .tokens import Completion, count_words, plan_reply
 
 _ERRORS: dict[int, tuple[str, str]] = {
@@ -64,7 +65,7 @@ class AnthropicDialect(dialect.Dialect):
     def unauthorized_message(self) -> str:
         return "x-api-key header is required"
 
-    def plan(self, body: Any, cached: tuple[int, int]) -> Completion:
+    def plan(self, body: Any, cached: tuple[int, int], billing: Billing) -> Completion:
         if not isinstance(body, dict):
             raise dialect.BadRequest("Request body must be a JSON object.")
         model = dialect.require_model(body)
@@ -84,6 +85,8 @@ class AnthropicDialect(dialect.Dialect):
             stream=dialect.optional_bool(body, "stream"),
             system=system,
             cached=cached,
+            prompt=dialect.billed_prompt(body, billing),
+            tier=dialect.served_tier(body, billing, "standard", {"standard_only": "standard"}),
         )
 
     def quota_headers(self, snap: Snapshot) -> Headers:
@@ -176,7 +179,7 @@ def _usage(completion: Completion) -> dict[str, Any]:
         "cache_creation_input_tokens": completion.cache_creation,
         "cache_read_input_tokens": completion.cache_read,
         "output_tokens": completion.completion_tokens,
-        "service_tier": "standard",
+        "service_tier": completion.service_tier or "standard",
     }
 
 

@@ -104,7 +104,7 @@ class App:
                 raise BadRequest(
                     "We could not parse the JSON body of your request: expected a JSON object."
                 )
-            completion = dialect.plan(body, self.state.cached())
+            completion = dialect.plan(body, self.state.cached(), self.state.billing)
         except BadRequest as exc:
             body400 = dialect.error_body(400, exc.message, rid, exc.param)
             await ex.send_json(400, self._headers(dialect, rid), body400)
@@ -122,6 +122,7 @@ class App:
             fresh,
             completion.cache_read,
             completion.cache_creation,
+            completion.tier_price,
         )
         delay, chunk_delay = self.state.timings()
         if delay:

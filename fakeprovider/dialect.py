@@ -13,9 +13,11 @@ import string
 from abc import ABC, abstractmethod
 from typing import Any
 
+from . import render
 from .meter import Generation
 from .ratelimit import Refusal, Snapshot
 from .server import Exchange, Headers
+from .state import Billing
 from .tokens import Completion
 
 _ALPHABET = string.ascii_letters + string.digits
@@ -117,7 +119,7 @@ class Dialect(ABC):
         """Text of the 401 error."""
 
     @abstractmethod
-    def plan(self, body: Any, cached: tuple[int, int]) -> Completion:
+    def plan(self, body: Any, cached: tuple[int, int], billing: Billing) -> Completion:
         """Validate the body and decide the reply; raises BadRequest."""
 
     @abstractmethod
@@ -137,6 +139,24 @@ class Dialect(ABC):
         chunk's tokens before writing it, so a chunk whose write fails (the
         client hung up) is still billed, and nothing after it is generated.
         """
+
+
+def billed_prompt(body: dict[str, Any], billing: Billing) -> int | None:
+    """The prompt billed by a real tokenizer when ``billing`` asks and one is installed; None:
+    the word rule of :mod:`fakeprovider.tokens`."""
+    return render.prompt_tokens(body) if billing.tokenizer and render.available() else None
+
+
+def served_tier(body: dict[str, Any], billing: Billing, standard: str,
+                named: dict[str, str]) -> tuple[str, float]:
+    """(the tier the reply reports, its price multiplier): the request's own tier (``named``
+    renames a request's tier to the one reported), else the fake's ``auto_tier``."""
+    asked = body.get("service_tier")
+    if isinstance(asked, str) and asked != "auto":
+        tier = named.get(asked, asked)
+    else:
+        tier = billing.auto_tier or standard
+    return tier, billing.tiers.get(tier, 1.0)
 
 
 def bearer_token(headers: dict[str, str]) -> str:

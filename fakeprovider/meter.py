@@ -207,10 +207,16 @@ class Meter:
                 if self._busy == 0:
                     self._idle.notify_all()
 
-    def open(self, model: str, key: str, fresh: int, cached: int, write: int) -> Generation:
-        """Bill an accepted request's prompt; returns the handle its output is billed through."""
+    def open(self, model: str, key: str, fresh: int, cached: int, write: int,
+             tier_price: float = 1.0) -> Generation:
+        """Bill an accepted request's prompt; returns the handle its output is billed through.
+        ``tier_price``: the service tier's multiplier of every price."""
         with self._lock:
             rates = self._prices.get(model, FREE)
+        if tier_price != 1.0:
+            times = Fraction(tier_price)
+            rates = Rates(rates.input * times, rates.output * times,
+                          rates.cached_input * times, rates.cache_write * times)
         usd = (
             fresh * rates.input + cached * rates.cached_input + write * rates.cache_write
         ) / PER_MILLION

@@ -19,6 +19,7 @@ from . import dialect
 from .meter import Generation
 from .ratelimit import Refusal, Snapshot, format_duration
 from .server import Exchange, Headers
+from .state import Billing
 from .tokens import Completion, count_words, plan_reply
 
 FINGERPRINT = "fp_fakeprovider"
@@ -65,7 +66,7 @@ class OpenAIDialect(dialect.Dialect):
             "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
         )
 
-    def plan(self, body: Any, cached: tuple[int, int]) -> Completion:
+    def plan(self, body: Any, cached: tuple[int, int], billing: Billing) -> Completion:
         if not isinstance(body, dict):
             raise dialect.BadRequest(
                 "We could not parse the JSON body of your request: expected a JSON object."
@@ -94,6 +95,8 @@ class OpenAIDialect(dialect.Dialect):
             stream=stream,
             include_usage=include_usage,
             cached=(cached[0], 0),
+            prompt=dialect.billed_prompt(body, billing),
+            tier=dialect.served_tier(body, billing, "default", {}),
         )
 
     def quota_headers(self, snap: Snapshot) -> Headers:
@@ -139,7 +142,7 @@ class OpenAIDialect(dialect.Dialect):
             "object": "chat.completion.chunk",
             "created": created,
             "model": completion.model,
-            "service_tier": "default",
+            "service_tier": completion.service_tier or "default",
             "system_fingerprint": FINGERPRINT,
         }
 
@@ -208,6 +211,6 @@ def _completion_object(
             }
         ],
         "usage": _usage(completion),
-        "service_tier": "default",
+        "service_tier": completion.service_tier or "default",
         "system_fingerprint": FINGERPRINT,
     }

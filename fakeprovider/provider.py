@@ -36,8 +36,12 @@ class FakeProvider:
         port: int = 0,
         max_logged: int = 10_000,
         prices: Mapping[str, Mapping[str, float]] | None = None,
+        tokenizer: bool = False,
     ) -> None:
-        self.state = State(delay, chunk_delay, rpm, tpm, max_logged=max_logged, prices=prices)
+        """``tokenizer``: bill prompts by a real tokenizer where one is installed
+        (:mod:`fakeprovider.render`), not by words."""
+        self.state = State(delay, chunk_delay, rpm, tpm, max_logged=max_logged, prices=prices,
+                           tokenizer=tokenizer)
         self.host = host
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,6 +140,12 @@ class FakeProvider:
     def set_ratelimit_headers(self, **overrides: Any) -> None:
         """Report fixed limit/remaining/reset values; see :meth:`State.set_ratelimit_headers`."""
         self.state.set_ratelimit_headers(**overrides)
+
+    def set_service_tier(self, auto: str | None = None,
+                         tiers: Mapping[str, float] | None = None) -> None:
+        """Serve requests without a tier (or ``auto``) at ``auto`` and report it; bill each
+        tier at its multiplier in ``tiers`` (see :class:`fakeprovider.state.Billing`)."""
+        self.state.set_service_tier(auto, tiers)
 
     def set_cached_tokens(self, read: int, creation: int = 0) -> None:
         """Report this many prompt tokens as cache reads (and Anthropic cache writes)."""

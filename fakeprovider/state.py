@@ -38,15 +38,32 @@ class Failure:
     retry_after_ms: int | None = None
 
 
+@dataclass(frozen=True)
+class Billing:
+    """How the fake counts prompts and which service tier it serves at.
+
+    ``tokenizer``: bill prompts by a real tokenizer (:mod:`fakeprovider.render`), not words.
+    ``auto_tier``: the tier a request without one (or with ``auto``) is served at, as a project
+    default or Anthropic's priority capacity would; None: the standard tier. ``tiers``: price
+    multipliers by tier name; a tier not listed bills at 1.0.
+    """
+
+    tokenizer: bool = False
+    auto_tier: str | None = None
+    tiers: Mapping[str, float] = field(default_factory=dict)
+
+
 class State:
     """All mutable server state; every method is thread-safe."""
 
     def __init__(self, delay: float = 0.0, chunk_delay: float = 0.0, rpm: int | None = None,
                  tpm: int | None = None, max_logged: int = 10_000,
-                 prices: Mapping[str, Mapping[str, float]] | None = None) -> None:
+                 prices: Mapping[str, Mapping[str, float]] | None = None,
+                 tokenizer: bool = False) -> None:
         self._lock = threading.Lock()
         self.meter = Meter(prices)  # its own lock: billing never waits on the knobs
         self._defaults = (delay, chunk_delay, rpm, tpm)
+        self._tokenizer = tokenizer
         self._log: deque[RecordedRequest] = deque(maxlen=max_logged)
         self._max_logged = max_logged
         self._clear(delay, chunk_delay, rpm, tpm)
@@ -59,6 +76,7 @@ class State:
         self._disconnects = 0
         self._overrides: dict[str, float] = {}
         self._cached = (0, 0)
+        self.billing = Billing(self._tokenizer)
 
     # --- knobs (called from any thread) ---------------------------------------------------------
     def reset(self) -> None:
@@ -118,6 +136,12 @@ class State:
             self._overrides = {
                 k: v for k, v in zip(OVERRIDE_KEYS, given, strict=True) if v is not None
             }
+
+    def set_service_tier(self, auto: str | None = None,
+                         tiers: Mapping[str, float] | None = None) -> None:
+        """Serve requests without a tier (or ``auto``) at ``auto``; bill tiers by ``tiers``."""
+        with self._lock:
+            self.billing = Billing(self._tokenizer, auto, dict(tiers or {}))
 
     def set_cached_tokens(self, read: int, creation: int = 0) -> None:
         """Report ``read`` prompt tokens as cache hits (``creation`` as cache writes, Anthropic)."""

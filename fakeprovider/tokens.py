@@ -81,6 +81,8 @@ class Completion:
     cache_read: int = 0
     cache_creation: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    service_tier: str = ""        # the tier the reply reports ("" = the API's standard name)
+    tier_price: float = 1.0       # what the meter multiplies this call's prices by
 
     @property
     def text(self) -> str:
@@ -106,13 +108,16 @@ def plan_reply(
     include_usage: bool = False,
     system: Any = None,
     cached: tuple[int, int] = (0, 0),
+    prompt: int | None = None,
+    tier: tuple[str, float] = ("", 1.0),
 ) -> Completion:
     """Build the deterministic reply for a validated request."""
     words = (REPLY_PREFIX + last_user_text(messages)).split()
     truncated = max_tokens is not None and len(words) > max_tokens
     if truncated:
         words = words[:max_tokens]
-    prompt = prompt_tokens(messages, system)
+    if prompt is None:
+        prompt = prompt_tokens(messages, system)
     read = max(0, min(cached[0], prompt))
     creation = max(0, min(cached[1], prompt - read))
     return Completion(
@@ -124,4 +129,6 @@ def plan_reply(
         include_usage=include_usage,
         cache_read=read,
         cache_creation=creation,
+        service_tier=tier[0],
+        tier_price=tier[1],
     )

@@ -28,7 +28,7 @@ from .core.layers import ESTIMATED_UNITS, Layer
 from .core.lease import KeepAlive, provider_billed
 from .core.llm import Usage
 from .core.policy import ModelPolicy
-from .core.pricing import reserve_usd_micros, usage_usd_micros
+from .core.pricing import reserve_usd_micros, served_terms, usage_usd_micros
 from .ledger import Spender
 from .stores.store import Store, StoreUnavailable
 
@@ -139,7 +139,10 @@ class Reservation:
         if as_reserved:
             return reserve_usd_micros(self.model, usage.input_tokens, usage.output_tokens,
                                       self.terms)
-        return usage_usd_micros(self.model, usage, self.terms)
+        # Settled at the tier the provider says it served: a dearer one than reserved is
+        # still what it bills (a request only names what it allows, the answer what it got).
+        return usage_usd_micros(self.model, usage,
+                                served_terms(self.model, self.terms, usage.service_tier))
 
     def settle(self, usage: Usage) -> None:
         """Charge what was really used and give back the rest of the reservation."""

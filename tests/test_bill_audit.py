@@ -92,13 +92,14 @@ def stack(gunicorn, tmp_path: Path, r: redis.Redis, unix_url: str
 
 @contextmanager
 def open_stack(gunicorn: Any, tmp_path: Path, unix_url: str, text: str, user: str,
+               fake: dict[str, Any] | None = None,
                **env: str) -> Iterator[tuple[Gunicorn, FakeProvider, Any, str]]:
-    """gunicorn on ``text``'s policy before the fake provider, the same app in this process,
-    and a key of ``user`` on the audit plan."""
+    """gunicorn on ``text``'s policy before the fake provider (``fake``: its options), the
+    same app in this process, and a key of ``user`` on the audit plan."""
     policy = write_policy(tmp_path, text)
     prices = {m: {"input": p[0], "output": p[1], "cached_input": p[0] / 2,
                   "cache_write": p[0] * 1.25} for m, p in PRICES.items()}
-    with FakeProvider(chunk_delay=0.002, prices=prices) as fp:
+    with FakeProvider(chunk_delay=0.002, prices=prices, **(fake or {})) as fp:
         server = gunicorn(**{"REDIS_URL": unix_url, "LIMITS_CONFIG": policy,
                              "WEB_CONCURRENCY": "2", "UPSTREAM_TIMEOUT": "1.5",
                              "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": fp.url + "/v1",

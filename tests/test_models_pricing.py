@@ -332,7 +332,7 @@ def test_schemas_count_in_the_input_estimate(s: Stack, extra: dict[str, Any]) ->
 
 def test_prediction_counts_as_output(s: Stack) -> None:
     _, key = s.user("narrow")            # 1,000 output tokens a minute
-    text = "predicted " * 400            # ~1,300 tokens, billed as output when rejected
+    text = "predicted " * 1200           # ~1,200 tokens, billed as output when rejected
     with pytest.raises(openai.BadRequestError) as err:
         s.oai(key).chat.completions.create(model=GPT4O, messages=HELLO, max_tokens=5,
                                            prediction={"type": "content", "content": text})

@@ -67,7 +67,7 @@ def _request(model: str, provider: str, message: str, max_tokens: int,
     """One user turn, in the names both provider APIs share (``estimate``: of its input
     tokens, for a reservation)."""
     messages = [{"role": "user", "content": message}]
-    tokens = estimate_input_tokens(messages) if estimate else 0
+    tokens = estimate_input_tokens(messages, model=model) if estimate else 0
     return LLMRequest(model, provider, messages, max_tokens, tokens,
                       {"model": model, "messages": messages, "max_tokens": max_tokens})
 

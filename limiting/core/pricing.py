@@ -12,7 +12,7 @@ Core module: no Flask or redis import.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .llm import Usage
@@ -20,6 +20,8 @@ from .policy import ModelPolicy
 
 # Tiers every provider bills at the model's own prices (Anthropic's "standard_only" included).
 STANDARD_TIERS = ("auto", "default", "standard_only")
+# Names a response gives the standard tier it was served at (OpenAI, Anthropic).
+SERVED_STANDARD = ("default", "standard")
 # Anthropic's server tools: run (and, for web search, billed per use) on the provider's side.
 SERVER_TOOL_PREFIXES = ("web_search_", "web_fetch_", "code_execution_")
 MAX_TOOL_USES = 1000   # per tool and request; far above what a sane agent asks for
@@ -71,17 +73,38 @@ def cache_write_1h_price(model: ModelPolicy) -> float:
 
 
 def tier_multiplier(model: ModelPolicy | None, tier: Any) -> float:
-    """The price multiplier of a request's ``service_tier`` (None: the standard tier)."""
-    if tier is None:
-        return 1.0
-    if not isinstance(tier, str):
+    """The multiplier to reserve a request's ``service_tier`` at: the dearest tier it lets the
+    provider choose. Absent or ``auto``: any tier the model lists (a project's default tier,
+    Anthropic's priority capacity), and never below 1.0; ``default``/``standard_only``: the
+    standard price; a listed tier: its own."""
+    if tier is not None and not isinstance(tier, str):
         raise PricingError("'service_tier' must be a string.", "service_tier")
-    if model is not None and tier in model.service_tiers:
+    if model is None:              # echo bills nothing at any tier
+        return 1.0
+    if tier is None or tier == "auto":
+        return max([1.0, *model.service_tiers.values()])
+    if tier in model.service_tiers:
         return model.service_tiers[tier]
-    if tier in STANDARD_TIERS or model is None:   # echo bills nothing at any tier
+    if tier in STANDARD_TIERS:
         return 1.0
     raise PricingError(f"The service tier {tier!r} is not priced for model {model.name!r}; "
                        f"use one of: {', '.join(_tiers(model))}.", "service_tier")
+
+
+def served_terms(model: ModelPolicy | None, terms: PriceTerms, served: str | None
+                 ) -> PriceTerms:
+    """``terms`` at the tier the provider reported serving (OpenAI's ``service_tier``,
+    Anthropic's ``usage.service_tier``): a listed tier at its price, the standard tier at
+    1.0; none reported, or one we have no price for, keeps the tier reserved."""
+    if model is None or not isinstance(served, str):
+        return terms
+    if served in model.service_tiers:
+        tier = model.service_tiers[served]
+    elif served in SERVED_STANDARD:
+        tier = 1.0
+    else:
+        return terms
+    return replace(terms, tier=tier)
 
 
 def _tiers(model: ModelPolicy) -> list[str]:

@@ -103,8 +103,9 @@ def openai_usage(data: Any) -> Usage | None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    tier = data.get("service_tier")   # top level, in every chunk of a stream too
     return Usage(as_int(usage.get("prompt_tokens")), as_int(usage.get("completion_tokens")),
-                 cached)
+                 cached, service_tier=tier if isinstance(tier, str) else None)
 
 
 def _cache_writes(usage: Mapping[str, Any]) -> tuple[int, int]:
@@ -134,8 +135,10 @@ def anthropic_usage(data: Any) -> Usage | None:
     writes, writes_1h = _cache_writes(usage)
     tools = usage.get("server_tool_use")
     uses = as_int(tools.get("web_search_requests")) if isinstance(tools, Mapping) else 0
+    tier = usage.get("service_tier")
     return Usage(total, as_int(usage.get("output_tokens")), read, cache_write_tokens=writes,
-                 cache_write_1h_tokens=writes_1h, server_tool_uses=uses)
+                 cache_write_1h_tokens=writes_1h, server_tool_uses=uses,
+                 service_tier=tier if isinstance(tier, str) else None)
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:

@@ -83,7 +83,8 @@ class AnthropicDialect(Dialect):
             server_tool_uses=server_tool_uses(priced, body.get("tools"))))
         params = fields.passthrough(body, PASSTHROUGH)
         params.update(model=model, messages=messages, max_tokens=max_tokens)
-        estimate = fields.estimate(messages, system, body.get("tools"), model=priced)
+        estimate = fields.estimate(messages, system, body.get("tools"),
+                                   tool_choice=body.get("tool_choice"), name=model, model=priced)
         return LLMRequest(model, provider, messages, max_tokens, estimate, params,
                           stream=stream, terms=terms, system=system)
 

@@ -3,13 +3,12 @@ caller's 400 and costs nothing."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
-from limiting.core.llm import IMAGE_TOKENS, UnpricedContent, estimate_input_tokens, estimate_tokens
+from limiting.core.llm import IMAGE_TOKENS, UnpricedContent, estimate_input_tokens
 from limiting.core.policy import ModelPolicy
 from limiting.core.pricing import PriceTerms, PricingError
 from limiting.providers import UnknownModel, check_available, provider_for
@@ -115,17 +114,15 @@ def price_terms(terms: Callable[[], PriceTerms]) -> PriceTerms:
 
 
 def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = None, *,
-             functions: Any = None, response_format: Any = None,
-             model: ModelPolicy | None = None) -> int:
-    """Offline input estimate. Tool and function definitions and a response schema count:
-    the provider puts them in the prompt and bills them as input; so do images, at the
-    model's ``image_tokens`` each. Content that cannot be priced before the call is a 400."""
+             functions: Any = None, response_format: Any = None, tool_choice: Any = None,
+             name: str, model: ModelPolicy | None = None) -> int:
+    """The input reservation of a request to model ``name``: every part the provider renders
+    into the prompt and bills (limiting.core.prompt), images at the model's ``image_tokens``.
+    Content that cannot be priced before the call is a 400."""
     image_tokens = model.image_tokens if model is not None else IMAGE_TOKENS
     try:
-        total = estimate_input_tokens(messages, system, image_tokens)
+        return estimate_input_tokens(messages, system, image_tokens, model=name, tools=tools,
+                                     functions=functions, response_format=response_format,
+                                     tool_choice=tool_choice)
     except UnpricedContent as exc:
         raise invalid(str(exc), "messages") from None
-    for schema in (tools, functions, response_format):
-        if schema:
-            total += estimate_tokens(json.dumps(schema, default=str))
-    return total

@@ -89,10 +89,14 @@ class OpenAIDialect(Dialect):
             max_output = params["max_completion_tokens"] = default_max()
         estimate = fields.estimate(messages, tools=body.get("tools"),
                                    functions=body.get("functions"),
-                                   response_format=body.get("response_format"), model=priced)
+                                   response_format=body.get("response_format"),
+                                   tool_choice=[body.get("tool_choice"),
+                                                body.get("function_call")],
+                                   name=model, model=priced)
         # Rejected predicted tokens are billed as output, beyond max_completion_tokens.
         prediction = body.get("prediction")
-        predicted = estimate_tokens(json.dumps(prediction, default=str)) if prediction else 0
+        predicted = estimate_tokens(json.dumps(prediction, default=str), model) \
+            if prediction else 0
         if stream:   # always asked upstream, so the stream can be settled
             params["stream_options"] = {**(options or {}), "include_usage": True}
         return LLMRequest(model, provider, messages, max_output, estimate, params,
