@@ -97,8 +97,10 @@ def _wants_csv() -> bool:
 
 def _csv(name: str, head: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Response:
     buf = io.StringIO()
+    # RFC 4180's CRLF: the writer then quotes any cell holding a CR or LF (with "\n" alone, a
+    # user id holding a CR went out bare and split its row in two).
     writer = csv.DictWriter(buf, fieldnames=list(head), extrasaction="ignore",
-                            lineterminator="\n")
+                            lineterminator="\r\n")
     writer.writeheader()
     writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
     return Response(buf.getvalue(), content_type="text/csv; charset=utf-8",
