@@ -22,6 +22,7 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from fakeprovider import FakeProvider
+from limiting import RateLimiter
 from tests.conftest import provider_env, write_policy
 
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"
@@ -143,6 +144,30 @@ def test_a_key_limit_on_an_anonymous_view_counts_the_address(
     codes = [anonymous_chat(client, f"anon-{i}", headers={
         "Authorization": f"Bearer llm_{secrets.token_urlsafe(32)}"}) for i in range(4)]
     assert codes == [200, 200, 200, 429]
+
+
+def test_a_key_limit_on_a_plain_route_counts_only_live_keys(
+        tmp_path: Path, r: redis.Redis, redis_url: str) -> None:
+    """A route that charges nobody authenticates nothing itself: the limit asks whether the
+    presented key is a live one; a made-up one counts the client's address."""
+    app = Flask("adopter")
+    app.config.update(REDIS_URL=redis_url, LIMITS_CONFIG=write_policy(tmp_path, POLICY))
+    limiter = RateLimiter(app)
+
+    @app.get("/report")
+    @limiter.sliding_window("3 per day", key="key")
+    def report() -> str:
+        return "ok"
+
+    client = app.test_client()
+    key = limiter.keys.create("reader", "free")[0]
+    live = {"Authorization": f"Bearer {key}"}
+    assert [client.get("/report", headers=live).status_code for _ in range(4)] == \
+        [200, 200, 200, 429]
+    made_up = [client.get("/report", environ_overrides={"REMOTE_ADDR": "198.51.100.7"},
+                          headers={"X-API-Key": f"llm_{secrets.token_urlsafe(32)}"}
+                          ).status_code for _ in range(4)]
+    assert made_up == [200, 200, 200, 429]
 
 
 # --- item 6: each dialect serves only its own provider's models ----------------------------------

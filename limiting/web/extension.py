@@ -83,7 +83,7 @@ class RateLimiter:
         # This worker's remembered refusals (limiting/deny.py); None: DENY_CACHE=0.
         self.deny: DenyCache | None = None
         self.edge: Limiter | None = None
-        self.routes = RouteLimits()
+        self.routes = RouteLimits(authenticate=lambda key: self.keys.authenticate(key) is not None)
         if app is not None:
             self.init_app(app)
 

@@ -36,6 +36,7 @@ from ..core.routes import sliding_window as sliding_window_limit
 from ..core.routes import token_bucket as token_bucket_limit
 from ..engine import Engine
 from ..keys import presented_key
+from ..stores.store import StoreUnavailable
 from .context import LIMITED_ROUTE, request_limits
 from .door import early_of
 from .errors import refusal_error
@@ -131,8 +132,11 @@ def bind(endpoint: str, limits: Sequence[RouteLimit]) -> tuple[Bound, ...]:
 class RouteLimits:
     """Every endpoint's route limits for one app, found once per endpoint and policy."""
 
-    def __init__(self, namespace: str = "rl:") -> None:
+    def __init__(self, namespace: str = "rl:",
+                 authenticate: Callable[[str], bool] | None = None) -> None:
         self.namespace = namespace
+        # Is this presented key a live API key? For "key" limits on routes that charge nobody.
+        self.authenticate = authenticate
         self._cache: dict[str, tuple[Bound, ...]] = {}
         self._policy: Policy | None = None
         self._checked = False
@@ -184,14 +188,14 @@ class RouteLimits:
                 if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
                     raise TypeError(f"{b.layer.name}: cost must be a whole number >= 0, "
                                     f"got {cost!r}")
-            value = key_value(limit.key, user, org, realm)
+            value = key_value(limit.key, user, org, realm, self.authenticate)
             tag = f"{self.namespace}{{{b.head}:{user_tag(value)}}}"
             out.append(Group.of([b.layer], [f"{tag}:{b.suffix}"], [cost], tag))
         return out
 
 
 def key_value(key: Any, user: str | None, org: str | None = None,
-              realm: str = KEY_USER) -> str:
+              realm: str = KEY_USER, authenticate: Callable[[str], bool] | None = None) -> str:
     """The value a route limit is counted by in this request.
 
     A /chat body's user_id is a claim anyone can make: it counts apart from the key holder
@@ -211,7 +215,7 @@ def key_value(key: Any, user: str | None, org: str | None = None,
             return "ip:" + client_ip()
         return ("b:" if claimed else "u:") + user
     if key == "key":
-        token = _counted_key(user, realm)
+        token = _counted_key(user, realm, authenticate)
         if token:
             return "k:" + hashlib.sha256(token.encode()).hexdigest()[:32]
         return "ip:" + client_ip()
@@ -219,14 +223,22 @@ def key_value(key: Any, user: str | None, org: str | None = None,
     return "h:" + header if header else "ip:" + client_ip()
 
 
-def _counted_key(user: str | None, realm: str) -> str | None:
-    """The API key a ``key = "key"`` limit counts. On a view that charges a user: the key it
-    authenticated, read where the view reads it (its ``Early.key``: /v1/messages takes
-    x-api-key before Bearer), and none for a caller the view named by its body, whom no key
-    authenticated (a made-up header per request must not make a counter per request). On
-    any other route: the presented key, as nothing there authenticates one."""
+def _counted_key(user: str | None, realm: str,
+                 authenticate: Callable[[str], bool] | None) -> str | None:
+    """The API key a ``key = "key"`` limit counts: only one that authenticated, else None
+    (the client's address is counted), so a made-up key per request is not a counter per
+    request. On a view that charges a user: the key it authenticated, read where the view
+    reads it (its ``Early.key``: /v1/messages takes x-api-key before Bearer), and none for a
+    caller it named by the body. On any other route: the presented key if it is a live one
+    (``authenticate``; a store away counts the address)."""
     if user is None:
-        return presented_key(request.headers)
+        token = presented_key(request.headers)
+        if not token or authenticate is None:
+            return token
+        try:
+            return token if authenticate(token) else None
+        except StoreUnavailable:
+            return None
     if realm == BODY_USER:
         return None
     early = early_of(current_app.view_functions.get(request.endpoint or ""))
