@@ -438,7 +438,7 @@ def test_a_reservation_holding_nothing_finishes_quietly(redis_url: str) -> None:
 
 def _deep_body(endpoint: str, depth: int, stream: bool) -> str:
     """A well-formed body with one passthrough field nested ``depth`` arrays deep."""
-    field = "metadata" if endpoint == "anthropic" else "response_format"
+    field = "metadata"   # forwarded, not priced: only the SDK walks it
     shape = {"model": model_of(endpoint), "messages": HELLO, "max_tokens": MAX,
              "stream": stream, field: {"x": "DEEP"}}
     return json.dumps(shape).replace('"DEEP"', "[" * depth + "]" * depth)
@@ -466,6 +466,23 @@ def test_a_body_the_sdk_cannot_send_is_cancelled(app: Flask, client: FlaskClient
     assert resp.status_code == 400, resp.get_data()
     assert "nested too deeply" in resp.get_data(as_text=True)
     assert_cancelled(app)
+
+
+def test_a_schema_too_deep_to_price_is_a_400_before_any_charge(
+        app: Flask, client: FlaskClient, key: str, fp: FakeProvider) -> None:
+    """The input estimate walks response_format; nested deeper than it can, that is the
+    caller's 400 before anything is charged, never a 500."""
+    headers = {"Authorization": f"Bearer {key}"}
+    for depth in range(1000, 700, -1):
+        body = _deep_body("openai", depth, False).replace('"metadata"', '"response_format"')
+        resp = client.post("/v1/chat/completions", headers=headers, data=body,
+                           content_type="application/json")
+        if b"not valid JSON" not in resp.get_data():
+            break
+    assert resp.status_code == 400, resp.get_data()
+    assert fp.requests == []
+    now = left(app)
+    assert (now["tokens-minute"], now["usd-day"], now["quota-day"]) == (TOKENS, USD, 10000)
 
 
 @BOTH

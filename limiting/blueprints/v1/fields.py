@@ -136,3 +136,5 @@ def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = No
                                      tool_choice=tool_choice)
     except UnpricedContent as exc:
         raise invalid(str(exc), "messages") from None
+    except RecursionError:   # a schema or content nested deeper than it can be measured
+        raise invalid("The request is nested too deeply to be priced.") from None
