@@ -29,6 +29,8 @@ _SCRUB = (
     "ANTHROPIC_BASE_URL",
     "REQUIRE_API_KEY",
     "TRUSTED_PROXIES",
+    "ADMIN_TOKEN",       # set, /metrics would need it: the bench scrapes it from loopback bare
+    "METRICS_TOKEN",
 )
 
 # gunicorn >= 23 opens a control socket at a fixed per-user path; concurrent gunicorns (other

@@ -60,7 +60,7 @@ FINISHED: set[str] = set()
 FUZZ_TESTS = frozenset({
     "test_fuzz_chat", "test_fuzz_openai", "test_fuzz_anthropic", "test_fuzz_usage",
     "test_fuzz_admin", "test_fuzz_health_and_metrics", "test_fuzz_unknown_paths_and_methods",
-    "test_body_size_boundary",
+    "test_body_size_boundary", "test_fuzz_every_query_parameter",
 })
 MIN_TOTAL = 1000
 

@@ -12,6 +12,7 @@ generator close a gunicorn worker runs when the client hangs up.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import tomllib
@@ -429,3 +430,94 @@ def test_a_reservation_holding_nothing_finishes_quietly(redis_url: str) -> None:
         pass
     assert res.done
     store.close()
+
+
+
+# --- never sent, never billed (issue 19, item 8) ------------------------------------------------
+
+
+def _deep_body(endpoint: str, depth: int, stream: bool) -> str:
+    """A well-formed body with one passthrough field nested ``depth`` arrays deep."""
+    field = "metadata"   # forwarded, not priced: only the SDK walks it
+    shape = {"model": model_of(endpoint), "messages": HELLO, "max_tokens": MAX,
+             "stream": stream, field: {"x": "DEEP"}}
+    return json.dumps(shape).replace('"DEEP"', "[" * depth + "]" * depth)
+
+
+@BOTH
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_body_the_sdk_cannot_send_is_cancelled(app: Flask, client: FlaskClient, key: str,
+                                                 fp: FakeProvider, endpoint: str,
+                                                 stream: bool) -> None:
+    """Nested just shallower than Flask parses (deeper is the 400 "not valid JSON") and
+    deeper than the SDK can serialise: the call fails before its request leaves, so the
+    provider got nothing and the reservation is cancelled (was: a 502 charged as
+    reserved). The depth where that happens depends on the stack, so it is searched for."""
+    url = "/v1/messages" if endpoint == "anthropic" else "/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {key}"}
+    for depth in range(1000, 700, -1):
+        resp = client.post(url, headers=headers, data=_deep_body(endpoint, depth, stream),
+                           content_type="application/json")
+        if b"not valid JSON" not in resp.get_data():
+            break
+    else:
+        pytest.fail("no depth got past the body's parser")
+    assert fp.requests == [], "the provider must not have been reached"
+    assert resp.status_code == 400, resp.get_data()
+    assert "nested too deeply" in resp.get_data(as_text=True)
+    assert_cancelled(app)
+
+
+def test_a_schema_too_deep_to_price_is_a_400_before_any_charge(
+        app: Flask, client: FlaskClient, key: str, fp: FakeProvider) -> None:
+    """The input estimate walks response_format; nested deeper than it can, that is the
+    caller's 400 before anything is charged, never a 500."""
+    headers = {"Authorization": f"Bearer {key}"}
+    for depth in range(1000, 700, -1):
+        body = _deep_body("openai", depth, False).replace('"metadata"', '"response_format"')
+        resp = client.post("/v1/chat/completions", headers=headers, data=body,
+                           content_type="application/json")
+        if b"not valid JSON" not in resp.get_data():
+            break
+    assert resp.status_code == 400, resp.get_data()
+    assert fp.requests == []
+    now = left(app)
+    assert (now["tokens-minute"], now["usd-day"], now["quota-day"]) == (TOKENS, USD, 10000)
+
+
+@BOTH
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_is_not_json_and_charges_nothing(app: Flask, client: FlaskClient, key: str,
+                                             fp: FakeProvider, endpoint: str,
+                                             constant: str) -> None:
+    """Python reads NaN, the SDK's encoder refuses it after the call was reserved (was: a 502
+    charged as reserved): it is a 400 before anything is charged."""
+    url = "/v1/messages" if endpoint == "anthropic" else "/v1/chat/completions"
+    body = json.dumps({"model": model_of(endpoint), "messages": HELLO, "max_tokens": MAX,
+                       "temperature": 0.5}).replace("0.5", constant)
+    resp = client.post(url, headers={"Authorization": f"Bearer {key}"}, data=body,
+                       content_type="application/json")
+    assert resp.status_code == 400, resp.get_data()
+    assert fp.requests == []
+    now = left(app)
+    assert (now["tokens-minute"], now["usd-day"], now["concurrent"], now["quota-day"]) == \
+        (TOKENS, USD, 4, 10000), now
+
+
+def test_a_value_the_sdk_cannot_encode_is_not_billed(fp: FakeProvider) -> None:
+    """Any other failure before the request leaves (here the real SDK's encoder refusing a
+    NaN the library API was handed) is ours, a 502, and not billed."""
+    from limiting.providers.errors import guarded_call
+    from limiting.providers.llm_calls import create
+
+    seen: list[int] = []
+    with pytest.raises(UpstreamError) as caught:
+        create("openai", {"model": GPT, "messages": HELLO, "temperature": float("nan")},
+               lambda h, status, t: seen.append(status), 10)
+    assert (caught.value.status, caught.value.billed) == (502, False)
+    assert fp.requests == [] and seen == []
+    reply = create("openai", {"model": GPT, "messages": HELLO}, lambda h, s, t: None, 10)
+    assert reply.status == 200 and len(fp.requests) == 1   # the same client, once sendable
+    with pytest.raises(UpstreamError) as caught:
+        guarded_call("openai", lambda h, s, t: None, 0, lambda: [][0])
+    assert caught.value.billed is False   # nothing was sent at all

@@ -105,22 +105,91 @@ def test_fuzz_admin(target: Target, path: str, good: bool, auth_good: str,
 # --- /healthz and /metrics ------------------------------------------------------------------------
 
 
+METRICS_EXAMPLES = [0]
+
+
 @fuzz(100)
 @given(path=st.sampled_from(["/healthz", "/metrics"]), query=st.sampled_from(QUERIES),
-       environ=extra_environ(), auth=st.one_of(st.none(), admin_auth_bad),
+       environ=extra_environ(), good=st.booleans(), auth_good=admin_auth_good,
+       auth=st.one_of(st.none(), admin_auth_bad),
        data=st.one_of(st.none(), st.binary(max_size=100)))
 def test_fuzz_health_and_metrics(target: Target, path: str, query: str | None,
-                                 environ: dict[str, str], auth: str | None,
-                                 data: bytes | None) -> None:
+                                 environ: dict[str, str], good: bool, auth_good: str,
+                                 auth: str | None, data: bytes | None) -> None:
+    """/healthz answers anyone; /metrics, with ADMIN_TOKEN set (as here), the token only."""
+    if path == "/metrics":
+        auth = auth_good if good else auth
+        METRICS_EXAMPLES[0] += 1   # failures are limited per address: one address each
+        n = METRICS_EXAMPLES[0]
+        environ = {**environ, "REMOTE_ADDR": f"198.19.{n // 250 % 250}.{n % 250}"}
     if auth is not None:
         environ = {**environ, "HTTP_AUTHORIZATION": auth}
     resp, body = run(target, Req("GET", path, data, None, environ, query))
-    assert resp.status_code == 200, resp.get_data()[:300]
     if path == "/healthz":
+        assert resp.status_code == 200, resp.get_data()[:300]
         assert body["status"] == "ok" and body["store"] == "ok", body
-    else:
+    elif good:
+        assert resp.status_code == 200, resp.get_data()[:300]
         assert b"# TYPE" in resp.get_data()
+    else:
+        assert resp.status_code == 401, resp.get_data()[:300]
+        assert b"llm_limiter" not in resp.get_data()
     FINISHED.add("test_fuzz_health_and_metrics")
+
+
+# --- every query parameter of every route --------------------------------------------------------
+
+# Each route's query parameters (the rest take none; they get the same values, ignored).
+QUERY_PARAMS = {
+    "/v1/usage": ("days",),
+    "/admin/spend": ("day", "top", "by", "model", "days", "format"),
+    "/admin/spend/user/fuzzer": ("realm", "days", "format"),
+    "/admin/usage.json": ("users",),
+    "/admin/usage": ("users",),
+    "/healthz": ("x",),
+    "/metrics": ("x",),
+}
+# Digits str.isdigit/int/float/fromisoformat take that are not ASCII, and other odd text.
+NON_ASCII_DIGITS = ["\u00b2", "\u0663", "\uff11", "\u0967", "\U0001d7ce", "\u2460", "\u00bd",
+                    "\u0661\u0660", "\uff12\uff10\uff12\uff15-\uff10\uff11-\uff10\uff11"]
+ODD_VALUES = [*NON_ASCII_DIGITS, "", " 7", "7 ", "+7", "-7", "0", "00007", "1_0", "1e3", "7.0",
+              "0x10", "9" * 5000, "2025-W01-1", "20250101", "2025-1-1", "\x00", "\ud800", "csv",
+              "json", "usd", "tok", "u", "b", "=1+1", "%", "NaN", "inf"]
+query_value = st.one_of(st.sampled_from(ODD_VALUES),
+                        st.text(alphabet=st.characters(categories=["Nd", "No", "Nl", "Zs"]),
+                                min_size=1, max_size=6),
+                        st.text(max_size=12))
+
+
+@fuzz(300)
+@given(path=st.sampled_from(sorted(QUERY_PARAMS)), data=st.data())
+def test_fuzz_every_query_parameter(target: Target, path: str, data: st.DataObject) -> None:
+    """Non-ASCII digits (which ``str.isdigit`` takes and ``int`` refuses or misreads), huge
+    numbers and odd text in every query parameter: an answer, never a 5xx; a 400 is JSON
+    with a code."""
+    names = data.draw(st.lists(st.sampled_from(QUERY_PARAMS[path]), min_size=1, max_size=3))
+    query = "&".join(f"{name}={quote(data.draw(query_value), safe='', errors='surrogatepass')}"
+                     for name in names)
+    auth = f"Bearer {target.keys['fuzzer']}" if path == "/v1/usage" else f"Bearer {ADMIN_TOKEN}"
+    resp = send(target.client, Req("GET", path, None, None, {"HTTP_AUTHORIZATION": auth}, query),
+                count=("GET", path) in ROUTES)   # /admin/spend* is not an "unknown path"
+    assert resp.status_code in (200, 400), (path, query[:200], resp.status_code,
+                                            resp.get_data()[:300])
+    if resp.status_code == 400:
+        body = resp.get_json()
+        assert isinstance(body["error"], str) and body["code"] == "invalid_request", body
+    FINISHED.add("test_fuzz_every_query_parameter")
+
+
+@pytest.mark.parametrize("path", ["/v1/usage?days=", "/admin/spend?top=", "/admin/spend?days=",
+                                  "/admin/spend/user/fuzzer?days="])
+@pytest.mark.parametrize("value", [*NON_ASCII_DIGITS[:5], "9" * 5000])
+def test_numbers_are_ascii_digits(target: Target, path: str, value: str) -> None:
+    """The issue's case: ``?days=%C2%B2`` was a 500."""
+    auth = f"Bearer {target.keys['fuzzer']}" if path.startswith("/v1") else f"Bearer {ADMIN_TOKEN}"
+    resp = target.client.get(path + quote(value), headers={"Authorization": auth})
+    assert resp.status_code == 400, (path, value[:20], resp.status_code)
+    assert resp.get_json()["code"] == "invalid_request"
 
 
 # --- unknown paths and wrong methods --------------------------------------------------------------

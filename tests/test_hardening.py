@@ -221,8 +221,13 @@ def test_metrics_token(tmp_path: Path, r: redis.Redis, redis_url: str) -> None:
     assert ok.status_code == 200 and b"# HELP" in ok.get_data()
 
 
-def test_metrics_open_without_a_token(client: FlaskClient) -> None:
-    assert client.get("/metrics").status_code == 200
+def test_metrics_need_the_admin_token_when_it_is_set(client: FlaskClient) -> None:
+    """This app sets ADMIN_TOKEN and no METRICS_TOKEN: /metrics shows spend per plan and model,
+    so it is the operator's (issue 19; the loopback rule without any token:
+    tests/test_client_choices.py)."""
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).status_code \
+        == 200
 
 
 # --- item 9 and 7: slow and oversized bodies, under gunicorn --------------------------------------

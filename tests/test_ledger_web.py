@@ -142,6 +142,8 @@ def test_the_ledger_equals_the_settlements(stack, r: redis.Redis) -> None:
     assert out.exit_code == 0 and out.output.count("\n") == 6
     assert runner.invoke(args=["spend", "user", "nobody-at-all"]).exit_code == 1
 
-    metrics = httpx.get(server.url + "/metrics").text
+    # ADMIN_TOKEN is set, so /metrics (spend per plan and model) needs it too.
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    metrics = httpx.get(server.url + "/metrics", headers=admin).text
     assert f'llm_limiter_spend_usd_total{{model="{GPT}",plan="audit"}}' in metrics
     assert "spender" not in metrics   # never a series per user

@@ -14,6 +14,7 @@ import hmac
 import io
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,11 @@ from limiting.web.identity import client_ip
 
 bp = Blueprint("usage", __name__, template_folder="templates")
 MAX_USERS = 200
+_DIGITS = re.compile(r"[0-9]{1,5}")              # bounded: int() of 5,000 digits is a ValueError
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# A cell a spreadsheet would read as a formula (OWASP's CSV injection list): = + - @, and tab
+# or CR, which some programs skip before looking at the first character.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def layers_json(decision: Decision) -> list[dict[str, Any]]:
@@ -59,10 +65,12 @@ def my_usage() -> dict[str, Any]:
 
 
 def _count(name: str, default: int) -> int:
-    """A day count or top-N from the query: 1 up to what the ledger keeps (plus today)."""
+    """A day count or top-N from the query: 1 up to what the ledger keeps (plus today).
+    ASCII digits only: ``str.isdigit`` takes "²" and "٣", which ``int`` then refuses or reads
+    as a number the client never typed."""
     raw = request.args.get(name, str(default))
     most = current_limiter().policy.history_days + 1
-    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= 10_000:
         raise BadRequest(f"'{name}' must be a whole number from 1 (at most {most} days kept).")
     return min(int(raw), most) if name == "days" else int(raw)
 
@@ -71,7 +79,9 @@ def _day(ledger: Ledger) -> int:
     text = request.args.get("day")
     if not text:
         return ledger.today()
-    try:
+    try:   # fromisoformat alone also takes 20250101 and 2025-W01-1
+        if not _DATE.fullmatch(text):
+            raise ValueError(text)
         return parse_day(text)
     except ValueError:
         raise BadRequest("'day' must be a date, YYYY-MM-DD (UTC).") from None
@@ -87,12 +97,23 @@ def _wants_csv() -> bool:
 
 def _csv(name: str, head: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Response:
     buf = io.StringIO()
+    # RFC 4180's CRLF: the writer then quotes any cell holding a CR or LF (with "\n" alone, a
+    # user id holding a CR went out bare and split its row in two).
     writer = csv.DictWriter(buf, fieldnames=list(head), extrasaction="ignore",
-                            lineterminator="\n")
+                            lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
     return Response(buf.getvalue(), content_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
+
+
+def _cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, made inert by a leading ``'``
+    (OWASP's rule; user ids, realms and key names are the client's or an operator's text).
+    Numbers stay numbers: ours, never a client's text."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 SPEND_COLUMNS = ("day", "requests", "input_tokens", "cached_input_tokens", "output_tokens",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import request
@@ -16,12 +17,18 @@ def json_object() -> dict[str, Any]:
     if not data:
         raise BadRequest("The request body must be a JSON object.")
     try:
-        body = request.get_json(force=True, silent=False)
-    except (BadRequest, RecursionError):   # RecursionError: nesting deeper than Python parses
+        # NaN and Infinity are not JSON (RFC 8259); Python reads them, and the SDKs would
+        # then fail to send the body on, after the call was reserved.
+        body = json.loads(data, parse_constant=_not_json)
+    except (ValueError, RecursionError):   # RecursionError: nesting deeper than Python parses
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def string_field(body: dict[str, Any], name: str, *, required: bool = False,

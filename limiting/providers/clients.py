@@ -1,11 +1,18 @@
-"""The official SDK clients, one per worker process, created after the fork."""
+"""The official SDK clients, one per worker process, created after the fork.
+
+Each client's HTTP layer tells :func:`watching` when a request is about to leave, so a call
+that failed before (a body the SDK could not serialise, a client it could not build) is known
+never to have reached the provider, and is not billed."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported at the first call instead: see errors.py
     import anthropic
@@ -23,19 +30,52 @@ SHARDS = max(1, int(os.environ.get("UPSTREAM_CLIENTS", "8")))
 _turn = itertools.count()
 
 
+# This call's "did a request leave?" box: a context variable, so each thread or greenlet
+# has its own; None outside :func:`watching`.
+_SENT: ContextVar[list[bool] | None] = ContextVar("limiting_upstream_sent", default=None)
+
+
+def _leaving(request: Any) -> None:
+    """httpx's request hook: runs after the request is built (its body encoded) and just
+    before it is sent."""
+    sent = _SENT.get()
+    if sent is not None:
+        sent.append(True)
+
+
+@contextlib.contextmanager
+def watching() -> Iterator[list[bool]]:
+    """A box that is non-empty once a request of this call left for the provider."""
+    sent: list[bool] = []
+    token = _SENT.set(sent)
+    try:
+        yield sent
+    finally:
+        _SENT.reset(token)
+
+
+def _hooks() -> dict[str, list[Any]]:
+    return {"request": [_leaving]}
+
+
 @cache
 def _openai_clients() -> tuple[openai.OpenAI, ...]:
     import openai
 
     # No SDK retries: a retry spends the user's money twice; the caller sees Retry-After.
-    return tuple(openai.OpenAI(max_retries=0, timeout=_timeout()) for _ in range(SHARDS))
+    return tuple(openai.OpenAI(max_retries=0, timeout=_timeout(),
+                               http_client=openai.DefaultHttpxClient(event_hooks=_hooks()))
+                 for _ in range(SHARDS))
 
 
 @cache
 def _anthropic_clients() -> tuple[anthropic.Anthropic, ...]:
     import anthropic
 
-    return tuple(anthropic.Anthropic(max_retries=0, timeout=_timeout()) for _ in range(SHARDS))
+    return tuple(anthropic.Anthropic(max_retries=0, timeout=_timeout(),
+                                     http_client=anthropic.DefaultHttpxClient(
+                                         event_hooks=_hooks()))
+                 for _ in range(SHARDS))
 
 
 def openai_client() -> openai.OpenAI:

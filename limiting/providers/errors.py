@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 from limiting.core.lease import provider_billed, status_billed
 from limiting.core.upstream import refused_alone, retry_after
 
+from .clients import watching
+
 # The SDKs are imported where a call is made (providers/clients.py), not here: importing both
 # takes about a second, which every `flask limits ...` command would pay for nothing.
 _SDKS = ("openai", "anthropic")
@@ -56,11 +58,27 @@ T = TypeVar("T")
 
 def guarded_call(provider: str, observe: Observe, tokens: int, send: Callable[[], T]) -> T:
     """Run one SDK call; any failure leaves as UpstreamError (the provider's HTTP answer shown
-    to the model's guard first), never as an SDK or transport exception."""
-    try:
-        return send()
-    except Exception as exc:
-        raise status_error(exc, provider, observe, tokens) from None
+    to the model's guard first), never as an SDK or transport exception. A failure before
+    the request left is not billed: the provider never saw it."""
+    with watching() as sent:
+        try:
+            return send()
+        except Exception as exc:
+            if not sent:
+                raise unsent_error(exc, provider) from None
+            raise status_error(exc, provider, observe, tokens) from None
+
+
+def unsent_error(exc: Exception, provider: str) -> UpstreamError:
+    """A call that failed before its request left (``billed=False``: the reservation is
+    cancelled). A body nested deeper than the SDK recurses is the caller's 400; anything else
+    (a value the SDK cannot encode, a client it cannot build) is ours, a 502."""
+    if isinstance(exc, RecursionError):
+        return UpstreamError(400, "invalid_request",
+                             f"The request is nested too deeply to send to the {provider} API.",
+                             billed=False)
+    return UpstreamError(502, "upstream_error",
+                         f"The {provider} API call could not be made.", billed=False)
 
 
 def status_error(exc: Exception, provider: str, observe: Observe, tokens: int) -> UpstreamError:

@@ -83,7 +83,7 @@ class RateLimiter:
         # This worker's remembered refusals (limiting/deny.py); None: DENY_CACHE=0.
         self.deny: DenyCache | None = None
         self.edge: Limiter | None = None
-        self.routes = RouteLimits()
+        self.routes = RouteLimits(authenticate=lambda key: self.keys.authenticate(key) is not None)
         if app is not None:
             self.init_app(app)
 
@@ -179,7 +179,7 @@ class RateLimiter:
         resolved, org_plan = policy.resolve(user, plan, realm), policy.org_of(user, org)
         refuse_if_denied(self.deny, user, realm, resolved, started)
         state, extra = pending(self.routes, user,
-                               org_plan.name if org_plan is not None else None)
+                               org_plan.name if org_plan is not None else None, realm)
         wait = max_wait(resolved)
         charged: list[Charged] = []
         if extra or wait:   # the route's own limits, in the same call; a slot to give back
@@ -224,7 +224,7 @@ class RateLimiter:
         resolved = policy.resolve(user, plan, realm)
         refuse_if_denied(self.deny, user, realm, resolved, started)
         state, extra = pending(self.routes, user,
-                               org_plan.name if org_plan is not None else None)
+                               org_plan.name if org_plan is not None else None, realm)
         charged: list[Charged] = []
         try:
             reservation = engine.reserve(user, resolved, ask, ip=client_ip(), realm=realm,

@@ -29,14 +29,16 @@ from ..composed import Charged
 from ..core.decision import Decision, Refused
 from ..core.groups import Group
 from ..core.layers import Layer, bucket, month, window
-from ..core.naming import user_tag
+from ..core.naming import BODY_USER, KEY_USER, user_tag
 from ..core.policy import Policy
 from ..core.routes import HEADER_KEY, RouteLimit, unknown_endpoints
 from ..core.routes import sliding_window as sliding_window_limit
 from ..core.routes import token_bucket as token_bucket_limit
 from ..engine import Engine
 from ..keys import presented_key
+from ..stores.store import StoreUnavailable
 from .context import LIMITED_ROUTE, request_limits
+from .door import early_of
 from .errors import refusal_error
 from .identity import client_ip
 
@@ -130,8 +132,11 @@ def bind(endpoint: str, limits: Sequence[RouteLimit]) -> tuple[Bound, ...]:
 class RouteLimits:
     """Every endpoint's route limits for one app, found once per endpoint and policy."""
 
-    def __init__(self, namespace: str = "rl:") -> None:
+    def __init__(self, namespace: str = "rl:",
+                 authenticate: Callable[[str], bool] | None = None) -> None:
         self.namespace = namespace
+        # Is this presented key a live API key? For "key" limits on routes that charge nobody.
+        self.authenticate = authenticate
         self._cache: dict[str, tuple[Bound, ...]] = {}
         self._policy: Policy | None = None
         self._checked = False
@@ -171,9 +176,9 @@ class RouteLimits:
             log.warning("%s; that route limit applies to nothing", exc)
 
     def groups(self, bounds: Sequence[Bound], user: str | None,
-               org: str | None = None) -> list[Group]:
+               org: str | None = None, realm: str = KEY_USER) -> list[Group]:
         """One Group per limit, keyed and costed inside this request (``user`` and ``org``:
-        whom the view charges, if anyone)."""
+        whom the view charges, if anyone; ``realm``: whether the view authenticated them)."""
         out = []
         for b in bounds:
             limit = b.limit
@@ -183,30 +188,61 @@ class RouteLimits:
                 if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
                     raise TypeError(f"{b.layer.name}: cost must be a whole number >= 0, "
                                     f"got {cost!r}")
-            tag = f"{self.namespace}{{{b.head}:{user_tag(key_value(limit.key, user, org))}}}"
+            value = key_value(limit.key, user, org, realm, self.authenticate)
+            tag = f"{self.namespace}{{{b.head}:{user_tag(value)}}}"
             out.append(Group.of([b.layer], [f"{tag}:{b.suffix}"], [cost], tag))
         return out
 
 
-def key_value(key: Any, user: str | None, org: str | None = None) -> str:
-    """The value a route limit is counted by in this request."""
+def key_value(key: Any, user: str | None, org: str | None = None,
+              realm: str = KEY_USER, authenticate: Callable[[str], bool] | None = None) -> str:
+    """The value a route limit is counted by in this request.
+
+    A /chat body's user_id is a claim anyone can make: it counts apart from the key holder
+    of that name (``b:``/``ob:`` beside ``u:``/``o:``), as its plan and org layers do, so an
+    anonymous caller can never spend a key holder's route limits."""
     if callable(key):
         return str(key())
     if key == "ip":
         return "ip:" + client_ip()
+    claimed = realm == BODY_USER
     if key == "org" and org is not None:
-        return "o:" + org
+        return ("ob:" if claimed else "o:") + org
     if key in ("user", "org"):
         # The user this request charges (a user in no org is an org of one); a route that
         # charges nobody counts by the client's address.
-        return "u:" + user if user is not None else "ip:" + client_ip()
+        if user is None:
+            return "ip:" + client_ip()
+        return ("b:" if claimed else "u:") + user
     if key == "key":
-        token = presented_key(request.headers)   # as authentication reads it
+        token = _counted_key(user, realm, authenticate)
         if token:
             return "k:" + hashlib.sha256(token.encode()).hexdigest()[:32]
         return "ip:" + client_ip()
     header = request.headers.get(key[len(HEADER_KEY):])
     return "h:" + header if header else "ip:" + client_ip()
+
+
+def _counted_key(user: str | None, realm: str,
+                 authenticate: Callable[[str], bool] | None) -> str | None:
+    """The API key a ``key = "key"`` limit counts: only one that authenticated, else None
+    (the client's address is counted), so a made-up key per request is not a counter per
+    request. On a view that charges a user: the key it authenticated, read where the view
+    reads it (its ``Early.key``: /v1/messages takes x-api-key before Bearer), and none for a
+    caller it named by the body. On any other route: the presented key if it is a live one
+    (``authenticate``; a store away counts the address)."""
+    if user is None:
+        token = presented_key(request.headers)
+        if not token or authenticate is None:
+            return token
+        try:
+            return token if authenticate(token) else None
+        except StoreUnavailable:
+            return None
+    if realm == BODY_USER:
+        return None
+    early = early_of(current_app.view_functions.get(request.endpoint or ""))
+    return (early.key if early is not None else presented_key)(request.headers)
 
 
 def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
@@ -254,15 +290,16 @@ def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
         return response
 
 
-def pending(routes: RouteLimits, user: str, org: str | None = None
+def pending(routes: RouteLimits, user: str, org: str | None = None, realm: str = KEY_USER
             ) -> tuple[RouteState | None, list[Group]]:
     """The route limits the view's acquire/reserve should carry (once per request); ``org``:
-    the org the request is charged to, for limits keyed by "org"."""
+    the org the request is charged to, for limits keyed by "org"; ``realm``: KEY_USER for an
+    authenticated user, BODY_USER for a /chat body's claim."""
     state: RouteState | None = request_limits().routes
     if state is None or state.used:
         return None, []
     state.used = True
-    return state, routes.groups(state.bounds, user, org)
+    return state, routes.groups(state.bounds, user, org, realm)
 
 
 def keep(state: RouteState | None, charged: Sequence[Charged]) -> None:

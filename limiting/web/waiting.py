@@ -10,6 +10,7 @@ more; a client that hangs up is seen within POLL_SECONDS and its slot given back
 from __future__ import annotations
 
 import math
+import re
 import select
 import socket
 import time
@@ -24,6 +25,7 @@ from ..core.policy import Plan
 from . import logs
 
 HEADER = "X-RateLimit-Max-Wait"
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 POLL_SECONDS = 0.25   # how soon a hang-up is seen while waiting
 
 
@@ -45,10 +47,9 @@ def max_wait(plan: Plan) -> float:
     raw = request.headers.get(HEADER)
     if raw is None:
         return ceiling
-    try:
-        asked = float(raw.strip())
-    except ValueError:
-        asked = math.nan
+    # ASCII seconds only: float() also takes "٣", "1_0" and "1e3", which no client means.
+    text = raw.strip()
+    asked = float(text) if _SECONDS.fullmatch(text) else math.nan
     if not (math.isfinite(asked) and asked >= 0):
         raise BadRequest(f"{HEADER} must be a number of seconds, 0 or more; got {raw[:40]!r}.")
     return min(asked, ceiling)

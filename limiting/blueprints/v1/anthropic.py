@@ -74,7 +74,8 @@ class AnthropicDialect(Dialect):
         if system is not None and not isinstance(system, (str, list)):
             raise invalid("'system' must be a string or an array of text blocks.", "system")
 
-        provider, priced = fields.provider_of(model, f"model: {model}")
+        provider, priced = fields.provider_of(model, f"model: {model}",
+                                             serves=self.api.name)
         # Beyond tokens: service_tier, cache writes (cache_control anywhere in the request)
         # and server tools (each use billed, so each must be bounded).
         terms = fields.price_terms(lambda: PriceTerms(

@@ -19,6 +19,9 @@ from .problems import NOT_FOUND, ApiProblem, invalid
 
 # No model generates more in one answer (the largest allow ~128k); 10**400 is an attack.
 MAX_TOKENS_CAP = 1_000_000
+ECHO = "echo"
+# Where a model of another provider is served, for the 404's hint.
+OTHER_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 
 
 def read_body() -> dict[str, Any]:
@@ -93,14 +96,21 @@ def passthrough(body: Mapping[str, Any], names: frozenset[str]) -> dict[str, Any
     return {k: v for k, v in body.items() if k in names and v is not None}
 
 
-def provider_of(model: str, not_found: str) -> tuple[str, ModelPolicy | None]:
+def provider_of(model: str, not_found: str, serves: str) -> tuple[str, ModelPolicy | None]:
     """The model's provider (404 with the dialect's ``not_found`` message when the policy does
-    not list it; the server holding no key for it is refused too) and its priced entry."""
+    not list it, or lists it under a provider other than ``serves``, the dialect's own: its
+    SDK, usage reader and rate-limit headers are that provider's, and the guard would learn
+    one provider's headers as another's pacing; the server holding no key for it is refused
+    too) and its priced entry. ``echo`` answers in either API."""
     policy = current_limiter().policy
     try:
         provider = provider_for(model, policy)
     except UnknownModel:
         raise ApiProblem(404, NOT_FOUND, not_found, code="model_not_found") from None
+    if provider not in (serves, ECHO):
+        elsewhere = OTHER_PATHS.get(provider)
+        hint = f" It is served at {elsewhere}." if elsewhere else ""
+        raise ApiProblem(404, NOT_FOUND, not_found + hint, code="model_not_found")
     check_available(provider, model)
     return provider, policy.model(model)
 
@@ -126,3 +136,5 @@ def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = No
                                      tool_choice=tool_choice)
     except UnpricedContent as exc:
         raise invalid(str(exc), "messages") from None
+    except RecursionError:   # a schema or content nested deeper than it can be measured
+        raise invalid("The request is nested too deeply to be priced.") from None

@@ -77,7 +77,8 @@ class OpenAIDialect(Dialect):
                  for name in ("max_completion_tokens", "max_tokens")}
 
         provider, priced = fields.provider_of(
-            model, f"The model `{model}` does not exist or you do not have access to it.")
+            model, f"The model `{model}` does not exist or you do not have access to it.",
+            serves=self.api.name)
         terms = fields.price_terms(
             lambda: PriceTerms(tier=tier_multiplier(priced, body.get("service_tier"))))
         params = fields.passthrough(body, PASSTHROUGH)
