@@ -101,7 +101,8 @@ def free_port() -> int:
 START_TIMEOUT = 90.0
 
 
-def wait_http(url: str, timeout: float = START_TIMEOUT, proc: subprocess.Popen | None = None) -> None:
+def wait_http(url: str, timeout: float = START_TIMEOUT,
+              proc: subprocess.Popen | None = None) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -245,3 +246,14 @@ def store_calls(r: redis.Redis, *commands: str) -> int:
     if not commands:
         return sum(int(v.get("calls", 0)) for k, v in stats.items() if k != "cmdstat_info")
     return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)
+
+
+# Tests that kill servers and time a failover: under xdist (``--dist loadgroup``, as `make
+# test` runs) they share one worker, so no two of them starve each other's servers of CPU.
+FAILOVER_FIXTURES = {"fresh_cluster", "fresh_sentinel", "bare_cluster", "own_valkey"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if FAILOVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("failover"))

@@ -121,7 +121,9 @@ def load(url: str, seconds: float, events: list[tuple[float, int, str]],
 
 
 def test_valkey_killed_mid_load(gunicorn, tmp_path: Path, own_valkey: dict) -> None:
-    policy = write_policy(tmp_path, "[edge]\nper_ip = ['100000 per minute']\n"
+    # The store's budget for a loaded box (the 50 ms default turns a slow answer into a 503).
+    policy = write_policy(tmp_path, "[store]\ntimeout_ms = 2000\n"
+                                    "[edge]\nper_ip = ['100000 per minute']\n"
                                     "[plans.p]\nburst = 100000\nrefill_per_second = 10000\n"
                                     "quotas = ['1000000 per day']\n")
     app = gunicorn(REDIS_URL=own_valkey["url"], LIMITS_CONFIG=policy)
@@ -160,7 +162,9 @@ def test_valkey_killed_mid_load(gunicorn, tmp_path: Path, own_valkey: dict) -> N
 
 def test_script_flush_mid_load_costs_no_error(gunicorn, tmp_path: Path, r: redis.Redis,
                                               unix_url: str) -> None:
-    policy = write_policy(tmp_path, "[edge]\nper_ip = ['100000 per minute']\n"
+    # The store's budget for a loaded box (the 50 ms default turns a slow answer into a 503).
+    policy = write_policy(tmp_path, "[store]\ntimeout_ms = 2000\n"
+                                    "[edge]\nper_ip = ['100000 per minute']\n"
                                     "[plans.p]\nburst = 100000\nrefill_per_second = 10000\n"
                                     "quotas = ['1000000 per day']\n")
     app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=policy)

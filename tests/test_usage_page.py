@@ -16,11 +16,11 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, write_policy
-from tests.policies import plan, policy, served_by
+from tests.policies import LOADED, plan, policy, served_by
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ADMIN = "admin-secret-of-at-least-32-characters"
-POLICY = policy(per_ip="10000 per minute", users={"page-user": "p"},
+POLICY = policy(store=LOADED, per_ip="10000 per minute", users={"page-user": "p"},
                 plans={"p": plan(20, 0.01, "100 per day", tokens_per_minute=50000)},
                 models={"gpt-4o": served_by("openai", requests_per_minute=500)})
 

@@ -14,12 +14,12 @@ import pytest
 import redis
 
 from tests.conftest import keyed_app
-from tests.policies import plan, policy, served_by
+from tests.policies import LOADED, plan, policy, served_by
 
 VARIANTS = ["openai", "openai-stream", "anthropic", "anthropic-stream"]
 USERS = {f"{v}-{n}": "w" for v in VARIANTS for n in (8, 24)}
 POLICY = policy(
-    per_ip="100000 per 10 seconds", default="w",
+    store=LOADED, per_ip="100000 per 10 seconds", default="w",
     plans={"w": plan(1, 4, max_wait_seconds=3)},
     models={"gpt-4o-mini": served_by("openai", requests_per_minute=100000),
             "claude-3-5-haiku-latest": served_by("anthropic", requests_per_minute=100000)})
