@@ -248,12 +248,26 @@ def store_calls(r: redis.Redis, *commands: str) -> int:
     return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)
 
 
-# Tests that kill servers and time a failover: under xdist (``--dist loadgroup``, as `make
-# test` runs) they share one worker, so no two of them starve each other's servers of CPU.
-FAILOVER_FIXTURES = {"fresh_cluster", "fresh_sentinel", "bare_cluster", "own_valkey"}
+# How `make test` spreads the suite over xdist workers (``--dist loadgroup``): one by one,
+# except
+# - tests on a Cluster or Sentinel set, shared or their own (failovers killing servers): one
+#   worker runs them all, so no two of them starve each other's servers of CPU and the shared
+#   topologies start once, not once a worker;
+# - a file whose tests share a module-scoped fixture (a gunicorn stack): one worker, so the
+#   stack starts once, not once a worker.
+TOPOLOGY_FIXTURES = {"cluster", "sentinel_set", "fresh_cluster", "fresh_sentinel",
+                     "bare_cluster", "own_valkey", "cluster_url", "sentinel_url"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if FAILOVER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("failover"))
+        names = set(getattr(item, "fixturenames", ()))
+        # A test may name its topology as a parameter and get it by request.getfixturevalue.
+        names |= {v for v in getattr(getattr(item, "callspec", None), "params", {}).values()
+                  if isinstance(v, str)}
+        if TOPOLOGY_FIXTURES & names:
+            item.add_marker(pytest.mark.xdist_group("topology"))
+            continue
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d and d[-1].scope == "module" for d in defs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
