@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from flask import Flask
@@ -98,24 +101,31 @@ def free_port() -> int:
 # How long a server may take to answer its first request: generous, since a loaded 2-core box
 # (a parallel run, CPU hogs) can take tens of seconds to import and fork gunicorn's workers.
 # A deadline, not a timing assert: a healthy start returns as soon as it answers.
-START_TIMEOUT = 90.0
+START_TIMEOUT = 180.0
+
+# httpx's default deadline (5 s a read) is too short for a test-side request to a server on a
+# loaded box. Every call that names no timeout gets this one instead: the object httpx's
+# functions and clients take by default, changed in place (their defaults are bound to it).
+# A test that times out on purpose names its own timeout.
+httpx.Timeout.__init__(httpx._config.DEFAULT_TIMEOUT_CONFIG, 60.0)
 
 
 def wait_http(url: str, timeout: float = START_TIMEOUT,
               proc: subprocess.Popen | None = None) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout
+    last: object = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
+            answer = httpx.get(url, timeout=10.0)
+            if answer.status_code < 500:
                 return
-        except httpx.HTTPError:
-            pass
+            last = f"{answer.status_code} {answer.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = exc
         time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+    raise TimeoutError(f"{url} did not answer within {timeout}s (last: {last!r})")
 
 
 class Gunicorn:
@@ -126,7 +136,11 @@ class Gunicorn:
         # Its own instance folder (metrics files, the policy copy, an embedded Valkey) unless
         # the test names one: the default, ./instance, is shared by every parallel worker, and
         # each start empties its metrics folder.
-        self.env = {**os.environ, "HOST": "127.0.0.1",
+        # And its own control socket: gunicorn's default ($XDG_RUNTIME_DIR or ~/.gunicorn/
+        # gunicorn.ctl) is one path for every gunicorn on the machine. (A short folder: a
+        # socket's path has a 108-byte limit.)
+        self.runtime = tempfile.mkdtemp(prefix="gunicorn-")
+        self.env = {**os.environ, "HOST": "127.0.0.1", "XDG_RUNTIME_DIR": self.runtime,
                     "LIMITER_INSTANCE": str(log.with_name(log.stem + "-instance")), **env}
         self._use(free_port())
         self.proc: subprocess.Popen | None = None
@@ -164,14 +178,17 @@ class Gunicorn:
         raise AssertionError("unreachable")
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(timeout=5)
+            if self.proc is None or self.proc.poll() is not None:
+                return None if self.proc is None else self.proc.returncode
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                return self.proc.wait(timeout=5)
+        finally:
+            shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 @pytest.fixture
