@@ -199,6 +199,7 @@ def layers_left(app: object, user: str) -> dict[str, int]:
     return {s.layer.name: s.remaining for s in limiter.engine.peek(user, plan).states}
 
 
+@pytest.mark.slow
 def test_bill_audit_no_free_work_no_phantom_charges(stack, r: redis.Redis) -> None:
     server, fp, app, key = stack
     clients = threading.local()

@@ -299,6 +299,7 @@ def check_outcomes(load: Load, users: list[str]) -> None:
     assert all(o.admitted or o.away for o in load.outcomes if o.user in users)
 
 
+@pytest.mark.slow
 def test_sentinel_master_killed_mid_load(fresh_sentinel: SentinelSet) -> None:
     s = fresh_sentinel
     engine = failover_engine(s.url())
@@ -325,6 +326,7 @@ def test_sentinel_master_killed_mid_load(fresh_sentinel: SentinelSet) -> None:
     assert -6 <= lost <= recent
 
 
+@pytest.mark.slow
 def test_cluster_master_killed_mid_load(fresh_cluster: Cluster) -> None:
     c = fresh_cluster
     engine = failover_engine(c.url())

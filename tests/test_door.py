@@ -186,6 +186,7 @@ def _sdk_call(url: str, key: str, variant: str) -> Any:
         return exc
 
 
+@pytest.mark.slow
 def test_the_sdks_see_the_same_refusal_from_the_door_as_from_the_store(
         tmp_path: Path, redis_url: str) -> None:
     redis.Redis.from_url(redis_url).flushall()

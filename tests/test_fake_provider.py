@@ -44,6 +44,7 @@ def test_duration_format() -> None:
         assert parse_duration(text) == pytest.approx(seconds)
 
 
+@pytest.mark.slow
 def test_300_concurrent_requests(fp: FakeProvider) -> None:
     fp.set_delay(0.5)
     body = {"model": "m", "messages": USER}

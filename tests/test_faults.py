@@ -120,6 +120,7 @@ def load(url: str, seconds: float, events: list[tuple[float, int, str]],
             events.append((time.monotonic(), resp.status_code, code))
 
 
+@pytest.mark.slow
 def test_valkey_killed_mid_load(gunicorn, tmp_path: Path, own_valkey: dict) -> None:
     # The store's budget for a loaded box (the 50 ms default turns a slow answer into a 503).
     policy = write_policy(tmp_path, "[store]\ntimeout_ms = 2000\n"
@@ -160,6 +161,7 @@ def test_valkey_killed_mid_load(gunicorn, tmp_path: Path, own_valkey: dict) -> N
     assert late and set(late) == {200}
 
 
+@pytest.mark.slow
 def test_script_flush_mid_load_costs_no_error(gunicorn, tmp_path: Path, r: redis.Redis,
                                               unix_url: str) -> None:
     # The store's budget for a loaded box (the 50 ms default turns a slow answer into a 503).

@@ -82,6 +82,7 @@ ONE_CURL = """curl -s -o /dev/null -w "%{http_code}\\n" -X POST http://localhost
 -H "Content-Type: application/json" -d '{"message": "hello", "user_id": "test-user-1"}'"""
 
 
+@pytest.mark.slow
 def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path) -> None:
     """The README's demo, end to end: embedded Valkey, the curl loop, refill, and a restart."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}

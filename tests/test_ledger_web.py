@@ -67,6 +67,7 @@ def settled(r: redis.Redis, user: str) -> None:
     assert r.zcard(f"rl:{{u:{user}}}:cc") == 0
 
 
+@pytest.mark.slow
 def test_the_ledger_equals_the_settlements(stack, r: redis.Redis) -> None:
     server, fp, app, key = stack
     clients = threading.local()

@@ -181,6 +181,7 @@ def four_workers(gunicorn: Callable[..., object], tmp_path: Path, r: redis.Redis
                     WEB_CONCURRENCY="4", LIMITER_INSTANCE=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_every_gunicorn_worker_sees_an_override_within_a_second(
         four_workers: object, tmp_path: Path, unix_url: str) -> None:
     url = four_workers.url  # type: ignore[attr-defined]

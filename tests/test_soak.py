@@ -93,6 +93,7 @@ def left(app, user: str, plan: str) -> dict[str, int]:
             for s in limiter.engine.peek(user, limiter.policy.plans[plan]).states}
 
 
+@pytest.mark.slow
 def test_1000_mixed_requests_leave_no_reservation_or_lease(stack, r: redis.Redis) -> None:
     server, fp, app = stack
     key, _ = app.extensions["llm_limiter"].keys.create("soak", plan="soak")
@@ -136,6 +137,7 @@ def test_1000_mixed_requests_leave_no_reservation_or_lease(stack, r: redis.Redis
     assert failed > 0 and used >= failed * BIG_MAX
 
 
+@pytest.mark.slow
 def test_a_minutes_tokens_never_exceed_the_limit(stack) -> None:
     server, fp, app = stack
     key, _ = app.extensions["llm_limiter"].keys.create("tight", plan="tight")

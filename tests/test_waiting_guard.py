@@ -173,6 +173,7 @@ def assert_saturated(exc: openai.RateLimitError, least: int, most: int) -> None:
     assert least <= int(exc.response.headers["Retry-After"]) <= most, exc.response.headers
 
 
+@pytest.mark.slow
 def test_calls_beyond_the_guards_limit_wait_for_its_slots(served: Served) -> None:
     """3 per minute, the window full: 3 concurrent calls are each served when a slot frees,
     a second apart, none sooner; a fourth and fifth, whose slot is a minute away, are refused
@@ -204,6 +205,7 @@ def test_calls_beyond_the_guards_limit_wait_for_its_slots(served: Served) -> Non
     assert quota_left(served, "spaced") == left - 3
 
 
+@pytest.mark.slow
 def test_a_slot_past_the_deadline_is_refused_at_once_and_charges_nothing(
         served: Served) -> None:
     """A fresh window: 3 calls pass now; the next 3 would wait a minute for theirs, past the
@@ -233,6 +235,7 @@ def _raw_call(served: Served, user: str, model: str) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 def test_a_waiter_that_hangs_up_gives_its_guard_slot_back(served: Served) -> None:
     """1 per minute, its one request leaving the window in 3-4 s: a waiter admitted into that
     slot hangs up; the slot is the guard's again (and the user's charge is back), so the next
@@ -261,6 +264,7 @@ def test_a_waiter_that_hangs_up_gives_its_guard_slot_back(served: Served) -> Non
     assert quota_left(served, "hangup") == left - 1
 
 
+@pytest.mark.slow
 def test_calls_wait_for_the_providers_reset_it_announced(served: Served) -> None:
     """The provider says no request is left until its window resets in 2 s: the next calls
     wait for the reset and are all served (pacing charges no slot ahead: they go together);

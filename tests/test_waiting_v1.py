@@ -73,6 +73,7 @@ def caller(url: str, key: str, variant: str) -> Callable[[], str]:
     return call_ant
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sdk_calls_wait_for_their_slots(served: tuple[str, dict[str, str]],
                                         variant: str) -> None:
