@@ -1,5 +1,5 @@
-# `make run` serves the app; `make test` runs the whole suite; `make docs` builds the Sphinx
-# site under docs/. All build .venv first.
+# `make run` serves the app; `make test` runs the whole suite, `make test-quick` all but the
+# tests marked slow; `make docs` builds the Sphinx site under docs/. All build .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,15 @@ CHROMIUM ?= chromium
 CURL ?= curl
 APT_GET ?= apt-get
 
-.PHONY: run test test-tools lint docs bench clean
+# The suite in parallel (pytest-xdist): most tests wait on servers, sleeps and sockets, so more
+# workers than cores pay (measured: README, "Tests"). Each worker has its own Valkey, ports and
+# temp folders; --dist loadgroup keeps the groups tests/conftest.py names on one worker.
+# TEST_JOBS=0 runs in one process. PYTEST_ARGS adds options, e.g. PYTEST_ARGS="-p randomly".
+TEST_JOBS ?= 4
+PYTEST_ARGS ?=
+XDIST = -n $(TEST_JOBS) --dist loadgroup
+
+.PHONY: run test test-quick test-tools lint docs bench clean
 
 # The project installs itself (editable), so the app, the tests and the CLI import it by the
 # one name an adopter uses: `limiting`.
@@ -54,7 +62,10 @@ test-tools:
 	fi
 
 test: $(VENV)/.dev test-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
+
+test-quick: $(VENV)/.dev test-tools
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

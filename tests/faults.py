@@ -18,6 +18,9 @@ class LatencyProxy:
         self.port = self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
+        # Chunks clients sent toward the target: a test counts store calls by it, not by
+        # how long they took.
+        self.sent = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -32,14 +35,17 @@ class LatencyProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self._sockets += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(src, dst, src is client),
+                                 daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
         with contextlib.suppress(OSError):
             while not self._stop.is_set():
                 data = src.recv(65536)
                 if not data:
                     break
+                if outbound:
+                    self.sent += 1
                 if self.delay:
                     time.sleep(self.delay)
                 dst.sendall(data)

@@ -3,8 +3,9 @@ also those generated before a client hung up or timed out), and after 1,000 mixe
 through both SDKs our windows must hold at least that (no free work) and at most what was
 reserved (no phantom charges), with zero 5xx of our own and zero leases left.
 
-Bounded: ~1,000 calls from 12 threads plus one batch of timeouts, inside one minute (the
-token window is a minute long; the dollar window a day).
+Bounded: ~1,000 calls from 12 threads plus one batch of timeouts. The token and dollar
+windows are a day long, so however long a loaded machine takes, nothing leaves them before
+they are read (a minute's window did, when a run took longer than its minute).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ plan = "audit"
 [plans.audit]
 burst = 100000
 refill_per_second = 10000
-tokens_per_minute = {TOKENS}
+tokens_per_day = {TOKENS}
 budget_usd_per_day = {BUDGET}
 max_concurrent = 16
 default_max_tokens = 64
@@ -198,6 +199,7 @@ def layers_left(app: object, user: str) -> dict[str, int]:
     return {s.layer.name: s.remaining for s in limiter.engine.peek(user, plan).states}
 
 
+@pytest.mark.slow
 def test_bill_audit_no_free_work_no_phantom_charges(stack, r: redis.Redis) -> None:
     server, fp, app, key = stack
     clients = threading.local()
@@ -214,7 +216,6 @@ def test_bill_audit_no_free_work_no_phantom_charges(stack, r: redis.Redis) -> No
     elapsed = time.monotonic() - started
     outcomes = Counter(c.outcome for c in calls)
     print(f"\naudit: {elapsed:.1f}s, outcomes {dict(outcomes)}")
-    assert elapsed < 55, "the audit must fit inside the token window's minute"
 
     ours = [c for c in calls if c.outcome.startswith(("500:", "503:limiter"))]
     assert not ours, f"5xx of our own: {ours[:3]}"
@@ -224,14 +225,16 @@ def test_bill_audit_no_free_work_no_phantom_charges(stack, r: redis.Redis) -> No
     assert sum(c.outcome.startswith("504:") for c in calls) >= TIMEOUTS // 2
     assert sum(c.outcome.startswith("404:") for c in calls) > 0
 
-    deadline = time.monotonic() + 10          # streams cut short settle as their worker sees it
+    # Streams cut short settle as their worker sees it: at once, or within a loaded box's bound
+    # (under the 60 s lease TTL, so a lease left behind still shows).
+    deadline = time.monotonic() + 30
     while r.zcard("rl:{u:audited}:cc") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert r.zcard("rl:{u:audited}:cc") == 0, "a lease was left behind"
 
     meter = fp.meter()
     left = layers_left(app, "audited")
-    used_tokens = TOKENS - left["tokens-minute"]
+    used_tokens = TOKENS - left["tokens-day"]
     used_micros = round(BUDGET * 1e6) - left["usd-day"]
     billed_tokens = meter.input_tokens + meter.cache_write_tokens + meter.output_tokens
     admitted = [c for c in calls if c.admitted]

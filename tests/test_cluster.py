@@ -5,6 +5,7 @@ The tests at the end pin down store behaviour that only a Cluster brings out."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -115,7 +116,9 @@ def test_1000_threaded_decisions_never_exceed_a_quota(topology: str,
 
 
 def test_users_spread_over_every_master(cluster: Cluster, cluster_url: str) -> None:
-    engine = Engine(open_store(cluster_url, timeout=PATIENT), policy(5, 1, ["9 per day"]))
+    # A token per 1000 s: however long the 210 calls and the key scans take, a bucket read at
+    # the end is exactly what the calls left (at 1 a second the first users had refilled).
+    engine = Engine(open_store(cluster_url, timeout=PATIENT), policy(5, 0.001, ["9 per day"]))
     users = [unique(f"spread{i}") for i in range(30)]
     for user in users:
         for _ in range(7):
@@ -126,7 +129,7 @@ def test_users_spread_over_every_master(cluster: Cluster, cluster_url: str) -> N
         assert list(found) == [cluster.owner(slot_of(user)).port], (user, found)
         masters |= set(found)
         # Exact per user wherever it lives: burst 5, then the bucket refuses.
-        assert engine.peek(user).states[0].remaining <= 1
+        assert engine.peek(user).states[0].remaining == 0
     assert masters == {m.port for m in cluster.masters}
 
 
@@ -258,6 +261,17 @@ class Load:
             t.join(timeout=10)
         assert not any(t.is_alive() for t in self.threads)
 
+    def jitter(self, users: list[str], before: float) -> float:
+        """The longest a thread of ``users`` went without a decision before ``before``: how
+        long this machine, as loaded now, leaves a thread unscheduled with a healthy store."""
+        gaps = [0.0]
+        for user in set(users):
+            mine = sorted((o.start, o.end) for o in list(self.outcomes)
+                          if o.user == user and o.end < before)
+            gaps += [b[0] - a[1] for a, b in itertools.pairwise(mine)]
+            gaps += [end - start for start, end in mine]
+        return max(gaps)
+
     def first_admitted(self, user: str, after: float) -> float | None:
         starts = [o.start for o in list(self.outcomes)
                   if o.user == user and o.admitted and o.start >= after]
@@ -285,6 +299,7 @@ def check_outcomes(load: Load, users: list[str]) -> None:
     assert all(o.admitted or o.away for o in load.outcomes if o.user in users)
 
 
+@pytest.mark.slow
 def test_sentinel_master_killed_mid_load(fresh_sentinel: SentinelSet) -> None:
     s = fresh_sentinel
     engine = failover_engine(s.url())
@@ -311,6 +326,7 @@ def test_sentinel_master_killed_mid_load(fresh_sentinel: SentinelSet) -> None:
     assert -6 <= lost <= recent
 
 
+@pytest.mark.slow
 def test_cluster_master_killed_mid_load(fresh_cluster: Cluster) -> None:
     c = fresh_cluster
     engine = failover_engine(c.url())
@@ -332,13 +348,17 @@ def test_cluster_master_killed_mid_load(fresh_cluster: Cluster) -> None:
     print(f"\ncluster: failed slot admitted again {recovered - kill_at:.1f}s after the kill")
     assert recovered - kill_at < 10
     # The other masters' users went on being admitted while the failed slot had no master:
-    # in every half second of it (and see the per-node breaker test below).
+    # in every half second of it (and see the per-node breaker test below). On a loaded box
+    # (CPU hogs, a parallel run) a thread can go unscheduled longer than that with every
+    # master healthy: then in every slice twice the longest such gap before the kill.
+    slice_ = max(0.5, 2 * load.jitter(others, kill_at))
     for user in others:
         during = [o for o in load.outcomes if o.user == user and killed_at <= o.start < recovered]
         print(f"{user}: {sum(o.admitted for o in during)} admitted, "
-              f"{sum(not o.admitted for o in during)} not, while the slot had no master")
-        halves = {int((o.start - killed_at) / 0.5) for o in during if o.admitted}
-        assert halves >= set(range(int((recovered - killed_at) / 0.5))), sorted(halves)
+              f"{sum(not o.admitted for o in during)} not, while the slot had no master "
+              f"(slices of {slice_:.2f}s)")
+        slices = {int((o.start - killed_at) / slice_) for o in during if o.admitted}
+        assert slices >= set(range(int((recovered - killed_at) / slice_))), sorted(slices)
     lost, recent = lost_admissions(load, engine, victim, kill_at, killed_at, "cluster failover")
     assert -3 <= lost <= recent
 
@@ -385,8 +405,9 @@ def test_breaker_recovers_after_the_whole_cluster_came_back(bare_cluster: Cluste
     for master in c.masters:
         master.start()
     wait_until(c.healthy, 20, "the restarted cluster is ok again")
-    # The breaker's longest wait is 1 s: well within 5 s a probe must find the cluster back.
-    deadline = time.monotonic() + 5
+    # The breaker's longest wait is 1 s: a probe must find the cluster back (within a second
+    # or two on a quiet machine; the deadline is for a loaded one, a stuck breaker fails it).
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not engine.acquire(user).allowed:
         time.sleep(0.05)
     decision = engine.acquire(user)

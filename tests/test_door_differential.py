@@ -389,6 +389,7 @@ def _compare(door: Side, bypass: Side, step: Step, history: list[str]) -> None:
     assert door.edge_counts() == bypass.edge_counts(), where
 
 
+@pytest.mark.slow
 @given(sequences)
 @fuzz(EXAMPLES)
 def test_the_door_answers_as_flask_would(sides: tuple[Side, Side, list[Door]],

@@ -148,7 +148,7 @@ def test_meter_stream_the_fake_breaks(
 
 
 def test_meter_client_timeout_is_billed_in_full(fp: FakeProvider) -> None:
-    fp.set_delay(0.6)
+    fp.set_delay(1.5)   # well past the 0.2 s client timeout, even on a stalled box
     with (
         openai.OpenAI(
             base_url=fp.url + "/v1", api_key="k", max_retries=0, timeout=0.2

@@ -44,6 +44,7 @@ def test_duration_format() -> None:
         assert parse_duration(text) == pytest.approx(seconds)
 
 
+@pytest.mark.slow
 def test_300_concurrent_requests(fp: FakeProvider) -> None:
     fp.set_delay(0.5)
     body = {"model": "m", "messages": USER}
@@ -64,7 +65,7 @@ def test_300_concurrent_requests(fp: FakeProvider) -> None:
     statuses = asyncio.run(run())
     elapsed = time.monotonic() - started
     assert statuses == [200] * 300
-    assert elapsed < 20, elapsed
+    assert elapsed < 60, elapsed    # served together: one at a time would take 150 s
 
 
 def test_cli_serves_and_exits_cleanly_on_sigterm() -> None:

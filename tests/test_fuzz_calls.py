@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -87,6 +88,7 @@ def chat_case(draw: st.DrawFn, keys: dict[str, str]) -> Case:
 
 
 
+@pytest.mark.slow
 @fuzz(500)
 @given(case=st.data())
 def test_fuzz_chat(target: Target, case: st.DataObject) -> None:
@@ -215,6 +217,7 @@ def v1_case(draw: st.DrawFn, keys: dict[str, str], path: str,
     return Case(Req("POST", path, data, headers, environ, query), made_up=made_up)
 
 
+@pytest.mark.slow
 @fuzz(600)
 @given(case=st.data())
 def test_fuzz_openai(target: Target, case: st.DataObject) -> None:
@@ -289,6 +292,7 @@ def valid_anthropic(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.slow
 @fuzz(600)
 @given(case=st.data())
 def test_fuzz_anthropic(target: Target, case: st.DataObject) -> None:

@@ -82,6 +82,7 @@ ONE_CURL = """curl -s -o /dev/null -w "%{http_code}\\n" -X POST http://localhost
 -H "Content-Type: application/json" -d '{"message": "hello", "user_id": "test-user-1"}'"""
 
 
+@pytest.mark.slow
 def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path) -> None:
     """The README's demo, end to end: embedded Valkey, the curl loop, refill, and a restart."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
@@ -91,9 +92,14 @@ def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path
     assert "REDIS_URL" not in app.env
     shell_env = {**env, "PORT": str(app.port)}
 
+    began = time.monotonic()
     out = subprocess.run(["bash", "-c", CURL_LOOP], env=shell_env, capture_output=True,
                          text=True, timeout=60).stdout.split()
-    assert out == ["200"] * 10 + ["429"] * 5
+    # The burst of 10, then refusals; starter refills 0.5 a second, so a loop slower than
+    # 2 s (15 curl processes on a loaded box) may honestly pass one more per 2 s it took.
+    admitted = out.count("200")
+    assert 10 <= admitted <= 10 + int((time.monotonic() - began) * 0.5), out
+    assert out == ["200"] * admitted + ["429"] * (15 - admitted)
     time.sleep(10)
     again = subprocess.run(["bash", "-c", ONE_CURL], env=shell_env, capture_output=True,
                            text=True, timeout=30).stdout.split()
@@ -105,7 +111,7 @@ def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path
                            "test-user-1"], cwd=ROOT, env=cli_env, capture_output=True, text=True,
                           timeout=60)
     assert show.returncode == 0, show.stderr
-    assert "quota-day" in show.stdout and " 89 " in show.stdout
+    assert "quota-day" in show.stdout and f" {100 - admitted - 1} " in show.stdout
 
     # A stop ends gunicorn and its Valkey; a second start keeps the quota already spent.
     assert app.stop() == 0
@@ -113,7 +119,7 @@ def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path
     app2 = gunicorn(LIMITER_INSTANCE=str(instance), LIMITS_CONFIG=str(ROOT / "limits.toml"))
     resp = httpx.post(app2.url + "/chat", json={"message": "hi", "user_id": "test-user-1"})
     assert resp.status_code == 200
-    assert '"quota-day";r=88;' in resp.headers["RateLimit"]
+    assert f'"quota-day";r={100 - admitted - 2};' in resp.headers["RateLimit"]
 
 
 def test_metrics_add_up_over_workers_within_a_second(four_workers) -> None:
@@ -122,7 +128,7 @@ def test_metrics_add_up_over_workers_within_a_second(four_workers) -> None:
     codes = [resp.status_code for resp in fire(four_workers.url, "metered-user", 40)]
     assert codes.count(200) == 40
     line = 'llm_limiter_decisions_total{layer="all",outcome="allowed"} 40.0'
-    deadline = time.monotonic() + 10   # a bound, not a timing claim: usually ~1 s
+    deadline = time.monotonic() + 30   # a bound for a loaded box, not a timing claim: ~1 s
     while time.monotonic() < deadline:
         if line in httpx.get(four_workers.url + "/metrics").text:
             return

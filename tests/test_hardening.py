@@ -17,12 +17,12 @@ from flask.testing import FlaskClient
 from app import create_app
 from limiting import current_limiter
 from tests.conftest import free_port, write_policy
-from tests.policies import plan, policy, served_by
+from tests.policies import LOADED, plan, policy, served_by
 
 ADMIN = "admin-token-that-is-at-least-32-chars-long"
 PLANS = {"starter": plan(2, 0.01, "100 per day"),
          "pro": plan(20, 1, "1000 per day", tokens_per_minute=100000)}
-with_plans = partial(policy, store={"local_fallback": True}, per_ip="10000 per minute",
+with_plans = partial(policy, store={"local_fallback": True, **LOADED}, per_ip="10000 per minute",
                      default="starter",
                      models={"gpt-4o": served_by("openai", requests_per_minute=500)})
 POLICY = with_plans(plans=PLANS)

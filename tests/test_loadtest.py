@@ -27,6 +27,7 @@ def loadtest(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_load_run_writes_png_and_csv_within_the_policy(gunicorn, tmp_path: Path, r: redis.Redis,
                                                        unix_url: str) -> None:
     # Two workers: still several processes sharing one store, and a quicker start and stop.

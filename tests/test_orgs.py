@@ -35,10 +35,13 @@ from tests.conftest import provider_env, write_policy
 cluster = topologies.cluster
 cluster_url = topologies.cluster_url
 
+# The buckets refill a token per 1000 s (0.001 a second): no test here lasts that long, so a
+# bucket read before and after a call changes only by what the call charged, however slow the
+# machine. (At 100 a second, Alice's bucket gained a token between two reads on a busy box.)
 POLICY = """
 [plans.p]
 burst = 100
-refill_per_second = 100
+refill_per_second = 0.001
 quotas = ["50 per day"]
 
 [orgs."acme"]
@@ -46,7 +49,7 @@ quotas = ["3 per day"]
 
 [orgs."beta"]
 burst = 10
-refill_per_second = 1
+refill_per_second = 0.001
 
 [users]
 "alice" = { plan = "p", org = "acme" }

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 CHECK = """
@@ -23,6 +25,7 @@ print(len(names))
 """
 
 
+@pytest.mark.slow
 def test_an_installed_copy_has_every_module_and_script(tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",

@@ -84,6 +84,7 @@ def test_quota_names_follow_their_window() -> None:
     assert [q.name for q in policy.plans["p"].quotas] == ["quota-7200s", "quota-minute"]
 
 
+@pytest.mark.slow
 def test_check_config_cli(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(BASE + "burts = 3\n")

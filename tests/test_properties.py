@@ -310,6 +310,7 @@ class WindowMachine(Clocked):
             assert self.probe(t + self.slot_ceil, self.keys, args)[0] == 1
 
 
+@pytest.mark.slow
 def test_sliding_window_is_strict_and_honest(make_backend: Callable[[], Backend]) -> None:
     run_state_machine_as_test(lambda: WindowMachine(make_backend()),
                               settings=machine_settings(EXAMPLES))
@@ -367,6 +368,7 @@ class BucketMachine(Clocked):
             assert remainings(reply)[0] == math.floor(left)
 
 
+@pytest.mark.slow
 def test_token_bucket_bounds_and_honest_wait(make_backend: Callable[[], Backend]) -> None:
     run_state_machine_as_test(lambda: BucketMachine(make_backend()),
                               settings=machine_settings(EXAMPLES))
@@ -422,6 +424,7 @@ class AllOrNothingMachine(Clocked):
         assert remainings(reply) == remainings(peek)
 
 
+@pytest.mark.slow
 def test_refusal_changes_nothing(make_backend: Callable[[], Backend]) -> None:
     run_state_machine_as_test(lambda: AllOrNothingMachine(make_backend()),
                               settings=machine_settings(EXAMPLES))
@@ -544,6 +547,7 @@ class AgreementMachine(RuleBasedStateMachine):
         self.settle([self.keys[4]], [held.at, "r", self.layers[4].param, held.lease])
 
 
+@pytest.mark.slow
 def test_memory_and_lua_agree(r: redis.Redis) -> None:
     run_state_machine_as_test(lambda: AgreementMachine(ClockedMemory(), ClockedValkey(r)),
                               settings=machine_settings(2 * EXAMPLES, steps=50))
@@ -638,6 +642,7 @@ class SettleMachine(Clocked):
             assert total == pytest.approx(sum(slots), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_settle_moves_the_charged_slot(make_backend: Callable[[], Backend]) -> None:
     run_state_machine_as_test(lambda: SettleMachine(make_backend()),
                               settings=machine_settings(EXAMPLES))
@@ -756,6 +761,7 @@ class MonthMachine(Clocked):
                                          for i, n in enumerate(self.limits)]
 
 
+@pytest.mark.slow
 def test_month_counts_the_calendar_month(make_backend: Callable[[], Backend]) -> None:
     run_state_machine_as_test(lambda: MonthMachine(make_backend()),
                               settings=machine_settings(EXAMPLES))
@@ -841,6 +847,7 @@ class LongAgreementMachine(RuleBasedStateMachine):
             b.settle(call.keys, call.args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["enforce", "shadow"])
 def test_longer_windows_agree(r: redis.Redis, mode: str) -> None:
     run_state_machine_as_test(lambda: LongAgreementMachine(ClockedMemory(), ClockedValkey(r),

@@ -1,7 +1,8 @@
 """1,000 mixed /v1 requests through the real SDKs — plain, streamed, streams cut short by the
 client, upstream errors — then: no lease is left behind, every call that failed after it was
 sent is charged as reserved (no free work), nothing is charged beyond the reservations made, and
-no minute's token window ever held more than its limit. Bounded: 1,000 requests, ~60 s."""
+no minute's token window ever held more than its limit. Bounded: 1,000 requests, ~60 s. The
+charges are read from a day's window: nothing leaves it however long a loaded machine takes."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ BIG_MAX = 50_000    # a call charged as reserved stands out against everything s
 TOKENS = 100_000_000   # room for every call charged as reserved: the soak tests leases, not this
 POLICY = policy(
     store=LOADED, per_ip="1000000 per minute",
-    plans={"soak": plan(100000, 10000, tokens_per_minute=TOKENS, max_concurrent=8,
+    plans={"soak": plan(100000, 10000, tokens_per_day=TOKENS, max_concurrent=8,
                         default_max_tokens=BIG_MAX),
            "tight": plan(100000, 10000, tokens_per_minute=3000, max_concurrent=50,
                          default_max_tokens=100)},
@@ -92,6 +93,7 @@ def left(app, user: str, plan: str) -> dict[str, int]:
             for s in limiter.engine.peek(user, limiter.policy.plans[plan]).states}
 
 
+@pytest.mark.slow
 def test_1000_mixed_requests_leave_no_reservation_or_lease(stack, r: redis.Redis) -> None:
     server, fp, app = stack
     key, _ = app.extensions["llm_limiter"].keys.create("soak", plan="soak")
@@ -108,15 +110,15 @@ def test_1000_mixed_requests_leave_no_reservation_or_lease(stack, r: redis.Redis
         rng = random.Random(i)
         return one(rng.choice(kinds), local.oai, local.ant, fp, rng)
 
-    started = time.monotonic()
     with ThreadPoolExecutor(12) as pool:
         outcomes = Counter(pool.map(run, range(1000)))
-    assert time.monotonic() - started < 50, "the soak must fit in the token window's minute"
     print(f"\nsoak outcomes: {dict(outcomes)}")
     assert outcomes["ok"] > 200 and outcomes["429"] > 0          # leases were contended
     assert set(outcomes) <= {"ok", "429", "error:InternalServerError", "error:APIStatusError"}
 
-    deadline = time.monotonic() + 10   # cut streams settle when the worker next writes
+    # Cut streams settle when the worker next writes: a loaded box's bound, under the 60 s
+    # lease TTL (so a lease left behind still shows).
+    deadline = time.monotonic() + 30
     while r.zcard("rl:{u:soak}:cc") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert r.zcard("rl:{u:soak}:cc") == 0, "a lease was left behind"
@@ -127,7 +129,7 @@ def test_1000_mixed_requests_leave_no_reservation_or_lease(stack, r: redis.Redis
     for req in fp.requests:
         messages = req.body.get("messages", [])
         reserved += max(prompt_tokens(messages), estimate_input_tokens(messages)) + BIG_MAX
-    used = TOKENS - left(app, "soak", "soak")["tokens-minute"]
+    used = TOKENS - left(app, "soak", "soak")["tokens-day"]
     assert 0 < used <= reserved
     # No free work: each upstream 500 (the provider may have generated) kept its whole
     # reservation, rather than being refunded as it was before issue 9.
@@ -135,6 +137,7 @@ def test_1000_mixed_requests_leave_no_reservation_or_lease(stack, r: redis.Redis
     assert failed > 0 and used >= failed * BIG_MAX
 
 
+@pytest.mark.slow
 def test_a_minutes_tokens_never_exceed_the_limit(stack) -> None:
     server, fp, app = stack
     key, _ = app.extensions["llm_limiter"].keys.create("tight", plan="tight")

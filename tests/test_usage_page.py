@@ -16,11 +16,11 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, write_policy
-from tests.policies import plan, policy, served_by
+from tests.policies import LOADED, plan, policy, served_by
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ADMIN = "admin-secret-of-at-least-32-characters"
-POLICY = policy(per_ip="10000 per minute", users={"page-user": "p"},
+POLICY = policy(store=LOADED, per_ip="10000 per minute", users={"page-user": "p"},
                 plans={"p": plan(20, 0.01, "100 per day", tokens_per_minute=50000)},
                 models={"gpt-4o": served_by("openai", requests_per_minute=500)})
 
@@ -79,7 +79,7 @@ def test_usage_page_in_headless_chromium(app, tmp_path: Path) -> None:
             assert page.locator('section[data-name="gpt-4o"]').count() == 1
             for _ in range(5):
                 httpx.post(app.url + "/chat", json={"message": "hi", "user_id": "page-user"})
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30    # a loaded box's bound: the page polls
             while bar.get_attribute("data-remaining") != "15":
                 assert time.monotonic() < deadline, "the page did not refresh by itself"
                 page.wait_for_timeout(200)

@@ -259,7 +259,9 @@ def test_upstream_dying_mid_stream_is_charged_as_reserved(s: Stack, endpoint: st
 
 
 def test_client_gone_mid_stream_frees_its_lease(s: Stack) -> None:
-    s.fp.set_chunk_delay(0.1)
+    # A second a chunk: the stream is still upstream (holding the lease) while the test makes
+    # its second call, however long a loaded box takes to (at 0.1 s a chunk it could be over).
+    s.fp.set_chunk_delay(1.0)
     words = [{"role": "user", "content": " ".join(["word"] * 60)}]
     with httpx.stream("POST", s.url + "/v1/chat/completions",
                       headers={"authorization": f"Bearer {s.keys['solo']}"},
@@ -269,7 +271,9 @@ def test_client_gone_mid_stream_frees_its_lease(s: Stack) -> None:
         with pytest.raises(openai.RateLimitError) as busy:   # max_concurrent = 1
             s.oai("solo").chat.completions.create(model="echo", messages=HELLO)
         assert "concurrent" in busy.value.response.json()["error"]["message"]
-    deadline = time.monotonic() + 5       # the worker notices at its next write, then settles
+    # The worker notices at its next write, then settles: a loaded box's bound, well under the
+    # 60 s lease TTL (so a lease not given back still shows).
+    deadline = time.monotonic() + 30
     while True:
         try:
             s.oai("solo").chat.completions.create(model="echo", messages=HELLO)
@@ -296,7 +300,9 @@ def test_client_gone_mid_stream_is_charged_as_reserved(s: Stack, endpoint: str) 
                             "max_tokens": 100}) as r:
         assert r.status_code == 200
         next(r.iter_lines())
-    deadline = time.monotonic() + 5       # the worker notices at its next write, then finishes
+    # The worker notices at its next write, then finishes: a loaded box's bound, well under
+    # the 60 s lease TTL (so a lease not given back still shows).
+    deadline = time.monotonic() + 30
     while s.left("solo")["concurrent"] == 0:
         assert time.monotonic() < deadline, "the lease was not given back"
         time.sleep(0.1)
@@ -485,7 +491,7 @@ def test_keepalive_renews_until_stopped() -> None:
 
     lease = Lease()
     keepalive = KeepAlive(lease, every=0.02).start()  # type: ignore[arg-type]
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30    # a loaded box's bound: usually 0.06 s
     while lease.renewals < 3:
         assert time.monotonic() < deadline
         time.sleep(0.01)

@@ -18,7 +18,9 @@ import redis
 
 from tests.conftest import Gunicorn, write_policy
 
-WAITING = ("[edge]\nper_ip = ['100000 per minute']\n[defaults]\nplan = 'w'\n"
+# The store's budget for a loaded box: the 50 ms default turns a slow answer into a 503.
+WAITING = ("[store]\ntimeout_ms = 2000\n"
+           "[edge]\nper_ip = ['100000 per minute']\n[defaults]\nplan = 'w'\n"
            "[plans.w]\nburst = 1\nrefill_per_second = 4\nmax_wait_seconds = 3\n"
            "[plans.slow]\nburst = 1\nrefill_per_second = 0.5\nmax_wait_seconds = 10\n"
            "[users]\n'slow-user' = 'slow'\n")
@@ -47,6 +49,17 @@ def timed_posts(url: str, n: int, user: str, headers: dict[str, str] | None = No
         return start, list(pool.map(one, range(n)))
 
 
+def slots_served(answers: list[tuple[float, httpx.Response]]) -> tuple[int, int]:
+    """(requests served, the most a 4-a-second queue 3 s deep could serve them): 1 + 3 s x 4
+    when every request reaches the store at once; more as far as they reached it spread out.
+    The store gives each served request a slot at most as late as its reply, and the first
+    slot is after the test's start: so the served ones fit in 1 + 4 x (the last served
+    reply's seconds since the start) slots. On a quick machine that is 13; on a loaded one,
+    only what the time the requests took allows."""
+    served = [t for t, resp in answers if resp.status_code == 200]
+    return len(served), 1 + int(4 * max(served))
+
+
 def test_eight_concurrent_calls_all_pass_spaced_by_the_rate(
         waiting_app: Callable[[int], Gunicorn]) -> None:
     app = waiting_app(4)
@@ -66,7 +79,8 @@ def test_24_concurrent_admit_the_slots_within_3_seconds(
     _, answers = timed_posts(app.url, 24, "many")
     served = [t for t, resp in answers if resp.status_code == 200]
     refused = [(t, resp) for t, resp in answers if resp.status_code == 429]
-    assert len(served) == 13 and len(refused) == 11   # 1 + 3 s x 4
+    count, most = slots_served(answers)
+    assert 13 <= count <= most and len(refused) == 24 - count   # 1 + 3 s x 4
     # Refused at once, with the honest wait (the queue's end, past the deadline).
     assert max(t for t, _ in refused) < max(served)
     for _, resp in refused:
@@ -83,13 +97,20 @@ def test_the_header_asks_for_less_and_bad_values_are_400(
                           headers={"X-RateLimit-Max-Wait": bad})
         assert resp.status_code == 400 and resp.json()["code"] == "invalid_request", bad
     assert httpx.post(app.url + "/chat", json=body).status_code == 200
-    # "0": this client never waits, whatever the plan allows.
-    started = time.monotonic()
-    now = httpx.post(app.url + "/chat", json=body, headers={"X-RateLimit-Max-Wait": "0"})
-    assert now.status_code == 429 and time.monotonic() - started < 1.0
+    # "0": this client never waits, whatever the plan allows: refused, not served, though the
+    # plan would wait for the next token. On the slow plan that token is 2 s away (w's is
+    # 0.25 s: a loaded box can take that long between two calls). The status proves it did
+    # not wait; how long a loaded box took to say so is not the point.
+    slow = {"message": "hi", "user_id": "slow-user"}
+    sent = time.monotonic()
+    assert httpx.post(app.url + "/chat", json=slow).status_code == 200    # its one token
+    now = httpx.post(app.url + "/chat", json=slow, headers={"X-RateLimit-Max-Wait": "0"})
+    # (Served only if the token came back meanwhile: the two calls took 2 s or more.)
+    assert now.status_code == 429 or time.monotonic() - sent >= 2.0
     # More than the plan's 3 s is capped: a queue 4 s long is refused, not waited out.
     _, answers = timed_posts(app.url, 16, "capped", {"X-RateLimit-Max-Wait": "60"})
-    assert sum(resp.status_code == 200 for _, resp in answers) == 13
+    count, most = slots_served(answers)
+    assert 13 <= count <= most, (count, most)
 
 
 def _raw_chat(port: int, user: str) -> socket.socket:
@@ -104,18 +125,27 @@ def test_a_client_that_hangs_up_while_waiting_gives_its_slot_back(
         waiting_app: Callable[[int], Gunicorn]) -> None:
     app = waiting_app(4)
     body = {"message": "hi", "user_id": "slow-user"}
+    first = time.monotonic()
     assert httpx.post(app.url + "/chat", json=body).status_code == 200   # the one token
     # Three clients queue for the next slots (2, 4 and 6 s away at 0.5 per second)...
     socks = [_raw_chat(app.port, "slow-user") for _ in range(3)]
     time.sleep(0.5)
     for sock in socks:   # ...and hang up.
         sock.close()
-    time.sleep(1.0)      # seen within a poll (0.25 s)
+    time.sleep(0.5)      # seen within a poll (0.25 s): asked until seen, on a loaded box
     # Their slots are back: the next free one is the first refill (< 2 s away), not 8 s.
-    probe = httpx.post(app.url + "/chat", json=body, headers={"X-RateLimit-Max-Wait": "0"})
-    assert probe.status_code == 429
-    assert int(probe.headers["Retry-After"]) <= 2, probe.headers["Retry-After"]
-    deadline = time.monotonic() + 5
+    # Held, the queue's end stays more than 2 s away until 5 s after the first call (its
+    # token taken after ``first``): so the free slot must show in a reply back by then.
+    while True:
+        probe = httpx.post(app.url + "/chat", json=body,
+                           headers={"X-RateLimit-Max-Wait": "0"})
+        back = time.monotonic() - first
+        if probe.status_code == 200 or int(probe.headers["Retry-After"]) <= 2:
+            break
+        assert back < 5.0, f"slots not given back: Retry-After {probe.headers['Retry-After']}"
+        time.sleep(0.1)
+    assert back < 5.0
+    deadline = time.monotonic() + 30    # a bound for a loaded box: usually at once
     while "abandoned_wait" not in app.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert app.log.read_text().count('"abandoned_wait"') == 3

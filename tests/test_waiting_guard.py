@@ -173,6 +173,7 @@ def assert_saturated(exc: openai.RateLimitError, least: int, most: int) -> None:
     assert least <= int(exc.response.headers["Retry-After"]) <= most, exc.response.headers
 
 
+@pytest.mark.slow
 def test_calls_beyond_the_guards_limit_wait_for_its_slots(served: Served) -> None:
     """3 per minute, the window full: 3 concurrent calls are each served when a slot frees,
     a second apart, none sooner; a fourth and fifth, whose slot is a minute away, are refused
@@ -190,7 +191,9 @@ def test_calls_beyond_the_guards_limit_wait_for_its_slots(served: Served) -> Non
         assert arrived >= free - 0.02, (arrivals.times, frees)
     assert max(served_at) < MAX_WAIT + 3          # a bound for the test, not a benchmark
     for t, exc in refused(answers):
-        assert t < 2.0, t                         # at once, not after the deadline
+        # At once, not after the deadline: a refusal that had waited would come back no sooner
+        # than MAX_WAIT after its call was sent (after ``start``). Under 2 s on a quick box.
+        assert t < MAX_WAIT, t
         assert_saturated(exc, 55, 63)             # the next free slot: a minute away
     # The store: one request in each of the 3 slots served (in the ring, or in the tail of
     # waiters' slots ahead of it); the old minute gone.
@@ -204,6 +207,7 @@ def test_calls_beyond_the_guards_limit_wait_for_its_slots(served: Served) -> Non
     assert quota_left(served, "spaced") == left - 3
 
 
+@pytest.mark.slow
 def test_a_slot_past_the_deadline_is_refused_at_once_and_charges_nothing(
         served: Served) -> None:
     """A fresh window: 3 calls pass now; the next 3 would wait a minute for theirs, past the
@@ -215,7 +219,7 @@ def test_a_slot_past_the_deadline_is_refused_at_once_and_charges_nothing(
         answers = sdk_calls(served, "full", FULL, 3)
     assert len(refused(answers)) == 3 and arrivals.times == []
     for t, exc in refused(answers):
-        assert t < 2.0, t
+        assert t < MAX_WAIT, t    # at once: one that waited would be back MAX_WAIT later
         assert_saturated(exc, 55, 63)
     assert quota_left(served, "full") == left - 3
     assert guard_remaining(served, FULL) == 0
@@ -233,6 +237,7 @@ def _raw_call(served: Served, user: str, model: str) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 def test_a_waiter_that_hangs_up_gives_its_guard_slot_back(served: Served) -> None:
     """1 per minute, its one request leaving the window in 3-4 s: a waiter admitted into that
     slot hangs up; the slot is the guard's again (and the user's charge is back), so the next
@@ -241,7 +246,7 @@ def test_a_waiter_that_hangs_up_gives_its_guard_slot_back(served: Served) -> Non
     (free,) = aged_window(served, HANGUP, 1, first=3)
     with Arrivals(served.fake) as arrivals:
         sock = _raw_call(served, "hangup", HANGUP)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30    # a loaded box's bound
         while quota_left(served, "hangup") == left:   # admitted: charged, and waiting
             assert time.monotonic() < deadline, "the waiter was never admitted"
             time.sleep(0.05)
@@ -261,6 +266,7 @@ def test_a_waiter_that_hangs_up_gives_its_guard_slot_back(served: Served) -> Non
     assert quota_left(served, "hangup") == left - 1
 
 
+@pytest.mark.slow
 def test_calls_wait_for_the_providers_reset_it_announced(served: Served) -> None:
     """The provider says no request is left until its window resets in 2 s: the next calls
     wait for the reset and are all served (pacing charges no slot ahead: they go together);
@@ -285,7 +291,7 @@ def test_calls_wait_for_the_providers_reset_it_announced(served: Served) -> None
             answers = sdk_calls(served, "paced", PACED, 2)
         assert len(refused(answers)) == 2 and arrivals.times == []
         for t, exc in refused(answers):
-            assert t < 2.0, t
+            assert t < MAX_WAIT, t    # at once: one that waited would be back MAX_WAIT later
             assert_saturated(exc, 25, 31)
         assert quota_left(served, "paced") == left
     finally:

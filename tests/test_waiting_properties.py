@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from fractions import Fraction
 
+import pytest
 import redis
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -100,6 +101,7 @@ class WaitingMachine(Clocked):
                     units, runs[j] - t0)
 
 
+@pytest.mark.slow
 def test_waiting_clients_never_beat_the_rate(make_backend: Callable[[], Backend]) -> None:
     run_state_machine_as_test(lambda: WaitingMachine(make_backend()),
                               settings=machine_settings(80))
