@@ -56,6 +56,7 @@ def on_starting(server: Any) -> None:
     # On the arbiter, not in module globals: what HUP needs survives a reload of the config.
     server.limits_root, server.limits_instance = _folders(server)
     server.limits_named = os.environ.get("LIMITS_CONFIG") or None
+    _own_control_socket(server)
     # Workers write their counts here and /metrics adds them up; a new start starts at zero.
     metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR")
                        or server.limits_instance / "prometheus")
@@ -105,6 +106,17 @@ def _keep_policy(server: Any, reloading: bool) -> None:
     else:
         # A bad file at start: the workers read it and fail with its reason, as without HUP.
         os.environ["LIMITS_CONFIG"] = str(source)
+
+
+def _own_control_socket(server: Any) -> None:
+    """gunicorn's default control socket is one path per user per machine, so a second app
+    would take over the first's; unless the config names one, it lives in the instance folder
+    (when that path fits a socket's 108 bytes)."""
+    setting = server.cfg.settings.get("control_socket")
+    path = server.limits_instance / "gunicorn.ctl"
+    if setting is not None and setting.value == setting.default and len(str(path)) < 100:
+        server.limits_instance.mkdir(parents=True, exist_ok=True)
+        server.cfg.set("control_socket", str(path))
 
 
 def _folders(server: Any) -> tuple[Path, Path]:
