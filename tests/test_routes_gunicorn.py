@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,10 +25,11 @@ def example(tmp_path: Path, r: redis.Redis, unix_url: str) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "REDIS_URL": unix_url,
            "WEB_CONCURRENCY": "4", "LIMITER_INSTANCE": str(tmp_path / "instance")}
-    env["LIMITS_CONFIG"] = str(ROOT / "examples" / "adopt" / "limits.toml")
+    env.pop("LIMITS_CONFIG", None)      # limits.toml beside the app is found by itself
     with open(tmp_path / "gunicorn.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "examples.adopt.app:app"],
+            [sys.executable, "-m", "gunicorn", "-c", "python:limiting.gunicorn",
+             "examples.adopt.app:app"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -90,3 +92,17 @@ def test_example_app_serves_chat_and_its_own_bucket(example: str) -> None:
                         headers={"X-Team": "green"}).status_code for _ in range(7)]
     assert codes[:5] == [200] * 5 and codes[-1] == 429
     assert httpx.get(example + "/healthz").status_code == 200
+
+
+def test_example_app_charges_the_teams_plan(example: str) -> None:
+    """/ask is `@limiter.plan(user=team)`: the starter plan's bucket (10, then 0.5 a second),
+    exact over 4 workers give or take what refilled while the calls ran."""
+    started = time.monotonic()
+    responses = fire(example + "/ask", 30, {"X-Team": "blue"})
+    refill = 0.5 * (time.monotonic() - started)
+    codes = [resp.status_code for resp in responses]
+    assert set(codes) <= {200, 429}
+    assert 10 <= codes.count(200) <= 10 + int(refill) + 1
+    refused = next(resp for resp in responses if resp.status_code == 429)
+    assert refused.json()["layer"] == "user" and int(refused.headers["Retry-After"]) >= 1
+    assert "RateLimit-Policy" in responses[codes.index(200)].headers

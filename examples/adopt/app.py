@@ -1,16 +1,14 @@
-"""A plain Flask app adopting the limiter: the project's /chat blueprint as it is, and two
-routes of its own with limits where the routes are.
+"""A plain Flask app adopting the limiter: the library's /chat blueprint as it is, and routes
+of its own with limits where the routes are.
 
-    LIMITS_CONFIG=examples/adopt/limits.toml gunicorn -c gunicorn.conf.py examples.adopt.app:app
+    gunicorn -c python:limiting.gunicorn examples.adopt.app:app
 
-(from the repository root: gunicorn.conf.py checks the policy file LIMITS_CONFIG names, the
-project's limits.toml when unset, and reloads it on HUP.)
+The policy is limits.toml beside this file (an app's root folder), found with no setting;
+limiting.gunicorn checks it in the master, reloads it on HUP, and starts one Valkey every
+worker shares when REDIS_URL is unset.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 from flask import Flask, request
 
@@ -18,9 +16,6 @@ from limiting import RateLimiter
 from limiting.blueprints import chat_bp
 
 app = Flask(__name__)
-app.config.update(
-    LIMITS_CONFIG=os.environ.get("LIMITS_CONFIG") or str(Path(__file__).with_name("limits.toml")),
-)   # REDIS_URL from the environment (gunicorn.conf.py starts a Valkey when it is unset)
 limiter = RateLimiter(app)
 app.register_blueprint(chat_bp)      # POST /chat: the user's plan, as in the project's app
 
@@ -42,6 +37,12 @@ def summarise() -> dict[str, str]:
 @limiter.sliding_window("100 per day", key=team, scope="reports")   # shared with other routes
 def report() -> dict[str, str]:
     return {"report": f"for {team()}"}
+
+
+@app.post("/ask")
+@limiter.plan(user=team)             # who pays: the team's plan (bucket, quotas, LLM units)
+def ask() -> dict[str, str]:
+    return {"answer": f"for {team()}"}
 
 
 @app.get("/healthz")
