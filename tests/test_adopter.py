@@ -25,7 +25,9 @@ import pytest
 
 from tests.conftest import ROOT, free_port, wait_http
 
-pytestmark = pytest.mark.slow
+# One xdist worker builds: a build writes egg-info into the source tree, so two at once (this
+# file and test_package) collide.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("build")]
 
 APP = ROOT / "tests" / "adopter_app"
 # A shell of the adopter's has none of these unless they set them.
@@ -62,8 +64,9 @@ def adopter(tmp_path_factory: pytest.TempPathFactory) -> Adopter:
     base = tmp_path_factory.mktemp("adopter")
     assert not base.is_relative_to(ROOT)
     dist, venv = base / "dist", base / "venv"
-    subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)],
-                   check=True, capture_output=True, timeout=600)
+    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # The runtime pins as constraints: the versions the suite runs on, and pip's cache hits.
     done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",

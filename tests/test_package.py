@@ -11,6 +11,9 @@ import pytest
 
 from tests.conftest import ROOT
 
+# With test_adopter on one xdist worker: a build writes egg-info into the source tree.
+pytestmark = pytest.mark.xdist_group("build")
+
 CHECK = """
 import importlib, pkgutil, limiting
 from limiting.stores.scripts import script_source

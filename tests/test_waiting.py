@@ -19,10 +19,14 @@ import redis
 from tests.conftest import Gunicorn, write_policy
 
 # The store's budget for a loaded box: the 50 ms default turns a slow answer into a 503.
+# The slow plan's refill period: long enough that "held" and "given back" stay apart even when
+# a loaded box takes seconds to answer a call.
+SLOW_PERIOD = 10
 WAITING = ("[store]\ntimeout_ms = 2000\n"
            "[edge]\nper_ip = ['100000 per minute']\n[defaults]\nplan = 'w'\n"
            "[plans.w]\nburst = 1\nrefill_per_second = 4\nmax_wait_seconds = 3\n"
-           "[plans.slow]\nburst = 1\nrefill_per_second = 0.5\nmax_wait_seconds = 10\n"
+           f"[plans.slow]\nburst = 1\nrefill_per_second = {1 / SLOW_PERIOD}\n"
+           f"max_wait_seconds = {6 * SLOW_PERIOD}\n"
            "[users]\n'slow-user' = 'slow'\n")
 
 
@@ -98,15 +102,15 @@ def test_the_header_asks_for_less_and_bad_values_are_400(
         assert resp.status_code == 400 and resp.json()["code"] == "invalid_request", bad
     assert httpx.post(app.url + "/chat", json=body).status_code == 200
     # "0": this client never waits, whatever the plan allows: refused, not served, though the
-    # plan would wait for the next token. On the slow plan that token is 2 s away (w's is
+    # plan would wait for the next token. On the slow plan that token is 10 s away (w's is
     # 0.25 s: a loaded box can take that long between two calls). The status proves it did
     # not wait; how long a loaded box took to say so is not the point.
     slow = {"message": "hi", "user_id": "slow-user"}
     sent = time.monotonic()
     assert httpx.post(app.url + "/chat", json=slow).status_code == 200    # its one token
     now = httpx.post(app.url + "/chat", json=slow, headers={"X-RateLimit-Max-Wait": "0"})
-    # (Served only if the token came back meanwhile: the two calls took 2 s or more.)
-    assert now.status_code == 429 or time.monotonic() - sent >= 2.0
+    # (Served only if the token came back meanwhile: the two calls took 10 s or more.)
+    assert now.status_code == 429 or time.monotonic() - sent >= SLOW_PERIOD
     # More than the plan's 3 s is capped: a queue 4 s long is refused, not waited out.
     _, answers = timed_posts(app.url, 16, "capped", {"X-RateLimit-Max-Wait": "60"})
     count, most = slots_served(answers)
@@ -127,24 +131,26 @@ def test_a_client_that_hangs_up_while_waiting_gives_its_slot_back(
     body = {"message": "hi", "user_id": "slow-user"}
     first = time.monotonic()
     assert httpx.post(app.url + "/chat", json=body).status_code == 200   # the one token
-    # Three clients queue for the next slots (2, 4 and 6 s away at 0.5 per second)...
+    # Three clients queue for the next slots (P, 2P and 3P away, P = SLOW_PERIOD)...
     socks = [_raw_chat(app.port, "slow-user") for _ in range(3)]
     time.sleep(0.5)
     for sock in socks:   # ...and hang up.
         sock.close()
     time.sleep(0.5)      # seen within a poll (0.25 s): asked until seen, on a loaded box
-    # Their slots are back: the next free one is the first refill (< 2 s away), not 8 s.
-    # Held, the queue's end stays more than 2 s away until 5 s after the first call (its
-    # token taken after ``first``): so the free slot must show in a reply back by then.
+    # Their slots are back: the next free one is the first refill (< P away), not 4P. Held,
+    # the queue's end stays more than P away until 3P after the first call (its token taken
+    # after ``first``): so the free slot must show in a reply back by 2.5P (25 s: a loaded
+    # box's calls take seconds, not that).
     while True:
         probe = httpx.post(app.url + "/chat", json=body,
                            headers={"X-RateLimit-Max-Wait": "0"})
         back = time.monotonic() - first
-        if probe.status_code == 200 or int(probe.headers["Retry-After"]) <= 2:
+        if probe.status_code == 200 or int(probe.headers["Retry-After"]) <= SLOW_PERIOD:
             break
-        assert back < 5.0, f"slots not given back: Retry-After {probe.headers['Retry-After']}"
+        assert back < 2.5 * SLOW_PERIOD, \
+            f"slots not given back: Retry-After {probe.headers['Retry-After']}"
         time.sleep(0.1)
-    assert back < 5.0
+    assert back < 2.5 * SLOW_PERIOD
     deadline = time.monotonic() + 30    # a bound for a loaded box: usually at once
     while "abandoned_wait" not in app.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
