@@ -74,10 +74,11 @@ FAIL_POLICY = Counter("llm_limiter_fail_policy_total",
 LEASES = Counter("llm_limiter_leases_total",
                  "Concurrency leases by event: taken, returned, left_to_expire.", ["event"])
 # A plan's dollar budgets as the policy file sets them, so a rule can compare the spend rate
-# with what the window allows (deploy/prometheus/). "max" over workers: all read one file.
+# with what the window allows (deploy/prometheus/). "mostrecent" over workers: after a
+# reload (HUP) the new workers' values win over the files the old ones left behind.
 PLAN_BUDGET_USD = Gauge("llm_limiter_plan_budget_usd",
                         "A plan's dollar budget per window (day or month), from the policy.",
-                        ["plan", "window"], multiprocess_mode="max")
+                        ["plan", "window"], multiprocess_mode="mostrecent")
 
 # Children bound once: a labels() lookup on every request is work the hot path need not do.
 ALLOWED = DECISIONS.labels("all", "allowed")
