@@ -7,9 +7,12 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 # What the suite needs beyond Python: Debian's Chromium (tests/test_usage_page.py drives the
-# usage page in it) and curl (tests/test_gunicorn.py). Override to check the install step.
+# usage page in it), curl (tests/test_gunicorn.py) and Debian's prometheus package, for
+# promtool and the server (tests/test_prometheus.py checks deploy/prometheus/ with them).
+# Override to check the install step.
 CHROMIUM ?= chromium
 CURL ?= curl
+PROMTOOL ?= promtool
 APT_GET ?= apt-get
 
 # The suite in parallel (pytest-xdist): most tests wait on servers, sleeps and sockets, so more
@@ -51,6 +54,7 @@ test-tools:
 	@missing=""; \
 	command -v $(CHROMIUM) >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v $(CURL) >/dev/null 2>&1 || missing="$$missing curl"; \
+	command -v $(PROMTOOL) >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 		echo "make test: installing$$missing"; \

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import abuse, decisions, openloop, procs, report
+from bench import abuse, chart, decisions, openloop, procs, report
 from bench.contenders import ROOT, SLOW_MODEL
 from bench.loadgen import ensure_wrk
 from bench.report import Row
@@ -359,10 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(out).rstrip() + "\n"
     say("")
     say(text)
-    RESULTS.write_text(text)
-    say(f"(written to {RESULTS.relative_to(ROOT)})")
-    return 0
+    # Any contender that failed, even in one round, makes the run a failed one.
+    failed = [f"{r.name} [{r.worker_class}]" for r in [*fast_rows, *slow_rows, *stream_rows]
+              if r.failure]
 
+    def draw() -> None:
+        chart.draw(chart.sections_of(fast_rows, slow_rows, stream_rows),
+                   subtitle=f"python -m bench, revision {revision()}")
+        say(f"(written to {RESULTS.relative_to(ROOT)} and {chart.PNG.relative_to(ROOT)})")
+
+    return report.publish(text, failed, RESULTS, logdir / "results.md", draw)
 
 if __name__ == "__main__":
     sys.exit(main())

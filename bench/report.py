@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import statistics
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.loadgen import WrkResult
 from bench.streaming import StreamRow
@@ -228,3 +231,18 @@ def stream_flags(rows: list[StreamRow]) -> list[str]:
                 + "; ".join(kinds)
             )
     return out
+
+
+def publish(text: str, failed: Sequence[str], results: Path, elsewhere: Path,
+            draw: Callable[[], None]) -> int:
+    """The exit status of a run, writing ``results`` (and ``draw``-ing its chart) only when no
+    contender ``failed``: a failed run's numbers are not results, so its report goes to
+    ``elsewhere`` and the last good file stays as it was."""
+    if failed:
+        elsewhere.write_text(text)
+        print(f"failed: {', '.join(failed)}; {results.name} left as it was, this run's report "
+              f"is {elsewhere}", file=sys.stderr)
+        return 1
+    results.write_text(text)
+    draw()
+    return 0

@@ -16,6 +16,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -66,6 +67,18 @@ DENY_CACHE_HITS = Counter("llm_limiter_deny_cache_hits_total",
 FAIL_POLICY = Counter("llm_limiter_fail_policy_total",
                       "Decisions made without the store: fail_open, fail_closed or fallback.",
                       ["outcome"])
+# Concurrency leases: "taken" with a reservation, "returned" when it finished (settled,
+# cancelled or charged as reserved), "left_to_expire" when that finish could not reach the
+# store. taken - returned is leases in flight plus leaks (a worker killed mid-request): the
+# lease-leak alert in deploy/prometheus/ watches it grow.
+LEASES = Counter("llm_limiter_leases_total",
+                 "Concurrency leases by event: taken, returned, left_to_expire.", ["event"])
+# A plan's dollar budgets as the policy file sets them, so a rule can compare the spend rate
+# with what the window allows (deploy/prometheus/). "mostrecent" over workers: after a
+# reload (HUP) the new workers' values win over the files the old ones left behind.
+PLAN_BUDGET_USD = Gauge("llm_limiter_plan_budget_usd",
+                        "A plan's dollar budget per window (day or month), from the policy.",
+                        ["plan", "window"], multiprocess_mode="mostrecent")
 
 # Children bound once: a labels() lookup on every request is work the hot path need not do.
 ALLOWED = DECISIONS.labels("all", "allowed")
@@ -73,6 +86,8 @@ INPUT_TOKENS = TOKENS_SETTLED.labels("input")
 CACHED_TOKENS = TOKENS_SETTLED.labels("cached_input")
 OUTPUT_TOKENS = TOKENS_SETTLED.labels("output")
 _REFUSED: dict[str, Any] = {}   # layer name -> its refused child (names come from the policy)
+LEASES_TAKEN = LEASES.labels("taken")
+LEASES_RETURNED = LEASES.labels("returned")
 
 
 # --- the hot path's counts, buffered -------------------------------------------------------------
@@ -109,6 +124,15 @@ def refused(layer: str) -> None:
     if child is None:
         child = _REFUSED[layer] = DECISIONS.labels(layer, "refused")
     count(child)
+
+
+def budgets(plans: Any) -> None:
+    """Publish every plan's dollar budgets (``plans``: name -> Plan) for the burn-rate alert."""
+    for name, plan in plans.items():
+        if plan.budget_usd_per_day:
+            PLAN_BUDGET_USD.labels(name, "day").set(plan.budget_usd_per_day)
+        if plan.budget_usd_per_month:
+            PLAN_BUDGET_USD.labels(name, "month").set(plan.budget_usd_per_month)
 
 
 def time_decision(started: float) -> None:

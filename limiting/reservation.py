@@ -89,6 +89,10 @@ class Reservation:
         self.renews = renews
         self._lock = threading.Lock()
         self._keepalive: KeepAlive | None = None
+        self._leased = lease is not None and any(
+            c.layer.unit == "leases" for _, group in self.groups for c in group)
+        if self._leased:
+            metrics.count(metrics.LEASES_TAKEN)
 
     # --- the context manager ----------------------------------------------------------------------
 
@@ -169,6 +173,8 @@ class Reservation:
             keepalive, self._keepalive = self._keepalive, None
         if keepalive is not None:
             keepalive.stop()
+        if self._leased:
+            metrics.count(metrics.LEASES_RETURNED)
         return True
 
     def _finish(self, usage: Usage | None, as_reserved: bool = False) -> None:
@@ -277,4 +283,6 @@ class Reservation:
         except StoreUnavailable as exc:
             # The reservation then ages out with its window, and the lease with its TTL.
             log.warning("settle failed, reservation left to expire: %s", exc)
+            if self._leased:
+                metrics.LEASES.labels("left_to_expire").inc()
 

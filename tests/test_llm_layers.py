@@ -230,3 +230,31 @@ def test_observer_coalesces_routine_headers_and_writes_holds_at_once() -> None:
     while len(written) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert written[1] == ("m", [7, 1_000_000, -1, -1, 0])     # only the latest of the three
+
+
+def leases(event: str) -> float:
+    from limiting import metrics
+
+    metrics.flush()   # the admitted path's counts are buffered up to a second
+    value: float = metrics.LEASES.labels(event)._value.get()
+    return value
+
+
+def test_leases_are_counted_taken_returned_and_left_to_expire(engine: Engine) -> None:
+    """The counts deploy/prometheus/'s lease-leak alert reads: every lease taken is returned
+    once, and one whose finish cannot reach the store is counted as left to its TTL."""
+    taken, returned, left = leases("taken"), leases("returned"), leases("left_to_expire")
+    _, res, _ = reserve(engine, "m", 1, 1)
+    res.settle(Usage(1, 1))
+    res.cancel()   # a second finish is a no-op: not returned twice
+    assert (leases("taken"), leases("returned")) == (taken + 1, returned + 1)
+
+    _, res, _ = reserve(engine, "m", 1, 1)
+    dead = open_store("redis://127.0.0.1:1")   # nothing listens: the settle fails
+    try:
+        res.store = dead
+        res.settle(Usage(1, 1))
+    finally:
+        dead.close()
+    assert leases("left_to_expire") == left + 1
+    assert (leases("taken"), leases("returned")) == (taken + 2, returned + 2)

@@ -13,6 +13,7 @@ from flask import Blueprint, Flask, Response, current_app
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .. import metrics
 from ..audit import record_reloads
 from ..composed import Charged
 from ..core.ask import Ask
@@ -92,6 +93,7 @@ class RateLimiter:
         store = self._store or app_store(app, timeout=policy.timeout_ms / 1000)
         policy = attach(policy, store)   # `flask limits set`: seen here within a second
         _audit_reloads(policy, store)
+        metrics.budgets(policy.plans)
         edge_layers: tuple[Layer, ...] = ()
         edge_keys = None
         if policy.edge_per_ip and combines_edge(store):
