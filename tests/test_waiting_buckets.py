@@ -12,6 +12,9 @@ Before the fix the org's bucket was charged as of each waiter's run time: a full
 refill over the wait was taken too (min(burst, level + wait x rate) - 1 - wait x rate), and
 after four waiters the org was in debt: pro-o was refused at once with 5 of the 10 unused.
 
+SharedBucketMachine checks the rule on memory:// and the Lua at once, reply for reply,
+against an exact reference of the shared bucket, with waiters that hang up.
+
 The refill (one token per 25 s) leaves each test 25 s to count the burst exactly; each
 takes a second or a few. Tokens only come back over time: a box that slow would see one ok
 more at the end, never one fewer.
@@ -25,14 +28,24 @@ import struct
 import time
 import tomllib
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import openai
 import pytest
 import redis
 from flask import Flask
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from limiting.core.ask import Ask
+from limiting.core.codec import layer_args, with_deadline
 from limiting.core.decision import Refused
 from limiting.core.groups import Group
 from limiting.core.naming import org_prefix
@@ -42,8 +55,10 @@ from limiting.engine import Engine
 from limiting.reservation import Reservation
 from limiting.stores.storage import open_store
 from limiting.web.routes import RouteLimits, bind
+from tests.clocked import ClockedMemory, ClockedValkey
 from tests.conftest import Gunicorn, keyed_app
 from tests.policies import LOADED, plan, policy, served_by
+from tests.test_properties import EPS, PREFIX, START, Backend, machine_settings
 
 MODEL = "gpt-plain"
 SLOW = plan(1, 1 / 60, "1000 per day", max_wait_seconds=300)   # waiters' slots 60 s apart
@@ -164,6 +179,134 @@ def test_which_route_buckets_are_the_callers_own() -> None:
     assert code(token_bucket(5, 1, key=lambda: "u:u1")) == "B"
     assert code(token_bucket(5, 1, mode="shadow")) == "B?"
     assert code(sliding_window("5 per minute")) == "w"
+
+
+# ----------------------------------------------------------------------------------------
+# A bucket shared with others ("B": an org's, a route scope's): a waiter takes only what it
+# holds now, never a debt (issue 19, item 1)
+
+
+def _level(backend: Backend, key: str) -> float | None:
+    """A bucket's tokens as stored (at its last write), or None when it has none."""
+    if isinstance(backend, ClockedMemory):
+        item = backend._data.get(key)
+        return None if item is None or item[0] <= backend.now_us else float(item[1][1])
+    backend._expire_now()
+    raw = backend.client.get(key)
+    return None if raw is None else float(struct.unpack("<dd", raw)[0])
+
+
+class SharedBucketMachine(RuleBasedStateMachine):
+    """A waiting plan (its own bucket of burst 1, a deadline) and callers that never wait,
+    all drawing from one shared bucket, on memory:// and the Lua at once, every reply
+    compared; a waiter may hang up before its slot. Against an exact reference of the shared
+    bucket: a waiter passes it only with a token there now, and takes it now; a caller that
+    never waits passes exactly when a token is there; a refusal by it says the exact time
+    until one is; a hang-up puts the token back, capped at the burst; it never holds less
+    than 0."""
+
+    def __init__(self, memory: ClockedMemory, valkey: ClockedValkey) -> None:
+        super().__init__()
+        self.backends: tuple[Backend, Backend] = (memory, valkey)
+
+    @initialize(cap=st.integers(1, 6), rate=st.sampled_from([0.05, 0.25, 0.5, 2.0]),
+                own=st.sampled_from([0.05, 0.5, 2.0]), start=START)
+    def setup(self, cap: int, rate: float, own: float, start: int) -> None:
+        self.cap, self.rate, self.own = cap, Fraction(rate), own
+        self.shared_key, self.own_key = PREFIX + "shared", PREFIX + "own"
+        self.held, self.at = Fraction(cap), start     # the reference: tokens at a time
+        self.waiting: list[tuple[int, int]] = []      # (run µs, charged_at) of waiters
+        for b in self.backends:
+            b.now_us = start
+
+    @property
+    def now(self) -> int:
+        return self.backends[0].now_us
+
+    def tokens(self) -> Fraction:
+        return min(Fraction(self.cap), self.held + (self.now - self.at) * self.rate / 10**6)
+
+    def call(self, keys: list[str], args: list[bytes]) -> list[int]:
+        mem, lua = (b.acquire(keys, args) for b in self.backends)
+        assert mem == lua
+        return mem
+
+    def shared_args(self) -> list[bytes]:
+        return layer_args("B", self.cap, float(self.rate), "1")
+
+    def checked(self, reply: list[int], layer: int) -> None:
+        """Passed only with a token there now (taken now); refused by it with the exact
+        time until one is."""
+        tokens = self.tokens()
+        if reply[0] == 1:
+            assert tokens >= 1 - EPS
+            self.held, self.at = tokens - 1, self.now
+        elif reply[1] == layer:
+            assert tokens < 1 + EPS
+            exact = (1 - tokens) / self.rate * 10**6 + 1
+            assert abs(reply[2] - exact) <= 2, (reply[2], float(exact))
+        elif tokens >= 1 + EPS:
+            pass    # refused by the waiter's own bucket, beyond its deadline
+        else:
+            assert tokens < 1 + EPS   # both refuse: the longer wait is told
+
+    @rule(n=st.integers(0, 30), unit=st.sampled_from([1, 10**5, 10**6, 10 * 10**6]))
+    def advance(self, n: int, unit: int) -> None:
+        for b in self.backends:
+            b.now_us += n * unit
+
+    @rule(deadline_s=st.sampled_from([1, 5, 30, 120]))
+    def waiter(self, deadline_s: float) -> None:
+        args = [*layer_args("b", 1, self.own, "1"), *self.shared_args()]
+        reply = self.call([self.own_key, self.shared_key],
+                          list(with_deadline(args, deadline_s * 10**6)))
+        tokens = self.tokens()
+        if not (abs(tokens - 1) < EPS):
+            self.checked(reply, 2)
+        elif reply[0] == 1:
+            self.held, self.at = tokens - 1, self.now
+        if reply[0] == 1 and reply[2] > 0:
+            self.waiting.append((reply[3] + reply[2], reply[3]))
+
+    @rule()
+    def other(self) -> None:
+        reply = self.call([self.shared_key], self.shared_args())
+        tokens = self.tokens()
+        if abs(tokens - 1) >= EPS:
+            assert (reply[0] == 1) == (tokens >= 1)
+        if reply[0] == 1:
+            assert reply[2] == 0
+        self.checked(reply, 1)
+
+    @rule(pick=st.integers(0, 100))
+    def hang_up(self, pick: int) -> None:
+        waiting = [w for w in self.waiting if w[0] > self.now]
+        if not waiting:
+            return
+        w = waiting[pick % len(waiting)]
+        self.waiting.remove(w)
+        stored = [_level(b, self.shared_key) for b in self.backends]
+        for b in self.backends:
+            b.settle([self.own_key, self.shared_key],
+                     [w[1], "b", 1, -1, "b", self.cap, -1])
+        if stored[0] is not None:   # an expired key is a full bucket: nothing to give back
+            self.held = min(Fraction(self.cap), self.held + 1)
+
+    @invariant()
+    def never_a_debt(self) -> None:
+        if not hasattr(self, "held"):
+            return
+        levels = [_level(b, self.shared_key) for b in self.backends]
+        assert (levels[0] is None) == (levels[1] is None)
+        if levels[0] is not None and levels[1] is not None:
+            assert levels[0] >= 0 and levels[1] >= 0
+            assert abs(levels[0] - levels[1]) < 1e-9
+            assert abs(levels[0] - float(self.held)) < 1e-6
+
+
+def test_a_waiter_never_puts_a_shared_bucket_in_debt(r: redis.Redis) -> None:
+    run_state_machine_as_test(lambda: SharedBucketMachine(ClockedMemory(), ClockedValkey(r)),
+                              settings=machine_settings(60))
 
 
 # --- end to end: gunicorn x4 (gevent), the openai SDK through /v1 -------------------------
