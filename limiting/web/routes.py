@@ -126,7 +126,8 @@ def bind(endpoint: str, limits: Sequence[RouteLimit]) -> tuple[Bound, ...]:
             name = f"{layer.name}#{n}"
         seen.add((head, suffix))
         layer = replace(layer, name=name, suffix=suffix, shadow=limit.mode == "shadow")
-        out.append(Bound(limit, layer, head, suffix, replace(layer, shared=True)))
+        shared = replace(layer, shared=True) if layer.kind == "b" else layer   # codec: "B"
+        out.append(Bound(limit, layer, head, suffix, shared))
     return tuple(out)
 
 
@@ -319,5 +320,6 @@ def keep(state: RouteState | None, charged: Sequence[Charged]) -> None:
         return
     for item in charged:
         for b in state.bounds:
-            if item[0].layers[0] is b.layer and b.limit.deduct_when is not None:
+            first = item[0].layers[0]
+            if (first is b.layer or first is b.shared) and b.limit.deduct_when is not None:
                 state.charged.append((item, b.limit.deduct_when))
