@@ -48,7 +48,7 @@ from limiting.core.ask import Ask
 from limiting.core.codec import layer_args, with_deadline
 from limiting.core.decision import Refused
 from limiting.core.groups import Group
-from limiting.core.naming import org_prefix
+from limiting.core.naming import BODY_USER, KEY_USER, org_prefix
 from limiting.core.policy import Policy, parse_policy
 from limiting.core.routes import RouteLimit, sliding_window, token_bucket
 from limiting.engine import Engine
@@ -138,10 +138,10 @@ def test_engine_org_bucket_waiters_take_only_what_it_holds(
 
 
 def _route_groups(limit: RouteLimit, user: str | None = "u1", org: str | None = None,
-                  **headers: str) -> list[Group]:
+                  realm: str = KEY_USER, **headers: str) -> list[Group]:
     """``limit``'s groups as a request with ``headers`` meets it on route "x.y"."""
     with Flask("t").test_request_context(headers=headers):
-        return RouteLimits().groups(bind("x.y", [limit]), user, org)
+        return RouteLimits().groups(bind("x.y", [limit]), user, org, realm)
 
 
 def test_engine_shared_route_bucket_waiters_take_only_what_it_holds(
@@ -163,11 +163,12 @@ def test_which_route_buckets_are_the_callers_own() -> None:
     the key it presented) lets a waiter run it into debt; windows are told apart by their
     tail (acquire.lua) and keep their kind."""
     def code(limit: RouteLimit, user: str | None = "u1", org: str | None = None,
-             **headers: str) -> str:
-        (group,) = _route_groups(limit, user, org, **headers)
+             realm: str = KEY_USER, **headers: str) -> str:
+        (group,) = _route_groups(limit, user, org, realm, **headers)
         return group.call.args[0].decode()
 
     assert code(token_bucket(5, 1, key="user")) == "b"
+    assert code(token_bucket(5, 1, key="user"), realm=BODY_USER) == "b"   # as its plan's
     assert code(token_bucket(5, 1, key="key"), Authorization="Bearer sk-1") == "b"
     assert code(token_bucket(5, 1, key="org")) == "b"               # no org: an org of one
     assert code(token_bucket(5, 1, key="org"), org="acme") == "B"
