@@ -7,6 +7,8 @@
 --        Every attempt counts, as at any edge; a refusal here ends the call before any
 --        other layer is looked at. Single server only: its key has no hash tag.
 --   "b"  token bucket: a = capacity, b = refill per second
+--   "B"  a token bucket others reach too (an org's, a route scope's, one keyed by IP or a
+--        header): the same state, but a waiter takes only the tokens it holds now
 --   "w"  strict sliding window: a = limit, b = window in microseconds; state is 61 slots
 --        of 4-byte counts ("W": 8-byte counts, for tokens and micro-dollars), then the
 --        waiters' slots ahead of them
@@ -25,8 +27,12 @@
 -- that the bucket, a window ("w"/"W") or the provider's pacing would refuse with a wait no
 -- longer than it is admitted into its future slot now, and sleeps until then: the slot is
 -- taken in this call, so arrival order here is the order of service across all workers.
--- The bucket is charged as at the moment the request runs (its tokens go below 0: later
--- callers see the debt and wait behind it). A window charges the slot the request runs in:
+-- The caller's own bucket ("b") is charged as at the moment the request runs (its tokens go
+-- below 0: the caller's later requests see the debt and wait behind it). A bucket shared
+-- with others ("B") never waits and never goes into debt: a waiter takes the tokens it holds
+-- now, or is refused at once with the time until it holds them, as a caller that does not
+-- wait; a hang-up's refund puts them back (capped at the capacity), as if it never came.
+-- A window charges the slot the request runs in:
 -- a slot ahead of the ring goes in the window's tail (after the 61 slots: 8-byte slot
 -- number and count pairs, in slot order), which moves no later caller's earliest slot: a
 -- charge counts in every window that holds its slot and in no other, and a request passes
@@ -132,6 +138,8 @@ for i = 1, #KEYS do
   local kind = ARGV[base + 1]
   local shadow = string.byte(kind, -1) == 63   -- "?"
   if shadow then kind = string.sub(kind, 1, -2) end
+  local shared = kind == 'B'
+  if shared then kind = 'b' end
   kinds[i] = kind
   local a = tonumber(ARGV[base + 2])
   local b = tonumber(ARGV[base + 3])
@@ -178,9 +186,9 @@ for i = 1, #KEYS do
       if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
       tokens = math.min(a, held + (now - at) * b / 1e6)
     end
-    local deadline = shadow and 0 or max_wait
+    local deadline = (shadow or shared) and 0 or max_wait
     if tokens >= cost then
-      writes[i] = {tokens}
+      writes[i] = {tokens, shared}
       tokens = tokens - cost
     elseif cost > a then
       wait = -1  -- more than the bucket ever holds: no wait makes it pass
@@ -400,8 +408,12 @@ for i = 1, #KEYS do
     if kind == 'b' then
       local a, b = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
       -- The level at its run time, told as of now: below 0 while waiters queue (their
-      -- debt: later callers wait behind it, and a waiter's refund pays it back).
-      local tokens = math.min(a, w[1] + delay * b / 1e6) - costs[i] - delay * b / 1e6
+      -- debt: later callers wait behind it, and a waiter's refund pays it back). A shared
+      -- bucket gives what it holds now, never more: no one sharing it waits on a waiter.
+      local tokens = w[1] - costs[i]
+      if not w[2] then
+        tokens = math.min(a, w[1] + delay * b / 1e6) - costs[i] - delay * b / 1e6
+      end
       -- Past the time to refill, a fresh bucket says the same: let the key go.
       redis.call('SET', KEYS[i], pack('<dd', tokens, now),
         'PX', math.ceil((a - tokens) / b * 1000) + 1000)

@@ -217,6 +217,22 @@ def test_deduct_when(tmp_path: Path, r: redis.Redis, redis_url: str) -> None:
     assert last.status_code == 429 and '"route:d";r=3' in last.headers["RateLimit"]
 
 
+def test_deduct_when_gives_back_a_shared_bucket(tmp_path: Path, r: redis.Redis,
+                                               redis_url: str) -> None:
+    """A bucket keyed by IP is shared with others (codec kind "B"); its deduct_when still
+    finds the charge to give back."""
+    app, limiter = make_app(tmp_path, redis_url)
+
+    @app.post("/s")
+    @limiter.token_bucket(2, SLOW, deduct_when=lambda resp: resp.status_code < 400)
+    def s() -> tuple[str, int]:
+        return "s", 400 if request.args.get("bad") else 200
+
+    client = app.test_client()
+    assert codes(client, "/s?bad=1", 4) == [400] * 4     # given back: the bucket stays full
+    assert codes(client, "/s", 3) == [200, 200, 429]
+
+
 def test_shadow_route_never_refuses(tmp_path: Path, r: redis.Redis, redis_url: str) -> None:
     app, limiter = make_app(tmp_path, redis_url)
 

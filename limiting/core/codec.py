@@ -1,6 +1,8 @@
 """The Lua scripts' calling convention, and the only module that knows its positions.
 
-acquire.lua takes 4 arguments per layer (kind, a, b, cost), then optionally the deadline
+acquire.lua takes 4 arguments per layer (kind, a, b, cost; the kind as Layer.code writes it:
+"B" a token bucket others reach too, which a waiter never puts in debt; a trailing "?" a
+shadow layer), then optionally the deadline
 (µs) a request may wait for its slot, and answers {allowed, refusing layer (1-based, 0:
 none), wait_us, now_us, then remaining and reset_us per layer}; settle.lua
 takes the acquire's now_us, then 3 arguments per layer (kind, b, delta or lease id), the

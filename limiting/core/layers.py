@@ -26,11 +26,16 @@ class Layer:
     unit: str = "requests"
     # Decided, counted and reported, but never refuses (a plan's or model's mode = "shadow").
     shadow: bool = False
+    # Others' requests reach it too (an org's, a route's scope or IP/header key): a waiter
+    # may not put it in debt, so a bucket's code is "B" (codec.py, acquire.lua).
+    shared: bool = False
 
     @property
     def code(self) -> str:
-        """The kind as the acquire script reads it: a trailing "?" marks a shadow layer."""
-        return self.kind + "?" if self.shadow else self.kind
+        """The kind as the acquire script reads it: "B" a shared bucket; a trailing "?" marks
+        a shadow layer."""
+        kind = "B" if self.shared and self.kind == "b" else self.kind
+        return kind + "?" if self.shadow else kind
 
 
 def bucket(name: str, suffix: str, capacity: float, per_second: float, fail: FailMode) -> Layer:

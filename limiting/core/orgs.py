@@ -22,5 +22,7 @@ def compile_org(org: Plan, llm: bool = False, cost: int = 1) -> CompiledPlan:
     """The script arguments of ``org``'s layers (request layers; with ``llm`` its tokens,
     dollars and requests in flight too), compiled bare as the model's guard is."""
     layers = request_layers(org) + (llm_layers(org) if llm else ())
-    named = tuple(replace(layer, name=org_layer_name(org.name, layer.name)) for layer in layers)
+    # Every member reaches these: a waiter takes only what the org's bucket holds now.
+    named = tuple(replace(layer, name=org_layer_name(org.name, layer.name), shared=True)
+                  for layer in layers)
     return compile_plan(None, named, cost)

@@ -72,7 +72,10 @@ class MemoryStore:
                 shadow = kind.endswith("?")   # as acquire.lua: decided, never refusing
                 if shadow:
                     kind = kind[:-1]
-                deadline = 0.0 if shadow else max_wait
+                shared = kind == "B"          # as acquire.lua: never waits, never in debt
+                if shared:
+                    kind = "b"
+                deadline = 0.0 if shadow or shared else max_wait
                 state = self._get(key, now)
                 if kind == "c":
                     remaining, reset, wait, write = _leases(state, now, a, b, call.cost)
@@ -84,8 +87,12 @@ class MemoryStore:
                     remaining, reset, wait, write = _month(state, now, a, b, cost)
                 else:
                     cost = call.units
-                    step = _bucket if kind == "b" else _window
-                    remaining, reset, wait, write, pre = step(state, now, a, b, cost, deadline)
+                    if kind == "b":
+                        remaining, reset, wait, write, pre = _bucket(state, now, a, b, cost,
+                                                                     deadline, shared)
+                    else:
+                        remaining, reset, wait, write, pre = _window(state, now, a, b, cost,
+                                                                     deadline)
                     if pre is not None:
                         longest, before[i] = max(longest, wait), pre
                         wait = 0.0
@@ -220,14 +227,17 @@ Step = tuple[float, float, float, "tuple[Any, float] | None", "float | None"]
 
 
 def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: float,
-            deadline: float) -> Step:
+            deadline: float, shared: bool = False) -> Step:
     """As acquire.lua: (remaining, reset, wait, write, remaining before it when admitted
-    into a future slot). The write is charged as at the moment the request runs."""
+    into a future slot). The write is charged as at the moment the request runs; a shared
+    bucket's as now, from what it holds (never a debt)."""
     tokens = cap if state is None else min(cap, state[1] + (now - state[2]) * rate / 1e6)
 
     def write(delay: int, held: float = tokens) -> tuple[list[Any], float]:
         # As acquire.lua: the level at its run time, told as of now (below 0: a debt).
-        left = min(cap, held + delay * rate / 1e6) - cost - delay * rate / 1e6
+        left = held - cost
+        if not shared:
+            left = min(cap, held + delay * rate / 1e6) - cost - delay * rate / 1e6
         return ["b", left, now], math.ceil((cap - left) / rate * 1000) * 1000 + 1e6
 
     if tokens >= cost:

@@ -90,6 +90,7 @@ class Bound:
     layer: Layer
     head: str        # "r:<endpoint>" (the route's own) or "s:<scope>" (shared)
     suffix: str
+    shared: Layer    # ``layer`` as a counter others reach too (Layer.shared)
 
 
 @dataclass(slots=True)
@@ -125,7 +126,8 @@ def bind(endpoint: str, limits: Sequence[RouteLimit]) -> tuple[Bound, ...]:
             name = f"{layer.name}#{n}"
         seen.add((head, suffix))
         layer = replace(layer, name=name, suffix=suffix, shadow=limit.mode == "shadow")
-        out.append(Bound(limit, layer, head, suffix))
+        shared = replace(layer, shared=True) if layer.kind == "b" else layer   # codec: "B"
+        out.append(Bound(limit, layer, head, suffix, shared))
     return tuple(out)
 
 
@@ -190,8 +192,18 @@ class RouteLimits:
                                     f"got {cost!r}")
             value = key_value(limit.key, user, org, realm, self.authenticate)
             tag = f"{self.namespace}{{{b.head}:{user_tag(value)}}}"
-            out.append(Group.of([b.layer], [f"{tag}:{b.suffix}"], [cost], tag))
+            layer = b.layer if own_counter(limit, value) else b.shared
+            out.append(Group.of([layer], [f"{tag}:{b.suffix}"], [cost], tag))
         return out
+
+
+def own_counter(limit: RouteLimit, value: str) -> bool:
+    """Does only the caller reach this counter? Its route's own (no scope), counted by the
+    user it charges (a /chat body's user_id as its plan bucket is) or the key that
+    authenticated. Anything else (a scope, an IP, a header, an org, a callable's value)
+    others reach too: a waiter may not put such a bucket in debt."""
+    return (limit.scope is None and not callable(limit.key) and limit.key in ("user", "key", "org")
+            and value.startswith(("u:", "b:", "k:")))
 
 
 def key_value(key: Any, user: str | None, org: str | None = None,
@@ -308,5 +320,6 @@ def keep(state: RouteState | None, charged: Sequence[Charged]) -> None:
         return
     for item in charged:
         for b in state.bounds:
-            if item[0].layers[0] is b.layer and b.limit.deduct_when is not None:
+            first = item[0].layers[0]
+            if (first is b.layer or first is b.shared) and b.limit.deduct_when is not None:
                 state.charged.append((item, b.limit.deduct_when))
