@@ -134,7 +134,7 @@ def test_realistic_usage_page(gunicorn, tmp_path: Path, r: redis.Redis, unix_url
                 browser, page = admin_page(pw, 900, width, dark)
                 try:
                     errors: list[str] = []
-                    page.on("pageerror", lambda exc: errors.append(str(exc)))
+                    page.on("pageerror", lambda exc, seen=errors: seen.append(str(exc)))
                     page.goto(state.url + "/admin/usage", timeout=20_000)
                     page.wait_for_function("!document.getElementById('stamp')"
                                            ".textContent.startsWith('loading')",
