@@ -175,15 +175,40 @@ def _start_flusher() -> None:
 atexit.register(flush)
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text, summed over every worker when in multiprocess mode."""
-    flush()
+def _registry() -> Any:
+    """Every worker's counts when in multiprocess mode, else this process's."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return registry
     from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return REGISTRY
+
+
+def refusals() -> dict[str, dict[str, int]]:
+    """Refusals since the counters started, for the usage page: ``layer`` (by the refusing
+    layer, summed over every worker), ``model`` (by each model's upstream guard) and
+    ``shadow`` (what a shadow layer would have refused)."""
+    flush()
+    out: dict[str, dict[str, int]] = {"layer": {}, "model": {}, "shadow": {}}
+    for metric in _registry().collect():
+        for sample in metric.samples:
+            if not sample.name.endswith("_total") or not sample.value:
+                continue
+            labels, n = sample.labels, int(sample.value)
+            if sample.name == "llm_limiter_decisions_total" and labels.get("outcome") == "refused":
+                out["layer"][labels["layer"]] = out["layer"].get(labels["layer"], 0) + n
+            elif sample.name == "llm_limiter_upstream_guard_refusals_total":
+                out["model"][labels["model"]] = out["model"].get(labels["model"], 0) + n
+            elif sample.name == "llm_limiter_would_refuse_total":
+                out["shadow"][labels["layer"]] = out["shadow"].get(labels["layer"], 0) + n
+    return out
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text, summed over every worker when in multiprocess mode."""
+    flush()
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST

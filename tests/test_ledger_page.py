@@ -29,30 +29,34 @@ def test_spend_on_the_usage_page(app, tmp_path: Path) -> None:
         browser, page = admin_page(pw, 900)
         try:
             page.goto(app.url + "/admin/usage", timeout=20_000)
-            rows = page.locator('div[data-by="tok"] tr.who')
+            rows = page.locator("#spenders tr.spender")
             rows.first.wait_for(timeout=10_000)
             seen = {rows.nth(i).get_attribute("data-user"):
                     int(rows.nth(i).get_attribute("data-tokens") or -1)
                     for i in range(rows.count())}
             assert seen == want
-            assert page.locator("#daily svg.daily rect").count() == 30
-            last = page.locator("#daily svg.daily rect").last
+            # One row per spender; the day charts: dollars and tokens, 30 bars each.
+            assert rows.count() == 2
+            assert page.locator("#daily svg.daily rect.v").count() == 60
+            last = page.locator("#daily svg[data-key=usd_micros] rect.v").last
             assert int(last.get_attribute("data-value") or -1) == spend["total"]["usd_micros"]
             assert page.locator("svg.spark polyline").count() >= 2
 
             # More traffic: the page follows by itself.
             httpx.post(app.url + "/chat", json={"message": "more", "user_id": "other-user"})
-            other = page.locator('div[data-by="tok"] tr.who[data-user="other-user"]')
+            other = page.locator('#spenders tr.spender[data-user="other-user"]')
             deadline = time.monotonic() + 30    # a loaded box's bound: the page polls
             while int(other.get_attribute("data-tokens") or 0) <= want["other-user"]:
                 assert time.monotonic() < deadline, "the spend did not refresh by itself"
                 page.wait_for_timeout(200)
 
-            page.locator('div[data-by="tok"] tr.who[data-user="page-user"]').click()
+            page.locator('#spenders tr.spender[data-user="page-user"]').click()
             detail = page.locator("#user-detail")
             detail.wait_for(timeout=10_000)
             assert detail.locator("svg.daily").count() == 2
-            assert detail.locator('div[data-layer="user"]').count() == 1
+            # Their layers are in the users' table once, not repeated in the detail.
+            assert detail.locator("[data-layer]").count() == 0
+            assert page.locator('#users tr.user[data-user="page-user"]').count() == 1
             shot = Path(os.environ.get("SPEND_SCREENSHOT") or tmp_path / "spend-page.png")
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 5_000

@@ -21,7 +21,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, render_template, request
 from werkzeug.exceptions import BadRequest, Forbidden, TooManyRequests, Unauthorized
 
+from limiting import metrics
 from limiting.core.decision import Decision
+from limiting.core.naming import BODY_USER, KEY_USER
 from limiting.keys import presented_key
 from limiting.ledger import Ledger, Spend, day_text, parse_day
 from limiting.web.extension import current_limiter
@@ -39,8 +41,25 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def layers_json(decision: Decision) -> list[dict[str, Any]]:
     # The pacing layer has no limit of its own to draw (it follows the provider's headers).
     return [{"layer": s.layer.name, "limit": s.layer.limit, "remaining": s.remaining,
-             "reset": math.ceil(s.reset), "window": s.layer.window} for s in decision.states
-            if s.layer.limit > 0]
+             "reset": math.ceil(s.reset), "window": s.layer.window, "kind": s.layer.kind,
+             "unit": s.layer.unit,
+             "shadow": s.layer.shadow} for s in decision.states if s.layer.limit > 0]
+
+
+def pacing_json(decision: Decision) -> dict[str, Any] | None:
+    """What the provider's headers taught the guard: ``held`` (the pacing refuses now, for
+    ``wait`` seconds), ``requests_left`` as of the provider's last word, ``reset`` (0: no
+    fresh word). None: the model has no pacing (answered in this process)."""
+    pace = next((s for s in decision.states if s.layer.unit == "pace"), None)
+    if pace is None:
+        return None
+    held = decision.refused is not None and decision.refused.layer is pace.layer
+    return {"held": held, "wait": math.ceil(decision.wait or 0) if held else 0,
+            "requests_left": pace.remaining if pace.reset > 0 else None,
+            "reset": math.ceil(pace.reset)}
+
+
+REALM_WORDS = {KEY_USER: "key", BODY_USER: "anonymous"}
 
 
 @bp.get("/v1/usage")
@@ -223,23 +242,37 @@ def known_users(key_plans: Mapping[str, str]) -> list[str]:
 @bp.get("/admin/usage.json")
 def usage_json() -> dict[str, Any]:
     """Every known user's layers, on the plan of their newest live key (as their requests
-    are served). While the store is away: 503 limiter_unavailable, by the app's handler."""
+    are served), and today's spenders in the namespace they spent in (``realm``: "key" or
+    "anonymous", once per user and namespace); each org's and model's guard (with its
+    pacing); refusals by layer since the counters started. While the store is away: 503
+    limiter_unavailable, by the app's handler."""
     require_admin()
     limiter = current_limiter()
     key_plans = limiter.keys.plans_by_user()
     key_orgs = limiter.keys.orgs_by_user()
-    out: dict[str, Any] = {"users": [], "orgs": [], "models": []}
-    for user in known_users(key_plans):
-        plan = limiter.plan_of_user(user, key_plans)
+    counts = metrics.refusals()
+    out: dict[str, Any] = {"users": [], "orgs": [], "models": [], "refusals": counts["layer"],
+                           "would_refuse": counts["shadow"]}
+    who = {(user, limiter.realm_of_user(user, key_plans)): None
+           for user in known_users(key_plans)}
+    if "users" not in request.args:     # a page asking for named users wants only those
+        ledger, day = limiter.ledger, limiter.ledger.today()
+        # By tokens too: a call to a free model (echo) ranks nowhere by dollars.
+        who.update({(row.user, row.realm): None
+                    for by in ("usd", "tok") for row in ledger.top(day, 50, by=by)})
+    for user, realm in list(who)[:MAX_USERS]:
+        plan = limiter.plan_of_user(user, key_plans, realm)
         org = limiter.org_of_user(user, key_orgs)
-        out["users"].append({"user": user, "plan": plan.name, "org": org.name if org else None,
-                             "layers": layers_json(limiter.engine.peek(
-                                 user, plan, limiter.realm_of_user(user, key_plans)))})
+        out["users"].append({"user": user, "realm": REALM_WORDS.get(realm, realm),
+                             "plan": plan.name, "org": org.name if org else None,
+                             "layers": layers_json(limiter.engine.peek(user, plan, realm))})
     for name, org in limiter.policy.orgs.items():   # the key holders' (the org's own)
         out["orgs"].append({"org": name, "layers": layers_json(limiter.engine.peek_org(org))})
     for model in limiter.policy.models:
-        out["models"].append({"model": model,
-                              "layers": layers_json(limiter.engine.peek_model(model))})
+        decision = limiter.engine.peek_model(model)
+        out["models"].append({"model": model, "layers": layers_json(decision),
+                              "pacing": pacing_json(decision),
+                              "refusals": counts["model"].get(model, 0)})
     return out
 
 
