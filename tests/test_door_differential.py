@@ -12,8 +12,13 @@ not, so the test then counts it on the door's side too (``Side.resync``); the ed
 compared after every request.
 
 Timing cannot make the apps disagree: a token comes back every 200 s at best, the edge's window
-is a day, and a sequence takes ~0.1 s, well within the deny cache's second before an entry is
-asked again (which both apps would do alike anyway).
+is a day, and each app's deny cache holds an entry for the store's whole wait (``HOLD``, not
+its usual second). Each app learns and comes due by its own clock, so with the usual second
+a slow moment between the two sends (a loaded box) had one app answer from its entry and the
+other ask the store — whose call counts the edge even when it refuses, as every attempt
+counts — and the edge counts parted by one with both answers alike. That an entry come due
+is asked by Flask's path on both apps alike is checked on its own, with both clocks moved
+(``test_an_entry_come_due_is_asked_on_both_sides_alike``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +41,7 @@ from werkzeug.test import TestResponse
 
 from app import create_app
 from limiting.core.naming import BODY_USER, KEY_USER
+from limiting.deny import MAX_STALE, PROBE_SECONDS
 from limiting.web.door import Door
 from tests.conftest import write_policy
 from tests.fuzz_strategies import body_bytes, one_wrong
@@ -63,6 +70,10 @@ ALLOWED = {400, 401, 403, 404, 413}
 COMPARED = re.compile(r"^(retry-after|ratelimit.*|x-ratelimit-.*|anthropic-ratelimit-.*|"
                       r"content-type|allow|location)$", re.I)
 EXAMPLES = 200
+# How long a deny-cache entry answers here before the store is asked again (limiting/deny.py's
+# max_stale, a second in production): longer than any sequence runs, so both apps answer
+# every request of it from their entries or neither does, however slow the box.
+HOLD = 3600.0
 SEEN: Counter[str] = Counter()   # what the sequences had the door do, checked at the end
 
 
@@ -157,6 +168,7 @@ def sides(tmp_path_factory: pytest.TempPathFactory, redis_url: str
                         redis.Redis.from_url(f"{redis_url}/{db}"))
             for app in (side.plain, side.keyed):
                 app.before_request(lambda seen=side.reached: seen.append(""))
+                app.extensions["llm_limiter"].deny.max_stale = HOLD
             made.append(side)
         for app in (made[1].plain, made[1].keyed):
             _door(app, remove=True)
@@ -421,3 +433,41 @@ def test_the_sequences_gave_the_door_work() -> None:
     assert SEEN["door other"] == 0
     assert sum(n for k, n in SEEN.items() if k.startswith("liberty")) >= 10
     assert SEEN["patience kept"] >= 5
+
+
+def test_an_entry_come_due_is_asked_on_both_sides_alike(
+        sides: tuple[Side, Side, list[Door]]) -> None:
+    """With production's second: an entry come due is not answered at the door but handed on,
+    and Flask's path asks the store — which counts the edge, refusing — as the app without a
+    door does; the store's refusal renews the entry, which then answers at the door again."""
+    door, bypass, _ = sides
+    caches = [side.limiter.deny for side in (door, bypass)]
+    step = Step("chat", "POST", "/chat", "10.0.0.3",
+                b'{"message": "hello", "user_id": "qu", "model": "echo"}')
+    door.reset()
+    bypass.reset()
+    try:
+        for deny in caches:
+            deny.max_stale = MAX_STALE
+        answers = [(door.send(step).status_code, bypass.send(step).status_code)
+                   for _ in range(3)]
+        assert answers == [(200, 200), (200, 200), (429, 429)]
+        assert door.edge_counts(step.ip) == bypass.edge_counts(step.ip) == [3]
+        for deny in caches:   # past the probe's moment, before the store's wait ends
+            deny.clock = lambda: time.perf_counter() + MAX_STALE - PROBE_SECONDS / 2
+        seen = len(door.reached)
+        a, b = door.send(step), bypass.send(step)
+        assert a.status_code == b.status_code == 429 and _masked(a) == _masked(b)
+        assert len(door.reached) == seen + 1, "the door handed the due entry on"
+        assert door.edge_counts(step.ip) == bypass.edge_counts(step.ip) == [4]
+        for deny in caches:
+            deny.clock = time.perf_counter
+        seen = len(door.reached)
+        a, b = door.send(step), bypass.send(step)
+        assert a.status_code == b.status_code == 429 and _masked(a) == _masked(b)
+        assert len(door.reached) == seen, "renewed: answered at the door"
+        assert door.edge_counts(step.ip) == bypass.edge_counts(step.ip) == [4]
+    finally:
+        for deny in caches:
+            deny.clock = time.perf_counter
+            deny.max_stale = HOLD
