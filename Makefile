@@ -31,6 +31,7 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	rm -rf flask_llm_limiter.egg-info   # a by-product: stale, it would break a later sdist
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt

@@ -64,7 +64,13 @@ def adopter(tmp_path_factory: pytest.TempPathFactory) -> Adopter:
     base = tmp_path_factory.mktemp("adopter")
     assert not base.is_relative_to(ROOT)
     dist, venv = base / "dist", base / "venv"
-    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)],
+    # Built from a clean copy of the sources: nothing the checkout's tools left (an editable
+    # install's egg-info, caches, a venv) can reach the sdist, and nothing is written into it.
+    source = base / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "*.egg-info", "build", "dist", "instance", "_build", "__pycache__",
+        ".*_cache"))
+    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(source)],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
