@@ -174,7 +174,7 @@ def test_guard_refusal_charges_the_user_nothing(engine: Engine) -> None:
 
 
 def test_pacing_learnt_from_headers_slows_every_worker(r: redis.Redis, redis_url: str) -> None:
-    engine = Engine(open_store(redis_url), parse_policy(POLICY))
+    engine = Engine(open_store(redis_url, timeout=2.0), parse_policy(POLICY))
     engine.observe("gpt-x", {"x-ratelimit-remaining-requests": "0",
                              "x-ratelimit-reset-requests": "2s",
                              "x-ratelimit-remaining-tokens": "5000",
@@ -191,7 +191,7 @@ def test_pacing_learnt_from_headers_slows_every_worker(r: redis.Redis, redis_url
 
 
 def test_pacing_counts_down_between_observations(r: redis.Redis, redis_url: str) -> None:
-    engine = Engine(open_store(redis_url), parse_policy(POLICY | {"models": {}}))
+    engine = Engine(open_store(redis_url, timeout=2.0), parse_policy(POLICY | {"models": {}}))
     engine.observe("claude-x", {"anthropic-ratelimit-requests-remaining": "2",
                                 "anthropic-ratelimit-requests-reset": "2099-01-01T00:00:00Z"},
                    200)

@@ -13,6 +13,10 @@ from limiting.core.policy import parse_policy
 from limiting.engine import Engine
 from limiting.stores.storage import open_store
 
+# A loaded box's budget for one store call (a parallel run can make a call wait 50 ms, the
+# default, and a timed-out decision is refused by the failure policy, not decided).
+LOADED = 2.0
+
 
 def plan(burst: int, refill: float, quotas: list[str]):
     return parse_policy({"plans": {"p": {"burst": burst, "refill_per_second": refill,
@@ -20,7 +24,8 @@ def plan(burst: int, refill: float, quotas: list[str]):
 
 
 def test_1000_threaded_decisions_never_exceed_a_quota(r: redis.Redis, redis_url: str) -> None:
-    engine = Engine(open_store(redis_url), plan(10_000, 10_000, ["250 per day", "300 per hour"]))
+    engine = Engine(open_store(redis_url, timeout=LOADED),
+                    plan(10_000, 10_000, ["250 per day", "300 per hour"]))
     with ThreadPoolExecutor(50) as pool:
         results = list(pool.map(lambda _: engine.acquire("hot").allowed, range(1000)))
     assert sum(results) == 250
@@ -34,7 +39,7 @@ def test_1000_threaded_decisions_memory_store() -> None:
 
 
 def test_script_flush_mid_traffic_costs_no_error(r: redis.Redis, redis_url: str) -> None:
-    engine = Engine(open_store(redis_url), plan(1000, 1, ["900 per day"]))
+    engine = Engine(open_store(redis_url, timeout=LOADED), plan(1000, 1, ["900 per day"]))
     allowed = 0
     for i in range(300):
         if i % 50 == 0:
@@ -69,7 +74,7 @@ def test_server_restart_keeps_state_and_reloads_script(tmp_path: Path) -> None:
 
 def test_redis_bytes_per_active_user_are_bounded(r: redis.Redis, redis_url: str) -> None:
     """Bucket + a 2000/day quota, whatever the count, stays under 512 bytes per user."""
-    engine = Engine(open_store(redis_url), plan(2000, 1000, ["2000 per day"]))
+    engine = Engine(open_store(redis_url, timeout=LOADED), plan(2000, 1000, ["2000 per day"]))
     for _ in range(2000):
         engine.acquire("heavy")
     for i in range(50):
@@ -85,7 +90,7 @@ def test_redis_bytes_per_active_user_are_bounded(r: redis.Redis, redis_url: str)
 
 def test_one_damaged_key_does_not_open_the_circuit_for_everyone(r: redis.Redis,
                                                                 redis_url: str) -> None:
-    engine = Engine(open_store(redis_url), plan(100, 1, ["1000 per day"]))
+    engine = Engine(open_store(redis_url, timeout=LOADED), plan(100, 1, ["1000 per day"]))
     assert engine.acquire("healthy").allowed
     damaged = next(r.scan_iter("rl:{u:healthy}*")).decode().replace("healthy", "broken")
     r.hset(damaged, "not", "a bucket")   # WRONGTYPE inside the script, for this user only
