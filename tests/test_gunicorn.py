@@ -96,10 +96,14 @@ def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path
     out = subprocess.run(["bash", "-c", CURL_LOOP], env=shell_env, capture_output=True,
                          text=True, timeout=60).stdout.split()
     # The burst of 10, then refusals; starter refills 0.5 a second, so a loop slower than
-    # 2 s (15 curl processes on a loaded box) may honestly pass one more per 2 s it took.
+    # 2 s (15 curl processes on a loaded box) may honestly pass one more per 2 s it took,
+    # anywhere after the burst (a refilled token lets the next curl through).
+    took = time.monotonic() - began
+    assert out[:10] == ["200"] * 10 and set(out) <= {"200", "429"} and len(out) == 15, out
+    assert out[10:].count("200") <= int(took * 0.5), (out, took)
+    if took < 2:
+        assert out[10:] == ["429"] * 5
     admitted = out.count("200")
-    assert 10 <= admitted <= 10 + int((time.monotonic() - began) * 0.5), out
-    assert out == ["200"] * admitted + ["429"] * (15 - admitted)
     time.sleep(10)
     again = subprocess.run(["bash", "-c", ONE_CURL], env=shell_env, capture_output=True,
                            text=True, timeout=30).stdout.split()

@@ -113,6 +113,12 @@ def realistic(gunicorn: Any, tmp_path: Path, unix_url: str) -> Iterator[State]:
             layer = _call(server.url, key[user], model, words)
             if layer is not None:
                 state.refused[layer] = state.refused.get(layer, 0) + 1
+        # The provider's word on its windows lasts an hour from here on, so the pages drawn
+        # below (minutes later on a loaded box) still have it: one admitted call per model
+        # brings it. Before, a word of the fake's real one-minute window could go stale.
+        fp.set_ratelimit_headers(reset_requests=3600, reset_tokens=3600)
+        for model in (GPT, CLAUDE):
+            assert _call(server.url, key["alice"], model, 2) is None
         for user, count in (("guest-7f3a", 3), ("page-user", 2), ("kiosk-12", 8), (HOSTILE, 1)):
             for _ in range(count):
                 ok = httpx.post(server.url + "/chat", timeout=20,
