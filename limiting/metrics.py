@@ -21,6 +21,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .core.flushing import Flusher
+
 DECISIONS = Counter("llm_limiter_decisions_total",
                     "Limiter decisions by layer (the refusing one, or 'all') and outcome.",
                     ["layer", "outcome"])
@@ -104,7 +106,6 @@ SAMPLE_EVERY = 8
 _pending: dict[Any, float] = {}
 _lock = threading.Lock()
 _flushed_at = time.monotonic()
-_flusher_pid = 0
 _sampled = 0
 
 
@@ -114,8 +115,8 @@ def count(child: Any, amount: float = 1) -> None:
         _pending[child] = _pending.get(child, 0) + amount
     if time.monotonic() - _flushed_at >= FLUSH_SECONDS:
         flush()
-    elif _flusher_pid != os.getpid():
-        _start_flusher()
+    else:
+        _flusher.wake()   # an idle worker's last counts still reach /metrics in time
 
 
 def refused(layer: str) -> None:
@@ -154,23 +155,7 @@ def flush() -> None:
         child.inc(amount)
 
 
-def _start_flusher() -> None:
-    """One daemon thread per process (a forked worker starts its own): an idle worker's
-    last counts still reach /metrics within FLUSH_SECONDS."""
-    global _flusher_pid
-    with _lock:
-        if _flusher_pid == os.getpid():
-            return
-        _flusher_pid = os.getpid()
-
-    def run() -> None:
-        while True:
-            time.sleep(FLUSH_SECONDS)
-            if _pending:
-                flush()
-
-    threading.Thread(target=run, name="metrics-flush", daemon=True).start()
-
+_flusher = Flusher("metrics-flush", FLUSH_SECONDS, flush)
 
 atexit.register(flush)
 
