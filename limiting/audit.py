@@ -14,7 +14,6 @@ e.g. ``record(store, shell_actor(), "limits.set", "alice", {"plan": "starter"},
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .core.naming import digest, wire_text
 from .stores.store import Store
 
 MAX_ENTRIES = 10_000
@@ -52,7 +52,7 @@ def shell_actor() -> str:
 
 def token_actor(token: str) -> str:
     """An admin token's id: a digest prefix, never the token."""
-    return "admin:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    return "admin:" + digest(token, 12)
 
 
 def _shown(value: Any) -> str:
@@ -64,16 +64,12 @@ def _shown(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _wire(text: str) -> str:
-    """Text Redis can take as UTF-8: a name from argv or a body may hold lone surrogates."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def record(store: Store, actor: str, action: str, subject: str, before: Any = None,
            after: Any = None, *, namespace: str = "rl:") -> None:
     """Append one entry (``before``/``after``: text, or anything JSON encodes). Raises
     StoreUnavailable when the store is away: the caller says the change went unaudited."""
-    fields = {name: _wire(value) for name, value in (
+    # A name from argv or a body may hold lone surrogates: stored readable, never refused.
+    fields = {name: wire_text(value) for name, value in (
         ("actor", actor), ("action", action), ("subject", subject),
         ("before", _shown(before)), ("after", _shown(after)))}
     store.log_append(namespace + "audit", fields, MAX_ENTRIES)

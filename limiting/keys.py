@@ -12,7 +12,6 @@ its own process, so memory:// keys are for tests and single-process dev servers.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import hmac
 import re
 import secrets
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .core.naming import MAX_USER_ID_LENGTH
+from .core.naming import digest as text_digest
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import Headers
@@ -56,7 +56,7 @@ def new_key() -> str:
 def digest(key: str) -> str:
     # A fast hash is right here: keys are 256 random bits, so there is nothing to brute-force
     # and no need for a slow password hash (bcrypt/argon2) on the hot path of every request.
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return text_digest(key, 64)
 
 
 def well_formed(presented: object) -> bool:
