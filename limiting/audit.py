@@ -14,20 +14,17 @@ e.g. ``record(store, shell_actor(), "limits.set", "alice", {"plan": "starter"},
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import re
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .stores.memory import MemoryStore
-from .stores.store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
+from .core.naming import digest, wire_text
+from .stores.store import Store
 
 MAX_ENTRIES = 10_000
-_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +52,11 @@ def shell_actor() -> str:
 
 def token_actor(token: str) -> str:
     """An admin token's id: a digest prefix, never the token."""
-    return "admin:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    return "admin:" + digest(token, 12)
 
 
-def _text(value: Any) -> str:
+def _shown(value: Any) -> str:
+    """``before``/``after`` as the trail shows them: text as it is, anything else as JSON."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -66,27 +64,15 @@ def _text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _wire(text: str) -> str:
-    """Text Redis can take as UTF-8: a name from argv or a body may hold lone surrogates."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def record(store: Store, actor: str, action: str, subject: str, before: Any = None,
            after: Any = None, *, namespace: str = "rl:") -> None:
     """Append one entry (``before``/``after``: text, or anything JSON encodes). Raises
     StoreUnavailable when the store is away: the caller says the change went unaudited."""
-    fields = {name: _wire(value) for name, value in (
+    # A name from argv or a body may hold lone surrogates: stored readable, never refused.
+    fields = {name: wire_text(value) for name, value in (
         ("actor", actor), ("action", action), ("subject", subject),
-        ("before", _text(before)), ("after", _text(after)))}
-    if isinstance(store, MemoryStore):
-        at = int(datetime.now(UTC).timestamp() * 1000)
-        with _LOCK:
-            log = _memory_log(store)
-            log.append((at, fields))
-            del log[:-MAX_ENTRIES]
-        return
-    _redis(store, lambda c: c.xadd(namespace + "audit", fields, maxlen=MAX_ENTRIES,
-                                   approximate=True))
+        ("before", _shown(before)), ("after", _shown(after)))}
+    store.log_append(namespace + "audit", fields, MAX_ENTRIES)
 
 
 def record_reloads(store: Store, folder: Path, namespace: str = "rl:") -> int:
@@ -96,24 +82,13 @@ def record_reloads(store: Store, folder: Path, namespace: str = "rl:") -> int:
 
     added = 0
     for event in noted_reloads(folder):
-        if _first_time(store, f"{namespace}audit:seen:{event['id']}"):
+        # A marker with no expiry: the master's reload file keeps its entries for good, and
+        # every worker start replays it; a marker that expired would record it again.
+        if store.claim(f"{namespace}audit:seen:{event['id']}"):
             record(store, str(event.get("actor") or "signal:HUP"), str(event["action"]),
                    "policy", event.get("before"), event.get("after"), namespace=namespace)
             added += 1
     return added
-
-
-def _first_time(store: Store, key: str) -> bool:
-    if isinstance(store, MemoryStore):
-        with _LOCK:
-            seen: set[str] = store.table("audit-seen", set)
-            if key in seen:
-                return False
-            seen.add(key)
-            return True
-    # No expiry: the master's reload file keeps its entries for good, and every worker
-    # start replays it; a marker that expired would record an old reload again.
-    return bool(_redis(store, lambda c: c.set(key, 1, nx=True)))
 
 
 class Audit:
@@ -126,15 +101,7 @@ class Audit:
     def read(self, since: datetime | None = None, limit: int = 100) -> list[Entry]:
         """The newest ``limit`` entries after ``since``, oldest first."""
         low = int(since.timestamp() * 1000) if since is not None else 0
-        if isinstance(self.store, MemoryStore):
-            with _LOCK:
-                rows = [(at, dict(f)) for at, f in _memory_log(self.store) if at >= low]
-            rows = rows[-limit:]
-        else:
-            raw = _redis(self.store, lambda c: c.xrevrange(self.key, "+", f"{low}-0",
-                                                            count=limit))
-            rows = [(int(_s(sid).split("-")[0]), {_s(k): _s(v) for k, v in f.items()})
-                    for sid, f in reversed(raw)]
+        rows = self.store.log_since(self.key, low, limit)
         return [Entry(datetime.fromtimestamp(at / 1000, UTC).isoformat(timespec="seconds"),
                       at, f.get("actor", ""), f.get("action", ""), f.get("subject", ""),
                       f.get("before", ""), f.get("after", "")) for at, f in rows]
@@ -154,21 +121,3 @@ def parse_since(text: str, now: datetime) -> datetime:
     except ValueError:
         raise ValueError(f"--since must be like 2h, 7d or 2026-01-31, got {text!r}") from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def _memory_log(store: MemoryStore) -> list[tuple[int, dict[str, str]]]:
-    """memory://'s trail: (ms, fields), oldest first."""
-    return store.table("audit", list)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _redis(store: Store, command: Any) -> Any:
-    if not isinstance(store, RedisStore):
-        raise TypeError(f"the audit trail needs a RedisStore or MemoryStore, not {store!r}")
-    try:
-        return command(store.client)
-    except STORE_ERRORS_CAUGHT as exc:
-        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc

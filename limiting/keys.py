@@ -12,29 +12,27 @@ its own process, so memory:// keys are for tests and single-process dev servers.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import hmac
 import re
 import secrets
-import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from .core.naming import MAX_USER_ID_LENGTH
+from .core.naming import digest as text_digest
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import Headers
-from .stores.memory import MemoryStore
-from .stores.store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
+
+    from .stores.store import Store
 
 KEY_PREFIX = "llm_"
 KEY_ID_LENGTH = 12
 MAX_PRESENTED_LENGTH = 200
 MAX_NAME_LENGTH = 256
 _KEY_CHARS = re.compile(r"[A-Za-z0-9_-]+")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +56,7 @@ def new_key() -> str:
 def digest(key: str) -> str:
     # A fast hash is right here: keys are 256 random bits, so there is nothing to brute-force
     # and no need for a slow password hash (bcrypt/argon2) on the hot path of every request.
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return text_digest(key, 64)
 
 
 def well_formed(presented: object) -> bool:
@@ -88,15 +86,6 @@ def presented_key(headers: Headers) -> str | None:
     return bearer_token(headers.get("Authorization")) or headers.get("X-API-Key") or None
 
 
-class _MemoryKeys:
-    """memory:// records: digest -> fields and key_id -> digest, behind one lock."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.records: dict[str, dict[str, str]] = {}
-        self.index: dict[str, str] = {}
-
-
 class ApiKeys:
     """Create, authenticate, list and revoke API keys in the limiter's store."""
 
@@ -107,17 +96,9 @@ class ApiKeys:
         self.orgs = tuple(orgs)
         self.namespace = namespace
         self.index_key = f"{namespace}keys:index"
-        self._client: Any = None
-        self._store: RedisStore | None = None
-        self._memory: _MemoryKeys | None = None
-        if isinstance(store, MemoryStore):
-            # The store's, not this ApiKeys': the CLI and each request build their own.
-            self._memory = store.table("keys", _MemoryKeys)
-        elif isinstance(store, RedisStore):
-            self._client = store.client
-            self._store = store
-        else:
-            raise TypeError(f"API keys need a RedisStore or MemoryStore, not {type(store)!r}")
+        # Any Store: memory:// keeps the same records in this process (the CLI and each
+        # request build their own ApiKeys on the one store).
+        self.store = store
 
     def record_key(self, hexdigest: str) -> str:
         """The record's Redis key; the digest is the hash tag, so one key per slot."""
@@ -171,22 +152,8 @@ class ApiKeys:
 
     def list(self, user: str | None = None) -> builtins.list[KeyRecord]:
         """Every key (revoked ones too, flagged), optionally of one user, oldest first."""
-        if self._memory is not None:
-            with self._memory.lock:
-                rows = [dict(self._memory.records.get(h, {}))
-                        for h in self._memory.index.values()]
-        else:
-            index = self._redis(lambda c: c.hgetall(self.index_key))
-            digests = [_text(v) for v in index.values()]
-
-            def fetch(c: Any) -> builtins.list[Any]:
-                # Single-key commands only: a cluster pipeline routes each to its slot.
-                pipe = c.pipeline(transaction=False)
-                for h in digests:
-                    pipe.hgetall(self.record_key(h))
-                return pipe.execute()  # type: ignore[no-any-return]
-
-            rows = [_decode(raw) for raw in self._redis(fetch)] if digests else []
+        index = self.store.hashes([self.index_key])[0]
+        rows = self.store.hashes([self.record_key(h) for h in index.values()])
         records = [rec for rec in map(_record, rows) if rec is not None]
         if user is not None:
             records = [rec for rec in records if rec.user == user]
@@ -210,62 +177,23 @@ class ApiKeys:
             return 0
         if hexd is None:
             return 0
-        now = str(int(time.time()))
-        if self._memory is not None:
-            with self._memory.lock:
-                fields = self._memory.records.get(hexd)
-                if fields is None or "revoked" in fields:
-                    return 0
-                fields["revoked"] = now
-                return 1
         rkey = self.record_key(hexd)
-        if not self._redis(lambda c: c.hexists(rkey, "hash")):
+        if self.store.hash_fields(rkey, ["hash"])[0] is None:
             return 0
-        # HSETNX makes "revoked" write-once: a second revoke reports 0, the first time stays.
-        return int(self._redis(lambda c: c.hsetnx(rkey, "revoked", now)))
+        # Write-once: a second revoke reports 0, and the first time stays.
+        return int(self.store.hash_claim(rkey, "revoked", str(int(time.time()))))
 
     def _claim(self, key_id: str, hexd: str, fields: Mapping[str, str]) -> bool:
-        if self._memory is not None:
-            with self._memory.lock:
-                if key_id in self._memory.index:
-                    return False
-                self._memory.index[key_id] = hexd
-                self._memory.records[hexd] = dict(fields)
-                return True
-        if not self._redis(lambda c: c.hsetnx(self.index_key, key_id, hexd)):
+        if not self.store.hash_claim(self.index_key, key_id, hexd):
             return False
-        self._redis(lambda c: c.hset(self.record_key(hexd), mapping=dict(fields)))
+        self.store.hash_set(self.record_key(hexd), fields)
         return True
 
     def _fetch(self, hexd: str) -> dict[str, str]:
-        if self._memory is not None:
-            with self._memory.lock:
-                return dict(self._memory.records.get(hexd, {}))
-        assert self._store is not None
-        flat = self._store.run("key", [self.record_key(hexd)], [])
-        return _decode(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return self.store.record(self.record_key(hexd))
 
     def _digest_of(self, key_id: str) -> str | None:
-        if self._memory is not None:
-            with self._memory.lock:
-                return self._memory.index.get(key_id)
-        value = self._redis(lambda c: c.hget(self.index_key, key_id))
-        return None if value is None else _text(value)
-
-    def _redis(self, command: Callable[[Any], T]) -> T:
-        """Run one command; every Redis error leaves this module as StoreUnavailable."""
-        try:
-            return command(self._client)
-        except STORE_ERRORS_CAUGHT as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _decode(raw: Mapping[Any, Any] | None) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in (raw or {}).items()}
+        return self.store.hash_fields(self.index_key, [key_id])[0]
 
 
 def _record(fields: Mapping[str, str]) -> KeyRecord | None:

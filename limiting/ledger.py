@@ -15,7 +15,6 @@ admitted at 23:59:59 UTC is booked to that day. Each day's keys expire on their 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -23,8 +22,7 @@ from typing import Any
 
 from .core.codec import LEDGER_FIELDS, SettleCall, ledger_counts, ledger_rank
 from .core.naming import user_prefix, user_tag
-from .stores.memory import MemoryStore
-from .stores.store import STORE_ERRORS_CAUGHT, RedisStore, Store, StoreUnavailable
+from .stores.store import Store
 
 DAY_US = 86_400 * 1_000_000
 EPOCH = date(1970, 1, 1)
@@ -190,10 +188,7 @@ class Ledger:
 
     def today(self) -> int:
         """Today in UTC by the store's clock (the same clock the ledger was written by)."""
-        if isinstance(self.store, RedisStore):
-            sec, usec = self._redis(lambda c: c.time())
-            return day_of(int(sec) * 1_000_000 + int(usec))
-        return day_of(time.time() * 1e6)
+        return day_of(self.store.now() * 1e6)
 
     def days(self, count: int, today: int | None = None) -> list[int]:
         """The last ``count`` days, oldest first, today included."""
@@ -205,62 +200,24 @@ class Ledger:
         days = list(days)
         names = [self.keys.key(user, realm, key_id, d) if key_id else
                  self.keys.user(user, realm, d) for d in days]
-        return [Spend.of(d, f) for d, f in zip(days, self._hashes(names), strict=True)]
+        return [Spend.of(d, f) for d, f in zip(days, self.store.hashes(names), strict=True)]
 
     def totals(self, days: Iterable[int]) -> list[Spend]:
         days = list(days)
-        rows = self._hashes([self.keys.total(d) for d in days])
+        rows = self.store.hashes([self.keys.total(d) for d in days])
         return [Spend.of(d, f) for d, f in zip(days, rows, strict=True)]
 
     def models(self, day: int, names: Iterable[str]) -> dict[str, Spend]:
         names = list(names)
-        rows = self._hashes([self.keys.model(day, name) for name in names])
+        rows = self.store.hashes([self.keys.model(day, name) for name in names])
         return {name: Spend.of(day, f) for name, f in zip(names, rows, strict=True)
                 if any(f.values())}
 
     def top(self, day: int, n: int = 20, model: str | None = None, by: str = "usd"
             ) -> list[TopRow]:
         """The day's ``n`` biggest spenders, exact (the ranking holds every spender)."""
-        ranked = self._ranking(self.keys.rank(day, by, model), n)
+        ranked = self.store.ranking(self.keys.rank(day, by, model), n)
         who = [from_member(m) for m, _ in ranked]
-        rows = self._hashes([self.keys.user(user, realm, day) for realm, user in who])
+        rows = self.store.hashes([self.keys.user(user, realm, day) for realm, user in who])
         return [TopRow(user, realm, int(score), Spend.of(day, f))
                 for (realm, user), (_, score), f in zip(who, ranked, rows, strict=True)]
-
-    # --- the store --------------------------------------------------------------------------------
-
-    def _hashes(self, names: list[str]) -> list[dict[str, Any]]:
-        if isinstance(self.store, MemoryStore):
-            return [self.store.read(name) or {} for name in names]
-        if not names:
-            return []
-
-        def fetch(c: Any) -> list[Any]:
-            # Single-key commands: a Cluster pipeline sends each to its slot.
-            pipe = c.pipeline(transaction=False)
-            for name in names:
-                pipe.hgetall(name)
-            return pipe.execute()  # type: ignore[no-any-return]
-
-        return [{_text(k): v for k, v in raw.items()} for raw in self._redis(fetch)]
-
-    def _ranking(self, name: str, n: int) -> list[tuple[str, float]]:
-        if isinstance(self.store, MemoryStore):
-            scores = self.store.read(name) or {}
-            # As ZREVRANGE: score, then member, both descending.
-            ordered = sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
-            return ordered[:n]
-        raw = self._redis(lambda c: c.zrevrange(name, 0, max(0, n - 1), withscores=True))
-        return [(_text(m), float(s)) for m, s in raw]
-
-    def _redis(self, command: Any) -> Any:
-        if not isinstance(self.store, RedisStore):
-            raise TypeError(f"the ledger needs a RedisStore or MemoryStore, not {self.store!r}")
-        try:
-            return command(self.store.client)
-        except STORE_ERRORS_CAUGHT as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -21,9 +21,15 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .core.flushing import Flusher
+from .core.policy import OVERRIDDEN
+
+# By plan too, for the per-plan refusal ratio: its values are the policy's plan names (an
+# override's plan counts as the plan it derives from: never a user), "" where no plan was
+# resolved yet (the edge's per-IP refusals, a route's own limits).
 DECISIONS = Counter("llm_limiter_decisions_total",
-                    "Limiter decisions by layer (the refusing one, or 'all') and outcome.",
-                    ["layer", "outcome"])
+                    "Limiter decisions by layer (the refusing one, or 'all'), outcome and plan.",
+                    ["layer", "outcome", "plan"])
 DECISION_SECONDS = Histogram("llm_limiter_decision_seconds",
                              "Time for one whole decision (the script call and its parsing); "
                              "one decision in 8 is timed.",
@@ -81,11 +87,11 @@ PLAN_BUDGET_USD = Gauge("llm_limiter_plan_budget_usd",
                         ["plan", "window"], multiprocess_mode="mostrecent")
 
 # Children bound once: a labels() lookup on every request is work the hot path need not do.
-ALLOWED = DECISIONS.labels("all", "allowed")
+_ALLOWED: dict[str, Any] = {}   # plan name -> its allowed child
 INPUT_TOKENS = TOKENS_SETTLED.labels("input")
 CACHED_TOKENS = TOKENS_SETTLED.labels("cached_input")
 OUTPUT_TOKENS = TOKENS_SETTLED.labels("output")
-_REFUSED: dict[str, Any] = {}   # layer name -> its refused child (names come from the policy)
+_REFUSED: dict[tuple[str, str], Any] = {}   # (layer, plan) -> its refused child (the policy's)
 LEASES_TAKEN = LEASES.labels("taken")
 LEASES_RETURNED = LEASES.labels("returned")
 
@@ -104,7 +110,6 @@ SAMPLE_EVERY = 8
 _pending: dict[Any, float] = {}
 _lock = threading.Lock()
 _flushed_at = time.monotonic()
-_flusher_pid = 0
 _sampled = 0
 
 
@@ -114,16 +119,35 @@ def count(child: Any, amount: float = 1) -> None:
         _pending[child] = _pending.get(child, 0) + amount
     if time.monotonic() - _flushed_at >= FLUSH_SECONDS:
         flush()
-    elif _flusher_pid != os.getpid():
-        _start_flusher()
+    else:
+        _flusher.wake()   # an idle worker's last counts still reach /metrics in time
 
 
-def refused(layer: str) -> None:
-    """One refusal by ``layer``, buffered."""
-    child = _REFUSED.get(layer)
+def plan_label(plan: str) -> str:
+    """The plan as a label: an override's plan ("pro+override:u:alice") as the policy's plan it
+    derives from, so no user id ever becomes a series."""
+    return plan.partition(OVERRIDDEN)[0]
+
+
+def allowed(plan: str = "") -> None:
+    """One admitted decision under ``plan``, buffered."""
+    child = _ALLOWED.get(plan)
     if child is None:
-        child = _REFUSED[layer] = DECISIONS.labels(layer, "refused")
+        child = _ALLOWED[plan] = DECISIONS.labels("all", "allowed", plan_label(plan))
     count(child)
+
+
+def refused(layer: str, plan: str = "") -> None:
+    """One refusal by ``layer`` under ``plan``, buffered."""
+    child = _REFUSED.get((layer, plan))
+    if child is None:
+        child = _REFUSED[(layer, plan)] = DECISIONS.labels(layer, "refused", plan_label(plan))
+    count(child)
+
+
+def store_outcome(outcome: str, plan: str = "") -> None:
+    """A decision the store did not make (unavailable, or the fail policy's), at once."""
+    DECISIONS.labels("store", outcome, plan_label(plan)).inc()
 
 
 def budgets(plans: Any) -> None:
@@ -154,23 +178,7 @@ def flush() -> None:
         child.inc(amount)
 
 
-def _start_flusher() -> None:
-    """One daemon thread per process (a forked worker starts its own): an idle worker's
-    last counts still reach /metrics within FLUSH_SECONDS."""
-    global _flusher_pid
-    with _lock:
-        if _flusher_pid == os.getpid():
-            return
-        _flusher_pid = os.getpid()
-
-    def run() -> None:
-        while True:
-            time.sleep(FLUSH_SECONDS)
-            if _pending:
-                flush()
-
-    threading.Thread(target=run, name="metrics-flush", daemon=True).start()
-
+_flusher = Flusher("metrics-flush", FLUSH_SECONDS, flush)
 
 atexit.register(flush)
 

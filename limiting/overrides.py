@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .core.override import Override, derive
 from .core.policy import Plan, Policy
@@ -54,52 +53,29 @@ class OverrideTable:
     """The overrides in the store: read, written and cleared by whole records."""
 
     def __init__(self, store: Store, namespace: str = "rl:") -> None:
-        from .stores.memory import MemoryStore
-
         self.key = f"{namespace}{{overrides}}"
-        self._memory: _Memory | None = None
-        self._client: Any = None
-        if isinstance(store, MemoryStore):
-            self._memory = store.table("overrides", _Memory)
-        elif getattr(store, "client", None) is not None:
-            self._client = store.client  # type: ignore[attr-defined]
-        else:
-            raise TypeError(f"overrides need a RedisStore or MemoryStore, not {type(store)!r}")
+        self.store = store
 
     def version(self) -> int:
         """The overrides' version plus the deny epoch: moves whenever either does, in one
         read (both only ever grow)."""
-        if self._memory is not None:
-            return self._memory.version
-        raw = self._redis(lambda c: c.hmget(self.key, [VERSION, DENY]))
-        return sum(int(value or 0) for value in raw)
+        return sum(int(value or 0) for value in self.store.hash_fields(self.key, [VERSION, DENY]))
 
     def bump_deny(self) -> None:
         """Usage was forgotten (``limits reset``): every worker's deny cache asks again."""
-        if self._memory is not None:
-            with self._memory.lock:
-                self._memory.version += 1
-            return
-        self._redis(lambda c: c.hincrby(self.key, DENY, 1))
+        self.store.hash_add(self.key, DENY, 1)
 
     def now(self) -> float:
         """The store's clock, in seconds: the one clock every worker agrees on."""
-        if self._memory is not None:
-            return time.time()
-        seconds, micros = self._redis(lambda c: c.time())
-        return float(seconds) + float(micros) / 1e6
+        return self.store.now()
 
     def load(self) -> tuple[int, float, dict[Who, Override]]:
         """Version, the store's time and every override, read together."""
-        if self._memory is not None:
-            with self._memory.lock:
-                return self._memory.version, time.time(), dict(self._memory.records)
-        raw = self._redis(lambda c: c.hgetall(self.key))
+        raw = self.store.hashes([self.key])[0]
         now = self.now()
         version = 0
         records: dict[Who, Override] = {}
-        for field, value in raw.items():
-            name = _text(field)
+        for name, value in raw.items():
             if name in (VERSION, DENY):
                 version += int(value)
                 continue
@@ -110,33 +86,15 @@ class OverrideTable:
         return version, now, records
 
     def put(self, realm: str, user: str, override: Override) -> None:
-        if self._memory is not None:
-            with self._memory.lock:
-                self._memory.records[(realm, user)] = override
-                self._memory.version += 1
-            return
         # The record first, then the version: a worker that sees the new version sees it.
-        self._redis(lambda c: c.hset(self.key, f"{realm}:{user}", override.to_json()))
-        self._redis(lambda c: c.hincrby(self.key, VERSION, 1))
+        self.store.hash_set(self.key, {f"{realm}:{user}": override.to_json()})
+        self.store.hash_add(self.key, VERSION, 1)
 
     def remove(self, realm: str, user: str) -> bool:
-        if self._memory is not None:
-            with self._memory.lock:
-                found = self._memory.records.pop((realm, user), None) is not None
-                self._memory.version += found
-            return found
-        removed = int(self._redis(lambda c: c.hdel(self.key, f"{realm}:{user}")))
+        removed = self.store.hash_delete(self.key, f"{realm}:{user}")
         if removed:
-            self._redis(lambda c: c.hincrby(self.key, VERSION, 1))
-        return bool(removed)
-
-    def _redis(self, command: Callable[[Any], Any]) -> Any:
-        from .stores.store import STORE_ERRORS_CAUGHT, StoreUnavailable
-
-        try:
-            return command(self._client)
-        except STORE_ERRORS_CAUGHT as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            self.store.hash_add(self.key, VERSION, 1)
+        return removed
 
 
 class StoreOverrides:
@@ -204,13 +162,8 @@ class StoreOverrides:
 
 
 def attach(policy: Policy, store: Store) -> Policy:
-    """``policy`` with the store's overrides applied by ``resolve`` (a store of another kind,
-    such as a test's own: ``policy`` as it is)."""
-    try:
-        table = OverrideTable(store)
-    except TypeError:
-        return policy
-    return replace(policy, overrides=StoreOverrides(table))
+    """``policy`` with the store's overrides applied by ``resolve``."""
+    return replace(policy, overrides=StoreOverrides(OverrideTable(store)))
 
 
 def on_change(policy: Policy, listener: Callable[[], None]) -> None:
@@ -218,16 +171,3 @@ def on_change(policy: Policy, listener: Callable[[], None]) -> None:
     (nothing to watch without store overrides: then never)."""
     if isinstance(policy.overrides, StoreOverrides):
         policy.overrides.listeners.append(listener)
-
-
-class _Memory:
-    """memory:// overrides, in this process only (dev servers and tests)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.version = 0
-        self.records: dict[Who, Override] = {}
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -131,7 +131,7 @@ def test_metrics_add_up_over_workers_within_a_second(four_workers) -> None:
     (limiting.metrics.FLUSH_SECONDS): /metrics, from any worker, soon shows all of them."""
     codes = [resp.status_code for resp in fire(four_workers.url, "metered-user", 40)]
     assert codes.count(200) == 40
-    line = 'llm_limiter_decisions_total{layer="all",outcome="allowed"} 40.0'
+    line = 'llm_limiter_decisions_total{layer="all",outcome="allowed",plan="p"} 40.0'
     deadline = time.monotonic() + 30   # a bound for a loaded box, not a timing claim: ~1 s
     while time.monotonic() < deadline:
         if line in httpx.get(four_workers.url + "/metrics").text:

@@ -204,7 +204,7 @@ def test_metrics_count_decisions_and_refusals(client: FlaskClient) -> None:
     for _ in range(12):
         chat(client, "metered")
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'llm_limiter_decisions_total{layer="user",outcome="refused"}' in text
+    assert 'llm_limiter_decisions_total{layer="user",outcome="refused",plan="starter"}' in text
     assert "llm_limiter_decision_seconds_bucket" in text
 
 

@@ -224,6 +224,13 @@ def test_cli_create_list_revoke(app: Flask) -> None:
     assert _keys(app).authenticate(second) is None
 
 
+def test_cli_warns_that_a_memory_key_lives_in_this_process_only(app: Flask) -> None:
+    made = app.test_cli_runner().invoke(args=["keys", "create", "alice"])
+    assert made.exit_code == 0, made.output
+    memory = app.extensions["llm_limiter"].store.url == "memory://"
+    assert ("lives only in this process" in made.stderr) is memory
+
+
 def test_cli_errors(app: Flask) -> None:
     runner = app.test_cli_runner()
     bad = runner.invoke(args=["keys", "create", "alice", "--plan", "gold"])

@@ -165,6 +165,8 @@ def run_load(url: str, keys: dict[str, str]) -> dict[str, int]:
             seen["admitted"] += 1
         except openai.RateLimitError:
             seen["refused"] += 1
+            by_plan = f"refused:{USERS[user]}"
+            seen[by_plan] = seen.get(by_plan, 0) + 1
 
     try:
         for _ in range(4):   # spread over a few scrapes, so every rate has two samples
@@ -198,6 +200,12 @@ def test_a_real_prometheus_answers_every_rule_and_panel(prometheus_stack: Any) -
     refused = prom.until('sum(llm_limiter_decisions_total{outcome="refused"})',
                          lambda r: bool(r) and float(r[0]["value"][1]) >= seen["refused"])
     assert refused and float(refused[0]["value"][1]) == seen["refused"], (refused, seen)
+    # By plan, for the per-plan refusal ratio: every refusal of this load under its user's plan.
+    by_plan = {f"refused:{r['metric']['plan']}": float(r["value"][1]) for r in prom.until(
+        'sum by (plan) (llm_limiter_decisions_total{outcome="refused"})',
+        lambda r: sum(float(x["value"][1]) for x in r) >= seen["refused"])}
+    assert by_plan == {k: float(v) for k, v in seen.items() if k.startswith("refused:")}, (
+        by_plan, seen)
 
     for name in recorded_names():
         result = prom.until(name, bool)

@@ -29,10 +29,6 @@ def num_arg(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 # --- acquire --------------------------------------------------------------------------------------
 
 
@@ -304,3 +300,20 @@ def decode_ledger_counts(text: str) -> dict[str, int]:
 def decode_ledger_rank(text: str) -> tuple[int, str]:
     score, _, member = text.partition(" ")
     return int(score), member
+
+
+# --- text replies: key.lua's, and whatever else a store answers ----------------------------------
+
+
+def as_text(value: Any) -> str:
+    """A reply as text: Redis answers bytes, memory:// str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_text = as_text   # the decoders above read the scripts' arguments the same way
+
+
+def decode_key(flat: Sequence[Any]) -> dict[str, str]:
+    """key.lua's reply (HGETALL's flat field, value, ... list; empty: no such record) as the
+    record's fields."""
+    return {as_text(k): as_text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}

@@ -22,7 +22,7 @@ def user_tag(user_id: str) -> str:
     """The part of a Redis key that names one user, safe for keys and hash tags."""
     if _PLAIN.fullmatch(user_id):
         return user_id
-    return "h:" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return "h:" + digest(user_id)
 
 
 # Who a user id belongs to. An API key's user ("u") and a /chat body's user_id ("b") never
@@ -60,3 +60,19 @@ class EdgeKeys:
 
     def __call__(self, ip: str) -> list[str]:
         return [head + ip + tail for head, tail in self._parts]
+
+
+# --- hostile text, made safe one way for every caller ---------------------------------------------
+
+
+def digest(text: str, length: int = 40) -> str:
+    """A fixed stand-in for text that must not be stored or shown as it is (an id too odd
+    for a key, a secret): hex sha256 of its UTF-8, any lone surrogate taken as it is, so
+    every str has one and no two share it by accident."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
+
+
+def wire_text(text: str) -> str:
+    """``text`` as a store takes it (valid UTF-8) and a person can still read it: a lone
+    surrogate (from argv or a JSON body) is spelled out as ``\\udXXX``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -8,7 +8,6 @@ so every worker slows down before the provider starts refusing.
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 import time
@@ -18,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from .capacity import ceiling, guard_limit, shard_share
+from .flushing import Flusher
 from .layers import Layer, window
 from .naming import user_tag
 from .policy import ECHO, OVERRIDDEN, ModelPolicy
@@ -225,12 +225,10 @@ class Observer:
     def __init__(self, write: Callable[[str, list[int]], None], interval: float = 0.05,
                  max_hold: Callable[[str], float] | None = None) -> None:
         self._write = write
-        self._interval = interval
         self._max_hold = max_hold or (lambda model: DEFAULT_MAX_HOLD)
         self._lock = threading.Lock()
         self._pending: dict[str, list[int]] = {}
-        self._wake = threading.Event()
-        self._pid = 0
+        self._writer = Flusher("pacing-writer", interval, self.flush)
 
     def submit(self, model: str, headers: Mapping[str, str], status: int,
                tokens: int = 0) -> None:
@@ -245,10 +243,7 @@ class Observer:
             return
         with self._lock:
             self._pending[model] = args
-        if self._pid != os.getpid():   # first use in this (possibly forked) process
-            self._pid = os.getpid()
-            threading.Thread(target=self._run, name="pacing-writer", daemon=True).start()
-        self._wake.set()
+        self._writer.wake()
 
     def _forget_older(self, model: str, args: list[int]) -> None:
         """What the waiting observation says about the same counts is older: drop it, so
@@ -267,10 +262,3 @@ class Observer:
             batch, self._pending = self._pending, {}
         for model, args in batch.items():
             self._write(model, args)
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(self._interval)
-            self._wake.clear()
-            self.flush()

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from ..core.codec import (
     AcquireReply,
@@ -22,13 +21,12 @@ from ..core.codec import (
 )
 from ..core.windows import month_bounds
 from .store import ScriptArgs, StoreUnavailable
-
-T = TypeVar("T")
+from .tables import MemoryTables
 
 SLOTS = 61
 
 
-class MemoryStore:
+class MemoryStore(MemoryTables):
     single_node = False   # the edge stays Flask-Limiter's, on its own memory storage
 
     def __init__(self, url: str = "memory://") -> None:
@@ -36,17 +34,9 @@ class MemoryStore:
         self._lock = threading.Lock()
         # key -> (expires_at_us, state); state is ["b", tokens, at] or
         # ["w", last, total, slots, {slot ahead of the ring: count}] (acquire.lua's tail)
+        # The same dict holds what keys, overrides, the ledger and the audit trail keep
+        # (tables.py's kinds "h", "z", "x" and "s"), so one key name is one thing, as in Redis.
         self._data: dict[str, tuple[float, list[Any]]] = {}
-        self._tables: dict[str, Any] = {}
-
-    def table(self, name: str, factory: Callable[[], T]) -> T:
-        """State another module keeps for this store (API keys, overrides, the audit trail),
-        made on first use: it belongs to the store, as their Redis keys belong to Redis."""
-        with self._lock:
-            found = self._tables.get(name)
-            if found is None:
-                found = self._tables[name] = factory()
-            return cast(T, found)
 
     def _now_us(self) -> int:
         return time.time_ns() // 1000
@@ -205,12 +195,6 @@ class MemoryStore:
             counts[member] = counts.get(member, 0) + score
         if counts:
             self._data[key] = (until, state)
-
-    def read(self, key: str) -> dict[str, float] | None:
-        """A ledger hash's fields or a ranking's scores (limiting/ledger.py reads them)."""
-        with self._lock:
-            state = self._get(key, self._now_us())
-            return dict(state[1]) if state is not None and state[0] in ("h", "z") else None
 
     def ping(self) -> bool:
         return True

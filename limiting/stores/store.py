@@ -6,8 +6,8 @@ process (dev servers only); redis+cluster:// and redis+sentinel:// are handled i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -16,6 +16,7 @@ from redis.commands.core import Script
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from ..core.codec import as_text, decode_key
 from ..metrics import STORE_ERRORS
 from .breaker import Breaker
 from .pipelining import Direct, Pipeliner
@@ -23,6 +24,7 @@ from .scripts import script_source
 from .sockets import gevent_patched
 
 ScriptArgs = Sequence[str | int | float | bytes]
+T = TypeVar("T")
 
 
 # redis-py's Cluster client raises RedisClusterException, which is not a RedisError, when no
@@ -57,6 +59,45 @@ class Store(Protocol):
     def delete(self, keys: list[str]) -> int: ...
 
     def close(self) -> None: ...
+
+    # What API keys, overrides, the spend ledger and the audit trail keep, in as few and as
+    # narrow calls as they need: every name and value is text, every failure StoreUnavailable.
+
+    def now(self) -> float:
+        """The store's clock, in seconds: the one clock every worker agrees on."""
+
+    def record(self, key: str) -> dict[str, str]:
+        """One hash, on a request's hot path (an API key's record); {} when there is none."""
+
+    def hashes(self, keys: list[str]) -> list[dict[str, str]]:
+        """Every field of each hash ({} for a missing one), in one round trip per node."""
+
+    def hash_fields(self, key: str, fields: list[str]) -> list[str | None]:
+        """Named fields of one hash (None: not set)."""
+
+    def hash_set(self, key: str, fields: Mapping[str, str]) -> None: ...
+
+    def hash_claim(self, key: str, field: str, value: str) -> bool:
+        """Set ``field`` only if it is not set yet; whether this call set it."""
+
+    def hash_add(self, key: str, field: str, amount: int) -> int:
+        """Add to an integer field (missing: 0); the new value."""
+
+    def hash_delete(self, key: str, field: str) -> bool: ...
+
+    def ranking(self, key: str, n: int) -> list[tuple[str, float]]:
+        """A sorted set's ``n`` highest (member, score), score then member descending."""
+
+    def claim(self, key: str) -> bool:
+        """Create ``key`` (no expiry) if it does not exist; whether this call created it."""
+
+    def log_append(self, key: str, fields: Mapping[str, str], keep: int) -> None:
+        """Append an entry stamped with the store's clock; about ``keep`` newest are kept."""
+
+    def log_since(self, key: str, since_ms: int, limit: int
+                  ) -> list[tuple[int, dict[str, str]]]:
+        """The newest ``limit`` entries stamped ``since_ms`` or later, as (ms, fields),
+        oldest first."""
 
 
 class RedisStore:
@@ -146,6 +187,72 @@ class RedisStore:
         self.client.close()
         if self.single_node:  # a client given its pool leaves the pool's connections open
             self.client.connection_pool.disconnect()
+
+    # --- keys, overrides, the ledger and the audit trail (Store's narrow methods) ----------------
+
+    def _redis(self, command: Callable[[Any], T]) -> T:
+        """Run one command off the hot path; every Redis error leaves as StoreUnavailable."""
+        try:
+            return command(self.client)
+        except STORE_ERRORS_CAUGHT as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def now(self) -> float:
+        seconds, micros = self._redis(lambda c: c.time())
+        return float(seconds) + float(micros) / 1e6
+
+    def record(self, key: str) -> dict[str, str]:
+        # A script, so the lookup travels like every other call on the hot path: through
+        # the breaker, and under gevent in a shared round trip.
+        return decode_key(self.run("key", [key], []))
+
+    def hashes(self, keys: list[str]) -> list[dict[str, str]]:
+        if not keys:
+            return []
+
+        def fetch(c: Any) -> list[Any]:
+            # Single-key commands only: a Cluster pipeline sends each to its slot.
+            pipe = c.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        return [{as_text(k): as_text(v) for k, v in raw.items()} for raw in self._redis(fetch)]
+
+    def hash_fields(self, key: str, fields: list[str]) -> list[str | None]:
+        raw = self._redis(lambda c: c.hmget(key, fields))
+        return [None if v is None else as_text(v) for v in raw]
+
+    def hash_set(self, key: str, fields: Mapping[str, str]) -> None:
+        self._redis(lambda c: c.hset(key, mapping=dict(fields)))
+
+    def hash_claim(self, key: str, field: str, value: str) -> bool:
+        return bool(self._redis(lambda c: c.hsetnx(key, field, value)))
+
+    def hash_add(self, key: str, field: str, amount: int) -> int:
+        return int(self._redis(lambda c: c.hincrby(key, field, amount)))
+
+    def hash_delete(self, key: str, field: str) -> bool:
+        return bool(self._redis(lambda c: c.hdel(key, field)))
+
+    def ranking(self, key: str, n: int) -> list[tuple[str, float]]:
+        if n <= 0:
+            return []
+        raw = self._redis(lambda c: c.zrevrange(key, 0, n - 1, withscores=True))
+        return [(as_text(m), float(s)) for m, s in raw]
+
+    def claim(self, key: str) -> bool:
+        return bool(self._redis(lambda c: c.set(key, 1, nx=True)))
+
+    def log_append(self, key: str, fields: Mapping[str, str], keep: int) -> None:
+        # A stream: the id is the store's clock, and MAXLEN ~ trims whole nodes cheaply.
+        self._redis(lambda c: c.xadd(key, dict(fields), maxlen=keep, approximate=True))
+
+    def log_since(self, key: str, since_ms: int, limit: int
+                  ) -> list[tuple[int, dict[str, str]]]:
+        raw = self._redis(lambda c: c.xrevrange(key, "+", f"{since_ms}-0", count=limit))
+        return [(int(as_text(sid).split("-")[0]), {as_text(k): as_text(v) for k, v in f.items()})
+                for sid, f in reversed(raw)]
 
 
 def redis_options(timeout: float) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def refuse_if_denied(deny: DenyCache | None, user: str, realm: str, plan: Plan,
         return
     metrics.count(metrics.DENY_CACHE_HITS)
     request_limits().decision = decision
-    record(decision, user, started)
+    record(decision, user, started, plan.name)
     raise refusal_error(Refused(decision))
 
 

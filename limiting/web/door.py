@@ -161,7 +161,7 @@ class Door:
         ip = environ.get("REMOTE_ADDR") or "unknown"
         # probe=False: an entry due to be asked again is asked by Flask's path, not lost here.
         decision = deny.edge(ip, self.patience, probe=False)
-        user = ip
+        user, plan_name = ip, ""   # the edge refuses before any plan
         if decision is None:
             named = self._named(environ, early)
             if named is None:
@@ -171,9 +171,10 @@ class Door:
             decision = deny.caller(user, realm, plan, plan.max_wait_seconds, probe=False)
             if decision is None:
                 return None
+            plan_name = plan.name
         metrics.count(metrics.DENY_CACHE_HITS)
         metrics.time_decision(started)
-        count_refusal(decision, user, ip)
+        count_refusal(decision, user, ip, plan_name)
         return decision
 
     def _early(self, environ: dict[str, Any]) -> Early | None:

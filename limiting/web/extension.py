@@ -190,7 +190,7 @@ class RateLimiter:
             decision, charged = outcome.decision, outcome.charged
         else:
             decision = engine.acquire(user, client_ip(), resolved, realm, org_plan)
-        record(decision, user, started)
+        record(decision, user, started, resolved.name)
         request_limits().decision = decision
         if decision.allowed:
             if not wait_for_slot(decision, user):
@@ -234,16 +234,16 @@ class RateLimiter:
                                          charged=charged, max_wait=max_wait(resolved))
         except GuardRefused as guard:
             limits.decision = guard.decision
-            record_guard(guard, user, started)
+            record_guard(guard, user, started, resolved.name)
             raise refusal_error(guard) from None
         except Refused as refused:
             limits.decision = refused.decision
-            record(refused.decision, user, started)
+            record(refused.decision, user, started, resolved.name)
             remember_refusal(self.deny, engine, refused.decision, user, realm, resolved,
                              plan, started)
             raise refusal_error(refused) from None
         limits.decision = reservation.decision
-        record(reservation.decision, user, started)
+        record(reservation.decision, user, started, resolved.name)
         if not wait_for_slot(reservation.decision, user):
             reservation.refund_everything()   # hung up while waiting: the slot goes back
             if extra and not engine.store.single_node:

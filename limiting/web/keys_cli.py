@@ -11,7 +11,6 @@ import click
 from flask.cli import AppGroup
 
 from ..keys import ApiKeys, KeyRecord, well_formed
-from ..stores.memory import MemoryStore
 from ..stores.store import StoreUnavailable
 from .audit_cli import audit_shell
 from .operated import app_limiter
@@ -45,7 +44,7 @@ def _guarded(action: Callable[[], T]) -> T:
 
 
 def _warn_if_memory() -> None:
-    if isinstance(app_limiter().store, MemoryStore):
+    if app_limiter().store.url.startswith("memory:"):
         click.echo("warning: REDIS_URL is memory://, so this key lives only in this process "
                    "and no server will see it", err=True)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from flask import has_request_context, request
 
+from ..core.flushing import Flusher
 from .context import request_limits
 
 log = logging.getLogger("limiter.decisions")
@@ -63,7 +64,10 @@ class Refusals:
         # subject -> [refusals since its last line, the last retry_after]
         self._counts: dict[Subject, list[Any]] = {}
         self._due = time.monotonic() + interval
-        self._flusher_pid = 0
+        # Counts reach the log within an interval even when the refusals stop; it keeps
+        # flushing while subjects are counted, so one with none in an interval is forgotten.
+        self._flusher = Flusher("refusal-log", interval, self.flush,
+                                busy=lambda: bool(self._counts))
 
     def refused(self, kind: str, who: str, layer: str, retry_after: int | None) -> None:
         """One refusal of ``who`` (a user id, or an IP for the edge) by ``layer``."""
@@ -81,8 +85,7 @@ class Refusals:
             self._counts[subject] = [0, retry_after]
         if full:
             self.flush()
-        if self._flusher_pid != os.getpid():
-            self._start_flusher()
+        self._flusher.wake()
         event("refused", **{kind: who}, layer=layer, retry_after=retry_after, count=1)
 
     def flush(self) -> None:
@@ -101,22 +104,6 @@ class Refusals:
                           "retry_after": retry_after, "count": count,
                           "interval_s": self.interval}
                 log.info("refused", extra={"event": fields})
-
-    def _start_flusher(self) -> None:
-        """One daemon thread per process (a forked worker starts its own): counts reach the
-        log within an interval even when the refusals stop."""
-        with self._lock:
-            if self._flusher_pid == os.getpid():
-                return
-            self._flusher_pid = os.getpid()
-
-        def run() -> None:
-            while True:
-                time.sleep(self.interval)
-                if self._counts:
-                    self.flush()
-
-        threading.Thread(target=run, name="refusal-log", daemon=True).start()
 
 
 refusals = Refusals()

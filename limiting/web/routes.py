@@ -16,7 +16,6 @@ concurrent requests over many workers never pass more than the limit.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from ..composed import Charged
 from ..core.decision import Decision, Refused
 from ..core.groups import Group
 from ..core.layers import Layer, bucket, month, window
-from ..core.naming import BODY_USER, KEY_USER, user_tag
+from ..core.naming import BODY_USER, KEY_USER, digest, user_tag
 from ..core.policy import Policy
 from ..core.routes import HEADER_KEY, RouteLimit, unknown_endpoints
 from ..core.routes import sliding_window as sliding_window_limit
@@ -229,7 +228,7 @@ def key_value(key: Any, user: str | None, org: str | None = None,
     if key == "key":
         token = _counted_key(user, realm, authenticate)
         if token:
-            return "k:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+            return "k:" + digest(token, 32)
         return "ip:" + client_ip()
     header = request.headers.get(key[len(HEADER_KEY):])
     return "h:" + header if header else "ip:" + client_ip()
