@@ -207,3 +207,22 @@ def test_an_operator_command_is_told_by_the_command_line(argv: list[str], operat
     with click.Context(click.Command("flask")):
         assert configured.operator_command() is operator
     assert configured.operator_command() is False    # no click command: a server or a test
+
+
+def test_an_operator_command_waits_longer_for_a_loaded_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
+    """A request's 50 ms budget is no budget for `flask limits show` on a loaded store (seen:
+    'the store is unreachable: Timeout reading from socket' at a load of 30)."""
+    app = make_app(tmp_path, REDIS_URL=redis_url)
+
+    def socket_timeout() -> float:
+        store = configured.app_store(app, timeout=0.05)
+        try:
+            return float(store.client.connection_pool.connection_kwargs["socket_timeout"])
+        finally:
+            store.close()
+
+    assert socket_timeout() == 0.05                       # a server: the request budget
+    monkeypatch.setattr(sys, "argv", ["flask", "--app", "yourapp", "limits", "show", "a"])
+    with click.Context(click.Command("flask")):
+        assert socket_timeout() == configured.OPERATOR_TIMEOUT
