@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from .capacity import ceiling, guard_limit, shard_share
+from .codec import Kind
 from .flushing import Flusher
 from .layers import Layer, window
 from .naming import user_tag
@@ -56,7 +57,7 @@ def guard_layers(name: str, model: ModelPolicy | None, plan: str | None = None,
         layers = [replace(layer, shadow=True) for layer in layers]
     in_process = model.provider == ECHO if model is not None else name == ECHO
     if not in_process:
-        layers.append(Layer("upstream-pace", "p", "pace", 0, 0, 60, "fail_open", "pace"))
+        layers.append(Layer("upstream-pace", Kind.PACE, "pace", 0, 0, 60, "fail_open", "pace"))
     return tuple(layers)
 
 
