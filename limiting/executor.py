@@ -1,11 +1,11 @@
 """One executor for any request's plan (limiting/core/groups.py CallPlan).
 
 One server: every group in one all-or-nothing script call. A Cluster: one call per hash slot
-in the plan's order; a refusal gives back what the earlier calls charged, so the request still
-charges nothing (the cost is a round trip per further slot, and one more to give back on a
-refusal; between the calls the earlier charge is visible to others, which may be refused by
-it). The model's guard, last: when its shard is full, the same request once more on one other
-shard before refusing.
+in the plan's order; a refusal gives back what the earlier calls charged (a round trip per
+further slot, one more to give back; meanwhile others see the earlier charge). When the store
+is away for a slot of its own, the guard fails open (the provider has its limits), an org's
+layers answer by their failure policy, any other leaves the request to the store's. The
+model's guard, last: when its shard is full, once more on one other shard before refusing.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from types import TracebackType
 
 from . import metrics
 from .core.ask import Ask
-from .core.codec import SettleCall, given_back
+from .core.codec import Kind, SettleCall, given_back
 from .core.decision import Decision
 from .core.layers import ESTIMATED_UNITS, Layer
 from .core.lease import KeepAlive, provider_billed
@@ -41,7 +41,7 @@ class Charge:
 
     layer: Layer
     key: str
-    amount: float      # units reserved (a lease id for "c" layers lives in Reservation)
+    amount: float      # units reserved (a lease's id lives in Reservation)
 
 
 # One settle item: (kind, b, delta or lease id), as SettleCall.add takes them.
@@ -107,8 +107,8 @@ class Reservation:
     def start_renewal(self) -> None:
         """Renew the lease every RENEW_EVERY seconds until finished (only if there is one)."""
         with self._lock:
-            if self.done or self._keepalive is not None or not self.renews \
-                    or not any(c.layer.kind == "c" for _, group in self.groups for c in group):
+            if self.done or self._keepalive is not None or not self.renews or not any(
+                    c.layer.kind is Kind.LEASE for _, group in self.groups for c in group):
                 return
             self._keepalive = KeepAlive(self).start()
 
@@ -184,8 +184,8 @@ class Reservation:
 
         def settled(charge: Charge) -> _Fix | None:
             layer = charge.layer
-            if layer.unit == "leases":
-                return "c", layer.param, self.lease or ""
+            if layer.kind is Kind.LEASE:
+                return given_back(layer, 0, self.lease)   # the lease released
             if layer.unit in ESTIMATED_UNITS:
                 spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
                 if spent != charge.amount:
@@ -243,10 +243,7 @@ class Reservation:
             return
 
         def refunded(charge: Charge) -> _Fix:
-            layer = charge.layer
-            if layer.unit == "leases":
-                return "c", layer.param, self.lease or ""
-            return given_back(layer, charge.amount)
+            return given_back(charge.layer, charge.amount, self.lease)
 
         # The guard's windows too: a waiter that hung up took a slot of the model's as well,
         # which would otherwise stay taken for everyone until it left the window.
@@ -255,8 +252,8 @@ class Reservation:
     def renew(self) -> None:
         """Keep a streaming request's lease alive for another TTL."""
         if not self.done:
-            self._each_group(lambda charge: ("r", charge.layer.param, self.lease or "")
-                             if charge.layer.unit == "leases" else None)
+            self._each_group(lambda charge: (Kind.RENEW, charge.layer.param, self.lease or "")
+                             if charge.layer.kind is Kind.LEASE else None)
 
     def _each_group(self, fix: Callable[[Charge], _Fix | None],
                     first: Callable[[SettleCall], SettleCall | None] | None = None,

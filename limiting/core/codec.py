@@ -55,21 +55,18 @@ class Kind(StrEnum):
         return cls.WINDOW if unit == "requests" else cls.WIDE_WINDOW
 
     def code(self, shared: bool = False, shadow: bool = False) -> str:
-        """The kind as acquire.lua reads it: "B" a shared bucket; a trailing "?" a shadow
-        layer (counted and reported, never refusing)."""
+        """The kind as acquire.lua reads it: "B" a shared bucket; "?" marks a shadow layer."""
         code = Kind.SHARED_BUCKET.value if shared and self is Kind.BUCKET else self.value
         return code + "?" if shadow else code
 
     @property
     def undoable(self) -> bool:
-        """Can an undo return what this kind charged? Not the edge's (it counts every
-        attempt, as any edge does), nor the pacing (a provider's, not ours)."""
+        """Can an undo return its charge? Not the edge's (every attempt counts), nor pacing."""
         return self not in (Kind.EDGE, Kind.PACE)
 
     @property
     def per_ip(self) -> bool:
-        """Counts a client IP's requests (the edge), not a user's: left out of the request
-        counts a provider's headers show."""
+        """Counts an IP's requests, not a user's (not in a provider's request headers)."""
         return self is Kind.EDGE
 
     @property
@@ -82,21 +79,13 @@ class Kind(StrEnum):
         """Does its length depend on the date (RateLimit-Policy's w=, settle's month)?"""
         return self is Kind.MONTH
 
-    @property
-    def leased(self) -> bool:
-        """Charged a lease id, not a number: a settle releases or renews the lease."""
-        return self is Kind.LEASE
-
     def look(self, cost: int) -> str:
         """The cost argument of a template: a lease is filled in per request ("-": a look)."""
-        if self is Kind.LEASE:
-            return "-" if cost == 0 else ""
-        return str(cost)
+        return ("-" if cost == 0 else "") if self is Kind.LEASE else str(cost)
 
 
 class Realm(StrEnum):
-    """Whose keys: an API key's user and a /chat body's user_id (anyone can type one) never
-    share keys, nor do the two realms' org keys."""
+    """Whose keys: an API key's user's and a /chat body's user_id's never mix (nor orgs')."""
 
     KEY_USER = "u"
     BODY_USER = "b"
@@ -107,11 +96,6 @@ class Realm(StrEnum):
     def org(self) -> Realm:
         """The realm of the org keys this realm's users spend."""
         return Realm.KEY_ORG if self is Realm.KEY_USER else Realm.BODY_ORG
-
-    @classmethod
-    def parse(cls, text: str) -> Realm | None:
-        """A user realm named in a request or URL, or None when it names none."""
-        return {r.value: r for r in (cls.KEY_USER, cls.BODY_USER)}.get(text)
 
 
 # --- acquire --------------------------------------------------------------------------------------
@@ -299,14 +283,6 @@ class AcquireReply:
         return AcquireReply(self.allowed, self.refused, self.wait_us, self.now_us,
                             self.states[:n])
 
-    def part(self, start: int, n: int) -> AcquireReply:
-        """The reply as layers ``start`` .. ``start + n`` saw it (an org's, behind a user's):
-        refused only if one of them refused."""
-        states = self.states[start:start + n]
-        if start < self.refused <= start + n:
-            return AcquireReply(False, self.refused - start, self.wait_us, self.now_us, states)
-        return AcquireReply(True, 0, self.delay_us, self.now_us, states)
-
 
 # --- settle ---------------------------------------------------------------------------------------
 
@@ -316,7 +292,7 @@ def given_back(layer: LayerArgs, amount: float, lease: str | None = None
     """A settle entry (kind, param, delta) undoing a charge of ``amount`` on ``layer``: a
     bucket is told its capacity (its refill is capped there), a concurrency layer releases
     ``lease``, any other layer its own param."""
-    if layer.kind.leased:
+    if layer.kind is Kind.LEASE:
         return Kind.LEASE, layer.param, lease or ""
     if layer.kind is Kind.BUCKET:
         return Kind.BUCKET, layer.limit, -amount
@@ -362,6 +338,22 @@ def decode_settle(args: Sequence[Any]) -> tuple[float, list[tuple[str, float, st
     items = [(_text(args[i]), float(args[i + 1]), _text(args[i + 2]))
              for i in range(1, len(args), SETTLE_ARGS)]
     return float(args[0]), items
+
+
+# --- observe ------------------------------------------------------------------------------------
+
+# observe.lua's arguments: the provider's remaining requests and µs until they reset, its
+# remaining tokens and their reset, then a hold (µs) every caller waits out; -1: unknown.
+PACE_REQUESTS = 0          # remaining requests (their reset follows)
+PACE_TOKENS = 2            # remaining tokens (their reset follows)
+PACE_COUNTS = (PACE_REQUESTS, PACE_TOKENS)
+PACE_HOLD = 4
+
+
+def pace_args(requests_left: int, requests_reset_us: int, tokens_left: int,
+              tokens_reset_us: int, hold_us: int) -> list[int]:
+    """observe.lua's arguments, in its order."""
+    return [requests_left, requests_reset_us, tokens_left, tokens_reset_us, hold_us]
 
 
 # --- the spend ledger, riding in the settle call ------------------------------------------------

@@ -1,14 +1,8 @@
-"""A request's plan: its groups of layers, in order, and how a Cluster calls them.
+"""A request's plan: its groups of layers in order (limiting/executor.py runs any plan).
 
 The edge (per IP), each route limit, the user's plan, an org's layers, the model's guard: each
-is a Group, some layers and their keys under one hash tag. The core turns a request into a
-:class:`CallPlan` and limiting/executor.py runs any plan: on one server every group joins one
-all-or-nothing call (AcquireCall.join); on a Cluster a call may only touch one hash slot, so
-groups are sent in calls by their hash tag, in order, and when a later call refuses, what the
-earlier ones charged is given back (compensation).
-
-To add a subject to every request (orgs, say), build its Group (layers, keys under one hash
-tag, its costs) and put it in the plan: headers, 429s and refunds follow.
+is a Group, some layers and their keys under one hash tag (one Cluster slot). To add a subject
+to every request, build its Group and put it in the plan: headers, 429s and refunds follow.
 """
 
 from __future__ import annotations
@@ -22,9 +16,7 @@ from .layers import CompiledPlan, Layer
 
 
 class Role(Enum):
-    """What a group is to its request. On a Cluster, when the store is away for a group's
-    call of its own: the guard fails open (the provider has its limits), an org's layers
-    answer by their failure policy, any other leaves the whole request to the store's."""
+    """What a group is to its request (on a Cluster, how its call answers the store away)."""
 
     EDGE = "edge"
     ROUTE = "route"
