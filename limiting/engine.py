@@ -112,21 +112,19 @@ class Engine:
         in calls of their own stay with the caller's ``charged``."""
         decision = outcome.decision
         calls: dict[tuple[int, str], list[Charge]] = {}
-        guard_at, guard_charges = 0, []
         one_server = self.store.single_node
         for group, at, states in outcome.charged:
+            if group.role is Role.ROUTE and not one_server:
+                continue   # charged in calls of their own: the caller's ``charged`` has them
             charges = [Charge(*charge) for charge in group.charges(states)]
-            if group.role is Role.GUARD:
+            slot = "" if one_server else group.tag
+            if group.role is Role.GUARD:   # a settle of its own, correcting its windows
                 # Its shadow windows that would have refused charged nothing: logged only.
                 decision.would_refuse += shadow_over(group.layers, states)
-                guard_at = at
-                guard_charges = [c for c in charges if c.layer.kind.corrected]
-            elif one_server or group.role is not Role.ROUTE:
-                calls.setdefault((at, "" if one_server else group.tag), []).extend(charges)
-        ((charged_at, _), charges), *more = calls.items()
-        return Reservation(self.store, decision, ask, charged_at, charges, costs.lease,
-                           guard_at, guard_charges, renews=renews, spender=spender,
-                           more=[(at, c) for (at, _), c in more])
+                charges, slot = [c for c in charges if c.layer.kind.corrected], group.tag
+            calls.setdefault((at, slot), []).extend(charges)
+        return Reservation(self.store, decision, ask, [(at, c) for (at, _), c in calls.items()],
+                           costs.lease, renews=renews, spender=spender)
 
     def _reserve_away(self, user: str, plan: Plan, ask: Ask, outcome: Outcome, realm: str,
                       renews: bool, spender: Spender, org: Plan | None = None) -> Reservation:

@@ -55,8 +55,9 @@ class Executor:
 
     def call(self, groups: Sequence[Group], wait_us: int = 0) -> AcquireReply:
         """One acquire call over ``groups``; ``wait_us``: how long it may wait for a slot."""
-        call = join_groups(groups)
-        return self.look(call.keys, call.args, wait_us)
+        call = groups[0].call if len(groups) == 1 else join_groups(groups)
+        return AcquireReply.parse(self.store.acquire(call.keys, with_deadline(call.args,
+                                                                              wait_us)))
 
     def look(self, keys: list[str], args: Sequence[bytes], wait_us: int = 0) -> AcquireReply:
         """One acquire call as encoded (a peek's, at cost 0)."""
@@ -73,26 +74,29 @@ class Executor:
 
     def run(self, plan: CallPlan) -> Outcome:
         """Check every group and charge them all only if all pass."""
-        if self.store.single_node or len(plan.groups) == 1:
+        if self.store.single_node or (len(plan.groups) == 1 and plan.guard is None):
             return self._at_once(plan)
         return self._by_slot(plan)
 
     def _at_once(self, plan: CallPlan) -> Outcome:
-        groups, own = plan.groups, plan.own
-        view = plan.view or self.view(ordered([own]))
+        groups = plan.groups
+        view = plan.view or self.view(ordered([groups]))
         try:
-            reply = self.call(groups, plan.wait_us)
-            if len(own) < len(groups):   # the guard rides last in the same call
-                head = sum(group.call.size for group in own)
+            if plan.guard is not None:   # the guard rides last in the same call
+                head = sum(group.call.size for group in groups)
+                groups = [*plan.groups, plan.guard]
+                reply = self.call(groups, plan.wait_us)
                 if reply.refused_after(head) and plan.other_guard is not None:
                     # That shard is full and nothing was charged: again, on the other shard.
-                    groups = [*own, plan.other_guard]
+                    groups = [*plan.groups, plan.other_guard]
                     first, reply = reply, self.call(groups, plan.wait_us)
                     if reply.refused_after(head):
                         reply.wait_us = shorter(first.wait_us, reply.wait_us)
                 if reply.refused_after(head):
                     return Outcome(from_reply(view, reply.first(head)),
                                    guard_wait_us=reply.wait_us)
+            else:
+                reply = self.call(groups, plan.wait_us)
         except StoreUnavailable:
             return Outcome(store_away(view), away=True)
         decision = from_reply(view, reply)
@@ -106,14 +110,12 @@ class Executor:
         answered: list[Group] = []
         away: list[Layer] = []    # an org's, when the store was away for its call
         for call in plan.calls(one_server=False):
-            if call[0].role is Role.GUARD:
-                break
             try:
                 reply = self.call(call, plan.wait_us)
             except StoreUnavailable:
                 if call[0].role is not Role.ORG:
                     self.refund(charged)
-                    return Outcome(store_away(self.view(ordered([plan.own]))), away=True)
+                    return Outcome(store_away(self.view(ordered([plan.groups]))), away=True)
                 away += [layer for group in call for layer in group.layers]
                 continue
             replies.append(reply)
@@ -175,6 +177,8 @@ class Executor:
 
 def _split(reply: AcquireReply, groups: Sequence[Group]) -> list[Charged]:
     """What one admitted call charged each of its groups."""
+    if len(groups) == 1:
+        return [(groups[0], reply.charged_at, reply.states)]
     out: list[Charged] = []
     at = 0
     for group in groups:

@@ -22,6 +22,9 @@ from .core.upstream import DEFAULT_MAX_HOLD, guard_layers, model_prefix, pacing_
 from .executor import Executor
 from .stores.store import StoreUnavailable
 
+# A guard's layers, key prefix, keys, encoded arguments and units, built once.
+_Built = tuple[tuple[Layer, ...], str, list[str], tuple[bytes, ...], tuple[str, ...]]
+
 
 class GuardKeys:
     """Where a model's guard lives: its layers as a plan may fill them, per shard."""
@@ -29,17 +32,30 @@ class GuardKeys:
     def __init__(self, policy: Policy, namespace: str) -> None:
         self.policy = policy
         self.namespace = namespace
+        # (model, plan, shard) -> the guard's layers, prefix, keys and encoded arguments
+        self._built: dict[tuple[str, str | None, int], _Built] = {}
 
     def group(self, model_name: str, costs: Costs, plan: str | None = None,
               shard: int = 0) -> Group | None:
         """The model's guard layers on ``shard`` as one request of ``plan`` charges them;
         None: it has none."""
-        layers, prefix = self.layers(model_name, plan, shard)
+        built = self._built.get((model_name, plan, shard))
+        if built is None:
+            if len(self._built) > 4096:   # models x plans (overrides too): bounded
+                self._built.clear()
+            built = self._built[model_name, plan, shard] = self._build(model_name, plan, shard)
+        layers, prefix, keys, template, units = built
         if not layers:
             return None
-        call = AcquireCall.of([prefix + layer.suffix for layer in layers], layers, costs)
-        return Group(layers, call, prefix, tuple(costs.amount(layer.unit) for layer in layers),
-                     role=Role.GUARD)
+        # Each layer charged this request's cost in its unit (pacing meters tokens).
+        priced = tuple(enumerate(units))
+        return Group(layers, AcquireCall.priced(keys, template, priced, costs), prefix,
+                     tuple(costs.amount(unit) for unit in units), role=Role.GUARD)
+
+    def _build(self, model_name: str, plan: str | None, shard: int) -> _Built:
+        layers, prefix = self.layers(model_name, plan, shard)
+        return (layers, prefix, [prefix + layer.suffix for layer in layers],
+                compile_plan(None, layers).args, tuple(layer.unit for layer in layers))
 
     def layers(self, model_name: str, plan: str | None = None,
                shard: int = 0) -> tuple[tuple[Layer, ...], str]:

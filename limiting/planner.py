@@ -31,15 +31,17 @@ class Planner:
         self.edge = edge
         self.edge_keys = edge_keys
         self.guard = GuardKeys(policy, namespace)
-        self._compiled: dict[tuple[str, bool], CompiledPlan] = {}
+        self._compiled: dict[str, CompiledPlan] = {}
+        self._llm: dict[str, CompiledPlan] = {}
         self._orgs: dict[tuple[str, bool], CompiledPlan] = {}
         self.edge_only = compile_plan(None, edge) if edge else None
 
     def compiled(self, plan: Plan, llm: bool = False) -> CompiledPlan:
         """``plan``'s layers behind the edge's (``llm``: its tokens, dollars, leases too)."""
-        cached = self._compiled.get((plan.name, llm))
+        compiled = self._llm if llm else self._compiled
+        cached = compiled.get(plan.name)
         if cached is None or cached.plan is not plan:
-            cached = self._compiled[plan.name, llm] = compile_plan(plan, self.edge, llm=llm)
+            cached = compiled[plan.name] = compile_plan(plan, self.edge, llm=llm)
         return cached
 
     def compiled_org(self, org: Plan, llm: bool = False) -> CompiledPlan:
@@ -99,10 +101,8 @@ class Planner:
             return CallPlan(groups, wait_us, view=view)
         shard, other = self.guard.shards(model)
         guard = self.guard.group(model, costs, plan.name, shard)
-        if guard is None:
-            return CallPlan(groups, wait_us, view=view)
         retry = None if other is None else self.guard.group(model, costs, plan.name, other)
-        return CallPlan([*groups, guard], wait_us, retry, view)
+        return CallPlan(groups, wait_us, guard, retry, view)
 
 
 def _group(compiled: CompiledPlan, keys: list[str], tag: str, costs: Costs | None,
@@ -113,7 +113,10 @@ def _group(compiled: CompiledPlan, keys: list[str], tag: str, costs: Costs | Non
         amounts: tuple[float, ...] = (1,) * len(compiled.layers)
     else:
         call = AcquireCall.priced(keys, compiled.args, compiled.per_call, costs)
-        amounts = tuple(costs.amount(layer.unit) for layer in compiled.layers)
+        charged = [1.0] * len(compiled.layers)   # a request, or a lease
+        for i, unit in compiled.per_call:
+            charged[i] = costs.amount(unit)
+        amounts = tuple(charged)
     # Bare layers (an org's, the edge's alone) compile as a plan's edge: only the edge's keep.
     kept = 0 if role is Role.ORG else compiled.edge_count
     return Group(compiled.layers, call, tag, amounts, kept, role,

@@ -25,7 +25,7 @@ class Role(Enum):
     GUARD = "guard"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # not frozen: built on every request, and frozen __init__ is slower
 class Group:
     """Layers of one subject and their keys, which share the hash ``tag`` (one Cluster slot).
 
@@ -67,8 +67,8 @@ class Group:
 
 @dataclass(slots=True)
 class CallPlan:
-    """A request's groups in the order they are charged and reported (the model's guard, if
-    any, last), and how long it may wait for a future slot.
+    """A request's groups in the order they are charged and the decision reports them, how
+    long it may wait for a future slot, and the model's guard (charged last, reported apart).
 
     ``other_guard``: the same guard on one other shard, tried once when the first is full.
     ``view``: the decision's view of the groups' layers, when the planner has it compiled
@@ -76,18 +76,9 @@ class CallPlan:
 
     groups: list[Group]
     wait_us: int = 0
+    guard: Group | None = None
     other_guard: Group | None = None
     view: CompiledPlan | None = None
-
-    @property
-    def guard(self) -> Group | None:
-        last = self.groups[-1]
-        return last if last.role is Role.GUARD else None
-
-    @property
-    def own(self) -> list[Group]:
-        """Every group but the guard: what the decision reports."""
-        return self.groups[:-1] if self.guard is not None else self.groups
 
     def calls(self, one_server: bool) -> list[list[Group]]:
         """The calls to make, in order: one on a single server; else one per hash tag, in
