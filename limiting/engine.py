@@ -112,19 +112,20 @@ class Engine:
         in calls of their own stay with the caller's ``charged``."""
         decision = outcome.decision
         calls: dict[tuple[int, str], list[Charge]] = {}
+        guard: tuple[int, list[Charge]] = (0, [])
         one_server = self.store.single_node
         for group, at, states in outcome.charged:
             if group.role is Role.ROUTE and not one_server:
                 continue   # charged in calls of their own: the caller's ``charged`` has them
             charges = [Charge(*charge) for charge in group.charges(states)]
-            slot = "" if one_server else group.tag
-            if group.role is Role.GUARD:   # a settle of its own, correcting its windows
+            if group.role is Role.GUARD:   # its settle corrects its windows' estimates
                 # Its shadow windows that would have refused charged nothing: logged only.
                 decision.would_refuse += shadow_over(group.layers, states)
-                charges, slot = [c for c in charges if c.layer.kind.corrected], group.tag
-            calls.setdefault((at, slot), []).extend(charges)
+                guard = (at, [c for c in charges if c.layer.kind.corrected])
+            else:
+                calls.setdefault((at, "" if one_server else group.tag), []).extend(charges)
         return Reservation(self.store, decision, ask, [(at, c) for (at, _), c in calls.items()],
-                           costs.lease, renews=renews, spender=spender)
+                           costs.lease, guard=guard, renews=renews, spender=spender)
 
     def _reserve_away(self, user: str, plan: Plan, ask: Ask, outcome: Outcome, realm: str,
                       renews: bool, spender: Spender, org: Plan | None = None) -> Reservation:

@@ -61,16 +61,19 @@ class Reservation:
 
     def __init__(self, store: Store, decision: Decision, ask: Ask,
                  calls: Sequence[tuple[int, Sequence[Charge]]] = (), lease: str | None = None,
-                 *, renews: bool = True, spender: Spender | None = None) -> None:
+                 *, guard: tuple[int, Sequence[Charge]] = (0, ()), renews: bool = True,
+                 spender: Spender | None = None) -> None:
         """What ``ask`` holds: per acquire call (one slot each: the user's first, an org's in
-        a slot of its own, the model's guard last) the store's clock at that call and what it
-        charged, settled, refunded and renewed in a settle call of its own. Nothing charged
-        (the store away, failing open): nothing to settle. ``spender``: whom the spend ledger
-        books a settled call to (and its plan and model, for the metrics)."""
+        a slot of its own) the store's clock at that call and what it charged, and the model's
+        guard's windows likewise; each settled, refunded and renewed in a settle call of its
+        own. Nothing charged (the store away, failing open): nothing to settle. ``spender``:
+        whom the spend ledger books a settled call to (and its plan and model, for the
+        metrics)."""
         self.store = store
         self.decision = decision
-        self.groups = list(calls)
-        self.charged_at = self.groups[0][0] if self.groups else 0
+        self.groups = [*calls, guard]
+        self.charged_at, self.charges = calls[0] if calls else (0, [])
+        self.guard_charges = guard[1]
         self.lease = lease
         self.model: ModelPolicy | None = ask.model
         self.input_tokens = ask.input_tokens
