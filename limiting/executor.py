@@ -131,9 +131,9 @@ class Executor:
         if not decision.allowed:
             self.refund(charged)
             return Outcome(decision)
-        return self._guard_apart(plan, decision, charged)
+        return self._then_guard(plan, decision, charged)
 
-    def _guard_apart(self, plan: CallPlan, decision: Decision, charged: list[Charged]
+    def _then_guard(self, plan: CallPlan, decision: Decision, charged: list[Charged]
                      ) -> Outcome:
         """The model's guard in a call of its own, after the rest passed (its slot is its
         own); the store away, it fails open (the provider has its limits)."""
