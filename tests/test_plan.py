@@ -3,6 +3,7 @@ their rules, and acquire and reserve run their plans alike, on Valkey and memory
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from limiting.core.policy import parse_policy
 from limiting.engine import Engine
 from limiting.stores.storage import open_store
 from limiting.stores.store import Store
+from tests import topologies
 
 
 def test_kinds_and_realms_carry_their_rules() -> None:
@@ -83,3 +85,33 @@ def test_a_full_guard_shard_sends_the_request_to_the_other(engine: Engine) -> No
     assert refused.value.wait is not None and 0 < refused.value.wait <= 61   # the window
     assert bucket(engine, "ed") == 5   # the guard refused: the user's charge is not kept
     assert [s.remaining for s in engine.peek_model("m").states[:1]] == [0]
+
+
+# --- a Cluster: one call per slot, the guard's last --------------------------------------------
+
+
+cluster = topologies.cluster
+cluster_url = topologies.cluster_url
+
+
+def test_a_guard_refusal_on_a_cluster_gives_back_every_earlier_slot(
+        cluster: topologies.Cluster, cluster_url: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    pol = parse_policy({
+        "plans": {"p": {"burst": 5, "refill_per_second": 0.001, "max_concurrent": 1}},
+        "orgs": {f"o-{tag}": {"quotas": ["5 per day"]}},
+        "models": {f"m-{tag}": {"provider": "openai", "requests_per_minute": 1}}}, "t.toml")
+    store = open_store(cluster_url, timeout=2.0)
+    try:
+        engine = Engine(store, pol)
+        plan, org, model = pol.plans["p"], pol.orgs[f"o-{tag}"], f"m-{tag}"
+        ask = Ask(model, pol.model(model), 1, 1)
+        engine.reserve(f"a-{tag}", plan, ask, org=org, renews=False).charge_reserved()
+        with pytest.raises(GuardRefused):   # the model's one request a minute is taken
+            engine.reserve(f"b-{tag}", plan, ask, org=org, renews=False)
+        left = {s.layer.name: s.remaining for s in engine.peek(f"b-{tag}", plan, org=org).states}
+        # Its bucket, its lease and the org's quota (other slots, charged first) came back.
+        assert left["user"] == 5 and left["concurrent"] == 1
+        assert left[f"org:o-{tag}/quota-day"] == 4
+    finally:
+        store.close()
