@@ -34,6 +34,7 @@ class Engine:
         self.store = store
         self.policy = policy
         self.namespace = namespace
+        self.edge, self.edge_keys = edge, edge_keys
         self.planner = Planner(policy, namespace, edge, edge_keys)
         self.executor = Executor(store)
         self.guard = ModelGuard(self.executor, self.planner.guard)
