@@ -53,7 +53,7 @@ MAX_ENTRIES = 10_000
 # OrderedDict and the refused Decision it keeps (two layers: ~680 bytes; each more ~100).
 ENTRY_BYTES = 800
 
-EDGE = "ip"   # the key's first part for an edge entry; realms are "u" and "b"
+EDGE = "ip"   # the key's first part for an edge entry; else a user's Realm
 
 
 @dataclass(slots=True)

@@ -1,35 +1,28 @@
-"""One request's layers → one script call → one Decision, or one complete Reservation (its
-LLM units, an org's layers, a route's limits and the model's guard included)."""
+"""One request → a plan (limiting/planner.py) → one executor (limiting/executor.py) → one
+Decision, or one complete Reservation (its LLM units, an org's layers, a route's limits and
+the model's guard included)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
-from .composed import Charged, Outcome
 from .core.ask import Ask
-from .core.codec import AcquireCall, AcquireReply, Costs
-from .core.decision import (
-    Decision,
-    GuardRefused,
-    Refused,
-    from_reply,
-    joined,
-    shadow_over,
-    store_away,
-)
-from .core.groups import Group, ordered
-from .core.layers import CompiledPlan, Layer, compile_plan
-from .core.naming import KEY_USER, EdgeKeys, user_prefix
+from .core.codec import Costs
+from .core.decision import Decision, GuardRefused, Refused, from_reply, joined, shadow_over
+from .core.groups import CallPlan, Group, Role
+from .core.layers import Layer, compile_plan
+from .core.naming import KEY_USER, EdgeKeys, org_prefix, user_prefix
 from .core.orgs import compile_org
 from .core.policy import Plan, Policy
-from .guard import Guard, guard_wait, us
+from .executor import Charged, Executor, Outcome
+from .guard import ModelGuard, guard_wait, us
 from .ledger import LedgerKeys, Spender
+from .planner import Planner
 from .reservation import Charge, Reservation, new_lease_id
 from .stores.store import Store, StoreUnavailable
 
 
-class Engine(Guard):
+class Engine:
     """Decides for a user, and for the caller's IP when the edge rides in the same call.
 
     ``edge`` holds the edge layers and their keys' builder when the store is one server, so
@@ -38,31 +31,31 @@ class Engine(Guard):
 
     def __init__(self, store: Store, policy: Policy, namespace: str = "rl:",
                  edge: tuple[Layer, ...] = (), edge_keys: EdgeKeys | None = None) -> None:
-        super().__init__(store, policy, namespace, edge, edge_keys)
-        # On one server the model's guard keys can join the user's call, as the edge does.
-        self.guard_in_call = store.single_node
+        self.store = store
+        self.policy = policy
+        self.namespace = namespace
+        self.edge, self.edge_keys = edge, edge_keys
+        self.planner = Planner(policy, namespace, edge, edge_keys)
+        self.executor = Executor(store)
+        self.guard = ModelGuard(self.executor, self.planner.guard)
         self.ledger_keys = LedgerKeys(namespace)
         # While the shared store is away: the same layers in this process, limits shared out.
         self.fallback: Engine | None = None
+        # The parts' own faces, as callers know them.
+        self.compiled = self.planner.compiled
+        self.edge_group = self.planner.edge_group
+        self.refund = self.executor.refund
+        self.peek_model = self.guard.peek
+        self.max_hold = self.guard.max_hold
+        self.observe = self.guard.observe
+        self.observe_args = self.guard.observe_args
 
     def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None,
                 realm: str = KEY_USER, org: Plan | None = None) -> Decision:
         """Check and, only if every user layer (and every layer of ``org``) passes, charge
         one request to ``user`` (and to ``org``). Never waits: :meth:`acquire_with` does."""
-        plan = plan or self.policy.resolve(user)
-        if org is not None:   # the org's layers as a group of their own, in the same call
-            return self.acquire_with(user, ip, plan, realm, (), org).decision
-        compiled = self.compiled(plan)
-        try:
-            reply = self._call(self._keys(compiled, user, ip, realm), compiled.args)
-        except StoreUnavailable:
-            if self.fallback is not None:
-                fb, fb_plan, _ = self._in_fallback(user, plan)
-                decision = fb.acquire(user, None, fb_plan, realm)
-                decision.degraded = True
-                return decision
-            return store_away(compiled)
-        return from_reply(compiled, reply)
+        return self.acquire_with(user, ip, plan or self.policy.resolve(user), realm, (),
+                                 org).decision
 
     def acquire_with(self, user: str, ip: str | None, plan: Plan, realm: str,
                      extra: Sequence[Group], org: Plan | None = None,
@@ -70,11 +63,8 @@ class Engine(Guard):
         """:meth:`acquire` with more groups (a route's limits) decided with the plan's (and
         ``org``'s, as a group of its own). ``max_wait``: seconds the request may wait for a
         future slot (the decision's delay); what ``outcome.charged`` took gives it back."""
-        compiled = self.compiled(plan)
-        groups = [self.plan_group(compiled, user, ip, realm), *extra]
-        if org is not None:
-            groups.append(self.org_group(org, realm))
-        outcome = self.decide(groups, us(max_wait))
+        outcome = self.executor.run(self.planner.request(user, ip, plan, realm, extra, org,
+                                                         us(max_wait)))
         if outcome.away and self.fallback is not None:
             # The local fallback knows plans (and orgs) only; the route limits' store is away.
             fb, fb_plan, fb_org = self._in_fallback(user, plan, org)
@@ -82,176 +72,73 @@ class Engine(Guard):
             outcome.decision.degraded = True
         return outcome
 
+    def decide(self, groups: Sequence[Group], wait_us: int = 0) -> Outcome:
+        """Check every group (a route's, the edge's) and charge them all only if all pass."""
+        return self.executor.run(CallPlan(list(groups), wait_us))
+
     def reserve(self, user: str, plan: Plan, ask: Ask, *, ip: str | None = None,
                 realm: str = KEY_USER, guard: bool = True, renews: bool = True,
                 org: Plan | None = None, extra: Sequence[Group] = (),
                 charged: list[Charged] | None = None, max_wait: float = 0.0) -> Reservation:
-        """Charge one request to ``user`` and reserve its LLM units, then pass the model's
-        guard (``guard=False``: skip it, as the local fallback does). ``renews=False``: an
-        answer made in this process, whose lease needs no keep-alive.
+        """Charge one request to ``user`` and reserve its LLM units, with ``org``'s layers
+        and ``extra``'s (a route's limits, whose charges are appended to ``charged``), then
+        pass the model's guard (``guard=False``: skip it, as the local fallback does).
+        ``renews=False``: an answer made in this process, whose lease needs no keep-alive.
+        ``max_wait``: seconds it may wait for a future slot (refund_everything gives it back).
 
-        ``extra``: more groups (a route's limits) decided in the user's call on one server,
-        else first in calls of their own, given back if the user or guard refuses; what they
-        charged is appended to ``charged``.
-
-        ``max_wait``: seconds the request may wait for a future slot of the user's layers
-        and the guard's (the decision's delay; refund_everything gives the slot back).
-
-        Returns the complete reservation. Raises Refused (the user's, ``org``'s or a route's
-        layers: nothing was charged) or GuardRefused (the model's guard: the charges were
-        given back).
-        """
-        if extra and not self.store.single_node:
-            return self._reserve_apart(user, plan, ask, ip, realm, guard, renews, extra,
-                                       charged, org, max_wait)
-        compiled = self._compiled_llm(plan)
-        spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
-                          self.policy.history_days)
+        Raises Refused (the user's, ``org``'s or a route's layers: nothing was charged) or
+        GuardRefused (the model's guard: the charges were given back)."""
         leases = plan.max_concurrent or (org is not None and org.max_concurrent)
         costs = ask.costs(new_lease_id() if leases else None)
-        own = AcquireCall.priced(self._keys(compiled, user, ip, realm), compiled.args,
-                                 compiled.per_call, costs)
-        plan_size = own.size
-        if extra:
-            # One server: the route's groups join the user's call, after the plan's layers.
-            for group in extra:
-                own = own.join(group.call)
-            compiled = replace(self.combined(compiled.layers + ordered([extra])),
-                               plan=compiled.plan, edge_count=compiled.edge_count)
-        org_part = self._org_call(org, realm, costs) if org is not None else None
-        shard, other = self._shards(ask.model_name)
-        guard_call = self._guard_call(ask.model_name, costs, plan.name, shard) if guard else None
-        base = own
-        if org_part is not None and self.guard_in_call:
-            base = base.join(org_part[1])   # one server: the org's layers in the same call
-        head = base.size
-        call = base
-        if guard_call is not None and self.guard_in_call:
-            # One server: the model's guard joins the user's all-or-nothing call.
-            call = base.join(guard_call[1])
-        guard_joined = call.size > head
-        try:
-            reply = self._call(call.keys, call.args, us(max_wait))
-            if guard_joined:
-                def joined_call(guard: AcquireCall) -> AcquireReply:
-                    whole = base.join(guard)
-                    return self._call(whole.keys, whole.args, us(max_wait))
-
-                # That shard is full and nothing was charged: the whole call again, with
-                # another shard's guard.
-                retried = self._other_shard(ask.model_name, costs, plan.name, other, reply,
-                                            lambda r: r.refused_after(head), joined_call)
-                if retried is not None:
-                    guard_call, again = retried
-                    assert again is not None
-                    reply = again
-        except StoreUnavailable:
-            return self._reserve_away(user, plan, ask, compiled, realm, renews, spender,
-                                      org)
-        org_reply, undo = None, False
-        if org_part is None:
-            decision = from_reply(compiled, reply.first(own.size) if guard_joined else reply)
-        else:
-            decision, org_reply, undo = self._org_decision(compiled, own, reply, org_part,
-                                                           head > own.size)
-        if guard_joined and reply.refused_after(head):  # the rest passed; none charged
-            raise GuardRefused(ask.model_name, guard_wait(reply.wait_us), decision)
-        skip = compiled.edge_count
-        charges = [c for c in _charges(compiled.layers[skip:plan_size],
-                                       own.keys[skip:plan_size], costs)
-                   if decision.charged(c.layer)]   # not a shadow layer that would refuse
-        if not decision.allowed:
-            if undo:   # the org refused in a call of its own: give the user's charge back
-                Reservation(self.store, decision, ask, reply.charged_at, charges,
-                            costs.lease).refund_everything()
-            raise Refused(decision)
-        at = plan_size
-        for group in extra:
-            states = reply.states[at:at + group.call.size]
-            at += group.call.size
-            charges += [Charge(layer, key, amount)
-                        for layer, key, amount in group.refunds(states)]
-            if charged is not None:
-                charged.append((group, reply.charged_at, states))
-        more: list[tuple[int, list[Charge]]] = []
-        if org_part is not None:
-            org_charges = [c for c in _charges(org_part[0].layers, org_part[1].keys, costs)
-                           if decision.charged(c.layer)]
-            if head > own.size:
-                charges += org_charges   # charged by the same call: settled with the user's
-            elif org_reply is not None:
-                more.append((org_reply.now_us, org_charges))
-        guard_at, guard_charges = 0, []
-        if guard_call is not None:
-            layers, apart = guard_call
-            guard_at = reply.charged_at
-            guard_states = reply.states[head:] if guard_joined else []
-            if not guard_joined:
-                # A Cluster puts the guard in a slot of its own: a call of its own, after.
-                guard_reply = self._guard_apart(apart, max_wait)
-                # That shard is full: one other shard before refusing.
-                retried = self._other_shard(ask.model_name, costs, plan.name, other,
-                                            guard_reply, lambda r: not r.allowed,
-                                            lambda guard: self._guard_apart(guard, max_wait))
-                if retried is not None:
-                    (layers, apart), guard_reply = retried
-                if guard_reply is not None and not guard_reply.allowed:
-                    Reservation(self.store, decision, ask, reply.charged_at, charges,
-                                costs.lease, more=more).refund_everything()
-                    raise GuardRefused(ask.model_name, guard_wait(guard_reply.wait_us),
-                                       decision)
-                guard_at = guard_reply.charged_at if guard_reply is not None else 0
-                if guard_reply is not None:   # it waits for the later of the two slots
-                    decision.delay = max(decision.delay, guard_reply.delay_us / 1e6)
-                guard_states = guard_reply.states if guard_reply is not None else []
-            # Its shadow windows that would have refused charged nothing: logged, not settled.
-            over = shadow_over(layers, guard_states)
-            decision.would_refuse += over
-            uncharged = [state.layer for state in over]
-            if guard_at:   # what the guard's windows charged, for the settle to correct
-                guard_charges = [c for c in _charges(layers, apart.keys, costs)
-                                 if c.layer.kind in ("w", "W") and c.layer not in uncharged]
-        return Reservation(self.store, decision, ask, reply.charged_at, charges, costs.lease,
-                           guard_at, guard_charges, renews=renews, spender=spender, more=more)
-
-    def _reserve_apart(self, user: str, plan: Plan, ask: Ask, ip: str | None, realm: str,
-                       guard: bool, renews: bool, extra: Sequence[Group],
-                       charged: list[Charged] | None, org: Plan | None,
-                       max_wait: float = 0.0) -> Reservation:
-        """A Cluster: ``extra`` decided first in calls of their own slots, then the user's
-        reservation; a refusal there gives ``extra``'s charge back."""
-        first = self.decide(extra, us(max_wait))
-        if not first.decision.allowed:
-            raise Refused(first.decision)
-        try:
-            reservation = self.reserve(user, plan, ask, ip=ip, realm=realm, guard=guard,
-                                       renews=renews, org=org, max_wait=max_wait)
-        except Refused as refused:
-            self.refund(first.charged)
-            raise Refused(joined(refused.decision, first.decision)) from None
-        except GuardRefused:
-            self.refund(first.charged)
-            raise
-        reservation.decision = joined(reservation.decision, first.decision)   # the later slot
+        spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
+                          self.policy.history_days)
+        outcome = self.executor.run(self.planner.reservation(
+            user, ip, plan, ask.model_name if guard else None, costs, realm, extra, org,
+            us(max_wait)))
+        if outcome.away:
+            return self._reserve_away(user, plan, ask, outcome, realm, renews, spender, org)
+        if outcome.guard_wait_us is not None:
+            raise GuardRefused(ask.model_name, guard_wait(outcome.guard_wait_us),
+                               outcome.decision)
+        if not outcome.decision.allowed:
+            raise Refused(outcome.decision)
         if charged is not None:
-            charged += first.charged
-        return reservation
+            charged += [item for item in outcome.charged if item[0].role is Role.ROUTE]
+        return self._reservation(outcome, ask, costs, renews, spender)
 
-    def _reserve_away(self, user: str, plan: Plan, ask: Ask, compiled: CompiledPlan,
-                      realm: str, renews: bool, spender: Spender,
-                      org: Plan | None = None) -> Reservation:
+    def _reservation(self, outcome: Outcome, ask: Ask, costs: Costs, renews: bool,
+                     spender: Spender) -> Reservation:
+        """What an admitted reservation holds: per call (one slot each, the user's first)
+        the charges to settle; the guard's windows apart. A Cluster's route limits charged
+        in calls of their own stay with the caller's ``charged``."""
+        decision = outcome.decision
+        calls: dict[tuple[int, str], list[Charge]] = {}
+        guard: tuple[int, list[Charge]] = (0, [])
+        one_server = self.store.single_node
+        for group, at, states in outcome.charged:
+            if group.role is Role.ROUTE and not one_server:
+                continue   # charged in calls of their own: the caller's ``charged`` has them
+            charges = [Charge(*charge) for charge in group.charges(states)]
+            if group.role is Role.GUARD:   # its settle corrects its windows' estimates
+                # Its shadow windows that would have refused charged nothing: logged only.
+                decision.would_refuse += shadow_over(group.layers, states)
+                guard = (at, [c for c in charges if c.layer.kind.corrected])
+            else:
+                calls.setdefault((at, "" if one_server else group.tag), []).extend(charges)
+        return Reservation(self.store, decision, ask, [(at, c) for (at, _), c in calls.items()],
+                           costs.lease, guard=guard, renews=renews, spender=spender)
+
+    def _reserve_away(self, user: str, plan: Plan, ask: Ask, outcome: Outcome, realm: str,
+                      renews: bool, spender: Spender, org: Plan | None = None) -> Reservation:
         """The store is away: the local fallback (no guard: the provider still has its own
         limits), else the failure policy; failing open holds nothing to settle."""
         if self.fallback is not None:
             fb, fb_plan, fb_org = self._in_fallback(user, plan, org)
             return fb.reserve(user, fb_plan, ask, realm=realm, guard=False, renews=renews,
                               org=fb_org)
-        decision = store_away(compiled)
-        if org is not None:
-            decision = joined(decision, store_away(compile_org(org, llm=True)))
-        if not decision.allowed:
-            raise Refused(decision)
-        return Reservation(self.store, decision, ask, renews=renews, spender=spender)
+        if not outcome.decision.allowed:
+            raise Refused(outcome.decision)
+        return Reservation(self.store, outcome.decision, ask, renews=renews, spender=spender)
 
     def _in_fallback(self, user: str, plan: Plan, org: Plan | None = None
                      ) -> tuple[Engine, Plan, Plan | None]:
@@ -264,21 +151,32 @@ class Engine(Guard):
 
     def charge_edge(self, ip: str) -> Decision | None:
         """Count a request that never reached acquire (bad input) at the edge, as any edge would."""
-        if self._edge_only is None or self.edge_keys is None:
+        group = self.planner.edge_group(ip)
+        if group is None:
             return None
         try:
-            reply = self._call(self.edge_keys(ip), self._edge_only.args)
+            reply = self.executor.call([group])
         except StoreUnavailable:
             return None
-        return from_reply(self._edge_only, reply)
+        assert self.planner.edge_only is not None
+        return from_reply(self.planner.edge_only, reply)
 
     def peek(self, user: str, plan: Plan | None = None, realm: str = KEY_USER,
              org: Plan | None = None) -> Decision:
         """Every user layer's state for ``user`` (then ``org``'s), charging nothing."""
         compiled = compile_plan(plan or self.policy.resolve(user), cost=0, llm=True)
-        reply = self._call(self._keys(compiled, user, None, realm), compiled.args)
-        decision = from_reply(compiled, reply)
+        prefix = user_prefix(self.namespace, user, realm)
+        decision = from_reply(compiled, self.executor.look(
+            [prefix + suffix for suffix in compiled.suffixes], compiled.args))
         return decision if org is None else joined(decision, self.peek_org(org, realm))
+
+    def peek_org(self, org: Plan, realm: str = KEY_USER) -> Decision:
+        """Every layer of ``org`` (its key holders', or with BODY_USER its /chat user_ids'),
+        charging nothing."""
+        compiled = compile_org(org, llm=True, cost=0)
+        prefix = org_prefix(self.namespace, org.name, realm)
+        return from_reply(compiled, self.executor.look(
+            [prefix + layer.suffix for layer in compiled.layers], compiled.args))
 
     def reset(self, user: str, layer: str | None = None, plan: Plan | None = None,
               realm: str = KEY_USER) -> int:
@@ -288,7 +186,9 @@ class Engine(Guard):
         keys = [prefix + lay.suffix for lay in layers if layer in (None, lay.name)]
         return self.store.delete(keys) if keys else 0
 
-
-def _charges(layers: Sequence[Layer], keys: Sequence[str], costs: Costs) -> list[Charge]:
-    return [Charge(layer, key, costs.amount(layer.unit))
-            for layer, key in zip(layers, keys, strict=True)]
+    def reset_org(self, org: Plan, layer: str | None = None, realm: str = KEY_USER) -> int:
+        """Forget ``org``'s usage (one layer, by its name with or without "org:<name>/")."""
+        prefix = org_prefix(self.namespace, org.name, realm)
+        keys = [prefix + lay.suffix for lay in compile_org(org, llm=True).layers
+                if layer in (None, lay.name, lay.name.partition("/")[2])]
+        return self.store.delete(keys) if keys else 0

@@ -22,7 +22,7 @@ from types import TracebackType
 
 from . import metrics
 from .core.ask import Ask
-from .core.codec import SettleCall, given_back
+from .core.codec import Kind, SettleCall, given_back
 from .core.decision import Decision
 from .core.layers import ESTIMATED_UNITS, Layer
 from .core.lease import KeepAlive, provider_billed
@@ -41,7 +41,7 @@ class Charge:
 
     layer: Layer
     key: str
-    amount: float      # units reserved (a lease id for "c" layers lives in Reservation)
+    amount: float      # units reserved (a lease's id lives in Reservation)
 
 
 # One settle item: (kind, b, delta or lease id), as SettleCall.add takes them.
@@ -59,29 +59,25 @@ class Reservation:
     response's ``call_on_close`` may race, and only one of them moves the counters.
     """
 
-    def __init__(self, store: Store, decision: Decision, ask: Ask, charged_at: int = 0,
-                 charges: Sequence[Charge] = (), lease: str | None = None, guard_at: int = 0,
-                 guard_charges: Sequence[Charge] = (), *, renews: bool = True,
-                 spender: Spender | None = None,
-                 more: Sequence[tuple[int, Sequence[Charge]]] = ()) -> None:
-        """What ``ask`` holds: ``charges`` made by the acquire at ``charged_at`` (the store's
-        clock), and ``guard_charges`` by the model's guard at ``guard_at``. ``more``: charges
-        of the same kind made by calls of their own (an org in another Cluster slot), each
-        (charged_at, charges) settled, refunded and renewed like ``charges``, in a call of its
+    def __init__(self, store: Store, decision: Decision, ask: Ask,
+                 calls: Sequence[tuple[int, Sequence[Charge]]] = (), lease: str | None = None,
+                 *, guard: tuple[int, Sequence[Charge]] = (0, ()), renews: bool = True,
+                 spender: Spender | None = None) -> None:
+        """What ``ask`` holds: per acquire call (one slot each: the user's first, an org's in
+        a slot of its own) the store's clock at that call and what it charged, and the model's
+        guard's windows likewise; each settled, refunded and renewed in a settle call of its
         own. Nothing charged (the store away, failing open): nothing to settle. ``spender``:
         whom the spend ledger books a settled call to (and its plan and model, for the
         metrics)."""
         self.store = store
         self.decision = decision
-        self.charged_at = charged_at
-        self.charges = charges
-        self.groups = [(charged_at, charges), *more]
+        self.groups = [*calls, guard]
+        self.charged_at, self.charges = calls[0] if calls else (0, [])
+        self.guard_charges = guard[1]
         self.lease = lease
         self.model: ModelPolicy | None = ask.model
         self.input_tokens = ask.input_tokens
         self.max_output_tokens = ask.max_output_tokens
-        self.guard_at = guard_at
-        self.guard_charges = guard_charges
         self.terms = ask.terms    # tier, cache writes, server tools: the settle prices with them
         self.spender = spender
         self.done = False
@@ -107,8 +103,8 @@ class Reservation:
     def start_renewal(self) -> None:
         """Renew the lease every RENEW_EVERY seconds until finished (only if there is one)."""
         with self._lock:
-            if self.done or self._keepalive is not None or not self.renews \
-                    or not any(c.layer.kind == "c" for _, group in self.groups for c in group):
+            if self.done or self._keepalive is not None or not self.renews or not any(
+                    c.layer.kind is Kind.LEASE for _, group in self.groups for c in group):
                 return
             self._keepalive = KeepAlive(self).start()
 
@@ -184,8 +180,8 @@ class Reservation:
 
         def settled(charge: Charge) -> _Fix | None:
             layer = charge.layer
-            if layer.unit == "leases":
-                return "c", layer.param, self.lease or ""
+            if layer.kind is Kind.LEASE:
+                return given_back(layer, 0, self.lease)   # the lease released
             if layer.unit in ESTIMATED_UNITS:
                 spent = self.actual(layer, usage, as_reserved) if usage is not None else 0
                 if spent != charge.amount:
@@ -203,14 +199,6 @@ class Reservation:
             return None if apart is own else apart
 
         self._each_group(settled, book)
-        guard = SettleCall(self.guard_at)
-        for charge in self.guard_charges:
-            if charge.layer.unit == "tokens":
-                spent = self.actual(charge.layer, usage, as_reserved) if usage is not None else 0
-                if spent != charge.amount:
-                    guard.add(charge.key, charge.layer.kind, charge.layer.param,
-                              spent - charge.amount)
-        self._run(guard)
 
     def _counted(self, usage: Usage, as_reserved: bool) -> tuple[int, int, int, int, int]:
         """Count what a finished call was charged in the metrics; its ledger counts back
@@ -243,28 +231,24 @@ class Reservation:
             return
 
         def refunded(charge: Charge) -> _Fix:
-            layer = charge.layer
-            if layer.unit == "leases":
-                return "c", layer.param, self.lease or ""
-            return given_back(layer, charge.amount)
+            return given_back(charge.layer, charge.amount, self.lease)
 
         # The guard's windows too: a waiter that hung up took a slot of the model's as well,
         # which would otherwise stay taken for everyone until it left the window.
-        self._each_group(refunded, groups=[*self.groups, (self.guard_at, self.guard_charges)])
+        self._each_group(refunded)
 
     def renew(self) -> None:
         """Keep a streaming request's lease alive for another TTL."""
         if not self.done:
-            self._each_group(lambda charge: ("r", charge.layer.param, self.lease or "")
-                             if charge.layer.unit == "leases" else None)
+            self._each_group(lambda charge: (Kind.RENEW, charge.layer.param, self.lease or "")
+                             if charge.layer.kind is Kind.LEASE else None)
 
     def _each_group(self, fix: Callable[[Charge], _Fix | None],
-                    first: Callable[[SettleCall], SettleCall | None] | None = None,
-                    groups: Sequence[tuple[int, Sequence[Charge]]] | None = None) -> None:
-        """One settle call per group of charges (one slot each; default: the user's and
-        ``more``): ``fix`` of every charge. ``first`` may add to the user's call (the first
-        group), and return a call to run after it."""
-        for i, (charged_at, charges) in enumerate(self.groups if groups is None else groups):
+                    first: Callable[[SettleCall], SettleCall | None] | None = None) -> None:
+        """One settle call per group of charges (one slot each): ``fix`` of every charge.
+        ``first`` may add to the user's call (the first group), and return a call to run
+        after it."""
+        for i, (charged_at, charges) in enumerate(self.groups):
             call = SettleCall(charged_at)
             for charge in charges:
                 item = fix(charge)

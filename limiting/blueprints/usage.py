@@ -174,11 +174,11 @@ def spend_user(user: str) -> Any:
     limiter = current_limiter()
     ledger = limiter.ledger
     realm = request.args.get("realm") or limiter.realm_of_user(user)
-    if realm not in ("u", "b"):
+    if realm not in (KEY_USER, BODY_USER):
         raise BadRequest("'realm' must be u (API key user) or b (/chat user_id).")
     days = ledger.days(_count("days", 30))
     history = ledger.history(user, realm, days)
-    key_ids = [rec.key_id for rec in limiter.keys.list(user)] if realm == "u" else []
+    key_ids = [rec.key_id for rec in limiter.keys.list(user)] if realm == KEY_USER else []
     if _wants_csv():
         return _csv(f"spend-{user}", ("user", "realm", "key_id", *SPEND_COLUMNS),
                     [{"user": user, "realm": realm, "key_id": "", **s.json()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 
+from .codec import PACE_COUNTS
 from .policy_reader import TableReader
 
 # Past this, more shards strand more capacity (up to shards - 1 units) than they gain:
@@ -71,6 +72,8 @@ def pace_share(args: Sequence[int], shards: int, shard: int) -> list[int]:
     """observe.lua's arguments for one shard: the provider's remaining requests and tokens
     split as the windows are (so together the shards spend what the provider said is left,
     not N times it); its resets and a hold apply to every shard alike."""
-    rl, rr, tl, tr, hold = args
-    return [shard_share(rl, shards, shard) if rl >= 0 else rl, rr,
-            shard_share(tl, shards, shard) if tl >= 0 else tl, tr, hold]
+    out = list(args)
+    for left in PACE_COUNTS:
+        if out[left] >= 0:
+            out[left] = shard_share(out[left], shards, shard)
+    return out

@@ -6,7 +6,7 @@ shadow layer), then optionally the deadline
 (µs) a request may wait for its slot, and answers {allowed, refusing layer (1-based, 0:
 none), wait_us, now_us, then remaining and reset_us per layer}; settle.lua
 takes the acquire's now_us, then 3 arguments per layer (kind, b, delta or lease id), the
-spend ledger's counters and rankings riding behind them as kinds "h" and "z". The
+spend ledger's counters and rankings riding behind them (Kind.LEDGER_COUNTS, LEDGER_RANK). The
 Redis store sends what this module encodes and memory:// decodes it, so the two can never
 read a call differently.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from .windows import month_bounds
@@ -29,6 +30,74 @@ def num_arg(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+# --- kinds and realms ---------------------------------------------------------------------------
+
+
+class Kind(StrEnum):
+    """A layer's kind as the scripts read it, and the rules that follow from it."""
+
+    EDGE = "f"            # the per-IP fixed window, Flask-Limiter's keys: every attempt counts
+    BUCKET = "b"          # a token bucket
+    SHARED_BUCKET = "B"   # (code only) a bucket others reach too: a waiter never puts it in debt
+    WINDOW = "w"          # a strict sliding window of requests (small slots)
+    WIDE_WINDOW = "W"     # a sliding window of tokens or dollars (8-byte slots)
+    MONTH = "m"           # a count per calendar month in UTC
+    LEASE = "c"           # requests in flight: one lease each
+    PACE = "p"            # the pacing learnt from a provider's headers (observe.lua writes it)
+    # settle.lua only: renew a lease; the spend ledger's day hash and rankings.
+    RENEW = "r"
+    LEDGER_COUNTS = "h"
+    LEDGER_RANK = "z"
+
+    @classmethod
+    def window_of(cls, unit: str) -> Kind:
+        """A sliding window counting ``unit``: anything but requests needs 8-byte slots."""
+        return cls.WINDOW if unit == "requests" else cls.WIDE_WINDOW
+
+    def code(self, shared: bool = False, shadow: bool = False) -> str:
+        """The kind as acquire.lua reads it: "B" a shared bucket; "?" marks a shadow layer."""
+        code = Kind.SHARED_BUCKET.value if shared and self is Kind.BUCKET else self.value
+        return code + "?" if shadow else code
+
+    @property
+    def undoable(self) -> bool:
+        """Can an undo return its charge? Not the edge's (every attempt counts), nor pacing."""
+        return self not in (Kind.EDGE, Kind.PACE)
+
+    @property
+    def per_ip(self) -> bool:
+        """Counts an IP's requests, not a user's (not in a provider's request headers)."""
+        return self is Kind.EDGE
+
+    @property
+    def corrected(self) -> bool:
+        """Does a settle correct the estimate charged (a window's slot)? A guard's are."""
+        return self in (Kind.WINDOW, Kind.WIDE_WINDOW)
+
+    @property
+    def calendar(self) -> bool:
+        """Does its length depend on the date (RateLimit-Policy's w=, settle's month)?"""
+        return self is Kind.MONTH
+
+    def look(self, cost: int) -> str:
+        """The cost argument of a template: a lease is filled in per request ("-": a look)."""
+        return ("-" if cost == 0 else "") if self is Kind.LEASE else str(cost)
+
+
+class Realm(StrEnum):
+    """Whose keys: an API key's user's and a /chat body's user_id's never mix (nor orgs')."""
+
+    KEY_USER = "u"
+    BODY_USER = "b"
+    KEY_ORG = "o"
+    BODY_ORG = "ob"
+
+    @property
+    def org(self) -> Realm:
+        """The realm of the org keys this realm's users spend."""
+        return Realm.KEY_ORG if self is Realm.KEY_USER else Realm.BODY_ORG
+
+
 # --- acquire --------------------------------------------------------------------------------------
 
 
@@ -37,7 +106,7 @@ class LayerArgs(Protocol):
     numbers the script checks it by, and the unit its cost is counted in."""
 
     @property
-    def kind(self) -> str: ...
+    def kind(self) -> Kind: ...
     @property
     def code(self) -> str: ...   # the kind as the script reads it ("?": a shadow layer)
     @property
@@ -59,8 +128,7 @@ def template_args(layers: Iterable[LayerArgs], cost: int) -> tuple[bytes, ...]:
     layer's id is left blank for the request to fill in (its look is "-")."""
     out: list[bytes] = []
     for layer in layers:
-        charge = ("-" if cost == 0 else "") if layer.kind == "c" else str(cost)
-        out += layer_args(layer.code, layer.limit, layer.param, charge)
+        out += layer_args(layer.code, layer.limit, layer.param, layer.kind.look(cost))
     return tuple(out)
 
 
@@ -215,23 +283,19 @@ class AcquireReply:
         return AcquireReply(self.allowed, self.refused, self.wait_us, self.now_us,
                             self.states[:n])
 
-    def part(self, start: int, n: int) -> AcquireReply:
-        """The reply as layers ``start`` .. ``start + n`` saw it (an org's, behind a user's):
-        refused only if one of them refused."""
-        states = self.states[start:start + n]
-        if start < self.refused <= start + n:
-            return AcquireReply(False, self.refused - start, self.wait_us, self.now_us, states)
-        return AcquireReply(True, 0, self.delay_us, self.now_us, states)
-
 
 # --- settle ---------------------------------------------------------------------------------------
 
 
-def given_back(layer: LayerArgs, amount: float) -> tuple[str, float, float]:
+def given_back(layer: LayerArgs, amount: float, lease: str | None = None
+               ) -> tuple[str, float, str | float]:
     """A settle entry (kind, param, delta) undoing a charge of ``amount`` on ``layer``: a
-    bucket is told its capacity (its refill is capped there), any other layer its own param."""
-    if layer.kind == "b":
-        return "b", layer.limit, -amount
+    bucket is told its capacity (its refill is capped there), a concurrency layer releases
+    ``lease``, any other layer its own param."""
+    if layer.kind is Kind.LEASE:
+        return Kind.LEASE, layer.param, lease or ""
+    if layer.kind is Kind.BUCKET:
+        return Kind.BUCKET, layer.limit, -amount
     return layer.kind, layer.param, -amount
 
 
@@ -251,7 +315,7 @@ class SettleCall:
     items: list[tuple[str, float, str | float]] = field(default_factory=list)
 
     def add(self, key: str, kind: str, b: float, delta: str | float) -> None:
-        if kind == "m":
+        if kind == Kind.MONTH:
             # A month count names the month charged (the acquire's, by the store's clock),
             # so settle.lua need not know the calendar.
             b = month_bounds(self.charged_at)[0]
@@ -276,20 +340,37 @@ def decode_settle(args: Sequence[Any]) -> tuple[float, list[tuple[str, float, st
     return float(args[0]), items
 
 
+# --- observe ------------------------------------------------------------------------------------
+
+# observe.lua's arguments: the provider's remaining requests and µs until they reset, its
+# remaining tokens and their reset, then a hold (µs) every caller waits out; -1: unknown.
+PACE_REQUESTS = 0          # remaining requests (their reset follows)
+PACE_TOKENS = 2            # remaining tokens (their reset follows)
+PACE_COUNTS = (PACE_REQUESTS, PACE_TOKENS)
+PACE_HOLD = 4
+
+
+def pace_args(requests_left: int, requests_reset_us: int, tokens_left: int,
+              tokens_reset_us: int, hold_us: int) -> list[int]:
+    """observe.lua's arguments, in its order."""
+    return [requests_left, requests_reset_us, tokens_left, tokens_reset_us, hold_us]
+
+
 # --- the spend ledger, riding in the settle call ------------------------------------------------
 
 LEDGER_FIELDS = ("in", "cin", "out", "usd", "req")   # short hash fields: bytes per user per day
 
 
 def ledger_counts(values: Sequence[int]) -> str:
-    """A "h" item's delta: one integer per LEDGER_FIELDS name, in that order."""
+    """A Kind.LEDGER_COUNTS item's delta: one integer per LEDGER_FIELDS name, in that order."""
     if len(values) != len(LEDGER_FIELDS):
         raise ValueError(f"ledger counts take {len(LEDGER_FIELDS)} values")
     return " ".join(str(int(v)) for v in values)
 
 
 def ledger_rank(score: int, member: str) -> str:
-    """A "z" item's delta: the score to add, then the member (which may hold spaces)."""
+    """A Kind.LEDGER_RANK item's delta: the score to add, then the member (it may hold
+    spaces)."""
     return f"{int(score)} {member}"
 
 

@@ -1,36 +1,45 @@
-"""A request's acquire call, composed of groups: some layers and their keys, one subject each.
+"""A request's plan: its groups of layers in order (limiting/executor.py runs any plan).
 
 The edge (per IP), each route limit, the user's plan, an org's layers, the model's guard: each
-is a Group. On one server every group joins one all-or-nothing call (AcquireCall.join). On a
-Cluster a call may only touch one hash slot, so groups are sent in calls by their hash tag, in
-order; when a later call refuses, what the earlier ones charged is given back (compensation).
-This module plans the calls and reads their replies as one; limiting/engine.py runs them.
-
-To add a subject to every request's call (orgs, say), build its Group (layers, keys under one
-hash tag, its costs) and pass it with the others: headers, 429s and refunds follow.
+is a Group, some layers and their keys under one hash tag (one Cluster slot). To add a subject
+to every request, build its Group and put it in the plan: headers, 429s and refunds follow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from .codec import AcquireCall, AcquireReply, layer_args
-from .layers import Layer
+from .layers import CompiledPlan, Layer
 
 
-@dataclass(frozen=True, slots=True)
+class Role(Enum):
+    """What a group is to its request (on a Cluster, how its call answers the store away)."""
+
+    EDGE = "edge"
+    ROUTE = "route"
+    PLAN = "plan"
+    ORG = "org"
+    GUARD = "guard"
+
+
+@dataclass(slots=True)   # not frozen: built on every request, and frozen __init__ is slower
 class Group:
     """Layers of one subject and their keys, which share the hash ``tag`` (one Cluster slot).
 
-    ``costs``: what the call charges each layer (for a refund); ``kept``: how many leading
-    layers are never given back (the edge's fixed windows count every attempt)."""
+    ``costs``: what the call charges each layer (for a refund, or a reservation's settle);
+    ``kept``: how many leading layers are never given back (the edge's fixed windows count
+    every attempt); ``lease``: the lease id a concurrency layer holds."""
 
     layers: tuple[Layer, ...]
     call: AcquireCall
     tag: str
     costs: tuple[float, ...]
     kept: int = 0
+    role: Role = Role.ROUTE
+    lease: str | None = None
 
     @classmethod
     def of(cls, layers: Sequence[Layer], keys: list[str], costs: Sequence[float], tag: str,
@@ -41,25 +50,45 @@ class Group:
             args += layer_args(layer.code, layer.limit, layer.param, str(int(cost)))
         return cls(tuple(layers), AcquireCall(keys, args), tag, tuple(costs), kept)
 
-    def refunds(self, states: Sequence[tuple[int, int]]) -> list[tuple[Layer, str, float]]:
-        """(layer, key, amount) this group charged, given its layers' states in the reply: not
-        the kept ones, nothing charged at 0, nor a shadow layer that would have refused."""
+    def charges(self, states: Sequence[tuple[int, int]]) -> list[tuple[Layer, str, float]]:
+        """(layer, key, amount) this group's call charged, given its layers' states in the
+        reply: not the kept ones, nor a shadow layer that would have refused (its remaining
+        below 0: it counted nothing)."""
         return [(layer, key, cost)
                 for i, (layer, key, cost) in enumerate(zip(self.layers, self.call.keys,
                                                            self.costs, strict=True))
-                if i >= self.kept and cost and layer.kind != "f"
-                and not (layer.shadow and i < len(states) and states[i][0] < 0)]
+                if i >= self.kept and not (layer.shadow and i < len(states) and states[i][0] < 0)]
+
+    def refunds(self, states: Sequence[tuple[int, int]]) -> list[tuple[Layer, str, float]]:
+        """What an undo gives back of :meth:`charges`: nothing charged at 0, nor what no
+        undo returns (Kind.undoable)."""
+        return [c for c in self.charges(states) if c[2] and c[0].kind.undoable]
 
 
-def plan_calls(groups: Sequence[Group], one_server: bool) -> list[list[Group]]:
-    """The calls to make, in order: one on a single server; else one per hash tag, in the
-    order each tag first appears (the first group's subject is asked first)."""
-    if one_server or len(groups) <= 1:
-        return [list(groups)]
-    calls: dict[str, list[Group]] = {}
-    for group in groups:
-        calls.setdefault(group.tag, []).append(group)
-    return list(calls.values())
+@dataclass(slots=True)
+class CallPlan:
+    """A request's groups in the order they are charged and the decision reports them, how
+    long it may wait for a future slot, and the model's guard (charged last, reported apart).
+
+    ``other_guard``: the same guard on one other shard, tried once when the first is full.
+    ``view``: the decision's view of the groups' layers, when the planner has it compiled
+    (one group: the hot path); else the executor builds it once per set of layers."""
+
+    groups: list[Group]
+    wait_us: int = 0
+    guard: Group | None = None
+    other_guard: Group | None = None
+    view: CompiledPlan | None = None
+
+    def calls(self, one_server: bool) -> list[list[Group]]:
+        """The calls to make, in order: one on a single server; else one per hash tag, in
+        the order each tag first appears (the first group's subject is asked first)."""
+        if one_server or len(self.groups) <= 1:
+            return [self.groups]
+        calls: dict[str, list[Group]] = {}
+        for group in self.groups:
+            calls.setdefault(group.tag, []).append(group)
+        return list(calls.values())
 
 
 def joined(groups: Sequence[Group]) -> AcquireCall:

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from .codec import num_arg, template_args
+from .codec import Kind, num_arg, template_args
 from .policy import FailMode, Plan
 from .windows import MONTH, month_bounds
 
@@ -14,8 +14,7 @@ from .windows import MONTH, month_bounds
 @dataclass(frozen=True, slots=True)
 class Layer:
     name: str         # what a 429 body calls it: "user", "quota-day", ...
-    kind: str         # "f" edge fixed window, "b" token bucket, "w"/"W" sliding window,
-                      # "m" calendar month
+    kind: Kind        # how the scripts count it (limiting/core/codec.py)
     suffix: str       # key suffix after the user's prefix ("" for the edge: keyed by IP)
     limit: float      # bucket capacity or window limit
     param: float      # refill per second, or window length in microseconds
@@ -27,38 +26,40 @@ class Layer:
     # Decided, counted and reported, but never refuses (a plan's or model's mode = "shadow").
     shadow: bool = False
     # Others' requests reach it too (an org's, a route's scope or IP/header key): a waiter
-    # may not put it in debt, so a bucket's code is "B" (codec.py, acquire.lua).
+    # may not put it in debt, so a bucket's code is Kind.SHARED_BUCKET's (acquire.lua).
     shared: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, Kind):   # a kind given by its letter
+            object.__setattr__(self, "kind", Kind(self.kind))
 
     @property
     def code(self) -> str:
-        """The kind as the acquire script reads it: "B" a shared bucket; a trailing "?" marks
-        a shadow layer."""
-        kind = "B" if self.shared and self.kind == "b" else self.kind
-        return kind + "?" if self.shadow else kind
+        """The kind as the acquire script reads it (a shared bucket's, a shadow layer's)."""
+        return self.kind.code(self.shared, self.shadow)
 
 
 def bucket(name: str, suffix: str, capacity: float, per_second: float, fail: FailMode) -> Layer:
-    return Layer(name, "b", suffix, capacity, per_second, max(1, math.ceil(capacity / per_second)),
-                 fail)
+    return Layer(name, Kind.BUCKET, suffix, capacity, per_second,
+                 max(1, math.ceil(capacity / per_second)), fail)
 
 
 def edge(seconds: int, amount: int, fail: FailMode) -> Layer:
-    return Layer("edge", "f", "", amount, seconds, seconds, fail)
+    return Layer("edge", Kind.EDGE, "", amount, seconds, seconds, fail)
 
 
 def window(name: str, suffix: str, limit: float, seconds: int, fail: FailMode,
            unit: str = "requests") -> Layer:
-    """A strict sliding window; anything but requests is counted in 8-byte slots ("W")."""
-    kind = "w" if unit == "requests" else "W"
-    return Layer(name, kind, suffix, limit, seconds * 1_000_000, seconds, fail, unit)
+    """A strict sliding window; anything but requests is counted in 8-byte slots."""
+    return Layer(name, Kind.window_of(unit), suffix, limit, seconds * 1_000_000, seconds, fail,
+                 unit)
 
 
 def month(name: str, suffix: str, limit: float, fail: FailMode,
           unit: str = "requests") -> Layer:
     """A count per calendar month in UTC, from 00:00 on the 1st (the script finds the month
     from the store's clock; its w= in RateLimit-Policy is that month's length)."""
-    return Layer(name, "m", suffix, limit, 1, MONTH, fail, unit)
+    return Layer(name, Kind.MONTH, suffix, limit, 1, MONTH, fail, unit)
 
 
 # Units whose charge is a per-request estimate that the settle corrects; request counts stay.
@@ -119,8 +120,8 @@ def llm_layers(plan: Plan) -> tuple[Layer, ...]:
                             fail, "usd_micros"))
     if plan.max_concurrent:
         ttl = plan.lease_ttl_seconds
-        layers.append(Layer("concurrent", "c", "cc", plan.max_concurrent, ttl * 1_000_000, ttl,
-                            fail, "leases"))
+        layers.append(Layer("concurrent", Kind.LEASE, "cc", plan.max_concurrent,
+                            ttl * 1_000_000, ttl, fail, "leases"))
     return _moded(plan, layers)
 
 
@@ -146,7 +147,7 @@ def compile_plan(plan: Plan | None, edges: tuple[Layer, ...] = (), cost: int = 1
         per_call=tuple((i, layer.unit) for i, layer in enumerate(layers)
                        if layer.unit == "leases" or layer.unit in ESTIMATED_UNITS),
         shadow=any(layer.shadow for layer in layers),
-        calendar=any(layer.kind == "m" for layer in layers),
+        calendar=any(layer.kind.calendar for layer in layers),
     )
 
 
@@ -158,4 +159,4 @@ def policy_header(layers: Iterable[Layer], now_us: int | None = None) -> str:
         _, start, end = month_bounds(now_us)
         month_s = (end - start) // 1_000_000
     return ", ".join(f'"{layer.name}";q={num_arg(layer.limit)};'
-                     f'w={month_s if layer.kind == "m" else layer.window}' for layer in layers)
+                     f'w={month_s if layer.kind.calendar else layer.window}' for layer in layers)

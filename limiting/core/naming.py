@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from .codec import Realm
 from .layers import Layer, edge
 from .policy import FailMode
 
@@ -25,10 +26,10 @@ def user_tag(user_id: str) -> str:
     return "h:" + digest(user_id)
 
 
-# Who a user id belongs to. An API key's user ("u") and a /chat body's user_id ("b") never
-# share keys: anyone can type a body user_id, so it must not spend a key holder's limits.
-KEY_USER = "u"
-BODY_USER = "b"
+# Who a user id belongs to. An API key's user and a /chat body's user_id never share keys:
+# anyone can type a body user_id, so it must not spend a key holder's limits.
+KEY_USER: str = Realm.KEY_USER   # typed str: callers key dicts by either
+BODY_USER: str = Realm.BODY_USER
 
 
 def user_prefix(namespace: str, user_id: str, realm: str = KEY_USER) -> str:
@@ -39,7 +40,7 @@ def user_prefix(namespace: str, user_id: str, realm: str = KEY_USER) -> str:
 def org_prefix(namespace: str, org: str, realm: str = KEY_USER) -> str:
     """Every key of one org, under its own hash tag. The members' realm picks one of two
     sets: /chat body user_ids (anyone can type one) never spend key holders' org limits."""
-    return user_prefix(namespace, org, "o" if realm == KEY_USER else "ob")
+    return user_prefix(namespace, org, Realm(realm).org)
 
 
 class EdgeKeys:

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from .capacity import read_reserve, read_shards
+from .codec import Realm
 from .lease import RENEW_EVERY
 from .members import read_members, warn_removed
 from .policy_reader import MODES as MODES
@@ -139,12 +140,12 @@ class Policy:
 
         A key naming a plan the policy no longer has (removed while keys still name it) gets
         the user's own, with one log line per name: removing a plan must not turn its keys'
-        requests into 500s. An override for ``user`` in ``realm`` (default: "u", the key
-        user's, with a ``key_plan``, else "b", the /chat user_id's) applies on top."""
+        requests into 500s. An override for ``user`` in ``realm`` (default: the key user's
+        with a ``key_plan``, else the /chat user_id's) applies on top."""
         plan = self._own(user, key_plan)
         if self.overrides is None:
             return plan
-        realm = realm or ("u" if key_plan is not None else "b")
+        realm = realm or (Realm.KEY_USER if key_plan is not None else Realm.BODY_USER)
         return self.overrides.plan_for(user, realm, plan, self.plans)
 
     def _own(self, user: str, key_plan: str | None) -> Plan:

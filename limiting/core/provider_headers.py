@@ -18,7 +18,7 @@ TOKEN_UNITS = ("tokens", "input_tokens", "output_tokens")
 
 def is_request_layer(state: LayerState) -> bool:
     """Layers that count requests (the user's bucket and plan quotas), not the edge per IP."""
-    return state.layer.unit == "requests" and state.layer.kind != "f"
+    return state.layer.unit == "requests" and not state.layer.kind.per_ip
 
 
 def tightest(decision: Decision, accept: Callable[[LayerState], bool]) -> LayerState | None:

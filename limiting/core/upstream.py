@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from .capacity import ceiling, guard_limit, shard_share
+from .codec import PACE_COUNTS, PACE_HOLD, PACE_REQUESTS, PACE_TOKENS, Kind, pace_args
 from .flushing import Flusher
 from .layers import Layer, window
 from .naming import user_tag
@@ -56,7 +57,7 @@ def guard_layers(name: str, model: ModelPolicy | None, plan: str | None = None,
         layers = [replace(layer, shadow=True) for layer in layers]
     in_process = model.provider == ECHO if model is not None else name == ECHO
     if not in_process:
-        layers.append(Layer("upstream-pace", "p", "pace", 0, 0, 60, "fail_open", "pace"))
+        layers.append(Layer("upstream-pace", Kind.PACE, "pace", 0, 0, 60, "fail_open", "pace"))
     return tuple(layers)
 
 
@@ -164,8 +165,8 @@ def pacing_args(headers: Mapping[str, str], status: int,
     def us(seconds: float | None) -> int:
         return -1 if seconds is None else int(seconds * 1_000_000)
 
-    return [rl if rl is not None and rr is not None else -1, us(rr),
-            tl if tl is not None and tr is not None else -1, us(tr), us(hold)]
+    return pace_args(rl if rl is not None and rr is not None else -1, us(rr),
+                     tl if tl is not None and tr is not None else -1, us(tr), us(hold))
 
 
 def announced_token_limit(headers: Mapping[str, str]) -> int | None:
@@ -235,8 +236,8 @@ class Observer:
         args = pacing_args(headers, status, self._max_hold(model))
         if args is None:
             return
-        requests_left, tokens_left = args[0], args[2]
-        if args[4] > 0 or 0 <= requests_left < 1 or 0 <= tokens_left < max(1, tokens):
+        requests_left, tokens_left = args[PACE_REQUESTS], args[PACE_TOKENS]
+        if args[PACE_HOLD] > 0 or 0 <= requests_left < 1 or 0 <= tokens_left < max(1, tokens):
             with self._lock:
                 self._forget_older(model, args)
             self._write(model, args)
@@ -251,10 +252,10 @@ class Observer:
         pending = self._pending.get(model)
         if pending is None:
             return
-        for left in (0, 2):
+        for left in PACE_COUNTS:
             if args[left] >= 0:
                 pending[left:left + 2] = [-1, -1]
-        if pending[0] < 0 and pending[2] < 0:
+        if all(pending[left] < 0 for left in PACE_COUNTS):
             del self._pending[model]
 
     def flush(self) -> None:

@@ -1,0 +1,124 @@
+"""Turns a request into its plan (limiting/core/groups.py CallPlan): the edge, a route's
+limits, the user's plan, an org and the model's guard, each a Group with its layers, keys,
+costs and hash tag, in the order they are charged. limiting/executor.py runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from .core.codec import AcquireCall, Costs
+from .core.groups import CallPlan, Group, Role
+from .core.layers import CompiledPlan, Layer, compile_plan
+from .core.naming import KEY_USER, EdgeKeys, org_prefix, user_prefix
+from .core.orgs import compile_org
+from .core.policy import Plan, Policy
+from .guard import GuardKeys
+
+
+class Planner:
+    """A policy's plans compiled once each, and the Groups one request is made of.
+
+    ``edge`` holds the edge layers and their keys' builder when the store is one server, so
+    the per-IP fixed window costs no extra round trip; otherwise Flask-Limiter checks it alone.
+    """
+
+    def __init__(self, policy: Policy, namespace: str = "rl:", edge: tuple[Layer, ...] = (),
+                 edge_keys: EdgeKeys | None = None) -> None:
+        self.policy = policy
+        self.namespace = namespace
+        self.edge = edge
+        self.edge_keys = edge_keys
+        self.guard = GuardKeys(policy, namespace)
+        self._compiled: dict[str, CompiledPlan] = {}
+        self._llm: dict[str, CompiledPlan] = {}
+        self._orgs: dict[tuple[str, bool], CompiledPlan] = {}
+        self.edge_only = compile_plan(None, edge) if edge else None
+
+    def compiled(self, plan: Plan, llm: bool = False) -> CompiledPlan:
+        """``plan``'s layers behind the edge's (``llm``: its tokens, dollars, leases too)."""
+        compiled = self._llm if llm else self._compiled
+        cached = compiled.get(plan.name)
+        if cached is None or cached.plan is not plan:
+            cached = compiled[plan.name] = compile_plan(plan, self.edge, llm=llm)
+        return cached
+
+    def compiled_org(self, org: Plan, llm: bool = False) -> CompiledPlan:
+        key = (org.name, llm)
+        compiled = self._orgs.get(key)
+        if compiled is None or compiled.plan is not org:
+            compiled = self._orgs[key] = replace(compile_org(org, llm=llm), plan=org)
+        return compiled
+
+    def plan_group(self, compiled: CompiledPlan, user: str, ip: str | None,
+                   realm: str = KEY_USER, costs: Costs | None = None) -> Group:
+        """``compiled``'s layers for ``user`` (the edge's first, never given back) as a
+        Group; ``costs``: a reservation's (its tokens, dollars and lease)."""
+        prefix = user_prefix(self.namespace, user, realm)
+        keys = [prefix + suffix for suffix in compiled.suffixes]
+        if compiled.edge_count:
+            assert self.edge_keys is not None
+            keys = self.edge_keys(ip or "unknown") + keys
+        return _group(compiled, keys, prefix, costs, Role.PLAN)
+
+    def org_group(self, org: Plan, realm: str, costs: Costs | None = None) -> Group:
+        """``org``'s layers as a Group of their own (its own hash tag): its request layers,
+        and with ``costs`` (a reservation's) its tokens, dollars and requests in flight."""
+        compiled = self.compiled_org(org, llm=costs is not None)
+        prefix = org_prefix(self.namespace, org.name, realm)
+        return _group(compiled, [prefix + layer.suffix for layer in compiled.layers], prefix,
+                      costs, Role.ORG)
+
+    def edge_group(self, ip: str) -> Group | None:
+        """The edge's layers for ``ip`` when they ride in the store call (one server)."""
+        if self.edge_only is None or self.edge_keys is None:
+            return None
+        return _group(self.edge_only, self.edge_keys(ip), "", None, Role.EDGE)
+
+    def request(self, user: str, ip: str | None, plan: Plan, realm: str,
+                extra: Sequence[Group] = (), org: Plan | None = None,
+                wait_us: int = 0) -> CallPlan:
+        """One request to ``user`` (``plan``'s layers), a route's ``extra`` and ``org``'s."""
+        compiled = self.compiled(plan)
+        groups = [self.plan_group(compiled, user, ip, realm), *extra]
+        if org is not None:
+            groups.append(self.org_group(org, realm))
+        return CallPlan(groups, wait_us, view=compiled if len(groups) == 1 else None)
+
+    def reservation(self, user: str, ip: str | None, plan: Plan, model: str | None,
+                    costs: Costs, realm: str = KEY_USER, extra: Sequence[Group] = (),
+                    org: Plan | None = None, wait_us: int = 0) -> CallPlan:
+        """A reservation: ``user``'s plan with its LLM layers, a route's ``extra``, ``org``'s
+        layers and the guard of ``model`` (None: no guard) on a random shard, with one
+        other shard to try when that one is full."""
+        compiled = self.compiled(plan, llm=True)
+        groups = [self.plan_group(compiled, user, ip, realm, costs), *extra]
+        if org is not None:
+            groups.append(self.org_group(org, realm, costs))
+        view = compiled if len(groups) == 1 else None
+        if model is None:
+            return CallPlan(groups, wait_us, view=view)
+        shard, other = self.guard.shards(model)
+        guard = self.guard.group(model, costs, plan.name, shard)
+        retry = None if other is None else self.guard.group(model, costs, plan.name, other)
+        return CallPlan(groups, wait_us, guard, retry, view)
+
+
+def _group(compiled: CompiledPlan, keys: list[str], tag: str, costs: Costs | None,
+           role: Role) -> Group:
+    """``compiled``'s layers on ``keys``, each charged one request or priced by ``costs``."""
+    if costs is None:
+        call = AcquireCall(keys, compiled.args)
+        amounts: tuple[float, ...] = (1,) * len(compiled.layers)
+    else:
+        call = AcquireCall.priced(keys, compiled.args, compiled.per_call, costs)
+        charged = [1.0] * len(compiled.layers)   # a request, or a lease
+        for i, unit in compiled.per_call:
+            charged[i] = costs.amount(unit)
+        amounts = tuple(charged)
+    # Bare layers (an org's, the edge's alone) compile as a plan's edge: only the edge's keep.
+    kept = 0 if role is Role.ORG else compiled.edge_count
+    return Group(compiled.layers, call, tag, amounts, kept, role,
+                 None if costs is None else costs.lease)
+
