@@ -111,9 +111,9 @@ class RateLimiter:
             app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
         # Before the edge's hooks: a route whose call carries the edge is marked first.
         app.before_request(self.gate.before)
-        self.edge, edge_after = init_edge(app, policy, store)
+        self.edge, self.gate.edge_hooks = init_edge(app, policy, store)
         app.extensions[EXTENSION_KEY] = self
-        app.after_request(self.gate.after_hook(edge_after))
+        app.after_request(self.gate.after_hook())
         app.wsgi_app = SendLimitHeaders(app.wsgi_app)  # type: ignore[method-assign]
         for error in (RateLimited, LimiterUnavailable, UpstreamSaturated, ExceedsLimit):
             app.register_error_handler(error, render_refusal)

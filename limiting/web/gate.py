@@ -41,6 +41,7 @@ from .errors import (
     json_response,
     refusal_error,
 )
+from .flask_limiter_adapter import RequestHooks
 from .identity import client_ip
 from .recording import count_refusal, record, record_guard
 from .routes import RouteLimits, RouteState, keep, pending
@@ -110,6 +111,9 @@ class Gate:
 
     def __init__(self, host: Host) -> None:
         self.host = host
+        # Flask-Limiter's hooks, taken out of the app (edge.py): its check runs in
+        # before(), its after-request hook in after_hook(), on the routes that need them.
+        self.edge_hooks: RequestHooks | None = None
 
     def admit(self, who: Payer | None, execute: Execute) -> Passage:
         """Charge the current request (``who``: its payer; None: a route that charges
@@ -221,8 +225,16 @@ class Gate:
     # --- the route hook ---------------------------------------------------------------------
 
     def before(self) -> None:
-        """Before every view: find the route's limits; on a view that charges a user, leave
-        them to its acquire/reserve; otherwise decide them now, with the edge."""
+        """The one before_request hook: the route's limits (:meth:`_route_limits`), then
+        Flask-Limiter's edge check on a route whose own call does not carry the edge."""
+        self._route_limits()
+        hooks = self.edge_hooks
+        if hooks is not None and not request_limits().is_limited_route():
+            hooks.check()
+
+    def _route_limits(self) -> None:
+        """Find the route's limits; on a view that charges a user, leave them to its
+        acquire/reserve; otherwise decide them now, with the edge."""
         endpoint = request.endpoint
         if endpoint is None:
             return
@@ -259,16 +271,16 @@ class Gate:
 
     # --- the headers ------------------------------------------------------------------------
 
-    def after_hook(self, edge_after: AfterHook | None) -> AfterHook:
+    def after_hook(self) -> AfterHook:
         """The extension's one after_request hook (each hook Flask runs costs on every
         request): our headers, then Flask-Limiter's own hook on the routes it checked."""
-        if edge_after is None:
-            return lambda response: self._add_headers(response, request_limits())
-
         def after_request(response: Response) -> Response:
             limits = request_limits()
             response = self._add_headers(response, limits)
-            return response if limits.is_limited_route() else edge_after(response)
+            hooks = self.edge_hooks
+            if hooks is None or limits.is_limited_route():
+                return response
+            return hooks.after(response)  # type: ignore[no-any-return]
 
         return after_request
 
