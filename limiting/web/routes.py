@@ -1,8 +1,9 @@
 """Limits where the routes are: ``@token_bucket`` / ``@sliding_window`` on a view or Blueprint,
 ``[routes."blueprint.endpoint"]`` in the policy, ``exempt``, ``deduct_when``.
 
-The decorators only mark their target; nothing is charged by them. One hook, before the view,
-finds the route's limits (its own, its blueprints', the policy's) and:
+The decorators only mark their target; nothing is charged by them. The gate's hook before the
+view (limiting/web/gate.py) finds the route's limits (its own, its blueprints', the policy's)
+and:
 
 - on a view that charges a user (``plan(...)``: its own, /chat, /v1), leaves them for that view's
   acquire/reserve, whose one call checks them with the edge and the plan;
