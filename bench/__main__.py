@@ -4,8 +4,10 @@ Fast section: the echo /chat under gunicorn (4 workers) with no limiter, Flask-L
 source article's approach and this project, interleaved over rounds (medians reported).
 Slow section: a fake provider answering in 1 s, this project vs the article's FastAPI app at
 256 and 1,000 connections. Then decisions/s vs PING and Redis bytes per active user.
-Open section (in fast too): none, Flask-Limiter and ours at a fixed rate, half of none's
-capacity (hey); the latency ours adds below saturation.
+Sequential section (in open and fast too): one client alternating between none and ours at
+200 req/s, the latency ours adds to a request that meets an idle server. Open section (in fast
+too): none, Flask-Limiter and ours at fixed rates, ¼ and ½ of ours' capacity (hey); the latency
+ours adds below saturation.
 Abuse section (in fast too): one user over its limit hammering, one IP rotating user ids
 against the edge; refusals/s against the bare app's 200/s, store calls per refusal.
 Stream section: 1,000 concurrent streamed /v1/chat/completions calls, this project vs the same
@@ -30,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import abuse, chart, decisions, openloop, procs, report
+from bench import abuse, chart, decisions, openloop, procs, report, sequential
 from bench.contenders import ROOT, SLOW_MODEL
 from bench.loadgen import ensure_wrk
 from bench.report import Row
@@ -49,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         action="store_true",
         help="smoke run: 1 round, 4 s per measurement, 1 s warm-up (stream: 1 round, same N)",
     )
-    p.add_argument("--only", choices=("fast", "open", "abuse", "slow", "stream"),
-                   help="run only one section (fast includes open and abuse)")
+    p.add_argument("--only", choices=("fast", "seq", "open", "abuse", "slow", "stream"),
+                   help="run only one section (fast includes seq, open and abuse; open "
+                   "includes seq)")
     p.add_argument(
         "--rounds", type=int, help="interleaved rounds in the fast section (default 3, quick 1)"
     )
@@ -285,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                         *micro_section(s, redis_url),
                         "",
                     ]
+                if s.only in (None, "fast", "open", "seq"):
+                    out += [*sequential.sequential_section(
+                        s.workers, s.worker_class, redis_url, logdir,
+                        duration=max(15.0, s.duration), say=say), ""]
                 if s.only in (None, "fast", "open"):
                     lines, _ = openloop.open_section(
                         s.workers, s.worker_class, wrk, redis_url, logdir,

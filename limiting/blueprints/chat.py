@@ -16,6 +16,7 @@ from limiting.core.llm import estimate_input_tokens
 from limiting.keys import KeyRecord, presented_key
 from limiting.providers import LLMRequest, api_for, check_available, provider_for
 from limiting.web.extension import RateLimiter, current_limiter
+from limiting.web.gate import payer
 from limiting.web.payer import plan
 
 from .v1.serve import observer
@@ -42,9 +43,10 @@ def chat() -> dict[str, Any]:
     model = string_field(body, "model") or current_app.config.get("DEFAULT_MODEL", "echo")
     provider = provider_for(model, limiter.policy)
     check_available(provider, model)
-    plan_obj = limiter.policy.resolve(user, plan)   # a key's plan that left: the user's own
+    # Resolved once for the request: acquire/reserve below charge this same payer.
+    who = payer(limiter.policy, user, plan, anonymous=anonymous, key_org=org)
+    plan_obj, org_obj = who.plan, who.org
     api = api_for(provider)
-    org_obj = limiter.policy.org_of(user, org)
     if provider == "echo" and not plan_obj.meters_units \
             and not (org_obj is not None and org_obj.meters_units):
         # Nothing to reserve, settle or guard: one request, one decision (and no estimate).

@@ -29,6 +29,7 @@ class RequestLimits:
     limited_route: bool | None = None    # None until asked: does the view call acquire()?
     headers: list[tuple[str, str]] | None = None   # RateLimit*, sent by SendLimitHeaders
     routes: Any = None                   # the route's limits (limiting.web.routes.RouteState)
+    payer: Any = None                    # who pays, resolved once (limiting.web.gate.Payer)
 
     def is_limited_route(self) -> bool:
         """Does the view call acquire() (so its edge check rides in that call)? Asked by up

@@ -37,16 +37,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from flask import Flask, Response
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
 
-from .. import metrics
 from ..core.decision import Decision, Refused
 from ..core.naming import BODY_USER, KEY_USER
 from ..core.policy import Policy
@@ -55,7 +53,6 @@ from ..keys import presented_key
 from .context import LIMITED_ROUTE, StartResponse, WSGIApp
 from .errors import RateLimited, json_text, refusal_error
 from .logs import request_id_for
-from .recording import count_refusal
 
 log = logging.getLogger("limiter.door")
 Answer = tuple[str, list[tuple[str, str]], bytes]
@@ -110,13 +107,23 @@ def learn_alias(deny: DenyCache, early: Early, headers: Any, realm: str, user: s
         deny.alias(("body", early.body_user, user), realm, user, None)
 
 
-class Door:
-    """``app.wsgi_app = Door(app.wsgi_app, app, deny, policy)``."""
+class Holds(Protocol):
+    """The gate's door-side question (limiting/web/gate.py, which imports this module)."""
 
-    def __init__(self, wsgi_app: WSGIApp, app: Flask, deny: DenyCache, policy: Policy) -> None:
+    def held_at(self, ip: str, patience: float,
+                named: Callable[[], tuple[str, str, str | None] | None],
+                policy: Policy) -> Decision | None: ...
+
+
+class Door:
+    """``app.wsgi_app = Door(app.wsgi_app, app, deny, policy, gate)``."""
+
+    def __init__(self, wsgi_app: WSGIApp, app: Flask, deny: DenyCache, policy: Policy,
+                 gate: Holds) -> None:
         self.wsgi_app = wsgi_app
         self.app = app
         self.deny = deny
+        self.gate = gate
         self.policy = policy   # a worker's for its life (overrides pick among its plans)
         # The longest any plan may wait: an edge entry answers here only past it (the
         # caller's plan, and so its own patience, is not known yet).
@@ -154,28 +161,10 @@ class Door:
         return [body]
 
     def _refusal(self, environ: dict[str, Any], early: Early) -> Decision | None:
-        """The cached refusal this request meets (counted and logged), or None."""
-        started = time.perf_counter()
-        deny = self.deny
-        policy = self.policy
+        """The cached refusal this request meets (counted and logged by the gate), or None."""
         ip = environ.get("REMOTE_ADDR") or "unknown"
-        # probe=False: an entry due to be asked again is asked by Flask's path, not lost here.
-        decision = deny.edge(ip, self.patience, probe=False)
-        user, plan_name = ip, ""   # the edge refuses before any plan
-        if decision is None:
-            named = self._named(environ, early)
-            if named is None:
-                return None
-            realm, user, key_plan = named
-            plan = policy.resolve(user, key_plan, realm)
-            decision = deny.caller(user, realm, plan, plan.max_wait_seconds, probe=False)
-            if decision is None:
-                return None
-            plan_name = plan.name
-        metrics.count(metrics.DENY_CACHE_HITS)
-        metrics.time_decision(started)
-        count_refusal(decision, user, ip, plan_name)
-        return decision
+        return self.gate.held_at(ip, self.patience, lambda: self._named(environ, early),
+                                 self.policy)
 
     def _early(self, environ: dict[str, Any]) -> Early | None:
         """The route's Early, or None: looked up once per (method, path, host)."""

@@ -17,7 +17,7 @@ from ..stores.store import Store, edge_storage
 from . import logs
 from .context import LIMITED_ROUTE, request_limits
 from .errors import LimiterUnavailable, json_response
-from .flask_limiter_adapter import take_request_hooks
+from .flask_limiter_adapter import RequestHooks, take_request_hooks
 from .identity import client_ip
 from .recording import refused_by
 
@@ -41,12 +41,14 @@ def combines_edge(store: Store) -> bool:
 
 
 def init_edge(app: Flask, policy: Policy, store: Store
-              ) -> tuple[Limiter | None, AfterHook | None]:
+              ) -> tuple[Limiter | None, RequestHooks | None]:
     """Register Flask-Limiter with the policy's [edge] per_ip limits; None when there are none.
 
     On one Redis server, limited routes count the edge inside their acquire call, on
     Flask-Limiter's own keys; every other route (and every route on a Cluster or memory://)
-    is checked by Flask-Limiter before the view, as usual.
+    is checked by Flask-Limiter before the view, as usual. The hooks returned are
+    Flask-Limiter's, taken out of the app for the gate (limiting/web/gate.py) to run on the
+    routes that need them (None: Flask-Limiter runs its own).
     """
     if not policy.edge_per_ip:
         return None, None
@@ -64,7 +66,7 @@ def init_edge(app: Flask, policy: Policy, store: Store
         key_prefix="edge",
     )
     edge.init_app(app)
-    after = _skip_limited_routes(app, edge) if combines_edge(store) else None
+    hooks = _skip_limited_routes(app, edge) if combines_edge(store) else None
 
     @app.errorhandler(RateLimitExceeded)
     def edge_refused(exc: RateLimitExceeded) -> Any:
@@ -75,36 +77,31 @@ def init_edge(app: Flask, policy: Policy, store: Store
         err = LimiterUnavailable()
         return json_response(503, err.body(), retry_after=err.retry_after)
 
-    return edge, after
+    return edge, hooks
 
 
-def _skip_limited_routes(app: Flask, edge: Limiter) -> AfterHook | None:
+def _skip_limited_routes(app: Flask, edge: Limiter) -> RequestHooks | None:
     """Keep Flask-Limiter's hooks off the routes whose acquire call counts the edge.
 
     A request filter would do the same, but only after Flask-Limiter has resolved and
     evaluated its limits for the request: on the hot path that costs as much as our script.
     Its after_request and teardown hooks have nothing to do there either (no limit of its own
-    was looked at). So its three hooks are taken out (flask_limiter_adapter): the check and
-    the teardown run here, in their places, on every other route; its after-request hook is
-    returned for the extension's own after_request to call (one Flask hook instead of two
-    on every request).
+    was looked at). So its three hooks are taken out (flask_limiter_adapter) and returned:
+    the gate runs the check in its own before_request hook and the after-request hook in
+    its own after_request (one Flask hook of each instead of two on every request); the
+    teardown runs here, on every other route.
     """
     hooks = take_request_hooks(app, edge)
     if hooks is None:  # a Flask-Limiter that registers differently: filter instead
         edge.request_filter(is_limited_route)
         return None
 
-    @app.before_request
-    def edge_check() -> None:
-        if not is_limited_route():
-            hooks.check()
-
     @app.teardown_request
     def edge_teardown(exc: BaseException | None) -> None:
         if not is_limited_route():
             hooks.teardown(exc)
 
-    return hooks.after
+    return hooks
 
 
 def edge_response(edge: Limiter, exc: RateLimitExceeded) -> Response:

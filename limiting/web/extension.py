@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from flask import Blueprint, Flask, Response, current_app
+from flask import Blueprint, Flask, current_app
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -17,8 +16,8 @@ from .. import metrics
 from ..audit import record_reloads
 from ..composed import Charged
 from ..core.ask import Ask
-from ..core.decision import Decision, GuardRefused, Refused
-from ..core.headers import rate_limit_headers
+from ..core.decision import Decision
+from ..core.groups import Group
 from ..core.layers import Layer
 from ..core.naming import BODY_USER, KEY_USER, EdgeKeys
 from ..core.policy import Plan, Policy
@@ -36,29 +35,20 @@ from ..stores.store import Store
 from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .configured import app_policy, app_store
-from .context import RequestLimits, SendLimitHeaders, request_limits
-from .denying import refuse_if_denied, remember_refusal
+from .context import SendLimitHeaders
 from .door import Door
-from .edge import AfterHook, combines_edge, init_edge
-from .errors import (
-    ExceedsLimit,
-    LimiterUnavailable,
-    RateLimited,
-    UpstreamSaturated,
-    json_response,
-    refusal_error,
-)
+from .edge import combines_edge, init_edge
+from .errors import ExceedsLimit, LimiterUnavailable, RateLimited, UpstreamSaturated
+from .gate import Gate, Passage, payer, render_refusal
 from .identity import client_ip
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
 from .payer import KeyReader, Render, UserFrom, declare
-from .recording import record, record_guard
-from .routes import RouteLimits, install, keep, pending
+from .routes import RouteLimits
 from .routes import exempt as exempt_routes
 from .routes import sliding_window as route_window
 from .routes import token_bucket as route_bucket
 from .spend_cli import audit_command, spend_cli
-from .waiting import ClientGone, max_wait, wait_for_slot
 
 F = TypeVar("F", bound=Callable[..., Any])
 E = TypeVar("E", bound=Callable[..., Any] | Blueprint)
@@ -85,6 +75,8 @@ class RateLimiter:
         self.deny: DenyCache | None = None
         self.edge: Limiter | None = None
         self.routes = RouteLimits(authenticate=lambda key: self.keys.authenticate(key) is not None)
+        # Every request's way through the limiter (limiting/web/gate.py).
+        self.gate = Gate(self)
         if app is not None:
             self.init_app(app)
 
@@ -110,22 +102,21 @@ class RateLimiter:
             self.deny = DenyCache()
             on_change(policy, self.deny.clear)   # limits set/unset/reset: ask the store again
             # Inside ProxyFix (added next): the door sees the address the edge counts.
-            app.wsgi_app = Door(app.wsgi_app, app, self.deny, policy)  # type: ignore[method-assign]
+            app.wsgi_app = Door(app.wsgi_app, app, self.deny, policy,  # type: ignore[method-assign]
+                                self.gate)
         hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
         if hops > 0:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
             # anything before them is the client's claim and must not pick the edge key.
             app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)  # type: ignore[method-assign]
         # Before the edge's hooks: a route whose call carries the edge is marked first.
-        install(app, self.routes, lambda: self.engine, record)
-        self.edge, edge_after = init_edge(app, policy, store)
+        app.before_request(self.gate.before)
+        self.edge, self.gate.edge_hooks = init_edge(app, policy, store)
         app.extensions[EXTENSION_KEY] = self
-        app.after_request(_after_request(edge_after))
+        app.after_request(self.gate.after_hook())
         app.wsgi_app = SendLimitHeaders(app.wsgi_app)  # type: ignore[method-assign]
-        app.register_error_handler(RateLimited, _render_refusal)
-        app.register_error_handler(LimiterUnavailable, _render_refusal)
-        app.register_error_handler(UpstreamSaturated, _render_refusal)
-        app.register_error_handler(ExceedsLimit, _render_refusal)
+        for error in (RateLimited, LimiterUnavailable, UpstreamSaturated, ExceedsLimit):
+            app.register_error_handler(error, render_refusal)
         app.cli.add_command(limits_cli)
         app.cli.add_command(keys_cli)
         app.cli.add_command(spend_cli)
@@ -174,32 +165,19 @@ class RateLimiter:
         user; such ids have limits of their own and never spend an authenticated user's.
         The decision is kept in request_limits() so the response carries its headers.
         """
-        started = time.perf_counter()
         engine = self.engine
-        policy = engine.policy
-        realm = BODY_USER if anonymous else KEY_USER
-        resolved, org_plan = policy.resolve(user, plan, realm), policy.org_of(user, org)
-        refuse_if_denied(self.deny, user, realm, resolved, started)
-        state, extra = pending(self.routes, user,
-                               org_plan.name if org_plan is not None else None, realm)
-        wait = max_wait(resolved)
-        charged: list[Charged] = []
-        if extra or wait:   # the route's own limits, in the same call; a slot to give back
-            outcome = engine.acquire_with(user, client_ip(), resolved, realm, extra, org_plan,
-                                          wait)
-            decision, charged = outcome.decision, outcome.charged
-        else:
-            decision = engine.acquire(user, client_ip(), resolved, realm, org_plan)
-        record(decision, user, started, resolved.name)
-        request_limits().decision = decision
-        if decision.allowed:
-            if not wait_for_slot(decision, user):
-                engine.refund(charged)   # hung up while waiting: the slot goes back
-                raise ClientGone()
-            keep(state, charged)
-            return decision
-        remember_refusal(self.deny, engine, decision, user, realm, resolved, plan, started)
-        raise refusal_error(Refused(decision))
+        who = payer(engine.policy, user, plan, anonymous=anonymous, key_org=org)
+
+        def execute(extra: list[Group], wait: float) -> Passage:
+            if not (extra or wait):   # the plan (and org) alone: one call, nothing to give back
+                return Passage(engine.acquire(user, client_ip(), who.plan, who.realm, who.org))
+            # The route's own limits in the same call; a slot to give back.
+            outcome = engine.acquire_with(user, client_ip(), who.plan, who.realm, extra,
+                                          who.org, wait)
+            return Passage(outcome.decision, outcome.charged,
+                           lambda: engine.refund(outcome.charged))
+
+        return self.gate.admit(who, execute).decision
 
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
                 plan: str | None = None, *, anonymous: bool = False,
@@ -216,40 +194,26 @@ class RateLimiter:
         API key it came with, for the spend ledger. ``org``: an API key's org (else the
         user's own, from [users]); its layers are charged with the user's.
         """
-        started = time.perf_counter()
         engine = self.engine
-        policy = engine.policy
-        ask = Ask(model, policy.model(model), input_tokens, max_output_tokens, terms, key_id)
-        limits = request_limits()
-        realm = BODY_USER if anonymous else KEY_USER
-        org_plan = policy.org_of(user, org)
-        resolved = policy.resolve(user, plan, realm)
-        refuse_if_denied(self.deny, user, realm, resolved, started)
-        state, extra = pending(self.routes, user,
-                               org_plan.name if org_plan is not None else None, realm)
-        charged: list[Charged] = []
-        try:
-            reservation = engine.reserve(user, resolved, ask, ip=client_ip(), realm=realm,
-                                         renews=renews, org=org_plan, extra=extra,
-                                         charged=charged, max_wait=max_wait(resolved))
-        except GuardRefused as guard:
-            limits.decision = guard.decision
-            record_guard(guard, user, started, resolved.name)
-            raise refusal_error(guard) from None
-        except Refused as refused:
-            limits.decision = refused.decision
-            record(refused.decision, user, started, resolved.name)
-            remember_refusal(self.deny, engine, refused.decision, user, realm, resolved,
-                             plan, started)
-            raise refusal_error(refused) from None
-        limits.decision = reservation.decision
-        record(reservation.decision, user, started, resolved.name)
-        if not wait_for_slot(reservation.decision, user):
-            reservation.refund_everything()   # hung up while waiting: the slot goes back
-            if extra and not engine.store.single_node:
-                engine.refund(charged)        # the route's, charged in calls of their own
-            raise ClientGone()
-        keep(state, charged)
+        ask = Ask(model, engine.policy.model(model), input_tokens, max_output_tokens, terms,
+                  key_id)
+        who = payer(engine.policy, user, plan, anonymous=anonymous, key_org=org)
+
+        def execute(extra: list[Group], wait: float) -> Passage:
+            charged: list[Charged] = []
+            reservation = engine.reserve(user, who.plan, ask, ip=client_ip(), realm=who.realm,
+                                         renews=renews, org=who.org, extra=extra,
+                                         charged=charged, max_wait=wait)
+
+            def give_back() -> None:
+                reservation.refund_everything()
+                if extra and not engine.store.single_node:
+                    engine.refund(charged)        # the route's, charged in calls of their own
+
+            return Passage(reservation.decision, charged, give_back, reservation)
+
+        reservation = self.gate.admit(who, execute).reservation
+        assert reservation is not None
         return reservation
 
     def observe_upstream(self, model: str, headers: Mapping[str, str], status: int,
@@ -335,45 +299,3 @@ def _setting(app: Flask, name: str, default: str) -> str:
     if value is None:
         value = os.environ.get(name, default)
     return str(value)
-
-
-def _after_request(edge_after: AfterHook | None) -> AfterHook:
-    """The extension's one after_request hook (each hook Flask runs costs on every request):
-    our headers, then Flask-Limiter's own hook on the routes it checked."""
-    if edge_after is None:
-        return lambda response: _add_headers(response, request_limits())
-
-    def after_request(response: Response) -> Response:
-        limits = request_limits()
-        response = _add_headers(response, limits)
-        return response if limits.is_limited_route() else edge_after(response)
-
-    return after_request
-
-
-def _add_headers(response: Response, limits: RequestLimits) -> Response:
-    decision = limits.decision
-    if decision is None and limits.is_limited_route():
-        # Turned away before acquire (bad input): the edge still counts the attempt.
-        decision = current_limiter().engine.charge_edge(client_ip())
-        if decision is not None and not decision.allowed:
-            return _render_refusal(RateLimited.from_decision(decision,
-                                                             rate_limit_headers(decision)))
-    if decision is not None and response.status_code != 429 and "RateLimit" not in response.headers:
-        # A view that set them (the /v1 dialects do) keeps its own; otherwise they are new,
-        # and join the header list as it is sent (SendLimitHeaders).
-        limits.headers = list(rate_limit_headers(decision).items())
-    rid = limits.request_id
-    if rid is not None:
-        response.headers["X-Request-ID"] = rid
-    return response
-
-
-def _render_refusal(exc: RateLimited | LimiterUnavailable | UpstreamSaturated | ExceedsLimit
-                    ) -> Response:
-    if isinstance(exc, (RateLimited, ExceedsLimit)) and exc.limit_headers:
-        # Our own header values: they join the WSGI list as sent (SendLimitHeaders), as an
-        # admitted response's do; a refusal under abuse is the hot path.
-        request_limits().headers = [(name, value) for name, value in exc.limit_headers.items()
-                                    if name != "Retry-After"]
-    return json_response(exc.code or 429, exc.body(), None, exc.retry_after)

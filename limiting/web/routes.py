@@ -1,8 +1,9 @@
 """Limits where the routes are: ``@token_bucket`` / ``@sliding_window`` on a view or Blueprint,
 ``[routes."blueprint.endpoint"]`` in the policy, ``exempt``, ``deduct_when``.
 
-The decorators only mark their target; nothing is charged by them. One hook, before the view,
-finds the route's limits (its own, its blueprints', the policy's) and:
+The decorators only mark their target; nothing is charged by them. The gate's hook before the
+view (limiting/web/gate.py) finds the route's limits (its own, its blueprints', the policy's)
+and:
 
 - on a view that charges a user (``plan(...)``: its own, /chat, /v1), leaves them for that view's
   acquire/reserve, whose one call checks them with the edge and the plan;
@@ -17,15 +18,13 @@ concurrent requests over many workers never pass more than the limit.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from flask import Flask, Response, after_this_request, current_app, request
+from flask import Flask, current_app, request
 
 from ..composed import Charged
-from ..core.decision import Decision, Refused
 from ..core.groups import Group
 from ..core.layers import Layer, bucket, month, window
 from ..core.naming import BODY_USER, KEY_USER, digest, user_tag
@@ -33,12 +32,10 @@ from ..core.policy import Policy
 from ..core.routes import HEADER_KEY, RouteLimit, unknown_endpoints
 from ..core.routes import sliding_window as sliding_window_limit
 from ..core.routes import token_bucket as token_bucket_limit
-from ..engine import Engine
 from ..keys import presented_key
 from ..stores.store import StoreUnavailable
-from .context import LIMITED_ROUTE, request_limits
+from .context import request_limits
 from .door import early_of
-from .errors import refusal_error
 from .identity import client_ip
 
 log = logging.getLogger("limiter.routes")
@@ -254,51 +251,6 @@ def _counted_key(user: str | None, realm: str,
         return None
     early = early_of(current_app.view_functions.get(request.endpoint or ""))
     return (early.key if early is not None else presented_key)(request.headers)
-
-
-def install(app: Flask, routes: RouteLimits, engine: Callable[[], Engine],
-            record: Callable[[Decision, str, float], None]) -> None:
-    """The hooks: decide a route's limits before its view (or leave them to its acquire),
-    and give back what a ``deduct_when`` refuses after it. Installed before the edge's hooks,
-    so that a route whose call carries the edge is known as one when they run."""
-
-    @app.before_request
-    def route_limits() -> None:
-        endpoint = request.endpoint
-        if endpoint is None:
-            return
-        eng = engine()
-        bounds = routes.cached(eng.policy, endpoint)   # every request: no app lookups
-        if bounds is None:
-            routes.warn_unknown(current_app, eng.policy)
-            bounds = routes.of(current_app, eng.policy, endpoint)
-        if not bounds:
-            return
-        started = time.perf_counter()
-        limits = request_limits()
-        state = limits.routes = RouteState(bounds)
-        if any(b.limit.deduct_when is not None for b in bounds):
-            after_this_request(deduct)   # only these requests pay for an after hook
-        if getattr(current_app.view_functions.get(endpoint), LIMITED_ROUTE, False):
-            return   # the view's acquire/reserve checks them in its call
-        limits.limited_route = True   # this call carries the edge (one server)
-        groups = routes.groups(bounds, None)
-        edge = eng.edge_group(client_ip())
-        outcome = eng.decide([edge, *groups] if edge is not None else groups)
-        state.used = True
-        keep(state, outcome.charged)
-        limits.decision = outcome.decision
-        record(outcome.decision, "ip:" + client_ip(), started)
-        if not outcome.decision.allowed:
-            raise refusal_error(Refused(outcome.decision))
-
-    def deduct(response: Response) -> Response:
-        state = request_limits().routes
-        if state is not None and state.charged:
-            back = [charged for charged, when in state.charged if not when(response)]
-            if back:
-                engine().refund(back)
-        return response
 
 
 def pending(routes: RouteLimits, user: str, org: str | None = None, realm: str = KEY_USER

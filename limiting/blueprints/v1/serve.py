@@ -19,6 +19,7 @@ from limiting.providers.llm_calls import Tally, UpstreamReply, UpstreamStream
 from limiting.reservation import Reservation
 from limiting.stores.store import StoreUnavailable
 from limiting.web.extension import current_limiter
+from limiting.web.gate import payer
 
 from .dialect import Dialect
 from .fields import read_body
@@ -70,8 +71,8 @@ def authenticate(token: str | None) -> KeyRecord:
 
 def plan_of(record: KeyRecord) -> Plan:
     """The key's plan, as reserve() will charge it (a plan that left the policy: the
-    user's own)."""
-    return current_limiter().policy.resolve(record.user, record.plan)
+    user's own): resolved once for the request, and reserve() charges the same payer."""
+    return payer(current_limiter().policy, record.user, record.plan, key_org=record.org).plan
 
 
 def observer(model: str) -> Observe:
