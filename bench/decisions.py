@@ -2,13 +2,15 @@
 
 ``ping_loop`` is the yardstick: n sequential PINGs from one redis-py client.
 ``decisions_loop`` times n sequential limiter decisions for distinct users through the
-project's engine (edge + bucket + quota, one script call each), and ``bytes_per_user`` the
-Redis memory per active user after such decisions.
+project's engine (edge + bucket + quota, one script call each), ``llm_loop`` n full LLM
+decisions (edge + bucket + quota + tokens + dollars + lease + the model's guard, one call
+each), and ``bytes_per_user`` the Redis memory per active user after such decisions.
 """
 
 from __future__ import annotations
 
 import time
+import tomllib
 from pathlib import Path
 
 import redis
@@ -27,12 +29,38 @@ def ping_loop(url: str, n: int) -> float:
         client.close()
 
 
-def _engine(url: str):  # type: ignore[no-untyped-def]
-    from limiting.core.policy import load_policy
+# The full LLM decision's policy (its budget needs every model priced, which the bench's
+# limits.bench.toml keeps out of the other sections): limits never reached.
+LLM_POLICY = """
+[edge]
+per_ip = ["1000000 per minute"]
+
+[plans.bench-llm]
+burst = 1000000
+refill_per_second = 100000
+quotas = ["100000000 per day"]
+tokens_per_minute = 100000000000
+budget_usd_per_day = 1000000.0
+max_concurrent = 100000
+
+[models."gpt-bench"]
+provider = "openai"
+requests_per_minute = 100000000
+tokens_per_minute = 100000000000
+input_usd_per_million = 0.15
+output_usd_per_million = 0.6
+"""
+
+
+def _engine(url: str, text: str | None = None):  # type: ignore[no-untyped-def]
+    from limiting.core.policy import load_policy, parse_policy
     from limiting.engine import EdgeKeys, Engine
     from limiting.stores.storage import open_store
 
-    policy = load_policy(Path(__file__).with_name("limits.bench.toml"))
+    if text is None:
+        policy = load_policy(Path(__file__).with_name("limits.bench.toml"))
+    else:
+        policy = parse_policy(tomllib.loads(text), "bench/decisions.py")
     keys = EdgeKeys(policy.edge_per_ip)
     return Engine(open_store(url), policy, edge=keys.layers(policy.fail_edge), edge_keys=keys)
 
@@ -46,6 +74,25 @@ def decisions_loop(url: str, n: int) -> float:
         start = time.perf_counter()
         for i in range(n):
             engine.acquire(f"bench-user-{i % 1000}", "127.0.0.1")
+        return time.perf_counter() - start
+    finally:
+        engine.store.close()
+
+
+def llm_loop(url: str, n: int) -> float:
+    """Seconds for n sequential full LLM decisions through the engine's reserve (one script
+    call each: the guard rides in the user's call on one server). Leases are left to their
+    TTL, untimed: max_concurrent is never reached."""
+    from limiting.core.ask import Ask
+
+    engine = _engine(url, LLM_POLICY)
+    plan = engine.policy.plans["bench-llm"]
+    ask = Ask("gpt-bench", engine.policy.models["gpt-bench"], 200, 300)
+    try:
+        engine.reserve("warm-up", plan, ask, ip="127.0.0.1")
+        start = time.perf_counter()
+        for i in range(n):
+            engine.reserve(f"bench-llm-{i % 1000}", plan, ask, ip="127.0.0.1")
         return time.perf_counter() - start
     finally:
         engine.store.close()

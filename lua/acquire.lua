@@ -10,8 +10,8 @@
 --   "B"  a token bucket others reach too (an org's, a route scope's, one keyed by IP or a
 --        header): the same state, but a waiter takes only the tokens it holds now
 --   "w"  strict sliding window: a = limit, b = window in microseconds; state is 61 slots
---        of 4-byte counts ("W": 8-byte counts, for tokens and micro-dollars), then the
---        waiters' slots ahead of them
+--        of counts as wide as the limit needs (see WINDOW STATE below), then the waiters'
+--        slots ahead of them ("W": the same, for tokens and micro-dollars)
 --   "c"  requests in flight: a = max, b = lease TTL in microseconds, cost = lease id
 --        ("-" only looks); a lease of a killed worker leaves by its TTL
 --   "p"  upstream pacing learnt from provider headers (a hash written by observe.lua):
@@ -33,8 +33,8 @@
 -- now, or is refused at once with the time until it holds them, as a caller that does not
 -- wait; a hang-up's refund puts them back (capped at the capacity), as if it never came.
 -- A window charges the slot the request runs in:
--- a slot ahead of the ring goes in the window's tail (after the 61 slots: 8-byte slot
--- number and count pairs, in slot order), which moves no later caller's earliest slot: a
+-- a slot ahead of the ring goes in the window's tail (after the 61 slots: slot number and
+-- count pairs, in slot order), which moves no later caller's earliest slot: a
 -- charge counts in every window that holds its slot and in no other, and a request passes
 -- in slot s when every window ending at s or later has room for it. So a waiter, whatever
 -- its own layers make it wait for, holds back no one sharing a window with it (the
@@ -54,10 +54,22 @@
 -- that cannot fail on the values just checked: the edge's INCRBY (every attempt counts,
 -- also one a later layer refuses), then, only if every layer passed, the SETs, the lease's
 -- ZADD and the pace hash's HSETs of values computed in the first pass.
+--
+-- WINDOW STATE ("w" and "W"): one byte, the counters' width n; the ring's newest slot (a
+-- double); the total and the 61 counters, n bytes each (n = 1..6: unsigned integers, 8:
+-- doubles); then the tail, {slot, count} as two doubles each. n is the narrowest that holds
+-- the limit and the total (1 byte for "100 per day"): a write re-encodes the ring when that
+-- changes; a count that is not a whole number keeps doubles. The length is always odd
+-- (9 + 62n + 16 per tail entry). The layout before it, always of even length ({last,
+-- total} as doubles; 61 counters of 4 bytes for "w", 8 for "W"; tail entries of 12 or 16
+-- bytes), is read as it is and rewritten in this layout by its first write.
 
 local SLOTS = 61          -- 60 whole slots plus the current partial one
-local MAX_COUNT = 2^53    -- integers a double holds exactly
+local values = unpack     -- Lua's: a list's items (struct's unpack takes the name below)
 local pack, unpack = struct.pack, struct.unpack
+-- A window's counters n bytes wide, and its head (width byte, newest slot, total) for n.
+local FMT = {'<I1', '<I2', '<I3', '<I4', '<I5', '<I6', nil, '<d'}
+local HEAD_FMT = {'<BdI1', '<BdI2', '<BdI3', '<BdI4', '<BdI5', '<BdI6', nil, '<Bdd'}
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -110,20 +122,76 @@ local worst_wait, worst_layer = 0, 0
 local longest = 0         -- the longest wait admitted into a future slot, µs
 local before = {}         -- a layer admitted into a future slot: its remaining before it
 
--- A window's ring moved on from slot `from` to slot `to`: the slots between leave it.
-local function advance(state, total, from, to, fmt, width)
-  if to - from >= SLOTS then
-    return string.sub(state, 1, 16) .. string.rep('\0', SLOTS * width), 0
+-- The narrowest counter that holds x exactly: an unsigned integer of 1 to 6 bytes, else a
+-- double.
+local function width_for(x)
+  if x % 1 ~= 0 or x >= 281474976710656 then return 8 end
+  if x < 256 then return 1 elseif x < 65536 then return 2 elseif x < 16777216 then return 3
+  elseif x < 4294967296 then return 4 elseif x < 1099511627776 then return 5 end
+  return 6
+end
+
+-- A window's value read: its newest slot, total, counters' width, the 61 counters (a
+-- string) and its tail ({slot, count} in slot order; nil: none); nil when it is not one.
+local function read_window(raw, kind)
+  local n, w, last, total, ring_end, step, tail_fmt = #raw
+  if n % 2 == 1 then
+    w = string.byte(raw, 1)
+    if not FMT[w] then return nil end
+    ring_end, step, tail_fmt = 9 + w + SLOTS * w, 16, '<dd'
+    if n < ring_end then return nil end
+    last, total = unpack('<d', raw, 2), unpack(FMT[w], raw, 10)
+  else
+    w = kind == 'W' and 8 or 4   -- the layout before: counts of 4 bytes ("w") or doubles
+    ring_end, step, tail_fmt = 16 + SLOTS * w, 8 + w, '<d' .. string.sub(FMT[w], 2)
+    if n < ring_end then return nil end
+    last, total = unpack('<dd', raw)
   end
+  if (n - ring_end) % step ~= 0 or not (finite(last) and finite(total)) then return nil end
+  local tail, prev = nil, last
+  for off = ring_end, n - 1, step do
+    local at, held = unpack(tail_fmt, raw, off + 1)
+    if not (finite(at) and finite(held) and at > prev) then return nil end
+    tail = tail or {}
+    tail[#tail + 1], prev = {at, held}, at
+  end
+  return last, total, w, string.sub(raw, ring_end - SLOTS * w + 1, ring_end), tail
+end
+
+-- A window's ring moved on from slot `from` to slot `to`: the slots between leave it (their
+-- places, at most two runs of the ring, are zeroed in one rebuild).
+local function advance(ring, total, from, to, w)
+  if to - from >= SLOTS then return string.rep('\0', SLOTS * w), 0 end
+  local fmt, gone = FMT[w], false
   for k = from + 1, to do
-    local off = 16 + (k % SLOTS) * width
-    local old = unpack(fmt, state, off + 1)
-    if old ~= 0 then
-      total = total - old
-      state = state:sub(1, off) .. pack(fmt, 0) .. state:sub(off + width + 1)
-    end
+    local old = unpack(fmt, ring, (k % SLOTS) * w + 1)
+    if old ~= 0 then total, gone = total - old, true end
   end
-  return state, total
+  if not gone then return ring, total end
+  local first, last = (from + 1) % SLOTS, to % SLOTS
+  if first <= last then
+    return string.sub(ring, 1, first * w) .. string.rep('\0', (last - first + 1) * w)
+      .. string.sub(ring, (last + 1) * w + 1), total
+  end
+  return string.rep('\0', (last + 1) * w) .. string.sub(ring, (last + 1) * w + 1, first * w)
+    .. string.rep('\0', (SLOTS - first) * w), total
+end
+
+-- The ring's counters re-encoded w2 bytes wide (its limit or total needs another width); a
+-- count that is not a whole number keeps doubles.
+local function rewidth(ring, w, w2)
+  local fmt, counts = FMT[w], {}
+  for k = 1, SLOTS do
+    counts[k] = unpack(fmt, ring, (k - 1) * w + 1)
+    if counts[k] % 1 ~= 0 then w2 = 8 end
+  end
+  return pack('<' .. string.rep(string.sub(FMT[w2], 2), SLOTS), values(counts)), w2
+end
+
+-- Counter k of a ring of width w set to x.
+local function put(ring, k, w, x)
+  local off = k * w
+  return string.sub(ring, 1, off) .. pack(FMT[w], x) .. string.sub(ring, off + w + 1)
 end
 
 local function count_edges()
@@ -207,52 +275,42 @@ for i = 1, #KEYS do
 
   elseif kind == 'w' or kind == 'W' then
     local raw = redis.call('GET', KEYS[i])
-    local fmt, width = '<I4', 4
-    if kind == 'W' then fmt, width = '<d', 8 end
     local slot = b / 60
     local cur = math.floor(now / slot)
-    local ring_end = 16 + SLOTS * width
-    local last, total, state
-    local tail = {}         -- waiters' charges in slots ahead of the ring: {slot, count}
+    local last, total, w, ring, tail   -- tail: waiters' charges ahead of the ring, or nil
     if raw then
-      if #raw < ring_end or (#raw - ring_end) % (8 + width) ~= 0 then
-        return bad(i, 'not a sliding window')
-      end
-      last, total = unpack('<dd', raw)
-      if not (finite(last) and finite(total)) then return bad(i, 'not a sliding window') end
-      local prev = last
-      for off = ring_end, #raw - 1, 8 + width do
-        local at, held = unpack('<d', raw, off + 1), unpack(fmt, raw, off + 9)
-        if not (finite(at) and finite(held) and at > prev) then
-          return bad(i, 'not a sliding window')
-        end
-        tail[#tail + 1], prev = {at, held}, at
-      end
-      state = string.sub(raw, 1, ring_end)
+      last, total, w, ring, tail = read_window(raw, kind)
+      if not last then return bad(i, 'not a sliding window') end
     end
     local e = math.max(cur, last or cur)   -- the ring's newest slot: this request's earliest
     if raw and e - last >= SLOTS then raw = nil end
     if raw then
       -- Slots last+1..e reuse the ring positions of slots that have left the window; a
       -- waiter's charge whose slot has come moves from the tail into the ring.
-      state, total = advance(state, total, last, e, fmt, width)
+      ring, total = advance(ring, total, last, e, w)
     else
-      last, total = e, 0
-      state = pack('<dd', e, 0) .. string.rep('\0', SLOTS * width)
+      last, total, w = e, 0, width_for(a)
+      ring = string.rep('\0', SLOTS * w)
     end
-    local ahead, newest, kept, at = 0, last, {}, {}
-    for _, t in ipairs(tail) do
-      if t[1] > e then
-        kept[#kept + 1], at[t[1]], ahead = t, t[2], ahead + t[2]
-      elseif e - t[1] < SLOTS then
-        local off = 16 + (t[1] % SLOTS) * width
-        local held = unpack(fmt, state, off + 1)
-        state = state:sub(1, off) .. pack(fmt, held + t[2]) .. state:sub(off + width + 1)
-        total = total + t[2]
+    local fmt = FMT[w]
+    local ahead, newest, at = 0, last, nil
+    if tail then
+      local kept = {}
+      at = {}
+      for _, t in ipairs(tail) do
+        if t[1] > e then
+          kept[#kept + 1], at[t[1]], ahead = t, t[2], ahead + t[2]
+        elseif e - t[1] < SLOTS then
+          local k = t[1] % SLOTS
+          local held = unpack(fmt, ring, k * w + 1) + t[2]
+          if width_for(held) > w then ring, w = rewidth(ring, w, width_for(held)) end
+          fmt = FMT[w]
+          ring, total = put(ring, k, w, held), total + t[2]
+        end
+        newest = math.max(newest, t[1])
       end
-      newest = math.max(newest, t[1])
+      tail = kept[1] and kept or nil
     end
-    tail = kept
     local deadline = shadow and 0 or max_wait
     -- A charge in slot s counts in every window that ends at s or later. A waiter's charge
     -- ahead stays in the tail: it never moves a later caller's earliest slot, it counts in
@@ -267,11 +325,11 @@ for i = 1, #KEYS do
         if x > e then
           local gone = x - SLOTS
           if gone <= e then
-            used = used - unpack(fmt, state, 16 + (gone % SLOTS) * width + 1)
-          else
+            used = used - unpack(fmt, ring, (gone % SLOTS) * w + 1)
+          elseif at then
             used = used - (at[gone] or 0)
           end
-          used = used + (at[x] or 0)
+          if at then used = used + (at[x] or 0) end
         end
         if used + cost > a then blocked = x end
       end
@@ -284,7 +342,7 @@ for i = 1, #KEYS do
       reset = (math.max(run, far) + SLOTS) * slot - now
       if total + ahead + cost == 0 then reset = 0 end  -- an empty window (a look with cost 0)
       -- Charged in the commit, to the slot the request runs in.
-      writes[i] = {state, e, total, slot, fmt, width, tail}
+      writes[i] = {ring, e, total, slot, w, tail}
       wait = 0
       total = total + cost
     else
@@ -418,26 +476,30 @@ for i = 1, #KEYS do
       redis.call('SET', KEYS[i], pack('<dd', tokens, now),
         'PX', math.ceil((a - tokens) / b * 1000) + 1000)
     elseif kind == 'w' or kind == 'W' then
-      local state, e, total, slot, fmt, width, tail = w[1], w[2], w[3], w[4], w[5], w[6], w[7]
+      local ring, e, total, slot, n, tail = w[1], w[2], w[3], w[4], w[5], w[6]
+      local cost = costs[i]
       local r = math.max(e, math.floor((now + delay) / slot))
-      local off = 16 + (e % SLOTS) * width
-      local held = unpack(fmt, state, off + 1)
+      if r == e then total = total + cost end
+      -- As wide as the limit and the total need: a changed limit re-encodes the ring once.
+      local w2 = width_for(math.max(tonumber(ARGV[(i - 1) * 4 + 2]), total))
+      if w2 ~= n then ring, n = rewidth(ring, n, w2) end
       if r == e then
-        total, held = total + costs[i], held + costs[i]
+        local k = e % SLOTS
+        local held = unpack(FMT[n], ring, k * n + 1) + cost
+        if cost % 1 ~= 0 and n ~= 8 then ring, n = rewidth(ring, n, 8) end
+        ring = put(ring, k, n, held)
       end
-      state = pack('<dd', e, total) .. state:sub(17, off) .. pack(fmt, held)
-        .. state:sub(off + width + 1)
       -- A waiter's charge goes in the tail, in slot order; the ring stays at e.
-      local far, put = e, r == e
-      for _, t in ipairs(tail) do
-        if not put and t[1] >= r then
-          put = true
-          if t[1] == r then t = {r, t[2] + costs[i]}
-          else state = state .. pack('<d', r) .. pack(fmt, costs[i]) end
+      local state, far, put_in = pack(HEAD_FMT[n], n, e, total) .. ring, e, r == e
+      for _, t in ipairs(tail or {}) do
+        if not put_in and t[1] >= r then
+          put_in = true
+          if t[1] == r then t = {r, t[2] + cost}
+          else state = state .. pack('<dd', r, cost) end
         end
-        state, far = state .. pack('<d', t[1]) .. pack(fmt, t[2]), t[1]
+        state, far = state .. pack('<dd', t[1], t[2]), t[1]
       end
-      if not put then state, far = state .. pack('<d', r) .. pack(fmt, costs[i]), r end
+      if not put_in then state, far = state .. pack('<dd', r, cost), r end
       redis.call('SET', KEYS[i], state, 'PX', math.ceil(((far + SLOTS) * slot - now) / 1000) + 1000)
     elseif kind == 'c' then
       redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
