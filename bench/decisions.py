@@ -9,8 +9,10 @@ each), and ``bytes_per_user`` the Redis memory per active user after such decisi
 
 from __future__ import annotations
 
+import statistics
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -114,3 +116,38 @@ def bytes_per_user(url: str) -> float:
     finally:
         client.close()
         engine.store.close()
+
+
+def section(url: str, n: int, flushall: Callable[[str], None], rounds: int = 3) -> list[str]:
+    """The decisions section's report lines: each decision's time over a PING round trip's,
+    medians of ``rounds`` interleaved rounds of n calls each in this one run (ratios, not
+    absolute times, are what a shared machine can compare), then Redis memory per user."""
+    from bench import memory
+
+    times: dict[str, list[float]] = {"ping": [], "decision": [], "llm": []}
+    for _ in range(rounds):
+        flushall(url)
+        times["ping"].append(ping_loop(url, n) / n)
+        flushall(url)
+        times["decision"].append(decisions_loop(url, n) / n)
+        flushall(url)
+        times["llm"].append(llm_loop(url, n) / n)
+    ping = statistics.median(times["ping"])
+    lines = [f"- PING round trip: {ping * 1e6:.1f} µs (n={n}, {rounds} rounds, sequential, "
+             "one redis-py client)"]
+    for name, what in (("decision", "edge + bucket + quota"),
+                       ("llm", "full LLM decision: edge + bucket + quota + tokens + dollars "
+                               "+ lease + the model's guard")):
+        ratios = [t / p for t, p in zip(times[name], times["ping"], strict=True)]
+        lines.append(f"- {what}, one call: {statistics.median(times[name]) * 1e6:.1f} µs "
+                     f"= {statistics.median(ratios):.2f}x a PING (rounds: "
+                     f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    flushall(url)
+    lines.append(f"- Redis bytes per active user (bucket + quota, MEMORY USAGE, bench plan): "
+                 f"{bytes_per_user(url):,.0f}")
+    flushall(url)
+    lines += memory.layer_bytes(url)
+    flushall(url)
+    lines.append("- used_memory per active user through /chat, default policy (one request "
+                 f"each, 2,000 users): {memory.chat_bytes_per_user(url):,.0f} bytes")
+    return lines

@@ -44,8 +44,10 @@ def _usage(client: redis.Redis, pattern: str) -> dict[str, int]:
             for key in client.scan_iter(match=pattern, count=1000)}
 
 
-def layer_bytes(url: str) -> list[str]:
-    """Report lines: bytes by MEMORY USAGE per layer, for the default plan and an LLM plan."""
+def layer_sizes(url: str) -> dict[str, dict[str, int]]:
+    """MEMORY USAGE of each layer's key by plan ("starter": the default policy's bucket and
+    "100 per day"; "llm": bucket, quotas, tokens, dollars and a lease held), after a few
+    decisions."""
     import tomllib
 
     from limiting.core.ask import Ask
@@ -54,26 +56,31 @@ def layer_bytes(url: str) -> list[str]:
     from limiting.stores.storage import open_store
 
     policy = parse_policy(tomllib.loads(_PLANS))
-    engine = Engine(open_store(url), policy, namespace="mb:")
+    engine = Engine(open_store(url, timeout=2), policy, namespace="mb:")
     client = redis.Redis.from_url(url)
-    lines = []
+    ask = Ask("gpt-x", policy.models["gpt-x"], 500, 500)
     try:
         for _ in range(3):
             engine.acquire("u-starter", None, policy.plans["starter"])
-            res = engine.reserve("u-llm", policy.plans["llm"],
-                                 Ask("gpt-x", policy.models["gpt-x"], 500, 500), guard=False)
-            res.cancel()   # the lease key stays, as a user's between requests
-        res = engine.reserve("u-llm", policy.plans["llm"],
-                             Ask("gpt-x", policy.models["gpt-x"], 500, 500), guard=False)
-        for user in ("u-starter", "u-llm"):
-            sizes = _usage(client, f"mb:*{user}*")
-            parts = ", ".join(f"{key.rsplit(':', 1)[-1]} {n}" for key, n in sorted(sizes.items()))
-            lines.append(f"- MEMORY USAGE per layer, {user.split('-')[1]} plan: {parts} "
-                         f"= {sum(sizes.values()):,} bytes")
-        res.cancel()
+            engine.reserve("u-llm", policy.plans["llm"], ask, guard=False).cancel()
+        held = engine.reserve("u-llm", policy.plans["llm"], ask, guard=False)
+        sizes = {plan: {key.rsplit(":", 1)[-1]: n
+                        for key, n in _usage(client, f"mb:*u-{plan}*").items()}
+                 for plan in ("starter", "llm")}
+        held.cancel()
+        return sizes
     finally:
         client.close()
         engine.store.close()
+
+
+def layer_bytes(url: str) -> list[str]:
+    """Report lines: bytes by MEMORY USAGE per layer, for the default plan and an LLM plan."""
+    lines = []
+    for plan, sizes in layer_sizes(url).items():
+        parts = ", ".join(f"{layer} {n}" for layer, n in sorted(sizes.items()))
+        lines.append(f"- MEMORY USAGE per layer, {plan} plan: {parts} "
+                     f"= {sum(sizes.values()):,} bytes")
     return lines
 
 

@@ -166,3 +166,15 @@ def test_a_damaged_window_is_refused_and_left_alone(r: redis.Redis, lua: Store,
     with pytest.raises(StoreUnavailable):
         lua.acquire([KEY], window("w", 100, 1))
     assert r.get(KEY) == raw
+
+
+def test_a_users_layers_fit_their_memory_goals(r: redis.Redis, redis_url: str) -> None:
+    """Issue 20: a bucket + "100 per day" window in at most 256 bytes by MEMORY USAGE, every
+    layer of an LLM plan (bucket, quotas, tokens, dollars, a lease held) in at most 1 KiB."""
+    from bench.memory import layer_sizes
+
+    sizes = layer_sizes(redis_url)
+    assert set(sizes["starter"]) == {"b", "q86400"}, sizes
+    assert sum(sizes["starter"].values()) <= 256, sizes
+    assert {"b", "q86400", "qmonth", "t60", "usd86400", "cc"} <= set(sizes["llm"]), sizes
+    assert sum(sizes["llm"].values()) <= 1024, sizes
