@@ -377,24 +377,38 @@ for i = 1, #KEYS do
 
   elseif kind == 'c' then
     -- Leases past their TTL are not counted here; the commit sweeps them.
-    local after = string.format('(%.0f', now)
-    local held, first
+    local held, soonest, stale = nil, nil, true
     if not shadow and a >= 1 and a <= 64 and a % 1 == 0 then
-      -- One read: the live leases up to the limit (more only ever answer 0 remaining).
-      first = redis.call('ZRANGEBYSCORE', KEYS[i], after, '+inf', 'WITHSCORES', 'LIMIT', 0, a)
-      held = #first / 2
-    else
-      held = redis.call('ZCOUNT', KEYS[i], after, '+inf')
-      first = redis.call('ZRANGEBYSCORE', KEYS[i], after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+      -- One read of the first a + 8 leases: the live ones up to the limit (more only ever
+      -- answer 0 remaining), and whether any past its TTL is there for the commit to sweep.
+      local page = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', '+inf', 'WITHSCORES',
+        'LIMIT', 0, a + 8)
+      if #page < 2 * (a + 8) then
+        held, stale = 0, false
+        for k = 2, #page, 2 do
+          local at = tonumber(page[k])
+          if at > now then
+            held = held + 1
+            soonest = soonest or math.min(b, at - now)
+          else
+            stale = true
+          end
+        end
+      end
     end
-    local soonest = first[2] and math.min(b, tonumber(first[2]) - now)
+    if not held then   -- a shadow layer (its exact count shows) or a full page
+      local after = string.format('(%.0f', now)
+      held = redis.call('ZCOUNT', KEYS[i], after, '+inf')
+      local first = redis.call('ZRANGEBYSCORE', KEYS[i], after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+      soonest = first[2] and math.min(b, tonumber(first[2]) - now)
+    end
     local lease = ARGV[base + 4]
     cost = 0
     if lease ~= '-' then
       if held < a then
         cost = 1
         held = held + 1
-        writes[i] = {lease, now + b}
+        writes[i] = {lease, now + b, stale}
       else
         -- A slot frees as soon as one of the caller's requests in flight finishes; the
         -- store only knows the latest moment: the soonest lease running out its TTL.
@@ -518,7 +532,7 @@ for i = 1, #KEYS do
       if not put_in then state, far = state .. pack('<dd', r, cost), r end
       redis.call('SET', KEYS[i], state, 'PX', math.ceil(((far + SLOTS) * slot - now) / 1000) + 1000)
     elseif kind == 'c' then
-      redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+      if w[3] then redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now) end
       redis.call('ZADD', KEYS[i], w[2], w[1])
       redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[(i - 1) * 4 + 3]) / 1000) + 1000)
     elseif kind == 'p' then

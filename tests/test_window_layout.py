@@ -1,5 +1,5 @@
 """The sliding window's stored layout: counters as wide as the limit needs, and the layout
-before it still read (a deploy keeps every user's counts).
+before it still read (a deploy keeps every user's counts); the lease layer's one read.
 
 Day windows (slots of 24 minutes) keep every charge of a test in one slot; each answer is
 compared with memory://, which keeps no bytes, so a width that lost a count would show.
@@ -178,3 +178,35 @@ def test_a_users_layers_fit_their_memory_goals(r: redis.Redis, redis_url: str) -
     assert sum(sizes["starter"].values()) <= 256, sizes
     assert {"b", "q86400", "qmonth", "t60", "usd86400", "cc"} <= set(sizes["llm"]), sizes
     assert sum(sizes["llm"].values()) <= 1024, sizes
+
+
+# ----------------------------------------------------------------------------------------
+# Leases: one read of the first limit + 8 of them; the exact count when that page is full
+
+
+LEASES = "{u:layout}:cc"
+
+
+@pytest.mark.parametrize(("limit", "stale"), [(2, 0), (2, 3), (2, 10), (2, 40), (100, 5)])
+def test_leases_read_in_one_page_or_counted_exactly(r: redis.Redis, lua: Store, limit: int,
+                                                    stale: int) -> None:
+    """Stale leases (past their TTL) never count, whether the page holds them all or not;
+    the admitted call sweeps them; a full limit refuses until the soonest lease runs out."""
+    sec, usec = r.time()
+    now = sec * 1_000_000 + usec
+    old = {f"old-{k}": now - 1_000_000 - k for k in range(stale)}
+    r.zadd(LEASES, {**old, "live-0": now + 30_000_000})
+    args = ["c", str(limit), "60000000"]
+    first = lua.acquire([LEASES], [*args, "new-1"])
+    assert first[:3] == [1, 0, 0] and first[4] == limit - 2, first
+    assert r.zcard(LEASES) == 2     # swept: the live one and the new one
+    assert 29_000_000 < first[5] <= 30_000_000
+    if limit == 2:
+        full = lua.acquire([LEASES], [*args, "new-2"])
+        assert full[:2] == [0, 1] and full[4] == 0
+        assert 29_000_000 < full[2] <= 30_000_000
+        look = lua.acquire([LEASES], [*args, "-"])
+        assert look[:2] == [1, 0] and look[4] == 0
+        shadow = lua.acquire([LEASES], ["c?", str(limit), "60000000", "new-3"])
+        assert shadow[:2] == [1, 0] and shadow[4] == -1
+        assert r.zcard(LEASES) == 2
