@@ -347,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = [f"{r.name} [{r.worker_class}]" for r in [*fast_rows, *slow_rows, *stream_rows]
               if r.failure]
 
+    if s.only == "decisions":   # one section with no table: results.md keeps the full run
+        (logdir / "results.md").write_text(text)
+        say(f"(written to {logdir / 'results.md'})")
+        return 0
+
     def draw() -> None:
         chart.draw(chart.sections_of(fast_rows, slow_rows, stream_rows),
                    subtitle=f"python -m bench, revision {revision()}")
