@@ -525,13 +525,14 @@ for i = 1, #KEYS do
       end
       -- A waiter's charge goes in the tail, in slot order; the ring stays at e.
       local far, put_in = e, r == e
-      for _, t in ipairs(tail or {}) do
-        if not put_in and t[1] >= r then
+      for k = 1, tail and #tail or 0 do
+        local at, held = tail[k][1], tail[k][2]
+        if not put_in and at >= r then
           put_in = true
-          if t[1] == r then t = {r, t[2] + cost}
+          if at == r then held = held + cost
           else state = state .. pack('<dd', r, cost) end
         end
-        state, far = state .. pack('<dd', t[1], t[2]), t[1]
+        state, far = state .. pack('<dd', at, held), at
       end
       if not put_in then state, far = state .. pack('<dd', r, cost), r end
       call('SET', KEYS[i], state, 'PX', ceil(((far + SLOTS) * slot - now) / 1000) + 1000)
