@@ -51,9 +51,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         action="store_true",
         help="smoke run: 1 round, 4 s per measurement, 1 s warm-up (stream: 1 round, same N)",
     )
-    p.add_argument("--only", choices=("fast", "seq", "open", "abuse", "slow", "stream"),
-                   help="run only one section (fast includes seq, open and abuse; open "
-                   "includes seq)")
+    p.add_argument("--only", choices=("fast", "seq", "open", "abuse", "slow", "stream",
+                                      "decisions"),
+                   help="run only one section (fast includes seq, open, abuse and decisions; "
+                   "open includes seq)")
     p.add_argument(
         "--rounds", type=int, help="interleaved rounds in the fast section (default 3, quick 1)"
     )
@@ -165,30 +166,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 
 def micro_section(s: Settings, redis_url: str) -> list[str]:
-    lines = []
-    flushall(redis_url)
-    ping_s = decisions.ping_loop(redis_url, s.ping_n)
-    ping_rate = s.ping_n / ping_s
-    try:
-        flushall(redis_url)
-        dec_s = decisions.decisions_loop(redis_url, s.ping_n)
-        rate = s.ping_n / dec_s
-        lines.append(
-            f"- decisions/s vs PING: {rate:,.0f} decisions/s vs {ping_rate:,.0f} PING/s "
-            f"= {rate / ping_rate:.2f}x PING (n={s.ping_n}, sequential, one client)"
-        )
-    except NotImplementedError as exc:
-        lines.append(
-            f"- decisions/s vs PING: PING {ping_rate:,.0f}/s (n={s.ping_n}); "
-            f"decisions: not available ({exc})"
-        )
-    try:
-        flushall(redis_url)
-        per_user = decisions.bytes_per_user(redis_url)
-        lines.append(f"- Redis bytes per active user: {per_user:,.0f}")
-    except NotImplementedError as exc:
-        lines.append(f"- Redis bytes per active user: not available ({exc})")
-    return lines
+    return decisions.section(redis_url, s.ping_n, flushall)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     s = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
     raise_fd_limit()
-    wrk = ensure_wrk() if s.only != "stream" else "(not needed)"
+    wrk = ensure_wrk() if s.only not in ("stream", "decisions") else "(not needed)"
     started = time.monotonic()
     out: list[str] = [
         "# Benchmark results",
@@ -283,11 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                         "",
                         *report.flags(fast_rows),
                         "",
-                        "## Decisions vs PING, Redis memory",
-                        "",
-                        *micro_section(s, redis_url),
-                        "",
                     ]
+                if s.only in (None, "fast", "decisions"):
+                    out += ["## Decisions vs PING, Redis memory", "",
+                            *micro_section(s, redis_url), ""]
                 if s.only in (None, "fast", "open", "seq"):
                     out += [*sequential.sequential_section(
                         s.workers, s.worker_class, redis_url, logdir,
@@ -369,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     # Any contender that failed, even in one round, makes the run a failed one.
     failed = [f"{r.name} [{r.worker_class}]" for r in [*fast_rows, *slow_rows, *stream_rows]
               if r.failure]
+
+    if s.only == "decisions":   # one section with no table: results.md keeps the full run
+        (logdir / "results.md").write_text(text)
+        say(f"(written to {logdir / 'results.md'})")
+        return 0
 
     def draw() -> None:
         chart.draw(chart.sections_of(fast_rows, slow_rows, stream_rows),

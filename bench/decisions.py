@@ -2,13 +2,17 @@
 
 ``ping_loop`` is the yardstick: n sequential PINGs from one redis-py client.
 ``decisions_loop`` times n sequential limiter decisions for distinct users through the
-project's engine (edge + bucket + quota, one script call each), and ``bytes_per_user`` the
-Redis memory per active user after such decisions.
+project's engine (edge + bucket + quota, one script call each), ``llm_loop`` n full LLM
+decisions (edge + bucket + quota + tokens + dollars + lease + the model's guard, one call
+each), and ``bytes_per_user`` the Redis memory per active user after such decisions.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -27,14 +31,42 @@ def ping_loop(url: str, n: int) -> float:
         client.close()
 
 
-def _engine(url: str):  # type: ignore[no-untyped-def]
-    from limiting.core.policy import load_policy
+# The full LLM decision's policy (its budget needs every model priced, which the bench's
+# limits.bench.toml keeps out of the other sections): limits never reached.
+LLM_POLICY = """
+[edge]
+per_ip = ["1000000 per minute"]
+
+[plans.bench-llm]
+burst = 1000000
+refill_per_second = 100000
+quotas = ["100000000 per day"]
+tokens_per_minute = 100000000000
+budget_usd_per_day = 1000000.0
+max_concurrent = 100000
+
+[models."gpt-bench"]
+provider = "openai"
+requests_per_minute = 100000000
+tokens_per_minute = 100000000000
+input_usd_per_million = 0.15
+output_usd_per_million = 0.6
+"""
+
+
+def _engine(url: str, text: str | None = None):  # type: ignore[no-untyped-def]
+    from limiting.core.policy import load_policy, parse_policy
     from limiting.engine import EdgeKeys, Engine
     from limiting.stores.storage import open_store
 
-    policy = load_policy(Path(__file__).with_name("limits.bench.toml"))
+    if text is None:
+        policy = load_policy(Path(__file__).with_name("limits.bench.toml"))
+    else:
+        policy = parse_policy(tomllib.loads(text), "bench/decisions.py")
     keys = EdgeKeys(policy.edge_per_ip)
-    return Engine(open_store(url), policy, edge=keys.layers(policy.fail_edge), edge_keys=keys)
+    # A loaded box's budget (2 s): the loop measures time, a timeout would only end it.
+    return Engine(open_store(url, timeout=2), policy, edge=keys.layers(policy.fail_edge),
+                  edge_keys=keys)
 
 
 def decisions_loop(url: str, n: int) -> float:
@@ -47,6 +79,30 @@ def decisions_loop(url: str, n: int) -> float:
         for i in range(n):
             engine.acquire(f"bench-user-{i % 1000}", "127.0.0.1")
         return time.perf_counter() - start
+    finally:
+        engine.store.close()
+
+
+def llm_loop(url: str, n: int) -> float:
+    """Seconds for n sequential full LLM decisions through the engine's reserve (one script
+    call each: the guard rides in the user's call on one server). Each reservation is then
+    cancelled, untimed, as a finished request releases its lease: the leases a user holds
+    stay what it has in flight."""
+    from limiting.core.ask import Ask
+
+    engine = _engine(url, LLM_POLICY)
+    plan = engine.policy.plans["bench-llm"]
+    ask = Ask("gpt-bench", engine.policy.models["gpt-bench"], 200, 300)
+    clock = time.perf_counter
+    try:
+        engine.reserve("warm-up", plan, ask, ip="127.0.0.1").cancel()
+        spent = 0.0
+        for i in range(n):
+            start = clock()
+            held = engine.reserve(f"bench-llm-{i % 1000}", plan, ask, ip="127.0.0.1")
+            spent += clock() - start
+            held.cancel()
+        return spent
     finally:
         engine.store.close()
 
@@ -67,3 +123,38 @@ def bytes_per_user(url: str) -> float:
     finally:
         client.close()
         engine.store.close()
+
+
+def section(url: str, n: int, flushall: Callable[[str], None], rounds: int = 3) -> list[str]:
+    """The decisions section's report lines: each decision's time over a PING round trip's,
+    medians of ``rounds`` interleaved rounds of n calls each in this one run (ratios, not
+    absolute times, are what a shared machine can compare), then Redis memory per user."""
+    from bench import memory
+
+    times: dict[str, list[float]] = {"ping": [], "decision": [], "llm": []}
+    for _ in range(rounds):
+        flushall(url)
+        times["ping"].append(ping_loop(url, n) / n)
+        flushall(url)
+        times["decision"].append(decisions_loop(url, n) / n)
+        flushall(url)
+        times["llm"].append(llm_loop(url, n) / n)
+    ping = statistics.median(times["ping"])
+    lines = [f"- PING round trip: {ping * 1e6:.1f} µs (n={n}, {rounds} rounds, sequential, "
+             "one redis-py client)"]
+    for name, what in (("decision", "edge + bucket + quota"),
+                       ("llm", "full LLM decision: edge + bucket + quota + tokens + dollars "
+                               "+ lease + the model's guard")):
+        ratios = [t / p for t, p in zip(times[name], times["ping"], strict=True)]
+        lines.append(f"- {what}, one call: {statistics.median(times[name]) * 1e6:.1f} µs "
+                     f"= {statistics.median(ratios):.2f}x a PING (rounds: "
+                     f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    flushall(url)
+    lines.append(f"- Redis bytes per active user (bucket + quota, MEMORY USAGE, bench plan): "
+                 f"{bytes_per_user(url):,.0f}")
+    flushall(url)
+    lines += memory.layer_bytes(url)
+    flushall(url)
+    lines.append("- used_memory per active user through /chat, default policy (one request "
+                 f"each, 2,000 users): {memory.chat_bytes_per_user(url):,.0f} bytes")
+    return lines

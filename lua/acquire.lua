@@ -10,8 +10,8 @@
 --   "B"  a token bucket others reach too (an org's, a route scope's, one keyed by IP or a
 --        header): the same state, but a waiter takes only the tokens it holds now
 --   "w"  strict sliding window: a = limit, b = window in microseconds; state is 61 slots
---        of 4-byte counts ("W": 8-byte counts, for tokens and micro-dollars), then the
---        waiters' slots ahead of them
+--        of counts as wide as the limit needs (see WINDOW STATE below), then the waiters'
+--        slots ahead of them ("W": the same, for tokens and micro-dollars)
 --   "c"  requests in flight: a = max, b = lease TTL in microseconds, cost = lease id
 --        ("-" only looks); a lease of a killed worker leaves by its TTL
 --   "p"  upstream pacing learnt from provider headers (a hash written by observe.lua):
@@ -33,8 +33,8 @@
 -- now, or is refused at once with the time until it holds them, as a caller that does not
 -- wait; a hang-up's refund puts them back (capped at the capacity), as if it never came.
 -- A window charges the slot the request runs in:
--- a slot ahead of the ring goes in the window's tail (after the 61 slots: 8-byte slot
--- number and count pairs, in slot order), which moves no later caller's earliest slot: a
+-- a slot ahead of the ring goes in the window's tail (after the 61 slots: slot number and
+-- count pairs, in slot order), which moves no later caller's earliest slot: a
 -- charge counts in every window that holds its slot and in no other, and a request passes
 -- in slot s when every window ending at s or later has room for it. So a waiter, whatever
 -- its own layers make it wait for, holds back no one sharing a window with it (the
@@ -54,17 +54,33 @@
 -- that cannot fail on the values just checked: the edge's INCRBY (every attempt counts,
 -- also one a later layer refuses), then, only if every layer passed, the SETs, the lease's
 -- ZADD and the pace hash's HSETs of values computed in the first pass.
+--
+-- WINDOW STATE ("w" and "W"): one byte, the counters' width n; the ring's newest slot (a
+-- double); the total and the 61 counters, n bytes each (n = 1..6: unsigned integers, 8:
+-- doubles); then the tail, {slot, count} as two doubles each. n is the narrowest that holds
+-- the limit and the total (1 byte for "100 per day"): a write re-encodes the ring when that
+-- changes; a count that is not a whole number keeps doubles. The length is always odd
+-- (9 + 62n + 16 per tail entry). The layout before it, always of even length ({last,
+-- total} as doubles; 61 counters of 4 bytes for "w", 8 for "W"; tail entries of 12 or 16
+-- bytes), is read as it is and rewritten in this layout by its first write.
 
 local SLOTS = 61          -- 60 whole slots plus the current partial one
-local MAX_COUNT = 2^53    -- integers a double holds exactly
+local values = unpack     -- Lua's: a list's items (struct's unpack takes the name below)
 local pack, unpack = struct.pack, struct.unpack
+-- Locals, not a global table's field on every use: this runs on every request.
+local call = redis.call
+local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
+local sub, rep, byte, huge = string.sub, string.rep, string.byte, math.huge
+-- A window's counters n bytes wide, and its head (width byte, newest slot, total) for n.
+local FMT = {'<I1', '<I2', '<I3', '<I4', '<I5', '<I6', nil, '<d'}
+local HEAD_FMT = {'<BdI1', '<BdI2', '<BdI3', '<BdI4', '<BdI5', '<BdI6', nil, '<Bdd'}
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local max_wait = tonumber(ARGV[#KEYS * 4 + 1]) or 0
 
 local function finite(x)
-  return x ~= nil and x == x and x > -math.huge and x < math.huge
+  return x ~= nil and x == x and x > -huge and x < huge
 end
 
 local function bad(i, what)
@@ -83,15 +99,15 @@ end
 local MONTH_DAYS = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31}
 local DAY_US = 86400000000
 local function month_of(us)
-  local days = math.floor(us / DAY_US)
+  local days = floor(us / DAY_US)
   local z = days + 719468
-  local era = math.floor(z / 146097)
+  local era = floor(z / 146097)
   local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local day = doy - math.floor((153 * mp + 2) / 5)       -- 0 on the 1st
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524)
+    - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local day = doy - floor((153 * mp + 2) / 5)       -- 0 on the 1st
   local m = mp < 10 and mp + 3 or mp - 9
   local y = yoe + era * 400 + (m <= 2 and 1 or 0)
   local len = MONTH_DAYS[m]
@@ -110,34 +126,93 @@ local worst_wait, worst_layer = 0, 0
 local longest = 0         -- the longest wait admitted into a future slot, µs
 local before = {}         -- a layer admitted into a future slot: its remaining before it
 
--- A window's ring moved on from slot `from` to slot `to`: the slots between leave it.
-local function advance(state, total, from, to, fmt, width)
-  if to - from >= SLOTS then
-    return string.sub(state, 1, 16) .. string.rep('\0', SLOTS * width), 0
+-- The narrowest counter that holds x exactly: an unsigned integer of 1 to 6 bytes, else a
+-- double.
+local function width_for(x)
+  if x % 1 ~= 0 or x >= 281474976710656 then return 8 end
+  if x < 256 then return 1 elseif x < 65536 then return 2 elseif x < 16777216 then return 3
+  elseif x < 4294967296 then return 4 elseif x < 1099511627776 then return 5 end
+  return 6
+end
+
+-- A window's value read: its newest slot, total, counters' width, the 61 counters (a
+-- string) and its tail ({slot, count} in slot order; nil: none); nil when it is not one.
+local function read_window(raw, kind)
+  local n, w, last, total, ring_end, step, tail_fmt = #raw
+  if n % 2 == 1 then
+    w = byte(raw, 1)
+    if not FMT[w] then return nil end
+    ring_end, step, tail_fmt = 9 + w + SLOTS * w, 16, '<dd'
+    if n < ring_end then return nil end
+    last, total = unpack('<d', raw, 2), unpack(FMT[w], raw, 10)
+  else
+    w = kind == 'W' and 8 or 4   -- the layout before: counts of 4 bytes ("w") or doubles
+    ring_end, step, tail_fmt = 16 + SLOTS * w, 8 + w, '<d' .. sub(FMT[w], 2)
+    if n < ring_end then return nil end
+    last, total = unpack('<dd', raw)
   end
+  if (n - ring_end) % step ~= 0 or not (finite(last) and finite(total)) then return nil end
+  local tail, prev = nil, last
+  for off = ring_end, n - 1, step do
+    local at, held = unpack(tail_fmt, raw, off + 1)
+    if not (finite(at) and finite(held) and at > prev) then return nil end
+    tail = tail or {}
+    tail[#tail + 1], prev = {at, held}, at
+  end
+  return last, total, w, sub(raw, ring_end - SLOTS * w + 1, ring_end), tail
+end
+
+-- A window's ring moved on from slot `from` to slot `to`: the slots between leave it (their
+-- places, at most two runs of the ring, are zeroed in one rebuild).
+local function advance(ring, total, from, to, w)
+  if to - from >= SLOTS then return rep('\0', SLOTS * w), 0 end
+  local fmt, gone = FMT[w], false
   for k = from + 1, to do
-    local off = 16 + (k % SLOTS) * width
-    local old = unpack(fmt, state, off + 1)
-    if old ~= 0 then
-      total = total - old
-      state = state:sub(1, off) .. pack(fmt, 0) .. state:sub(off + width + 1)
-    end
+    local old = unpack(fmt, ring, (k % SLOTS) * w + 1)
+    if old ~= 0 then total, gone = total - old, true end
   end
-  return state, total
+  if not gone then return ring, total end
+  local first, last = (from + 1) % SLOTS, to % SLOTS
+  if first <= last then
+    return sub(ring, 1, first * w) .. rep('\0', (last - first + 1) * w)
+      .. sub(ring, (last + 1) * w + 1), total
+  end
+  return rep('\0', (last + 1) * w) .. sub(ring, (last + 1) * w + 1, first * w)
+    .. rep('\0', (SLOTS - first) * w), total
+end
+
+-- The ring's counters re-encoded w2 bytes wide (its limit or total needs another width); a
+-- count that is not a whole number keeps doubles.
+local function rewidth(ring, w, w2)
+  local fmt, counts = FMT[w], {}
+  for k = 1, SLOTS do
+    counts[k] = unpack(fmt, ring, (k - 1) * w + 1)
+    if counts[k] % 1 ~= 0 then w2 = 8 end
+  end
+  return pack('<' .. rep(sub(FMT[w2], 2), SLOTS), values(counts)), w2
+end
+
+-- Counter k of a ring of width w set to x.
+local function put(ring, k, w, x)
+  local off = k * w
+  return sub(ring, 1, off) .. pack(FMT[w], x) .. sub(ring, off + w + 1)
 end
 
 local function count_edges()
   for _, e in ipairs(edges) do
-    redis.call('INCRBY', KEYS[e[1]], e[2])
-    if e[3] then redis.call('EXPIRE', KEYS[e[1]], e[4]) end
+    if e[3] then   -- a new window (or one at 0): what INCRBY then EXPIRE leave, in one call
+      call('SET', KEYS[e[1]], e[2], 'EX', e[4])
+    else
+      call('INCRBY', KEYS[e[1]], e[2])
+    end
   end
 end
 
 for i = 1, #KEYS do
   local base = (i - 1) * 4
   local kind = ARGV[base + 1]
-  local shadow = string.byte(kind, -1) == 63   -- "?"
-  if shadow then kind = string.sub(kind, 1, -2) end
+  local shadow = byte(kind, -1) == 63   -- "?"
+  if shadow then kind = sub(kind, 1, -2) end
   local shared = kind == 'B'
   if shared then kind = 'b' end
   kinds[i] = kind
@@ -147,7 +222,7 @@ for i = 1, #KEYS do
   local remaining, reset, wait = 0, 0, 0
 
   if kind == 'f' then
-    local raw = redis.call('GET', KEYS[i])
+    local raw = call('GET', KEYS[i])
     local count = 0
     if raw then
       -- What INCRBY accepts, and no more digits than a double counts exactly.
@@ -164,7 +239,7 @@ for i = 1, #KEYS do
     if cost > 0 and count == cost then
       ttl = b * 1000
     else
-      ttl = redis.call('PTTL', KEYS[i])
+      ttl = call('PTTL', KEYS[i])
       if ttl < 0 then ttl = 0 end
     end
     remaining, reset = a - count, ttl * 1000
@@ -178,13 +253,13 @@ for i = 1, #KEYS do
     cost = 0  -- counted with the edges below: nothing for the commit
 
   elseif kind == 'b' then
-    local raw = redis.call('GET', KEYS[i])
+    local raw = call('GET', KEYS[i])
     local tokens = a
     if raw then
       if #raw ~= 16 then return bad(i, 'not a token bucket') end
       local held, at = unpack('<dd', raw)
       if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
-      tokens = math.min(a, held + (now - at) * b / 1e6)
+      tokens = min(a, held + (now - at) * b / 1e6)
     end
     local deadline = (shadow or shared) and 0 or max_wait
     if tokens >= cost then
@@ -196,8 +271,8 @@ for i = 1, #KEYS do
       wait = (cost - tokens) / b * 1e6 + 1
       -- Its slot, exactly: no µs of margin that would pile up along a queue of waiters.
       local slot_at = wait - 1
-      if math.ceil(slot_at - 0.001) <= deadline then
-        longest, before[i] = math.max(longest, slot_at), tokens
+      if ceil(slot_at - 0.001) <= deadline then
+        longest, before[i] = max(longest, slot_at), tokens
         wait, writes[i] = 0, {tokens}
         tokens = tokens - cost
       end
@@ -206,53 +281,43 @@ for i = 1, #KEYS do
     reset = (a - tokens) / b * 1e6
 
   elseif kind == 'w' or kind == 'W' then
-    local raw = redis.call('GET', KEYS[i])
-    local fmt, width = '<I4', 4
-    if kind == 'W' then fmt, width = '<d', 8 end
+    local raw = call('GET', KEYS[i])
     local slot = b / 60
-    local cur = math.floor(now / slot)
-    local ring_end = 16 + SLOTS * width
-    local last, total, state
-    local tail = {}         -- waiters' charges in slots ahead of the ring: {slot, count}
+    local cur = floor(now / slot)
+    local last, total, w, ring, tail   -- tail: waiters' charges ahead of the ring, or nil
     if raw then
-      if #raw < ring_end or (#raw - ring_end) % (8 + width) ~= 0 then
-        return bad(i, 'not a sliding window')
-      end
-      last, total = unpack('<dd', raw)
-      if not (finite(last) and finite(total)) then return bad(i, 'not a sliding window') end
-      local prev = last
-      for off = ring_end, #raw - 1, 8 + width do
-        local at, held = unpack('<d', raw, off + 1), unpack(fmt, raw, off + 9)
-        if not (finite(at) and finite(held) and at > prev) then
-          return bad(i, 'not a sliding window')
-        end
-        tail[#tail + 1], prev = {at, held}, at
-      end
-      state = string.sub(raw, 1, ring_end)
+      last, total, w, ring, tail = read_window(raw, kind)
+      if not last then return bad(i, 'not a sliding window') end
     end
-    local e = math.max(cur, last or cur)   -- the ring's newest slot: this request's earliest
+    local e = max(cur, last or cur)   -- the ring's newest slot: this request's earliest
     if raw and e - last >= SLOTS then raw = nil end
     if raw then
       -- Slots last+1..e reuse the ring positions of slots that have left the window; a
       -- waiter's charge whose slot has come moves from the tail into the ring.
-      state, total = advance(state, total, last, e, fmt, width)
+      ring, total = advance(ring, total, last, e, w)
     else
-      last, total = e, 0
-      state = pack('<dd', e, 0) .. string.rep('\0', SLOTS * width)
+      last, total, w = e, 0, width_for(a)
+      ring = rep('\0', SLOTS * w)
     end
-    local ahead, newest, kept, at = 0, last, {}, {}
-    for _, t in ipairs(tail) do
-      if t[1] > e then
-        kept[#kept + 1], at[t[1]], ahead = t, t[2], ahead + t[2]
-      elseif e - t[1] < SLOTS then
-        local off = 16 + (t[1] % SLOTS) * width
-        local held = unpack(fmt, state, off + 1)
-        state = state:sub(1, off) .. pack(fmt, held + t[2]) .. state:sub(off + width + 1)
-        total = total + t[2]
+    local fmt = FMT[w]
+    local ahead, newest, at = 0, last, nil
+    if tail then
+      local kept = {}
+      at = {}
+      for _, t in ipairs(tail) do
+        if t[1] > e then
+          kept[#kept + 1], at[t[1]], ahead = t, t[2], ahead + t[2]
+        elseif e - t[1] < SLOTS then
+          local k = t[1] % SLOTS
+          local held = unpack(fmt, ring, k * w + 1) + t[2]
+          if width_for(held) > w then ring, w = rewidth(ring, w, width_for(held)) end
+          fmt = FMT[w]
+          ring, total = put(ring, k, w, held), total + t[2]
+        end
+        newest = max(newest, t[1])
       end
-      newest = math.max(newest, t[1])
+      tail = kept[1] and kept or nil
     end
-    tail = kept
     local deadline = shadow and 0 or max_wait
     -- A charge in slot s counts in every window that ends at s or later. A waiter's charge
     -- ahead stays in the tail: it never moves a later caller's earliest slot, it counts in
@@ -263,37 +328,37 @@ for i = 1, #KEYS do
       wait = -1
     elseif total + ahead + cost > a then
       local used, blocked = total, nil
-      for x = e, math.max(e, newest) + SLOTS - 1 do
+      for x = e, max(e, newest) + SLOTS - 1 do
         if x > e then
           local gone = x - SLOTS
           if gone <= e then
-            used = used - unpack(fmt, state, 16 + (gone % SLOTS) * width + 1)
-          else
+            used = used - unpack(fmt, ring, (gone % SLOTS) * w + 1)
+          elseif at then
             used = used - (at[gone] or 0)
           end
-          used = used + (at[x] or 0)
+          if at then used = used + (at[x] or 0) end
         end
         if used + cost > a then blocked = x end
       end
       if blocked then run = blocked + 1 end
     end
     if wait == 0 and run > cur then wait = run * slot - now + 1 end
-    local far = math.max(e, newest)
+    local far = max(e, newest)
     if wait == 0 or (wait > 0 and wait <= deadline) then
-      if wait > 0 then longest, before[i] = math.max(longest, wait), a - total - ahead end
-      reset = (math.max(run, far) + SLOTS) * slot - now
+      if wait > 0 then longest, before[i] = max(longest, wait), a - total - ahead end
+      reset = (max(run, far) + SLOTS) * slot - now
       if total + ahead + cost == 0 then reset = 0 end  -- an empty window (a look with cost 0)
       -- Charged in the commit, to the slot the request runs in.
-      writes[i] = {state, e, total, slot, fmt, width, tail}
+      writes[i] = {ring, e, total, slot, w, tail}
       wait = 0
       total = total + cost
     else
-      reset = (math.max(last, newest) + SLOTS) * slot - now
+      reset = (max(last, newest) + SLOTS) * slot - now
     end
     remaining = a - total - ahead
 
   elseif kind == 'm' then
-    local raw = redis.call('GET', KEYS[i])
+    local raw = call('GET', KEYS[i])
     local month, start, stop = month_of(now)
     local total = 0
     if raw then
@@ -305,7 +370,7 @@ for i = 1, #KEYS do
     end
     if total + cost <= a then
       total = total + cost
-      writes[i] = {pack('<dd', month, total), math.ceil((stop - now) / 1000) + 1000}
+      writes[i] = {pack('<dd', month, total), ceil((stop - now) / 1000) + 1000}
     elseif cost > a then
       wait = -1
     else
@@ -316,33 +381,54 @@ for i = 1, #KEYS do
 
   elseif kind == 'c' then
     -- Leases past their TTL are not counted here; the commit sweeps them.
-    local after = string.format('(%.0f', now)
-    local held = redis.call('ZCOUNT', KEYS[i], after, '+inf')
-    local first = redis.call('ZRANGEBYSCORE', KEYS[i], after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-    local soonest = first[2] and math.min(b, tonumber(first[2]) - now)
+    local held, soonest, stale = nil, nil, true
+    if not shadow and a >= 1 and a <= 64 and a % 1 == 0 then
+      -- One read of the first a + 8 leases: the live ones up to the limit (more only ever
+      -- answer 0 remaining), and whether any past its TTL is there for the commit to sweep.
+      local page = call('ZRANGEBYSCORE', KEYS[i], '-inf', '+inf', 'WITHSCORES',
+        'LIMIT', 0, a + 8)
+      if #page < 2 * (a + 8) then
+        held, stale = 0, false
+        for k = 2, #page, 2 do
+          local at = tonumber(page[k])
+          if at > now then
+            held = held + 1
+            soonest = soonest or min(b, at - now)
+          else
+            stale = true
+          end
+        end
+      end
+    end
+    if not held then   -- a shadow layer (its exact count shows) or a full page
+      local after = string.format('(%.0f', now)
+      held = call('ZCOUNT', KEYS[i], after, '+inf')
+      local first = call('ZRANGEBYSCORE', KEYS[i], after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+      soonest = first[2] and min(b, tonumber(first[2]) - now)
+    end
     local lease = ARGV[base + 4]
     cost = 0
     if lease ~= '-' then
       if held < a then
         cost = 1
         held = held + 1
-        writes[i] = {lease, now + b}
+        writes[i] = {lease, now + b, stale}
       else
         -- A slot frees as soon as one of the caller's requests in flight finishes; the
         -- store only knows the latest moment: the soonest lease running out its TTL.
-        wait = math.max(1000000, soonest or 0)
+        wait = max(1000000, soonest or 0)
       end
     end
     remaining = a - held
     if soonest then reset = soonest end
 
   elseif kind == 'p' then
-    local p = redis.call('HMGET', KEYS[i], 'until', 'rl', 'rr', 'tl', 'tr')
+    local p = call('HMGET', KEYS[i], 'until', 'rl', 'rr', 'tl', 'tr')
     local hold, rl, rr, tl, tr = pace(p[1]), pace(p[2]), pace(p[3]), pace(p[4]), pace(p[5])
     if hold and hold > now then wait = hold - now end
-    if rl and rr and rr > now and rl < 1 then wait = math.max(wait, rr - now) end
-    if tl and tr and tr > now and tl < cost then wait = math.max(wait, tr - now) end
-    remaining, reset = rl or 0, math.max(0, (rr or now) - now)
+    if rl and rr and rr > now and rl < 1 then wait = max(wait, rr - now) end
+    if tl and tr and tr > now and tl < cost then wait = max(wait, tr - now) end
+    remaining, reset = rl or 0, max(0, (rr or now) - now)
     if cost > 0 and wait == 0 and ((rl and rr and rr > now) or (tl and tr and tr > now)) then
       writes[i] = {rl, tl, cost}
       cost = 1
@@ -351,7 +437,7 @@ for i = 1, #KEYS do
     end
     if wait > 0 and not shadow and wait <= max_wait then
       -- The provider's own window reopens by then; nothing of ours to charge ahead.
-      longest, wait = math.max(longest, wait), 0
+      longest, wait = max(longest, wait), 0
     end
   end
 
@@ -359,7 +445,7 @@ for i = 1, #KEYS do
   if shadow and wait ~= 0 then
     -- It would refuse: the request passes it, uncounted, as an enforcing refusal would
     -- leave it; the remaining below 0 tells the caller.
-    remaining = math.min(remaining - cost, -1)
+    remaining = min(remaining - cost, -1)
     over, wait, cost, writes[i] = true, 0, 0, nil
   end
   if wait < 0 then
@@ -369,13 +455,13 @@ for i = 1, #KEYS do
   end
   if wait == 0 then costs[i] = cost end
   if over then
-    result[n + 1] = math.floor(remaining)
+    result[n + 1] = floor(remaining)
   elseif before[i] then
     result[n + 1] = 0
   else
-    result[n + 1] = math.max(0, math.floor(remaining))
+    result[n + 1] = max(0, floor(remaining))
   end
-  result[n + 2] = math.max(0, math.ceil(reset))
+  result[n + 2] = max(0, ceil(reset))
   n = n + 2
 end
 
@@ -383,12 +469,12 @@ end
 count_edges()
 
 if worst_layer ~= 0 then
-  result[1], result[2], result[3] = 0, worst_layer, math.ceil(worst_wait)
+  result[1], result[2], result[3] = 0, worst_layer, ceil(worst_wait)
   -- Nothing is charged: layers that would have passed report what they still hold.
   for i, cost in pairs(costs) do
     local kind = kinds[i]
     if before[i] then
-      result[3 + 2 * i] = math.max(0, math.floor(before[i]))
+      result[3 + 2 * i] = max(0, floor(before[i]))
     elseif kind == 'b' or kind == 'w' or kind == 'W' or kind == 'c' or kind == 'm' then
       result[3 + 2 * i] = result[3 + 2 * i] + cost
     end
@@ -398,7 +484,7 @@ end
 
 -- Admitted: it runs `delay` µs from now, and its bucket and windows are charged as then.
 local delay = 0
-if longest > 0 then delay = math.ceil(longest - 0.001) end  -- float dust is not a µs
+if longest > 0 then delay = ceil(longest - 0.001) end  -- float dust is not a µs
 result[3] = delay
 for i = 1, #KEYS do
   local w = writes[i]
@@ -412,43 +498,54 @@ for i = 1, #KEYS do
       -- bucket gives what it holds now, never more: no one sharing it waits on a waiter.
       local tokens = w[1] - costs[i]
       if not w[2] then
-        tokens = math.min(a, w[1] + delay * b / 1e6) - costs[i] - delay * b / 1e6
+        tokens = min(a, w[1] + delay * b / 1e6) - costs[i] - delay * b / 1e6
       end
       -- Past the time to refill, a fresh bucket says the same: let the key go.
-      redis.call('SET', KEYS[i], pack('<dd', tokens, now),
-        'PX', math.ceil((a - tokens) / b * 1000) + 1000)
+      call('SET', KEYS[i], pack('<dd', tokens, now),
+        'PX', ceil((a - tokens) / b * 1000) + 1000)
     elseif kind == 'w' or kind == 'W' then
-      local state, e, total, slot, fmt, width, tail = w[1], w[2], w[3], w[4], w[5], w[6], w[7]
-      local r = math.max(e, math.floor((now + delay) / slot))
-      local off = 16 + (e % SLOTS) * width
-      local held = unpack(fmt, state, off + 1)
+      local ring, e, total, slot, n, tail = w[1], w[2], w[3], w[4], w[5], w[6]
+      local cost = costs[i]
+      local r = max(e, floor((now + delay) / slot))
+      if r == e then total = total + cost end
+      -- As wide as the limit and the total need: a changed limit re-encodes the ring once.
+      local w2 = width_for(max(tonumber(ARGV[(i - 1) * 4 + 2]), total))
+      if w2 ~= n then ring, n = rewidth(ring, n, w2) end
+      local state
       if r == e then
-        total, held = total + costs[i], held + costs[i]
+        local off = (e % SLOTS) * n
+        local held = unpack(FMT[n], ring, off + 1) + cost
+        if cost % 1 ~= 0 and n ~= 8 then ring, n = rewidth(ring, n, 8) end
+        off = (e % SLOTS) * n
+        -- One new string: head, the ring with its slot's counter replaced.
+        state = pack(HEAD_FMT[n], n, e, total) .. sub(ring, 1, off)
+          .. pack(FMT[n], held) .. sub(ring, off + n + 1)
+      else
+        state = pack(HEAD_FMT[n], n, e, total) .. ring
       end
-      state = pack('<dd', e, total) .. state:sub(17, off) .. pack(fmt, held)
-        .. state:sub(off + width + 1)
       -- A waiter's charge goes in the tail, in slot order; the ring stays at e.
-      local far, put = e, r == e
-      for _, t in ipairs(tail) do
-        if not put and t[1] >= r then
-          put = true
-          if t[1] == r then t = {r, t[2] + costs[i]}
-          else state = state .. pack('<d', r) .. pack(fmt, costs[i]) end
+      local far, put_in = e, r == e
+      for k = 1, tail and #tail or 0 do
+        local at, held = tail[k][1], tail[k][2]
+        if not put_in and at >= r then
+          put_in = true
+          if at == r then held = held + cost
+          else state = state .. pack('<dd', r, cost) end
         end
-        state, far = state .. pack('<d', t[1]) .. pack(fmt, t[2]), t[1]
+        state, far = state .. pack('<dd', at, held), at
       end
-      if not put then state, far = state .. pack('<d', r) .. pack(fmt, costs[i]), r end
-      redis.call('SET', KEYS[i], state, 'PX', math.ceil(((far + SLOTS) * slot - now) / 1000) + 1000)
+      if not put_in then state, far = state .. pack('<dd', r, cost), r end
+      call('SET', KEYS[i], state, 'PX', ceil(((far + SLOTS) * slot - now) / 1000) + 1000)
     elseif kind == 'c' then
-      redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-      redis.call('ZADD', KEYS[i], w[2], w[1])
-      redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[(i - 1) * 4 + 3]) / 1000) + 1000)
+      if w[3] then call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now) end
+      call('ZADD', KEYS[i], w[2], w[1])
+      call('PEXPIRE', KEYS[i], ceil(tonumber(ARGV[(i - 1) * 4 + 3]) / 1000) + 1000)
     elseif kind == 'p' then
       -- Values, not HINCRBY: the increment of a checked number cannot fail.
-      if w[1] then redis.call('HSET', KEYS[i], 'rl', w[1] - 1) end
-      if w[2] and w[3] > 0 then redis.call('HSET', KEYS[i], 'tl', w[2] - w[3]) end
+      if w[1] then call('HSET', KEYS[i], 'rl', w[1] - 1) end
+      if w[2] and w[3] > 0 then call('HSET', KEYS[i], 'tl', w[2] - w[3]) end
     else
-      redis.call('SET', KEYS[i], w[1], 'PX', w[2])
+      call('SET', KEYS[i], w[1], 'PX', w[2])
     end
   end
 end

@@ -22,7 +22,12 @@
 
 local SLOTS = 61
 local LEDGER_FIELDS = {'in', 'cin', 'out', 'usd', 'req'}
+local values = unpack     -- Lua's: a list's items (struct's unpack takes the name below)
 local pack, unpack = struct.pack, struct.unpack
+-- A window's counters n bytes wide, and its head (width byte, newest slot, total): as
+-- acquire.lua writes them (its WINDOW STATE), the layout before it read too.
+local FMT = {'<I1', '<I2', '<I3', '<I4', '<I5', '<I6', nil, '<d'}
+local HEAD_FMT = {'<BdI1', '<BdI2', '<BdI3', '<BdI4', '<BdI5', '<BdI6', nil, '<Bdd'}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local charged_at = tonumber(ARGV[1])
@@ -35,6 +40,50 @@ end
 
 local function bad(i, what)
   return redis.error_reply('ERR settle: ' .. KEYS[i] .. ': ' .. what .. '; nothing was changed')
+end
+
+-- As acquire.lua's width_for: the narrowest counter that holds x exactly.
+local function width_for(x)
+  if x % 1 ~= 0 or x >= 281474976710656 then return 8 end
+  if x < 256 then return 1 elseif x < 65536 then return 2 elseif x < 16777216 then return 3
+  elseif x < 4294967296 then return 4 elseif x < 1099511627776 then return 5 end
+  return 6
+end
+
+-- As acquire.lua's read_window: newest slot, total, width, the ring (a string), the tail's
+-- {slot, count} pairs; nil when the value is not a window.
+local function read_window(raw, kind)
+  local n, w, last, total, ring_end, step, tail_fmt = #raw
+  if n % 2 == 1 then
+    w = string.byte(raw, 1)
+    if not FMT[w] then return nil end
+    ring_end, step, tail_fmt = 9 + w + SLOTS * w, 16, '<dd'
+    if n < ring_end then return nil end
+    last, total = unpack('<d', raw, 2), unpack(FMT[w], raw, 10)
+  else
+    w = kind == 'W' and 8 or 4
+    ring_end, step, tail_fmt = 16 + SLOTS * w, 8 + w, '<d' .. string.sub(FMT[w], 2)
+    if n < ring_end then return nil end
+    last, total = unpack('<dd', raw)
+  end
+  if (n - ring_end) % step ~= 0 or not (finite(last) and finite(total)) then return nil end
+  local tail, prev = {}, last
+  for off = ring_end, n - 1, step do
+    local at, held = unpack(tail_fmt, raw, off + 1)
+    if not (finite(at) and finite(held) and at > prev) then return nil end
+    tail[#tail + 1], prev = {at, held}, at
+  end
+  return last, total, w, string.sub(raw, ring_end - SLOTS * w + 1, ring_end), tail
+end
+
+-- The ring's counters re-encoded w2 bytes wide; a count not a whole number keeps doubles.
+local function rewidth(ring, w, w2)
+  local fmt, counts = FMT[w], {}
+  for k = 1, SLOTS do
+    counts[k] = unpack(fmt, ring, (k - 1) * w + 1)
+    if counts[k] % 1 ~= 0 then w2 = 8 end
+  end
+  return pack('<' .. string.rep(string.sub(FMT[w2], 2), SLOTS), values(counts)), w2
 end
 
 for i = 1, #KEYS do
@@ -84,46 +133,46 @@ for i = 1, #KEYS do
           writes[#writes + 1] = {'SET', i, pack('<dd', month, math.max(0, held + delta)), ttl}
         end
       else
-        local fmt, width = '<I4', 4
-        if kind == 'W' then fmt, width = '<d', 8 end
-        local ring_end = 16 + SLOTS * width
-        if #raw < ring_end or (#raw - ring_end) % (8 + width) ~= 0 then
-          return bad(i, 'not a sliding window')
-        end
+        local last, total, w, ring, tail = read_window(raw, kind)
+        if not last then return bad(i, 'not a sliding window') end
         local slot = b / 60
         local idx = math.floor(charged_at / slot)
-        local last, total = unpack('<dd', raw)
-        if not (finite(last) and finite(total)) then return bad(i, 'not a sliding window') end
+        local tail_out
         if idx > last and math.floor(now / slot) - idx < SLOTS then
           -- A waiter's slot ahead of the ring: its tail entry moves; one at 0 leaves the
           -- tail, so a hang-up leaves no trace in anyone's schedule.
-          local state, prev = raw:sub(1, ring_end), last
-          local add = delta   -- a slot of the tail that is missing (a settle after expiry)
-          if kind == 'w' then add = math.min(add, 4294967295) end
-          for off = ring_end, #raw - 1, 8 + width do
-            local at, held = unpack('<d', raw, off + 1), unpack(fmt, raw, off + 9)
-            if not (finite(at) and finite(held) and at > prev) then
-              return bad(i, 'not a sliding window')
-            end
-            if idx > prev and idx < at and add > 0 then
-              state = state .. pack('<d', idx) .. pack(fmt, add)
+          local parts, prev = {}, last
+          for _, t in ipairs(tail) do
+            local at, held = t[1], t[2]
+            -- a slot of the tail that is missing (a settle after expiry) comes back
+            if idx > prev and idx < at and delta > 0 then
+              parts[#parts + 1] = pack('<dd', idx, delta)
             end
             if at == idx then held = math.max(0, held + delta) end
-            if kind == 'w' then held = math.min(held, 4294967295) end
-            if held > 0 then state = state .. pack('<d', at) .. pack(fmt, held) end
+            if held > 0 then parts[#parts + 1] = pack('<dd', at, held) end
             prev = at
           end
-          if idx > prev and add > 0 then state = state .. pack('<d', idx) .. pack(fmt, add) end
-          writes[#writes + 1] = {'SET', i, state, ttl}
+          if idx > prev and delta > 0 then parts[#parts + 1] = pack('<dd', idx, delta) end
+          tail_out = table.concat(parts)
         -- The slot is still in the ring while no later write has moved past it.
         elseif idx <= last and last - idx < SLOTS and math.floor(now / slot) - idx < SLOTS then
-          local off = 16 + (idx % SLOTS) * width
-          local held = unpack(fmt, raw, off + 1)
+          local off = (idx % SLOTS) * w
+          local held = unpack(FMT[w], ring, off + 1)
           local new = math.max(0, held + delta)
-          if kind == 'w' then new = math.min(new, 4294967295) end  -- what 4 bytes hold
           total = math.max(0, total + (new - held))
-          local state = pack('<dd', last, total) .. raw:sub(17, off) .. pack(fmt, new)
-            .. raw:sub(off + width + 1)
+          -- Wider if the count or the total no longer fits (a settle never narrows it).
+          local w2 = math.max(w, width_for(total), width_for(new))
+          if w2 ~= w then ring, w = rewidth(ring, w, w2) end
+          off = (idx % SLOTS) * w
+          ring = string.sub(ring, 1, off) .. pack(FMT[w], new) .. string.sub(ring, off + w + 1)
+          local parts = {}
+          for _, t in ipairs(tail) do parts[#parts + 1] = pack('<dd', t[1], t[2]) end
+          tail_out = table.concat(parts)
+        end
+        if tail_out then
+          -- Rewritten in acquire.lua's layout (a value in the layout before it converts here).
+          if width_for(total) > w then ring, w = rewidth(ring, w, width_for(total)) end
+          local state = pack(HEAD_FMT[w], w, last, total) .. ring .. tail_out
           writes[#writes + 1] = {'SET', i, state, ttl}
         end
       end

@@ -40,11 +40,40 @@ def clocked_source(name: str) -> str:
     return text
 
 
-def decode_window(raw: bytes, wide: bool) -> tuple[float, float, list[float]]:
-    """(last slot, total, the 61 ring counters) of a "w"/"W" key as acquire.lua writes it."""
+def _window_parts(raw: bytes, wide: bool) -> tuple[float, float, list[float], dict[int, float]]:
+    """(last slot, total, the 61 ring counters, the tail) of a "w"/"W" key: acquire.lua's
+    layout (odd length: width byte, newest slot, total and counters n bytes wide, the tail as
+    pairs of doubles) or the one before it (even: doubles head, 4- or 8-byte counters)."""
+    if len(raw) % 2:
+        n = raw[0]
+        fmt = "d" if n == 8 else {1: "B", 2: "H", 4: "I"}.get(n)
+        (last,) = struct.unpack_from("<d", raw, 1)
+        if fmt is None:   # 3, 5 or 6 bytes: no struct code, read them as integers
+            def at(off: int) -> float:
+                return int.from_bytes(raw[off:off + n], "little")
+        else:
+            def at(off: int) -> float:
+                return float(struct.unpack_from("<" + fmt, raw, off)[0])
+        ring_end = 9 + n + SLOTS * n
+        ring = [at(9 + n + k * n) for k in range(SLOTS)]
+        tail = {int(k): c for k, c in struct.iter_unpack("<dd", raw[ring_end:])}
+        return last, at(9), ring, tail
     last, total = struct.unpack_from("<dd", raw)
     fmt = "<61d" if wide else "<61I"
-    return last, total, list(struct.unpack_from(fmt, raw, 16))
+    ring_end = 16 + SLOTS * (8 if wide else 4)
+    pairs = struct.iter_unpack("<dd" if wide else "<dI", raw[ring_end:])
+    return last, total, list(struct.unpack_from(fmt, raw, 16)), {int(k): c for k, c in pairs}
+
+
+def decode_window(raw: bytes, wide: bool) -> tuple[float, float, list[float]]:
+    """(last slot, total, the 61 ring counters) of a "w"/"W" key as acquire.lua writes it."""
+    last, total, ring, _tail = _window_parts(raw, wide)
+    return last, total, ring
+
+
+def window_tail(raw: bytes, wide: bool = False) -> dict[int, float]:
+    """The waiters' charges a "w"/"W" key holds ahead of its ring: slot -> count."""
+    return _window_parts(raw, wide)[3]
 
 
 class ClockedMemory(MemoryStore):

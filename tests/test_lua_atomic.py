@@ -15,6 +15,7 @@ import redis
 
 from limiting.stores.storage import open_store
 from limiting.stores.store import Store, StoreUnavailable
+from tests.clocked import decode_window
 
 EDGE, BUCKET, WIN, TOKENS, LEASES, PACE = ("LIMITS:edge/1.2.3.4", "{u}:b", "{u}:w", "{u}:W",
                                            "{u}:c", "{m}:pace")
@@ -174,7 +175,7 @@ def test_a_refund_below_zero_is_clamped(r: redis.Redis, redis_url: str) -> None:
     store = open_store(redis_url, timeout=2)
     at = _prepared(r, store)
     store.run("settle", [TOKENS], [at, "W", "60000000", "-1000000"])
-    _last, total = struct.unpack("<dd", r.get(TOKENS)[:16])
+    _last, total, _ring = decode_window(r.get(TOKENS), wide=True)
     assert total == 0
 
 

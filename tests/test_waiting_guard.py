@@ -32,7 +32,7 @@ from app import create_app
 from fakeprovider import FakeProvider
 from limiting import current_limiter
 from limiting.core.upstream import guard_layers, model_prefix
-from tests.clocked import SLOTS, decode_window
+from tests.clocked import SLOTS, decode_window, window_tail
 from tests.conftest import Gunicorn, keyed_app
 from tests.policies import LOADED, plan, policy, served_by
 
@@ -202,7 +202,7 @@ def test_calls_beyond_the_guards_limit_wait_for_its_slots(served: Served) -> Non
     now_slot = served.store.time()[0]
     held = {k: ring[k % SLOTS] for k in range(int(last) - SLOTS + 1, int(last) + 1)
             if ring[k % SLOTS] and k > now_slot - SLOTS}
-    held |= {int(k): n for k, n in struct.iter_unpack("<dI", raw[16 + SLOTS * 4:])}
+    held |= window_tail(raw)
     assert held == {free: 1 for free in frees}, (held, frees)
     assert quota_left(served, "spaced") == left - 3
 

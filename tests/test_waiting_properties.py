@@ -11,7 +11,6 @@ interval of the bucket, over those run times: waits included, no more than the l
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -29,7 +28,7 @@ from hypothesis.stateful import (
 from limiting.core.codec import layer_args, with_deadline
 from limiting.core.layers import compile_plan
 from limiting.core.policy import Plan
-from tests.clocked import SLOTS, ClockedMemory, ClockedValkey
+from tests.clocked import SLOTS, ClockedMemory, ClockedValkey, window_tail
 from tests.test_properties import (
     EPS,
     PREFIX,
@@ -170,9 +169,7 @@ def _tail(backend: Backend, key: str) -> dict[int, float]:
     raw = backend.client.get(key)
     if raw is None:
         return {}
-    ring_end = 16 + SLOTS * 4
-    pairs = [struct.unpack_from("<dI", raw, off) for off in range(ring_end, len(raw), 12)]
-    return {int(slot): float(count) for slot, count in pairs}
+    return {slot: float(count) for slot, count in window_tail(raw).items()}
 
 
 class SharedWindowMachine(RuleBasedStateMachine):

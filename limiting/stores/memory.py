@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.codec import (
     AcquireReply,
+    LayerCall,
     decode_acquire,
     decode_ledger_counts,
     decode_ledger_rank,
@@ -50,81 +52,71 @@ class MemoryStore(MemoryTables):
     def acquire(self, keys: list[str], args: ScriptArgs) -> list[int]:
         with self._lock:
             now = self._now_us()
-            reply = AcquireReply(True, 0, 0, now)
-            writes: list[tuple[str, Any, float]] = []
-            charged: list[tuple[int, float]] = []
-            worst_wait, worst_layer = 0.0, 0
             max_wait = decode_max_wait(args, len(keys))
-            longest = 0.0           # as acquire.lua: the longest wait admitted into a slot
-            before: dict[int, float] = {}   # such a layer's remaining before it
-            for i, (key, call) in enumerate(zip(keys, decode_acquire(args), strict=True)):
-                kind, a, b = call.kind, call.a, call.b
-                shadow = kind.endswith("?")   # as acquire.lua: decided, never refusing
-                if shadow:
-                    kind = kind[:-1]
-                shared = kind == "B"          # as acquire.lua: never waits, never in debt
-                if shared:
-                    kind = "b"
-                deadline = 0.0 if shadow or shared else max_wait
-                state = self._get(key, now)
-                if kind == "c":
-                    remaining, reset, wait, write = _leases(state, now, a, b, call.cost)
-                    cost = 0.0 if call.cost == "-" else 1.0
-                elif kind == "p":  # no provider pacing is learnt in memory
-                    remaining, reset, wait, write, cost = 0, 0, 0.0, None, 0.0
-                elif kind == "m":
-                    cost = call.units
-                    remaining, reset, wait, write = _month(state, now, a, b, cost)
-                else:
-                    cost = call.units
-                    if kind == "b":
-                        remaining, reset, wait, write, pre = _bucket(state, now, a, b, cost,
-                                                                     deadline, shared)
-                    else:
-                        remaining, reset, wait, write, pre = _window(state, now, a, b, cost,
-                                                                     deadline)
-                    if pre is not None:
-                        longest, before[i] = max(longest, wait), pre
-                        wait = 0.0
-                over = shadow and wait != 0
-                if over:
-                    # As acquire.lua: passed uncounted; a remaining below 0 tells the caller.
-                    counted = cost if kind in ("b", "w", "W", "m") else 0.0
-                    remaining, wait, write = min(remaining - counted, -1), 0.0, None
-                if write is not None:
-                    writes.append((key, write[0], write[1]))
-                    charged.append((i, cost))
-                if wait < 0:
-                    worst_wait, worst_layer = -1, i + 1
-                elif wait > 0 and worst_wait >= 0 and wait > worst_wait:
-                    worst_wait, worst_layer = wait, i + 1
-                held = math.floor(remaining) if over else max(0, math.floor(remaining))
-                if i in before:
-                    held = 0
-                reply.states.append((held, max(0, math.ceil(reset))))
-            if worst_layer:
-                reply.allowed, reply.refused = False, worst_layer
+            layers = [self._decide(key, call, now, max_wait)
+                      for key, call in zip(keys, decode_acquire(args), strict=True)]
+            reply = AcquireReply(True, 0, 0, now, [v.state() for v in layers])
+            worst_wait, worst = 0.0, 0
+            for i, v in enumerate(layers, 1):
+                if v.wait < 0:
+                    worst_wait, worst = -1, i
+                elif v.wait > 0 and worst_wait >= 0 and v.wait > worst_wait:
+                    worst_wait, worst = v.wait, i
+            if worst:
+                reply.allowed, reply.refused = False, worst
                 reply.wait_us = math.ceil(worst_wait)
                 # Nothing is charged: layers that would have passed report what they still hold.
-                for i, cost in charged:
-                    held, reset_us = reply.states[i]
-                    if i in before:
-                        held = max(0, math.floor(before[i]))
-                    else:
-                        held += int(cost)
-                    reply.states[i] = (held, reset_us)
+                for i, v in enumerate(layers):
+                    if v.write is not None:
+                        reply.states[i] = (v.unused(reply.states[i][0]), reply.states[i][1])
                 return reply.encode()
             # Admitted: it runs `delay` µs from now; its bucket and windows charged as then.
+            longest = max((v.slot_wait for v in layers if v.before is not None), default=0.0)
             delay = math.ceil(longest - 0.001) if longest > 0 else 0   # float dust: no µs
             reply.wait_us = delay
-            for (key, state, ttl_us), (_, cost) in zip(writes, charged, strict=True):
-                if cost > 0:  # cost 0 only looks
+            for v in layers:
+                if v.write is not None and v.cost > 0:  # cost 0 only looks
+                    state, ttl_us = v.write
                     if callable(state):
                         state, ttl_us = state(delay)
-                    self._data[key] = (now + ttl_us, state)
+                    self._data[v.key] = (now + ttl_us, state)
             if len(self._data) > 100_000:
                 self._data = {k: v for k, v in self._data.items() if v[0] > now}
             return reply.encode()
+
+    def _decide(self, key: str, call: LayerCall, now: int, max_wait: float) -> _Verdict:
+        """One layer of acquire.lua's first pass: what it answers, and what it would write."""
+        kind, a, b = call.kind, call.a, call.b
+        shadow = kind.endswith("?")   # as acquire.lua: decided, never refusing
+        if shadow:
+            kind = kind[:-1]
+        shared = kind == "B"          # as acquire.lua: never waits, never in debt
+        if shared:
+            kind = "b"
+        deadline = 0.0 if shadow or shared else max_wait
+        state = self._get(key, now)
+        pre = None
+        if kind == "c":
+            remaining, reset, wait, write = _leases(state, now, a, b, call.cost)
+            cost = 0.0 if call.cost == "-" else 1.0
+        elif kind == "p":  # no provider pacing is learnt in memory
+            remaining, reset, wait, write, cost = 0, 0, 0.0, None, 0.0
+        elif kind == "m":
+            cost = call.units
+            remaining, reset, wait, write = _month(state, now, a, b, cost)
+        else:
+            cost = call.units
+            step = _bucket if kind == "b" else _window
+            remaining, reset, wait, write, pre = step(state, now, a, b, cost, deadline, shared)
+        verdict = _Verdict(key, remaining, reset, wait, write, cost, pre)
+        if pre is not None:
+            verdict.slot_wait, verdict.wait = wait, 0.0
+        elif shadow and wait != 0:
+            # As acquire.lua: passed uncounted; a remaining below 0 tells the caller.
+            counted = cost if kind in ("b", "w", "W", "m") else 0.0
+            verdict.remaining, verdict.wait, verdict.write = min(remaining - counted, -1), 0.0, None
+            verdict.over = True
+        return verdict
 
     def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any:
         if name == "observe":
@@ -210,6 +202,35 @@ class MemoryStore(MemoryTables):
 Step = tuple[float, float, float, "tuple[Any, float] | None", "float | None"]
 
 
+@dataclass(slots=True)
+class _Verdict:
+    """One layer's part of an acquire: its answer, and the write it makes if all pass."""
+
+    key: str
+    remaining: float
+    reset: float
+    wait: float
+    write: tuple[Any, float] | None    # (state, or a function of the delay; TTL in µs)
+    cost: float
+    before: float | None = None   # admitted into a future slot: its remaining before it
+    slot_wait: float = 0.0        # ... and how long until that slot
+    over: bool = False            # a shadow layer that would refuse
+
+    def state(self) -> tuple[int, int]:
+        """(remaining, reset_us) as acquire.lua answers them."""
+        if self.before is not None:
+            held = 0
+        elif self.over:
+            held = math.floor(self.remaining)
+        else:
+            held = max(0, math.floor(self.remaining))
+        return held, max(0, math.ceil(self.reset))
+
+    def unused(self, held: int) -> int:
+        """Its remaining when another layer refused: nothing of this request charged."""
+        return max(0, math.floor(self.before)) if self.before is not None else held + int(self.cost)
+
+
 def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: float,
             deadline: float, shared: bool = False) -> Step:
     """As acquire.lua: (remaining, reset, wait, write, remaining before it when admitted
@@ -271,8 +292,23 @@ def _advance(slots: list[float], total: float, start: int, stop: int) -> float:
     return total
 
 
+def _first_free(slots: list[float], total: float, at: dict[int, float], e: int, newest: int,
+                cost: float, limit: float) -> int:
+    """As acquire.lua: the slot after the last window, ending at e or later, with no room
+    for ``cost`` (e itself when every one has room)."""
+    used, blocked = total, None
+    for x in range(e, max(e, newest) + SLOTS):
+        if x > e:
+            gone = x - SLOTS
+            used -= slots[gone % SLOTS] if gone <= e else at.get(gone, 0.0)
+            used += at.get(x, 0.0)
+        if used + cost > limit:
+            blocked = x
+    return e if blocked is None else blocked + 1
+
+
 def _window(state: list[Any] | None, now: int, limit: float, length_us: float, cost: float,
-            deadline: float) -> Step:
+            deadline: float, _shared: bool = False) -> Step:
     """As acquire.lua: the ring of 61 slots ends at the current slot (or a later one left by
     an older version); a waiter's charge ahead of it waits in the tail, counted in every
     window that holds it and moving no later caller's earliest slot."""
@@ -298,17 +334,7 @@ def _window(state: list[Any] | None, now: int, limit: float, length_us: float, c
     if cost > limit:
         wait = -1.0
     elif total + ahead + cost > limit:
-        # As acquire.lua: the slot after the last window, ending at e or later, with no room.
-        used, blocked = total, None
-        for x in range(e, max(e, newest) + SLOTS):
-            if x > e:
-                gone = x - SLOTS
-                used -= slots[gone % SLOTS] if gone <= e else at.get(gone, 0.0)
-                used += at.get(x, 0.0)
-            if used + cost > limit:
-                blocked = x
-        if blocked is not None:
-            run = blocked + 1
+        run = _first_free(slots, total, at, e, newest, cost, limit)
     if wait == 0 and run > cur:
         wait = run * slot - now + 1
     far = max(e, newest)
