@@ -112,6 +112,14 @@ class PlanOverrides(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class JwtClaims:
+    """``[identity.jwt]``: the claims of a verified JWT that name the org and the plan."""
+
+    org_claim: str = "org"
+    plan_claim: str = "plan"
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The checked policy file (plans, users, orgs, models, routes, edge): what
     ``RateLimiter(app, policy=...)`` enforces; made by load_policy or parse_policy."""
@@ -133,6 +141,7 @@ class Policy:
     user_orgs: Mapping[str, str] = field(default_factory=dict)   # [users] member -> org
     # [routes."blueprint.endpoint"]: limits of a route, as its decorators would set them
     routes: Mapping[str, tuple[RouteLimit, ...]] = field(default_factory=dict)
+    jwt_claims: JwtClaims = field(default_factory=JwtClaims)
 
     def resolve(self, user: str, key_plan: str | None = None, realm: str | None = None) -> Plan:
         """The plan ``user`` is limited by, the one lookup everyone uses: ``key_plan`` (an API
@@ -337,6 +346,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     history_days = store.positive("history_days", default=35)
     store.done()
     routes = parse_routes(source, top.get("routes", dict, {}))
+    jwt_claims = _jwt_claims(source, top.get("identity", dict, {}))
     top.done()
     return Policy(
         source=source,
@@ -353,7 +363,20 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         orgs=MappingProxyType(orgs),
         user_orgs=MappingProxyType(user_orgs),
         routes=MappingProxyType(routes),
+        jwt_claims=jwt_claims,
     )
+
+
+def _jwt_claims(source: str, table: dict[str, Any]) -> JwtClaims:
+    identity = TableReader(source, "identity", table)
+    jwt = TableReader(source, "identity.jwt", identity.get("jwt", dict, {}))
+    claims = JwtClaims(jwt.get("org_claim", str, "org"), jwt.get("plan_claim", str, "plan"))
+    for name in ("org_claim", "plan_claim"):
+        if not getattr(claims, name).strip():
+            jwt.fail(name, "must name a claim")
+    jwt.done()
+    identity.done()
+    return claims
 
 
 def load_policy(path: str | Path) -> Policy:
