@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .naming import MAX_USER_ID_LENGTH
-from .policy import JwtClaims
+from .policy_sections import JwtClaims
 
 ASYMMETRIC = ("RS256", "ES256", "EdDSA")
 LEEWAY_SECONDS = 30
