@@ -164,3 +164,26 @@ def test_a_worker_restart_keeps_the_outbox(store: Store, receiver: Receiver) -> 
     fresh = Alerts(StoreAlertBox(store, "rl:"), receiver.url, SECRET, clock=clock)
     assert [d.ok for d in fresh.deliver_due()] == [True]
     assert len(receiver.got) == 1
+
+
+def test_flask_alerts_test_sends_a_signed_event(tmp_path: Any, receiver: Receiver,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import create_app
+    from tests.conftest import write_policy
+    from tests.policies import plan, policy
+
+    path = write_policy(tmp_path, policy(plans={"p": plan(5, 1, "100 per day")}))
+    app = create_app({"LIMITS_CONFIG": path, "REDIS_URL": "memory://"})
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["alerts", "test"]).exit_code == 2   # no webhook_url
+    monkeypatch.setenv("ALERT_WEBHOOK_SECRET", SECRET)
+    done = runner.invoke(args=["alerts", "test", "--url", receiver.url])
+    assert done.exit_code == 0, done.output
+    assert "answered 200 (signed)" in done.output
+    event, header, body = receiver.got[-1]
+    assert event["type"] == "limit.test" and event["id"].startswith("evt_test_")
+    assert verify(header, body, SECRET, now=int(event["created"]))
+    receiver.statuses = [500]
+    assert runner.invoke(args=["alerts", "test", "--url", receiver.url]).exit_code == 1
+    closed = runner.invoke(args=["alerts", "test", "--url", "http://127.0.0.1:9/x"])
+    assert closed.exit_code == 1

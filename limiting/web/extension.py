@@ -41,6 +41,7 @@ from .edge import combines_edge, init_edge
 from .errors import ExceedsLimit, LimiterUnavailable, RateLimited, UpstreamSaturated
 from .gate import Gate, Passage, payer, render_refusal
 from .identity import client_ip
+from .alerts_cli import alerts_cli
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
 from .payer import KeyReader, Render, UserFrom, declare
@@ -121,6 +122,7 @@ class RateLimiter:
         app.cli.add_command(keys_cli)
         app.cli.add_command(spend_cli)
         app.cli.add_command(audit_command)
+        app.cli.add_command(alerts_cli)
 
     @property
     def engine(self) -> Engine:
