@@ -32,6 +32,7 @@ from ..overrides import attach, on_change
 from ..reloading import KEPT
 from ..reservation import Reservation
 from ..stores.store import Store
+from .alerts_cli import alerts_cli
 from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .configured import app_policy, app_store
@@ -41,7 +42,6 @@ from .edge import combines_edge, init_edge
 from .errors import ExceedsLimit, LimiterUnavailable, RateLimited, UpstreamSaturated
 from .gate import Gate, Passage, payer, render_refusal
 from .identity import client_ip
-from .alerts_cli import alerts_cli
 from .keys_cli import keys_cli
 from .operated import EXTENSION_KEY
 from .payer import KeyReader, Render, UserFrom, declare
