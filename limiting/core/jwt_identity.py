@@ -163,8 +163,9 @@ class JwtVerifier:
         self.claims = claims or JwtClaims()
         self.keyset = KeySet(settings.jwks) if settings.jwks else None
 
-    def verify(self, token: str) -> JwtIdentity:
-        """The identity a valid token names; InvalidToken (401) or KeysUnavailable (503)."""
+    def verify(self, token: str, claims: JwtClaims | None = None) -> JwtIdentity:
+        """The identity a valid token names (``claims``: which claims name the org and plan,
+        the policy's as of now); InvalidToken (401) or KeysUnavailable (503)."""
         import jwt
 
         try:
@@ -177,7 +178,7 @@ class JwtVerifier:
         key: Any = self._key(alg, kid)
         settings = self.settings
         try:
-            claims = jwt.decode(
+            payload = jwt.decode(
                 token, key, algorithms=[alg], issuer=settings.issuer,
                 audience=settings.audience, leeway=LEEWAY_SECONDS,
                 options={"require": ["exp", "sub"], "verify_aud": settings.audience is not None})
@@ -187,7 +188,7 @@ class JwtVerifier:
             raise InvalidToken("The JWT is not valid yet (nbf).") from None
         except jwt.InvalidTokenError as exc:
             raise InvalidToken(f"The JWT was refused: {_reason(exc)}.") from None
-        return self._identity(claims)
+        return self._identity(payload, claims or self.claims)
 
     def _key(self, alg: str, kid: str | None) -> Any:
         if alg == "HS256" and self.settings.hs256_secret:
@@ -200,12 +201,13 @@ class JwtVerifier:
                                "(unknown kid).")
         return found[0]
 
-    def _identity(self, claims: Mapping[str, Any]) -> JwtIdentity:
+    @staticmethod
+    def _identity(claims: Mapping[str, Any], named: JwtClaims) -> JwtIdentity:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.strip() or len(sub) > MAX_USER_ID_LENGTH:
             raise InvalidToken(f"The JWT's sub must be 1..{MAX_USER_ID_LENGTH} characters.")
-        plan = self._named(claims, self.claims.plan_claim)
-        org = self._named(claims, self.claims.org_claim)
+        plan = JwtVerifier._named(claims, named.plan_claim)
+        org = JwtVerifier._named(claims, named.org_claim)
         iat = claims.get("iat")
         return JwtIdentity(sub, plan, org, int(iat) if isinstance(iat, (int, float)) else 0)
 
