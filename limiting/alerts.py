@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .core.alerting import SIGNATURE_HEADER, Crossing, body_of, signature
+from .core.codec import as_text
 
 log = logging.getLogger("limiter.alerts")
 
@@ -168,7 +169,7 @@ class StoreAlertBox:
                    ) -> list[tuple[str, bytes, int]]:
         flat = self.store.run("alerts", self.outbox,
                               ["due", int(now * 1000), int(lease * 1000), limit])
-        return [(_text(flat[i]), _bytes(flat[i + 1]), int(flat[i + 2]))
+        return [(as_text(flat[i]), _bytes(flat[i + 1]), int(flat[i + 2]))
                 for i in range(0, len(flat), 3)]
 
     def outbox_done(self, event_id: str) -> None:
@@ -181,10 +182,6 @@ class StoreAlertBox:
 class ScriptRunner(Protocol):
     def run(self, name: str, keys: list[str], args: Sequence[str | int | float | bytes]
             ) -> Any: ...
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _bytes(value: object) -> bytes:
