@@ -143,7 +143,7 @@ def test_a_refused_token_is_a_401_in_each_shape_and_spends_nothing(
 
 def test_unsigned_forged_and_tampered_tokens_are_refused(s: Stack) -> None:
     good = s.idp.token(sub="victim")
-    head, body, sig = good.split(".")
+    head, _body, sig = good.split(".")
     unsigned = jwt.encode({"sub": "victim", "iss": ISS, "aud": AUD,
                            "exp": int(time.time()) + 60}, None, algorithm="none")
     forged = jwt.encode({"sub": "victim", "iss": ISS, "aud": AUD,
