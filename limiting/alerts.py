@@ -21,8 +21,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .core.alerting import SIGNATURE_HEADER, Crossing, body_of, signature
+from .core.alerting import SIGNATURE_HEADER, Crossing, Used, body_of, crossings, signature
 from .core.codec import as_text
+from .core.flushing import Flusher
+from .core.groups import Role
+from .core.policy import Plan, Policy
 
 log = logging.getLogger("limiter.alerts")
 
@@ -88,6 +91,14 @@ class Alerts:
                  post: Post = post_json, clock: Callable[[], float] = time.time) -> None:
         self.box, self.url, self.secret = box, webhook_url, secret
         self.count, self.post, self.clock = count, post, clock
+        # Each worker's deliverer: woken by its first decision, then every second.
+        self.deliverer = Flusher("alerts", 1.0, self.deliver_due, busy=lambda: True)
+
+    def poll(self) -> None:
+        """Keep this worker's deliverer running (cheap once it runs) when there is a
+        webhook: it sends what any worker, or a worker before a restart, left due."""
+        if self.url:
+            self.deliverer.wake()
 
     def notice(self, found: Iterable[Crossing]) -> int:
         """Make one event of each crossing no one made before; returns how many."""
@@ -186,3 +197,36 @@ class ScriptRunner(Protocol):
 
 def _bytes(value: object) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
+
+
+REALM_WORDS = {"u": "key", "b": "anonymous"}
+
+
+def crossings_of(charged: Iterable[tuple[Any, int, Sequence[tuple[int, int]]]], user: str,
+                 realm: str, plan: Plan, org: Plan | None, now: float) -> list[Crossing]:
+    """The thresholds an admitted request crossed, from what the executor charged: the
+    user's plan's layers by ``plan.alert_at``, the org's by ``org.alert_at``."""
+    found: list[Crossing] = []
+    for group, _at, states in charged:
+        if group.role is Role.PLAN and plan.alert_at:
+            subject, words, thresholds = user, REALM_WORDS.get(realm, realm), plan.alert_at
+        elif group.role is Role.ORG and org is not None and org.alert_at:
+            subject, words, thresholds = org.name, "org", org.alert_at
+        else:
+            continue
+        used = [Used(layer.name, layer.kind, layer.limit, layer.window, remaining, cost,
+                     reset_us / 1e6)
+                for layer, cost, (remaining, reset_us) in zip(group.layers, group.costs, states,
+                                                              strict=False)]
+        found += crossings(subject, words, used, thresholds, now)
+    return found
+
+
+def alerts_for(store: ScriptRunner, namespace: str, policy: Policy, secret: str | None,
+               count: Callable[[Crossing], None] = lambda c: None) -> Alerts | None:
+    """The policy's alerts, or None when no plan or org asks for any."""
+    wanted = any(p.alert_at for p in (*policy.plans.values(), *policy.orgs.values()))
+    if not wanted:
+        return None
+    return Alerts(StoreAlertBox(store, namespace), policy.alert_webhook_url, secret or None,
+                  count)

@@ -5,20 +5,18 @@ after which an event is dropped."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import redis
 
 from limiting.alerts import GIVE_UP_AFTER, Alerts, StoreAlertBox
-from limiting.core.alerting import SIGNATURE_HEADER, Used, crossings, verify
+from limiting.core.alerting import Used, crossings, verify
 from limiting.stores.storage import open_store
 from limiting.stores.store import Store
+from tests.webhooks import Receiver
 
 SECRET = "whsec_test"
 
@@ -49,38 +47,6 @@ def crossing(subject: str = "alice", threshold: float = 0.8, now: float = 1_800_
              ) -> list[Any]:
     state = Used("quota-day", "w", 100, 86_400, 0, 25, 3600.0)   # 75 -> 100 of 100
     return crossings(subject, "user", [state], (threshold,), now)
-
-
-class Receiver:
-    """A local webhook endpoint: answers each POST with the next planned status."""
-
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.statuses = list(statuses or [])
-        self.got: list[tuple[dict[str, Any], str, bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.got.append((json.loads(body), self.headers.get(SIGNATURE_HEADER, ""),
-                                  body))
-                status = outer.statuses.pop(0) if outer.statuses else 200
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/limits"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .. import metrics
+from ..alerts import alerts_for
 from ..audit import record_reloads
 from ..composed import Charged
 from ..core.ask import Ask
@@ -97,6 +98,9 @@ class RateLimiter:
             edge_keys = EdgeKeys(policy.edge_per_ip)
             edge_layers = edge_keys.layers(policy.fail_edge)
         self._engine = Engine(store, policy, edge=edge_layers, edge_keys=edge_keys)
+        self._engine.alerts = alerts_for(store, self._engine.namespace, policy,
+                                         _setting(app, "ALERT_WEBHOOK_SECRET", ""),
+                                         lambda c: metrics.alert(c.layer, c.threshold))
         if policy.local_fallback:
             from ..stores.memory import MemoryStore
 
