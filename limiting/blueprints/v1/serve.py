@@ -18,6 +18,7 @@ from limiting.providers.errors import Observe
 from limiting.providers.llm_calls import Tally, UpstreamReply, UpstreamStream
 from limiting.reservation import Reservation
 from limiting.stores.store import StoreUnavailable
+from limiting.tracing import span
 from limiting.web.credentials import InvalidToken, KeysUnavailable
 from limiting.web.extension import current_limiter
 from limiting.web.gate import payer
@@ -102,7 +103,8 @@ def run_plain(reservation: Reservation, call: Callable[[], UpstreamReply],
     """One whole upstream call inside the reservation: settled to the provider's reported
     usage; a failure or a reply without usage follows the reservation rule."""
     with reservation:
-        reply = call()
+        with span("limiter.upstream", {"llm.model": reservation.model_name}):
+            reply = call()
         try:
             usage = usage_of(reply.json())
         except ValueError:
@@ -118,7 +120,9 @@ def open_stream(reservation: Reservation, call: Callable[[], UpstreamStream]
     renewed; a failure to open finishes the reservation by the rule."""
     reservation.start_renewal()
     try:
-        return call()
+        with span("limiter.upstream", {"llm.model": reservation.model_name,
+                                       "llm.stream": True}):
+            return call()
     except BaseException as exc:
         reservation.finish(exc)
         raise
