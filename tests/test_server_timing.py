@@ -95,3 +95,13 @@ print(json.dumps(spans))
     assert decides[-1]["limiter.refused_by"] == "user" and decides[-1]["limiter.wait_seconds"] > 0
     upstream = next(attrs for name, attrs in spans if name == "limiter.upstream")
     assert upstream["llm.model"] == "echo"
+
+
+def test_a_429_body_names_the_layer_and_its_numbers(app: Flask) -> None:
+    client = app.test_client()
+    for _ in range(2):
+        client.post("/chat", json={"message": "hi", "user_id": "numbers"})
+    body = client.post("/chat", json={"message": "hi", "user_id": "numbers"}).get_json()
+    assert body["code"] == "rate_limited" and body["layer"] == "user"
+    assert (body["limit"], body["remaining"], body["unit"]) == (2, 0, "requests")
+    assert body["window_seconds"] == 2000 and 1 <= body["resets_in_seconds"] <= 2000
