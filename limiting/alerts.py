@@ -105,7 +105,8 @@ class Alerts:
         made = 0
         for crossing in found:
             ttl_ms = max(1000, int((crossing.resets_at - self.clock()) * 1000) + 60_000)
-            if not self.box.claim_once("alert:" + crossing.once_key, ttl_ms):
+            # By its digest: a user id in a key name could carry braces (a hash tag).
+            if not self.box.claim_once("alert:" + crossing.event_id, ttl_ms):
                 continue
             made += 1
             event = {**crossing.event(), "created": int(self.clock())}

@@ -14,17 +14,26 @@ import pytest
 import redis
 
 from limiting.core.alerting import verify
+from tests import topologies
 from tests.policies import LOADED, plan, policy, write_policy
 from tests.webhooks import Receiver
 
 pytestmark = pytest.mark.slow
+cluster = topologies.cluster
+cluster_url = topologies.cluster_url
 
 SECRET = "whsec_gunicorn"
 
 
+@pytest.mark.parametrize("store", ["redis_url", "cluster_url"])
 def test_racing_clients_make_one_signed_event_per_threshold(
-        gunicorn, tmp_path: Path, redis_url: str) -> None:
-    redis.Redis.from_url(redis_url).flushall()
+        gunicorn, tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
+    """On one Valkey, and on a 3-master Cluster (the claim and the outbox in slots of their
+    own, apart from the user's)."""
+    redis_url = request.getfixturevalue(store)
+    if store == "redis_url":
+        redis.Redis.from_url(redis_url).flushall()
+    user = f"racer-{store}"
     receiver = Receiver()
     try:
         text = policy(store=LOADED, per_ip="100000 per 10 seconds", default="p",
@@ -35,7 +44,7 @@ def test_racing_clients_make_one_signed_event_per_threshold(
 
         def chat(_: int) -> int:
             return httpx.post(server.url + "/chat", timeout=30, json={
-                "message": "hi", "user_id": "racer"}).status_code
+                "message": "hi", "user_id": user}).status_code
 
         with ThreadPoolExecutor(16) as pool:
             codes = list(pool.map(chat, range(40)))
@@ -50,7 +59,7 @@ def test_racing_clients_make_one_signed_event_per_threshold(
         for event, header, body in receiver.got:
             assert verify(header, body, SECRET, now=int(time.time()))
             assert (event["subject"], event["realm"], event["layer"]) == \
-                ("racer", "anonymous", "quota-day")
+                (user, "anonymous", "quota-day")
             assert event["limit"] == 20 and event["used"] >= event["threshold"] * 20
         metrics = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer m"},
                             timeout=30).text
