@@ -4,8 +4,11 @@ the model's guard included)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
+from .alerts import Alerts, crossings_of
 from .core.ask import Ask
 from .core.codec import Costs
 from .core.decision import Decision, GuardRefused, Refused, from_reply, joined, shadow_over
@@ -20,6 +23,8 @@ from .ledger import LedgerKeys, Spender
 from .planner import Planner
 from .reservation import Charge, Reservation, new_lease_id
 from .stores.store import Store, StoreUnavailable
+
+log = logging.getLogger("limiter.alerts")
 
 
 class Engine:
@@ -41,6 +46,8 @@ class Engine:
         self.ledger_keys = LedgerKeys(namespace)
         # While the shared store is away: the same layers in this process, limits shared out.
         self.fallback: Engine | None = None
+        # alert_at's events (limiting/alerts.py); None: no alerts (the local fallback's).
+        self.alerts: Alerts | None = None
         # The parts' own faces, as callers know them.
         self.compiled = self.planner.compiled
         self.edge_group = self.planner.edge_group
@@ -65,6 +72,7 @@ class Engine:
         future slot (the decision's delay); what ``outcome.charged`` took gives it back."""
         outcome = self.executor.run(self.planner.request(user, ip, plan, realm, extra, org,
                                                          us(max_wait)))
+        self._notice(outcome, user, realm, plan, org)
         if outcome.away and self.fallback is not None:
             # The local fallback knows plans (and orgs) only; the route limits' store is away.
             fb, fb_plan, fb_org = self._in_fallback(user, plan, org)
@@ -104,7 +112,24 @@ class Engine:
             raise Refused(outcome.decision)
         if charged is not None:
             charged += [item for item in outcome.charged if item[0].role is Role.ROUTE]
+        self._notice(outcome, user, realm, plan, org)
         return self._reservation(outcome, ask, costs, renews, spender)
+
+    def _notice(self, outcome: Outcome, user: str, realm: str, plan: Plan,
+                org: Plan | None) -> None:
+        """Alerts for the thresholds an admitted request crossed (rare: a store call each);
+        a failure there is logged, never the request's."""
+        alerts = self.alerts
+        if alerts is None:
+            return
+        alerts.poll()
+        if not outcome.decision.allowed or not (
+                plan.alert_at or (org is not None and org.alert_at)):
+            return
+        try:
+            alerts.notice(crossings_of(outcome.charged, user, realm, plan, org, time.time()))
+        except Exception:
+            log.warning("alerts: a crossing could not be recorded", exc_info=True)
 
     def _reservation(self, outcome: Outcome, ask: Ask, costs: Costs, renews: bool,
                      spender: Spender) -> Reservation:

@@ -54,6 +54,9 @@ SPEND_TOKENS = Counter("llm_limiter_spend_tokens_total",
 SPEND_REQUESTS = Counter("llm_limiter_spend_requests_total",
                          "Reservations settled or charged as reserved (not cancelled), by "
                          "plan and model.", ["plan", "model"])
+ALERTS = Counter("llm_limiter_alerts_total",
+                 "Alerts made (alert_at): one per subject, layer, threshold and window.",
+                 ["layer", "threshold"])
 GUARD_REFUSALS = Counter("llm_limiter_upstream_guard_refusals_total",
                          "Requests held back by a model's upstream guard.", ["model"])
 STORE_ERRORS = Counter("llm_limiter_store_errors_total",
@@ -121,6 +124,11 @@ def count(child: Any, amount: float = 1) -> None:
         flush()
     else:
         _flusher.wake()   # an idle worker's last counts still reach /metrics in time
+
+
+def alert(layer: str, threshold: float) -> None:
+    """One alert made (rare: counted at once, not buffered)."""
+    ALERTS.labels(layer, f"{threshold:g}").inc()
 
 
 def plan_label(plan: str) -> str:

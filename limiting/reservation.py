@@ -31,6 +31,7 @@ from .core.policy import ModelPolicy
 from .core.pricing import reserve_usd_micros, served_terms, usage_usd_micros
 from .ledger import Spender
 from .stores.store import Store, StoreUnavailable
+from .tracing import span
 
 log = logging.getLogger("limiter.reservation")
 
@@ -76,6 +77,7 @@ class Reservation:
         self.guard_charges = guard[1]
         self.lease = lease
         self.model: ModelPolicy | None = ask.model
+        self.model_name = ask.model_name
         self.input_tokens = ask.input_tokens
         self.max_output_tokens = ask.max_output_tokens
         self.terms = ask.terms    # tier, cache writes, server tools: the settle prices with them
@@ -198,7 +200,9 @@ class Reservation:
             self.spender.book(self.charged_at, counts, own, apart)
             return None if apart is own else apart
 
-        self._each_group(settled, book)
+        with span("limiter.settle", {"limiter.as_reserved": as_reserved,
+                                     "limiter.usage": usage is not None}):
+            self._each_group(settled, book)
 
     def _counted(self, usage: Usage, as_reserved: bool) -> tuple[int, int, int, int, int]:
         """Count what a finished call was charged in the metrics; its ledger counts back

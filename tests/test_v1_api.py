@@ -371,14 +371,21 @@ def test_429_in_each_shape(s: Stack) -> None:
     ant.messages.create(model="echo", max_tokens=5, messages=HELLO)
     with pytest.raises(openai.RateLimitError) as o:
         oai.chat.completions.create(model="echo", messages=HELLO)
-    assert o.value.response.json()["error"] | {"message": ""} == {
-        "message": "", "type": "requests", "param": None, "code": "rate_limit_exceeded"}
+    error = o.value.response.json()["error"]
+    assert error | {"message": "", "resets_in_seconds": 0} == {
+        "message": "", "type": "requests", "param": None, "code": "rate_limit_exceeded",
+        # Beside the SDK's fields, what refused and its numbers: tiny is a bucket of 2.
+        "layer": "user", "limit": 2, "window_seconds": 200, "unit": "requests",
+        "remaining": 0, "resets_in_seconds": 0}
+    assert 1 <= error["resets_in_seconds"] <= 200
     retry = int(o.value.response.headers["retry-after"])
     assert 50 <= retry <= 101
     assert o.value.response.headers["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(anthropic.RateLimitError) as a:
         ant.messages.create(model="echo", max_tokens=5, messages=HELLO)
-    assert a.value.response.json()["error"]["type"] == "rate_limit_error"
+    ant_error = a.value.response.json()["error"]
+    assert ant_error["type"] == "rate_limit_error" and ant_error["layer"] == "user"
+    assert (ant_error["limit"], ant_error["remaining"]) == (2, 0)
     assert int(a.value.response.headers["retry-after"]) >= 1
     assert a.value.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
 

@@ -15,6 +15,7 @@ from werkzeug.exceptions import Forbidden, Unauthorized
 from limiting.core.llm import estimate_input_tokens
 from limiting.keys import KeyRecord, presented_key
 from limiting.providers import LLMRequest, api_for, check_available, provider_for
+from limiting.web.credentials import InvalidToken
 from limiting.web.extension import RateLimiter, current_limiter
 from limiting.web.gate import payer
 from limiting.web.payer import plan
@@ -76,7 +77,10 @@ def _request(model: str, provider: str, message: str, max_tokens: int,
 
 def _key_user(limiter: RateLimiter) -> KeyRecord:
     """With REQUIRE_API_KEY, /chat's user is the key's (Bearer or X-API-Key)."""
-    record = limiter.keys.authenticate(presented_key(request.headers))
+    try:
+        record = limiter.authenticate(presented_key(request.headers))
+    except InvalidToken as exc:
+        raise Unauthorized(str(exc)) from None
     if record is None:
         raise Unauthorized("A valid API key is required (Authorization: Bearer KEY).")
     return record

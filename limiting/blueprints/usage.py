@@ -26,6 +26,7 @@ from limiting.core.decision import Decision
 from limiting.core.naming import BODY_USER, KEY_USER
 from limiting.keys import presented_key
 from limiting.ledger import Ledger, Spend, day_text, parse_day
+from limiting.web.credentials import InvalidToken
 from limiting.web.extension import current_limiter
 from limiting.web.identity import client_ip
 
@@ -67,7 +68,10 @@ def my_usage() -> dict[str, Any]:
     """The caller's own layers (API key from Authorization: Bearer or x-api-key). While the
     store is away the StoreUnavailable handler answers 503 limiter_unavailable."""
     limiter = current_limiter()
-    record = limiter.keys.authenticate(presented_key(request.headers))
+    try:
+        record = limiter.authenticate(presented_key(request.headers))
+    except InvalidToken as exc:
+        raise Unauthorized(str(exc)) from None
     if record is None:
         raise Unauthorized("A valid API key is required.")
     plan = limiter.policy.resolve(record.user, record.plan)

@@ -22,6 +22,8 @@ from .policy_reader import FailMode as FailMode  # re-exported: the policy's pub
 from .policy_reader import Mode as Mode
 from .policy_reader import PolicyError as PolicyError
 from .policy_reader import TableReader
+from .policy_sections import JwtClaims as JwtClaims
+from .policy_sections import alerts_webhook, read_jwt_claims
 from .routes import RouteLimit, parse_routes
 from .windows import Window as Window  # re-exported: plans hold them
 
@@ -54,6 +56,8 @@ class Plan:
     mode: Mode = "enforce"
     # Wait up to this long for a slot instead of a 429 (the bucket, windows, model's guard).
     max_wait_seconds: float = 0.0
+    # Shares of a quota, token or dollar window at which one alert goes out (limiting/alerts.py).
+    alert_at: tuple[float, ...] = ()
 
     @property
     def meters_units(self) -> bool:
@@ -133,6 +137,8 @@ class Policy:
     user_orgs: Mapping[str, str] = field(default_factory=dict)   # [users] member -> org
     # [routes."blueprint.endpoint"]: limits of a route, as its decorators would set them
     routes: Mapping[str, tuple[RouteLimit, ...]] = field(default_factory=dict)
+    jwt_claims: JwtClaims = field(default_factory=JwtClaims)
+    alert_webhook_url: str | None = None    # [alerts] webhook_url: where alert events go
 
     def resolve(self, user: str, key_plan: str | None = None, realm: str | None = None) -> Plan:
         """The plan ``user`` is limited by, the one lookup everyone uses: ``key_plan`` (an API
@@ -205,6 +211,7 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
         mode=r.mode(),
         # A waiter holds a connection (a greenlet): minutes, not hours.
         max_wait_seconds=0.0 if org else r.seconds("max_wait_seconds", 300.0),
+        alert_at=r.shares("alert_at"),
     )
     if plan.lease_ttl_seconds < 2 * RENEW_EVERY:
         # A lease renewed every RENEW_EVERY s must survive one late renewal.
@@ -337,6 +344,8 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     history_days = store.positive("history_days", default=35)
     store.done()
     routes = parse_routes(source, top.get("routes", dict, {}))
+    jwt_claims = read_jwt_claims(source, top.get("identity", dict, {}))
+    webhook_url = alerts_webhook(source, top.get("alerts", dict, {}))
     top.done()
     return Policy(
         source=source,
@@ -353,6 +362,8 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         orgs=MappingProxyType(orgs),
         user_orgs=MappingProxyType(user_orgs),
         routes=MappingProxyType(routes),
+        jwt_claims=jwt_claims,
+        alert_webhook_url=webhook_url,
     )
 
 

@@ -114,6 +114,14 @@ class TableReader:
             self.fail(key, "two quotas share one window length; keep the tighter one")
         return tuple(out)
 
+    def shares(self, key: str) -> tuple[float, ...]:
+        """A list of shares in (0, 1], e.g. ``alert_at = [0.8, 1.0]``: sorted, distinct."""
+        values = self.get(key, list, [])
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                self.fail(f"{key}[{i}]", f"must be a share in (0, 1], like 0.8; got {v!r}")
+        return tuple(sorted({float(v) for v in values}))
+
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
         if unknown:

@@ -22,6 +22,7 @@ from ..core.codec import (
     decode_settle,
 )
 from ..core.windows import month_bounds
+from .memory_alerts import AlertsMirror
 from .store import ScriptArgs, StoreUnavailable
 from .tables import MemoryTables
 
@@ -34,6 +35,7 @@ class MemoryStore(MemoryTables):
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._lock = threading.Lock()
+        self._alerts = AlertsMirror()
         # key -> (expires_at_us, state); state is ["b", tokens, at] or
         # ["w", last, total, slots, {slot ahead of the ring: count}] (acquire.lua's tail)
         # The same dict holds what keys, overrides, the ledger and the audit trail keep
@@ -121,6 +123,9 @@ class MemoryStore(MemoryTables):
     def run(self, name: str, keys: list[str], args: ScriptArgs) -> Any:
         if name == "observe":
             return 0
+        if name == "alerts":
+            with self._lock:
+                return self._alerts.run(keys, args, self._now_us() / 1000)
         if name != "settle":
             raise StoreUnavailable(f"memory:// does not run the {name!r} script")
         with self._lock:

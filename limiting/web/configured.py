@@ -31,7 +31,7 @@ from ..stores.store import Store
 PER_PROCESS = ("no REDIS_URL: limits are per process (memory://) until REDIS_URL is set; "
                "`gunicorn -c python:limiting.gunicorn` gives every worker one shared store")
 # The command groups RateLimiter adds to `flask` (tests/test_configured.py keeps them in step).
-OPERATOR_COMMANDS = frozenset({"limits", "keys", "spend", "audit"})
+OPERATOR_COMMANDS = frozenset({"limits", "keys", "spend", "audit", "alerts"})
 _said: list[bool] = []   # the per-process warning, once per process (not per app or test)
 
 

@@ -30,6 +30,7 @@ class RequestLimits:
     headers: list[tuple[str, str]] | None = None   # RateLimit*, sent by SendLimitHeaders
     routes: Any = None                   # the route's limits (limiting.web.routes.RouteState)
     payer: Any = None                    # who pays, resolved once (limiting.web.gate.Payer)
+    deciding_ms: float | None = None     # time spent deciding: Server-Timing's limiter;dur
 
     def is_limited_route(self) -> bool:
         """Does the view call acquire() (so its edge check rides in that call)? Asked by up
@@ -39,6 +40,11 @@ class RequestLimits:
             view = current_app.view_functions.get(request.endpoint or "")
             limited = self.limited_route = bool(getattr(view, LIMITED_ROUTE, False))
         return limited
+
+
+def server_timing(ms: float) -> tuple[str, str]:
+    """W3C Server-Timing for the limiter's part of a response: the time spent deciding."""
+    return "Server-Timing", f"limiter;dur={ms:.2f}"
 
 
 def request_limits() -> RequestLimits:
@@ -67,8 +73,11 @@ class SendLimitHeaders:
                  ) -> Iterable[bytes]:
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             limits: RequestLimits | None = environ.get(_KEY)
-            if limits is not None and limits.headers:
-                headers.extend(limits.headers)
+            if limits is not None:
+                if limits.headers:
+                    headers.extend(limits.headers)
+                if limits.deciding_ms is not None:
+                    headers.append(server_timing(limits.deciding_ms))
             return start_response(status, headers, exc_info)
 
         return self.app(environ, start)

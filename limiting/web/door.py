@@ -37,6 +37,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -50,7 +51,7 @@ from ..core.naming import BODY_USER, KEY_USER
 from ..core.policy import Policy
 from ..deny import DenyCache
 from ..keys import presented_key
-from .context import LIMITED_ROUTE, StartResponse, WSGIApp
+from .context import LIMITED_ROUTE, StartResponse, WSGIApp, server_timing
 from .errors import RateLimited, json_text, refusal_error
 from .logs import request_id_for
 
@@ -148,15 +149,19 @@ class Door:
     def _answer(self, environ: dict[str, Any], start_response: StartResponse
                 ) -> Iterable[bytes] | None:
         early = self._early(environ)
+        started = time.perf_counter()
         decision = None if early is None else self._refusal(environ, early)
         if early is None or decision is None:
             return None
         rid = request_id_for(environ.get("HTTP_X_REQUEST_ID", ""))
+        timing = server_timing((time.perf_counter() - started) * 1000)
         if early.render is not None:
             response = early.render(decision)
             response.headers["X-Request-ID"] = rid
+            response.headers.add(*timing)
             return response(environ, start_response)
         status, headers, body = render(decision, rid)
+        headers.append(timing)
         start_response(status, headers)
         return [body]
 

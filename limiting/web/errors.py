@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Response
 from werkzeug.exceptions import BadRequest, ServiceUnavailable, TooManyRequests
 
-from ..core.decision import Decision, GuardRefused, Refused
+from ..core.decision import Decision, GuardRefused, LayerState, Refused
 from ..core.headers import rate_limit_headers
 
 
@@ -23,9 +24,19 @@ class RateLimited(TooManyRequests):
         self.unit = unit          # what the refusing layer counts (dialects name it by this)
         self.retry_after = retry_after
         self.limit_headers = headers
+        # The refusing layer's limit, window, what remains and when it is full again.
+        self.detail: dict[str, Any] = {}
 
     @classmethod
     def from_decision(cls, decision: Decision, headers: dict[str, str]) -> RateLimited:
+        refusal = cls._from_decision(decision, headers)
+        refused = decision.refused
+        if refused is not None:
+            refusal.detail = limit_detail(refused)
+        return refusal
+
+    @classmethod
+    def _from_decision(cls, decision: Decision, headers: dict[str, str]) -> RateLimited:
         layer = decision.refused.layer.name if decision.refused else "unknown"
         unit = decision.refused.layer.unit if decision.refused else "requests"
         if decision.wait is None:
@@ -41,7 +52,15 @@ class RateLimited(TooManyRequests):
 
     def body(self) -> dict[str, Any]:
         return {"error": self.description, "code": "rate_limited", "layer": self.layer,
-                "retry_after": self.retry_after}
+                "retry_after": self.retry_after, **self.detail}
+
+
+def limit_detail(state: LayerState) -> dict[str, Any]:
+    """What a 429 says of the layer that refused: its limit and window (in its unit), what
+    remains and in how many seconds it is full again."""
+    layer = state.layer
+    return {"limit": round(layer.limit, 3), "window_seconds": layer.window, "unit": layer.unit,
+            "remaining": max(0, state.remaining), "resets_in_seconds": math.ceil(state.reset)}
 
 
 class ExceedsLimit(BadRequest):

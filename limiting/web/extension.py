@@ -13,6 +13,7 @@ from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .. import metrics
+from ..alerts import alerts_for
 from ..audit import record_reloads
 from ..composed import Charged
 from ..core.ask import Ask
@@ -26,16 +27,18 @@ from ..core.shares import per_worker
 from ..core.upstream import Observer
 from ..deny import DenyCache
 from ..engine import Engine
-from ..keys import ApiKeys
+from ..keys import ApiKeys, KeyRecord
 from ..ledger import Ledger
 from ..overrides import attach, on_change
 from ..reloading import KEPT
 from ..reservation import Reservation
 from ..stores.store import Store
+from .alerts_cli import alerts_cli
 from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .configured import app_policy, app_store
 from .context import SendLimitHeaders
+from .credentials import Credentials, InvalidToken, KeysUnavailable
 from .door import Door
 from .edge import combines_edge, init_edge
 from .errors import ExceedsLimit, LimiterUnavailable, RateLimited, UpstreamSaturated
@@ -74,7 +77,8 @@ class RateLimiter:
         # This worker's remembered refusals (limiting/deny.py); None: DENY_CACHE=0.
         self.deny: DenyCache | None = None
         self.edge: Limiter | None = None
-        self.routes = RouteLimits(authenticate=lambda key: self.keys.authenticate(key) is not None)
+        self.credentials: Credentials | None = None
+        self.routes = RouteLimits(authenticate=self._authenticates)
         # Every request's way through the limiter (limiting/web/gate.py).
         self.gate = Gate(self)
         if app is not None:
@@ -82,6 +86,8 @@ class RateLimiter:
 
     def init_app(self, app: Flask) -> None:
         policy = app_policy(app, self._policy)
+        self.credentials = Credentials.from_config(app.config, lambda: self.keys,
+                                                   lambda: self.policy)
         store = self._store or app_store(app, timeout=policy.timeout_ms / 1000)
         policy = attach(policy, store)   # `flask limits set`: seen here within a second
         _audit_reloads(policy, store)
@@ -92,6 +98,9 @@ class RateLimiter:
             edge_keys = EdgeKeys(policy.edge_per_ip)
             edge_layers = edge_keys.layers(policy.fail_edge)
         self._engine = Engine(store, policy, edge=edge_layers, edge_keys=edge_keys)
+        self._engine.alerts = alerts_for(store, self._engine.namespace, policy,
+                                         _setting(app, "ALERT_WEBHOOK_SECRET", ""),
+                                         lambda c: metrics.alert(c.layer, c.threshold))
         if policy.local_fallback:
             from ..stores.memory import MemoryStore
 
@@ -121,6 +130,21 @@ class RateLimiter:
         app.cli.add_command(keys_cli)
         app.cli.add_command(spend_cli)
         app.cli.add_command(audit_command)
+        app.cli.add_command(alerts_cli)
+
+    def authenticate(self, presented: str | None) -> KeyRecord | None:
+        """The record an API key (or, with JWT_JWKS set, a JWT) names; None: nobody. Raises
+        InvalidToken for a JWT it refuses (401, with the reason) and KeysUnavailable when
+        the identity provider's keys cannot be read (503)."""
+        if self.credentials is None:
+            return self.keys.authenticate(presented)
+        return self.credentials.authenticate(presented)
+
+    def _authenticates(self, presented: str | None) -> bool:
+        try:
+            return self.authenticate(presented) is not None
+        except (InvalidToken, KeysUnavailable):
+            return False
 
     @property
     def engine(self) -> Engine:

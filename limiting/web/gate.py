@@ -30,6 +30,7 @@ from ..core.policy import Plan, Policy
 from ..deny import DenyCache
 from ..engine import Engine
 from ..reservation import Reservation
+from ..tracing import annotate, span, tracing
 from .context import LIMITED_ROUTE, RequestLimits, request_limits
 from .door import early_of, learn_alias
 from .edge import AfterHook
@@ -126,16 +127,21 @@ class Gate:
         wait = max_wait(who.plan) if who is not None else 0.0
         subject = who.user if who is not None else "ip:" + client_ip()
         plan = who.plan.name if who is not None else ""   # metrics count by the resolved plan
-        try:
-            passage = execute(extra, wait)
-        except GuardRefused as guard:
-            limits.decision = guard.decision
-            record_guard(guard, subject, started, plan)
-            raise refusal_error(guard) from None
-        except Refused as refused:
-            passage = Passage(refused.decision)
-        decision = passage.decision
-        limits.decision = decision
+        with span("limiter.decide", {"limiter.plan": plan}) as traced:
+            try:
+                passage = execute(extra, wait)
+            except GuardRefused as guard:
+                limits.decision = guard.decision
+                limits.deciding_ms = (time.perf_counter() - started) * 1000
+                annotate(traced, {"limiter.refused_by": f"upstream:{guard.model}"})
+                record_guard(guard, subject, started, plan)
+                raise refusal_error(guard) from None
+            except Refused as refused:
+                passage = Passage(refused.decision)
+            decision = passage.decision
+            limits.decision = decision
+            limits.deciding_ms = (time.perf_counter() - started) * 1000
+            annotate(traced, traced_decision(decision))
         record(decision, subject, started, plan)
         if not decision.allowed:
             if who is not None:
@@ -206,6 +212,10 @@ class Gate:
         metrics.count(metrics.DENY_CACHE_HITS)
         metrics.time_decision(started)
         count_refusal(decision, user, ip, plan_name)
+        if tracing():   # the store's refusal, remembered: a decision all the same
+            with span("limiter.decide", {"limiter.plan": plan_name,
+                                         "limiter.deny_cache": True}) as traced:
+                annotate(traced, traced_decision(decision))
         return decision
 
     def _remember(self, decision: Decision, who: Payer, started: float) -> None:
@@ -301,6 +311,18 @@ class Gate:
         if rid is not None:
             response.headers["X-Request-ID"] = rid
         return response
+
+
+def traced_decision(decision: Decision) -> dict[str, str | float | bool]:
+    """A decision as span attributes: the layers met, the refusing one, the wait."""
+    out: dict[str, str | float | bool] = {
+        "limiter.allowed": decision.allowed,
+        "limiter.layers": ",".join(s.layer.name for s in decision.states)}
+    if decision.refused is not None:
+        out["limiter.refused_by"] = decision.refused.layer.name
+    if decision.delay or not decision.allowed:
+        out["limiter.wait_seconds"] = decision.delay or (decision.wait or 0.0)
+    return out
 
 
 def render_refusal(exc: RateLimited | LimiterUnavailable | UpstreamSaturated | ExceedsLimit

@@ -91,7 +91,8 @@ class AnthropicDialect(Dialect):
 
     def error_body(self, problem: ApiProblem) -> dict[str, Any]:
         kind = _TYPES.get(problem.kind) or _UPSTREAM_TYPES.get(problem.status, "api_error")
-        return {"type": "error", "error": {"type": kind, "message": problem.message}}
+        return {"type": "error", "error": {"type": kind, "message": problem.message,
+                                           **problem.extra()}}
 
     def error_event(self, problem: ApiProblem) -> str:
         return f"event: error\ndata: {json.dumps(self.error_body(problem))}\n\n"

@@ -110,7 +110,7 @@ class OpenAIDialect(Dialect):
         else:
             kind = _TYPES.get(problem.kind, "server_error")
         return {"error": {"message": problem.message, "type": kind, "param": problem.param,
-                          "code": problem.code}}
+                          "code": problem.code, **problem.extra()}}
 
     def error_event(self, problem: ApiProblem) -> str:
         return f"data: {json.dumps(self.error_body(problem))}\n\n"

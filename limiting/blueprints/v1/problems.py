@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -43,6 +44,11 @@ class ApiProblem(Exception):
         self.param, self.code, self.retry_after, self.layer = param, code, retry_after, layer
         self.unit = unit          # what the refusing layer counts, for the dialect's type
         self.headers = dict(headers or {})
+        self.detail: dict[str, Any] = {}   # a 429's layer, limit, window, remaining, reset
+
+    def extra(self) -> dict[str, Any]:
+        """Fields beside the ones each SDK reads: which layer refused, and its numbers."""
+        return {"layer": self.layer, **self.detail} if self.detail else {}
 
 
 def invalid(message: str, param: str | None = None) -> ApiProblem:
@@ -54,10 +60,11 @@ def problem_from(exc: BaseException) -> ApiProblem:
     if isinstance(exc, ApiProblem):
         return exc
     if isinstance(exc, RateLimited):
-        return ApiProblem(429, RATE_LIMITED, str(exc.description), layer=exc.layer,
-                          unit=exc.unit,
-                          code="rate_limit_exceeded", retry_after=_seconds(exc.retry_after),
-                          headers=exc.limit_headers)
+        problem = ApiProblem(429, RATE_LIMITED, str(exc.description), layer=exc.layer,
+                             unit=exc.unit, code="rate_limit_exceeded",
+                             retry_after=_seconds(exc.retry_after), headers=exc.limit_headers)
+        problem.detail = exc.detail
+        return problem
     if isinstance(exc, ExceedsLimit):   # before HTTPException: its code is exceeds_limit
         return ApiProblem(400, INVALID, str(exc.description), code="exceeds_limit",
                           layer=exc.layer, headers=exc.limit_headers)

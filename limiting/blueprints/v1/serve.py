@@ -18,12 +18,14 @@ from limiting.providers.errors import Observe
 from limiting.providers.llm_calls import Tally, UpstreamReply, UpstreamStream
 from limiting.reservation import Reservation
 from limiting.stores.store import StoreUnavailable
+from limiting.tracing import span
+from limiting.web.credentials import InvalidToken, KeysUnavailable
 from limiting.web.extension import current_limiter
 from limiting.web.gate import payer
 
 from .dialect import Dialect
 from .fields import read_body
-from .problems import AUTH, ApiProblem, problem_from, refusal
+from .problems import AUTH, UNAVAILABLE, ApiProblem, problem_from, refusal
 from .sse import sse_response
 
 log = logging.getLogger("limiter.v1")
@@ -60,7 +62,12 @@ def authenticate(token: str | None) -> KeyRecord:
     if not token:
         raise ApiProblem(401, AUTH, "No API key provided.", code="invalid_api_key")
     try:
-        record = current_limiter().keys.authenticate(token)
+        record = current_limiter().authenticate(token)
+    except InvalidToken as exc:
+        raise ApiProblem(401, AUTH, str(exc), code="invalid_api_key") from None
+    except KeysUnavailable:
+        raise ApiProblem(503, UNAVAILABLE, "The identity provider's keys cannot be read; "
+                         "retry shortly.", code="identity_unavailable", retry_after=5) from None
     except StoreUnavailable as exc:
         raise problem_from(exc) from None
     if record is None:
@@ -96,7 +103,8 @@ def run_plain(reservation: Reservation, call: Callable[[], UpstreamReply],
     """One whole upstream call inside the reservation: settled to the provider's reported
     usage; a failure or a reply without usage follows the reservation rule."""
     with reservation:
-        reply = call()
+        with span("limiter.upstream", {"llm.model": reservation.model_name}):
+            reply = call()
         try:
             usage = usage_of(reply.json())
         except ValueError:
@@ -112,7 +120,9 @@ def open_stream(reservation: Reservation, call: Callable[[], UpstreamStream]
     renewed; a failure to open finishes the reservation by the rule."""
     reservation.start_renewal()
     try:
-        return call()
+        with span("limiter.upstream", {"llm.model": reservation.model_name,
+                                       "llm.stream": True}):
+            return call()
     except BaseException as exc:
         reservation.finish(exc)
         raise

@@ -1,0 +1,41 @@
+"""The policy's tables about who is asking and who hears of it: ``[identity.jwt]`` and
+``[alerts]`` (their use: core/jwt_identity.py, limiting/alerts.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .policy_reader import TableReader
+
+
+@dataclass(frozen=True, slots=True)
+class JwtClaims:
+    """``[identity.jwt]``: the claims of a verified JWT that name the org and the plan."""
+
+    org_claim: str = "org"
+    plan_claim: str = "plan"
+
+
+def read_jwt_claims(source: str, table: dict[str, Any]) -> JwtClaims:
+    identity = TableReader(source, "identity", table)
+    jwt = TableReader(source, "identity.jwt", identity.get("jwt", dict, {}))
+    claims = JwtClaims(jwt.get("org_claim", str, "org"), jwt.get("plan_claim", str, "plan"))
+    for name in ("org_claim", "plan_claim"):
+        if not getattr(claims, name).strip():
+            jwt.fail(name, "must name a claim")
+    jwt.done()
+    identity.done()
+    return claims
+
+
+
+
+def alerts_webhook(source: str, table: dict[str, Any]) -> str | None:
+    """``[alerts] webhook_url``: where alert events are POSTed, if anywhere."""
+    alerts = TableReader(source, "alerts", table)
+    url: str | None = alerts.get("webhook_url", str)
+    if url is not None and not url.startswith(("https://", "http://")):
+        alerts.fail("webhook_url", f"must be an http(s) URL, got {url!r}")
+    alerts.done()
+    return url
