@@ -303,19 +303,25 @@ def unpriced(models: Mapping[str, ModelPolicy]) -> list[str]:
     return [name for name, model in models.items() if model.provider != ECHO and not model.priced]
 
 
-def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
-    """Build a Policy from a dict with the policy file's schema (parsed TOML, or written in
-    code), checking every key."""
-    top = TableReader(source, "", dict(data))
-
-    edge = TableReader(source, "edge", top.get("edge", dict, {}))
+def _edge(source: str, table: dict[str, Any]) -> tuple[list[str], FailMode]:
+    """``[edge]``: Flask-Limiter's per-IP windows, and what they do while the store is away."""
+    edge = TableReader(source, "edge", table)
     per_ip = edge.get("per_ip", list, [])
     for i, text in enumerate(per_ip):
         if not isinstance(text, str):
             edge.fail(f"per_ip[{i}]", f"must be a string like '20 per 10 seconds', got {text!r}")
         edge.window(f"per_ip[{i}]", text, own_units=False)   # Flask-Limiter reads these
-    fail_edge = edge.fail_mode("fail", "fail_open")
+    fail_edge: FailMode = edge.fail_mode("fail", "fail_open")
     edge.done()
+    return per_ip, fail_edge
+
+
+def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
+    """Build a Policy from a dict with the policy file's schema (parsed TOML, or written in
+    code), checking every key."""
+    top = TableReader(source, "", dict(data))
+
+    per_ip, fail_edge = _edge(source, top.get("edge", dict, {}))
 
     plans_table = top.get("plans", dict, required=True)
     if not plans_table:
