@@ -120,7 +120,7 @@ def test_the_plan_claim_sets_the_limits_exactly_across_workers(s: Stack) -> None
 
 
 @pytest.mark.parametrize("claims, reason", [
-    ({"exp": int(time.time()) - 3600}, "expired"),
+    ({"exp": -3600}, "expired"),     # seconds from when the token is made
     ({"aud": "another-service"}, "Audience"),
     ({"iss": "https://evil.example"}, "issuer"),
     ({"plan": "platinum"}, "plan 'platinum'"),
@@ -130,7 +130,8 @@ def test_a_refused_token_is_a_401_in_each_shape_and_spends_nothing(
         s: Stack, claims: dict[str, Any], reason: str) -> None:
     user = "victim"
     before = s.left(user, "roomy")
-    token = s.idp.token(sub=user, **claims)
+    now = int(time.time())
+    token = s.idp.token(sub=user, **{k: now + v if k == "exp" else v for k, v in claims.items()})
     with pytest.raises(openai.AuthenticationError) as o, oai(s, token) as client:
         client.chat.completions.create(model="echo", messages=HELLO)
     error = o.value.response.json()["error"]

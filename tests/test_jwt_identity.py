@@ -6,11 +6,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 import time
 import tomllib
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from limiting.core.jwt_identity import (
     looks_like_jwt,
 )
 from limiting.core.policy import JwtClaims, PolicyError, parse_policy
+from tests.webhooks import JwksServer
 
 DEFAULT_POLICY = Path(__file__).parent.parent / "limiting" / "default_limits.toml"
 ISS, AUD = "https://idp.example", "llm-gateway"
@@ -105,9 +104,11 @@ def test_absent_claims_are_none_and_claim_names_come_from_the_policy(
     assert (who.plan, who.org) == ("free", "globex")
 
 
+# exp and nbf as seconds from when the token is made (not from collection: a long run would
+# turn "120 s from now" into the past by the time the test runs).
 @pytest.mark.parametrize("claims, reason", [
-    ({"exp": int(time.time()) - 31}, "expired"),
-    ({"nbf": int(time.time()) + 120}, "not valid yet"),
+    ({"exp": -31}, "expired"),
+    ({"nbf": 120}, "not valid yet"),
     ({"iss": "https://evil.example"}, "(?i)issuer"),
     ({"aud": "another-service"}, "(?i)audience"),
     ({"exp": None}, "exp"),
@@ -120,6 +121,9 @@ def test_absent_claims_are_none_and_claim_names_come_from_the_policy(
 def test_a_bad_claim_is_refused_with_its_reason(verifier: JwtVerifier,
                                                signers: dict[str, Signer],
                                                claims: dict[str, Any], reason: str) -> None:
+    now = int(time.time())
+    claims = {k: now + v if k in ("exp", "nbf") and isinstance(v, int) else v
+              for k, v in claims.items()}
     with pytest.raises(InvalidToken, match=reason):
         verifier.verify(signers["ES256"].token(**claims))
 
@@ -238,37 +242,6 @@ def test_unknown_kids_reread_the_jwks_at_most_once_a_minute_and_a_rotation_is_pi
     clock.now += 60
     assert verifier.verify(rotated.token()).user == "alice"
     assert len(reads) == 2
-
-
-class JwksServer:
-    """A local identity provider's JWKS endpoint that counts its fetches."""
-
-    def __init__(self, document: dict[str, Any]) -> None:
-        self.document, self.fetches, self.fail = document, 0, False
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.fetches += 1
-                body = b"oops" if outer.fail else json.dumps(outer.document).encode()
-                self.send_response(500 if outer.fail else 200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture
