@@ -25,6 +25,7 @@ from .core.alerting import SIGNATURE_HEADER, Crossing, Used, body_of, crossings,
 from .core.codec import as_text
 from .core.flushing import Flusher
 from .core.groups import Role
+from .core.naming import REALM_WORDS
 from .core.policy import Plan, Policy
 
 log = logging.getLogger("limiter.alerts")
@@ -198,9 +199,6 @@ class ScriptRunner(Protocol):
 
 def _bytes(value: object) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
-
-
-REALM_WORDS = {"u": "key", "b": "anonymous"}
 
 
 def crossings_of(charged: Iterable[tuple[Any, int, Sequence[tuple[int, int]]]], user: str,

@@ -23,7 +23,7 @@ from werkzeug.exceptions import BadRequest, Forbidden, TooManyRequests, Unauthor
 
 from limiting import metrics
 from limiting.core.decision import Decision
-from limiting.core.naming import BODY_USER, KEY_USER
+from limiting.core.naming import BODY_USER, KEY_USER, REALM_WORDS
 from limiting.keys import presented_key
 from limiting.ledger import Ledger, Spend, day_text, parse_day
 from limiting.web.credentials import InvalidToken
@@ -58,9 +58,6 @@ def pacing_json(decision: Decision) -> dict[str, Any] | None:
     return {"held": held, "wait": math.ceil(decision.wait or 0) if held else 0,
             "requests_left": pace.remaining if pace.reset > 0 else None,
             "reset": math.ceil(pace.reset)}
-
-
-REALM_WORDS = {KEY_USER: "key", BODY_USER: "anonymous"}
 
 
 @bp.get("/v1/usage")

@@ -32,6 +32,10 @@ KEY_USER: str = Realm.KEY_USER   # typed str: callers key dicts by either
 BODY_USER: str = Realm.BODY_USER
 
 
+# The realms in words, for people (the usage page, alert events): never the letters.
+REALM_WORDS = {KEY_USER: "key", BODY_USER: "anonymous"}
+
+
 def user_prefix(namespace: str, user_id: str, realm: str = KEY_USER) -> str:
     """Every key of one user shares this prefix and its hash tag, so one script sees them all."""
     return f"{namespace}{{{realm}:{user_tag(user_id)}}}:"

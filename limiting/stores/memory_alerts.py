@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.codec import as_text
 from .store import ScriptArgs
-
-
-def _s(value: str | int | float | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class AlertsMirror:
@@ -21,22 +18,22 @@ class AlertsMirror:
         self.attempts: dict[str, int] = {}
 
     def run(self, keys: list[str], args: ScriptArgs, now_ms: float) -> Any:
-        cmd = _s(args[0])
+        cmd = as_text(args[0])
         if cmd == "once":
             key = keys[0]
             if self.claims.get(key, 0) > now_ms:
                 return 0
             self.claims = {k: t for k, t in self.claims.items() if t > now_ms}
-            self.claims[key] = now_ms + float(_s(args[1]))
+            self.claims[key] = now_ms + float(as_text(args[1]))
             return 1
-        event = _s(args[1]) if len(args) > 1 else ""
+        event = as_text(args[1]) if len(args) > 1 else ""
         if cmd == "put":
             body = args[2]
-            self.bodies[event] = body if isinstance(body, bytes) else _s(body).encode()
-            self.due[event] = float(_s(args[3]))
+            self.bodies[event] = body if isinstance(body, bytes) else as_text(body).encode()
+            self.due[event] = float(as_text(args[3]))
             return 1
         if cmd == "due":
-            return self._take(float(event), float(_s(args[2])), int(_s(args[3])))
+            return self._take(float(event), float(as_text(args[2])), int(as_text(args[3])))
         if cmd == "done":
             for table in (self.due, self.bodies, self.attempts):
                 table.pop(event, None)
@@ -44,7 +41,7 @@ class AlertsMirror:
         if cmd == "retry":
             if event in self.bodies:
                 self.attempts[event] = self.attempts.get(event, 0) + 1
-                self.due[event] = float(_s(args[2]))
+                self.due[event] = float(as_text(args[2]))
             return 1
         raise ValueError(f"alerts.lua: unknown command {cmd}")
 

@@ -7,7 +7,6 @@ unreachable, 2 no webhook configured.
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 import time
@@ -18,6 +17,7 @@ from flask.cli import AppGroup
 
 from ..alerts import post_json
 from ..core.alerting import SIGNATURE_HEADER, body_of, signature
+from .configured import setting
 from .operated import app_limiter
 
 alerts_cli = AppGroup("alerts", help="Alerts before the wall: webhook checks.")
@@ -25,8 +25,7 @@ alerts_cli = AppGroup("alerts", help="Alerts before the wall: webhook checks.")
 
 def webhook_secret() -> str | None:
     """ALERT_WEBHOOK_SECRET from the app's config, else the environment."""
-    return current_app.config.get("ALERT_WEBHOOK_SECRET") or \
-        os.environ.get("ALERT_WEBHOOK_SECRET") or None
+    return setting(current_app, "ALERT_WEBHOOK_SECRET") or None
 
 
 @alerts_cli.command("test")

@@ -9,9 +9,9 @@ provider vouches for ``sub`` as the key store vouches for a key's user.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
-from typing import Any
+
+from flask import Flask
 
 from ..core.jwt_identity import (
     InvalidToken,
@@ -22,6 +22,7 @@ from ..core.jwt_identity import (
 )
 from ..core.policy import Policy
 from ..keys import ApiKeys, KeyRecord
+from .configured import setting
 
 log = logging.getLogger("limiter.auth")
 
@@ -36,10 +37,10 @@ class Credentials:
         self.keys, self.policy, self.verifier = keys, policy, verifier
 
     @classmethod
-    def from_config(cls, config: Any, keys: Callable[[], ApiKeys],
+    def from_config(cls, app: Flask, keys: Callable[[], ApiKeys],
                     policy: Callable[[], Policy]) -> Credentials:
         """JWT_* from the app's config, then the environment."""
-        settings = settings_from(lambda name: config.get(name) or os.environ.get(name))
+        settings = settings_from(lambda name: setting(app, name))
         verifier = JwtVerifier(settings) if settings.enabled else None
         return cls(keys, policy, verifier)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -36,7 +35,7 @@ from ..stores.store import Store
 from .alerts_cli import alerts_cli
 from .auth_failures import AuthFailures
 from .cli import limits_cli
-from .configured import app_policy, app_store
+from .configured import app_policy, app_store, setting
 from .context import SendLimitHeaders
 from .credentials import Credentials, InvalidToken, KeysUnavailable
 from .door import Door
@@ -86,7 +85,7 @@ class RateLimiter:
 
     def init_app(self, app: Flask) -> None:
         policy = app_policy(app, self._policy)
-        self.credentials = Credentials.from_config(app.config, lambda: self.keys,
+        self.credentials = Credentials.from_config(app, lambda: self.keys,
                                                    lambda: self.policy)
         store = self._store or app_store(app, timeout=policy.timeout_ms / 1000)
         policy = attach(policy, store)   # `flask limits set`: seen here within a second
@@ -99,21 +98,21 @@ class RateLimiter:
             edge_layers = edge_keys.layers(policy.fail_edge)
         self._engine = Engine(store, policy, edge=edge_layers, edge_keys=edge_keys)
         self._engine.alerts = alerts_for(store, self._engine.namespace, policy,
-                                         _setting(app, "ALERT_WEBHOOK_SECRET", ""),
+                                         setting(app, "ALERT_WEBHOOK_SECRET", ""),
                                          lambda c: metrics.alert(c.layer, c.threshold))
         if policy.local_fallback:
             from ..stores.memory import MemoryStore
 
             # gunicorn.conf.py reads the same variable, with the same default.
-            workers = int(_setting(app, "WEB_CONCURRENCY", "4") or 4)
+            workers = int(setting(app, "WEB_CONCURRENCY", "4") or 4)
             self._engine.fallback = Engine(MemoryStore(), per_worker(policy, workers))
-        if _setting(app, "DENY_CACHE", "1").lower() not in ("0", "false", "no", "off"):
+        if setting(app, "DENY_CACHE", "1").lower() not in ("0", "false", "no", "off"):
             self.deny = DenyCache()
             on_change(policy, self.deny.clear)   # limits set/unset/reset: ask the store again
             # Inside ProxyFix (added next): the door sees the address the edge counts.
             app.wsgi_app = Door(app.wsgi_app, app, self.deny, policy,  # type: ignore[method-assign]
                                 self.gate)
-        hops = int(_setting(app, "TRUSTED_PROXIES", "0") or 0)
+        hops = int(setting(app, "TRUSTED_PROXIES", "0") or 0)
         if hops > 0:
             # Only the last `hops` X-Forwarded-For entries were written by proxies we run;
             # anything before them is the client's claim and must not pick the edge key.
@@ -318,8 +317,3 @@ def _audit_reloads(policy: Policy, store: Store) -> None:
         logging.getLogger("limiter.audit").warning("policy reloads not audited", exc_info=True)
 
 
-def _setting(app: Flask, name: str, default: str) -> str:
-    value = app.config.get(name)
-    if value is None:
-        value = os.environ.get(name, default)
-    return str(value)
