@@ -1,7 +1,7 @@
 """The spend ledger: who spent what, per UTC day, in the limiter's own store.
 
 A settle books what a reservation really charged into day counters, in the same settle.lua
-call (kinds "h" and "z", limiting/core/codec.py): a hash per day for the user and for the API
+call (Kind.LEDGER_COUNTS and LEDGER_RANK): a hash per day for the user and for the API
 key (both under the user's hash tag, so they ride in the user's own call on every topology),
 and day-wide keys under the day's own tag ``{spend:YYYYMMDD}``: the day's total, one hash per
 model, and the spenders ranked by micro-dollars and by tokens (overall and per model). On one
@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from .core.codec import LEDGER_FIELDS, SettleCall, ledger_counts, ledger_rank
+from .core.codec import LEDGER_FIELDS, Kind, SettleCall, ledger_counts, ledger_rank
 from .core.naming import user_prefix, user_tag
 from .stores.store import Store
+
+COUNTS, RANK = Kind.LEDGER_COUNTS, Kind.LEDGER_RANK   # settle.lua's day hash, its rankings
 
 DAY_US = 86_400 * 1_000_000
 EPOCH = date(1970, 1, 1)
@@ -151,20 +153,20 @@ class Spender:
         day = day_of(charged_at)
         expires_ms = (day + 1 + self.history_days) * 86_400_000
         values = ledger_counts(counts)
-        own.add(self.keys.user(self.user, self.realm, day), "h", expires_ms, values)
+        own.add(self.keys.user(self.user, self.realm, day), COUNTS, expires_ms, values)
         if self.key_id:
-            own.add(self.keys.key(self.user, self.realm, self.key_id, day), "h", expires_ms,
+            own.add(self.keys.key(self.user, self.realm, self.key_id, day), COUNTS, expires_ms,
                     values)
-        apart.add(self.keys.total(day), "h", expires_ms, values)
-        apart.add(self.keys.model(day, self.model), "h", expires_ms, values)
+        apart.add(self.keys.total(day), COUNTS, expires_ms, values)
+        apart.add(self.keys.model(day, self.model), COUNTS, expires_ms, values)
         who = member(self.user, self.realm)
         usd, tokens = counts[3], counts[0] + counts[1] + counts[2]
         if usd:
-            apart.add(self.keys.rank(day, "usd"), "z", expires_ms, ledger_rank(usd, who))
-            apart.add(self.keys.rank(day, "usd", self.model), "z", expires_ms,
+            apart.add(self.keys.rank(day, "usd"), RANK, expires_ms, ledger_rank(usd, who))
+            apart.add(self.keys.rank(day, "usd", self.model), RANK, expires_ms,
                       ledger_rank(usd, who))
         if tokens:
-            apart.add(self.keys.rank(day, "tok"), "z", expires_ms, ledger_rank(tokens, who))
+            apart.add(self.keys.rank(day, "tok"), RANK, expires_ms, ledger_rank(tokens, who))
 
 
 @dataclass(frozen=True, slots=True)

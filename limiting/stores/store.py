@@ -6,20 +6,21 @@ process (dev servers only); redis+cluster:// and redis+sentinel:// are handled i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
-from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from ..core.codec import as_text, decode_key
 from ..metrics import STORE_ERRORS
 from .breaker import Breaker
+from .errors import STORE_ERRORS_CAUGHT as STORE_ERRORS_CAUGHT
+from .errors import StoreUnavailable as StoreUnavailable
 from .pipelining import Direct, Pipeliner
+from .redis_tables import RedisTables
 from .scripts import script_source
 from .sockets import gevent_patched
 
@@ -27,19 +28,12 @@ ScriptArgs = Sequence[str | int | float | bytes]
 T = TypeVar("T")
 
 
-# redis-py's Cluster client raises RedisClusterException, which is not a RedisError, when no
-# node answers at all.
-STORE_ERRORS_CAUGHT = (redis.RedisError, RedisClusterException)
 
 
 # Error replies that mean the node cannot serve us now (a failover, a replica), unlike an
 # error about one call (a key of the wrong type): those count toward the circuit breaker.
 _NOT_SERVING = (redis.exceptions.ClusterError, redis.exceptions.AskError,
                 redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError)
-
-
-class StoreUnavailable(Exception):
-    """The store did not answer in time or at all; the layer's failure policy decides."""
 
 
 class Store(Protocol):
@@ -100,7 +94,7 @@ class Store(Protocol):
         oldest first."""
 
 
-class RedisStore:
+class RedisStore(RedisTables):
     """One Redis/Valkey (or Cluster) client; scripts go by EVALSHA and reload after NOSCRIPT."""
 
     def __init__(self, url: str, client: Any) -> None:
@@ -187,72 +181,6 @@ class RedisStore:
         self.client.close()
         if self.single_node:  # a client given its pool leaves the pool's connections open
             self.client.connection_pool.disconnect()
-
-    # --- keys, overrides, the ledger and the audit trail (Store's narrow methods) ----------------
-
-    def _redis(self, command: Callable[[Any], T]) -> T:
-        """Run one command off the hot path; every Redis error leaves as StoreUnavailable."""
-        try:
-            return command(self.client)
-        except STORE_ERRORS_CAUGHT as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-    def now(self) -> float:
-        seconds, micros = self._redis(lambda c: c.time())
-        return float(seconds) + float(micros) / 1e6
-
-    def record(self, key: str) -> dict[str, str]:
-        # A script, so the lookup travels like every other call on the hot path: through
-        # the breaker, and under gevent in a shared round trip.
-        return decode_key(self.run("key", [key], []))
-
-    def hashes(self, keys: list[str]) -> list[dict[str, str]]:
-        if not keys:
-            return []
-
-        def fetch(c: Any) -> list[Any]:
-            # Single-key commands only: a Cluster pipeline sends each to its slot.
-            pipe = c.pipeline(transaction=False)
-            for key in keys:
-                pipe.hgetall(key)
-            return pipe.execute()  # type: ignore[no-any-return]
-
-        return [{as_text(k): as_text(v) for k, v in raw.items()} for raw in self._redis(fetch)]
-
-    def hash_fields(self, key: str, fields: list[str]) -> list[str | None]:
-        raw = self._redis(lambda c: c.hmget(key, fields))
-        return [None if v is None else as_text(v) for v in raw]
-
-    def hash_set(self, key: str, fields: Mapping[str, str]) -> None:
-        self._redis(lambda c: c.hset(key, mapping=dict(fields)))
-
-    def hash_claim(self, key: str, field: str, value: str) -> bool:
-        return bool(self._redis(lambda c: c.hsetnx(key, field, value)))
-
-    def hash_add(self, key: str, field: str, amount: int) -> int:
-        return int(self._redis(lambda c: c.hincrby(key, field, amount)))
-
-    def hash_delete(self, key: str, field: str) -> bool:
-        return bool(self._redis(lambda c: c.hdel(key, field)))
-
-    def ranking(self, key: str, n: int) -> list[tuple[str, float]]:
-        if n <= 0:
-            return []
-        raw = self._redis(lambda c: c.zrevrange(key, 0, n - 1, withscores=True))
-        return [(as_text(m), float(s)) for m, s in raw]
-
-    def claim(self, key: str) -> bool:
-        return bool(self._redis(lambda c: c.set(key, 1, nx=True)))
-
-    def log_append(self, key: str, fields: Mapping[str, str], keep: int) -> None:
-        # A stream: the id is the store's clock, and MAXLEN ~ trims whole nodes cheaply.
-        self._redis(lambda c: c.xadd(key, dict(fields), maxlen=keep, approximate=True))
-
-    def log_since(self, key: str, since_ms: int, limit: int
-                  ) -> list[tuple[int, dict[str, str]]]:
-        raw = self._redis(lambda c: c.xrevrange(key, "+", f"{since_ms}-0", count=limit))
-        return [(int(as_text(sid).split("-")[0]), {as_text(k): as_text(v) for k, v in f.items()})
-                for sid, f in reversed(raw)]
 
 
 def redis_options(timeout: float) -> dict[str, Any]:

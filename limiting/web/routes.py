@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from flask import Flask, current_app, request
 
 from ..composed import Charged
+from ..core.codec import Kind
 from ..core.groups import Group
 from ..core.layers import Layer, bucket, month, window
 from ..core.naming import BODY_USER, KEY_USER, digest, user_tag
@@ -122,7 +123,7 @@ def bind(endpoint: str, limits: Sequence[RouteLimit]) -> tuple[Bound, ...]:
             name = f"{layer.name}#{n}"
         seen.add((head, suffix))
         layer = replace(layer, name=name, suffix=suffix, shadow=limit.mode == "shadow")
-        shared = replace(layer, shared=True) if layer.kind == "b" else layer   # codec: "B"
+        shared = replace(layer, shared=True) if layer.kind is Kind.BUCKET else layer
         out.append(Bound(limit, layer, head, suffix, shared))
     return tuple(out)
 

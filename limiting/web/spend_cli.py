@@ -13,6 +13,7 @@ import click
 from flask.cli import AppGroup, with_appcontext
 
 from ..audit import Audit, parse_since
+from ..core.naming import KEY_USER
 from ..ledger import Ledger, Spend, day_text, parse_day
 from .keys_cli import _fail, _guarded
 from .operated import app_limiter
@@ -57,7 +58,7 @@ def top(day: str | None, model: str | None, top: int, by: str) -> None:
                + (f", model {model}" if model else ""))
     click.echo(_row("user", *HEAD))
     for row in rows:
-        name = row.user if row.realm == "u" else f"b:{row.user}"
+        name = row.user if row.realm == KEY_USER else f"b:{row.user}"
         score = row.score / 1e6 if by == "usd" else row.score
         click.echo(_row(name, *_spend_cols(row.spend)[:-1], f"{score:.6f}" if by == "usd"
                         else f"{row.spend.usd:.6f}"))
@@ -79,7 +80,7 @@ def user(user: str, days: int, anonymous: bool | None) -> None:
     realm = _guarded(lambda: limiter.realm_of_user(user, anonymous=anonymous))
     span = _guarded(lambda: ledger.days(min(days, limiter.policy.history_days + 1)))
     history = _guarded(lambda: ledger.history(user, realm, span))
-    click.echo(f"user {user} ({'API key user' if realm == 'u' else '/chat user_id'})")
+    click.echo(f"user {user} ({'API key user' if realm == KEY_USER else '/chat user_id'})")
     click.echo(_row("day", *HEAD))
     for s in history:
         click.echo(_row(day_text(s.day), *_spend_cols(s)))
