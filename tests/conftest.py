@@ -66,6 +66,24 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture
+def engine_on(r: redis.Redis, redis_url: str) -> Iterator[Callable[[Any], Any]]:
+    """``engine_on(policy)``: an Engine for ``policy`` on this test's emptied Valkey, with a
+    loaded box's 2 s store budget; every one made is closed when the test ends."""
+    from limiting.engine import Engine
+    from limiting.stores.storage import open_store
+
+    made: list[Engine] = []
+
+    def make(policy: Any) -> Engine:
+        made.append(Engine(open_store(redis_url, timeout=2.0), policy))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.store.close()
+
+
 # Ports for the servers the tests start. Not the kernel's pick (bind to 0): that comes from the
 # ephemeral range (32768-60999), where every outgoing connection takes its local port too, so a
 # port found free and closed can be taken before the server binds it; and two xdist workers

@@ -27,7 +27,7 @@ import socket
 import struct
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -53,7 +53,6 @@ from limiting.core.policy import Policy, parse_policy
 from limiting.core.routes import RouteLimit, sliding_window, token_bucket
 from limiting.engine import Engine
 from limiting.reservation import Reservation
-from limiting.stores.storage import open_store
 from limiting.web.routes import RouteLimits, bind
 from tests.clocked import ClockedMemory, ClockedValkey
 from tests.conftest import Gunicorn, keyed_app
@@ -81,14 +80,9 @@ ORG_RATE = "org:acme/rate"
 
 
 @pytest.fixture
-def engine(redis_url: str) -> Iterator[tuple[Engine, Policy]]:
-    store = redis.Redis.from_url(redis_url)
-    store.flushall()
-    store.close()
+def engine(engine_on: Callable[[Policy], Engine]) -> tuple[Engine, Policy]:
     pol = parse_policy(tomllib.loads(POLICY), "limits.toml")
-    eng = Engine(open_store(redis_url, timeout=2.0), pol)
-    yield eng, pol
-    eng.store.close()
+    return engine_on(pol), pol
 
 
 def _outcomes(eng: Engine, pol: Policy, user: str, n: int, **more: Any) -> list[str]:

@@ -38,7 +38,6 @@ from limiting.core.layers import window
 from limiting.core.policy import Policy, parse_policy
 from limiting.engine import Engine
 from limiting.reservation import Reservation
-from limiting.stores.storage import open_store
 from tests.conftest import Gunicorn, keyed_app
 from tests.policies import LOADED, plan, policy, served_by
 
@@ -211,14 +210,9 @@ def test_waiters_hold_no_one_on_a_shared_route_scope(served: Served) -> None:
 
 
 @pytest.fixture
-def engine(redis_url: str) -> Iterator[tuple[Engine, Policy]]:
-    store = redis.Redis.from_url(redis_url)
-    store.flushall()
-    store.close()
+def engine(engine_on: Callable[[Policy], Engine]) -> tuple[Engine, Policy]:
     pol = parse_policy(tomllib.loads(POLICY), "limits.toml")
-    eng = Engine(open_store(redis_url, timeout=2.0), pol)
-    yield eng, pol
-    eng.store.close()
+    return engine_on(pol), pol
 
 
 def _outcomes(take: Callable[[], object], n: int) -> list[str]:
