@@ -107,6 +107,71 @@ def llm_loop(url: str, n: int) -> float:
         engine.store.close()
 
 
+def _captured(engine, calls: list[tuple[list[str], list[bytes]]]) -> None:  # type: ignore[no-untyped-def]
+    """Record every acquire call ``engine`` makes (keys, args), for a bare replay."""
+    real = engine.store.acquire
+
+    def acquire(keys: list[str], args: list[bytes]) -> list[int]:
+        calls.append((keys, list(args)))
+        return real(keys, args)  # type: ignore[no-any-return]
+
+    engine.store.acquire = acquire
+
+
+def breakdown(url: str, n: int, flushall: Callable[[str], None]) -> list[str]:
+    """Where a decision's time goes, in one run: the PING round trip, Valkey's own time per
+    call (INFO commandstats usec_per_call), the same acquire.lua calls replayed bare through
+    redis-py (no engine), and the engine's. Engine minus bare is the project's Python; bare
+    minus Valkey's time is the round trip and redis-py."""
+    from limiting.core.ask import Ask
+    from limiting.stores.scripts import script_source
+
+    client = redis.Redis.from_url(url)
+    out = []
+    try:
+        for name, text in (("edge + bucket + quota", None), ("full LLM decision", LLM_POLICY)):
+            flushall(url)
+            engine = _engine(url, text)
+            calls: list[tuple[list[str], list[bytes]]] = []
+            _captured(engine, calls)
+            held = []
+            client.config_resetstat()
+            start = time.perf_counter()
+            if text is None:
+                for i in range(n):
+                    engine.acquire(f"bench-user-{i % 1000}", "127.0.0.1")
+            else:
+                plan = engine.policy.plans["bench-llm"]
+                ask = Ask("gpt-bench", engine.policy.models["gpt-bench"], 200, 300)
+                for i in range(n):
+                    held.append(engine.reserve(f"bench-llm-{i % 1000}", plan, ask,
+                                               ip="127.0.0.1", renews=False))
+            engine_s = (time.perf_counter() - start) / n
+            inside = client.info("commandstats").get("cmdstat_evalsha", {})
+            for reservation in held:
+                reservation.cancel()
+            engine.store.close()
+            flushall(url)
+            script = client.register_script(script_source("acquire"))
+            script(*calls[0])
+            start = time.perf_counter()
+            for keys, args in calls:
+                script(keys, args)
+            bare_s = (time.perf_counter() - start) / len(calls)
+            client.config_resetstat()
+            ping_s = ping_loop(url, n) / n
+            ping_in = client.info("commandstats").get("cmdstat_ping", {})
+            out.append(
+                f"- {name}: engine {engine_s * 1e6:.1f} µs = {engine_s / ping_s:.2f}x a PING "
+                f"({ping_s * 1e6:.1f} µs, {ping_in.get('usec_per_call', 0):.1f} µs in Valkey); "
+                f"the same {len(calls) / n:.1f} EVALSHA per decision bare through redis-py: "
+                f"{bare_s * 1e6:.1f} µs = {bare_s / ping_s:.2f}x; inside Valkey per EVALSHA: "
+                f"{inside.get('usec_per_call', 0):.1f} µs")
+    finally:
+        client.close()
+    return out
+
+
 def bytes_per_user(url: str) -> float:
     """Redis memory per active user (bucket + quota keys, MEMORY USAGE) after 2,000 users
     made 20 requests each — independent of how many requests a user makes."""
@@ -149,6 +214,7 @@ def section(url: str, n: int, flushall: Callable[[str], None], rounds: int = 3) 
         lines.append(f"- {what}, one call: {statistics.median(times[name]) * 1e6:.1f} µs "
                      f"= {statistics.median(ratios):.2f}x a PING (rounds: "
                      f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    lines += breakdown(url, n, flushall)
     flushall(url)
     lines.append(f"- Redis bytes per active user (bucket + quota, MEMORY USAGE, bench plan): "
                  f"{bytes_per_user(url):,.0f}")
