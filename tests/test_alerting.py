@@ -100,3 +100,21 @@ def test_alert_policy_keys_are_checked() -> None:
         base["alerts"] = bad_alerts
         with pytest.raises(PolicyError, match="alerts"):
             parse_policy(base)
+
+
+def test_end_user_and_tag_tables_are_read_as_layers_and_checked() -> None:
+    base = tomllib.loads(DEFAULT_POLICY.read_text())
+    plan = next(iter(base["plans"]))
+    base["plans"][plan]["end_user"] = {"quotas": ["20 per day"], "tokens_per_minute": 500}
+    base["tags"] = {"project=search": {"budget_usd_per_day": 5, "quotas": ["100 per hour"]}}
+    policy = parse_policy(base)
+    end_user = policy.plans[plan].end_user
+    assert end_user is not None and end_user.tokens_per_minute == 500
+    assert end_user.burst == 0 and end_user.quotas[0].amount == 20
+    assert policy.tags["project=search"].budget_usd_per_day == 5
+    for bad in ({"nope": {"quotas": ["1 per day"]}}, {"a=b c": {}}, {"=x": {}}):
+        with pytest.raises(PolicyError, match="tags"):
+            parse_policy({**base, "tags": bad})
+    base["plans"][plan]["end_user"] = {"tokens_per_minut": 5}
+    with pytest.raises(PolicyError, match="end_user"):
+        parse_policy(base)

@@ -23,7 +23,7 @@ from .policy_reader import Mode as Mode
 from .policy_reader import PolicyError as PolicyError
 from .policy_reader import TableReader
 from .policy_sections import JwtClaims as JwtClaims
-from .policy_sections import alerts_webhook, read_jwt_claims
+from .policy_sections import alerts_webhook, check_tags, read_jwt_claims
 from .routes import RouteLimit, parse_routes
 from .windows import Window as Window  # re-exported: plans hold them
 
@@ -58,6 +58,9 @@ class Plan:
     max_wait_seconds: float = 0.0
     # Shares of a quota, token or dollar window at which one alert goes out (limiting/alerts.py).
     alert_at: tuple[float, ...] = ()
+    # end_user = {...}: each end user a key holder names (OpenAI's user, Anthropic's
+    # metadata.user_id) meets these too, inside the holder's own limits.
+    end_user: Plan | None = None
 
     @property
     def meters_units(self) -> bool:
@@ -139,6 +142,8 @@ class Policy:
     routes: Mapping[str, tuple[RouteLimit, ...]] = field(default_factory=dict)
     jwt_claims: JwtClaims = field(default_factory=JwtClaims)
     alert_webhook_url: str | None = None    # [alerts] webhook_url: where alert events go
+    # [tags."name=value"]: limits shared by every key that bears the tag (keys.py)
+    tags: Mapping[str, Plan] = field(default_factory=dict)
 
     def resolve(self, user: str, key_plan: str | None = None, realm: str | None = None) -> Plan:
         """The plan ``user`` is limited by, the one lookup everyone uses: ``key_plan`` (an API
@@ -186,10 +191,12 @@ class Policy:
 _PROVIDERS = ("openai", "anthropic", ECHO)
 
 
-def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
-    """A plan, or with ``org`` an org's limits: any subset of a plan's layers (the requests
-    bucket only when burst and refill_per_second are given)."""
-    r = TableReader(source, f'orgs."{name}"' if org else f"plans.{name}", table)
+def _plan(source: str, name: str, table: Any, org: bool = False, where: str = "") -> Plan:
+    """A plan, or with ``org`` a shared subject's limits (an org's, a tag's, a plan's end
+    users'; ``where`` names its table): any subset of a plan's layers (the requests bucket
+    only when burst and refill_per_second are given)."""
+    where = where or (f'orgs."{name}"' if org else f"plans.{name}")
+    r = TableReader(source, where, table)
     rate = not org or "burst" in r.table or "refill_per_second" in r.table
     plan = Plan(
         name=name,
@@ -212,6 +219,7 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
         # A waiter holds a connection (a greenlet): minutes, not hours.
         max_wait_seconds=0.0 if org else r.seconds("max_wait_seconds", 300.0),
         alert_at=r.shares("alert_at"),
+        end_user=None if org else _end_user(source, name, r.get("end_user", dict)),
     )
     if plan.lease_ttl_seconds < 2 * RENEW_EVERY:
         # A lease renewed every RENEW_EVERY s must survive one late renewal.
@@ -223,6 +231,13 @@ def _plan(source: str, name: str, table: Any, org: bool = False) -> Plan:
                f"({plan.lease_ttl_seconds}) while max_concurrent is set")
     r.done()
     return plan
+
+
+def _end_user(source: str, name: str, table: dict[str, Any] | None) -> Plan | None:
+    """``end_user = {...}``: layers for each end user a key holder names in a request."""
+    if table is None:
+        return None
+    return _plan(source, f"{name}.end_user", table, org=True, where=f"plans.{name}.end_user")
 
 
 def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> ModelPolicy:
@@ -334,6 +349,9 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         defaults.fail("plan", f"names no plan under [plans]: {default_plan!r}")
     defaults.done()
 
+    check_tags(source, top.get("tags", dict, {}))
+    tags = {name: _plan(source, name, t, org=True, where=f'tags."{name}"')
+            for name, t in top.get("tags", dict, {}).items()}
     orgs = {name: _plan(source, name, t, org=True)
             for name, t in top.get("orgs", dict, {}).items()}
     users, user_orgs = read_members(source, top.get("users", dict, {}), default_plan, plans,
@@ -370,6 +388,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
         routes=MappingProxyType(routes),
         jwt_claims=jwt_claims,
         alert_webhook_url=webhook_url,
+        tags=MappingProxyType(tags),
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,3 +40,20 @@ def alerts_webhook(source: str, table: dict[str, Any]) -> str | None:
         alerts.fail("webhook_url", f"must be an http(s) URL, got {url!r}")
     alerts.done()
     return url
+
+
+# A tag is "name=value": what a key is for (project=search, env=prod), set on the key only.
+TAG = re.compile(r"[A-Za-z0-9_.-]{1,64}=[A-Za-z0-9_.:/-]{1,128}")
+
+
+def valid_tag(text: str) -> bool:
+    return TAG.fullmatch(text) is not None
+
+
+def check_tags(source: str, table: dict[str, Any]) -> None:
+    """Every ``[tags."..."]`` name is a well-formed tag."""
+    reader = TableReader(source, "tags", table)
+    for name in table:
+        if not valid_tag(name):
+            reader.fail(f'"{name}"', "must be a tag like \"project=search\" (letters, digits, "
+                        "_ . - around one =)")
