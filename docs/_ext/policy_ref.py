@@ -33,7 +33,7 @@ READER_SOURCES = Path(__file__).resolve().parents[2] / "limiting"
 # TableReader's typed reads: every one the reader makes goes through one of these.
 READS = ("get", "positive", "seconds", "price", "multipliers", "fail_mode", "mode", "windows")
 # Tables whose second part is a name the operator picks, shown as a placeholder.
-NAMED = {"plans": "<plan>", "orgs": "<org>", "models": "<model>",
+NAMED = {"plans": "<plan>", "orgs": "<org>", "models": "<model>", "tags": "<tag>",
          "routes": "<endpoint>", "users": "<user>"}
 # Tables whose own keys are data (user ids), not settings.
 DATA_TABLES = {"users"}
@@ -152,7 +152,8 @@ _ASSIGN = re.compile(r'^("[^"]+"|[A-Za-z0-9_-]+)\s*=\s*(.*?)\s*(?:\s#\s?(.*))?$'
 # "[default: the first plan under [plans]] ...": one level of brackets inside.
 _OVERRIDE = re.compile(r"^\[(type|default):\s*((?:[^\[\]]|\[[^\]]*\])+)\]\s*")
 # An org takes a plan's keys, meaning the same: shared by its members instead.
-INHERITS = {"orgs.<org>": "plans.<plan>"}
+INHERITS = {"orgs.<org>": "plans.<plan>", "tags.<tag>": "plans.<plan>",
+            "plans.<plan>.end_user": "plans.<plan>"}
 
 
 def documented(text: str) -> dict[tuple[str, str], Key]:
