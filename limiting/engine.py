@@ -58,23 +58,28 @@ class Engine:
         self.observe_args = self.guard.observe_args
 
     def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None,
-                realm: str = KEY_USER, org: Plan | None = None) -> Decision:
-        """Check and, only if every user layer (and every layer of ``org``) passes, charge
-        one request to ``user`` (and to ``org``). Never waits: :meth:`acquire_with` does."""
+                realm: str = KEY_USER, org: Plan | None = None, *,
+                end_user: str | None = None) -> Decision:
+        """Check and, only if every user layer (and every layer of ``org`` and of
+        ``end_user``) passes, charge one request to ``user`` (and to ``org``, and to the
+        end user). Never waits: :meth:`acquire_with` does."""
         return self.acquire_with(user, ip, plan or self.policy.resolve(user), realm, (),
-                                 org).decision
+                                 org, end_user=end_user).decision
 
     def acquire_with(self, user: str, ip: str | None, plan: Plan, realm: str,
                      extra: Sequence[Group], org: Plan | None = None,
-                     max_wait: float = 0.0) -> Outcome:
+                     max_wait: float = 0.0, *, end_user: str | None = None) -> Outcome:
         """:meth:`acquire` with more groups (a route's limits) decided with the plan's (and
         ``org``'s, as a group of its own). ``max_wait``: seconds the request may wait for a
-        future slot (the decision's delay); what ``outcome.charged`` took gives it back."""
+        future slot (the decision's delay); what ``outcome.charged`` took gives it back.
+        ``end_user``: the end user of ``user`` the request names, limited by ``plan.end_user``
+        in a group of its own (a plan without it: ignored)."""
         outcome = self.executor.run(self.planner.request(user, ip, plan, realm, extra, org,
-                                                         us(max_wait)))
+                                                         us(max_wait), end_user))
         self._notice(outcome, user, realm, plan, org)
         if outcome.away and self.fallback is not None:
-            # The local fallback knows plans (and orgs) only; the route limits' store is away.
+            # The local fallback knows plans (and orgs) only; the route limits' store is away,
+            # and so are the end users' (limited here by their holder's share alone).
             fb, fb_plan, fb_org = self._in_fallback(user, plan, org)
             outcome.decision = fb.acquire(user, None, fb_plan, realm, fb_org)
             outcome.decision.degraded = True
@@ -87,22 +92,28 @@ class Engine:
     def reserve(self, user: str, plan: Plan, ask: Ask, *, ip: str | None = None,
                 realm: str = KEY_USER, guard: bool = True, renews: bool = True,
                 org: Plan | None = None, extra: Sequence[Group] = (),
-                charged: list[Charged] | None = None, max_wait: float = 0.0) -> Reservation:
+                charged: list[Charged] | None = None, max_wait: float = 0.0,
+                end_user: str | None = None) -> Reservation:
         """Charge one request to ``user`` and reserve its LLM units, with ``org``'s layers
         and ``extra``'s (a route's limits, whose charges are appended to ``charged``), then
         pass the model's guard (``guard=False``: skip it, as the local fallback does).
         ``renews=False``: an answer made in this process, whose lease needs no keep-alive.
         ``max_wait``: seconds it may wait for a future slot (refund_everything gives it back).
+        ``end_user``: the end user of ``user`` the request names, with ``plan.end_user``'s
+        layers (tokens and dollars settled as the user's) and counted in the spend ledger.
 
         Raises Refused (the user's, ``org``'s or a route's layers: nothing was charged) or
         GuardRefused (the model's guard: the charges were given back)."""
-        leases = plan.max_concurrent or (org is not None and org.max_concurrent)
+        if plan.end_user is None:
+            end_user = None   # a plan that limits no end users ignores the id: no store work
+        leases = plan.max_concurrent or (org is not None and org.max_concurrent) or (
+            end_user is not None and plan.end_user is not None and plan.end_user.max_concurrent)
         costs = ask.costs(new_lease_id() if leases else None)
         spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
-                          self.policy.history_days)
+                          self.policy.history_days, end_user=end_user)
         outcome = self.executor.run(self.planner.reservation(
             user, ip, plan, ask.model_name if guard else None, costs, realm, extra, org,
-            us(max_wait)))
+            us(max_wait), end_user))
         if outcome.away:
             return self._reserve_away(user, plan, ask, outcome, realm, renews, spender, org)
         if outcome.guard_wait_us is not None:

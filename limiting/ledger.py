@@ -10,6 +10,11 @@ server all of it is one call; on a Cluster the day-wide keys are one more call, 
 The day is the acquire's, by the store's clock (the reservation's ``charged_at``), so a call
 admitted at 23:59:59 UTC is booked to that day. Each day's keys expire on their own after
 ``[store] history_days``. A cancelled or refused call books nothing.
+
+A call that named an end user of its key holder (limiting/core/end_users.py) also books into
+the holder's own end-user counters, under the holder's hash tag (the same call as the
+holder's hash): a hash per end user and day, and the day's end users ranked by micro-dollars
+and by tokens. Their members and key names never hold the id as sent (JSON-quoted, digested).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from .core.codec import LEDGER_FIELDS, Kind, SettleCall, ledger_counts, ledger_rank
-from .core.naming import user_prefix, user_tag
+from .core.naming import digest, user_prefix, user_tag
 from .stores.store import Store
 
 COUNTS, RANK = Kind.LEDGER_COUNTS, Kind.LEDGER_RANK   # settle.lua's day hash, its rankings
@@ -77,6 +82,15 @@ class LedgerKeys:
 
     def key(self, user: str, realm: str, key_id: str, day: int) -> str:
         return f"{user_prefix(self.namespace, user, realm)}spend:k:{key_id}:{_stamp(day)}"
+
+    def end_user(self, user: str, realm: str, end_user: str, day: int) -> str:
+        """One end user's day under their holder's tag (the id digested: hostile text)."""
+        return f"{user_prefix(self.namespace, user, realm)}spend:e:{digest(end_user)}:" \
+               f"{_stamp(day)}"
+
+    def end_user_rank(self, user: str, realm: str, day: int, by: str = "usd") -> str:
+        """The holder's end users of the day by ``by`` ("usd" or "tok")."""
+        return f"{user_prefix(self.namespace, user, realm)}spend:erank:{by}:{_stamp(day)}"
 
     def _day(self, day: int) -> str:
         return f"{self.namespace}{{spend:{_stamp(day)}}}:"
@@ -144,6 +158,7 @@ class Spender:
     model: str
     key_id: str | None = None
     history_days: int = 35
+    end_user: str | None = None   # the end user of ``user`` the call named
 
     def book(self, charged_at: int, counts: Sequence[int], own: SettleCall,
              apart: SettleCall) -> None:
@@ -167,6 +182,20 @@ class Spender:
                       ledger_rank(usd, who))
         if tokens:
             apart.add(self.keys.rank(day, "tok"), RANK, expires_ms, ledger_rank(tokens, who))
+        if self.end_user is not None:
+            self._book_end_user(day, expires_ms, values, usd, tokens, own)
+
+    def _book_end_user(self, day: int, expires_ms: int, values: str, usd: int, tokens: int,
+                       own: SettleCall) -> None:
+        """The end user's day and rankings, under the holder's tag: in the holder's call."""
+        assert self.end_user is not None
+        own.add(self.keys.end_user(self.user, self.realm, self.end_user, day), COUNTS,
+                expires_ms, values)
+        who = json.dumps(self.end_user)   # ASCII: a lone surrogate still travels as UTF-8
+        for by, score in (("usd", usd), ("tok", tokens)):
+            if score:
+                own.add(self.keys.end_user_rank(self.user, self.realm, day, by), RANK,
+                        expires_ms, ledger_rank(score, who))
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +208,16 @@ class TopRow:
     def json(self) -> dict[str, Any]:
         return {"user": self.user, "realm": self.realm, "score": self.score,
                 **self.spend.json()}
+
+
+@dataclass(frozen=True, slots=True)
+class EndUserRow:
+    end_user: str
+    score: int            # micro-dollars or tokens, as ranked
+    spend: Spend          # the end user's whole day
+
+    def json(self) -> dict[str, Any]:
+        return {"end_user": self.end_user, "score": self.score, **self.spend.json()}
 
 
 class Ledger:
@@ -223,3 +262,20 @@ class Ledger:
         rows = self.store.hashes([self.keys.user(user, realm, day) for realm, user in who])
         return [TopRow(user, realm, int(score), Spend.of(day, f))
                 for (realm, user), (_, score), f in zip(who, ranked, rows, strict=True)]
+
+    def top_end_users(self, user: str, realm: str, day: int, n: int = 20, by: str = "usd"
+                      ) -> list[EndUserRow]:
+        """Key holder ``user``'s ``n`` biggest-spending end users of ``day``, exact."""
+        ranked = self.store.ranking(self.keys.end_user_rank(user, realm, day, by), n)
+        ids = [_quoted(m) for m, _ in ranked]
+        rows = self.store.hashes([self.keys.end_user(user, realm, e, day) for e in ids])
+        return [EndUserRow(e, int(score), Spend.of(day, f))
+                for e, (_, score), f in zip(ids, ranked, rows, strict=True)]
+
+
+def _quoted(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, str) else text

@@ -1,6 +1,7 @@
 """Turns a request into its plan (limiting/core/groups.py CallPlan): the edge, a route's
-limits, the user's plan, an org and the model's guard, each a Group with its layers, keys,
-costs and hash tag, in the order they are charged. limiting/executor.py runs it.
+limits, the user's plan, an org, an end user of the key holder and the model's guard, each a
+Group with its layers, keys, costs and hash tag, in the order they are charged.
+limiting/executor.py runs it.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from .core.codec import AcquireCall, Costs
+from .core.end_users import compile_end_user
 from .core.groups import CallPlan, Group, Role
 from .core.layers import CompiledPlan, Layer, compile_plan
-from .core.naming import KEY_USER, EdgeKeys, org_prefix, user_prefix
+from .core.naming import KEY_USER, EdgeKeys, end_user_prefix, org_prefix, user_prefix
 from .core.orgs import compile_org
 from .core.policy import Plan, Policy
 from .guard import GuardKeys
@@ -34,6 +36,7 @@ class Planner:
         self._compiled: dict[str, CompiledPlan] = {}
         self._llm: dict[str, CompiledPlan] = {}
         self._orgs: dict[tuple[str, bool], CompiledPlan] = {}
+        self._end_users: dict[tuple[str, bool], CompiledPlan] = {}
         self.edge_only = compile_plan(None, edge) if edge else None
 
     def compiled(self, plan: Plan, llm: bool = False) -> CompiledPlan:
@@ -70,6 +73,24 @@ class Planner:
         return _group(compiled, [prefix + layer.suffix for layer in compiled.layers], prefix,
                       costs, Role.ORG)
 
+    def end_user_group(self, plan: Plan, holder: str, realm: str, end_user: str,
+                       costs: Costs | None = None) -> Group | None:
+        """``plan.end_user``'s layers for ``end_user`` of key holder ``holder`` as a Group of
+        their own (its own hash tag), or None when the plan limits no end users (the id is
+        then ignored: no store work)."""
+        limits = plan.end_user
+        if limits is None:
+            return None
+        key = (limits.name, costs is not None)
+        compiled = self._end_users.get(key)
+        if compiled is None or compiled.plan is not limits:
+            compiled = self._end_users[key] = compile_end_user(limits, llm=costs is not None)
+        if not compiled.layers:   # e.g. only tokens, on a call that reserves none
+            return None
+        prefix = end_user_prefix(self.namespace, holder, realm, end_user)
+        return _group(compiled, [prefix + layer.suffix for layer in compiled.layers], prefix,
+                      costs, Role.END_USER)
+
     def edge_group(self, ip: str) -> Group | None:
         """The edge's layers for ``ip`` when they ride in the store call (one server)."""
         if self.edge_only is None or self.edge_keys is None:
@@ -78,24 +99,30 @@ class Planner:
 
     def request(self, user: str, ip: str | None, plan: Plan, realm: str,
                 extra: Sequence[Group] = (), org: Plan | None = None,
-                wait_us: int = 0) -> CallPlan:
-        """One request to ``user`` (``plan``'s layers), a route's ``extra`` and ``org``'s."""
+                wait_us: int = 0, end_user: str | None = None) -> CallPlan:
+        """One request to ``user`` (``plan``'s layers), a route's ``extra``, ``org``'s and
+        ``end_user``'s (when ``plan`` limits end users)."""
         compiled = self.compiled(plan)
         groups = [self.plan_group(compiled, user, ip, realm), *extra]
         if org is not None:
             groups.append(self.org_group(org, realm))
+        if end_user is not None:
+            self._add_end_user(groups, plan, user, realm, end_user, None)
         return CallPlan(groups, wait_us, view=compiled if len(groups) == 1 else None)
 
     def reservation(self, user: str, ip: str | None, plan: Plan, model: str | None,
                     costs: Costs, realm: str = KEY_USER, extra: Sequence[Group] = (),
-                    org: Plan | None = None, wait_us: int = 0) -> CallPlan:
+                    org: Plan | None = None, wait_us: int = 0,
+                    end_user: str | None = None) -> CallPlan:
         """A reservation: ``user``'s plan with its LLM layers, a route's ``extra``, ``org``'s
-        layers and the guard of ``model`` (None: no guard) on a random shard, with one
-        other shard to try when that one is full."""
+        and ``end_user``'s layers and the guard of ``model`` (None: no guard) on a random
+        shard, with one other shard to try when that one is full."""
         compiled = self.compiled(plan, llm=True)
         groups = [self.plan_group(compiled, user, ip, realm, costs), *extra]
         if org is not None:
             groups.append(self.org_group(org, realm, costs))
+        if end_user is not None:
+            self._add_end_user(groups, plan, user, realm, end_user, costs)
         view = compiled if len(groups) == 1 else None
         if model is None:
             return CallPlan(groups, wait_us, view=view)
@@ -103,6 +130,12 @@ class Planner:
         guard = self.guard.group(model, costs, plan.name, shard)
         retry = None if other is None else self.guard.group(model, costs, plan.name, other)
         return CallPlan(groups, wait_us, guard, retry, view)
+
+    def _add_end_user(self, groups: list[Group], plan: Plan, user: str, realm: str,
+                      end_user: str, costs: Costs | None) -> None:
+        group = self.end_user_group(plan, user, realm, end_user, costs)
+        if group is not None:
+            groups.append(group)
 
 
 def _group(compiled: CompiledPlan, keys: list[str], tag: str, costs: Costs | None,
@@ -118,7 +151,7 @@ def _group(compiled: CompiledPlan, keys: list[str], tag: str, costs: Costs | Non
             charged[i] = costs.amount(unit)
         amounts = tuple(charged)
     # Bare layers (an org's, the edge's alone) compile as a plan's edge: only the edge's keep.
-    kept = 0 if role is Role.ORG else compiled.edge_count
+    kept = 0 if role in (Role.ORG, Role.END_USER) else compiled.edge_count
     return Group(compiled.layers, call, tag, amounts, kept, role,
                  None if costs is None else costs.lease)
 

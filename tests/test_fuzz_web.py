@@ -143,7 +143,7 @@ def test_fuzz_health_and_metrics(target: Target, path: str, query: str | None,
 QUERY_PARAMS = {
     "/v1/usage": ("days",),
     "/admin/spend": ("day", "top", "by", "model", "days", "format"),
-    "/admin/spend/user/fuzzer": ("realm", "days", "format"),
+    "/admin/spend/user/fuzzer": ("realm", "days", "format", "day", "top", "by"),
     "/admin/usage.json": ("users",),
     "/admin/usage": ("users",),
     "/healthz": ("x",),

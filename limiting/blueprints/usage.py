@@ -23,7 +23,7 @@ from werkzeug.exceptions import BadRequest, Forbidden, TooManyRequests, Unauthor
 
 from limiting import metrics
 from limiting.core.decision import Decision
-from limiting.core.naming import BODY_USER, KEY_USER, REALM_WORDS
+from limiting.core.naming import BODY_USER, KEY_USER, REALM_WORDS, wire_text
 from limiting.keys import presented_key
 from limiting.ledger import Ledger, Spend, day_text, parse_day
 from limiting.web.credentials import InvalidToken
@@ -147,9 +147,7 @@ def spend_top() -> Any:
     require_admin()
     limiter = current_limiter()
     ledger = limiter.ledger
-    day, top, by = _day(ledger), _count("top", 20), request.args.get("by", "usd")
-    if by not in ("usd", "tok"):
-        raise BadRequest("'by' must be usd or tok.")
+    day, top, by = _day(ledger), _count("top", 20), _by()
     model = request.args.get("model") or None
     rows = ledger.top(day, top, model, by)
     if _wants_csv():
@@ -170,7 +168,8 @@ def spend_top() -> Any:
 @bp.get("/admin/spend/user/<path:user>")
 def spend_user(user: str) -> Any:
     """One user's last ``days``, in all and per API key (``realm``: u = the API key user,
-    b = the /chat user_id; default: the key user when they hold a live key)."""
+    b = the /chat user_id; default: the key user when they hold a live key), and the ``top``
+    end users they named on ``day`` (default today), by ``by`` (usd or tok)."""
     require_admin()
     limiter = current_limiter()
     ledger = limiter.ledger
@@ -178,18 +177,32 @@ def spend_user(user: str) -> Any:
     if realm not in (KEY_USER, BODY_USER):
         raise BadRequest("'realm' must be u (API key user) or b (/chat user_id).")
     days = ledger.days(_count("days", 30))
+    day, top, by = _day(ledger), _count("top", 20), _by()
     history = ledger.history(user, realm, days)
     key_ids = [rec.key_id for rec in limiter.keys.list(user)] if realm == KEY_USER else []
+    end_users = ledger.top_end_users(user, realm, day, top, by)
     if _wants_csv():
-        return _csv(f"spend-{user}", ("user", "realm", "key_id", *SPEND_COLUMNS),
+        return _csv(f"spend-{user}", ("user", "realm", "key_id", "end_user", *SPEND_COLUMNS),
                     [{"user": user, "realm": realm, "key_id": "", **s.json()}
                      for s in history]
                     + [{"user": user, "realm": realm, "key_id": kid, **s.json()}
-                       for kid in key_ids for s in ledger.history(user, realm, days, kid)])
+                       for kid in key_ids for s in ledger.history(user, realm, days, kid)]
+                    + [{"user": user, "realm": realm, "key_id": "",
+                        "end_user": wire_text(row.end_user), **row.spend.json()}
+                       for row in end_users])
     return {"user": user, "realm": realm, "days": [s.json() for s in history],
             "total": Spend.sum(history).json(),
             "keys": {kid: [s.json() for s in ledger.history(user, realm, days, kid)]
-                     for kid in key_ids}}
+                     for kid in key_ids},
+            "end_users": {"day": day_text(day), "by": by,
+                          "top": [row.json() for row in end_users]}}
+
+
+def _by() -> str:
+    by = request.args.get("by", "usd")
+    if by not in ("usd", "tok"):
+        raise BadRequest("'by' must be usd or tok.")
+    return by
 
 
 def admin_token(app: Flask | None = None) -> str:

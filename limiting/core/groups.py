@@ -22,6 +22,7 @@ class Role(Enum):
     ROUTE = "route"
     PLAN = "plan"
     ORG = "org"
+    END_USER = "end_user"   # a plan's end_user layers, for one end user of one key holder
     GUARD = "guard"
 
 

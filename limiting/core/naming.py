@@ -8,6 +8,7 @@ move a key to another Cluster slot, a separator could collide with another user'
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 from .codec import Realm
@@ -39,6 +40,14 @@ REALM_WORDS = {KEY_USER: "key", BODY_USER: "anonymous"}
 def user_prefix(namespace: str, user_id: str, realm: str = KEY_USER) -> str:
     """Every key of one user shares this prefix and its hash tag, so one script sees them all."""
     return f"{namespace}{{{realm}:{user_tag(user_id)}}}:"
+
+
+def end_user_prefix(namespace: str, holder: str, realm: str, end_user: str) -> str:
+    """Every key of one end user of one key holder, under a hash tag of their own (end users
+    spread over a Cluster's slots). Always digested, with the holder and its realm: the id is
+    the holder's client's text, and another holder's "alice" must be another subject."""
+    pair = json.dumps([realm, holder, end_user])   # one text per triple: no separator to forge
+    return f"{namespace}{{e:{digest(pair)}}}:"
 
 
 def org_prefix(namespace: str, org: str, realm: str = KEY_USER) -> str:

@@ -23,7 +23,7 @@ from .policy_reader import Mode as Mode
 from .policy_reader import PolicyError as PolicyError
 from .policy_reader import TableReader
 from .policy_sections import JwtClaims as JwtClaims
-from .policy_sections import alerts_webhook, check_tags, read_jwt_claims
+from .policy_sections import alerts_webhook, aliases_of, check_end_user, check_tags, read_jwt_claims
 from .routes import RouteLimit, parse_routes
 from .windows import Window as Window  # re-exported: plans hold them
 
@@ -31,7 +31,6 @@ from .windows import Window as Window  # re-exported: plans hold them
 ECHO = "echo"
 
 OVERRIDDEN = "+override:"   # an override plan's name: its plan's, this, whose ("u:alice")
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +236,9 @@ def _end_user(source: str, name: str, table: dict[str, Any] | None) -> Plan | No
     """``end_user = {...}``: layers for each end user a key holder names in a request."""
     if table is None:
         return None
-    return _plan(source, f"{name}.end_user", table, org=True, where=f"plans.{name}.end_user")
+    where = f"plans.{name}.end_user"
+    check_end_user(source, where, table)
+    return _plan(source, f"{name}.end_user", table, org=True, where=where)
 
 
 def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> ModelPolicy:
@@ -259,7 +260,7 @@ def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> Mod
         cache_write_1h_usd_per_million=r.price("cache_write_1h_usd_per_million"),
         server_tool_usd_per_use=r.price("server_tool_usd_per_use"),
         service_tiers=MappingProxyType(r.multipliers("service_tiers")),
-        aliases=_aliases(r),
+        aliases=aliases_of(r),
         max_hold_seconds=float(r.positive("max_hold_seconds", (int, float), default=60.0)),
         image_tokens=r.positive("image_tokens", default=1600),
         mode=r.mode(),
@@ -268,14 +269,6 @@ def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> Mod
     )
     r.done()
     return model
-
-
-def _aliases(r: TableReader) -> tuple[str, ...]:
-    aliases = r.get("aliases", list, [])
-    for i, alias in enumerate(aliases):
-        if not isinstance(alias, str) or not alias.strip():
-            r.fail(f"aliases[{i}]", f"must be a model name, got {alias!r}")
-    return tuple(aliases)
 
 
 def _alias_map(source: str, models: Mapping[str, ModelPolicy]) -> dict[str, str]:

@@ -57,3 +57,22 @@ def check_tags(source: str, table: dict[str, Any]) -> None:
         if not valid_tag(name):
             reader.fail(f'"{name}"', "must be a tag like \"project=search\" (letters, digits, "
                         "_ . - around one =)")
+
+
+def check_end_user(source: str, where: str, table: dict[str, Any]) -> None:
+    """What ``end_user = {...}`` may not hold beyond an org's limits: alerts (one per end user
+    would let a key holder's clients fill the alert outbox), or nothing at all."""
+    reader = TableReader(source, where, table)
+    if "alert_at" in table:
+        reader.fail("alert_at", "is not taken here: alerts are for plans and orgs")
+    if not table:
+        reader.fail("", "needs at least one layer (quotas, tokens, dollars, ...)")
+
+
+def aliases_of(r: TableReader) -> tuple[str, ...]:
+    """A model's ``aliases``: the dated snapshots billed at its prices."""
+    aliases = r.get("aliases", list, [])
+    for i, alias in enumerate(aliases):
+        if not isinstance(alias, str) or not alias.strip():
+            r.fail(f"aliases[{i}]", f"must be a model name, got {alias!r}")
+    return tuple(aliases)

@@ -17,6 +17,7 @@ from ..audit import record_reloads
 from ..composed import Charged
 from ..core.ask import Ask
 from ..core.decision import Decision
+from ..core.end_users import limited_end_user
 from ..core.groups import Group
 from ..core.layers import Layer
 from ..core.naming import BODY_USER, KEY_USER, EdgeKeys
@@ -180,9 +181,12 @@ class RateLimiter:
         return self._auth_failures
 
     def acquire(self, user: str, plan: str | None = None, *, anonymous: bool = False,
-                org: str | None = None) -> Decision:
+                org: str | None = None, end_user: str | None = None) -> Decision:
         """Charge one request to ``user`` (and their org) or raise RateLimited /
         LimiterUnavailable. ``plan``, ``org``: an API key's (else the user's own).
+        ``end_user``: the customer of ``user`` the request is made for, limited by the
+        plan's ``end_user`` layers (ignored when it has none; ValueError for an id that is
+        not a string of at most 256 characters).
 
         ``anonymous``: ``user`` is the client's own claim (a body field), not an authenticated
         user; such ids have limits of their own and never spend an authenticated user's.
@@ -190,13 +194,15 @@ class RateLimiter:
         """
         engine = self.engine
         who = payer(engine.policy, user, plan, anonymous=anonymous, key_org=org)
+        named = limited_end_user(who.plan, end_user)
 
         def execute(extra: list[Group], wait: float) -> Passage:
             if not (extra or wait):   # the plan (and org) alone: one call, nothing to give back
-                return Passage(engine.acquire(user, client_ip(), who.plan, who.realm, who.org))
+                return Passage(engine.acquire(user, client_ip(), who.plan, who.realm, who.org,
+                                              end_user=named))
             # The route's own limits in the same call; a slot to give back.
             outcome = engine.acquire_with(user, client_ip(), who.plan, who.realm, extra,
-                                          who.org, wait)
+                                          who.org, wait, end_user=named)
             return Passage(outcome.decision, outcome.charged,
                            lambda: engine.refund(outcome.charged))
 
@@ -205,7 +211,8 @@ class RateLimiter:
     def reserve(self, user: str, model: str, input_tokens: int, max_output_tokens: int,
                 plan: str | None = None, *, anonymous: bool = False,
                 terms: PriceTerms = STANDARD, renews: bool = True,
-                key_id: str | None = None, org: str | None = None) -> Reservation:
+                key_id: str | None = None, org: str | None = None,
+                end_user: str | None = None) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
@@ -215,18 +222,21 @@ class RateLimiter:
         tier, cache writes, server tools) price the call beyond its tokens; ``renews=False``
         for an answer made in this process, which cannot outlive its lease; ``key_id``: the
         API key it came with, for the spend ledger. ``org``: an API key's org (else the
-        user's own, from [users]); its layers are charged with the user's.
+        user's own, from [users]); its layers are charged with the user's. ``end_user``: as
+        for :meth:`acquire`; its tokens and dollars are settled as the user's, and the spend
+        ledger counts it under the user.
         """
         engine = self.engine
         ask = Ask(model, engine.policy.model(model), input_tokens, max_output_tokens, terms,
                   key_id)
         who = payer(engine.policy, user, plan, anonymous=anonymous, key_org=org)
+        named = limited_end_user(who.plan, end_user)
 
         def execute(extra: list[Group], wait: float) -> Passage:
             charged: list[Charged] = []
             reservation = engine.reserve(user, who.plan, ask, ip=client_ip(), realm=who.realm,
                                          renews=renews, org=who.org, extra=extra,
-                                         charged=charged, max_wait=wait)
+                                         charged=charged, max_wait=wait, end_user=named)
 
             def give_back() -> None:
                 reservation.refund_everything()

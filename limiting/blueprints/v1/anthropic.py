@@ -89,6 +89,14 @@ class AnthropicDialect(Dialect):
         return LLMRequest(model, provider, messages, max_tokens, estimate, params,
                           stream=stream, terms=terms, system=system)
 
+    def end_user(self, body: Mapping[str, Any]) -> tuple[str, Any]:
+        metadata = body.get("metadata")
+        if metadata is None:
+            return "metadata.user_id", None
+        if not isinstance(metadata, dict):
+            raise invalid("metadata: Input should be an object.", "metadata")
+        return "metadata.user_id", metadata.get("user_id")
+
     def error_body(self, problem: ApiProblem) -> dict[str, Any]:
         kind = _TYPES.get(problem.kind) or _UPSTREAM_TYPES.get(problem.status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": problem.message,

@@ -34,6 +34,12 @@ class Dialect(ABC):
         """The body checked (an :class:`ApiProblem` when it is wrong) and read as the neutral
         request; ``default_max`` gives the plan's output limit for a body without one."""
 
+    def end_user(self, body: Mapping[str, Any]) -> tuple[str, Any]:
+        """(the field's name, its value as sent) where this API's clients name the end user
+        a call is made for (limiting/core/end_users.py); asked only when the key holder's
+        plan limits end users. None: the API has no such field."""
+        return "", None
+
     @abstractmethod
     def error_body(self, problem: ApiProblem) -> dict[str, Any]:
         """The problem in this API's JSON error shape."""

@@ -8,8 +8,9 @@ from typing import Any
 
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
+from limiting.core.end_users import BadEndUser, limited_end_user
 from limiting.core.llm import IMAGE_TOKENS, UnpricedContent, estimate_input_tokens
-from limiting.core.policy import ModelPolicy
+from limiting.core.policy import ModelPolicy, Plan
 from limiting.core.pricing import PriceTerms, PricingError
 from limiting.providers import UnknownModel, check_available, provider_for
 from limiting.web.extension import current_limiter
@@ -138,3 +139,15 @@ def estimate(messages: list[dict[str, Any]], system: Any = None, tools: Any = No
         raise invalid(str(exc), "messages") from None
     except RecursionError:   # a schema or content nested deeper than it can be measured
         raise invalid("The request is nested too deeply to be priced.") from None
+
+
+def end_user_field(plan: Plan, named: Callable[[], tuple[str, Any]]) -> str | None:
+    """The end user the body names (``named()``: the dialect's field and its value), when
+    ``plan`` limits end users; an absurd id is the caller's 400 before anything is charged."""
+    if plan.end_user is None:
+        return None
+    param, value = named()
+    try:
+        return limited_end_user(plan, value)
+    except BadEndUser as exc:
+        raise invalid(f"'{param}' {exc}", param) from None

@@ -104,6 +104,12 @@ class OpenAIDialect(Dialect):
                           stream=stream, terms=terms, extra_output=predicted,
                           show_usage=bool(options and options.get("include_usage") is True))
 
+    def end_user(self, body: Mapping[str, Any]) -> tuple[str, Any]:
+        """safety_identifier (OpenAI's newer name) when given, else user."""
+        if body.get("safety_identifier") is not None:
+            return "safety_identifier", body["safety_identifier"]
+        return "user", body.get("user")
+
     def error_body(self, problem: ApiProblem) -> dict[str, Any]:
         if problem.kind == RATE_LIMITED:
             kind = openai_error_type(problem.unit)

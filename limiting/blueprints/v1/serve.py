@@ -24,7 +24,7 @@ from limiting.web.extension import current_limiter
 from limiting.web.gate import payer
 
 from .dialect import Dialect
-from .fields import read_body
+from .fields import end_user_field, read_body
 from .problems import AUTH, UNAVAILABLE, ApiProblem, problem_from, refusal
 from .sse import sse_response
 
@@ -41,10 +41,12 @@ def serve(dialect: Dialect) -> Response:
 
 def _serve(dialect: Dialect) -> Response:
     record = authenticate(dialect.api_key(request.headers))
-    call = dialect.parse(read_body(), lambda: plan_of(record).default_max_tokens)
+    body = read_body()
+    call = dialect.parse(body, lambda: plan_of(record).default_max_tokens)
+    end_user = end_user_field(plan_of(record), lambda: dialect.end_user(body))
     reservation = current_limiter().reserve(
         record.user, call.model, call.estimate, call.reserved_output, plan=record.plan,
-        org=record.org, terms=call.terms, key_id=record.key_id,
+        org=record.org, terms=call.terms, key_id=record.key_id, end_user=end_user,
         renews=call.provider != "echo")   # an answer made in-process cannot outlive its lease
     decision = reservation.decision
     headers = {**rate_limit_headers(decision), **dialect.provider_headers(decision)}
