@@ -12,9 +12,10 @@ from .alerts import Alerts, crossings_of
 from .core.ask import Ask
 from .core.codec import Costs
 from .core.decision import Decision, GuardRefused, Refused, from_reply, joined, shadow_over
+from .core.end_users import compile_end_user
 from .core.groups import CallPlan, Group, Role
 from .core.layers import Layer, compile_plan
-from .core.naming import KEY_USER, EdgeKeys, org_prefix, user_prefix
+from .core.naming import KEY_USER, EdgeKeys, end_user_prefix, org_prefix, user_prefix
 from .core.orgs import compile_org
 from .core.policy import Plan, Policy
 from .executor import Charged, Executor, Outcome
@@ -211,6 +212,17 @@ class Engine:
         charging nothing."""
         compiled = compile_org(org, llm=True, cost=0)
         prefix = org_prefix(self.namespace, org.name, realm)
+        return from_reply(compiled, self.executor.look(
+            [prefix + layer.suffix for layer in compiled.layers], compiled.args))
+
+    def peek_end_user(self, user: str, end_user: str, plan: Plan, realm: str = KEY_USER
+                      ) -> Decision | None:
+        """Every layer of ``end_user`` of key holder ``user`` on ``plan`` (None: the plan
+        limits no end users), charging nothing."""
+        if plan.end_user is None:
+            return None
+        compiled = compile_end_user(plan.end_user, llm=True, cost=0)
+        prefix = end_user_prefix(self.namespace, user, realm, end_user)
         return from_reply(compiled, self.executor.look(
             [prefix + layer.suffix for layer in compiled.layers], compiled.args))
 
