@@ -72,11 +72,11 @@ def call(s: Stack, holder: str, end_user: str, i: int) -> bool:
         if i % 4 < 2:
             with openai.OpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0) as oai:
                 if i % 4 == 0:
-                    oai.chat.completions.create(model="gpt-4o-mini", messages=HELLO,  # type: ignore[arg-type]
+                    oai.chat.completions.create(model="gpt-4o-mini", messages=HELLO,
                                                 user=end_user)
                 else:
                     with oai.chat.completions.create(
-                            model="gpt-4o-mini", messages=HELLO, stream=True,  # type: ignore[arg-type]
+                            model="gpt-4o-mini", messages=HELLO, stream=True,
                             safety_identifier=end_user) as stream:
                         assert list(stream)
         else:
@@ -84,11 +84,11 @@ def call(s: Stack, holder: str, end_user: str, i: int) -> bool:
                 meta = {"user_id": end_user}
                 if i % 4 == 2:
                     ant.messages.create(model="claude-3-5-haiku-latest", max_tokens=20,
-                                        messages=HELLO, metadata=meta)  # type: ignore[arg-type]
+                                        messages=HELLO, metadata=meta)
                 else:
                     with ant.messages.stream(model="claude-3-5-haiku-latest", max_tokens=20,
-                                             messages=HELLO,  # type: ignore[arg-type]
-                                             metadata=meta) as events:  # type: ignore[arg-type]
+                                             messages=HELLO,
+                                             metadata=meta) as events:
                         assert events.get_final_message().content
         return True
     except (openai.RateLimitError, anthropic.RateLimitError) as exc:
