@@ -313,3 +313,18 @@ def test_hostile_end_user_in_the_ledger_listing(app: Flask) -> None:
         assert text.status_code == 200
         cells = [c for row in csv.reader(io.StringIO(text.text, newline="")) for c in row]
         assert "'=1+1" in cells and "=1+1" not in cells and "line\nbreak" in cells
+
+
+def test_an_end_users_requests_in_flight_are_leased_and_released(engine: Engine) -> None:
+    pol = parse_policy({"plans": {"p": {**HOLDER, "end_user": {"max_concurrent": 1}}}})
+    engine = Engine(engine.store, pol)
+    plan, ask = pol.plans["p"], Ask("echo", None, 10, 10)
+    held = engine.reserve("h", plan, ask, renews=False, end_user="alice")
+    with pytest.raises(Refused) as refused:
+        engine.reserve("h", plan, ask, renews=False, end_user="alice")
+    assert refused.value.decision.refused is not None
+    assert refused.value.decision.refused.layer.name == "end_user/concurrent"
+    engine.reserve("h", plan, ask, renews=False, end_user="bob").cancel()   # bob's own lease
+    held.settle(Usage(10, 3))
+    engine.reserve("h", plan, ask, renews=False, end_user="alice").cancel()
+    assert left(engine, plan, "h")["quota-day"] == 5 - 3
