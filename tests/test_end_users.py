@@ -328,3 +328,11 @@ def test_an_end_users_requests_in_flight_are_leased_and_released(engine: Engine)
     held.settle(Usage(10, 3))
     engine.reserve("h", plan, ask, renews=False, end_user="alice").cancel()
     assert left(engine, plan, "h")["quota-day"] == 5 - 3
+
+
+def test_an_end_user_budget_needs_priced_models() -> None:
+    """An unpriced model would spend an end user's dollar budget for free."""
+    table = {"plans": {"p": {**HOLDER, "end_user": {"budget_usd_per_day": 1}}},
+             "models": {"gpt-x": {"provider": "openai"}}}
+    with pytest.raises(PolicyError, match="end_user has budget_usd_per_day"):
+        parse_policy(table)

@@ -236,9 +236,8 @@ def _end_user(source: str, name: str, table: dict[str, Any] | None) -> Plan | No
     """``end_user = {...}``: layers for each end user a key holder names in a request."""
     if table is None:
         return None
-    where = f"plans.{name}.end_user"
-    check_end_user(source, where, table)
-    return _plan(source, f"{name}.end_user", table, org=True, where=where)
+    check_end_user(source, f"plans.{name}.end_user", table)
+    return _plan(source, f"{name}.end_user", table, org=True, where=f"plans.{name}.end_user")
 
 
 def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> ModelPolicy:
@@ -353,7 +352,9 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     models = {n: _model(source, n, t, plans) for n, t in top.get("models", dict, {}).items()}
     aliases = _alias_map(source, models)
     _check_budgets(source, {**{f"plans.{n}": p for n, p in plans.items()},
-                            **{f'orgs."{n}"': o for n, o in orgs.items()}}, models)
+                            **{f'orgs."{n}"': o for n, o in orgs.items()},
+                            **{f"plans.{n}.end_user": p.end_user for n, p in plans.items()
+                               if p.end_user is not None}}, models)
 
     store = TableReader(source, "store", top.get("store", dict, {}))
     timeout_ms = store.positive("timeout_ms", default=50)
