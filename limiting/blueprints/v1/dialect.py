@@ -37,7 +37,7 @@ class Dialect(ABC):
     def end_user(self, body: Mapping[str, Any]) -> tuple[str, Any]:
         """(the field's name, its value as sent) where this API's clients name the end user
         a call is made for (limiting/core/end_users.py); asked only when the key holder's
-        plan limits end users. None: the API has no such field."""
+        plan limits end users. ("", None): the API has no such field."""
         return "", None
 
     @abstractmethod

@@ -106,7 +106,7 @@ class OpenAIDialect(Dialect):
 
     def end_user(self, body: Mapping[str, Any]) -> tuple[str, Any]:
         """safety_identifier (OpenAI's newer name) when given, else user."""
-        if body.get("safety_identifier") is not None:
+        if body.get("safety_identifier") not in (None, ""):
             return "safety_identifier", body["safety_identifier"]
         return "user", body.get("user")
 
