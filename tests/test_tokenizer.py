@@ -9,14 +9,14 @@ encodings too (any byte-level BPE yields at most one token a byte).
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import io
 import json
 from pathlib import Path
+from typing import Any
 
-import bpe_openai
 import pytest
-from bpe_openai.errors import TokenLimitError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfWriter
@@ -26,15 +26,29 @@ from limiting.core.documents import PDF_PAGE_TEXT_TOKENS, UnpricedContent
 from limiting.core.llm import IMAGE_TOKENS, estimate_input_tokens, estimate_tokens
 
 GPT, GPT4, CLAUDE = "gpt-4o-mini", "gpt-4", "claude-sonnet-4-5"
-REF = {name: bpe_openai.get_encoding(name) for name in ("o200k_base", "cl100k_base")}
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _reference(encoding: str) -> Any:
+    """bpe-openai's own encoder, loaded when a test first counts (not at collection: every
+    xdist worker collects this module, and importing bpe_openai loads its tables: seconds)."""
+    import bpe_openai
+
+    return bpe_openai.get_encoding(encoding)
+
+
+def _token_limit_error() -> type[Exception]:
+    from bpe_openai.errors import TokenLimitError
+
+    return TokenLimitError
 
 
 def real(text: str, encoding: str = "o200k_base") -> int:
     """The reference count (past its 200,000-token chunk limit, the count it reports)."""
     try:
-        return len(REF[encoding].encode_ordinary(text))
-    except TokenLimitError as exc:
+        return len(_reference(encoding).encode_ordinary(text))
+    except _token_limit_error() as exc:
         return exc.token_count
 
 
