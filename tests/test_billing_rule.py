@@ -433,7 +433,7 @@ def test_check_config_refuses_a_lease_shorter_than_two_renewals() -> None:
 
 def test_a_reservation_holding_nothing_finishes_quietly(redis_url: str) -> None:
     """A fail-open reservation holds nothing: no keep-alive starts, finishing touches no key."""
-    store = open_store(redis_url)
+    store = open_store(redis_url, timeout=2.0)
     res = Reservation(store, Decision(True, ()), Ask("echo", None, 10, 10))
     with res:
         pass

@@ -28,7 +28,7 @@ POLICY = policy(default="starter", plans=STARTER_AND_PRO)
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     if request.param == "redis":
         request.getfixturevalue("r")  # flushed
-        opened = open_store(request.getfixturevalue("redis_url"))
+        opened = open_store(request.getfixturevalue("redis_url"), timeout=2.0)
     else:
         opened = open_store("memory://")
     yield opened
@@ -118,7 +118,7 @@ def _all_stored_bytes(r: redis.Redis) -> list[Any]:
 
 @pytest.fixture
 def redis_keys(r: redis.Redis, redis_url: str) -> Iterator[ApiKeys]:
-    store = open_store(redis_url)
+    store = open_store(redis_url, timeout=2.0)
     yield ApiKeys(store, "starter", PLANS)
     store.close()
 

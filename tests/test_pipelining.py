@@ -60,7 +60,7 @@ def test_a_forked_child_does_not_share_the_parents_connection(r: redis.Redis,
                                                                unix_url: str) -> None:
     # gunicorn --preload: an app that decided once in the master must not hand the master's
     # socket to every worker (interleaved replies would answer the wrong request).
-    engine = Engine(open_store(unix_url), parse_policy(
+    engine = Engine(open_store(unix_url, timeout=2.0), parse_policy(
         {"plans": {"p": {"burst": 1000, "refill_per_second": 1, "quotas": ["1000 per day"]}}}))
     assert engine.acquire("parent").allowed
     _FORKED["engine"] = engine  # the children inherit it, socket and all

@@ -56,7 +56,8 @@ def test_server_restart_keeps_state_and_reloads_script(tmp_path: Path) -> None:
     server.start()
     port = server.port
     try:
-        engine = Engine(open_store(f"redis://127.0.0.1:{port}"), plan(100, 0.001, ["5 per day"]))
+        engine = Engine(open_store(f"redis://127.0.0.1:{port}", timeout=2.0),
+                        plan(100, 0.001, ["5 per day"]))
         assert sum(engine.acquire("kept").allowed for _ in range(3)) == 3
         server.stop()
         server = ValkeyServer(port=port, data_dir=data, persist=True,

@@ -298,7 +298,7 @@ def test_observe_lua_treats_bad_numbers_as_unknown(r: redis.Redis, redis_url: st
                                                    value: str) -> None:
     from limiting.stores.storage import open_store
 
-    store = open_store(redis_url)
+    store = open_store(redis_url, timeout=2.0)
     store.run("observe", ["{m:x}pace"], [value] * 5)
     stored = {k.decode(): v.decode() for k, v in r.hgetall("{m:x}pace").items()}
     for field, text in stored.items():

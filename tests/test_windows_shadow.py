@@ -217,7 +217,7 @@ def test_shadow_reservation_charges_and_settles_only_what_it_admitted(engine: En
 def test_shadow_plan_with_an_enforcing_model_guard(r: redis.Redis, redis_url: str) -> None:
     policy = parse_policy(LLM)
     models = {"gpt-x": replace(policy.models["gpt-x"], mode="enforce")}
-    store = open_store(redis_url)
+    store = open_store(redis_url, timeout=2.0)
     engine = Engine(store, replace(policy, models=MappingProxyType(models)))
     try:
         assert reserve(engine, 1, 1)[1] is not None
