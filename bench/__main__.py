@@ -51,10 +51,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         action="store_true",
         help="smoke run: 1 round, 4 s per measurement, 1 s warm-up (stream: 1 round, same N)",
     )
-    p.add_argument("--only", choices=("fast", "seq", "open", "abuse", "slow", "stream",
+    p.add_argument("--only", choices=("fast", "echo", "seq", "open", "abuse", "slow", "stream",
                                       "decisions"),
-                   help="run only one section (fast includes seq, open, abuse and decisions; "
-                   "open includes seq)")
+                   help="run only one section (fast includes echo, seq, open, abuse and "
+                   "decisions; open includes seq)")
+    p.add_argument("--baseline-rev", metavar="REV",
+                   help="the fast section also runs ours as of commit REV (e.g. the commit "
+                   "before a feature: what a request that meets none of it costs, same run)")
     p.add_argument(
         "--rounds", type=int, help="interleaved rounds in the fast section (default 3, quick 1)"
     )
@@ -162,6 +165,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         stream_delay=a.stream_delay,
         stream_chunk_delay=a.chunk_delay,
         stream_words=max(2, a.stream_words),
+        baseline_rev=a.baseline_rev,
     )
 
 
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with valkey(Path(tmp)) as redis_url:
                 say(f"valkey: {redis_url}; wrk: {wrk}; logs: {logdir}")
-                if s.only in (None, "fast"):
+                if s.only in (None, "fast", "echo"):
                     fast_rows = fast_section(s, wrk, redis_url, logdir)
                     out += [
                         f"## Echo /chat, no upstream ({s.workers} workers, "
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [f"{r.name} [{r.worker_class}]" for r in [*fast_rows, *slow_rows, *stream_rows]
               if r.failure]
 
-    if s.only == "decisions":   # one section with no table: results.md keeps the full run
+    if s.only in ("decisions", "echo"):   # one section: results.md keeps the full run
         (logdir / "results.md").write_text(text)
         say(f"(written to {logdir / 'results.md'})")
         return 0

@@ -60,6 +60,7 @@ class Contender:
     kind: str
     target: str = ""
     worker_class: str | None = None
+    root: Path = ROOT   # ours at another commit: that commit's files (see ours_at)
 
     @property
     def label(self) -> str:
@@ -68,9 +69,9 @@ class Contender:
     def missing(self) -> str | None:
         """Why this contender cannot run at all, or None."""
         if self.kind == "ours":
-            absent = [f for f in ("app.py", "gunicorn.conf.py") if not (ROOT / f).exists()]
+            absent = [f for f in ("app.py", "gunicorn.conf.py") if not (self.root / f).exists()]
             if absent:
-                return f"{', '.join(absent)} not found in {ROOT}"
+                return f"{', '.join(absent)} not found in {self.root}"
         return None
 
     def process(
@@ -83,6 +84,8 @@ class Contender:
         extra_env: dict[str, str] | None = None,
     ) -> Managed:
         env = base_env(redis_url, workers) | (extra_env or {})
+        if self.root != ROOT:   # its own app and package first, ahead of the editable install
+            env["PYTHONPATH"] = str(self.root)
         if upstream is not None:
             env["OPENAI_API_KEY"] = "sk-fake"
             env["OPENAI_BASE_URL"] = f"{upstream}/v1"
@@ -124,12 +127,27 @@ class Contender:
         else:
             raise ValueError(self.kind)
         slug = self.name.replace(" ", "_").replace("(", "").replace(")", "").replace(":", "")
-        return Managed(self.name, argv, env, ROOT, logdir / f"{slug}-{port}.log")
+        return Managed(self.name, argv, env, self.root, logdir / f"{slug}-{port}.log")
 
 
 def ours_with_route_limits(worker_class: str | None) -> Contender:
     """The echo section's row for route limits: two stacked decorators on /chat."""
     return Contender("ours + 2 route limits", "ours", "bench.apps.ours_routes:app", worker_class)
+
+
+def ours_at(rev: str, worker_class: str | None) -> Contender:
+    """Ours as of commit ``rev`` (its files from ``git archive``, run from their own folder on
+    this venv): the same run compares what a change costs, e.g. a request that meets none of
+    a later commit's features against the commit before them."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    folder = ROOT / "bench" / "out" / f"rev-{sha}"
+    if not (folder / "app.py").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return Contender(f"ours at {sha}", "ours", worker_class=worker_class, root=folder)
 
 
 def ours_default_worker_class() -> str:

@@ -14,6 +14,7 @@ from bench.contenders import (
     ROOT,
     SLOW_MODEL,
     Contender,
+    ours_at,
     ours_default_worker_class,
     ours_with_route_limits,
 )
@@ -48,6 +49,7 @@ class Settings:
     stream_delay: float
     stream_chunk_delay: float
     stream_words: int
+    baseline_rev: str | None = None   # --baseline-rev: ours as of that commit, beside ours
 
 
 def say(msg: str) -> None:
@@ -122,6 +124,8 @@ def fast_section(s: Settings, wrk: str, redis_url: str, logdir: Path) -> list[Ro
         Contender("ours", "ours", worker_class=s.worker_class),
         ours_with_route_limits(s.worker_class),
     ]
+    if s.baseline_rev:
+        contenders.append(ours_at(s.baseline_rev, s.worker_class))
     contenders += [
         Contender(f"ours ({c})", "ours", worker_class=c)
         for c in s.worker_classes
