@@ -35,8 +35,12 @@ def policy(*, plans: Mapping[str, Mapping[str, Any]], per_ip: str | None = None,
            default: str | None = None, store: Mapping[str, Any] | None = None,
            users: Mapping[str, str] | None = None,
            models: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-    """limits.toml text: the edge's per-IP limit, the default plan, the plans, users, models."""
+    """limits.toml text: the edge's per-IP limit, the default plan, the plans, users, models.
+
+    ``store``: the [store] table, LOADED unless given: a loaded box must not turn a decision
+    into a 503 by the 50 ms default (``store={}`` leaves the default to a test that wants it)."""
     tables: dict[str, Any] = {}
+    store = LOADED if store is None else store
     if store:
         tables["store"] = store
     if per_ip:
