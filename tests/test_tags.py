@@ -240,3 +240,21 @@ def test_spend_per_tag_on_the_admin_endpoint_and_the_cli(app: Flask, fp: FakePro
     assert runner.invoke(args=["spend", "top", "--tag", "team=none"]).exit_code == 1
     bad = runner.invoke(args=["spend", "top", "--tag", "nope"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_a_tags_alert_at_names_the_tag() -> None:
+    """Each tag group's crossings are read by its own table (the pairing follows the order
+    the groups were charged in), with realm "tag" and the tag as subject."""
+    from limiting.alerts import crossings_of
+    from limiting.stores.memory import MemoryStore
+
+    pol = parse_policy({"plans": {"p": {"burst": 10, "refill_per_second": 0.001}},
+                        "tags": {"a=z": {"quotas": ["9 per day"]},
+                                 "t=a": {"quotas": ["2 per day"], "alert_at": [0.5]}}})
+    engine = Engine(MemoryStore(), pol)
+    tags = ["a=z", "t=a"]
+    outcome = engine.acquire_with("u", None, pol.plans["p"], "u", (), tags=tags)
+    found = crossings_of(outcome.charged, "u", "u", pol.plans["p"], None, 0.0,
+                         engine.tag_tables(tags))
+    assert [(c.subject, c.realm, c.layer, c.threshold) for c in found] == [
+        ("t=a", "tag", "tag:t=a/quota-day", 0.5)]
