@@ -276,3 +276,10 @@ class Engine:
         keys = [prefix + lay.suffix for lay in compile_org(org, llm=True).layers
                 if layer in (None, lay.name, lay.name.partition("/")[2])]
         return self.store.delete(keys) if keys else 0
+
+    def reset_tag(self, tag: Plan, layer: str | None = None) -> int:
+        """Forget the tag table ``tag``'s usage (one layer, with or without "tag:<tag>/")."""
+        prefix = tag_prefix(self.namespace, tag.name)
+        keys = [prefix + lay.suffix for lay in compile_org(tag, llm=True, tag=True).layers
+                if layer in (None, lay.name, lay.name.partition("/")[2])]
+        return self.store.delete(keys) if keys else 0

@@ -258,3 +258,17 @@ def test_a_tags_alert_at_names_the_tag() -> None:
                          engine.tag_tables(tags))
     assert [(c.subject, c.realm, c.layer, c.threshold) for c in found] == [
         ("t=a", "tag", "tag:t=a/quota-day", 0.5)]
+
+
+def test_limits_show_and_reset_a_tag(app: Flask) -> None:
+    key = make_key(app, "ann", TAG)
+    assert v1(app.test_client(), key).status_code == 200
+    runner = app.test_cli_runner()
+    shown = runner.invoke(args=["limits", "show", "--tag", TAG])
+    assert shown.exit_code == 0 and re.search(rf"{re.escape(TAG_LAYER)}\s+5\s+4\s", shown.output)
+    for bad in (["show", "--tag", "team=none"], ["show", "ann", "--tag", TAG],
+                ["reset", "--tag", TAG, "--layer", "nope"]):
+        assert runner.invoke(args=["limits", *bad]).exit_code == 2, bad
+    reset = runner.invoke(args=["limits", "reset", "--tag", TAG, "--layer", "quota-day"])
+    assert reset.exit_code == 0 and "1 key(s) removed" in reset.output, reset.output
+    assert tag_left(app) == {TAG_LAYER: 5} and own_left(app, "ann") == 49   # hers stays
