@@ -202,15 +202,21 @@ def _bytes(value: object) -> bytes:
 
 
 def crossings_of(charged: Iterable[tuple[Any, int, Sequence[tuple[int, int]]]], user: str,
-                 realm: str, plan: Plan, org: Plan | None, now: float) -> list[Crossing]:
+                 realm: str, plan: Plan, org: Plan | None, now: float,
+                 tags: Sequence[Plan] = ()) -> list[Crossing]:
     """The thresholds an admitted request crossed, from what the executor charged: the
-    user's plan's layers by ``plan.alert_at``, the org's by ``org.alert_at``."""
+    user's plan's layers by ``plan.alert_at``, the org's by ``org.alert_at``, each tag
+    table's (of ``tags``, in the order their groups were charged) by its own."""
     found: list[Crossing] = []
+    tables = iter(tags)
     for group, _at, states in charged:
         if group.role is Role.PLAN and plan.alert_at:
             subject, words, thresholds = user, REALM_WORDS.get(realm, realm), plan.alert_at
         elif group.role is Role.ORG and org is not None and org.alert_at:
             subject, words, thresholds = org.name, "org", org.alert_at
+        elif group.role is Role.TAG and (table := next(tables, None)) is not None \
+                and table.alert_at:
+            subject, words, thresholds = table.name, "tag", table.alert_at
         else:
             continue
         used = [Used(layer.name, layer.kind, layer.limit, layer.window, remaining, cost,
@@ -224,7 +230,8 @@ def crossings_of(charged: Iterable[tuple[Any, int, Sequence[tuple[int, int]]]], 
 def alerts_for(store: ScriptRunner, namespace: str, policy: Policy, secret: str | None,
                count: Callable[[Crossing], None] = lambda c: None) -> Alerts | None:
     """The policy's alerts, or None when no plan or org asks for any."""
-    wanted = any(p.alert_at for p in (*policy.plans.values(), *policy.orgs.values()))
+    wanted = any(p.alert_at for p in (*policy.plans.values(), *policy.orgs.values(),
+                                      *policy.tags.values()))
     if not wanted:
         return None
     return Alerts(StoreAlertBox(store, namespace), policy.alert_webhook_url, secret or None,

@@ -1,6 +1,11 @@
 """One request → a plan (limiting/planner.py) → one executor (limiting/executor.py) → one
-Decision, or one complete Reservation (its LLM units, an org's layers, a route's limits and
-the model's guard included)."""
+Decision, or one complete Reservation (its LLM units, an org's layers, an API key's tags'
+layers, a route's limits and the model's guard included).
+
+Tags are names (an API key's, core/policy_sections.py valid_tag); only those with a
+``[tags."..."]`` table add layers, so a tag without one costs nothing here (the ledger still
+counts its spend). The local fallback (the store away) knows plans and orgs only: tags'
+limits are not applied there."""
 
 from __future__ import annotations
 
@@ -15,7 +20,14 @@ from .core.decision import Decision, GuardRefused, Refused, from_reply, joined, 
 from .core.end_users import compile_end_user
 from .core.groups import CallPlan, Group, Role
 from .core.layers import Layer, compile_plan
-from .core.naming import KEY_USER, EdgeKeys, end_user_prefix, org_prefix, user_prefix
+from .core.naming import (
+    KEY_USER,
+    EdgeKeys,
+    end_user_prefix,
+    org_prefix,
+    tag_prefix,
+    user_prefix,
+)
 from .core.orgs import compile_org
 from .core.policy import Plan, Policy
 from .executor import Charged, Executor, Outcome
@@ -58,29 +70,39 @@ class Engine:
         self.observe = self.guard.observe
         self.observe_args = self.guard.observe_args
 
+    def tag_tables(self, tags: Sequence[str]) -> list[Plan]:
+        """The ``[tags."..."]`` tables of ``tags`` (an API key's): a tag without one, none."""
+        if not tags:
+            return []
+        known = self.policy.tags
+        return [known[tag] for tag in tags if tag in known]
+
     def acquire(self, user: str, ip: str | None = None, plan: Plan | None = None,
                 realm: str = KEY_USER, org: Plan | None = None, *,
-                end_user: str | None = None) -> Decision:
-        """Check and, only if every user layer (and every layer of ``org`` and of
-        ``end_user``) passes, charge one request to ``user`` (and to ``org``, and to the
-        end user). Never waits: :meth:`acquire_with` does."""
+                end_user: str | None = None, tags: Sequence[str] = ()) -> Decision:
+        """Check and, only if every user layer (and every layer of ``org``, of ``end_user``
+        and of ``tags``, an API key's) passes, charge one request to ``user`` (and to
+        ``org``, the end user, ``tags``). Never waits: :meth:`acquire_with` does."""
         return self.acquire_with(user, ip, plan or self.policy.resolve(user), realm, (),
-                                 org, end_user=end_user).decision
+                                 org, end_user=end_user, tags=tags).decision
 
     def acquire_with(self, user: str, ip: str | None, plan: Plan, realm: str,
                      extra: Sequence[Group], org: Plan | None = None,
-                     max_wait: float = 0.0, *, end_user: str | None = None) -> Outcome:
+                     max_wait: float = 0.0, *, end_user: str | None = None,
+                     tags: Sequence[str] = ()) -> Outcome:
         """:meth:`acquire` with more groups (a route's limits) decided with the plan's (and
-        ``org``'s, as a group of its own). ``max_wait``: seconds the request may wait for a
-        future slot (the decision's delay); what ``outcome.charged`` took gives it back.
-        ``end_user``: the end user of ``user`` the request names, limited by ``plan.end_user``
-        in a group of its own (a plan without it: ignored)."""
+        ``org``'s and each tag's, as groups of their own). ``max_wait``: seconds the request
+        may wait for a future slot (the decision's delay); what ``outcome.charged`` took
+        gives it back. ``end_user``: the end user of ``user`` the request names, limited by
+        ``plan.end_user`` in a group of its own (a plan without it: ignored)."""
+        tables = self.tag_tables(tags)
         outcome = self.executor.run(self.planner.request(user, ip, plan, realm, extra, org,
-                                                         us(max_wait), end_user))
-        self._notice(outcome, user, realm, plan, org)
+                                                         us(max_wait), end_user, tables))
+        self._notice(outcome, user, realm, plan, org, tables)
         if outcome.away and self.fallback is not None:
             # The local fallback knows plans (and orgs) only; the route limits' store is away,
-            # and so are the end users' (limited here by their holder's share alone).
+            # and so are the end users' (limited here by their holder's share alone) and the
+            # tags' (not limited there).
             fb, fb_plan, fb_org = self._in_fallback(user, plan, org)
             outcome.decision = fb.acquire(user, None, fb_plan, realm, fb_org)
             outcome.decision.degraded = True
@@ -94,7 +116,7 @@ class Engine:
                 realm: str = KEY_USER, guard: bool = True, renews: bool = True,
                 org: Plan | None = None, extra: Sequence[Group] = (),
                 charged: list[Charged] | None = None, max_wait: float = 0.0,
-                end_user: str | None = None) -> Reservation:
+                end_user: str | None = None, tags: Sequence[str] = ()) -> Reservation:
         """Charge one request to ``user`` and reserve its LLM units, with ``org``'s layers
         and ``extra``'s (a route's limits, whose charges are appended to ``charged``), then
         pass the model's guard (``guard=False``: skip it, as the local fallback does).
@@ -102,19 +124,23 @@ class Engine:
         ``max_wait``: seconds it may wait for a future slot (refund_everything gives it back).
         ``end_user``: the end user of ``user`` the request names, with ``plan.end_user``'s
         layers (tokens and dollars settled as the user's) and counted in the spend ledger.
+        ``tags``: the API key's; those with a table are charged too, and the ledger counts
+        every one's spend.
 
         Raises Refused (the user's, ``org``'s or a route's layers: nothing was charged) or
         GuardRefused (the model's guard: the charges were given back)."""
         if plan.end_user is None:
             end_user = None   # a plan that limits no end users ignores the id: no store work
+        tables = self.tag_tables(tags)
         leases = plan.max_concurrent or (org is not None and org.max_concurrent) or (
-            end_user is not None and plan.end_user is not None and plan.end_user.max_concurrent)
+            end_user is not None and plan.end_user is not None and plan.end_user.max_concurrent
+        ) or any(t.max_concurrent for t in tables)
         costs = ask.costs(new_lease_id() if leases else None)
         spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
-                          self.policy.history_days, end_user=end_user)
+                          self.policy.history_days, end_user=end_user, tags=tuple(tags))
         outcome = self.executor.run(self.planner.reservation(
             user, ip, plan, ask.model_name if guard else None, costs, realm, extra, org,
-            us(max_wait), end_user))
+            us(max_wait), end_user, tables))
         if outcome.away:
             return self._reserve_away(user, plan, ask, outcome, realm, renews, spender, org)
         if outcome.guard_wait_us is not None:
@@ -124,11 +150,11 @@ class Engine:
             raise Refused(outcome.decision)
         if charged is not None:
             charged += [item for item in outcome.charged if item[0].role is Role.ROUTE]
-        self._notice(outcome, user, realm, plan, org)
+        self._notice(outcome, user, realm, plan, org, tables)
         return self._reservation(outcome, ask, costs, renews, spender)
 
     def _notice(self, outcome: Outcome, user: str, realm: str, plan: Plan,
-                org: Plan | None) -> None:
+                org: Plan | None, tags: Sequence[Plan] = ()) -> None:
         """Alerts for the thresholds an admitted request crossed (rare: a store call each);
         a failure there is logged, never the request's."""
         alerts = self.alerts
@@ -136,10 +162,12 @@ class Engine:
             return
         alerts.poll()
         if not outcome.decision.allowed or not (
-                plan.alert_at or (org is not None and org.alert_at)):
+                plan.alert_at or (org is not None and org.alert_at)
+                or any(t.alert_at for t in tags)):
             return
         try:
-            alerts.notice(crossings_of(outcome.charged, user, realm, plan, org, time.time()))
+            alerts.notice(crossings_of(outcome.charged, user, realm, plan, org, time.time(),
+                                       tags))
         except Exception:
             log.warning("alerts: a crossing could not be recorded", exc_info=True)
 
@@ -215,6 +243,14 @@ class Engine:
         return from_reply(compiled, self.executor.look(
             [prefix + layer.suffix for layer in compiled.layers], compiled.args))
 
+    def peek_tag(self, tag: Plan) -> Decision:
+        """Every layer of the tag table ``tag`` (shared by the keys bearing it), charging
+        nothing."""
+        compiled = compile_org(tag, llm=True, cost=0, tag=True)
+        prefix = tag_prefix(self.namespace, tag.name)
+        return from_reply(compiled, self.executor.look(
+            [prefix + layer.suffix for layer in compiled.layers], compiled.args))
+
     def peek_end_user(self, user: str, end_user: str, plan: Plan, realm: str = KEY_USER
                       ) -> Decision | None:
         """Every layer of ``end_user`` of key holder ``user`` on ``plan`` (None: the plan
@@ -238,5 +274,12 @@ class Engine:
         """Forget ``org``'s usage (one layer, by its name with or without "org:<name>/")."""
         prefix = org_prefix(self.namespace, org.name, realm)
         keys = [prefix + lay.suffix for lay in compile_org(org, llm=True).layers
+                if layer in (None, lay.name, lay.name.partition("/")[2])]
+        return self.store.delete(keys) if keys else 0
+
+    def reset_tag(self, tag: Plan, layer: str | None = None) -> int:
+        """Forget the tag table ``tag``'s usage (one layer, with or without "tag:<tag>/")."""
+        prefix = tag_prefix(self.namespace, tag.name)
+        keys = [prefix + lay.suffix for lay in compile_org(tag, llm=True, tag=True).layers
                 if layer in (None, lay.name, lay.name.partition("/")[2])]
         return self.store.delete(keys) if keys else 0

@@ -4,7 +4,7 @@ One server: every group in one all-or-nothing script call. A Cluster: one call p
 in the plan's order; a refusal gives back what the earlier calls charged (a round trip per
 further slot, one more to give back; meanwhile others see the earlier charge). When the store
 is away for a slot of its own, the guard fails open (the provider has its limits), an org's
-layers answer by their failure policy, any other leaves the request to the store's. The
+or a tag's layers answer by their failure policy, any other leaves the request to the store's. The
 model's guard, last: when its shard is full, once more on one other shard before refusing.
 """
 
@@ -108,12 +108,12 @@ class Executor:
         replies: list[AcquireReply] = []
         charged: list[Charged] = []
         answered: list[Group] = []
-        away: list[Layer] = []    # an org's, when the store was away for its call
+        away: list[Layer] = []    # an org's or a tag's, when the store was away for its call
         for call in plan.calls(one_server=False):
             try:
                 reply = self.call(call, plan.wait_us)
             except StoreUnavailable:
-                if call[0].role is not Role.ORG:
+                if call[0].role not in (Role.ORG, Role.TAG):
                     self.refund(charged)
                     return Outcome(store_away(self.view(ordered([plan.groups]))), away=True)
                 away += [layer for group in call for layer in group.layers]

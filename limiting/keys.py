@@ -5,6 +5,11 @@ stored. The record lives at ``<ns>key:{<sha256hex>}`` (a hash; the hash tag is t
 every record is one Cluster slot of its own and every command touches one key), and
 ``<ns>keys:index`` maps key_id -> digest for listing and revoking by id.
 
+A key may bear tags (``project=search``, core/policy_sections.py valid_tag), set when it is
+made and kept for its life: its requests meet each tag's ``[tags."..."]`` limits, shared by
+every key bearing the tag, and the ledger counts its spend per tag. Tags come only from this
+record, never from a request, so a client cannot step out of them.
+
 memory:// keeps the same records in this process: a ``flask keys`` command then only reaches
 its own process, so memory:// keys are for tests and single-process dev servers.
 """
@@ -16,12 +21,13 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .core.naming import MAX_USER_ID_LENGTH
 from .core.naming import digest as text_digest
+from .core.policy_sections import valid_tag
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import Headers
@@ -32,6 +38,7 @@ KEY_PREFIX = "llm_"
 KEY_ID_LENGTH = 12
 MAX_PRESENTED_LENGTH = 200
 MAX_NAME_LENGTH = 256
+MAX_TAGS = 16   # each is a group of layers in the key's every call, when it has a table
 _KEY_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -46,6 +53,7 @@ class KeyRecord:
     created_at: int
     revoked: bool
     org: str | None = None    # the org its requests are charged to (None: the user's own)
+    tags: tuple[str, ...] = ()   # "name=value" each, sorted; set at creation only
 
 
 def new_key() -> str:
@@ -105,9 +113,9 @@ class ApiKeys:
         return f"{self.namespace}key:{{{hexdigest}}}"
 
     def create(self, user: str, plan: str | None = None, name: str | None = None,
-               org: str | None = None) -> tuple[str, KeyRecord]:
-        """A new key for ``user`` (charged to ``org`` too, if given, whatever [users] says);
-        the secret is returned once and never stored."""
+               org: str | None = None, tags: Iterable[str] = ()) -> tuple[str, KeyRecord]:
+        """A new key for ``user`` (charged to ``org`` too, if given, whatever [users] says;
+        bearing ``tags``, "name=value" each); the secret is returned once and never stored."""
         if not user or not user.strip() or len(user) > MAX_USER_ID_LENGTH:
             raise ValueError(f"user id must be 1..{MAX_USER_ID_LENGTH} characters, not blank")
         plan = self.default_plan if plan is None else plan
@@ -118,17 +126,20 @@ class ApiKeys:
             raise ValueError(f"unknown org {org!r}; valid orgs: {valid}")
         if name is not None and len(name) > MAX_NAME_LENGTH:
             raise ValueError(f"key name must be at most {MAX_NAME_LENGTH} characters")
+        borne = checked_tags(tags)
         while True:
             key = new_key()
             hexd = digest(key)
             record = KeyRecord(key[len(KEY_PREFIX):][:KEY_ID_LENGTH], user, plan, name,
-                               int(time.time()), False, org)
+                               int(time.time()), False, org, borne)
             fields = {"hash": hexd, "key_id": record.key_id, "user": user, "plan": plan,
                       "created_at": str(record.created_at)}
             if name is not None:
                 fields["name"] = name
             if org is not None:
                 fields["org"] = org
+            if borne:
+                fields["tags"] = ",".join(borne)   # a tag holds no ","
             # Claim the key_id first: a (72-bit, so theoretical) clash draws a new key instead
             # of leaving a record that no key_id reaches and so could never be revoked by id.
             if self._claim(record.key_id, hexd, fields):
@@ -196,13 +207,33 @@ class ApiKeys:
         return self.store.hash_fields(self.index_key, [key_id])[0]
 
 
+def checked_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    """``tags`` as a key bears them: each well-formed, no name twice, sorted; ValueError
+    naming the first that is not."""
+    out: dict[str, str] = {}
+    for tag in tags:
+        if not isinstance(tag, str) or not valid_tag(tag):
+            raise ValueError(f"bad tag {tag!r}: a tag is name=value (name: letters, digits, "
+                             "_ . -, up to 64; value: also : /, up to 128)")
+        name = tag.partition("=")[0]
+        if out.get(name, tag) != tag:
+            raise ValueError(f"tag {name!r} given twice ({out[name]!r}, {tag!r})")
+        out[name] = tag
+    if len(out) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags on a key")
+    return tuple(sorted(out.values()))
+
+
 def _record(fields: Mapping[str, str]) -> KeyRecord | None:
-    """A record from stored fields; None for a partial or damaged one."""
+    """A record from stored fields; None for a partial or damaged one (a damaged tag too:
+    a key whose tags cannot be read serves no one rather than serving without them)."""
     try:
+        stored = fields.get("tags")
         return KeyRecord(
             key_id=fields["key_id"], user=fields["user"], plan=fields["plan"],
             name=fields.get("name"), created_at=int(fields["created_at"]),
             revoked="revoked" in fields, org=fields.get("org"),
+            tags=checked_tags(stored.split(",")) if stored else (),
         )
     except (KeyError, ValueError):
         return None

@@ -7,6 +7,9 @@ and day-wide keys under the day's own tag ``{spend:YYYYMMDD}``: the day's total,
 model, and the spenders ranked by micro-dollars and by tokens (overall and per model). On one
 server all of it is one call; on a Cluster the day-wide keys are one more call, after.
 
+An API key's tags (``--tag project=search``) are counted too, in the day-wide call: a hash
+per tag and day, and the tag's spenders ranked (by dollars and by tokens).
+
 The day is the acquire's, by the store's clock (the reservation's ``charged_at``), so a call
 admitted at 23:59:59 UTC is booked to that day. Each day's keys expire on their own after
 ``[store] history_days``. A cancelled or refused call books nothing.
@@ -101,8 +104,15 @@ class LedgerKeys:
     def model(self, day: int, model: str) -> str:
         return self._day(day) + "m:" + user_tag(model)
 
-    def rank(self, day: int, by: str = "usd", model: str | None = None) -> str:
-        """Spenders of the day by ``by`` ("usd": micro-dollars, "tok": tokens)."""
+    def tag(self, day: int, tag: str) -> str:
+        return self._day(day) + "t:" + user_tag(tag)
+
+    def rank(self, day: int, by: str = "usd", model: str | None = None,
+             tag: str | None = None) -> str:
+        """Spenders of the day by ``by`` ("usd": micro-dollars, "tok": tokens), of one
+        ``model`` or of the keys bearing one ``tag`` (or all)."""
+        if tag is not None:
+            return self._day(day) + f"rank:{by}:t:" + user_tag(tag)
         return self._day(day) + f"rank:{by}" + ("" if model is None else ":m:" + user_tag(model))
 
 
@@ -159,6 +169,7 @@ class Spender:
     key_id: str | None = None
     history_days: int = 35
     end_user: str | None = None   # the end user of ``user`` the call named
+    tags: tuple[str, ...] = ()   # the API key's, each counted apart
 
     def book(self, charged_at: int, counts: Sequence[int], own: SettleCall,
              apart: SettleCall) -> None:
@@ -182,8 +193,19 @@ class Spender:
                       ledger_rank(usd, who))
         if tokens:
             apart.add(self.keys.rank(day, "tok"), RANK, expires_ms, ledger_rank(tokens, who))
+        for tag in self.tags:
+            self._book_tag(tag, day, expires_ms, values, usd, tokens, who, apart)
         if self.end_user is not None:
             self._book_end_user(day, expires_ms, values, usd, tokens, own)
+
+    def _book_tag(self, tag: str, day: int, expires_ms: int, values: str, usd: int,
+                  tokens: int, who: str, apart: SettleCall) -> None:
+        """The tag's day and its spenders, under the day's tag: in the day-wide call."""
+        apart.add(self.keys.tag(day, tag), COUNTS, expires_ms, values)
+        for by, score in (("usd", usd), ("tok", tokens)):
+            if score:
+                apart.add(self.keys.rank(day, by, tag=tag), RANK, expires_ms,
+                          ledger_rank(score, who))
 
     def _book_end_user(self, day: int, expires_ms: int, values: str, usd: int, tokens: int,
                        own: SettleCall) -> None:
@@ -248,16 +270,23 @@ class Ledger:
         rows = self.store.hashes([self.keys.total(d) for d in days])
         return [Spend.of(d, f) for d, f in zip(days, rows, strict=True)]
 
+    def tag_totals(self, tag: str, days: Iterable[int]) -> list[Spend]:
+        """What the keys bearing ``tag`` spent, per day."""
+        days = list(days)
+        rows = self.store.hashes([self.keys.tag(d, tag) for d in days])
+        return [Spend.of(d, f) for d, f in zip(days, rows, strict=True)]
+
     def models(self, day: int, names: Iterable[str]) -> dict[str, Spend]:
         names = list(names)
         rows = self.store.hashes([self.keys.model(day, name) for name in names])
         return {name: Spend.of(day, f) for name, f in zip(names, rows, strict=True)
                 if any(f.values())}
 
-    def top(self, day: int, n: int = 20, model: str | None = None, by: str = "usd"
-            ) -> list[TopRow]:
-        """The day's ``n`` biggest spenders, exact (the ranking holds every spender)."""
-        ranked = self.store.ranking(self.keys.rank(day, by, model), n)
+    def top(self, day: int, n: int = 20, model: str | None = None, by: str = "usd",
+            tag: str | None = None) -> list[TopRow]:
+        """The day's ``n`` biggest spenders, exact (the ranking holds every spender); with
+        ``tag``, ranked by what they spent with keys bearing it (``spend``: their whole day)."""
+        ranked = self.store.ranking(self.keys.rank(day, by, model, tag), n)
         who = [from_member(m) for m, _ in ranked]
         rows = self.store.hashes([self.keys.user(user, realm, day) for realm, user in who])
         return [TopRow(user, realm, int(score), Spend.of(day, f))

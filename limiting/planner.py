@@ -1,7 +1,7 @@
 """Turns a request into its plan (limiting/core/groups.py CallPlan): the edge, a route's
-limits, the user's plan, an org, an end user of the key holder and the model's guard, each a
-Group with its layers, keys, costs and hash tag, in the order they are charged.
-limiting/executor.py runs it.
+limits, the user's plan, an org, an end user of the key holder, an API key's tags and
+the model's guard, each a Group with its layers, keys, costs and hash tag, in the order they
+are charged. limiting/executor.py runs it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from .core.codec import AcquireCall, Costs
 from .core.end_users import compile_end_user
 from .core.groups import CallPlan, Group, Role
 from .core.layers import CompiledPlan, Layer, compile_plan
-from .core.naming import KEY_USER, EdgeKeys, end_user_prefix, org_prefix, user_prefix
+from .core.naming import (
+    KEY_USER,
+    EdgeKeys,
+    end_user_prefix,
+    org_prefix,
+    tag_prefix,
+    user_prefix,
+)
 from .core.orgs import compile_org
 from .core.policy import Plan, Policy
 from .guard import GuardKeys
@@ -37,6 +44,7 @@ class Planner:
         self._llm: dict[str, CompiledPlan] = {}
         self._orgs: dict[tuple[str, bool], CompiledPlan] = {}
         self._end_users: dict[tuple[str, bool], CompiledPlan] = {}
+        self._tags: dict[tuple[str, bool], CompiledPlan] = {}
         self.edge_only = compile_plan(None, edge) if edge else None
 
     def compiled(self, plan: Plan, llm: bool = False) -> CompiledPlan:
@@ -52,6 +60,13 @@ class Planner:
         compiled = self._orgs.get(key)
         if compiled is None or compiled.plan is not org:
             compiled = self._orgs[key] = replace(compile_org(org, llm=llm), plan=org)
+        return compiled
+
+    def compiled_tag(self, tag: Plan, llm: bool = False) -> CompiledPlan:
+        key = (tag.name, llm)
+        compiled = self._tags.get(key)
+        if compiled is None or compiled.plan is not tag:
+            compiled = self._tags[key] = replace(compile_org(tag, llm=llm, tag=True), plan=tag)
         return compiled
 
     def plan_group(self, compiled: CompiledPlan, user: str, ip: str | None,
@@ -90,6 +105,13 @@ class Planner:
         prefix = end_user_prefix(self.namespace, holder, realm, end_user)
         return _group(compiled, [prefix + layer.suffix for layer in compiled.layers], prefix,
                       costs, Role.END_USER)
+    def tag_group(self, tag: Plan, costs: Costs | None = None) -> Group:
+        """A tag's layers (``[tags."name=value"]``, shared by every key bearing it) as a
+        Group under the tag's own hash tag, as an org's are."""
+        compiled = self.compiled_tag(tag, llm=costs is not None)
+        prefix = tag_prefix(self.namespace, tag.name)
+        return _group(compiled, [prefix + layer.suffix for layer in compiled.layers], prefix,
+                      costs, Role.TAG)
 
     def edge_group(self, ip: str) -> Group | None:
         """The edge's layers for ``ip`` when they ride in the store call (one server)."""
@@ -99,30 +121,34 @@ class Planner:
 
     def request(self, user: str, ip: str | None, plan: Plan, realm: str,
                 extra: Sequence[Group] = (), org: Plan | None = None,
-                wait_us: int = 0, end_user: str | None = None) -> CallPlan:
-        """One request to ``user`` (``plan``'s layers), a route's ``extra``, ``org``'s and
-        ``end_user``'s (when ``plan`` limits end users)."""
+                wait_us: int = 0, end_user: str | None = None,
+                tags: Sequence[Plan] = ()) -> CallPlan:
+        """One request to ``user`` (``plan``'s layers), a route's ``extra``, ``org``'s,
+        ``end_user``'s (when ``plan`` limits end users) and each of ``tags``' (the tables of
+        the key's tags)."""
         compiled = self.compiled(plan)
         groups = [self.plan_group(compiled, user, ip, realm), *extra]
         if org is not None:
             groups.append(self.org_group(org, realm))
         if end_user is not None:
             self._add_end_user(groups, plan, user, realm, end_user, None)
+        groups += [self.tag_group(tag) for tag in tags]
         return CallPlan(groups, wait_us, view=compiled if len(groups) == 1 else None)
 
     def reservation(self, user: str, ip: str | None, plan: Plan, model: str | None,
                     costs: Costs, realm: str = KEY_USER, extra: Sequence[Group] = (),
                     org: Plan | None = None, wait_us: int = 0,
-                    end_user: str | None = None) -> CallPlan:
-        """A reservation: ``user``'s plan with its LLM layers, a route's ``extra``, ``org``'s
-        and ``end_user``'s layers and the guard of ``model`` (None: no guard) on a random
-        shard, with one other shard to try when that one is full."""
+                    end_user: str | None = None, tags: Sequence[Plan] = ()) -> CallPlan:
+        """A reservation: ``user``'s plan with its LLM layers, a route's ``extra``, ``org``'s,
+        ``end_user``'s and ``tags``' layers and the guard of ``model`` (None: no guard) on a
+        random shard, with one other shard to try when that one is full."""
         compiled = self.compiled(plan, llm=True)
         groups = [self.plan_group(compiled, user, ip, realm, costs), *extra]
         if org is not None:
             groups.append(self.org_group(org, realm, costs))
         if end_user is not None:
             self._add_end_user(groups, plan, user, realm, end_user, costs)
+        groups += [self.tag_group(tag, costs) for tag in tags]
         view = compiled if len(groups) == 1 else None
         if model is None:
             return CallPlan(groups, wait_us, view=view)
@@ -151,7 +177,7 @@ def _group(compiled: CompiledPlan, keys: list[str], tag: str, costs: Costs | Non
             charged[i] = costs.amount(unit)
         amounts = tuple(charged)
     # Bare layers (an org's, the edge's alone) compile as a plan's edge: only the edge's keep.
-    kept = 0 if role in (Role.ORG, Role.END_USER) else compiled.edge_count
+    kept = 0 if role in (Role.ORG, Role.END_USER, Role.TAG) else compiled.edge_count
     return Group(compiled.layers, call, tag, amounts, kept, role,
                  None if costs is None else costs.lease)
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,15 +216,19 @@ def client(app: Flask) -> FlaskClient:
 
 
 @contextlib.contextmanager
-def keyed_app(folder: Path, env: dict[str, str], users: Mapping[str, str], workers: int
+def keyed_app(folder: Path, env: dict[str, str], users: Mapping[str, str], workers: int,
+              more: Mapping[str, Sequence[str]] | None = None
               ) -> Iterator[tuple[Gunicorn, Any, dict[str, str]]]:
     """gunicorn on ``env`` in front of a FakeProvider, with one API key per user (``users``:
-    user -> plan) made by `flask keys create` as an operator would, in parallel (each CLI start
-    costs seconds). Yields (server, fake provider, user -> key); stops both after."""
+    user -> plan; ``more``: user -> further `keys create` arguments, e.g. --tag) made by
+    `flask keys create` as an operator would, in parallel (each CLI start costs seconds).
+    Yields (server, fake provider, user -> key); stops both after."""
     from fakeprovider import FakeProvider
 
+    more = more or {}
     procs = {user: subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "app", "keys", "create", user, "--plan", plan],
+        [sys.executable, "-m", "flask", "--app", "app", "keys", "create", user, "--plan", plan,
+         *more.get(user, ())],
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for user, plan in users.items()}
     with FakeProvider() as fp:

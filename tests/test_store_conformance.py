@@ -202,6 +202,39 @@ def test_the_ledger_books_spend_by_day_user_key_and_model(store: Store, ns: str)
     assert ledger.top(day, 10, model="other") == []
 
 
+def test_tags_are_kept_on_keys_shared_as_limits_and_booked_per_tag(store: Store,
+                                                                    ns: str) -> None:
+    """A key's tags read back as made; a tag's limits (their own slot on a Cluster) are
+    shared by every user bearing it, a refusal there charges the user nothing; the ledger
+    counts spend per tag."""
+    keys = ApiKeys(store, "p", ["p", "big"], namespace=ns)
+    secret, made = keys.create("hal", tags=["t=a", "env=x"])
+    assert made.tags == ("env=x", "t=a") and keys.authenticate(secret) == made
+    assert keys.list("hal")[0].tags == ("env=x", "t=a")
+    pol = parse_policy({
+        "plans": {"p": {"burst": 3, "refill_per_second": 0.001},
+                  "big": {"burst": 1000, "refill_per_second": 1000}},
+        "defaults": {"plan": "p"}, "tags": {"t=a": {"quotas": ["2 per day"]}},
+        "models": {MODEL: {"provider": "openai", "input_usd_per_million": 1,
+                           "output_usd_per_million": 2}}})
+    engine = Engine(store, pol, namespace=ns)
+    p = pol.plans["p"]
+    assert engine.acquire("ann", plan=p, tags=["t=a"]).allowed
+    assert engine.acquire("ben", plan=p, tags=["t=a", "env=x"]).allowed
+    refused = engine.acquire("ben", plan=p, tags=["t=a"])
+    assert refused.refused is not None and refused.refused.layer.name == "tag:t=a/quota-day"
+    assert next(s.remaining for s in engine.peek("ben", p).states if s.layer.name == "user") == 2
+    assert engine.acquire("ben", plan=p, tags=["env=x"]).allowed   # no table: no limit
+    ask = Ask(MODEL, pol.models[MODEL], 100, 100, key_id="kid")
+    with engine.reserve("cy", pol.plans["big"], ask, tags=["env=x"]) as reservation:
+        reservation.settle(Usage(100, 25))
+    ledger = Ledger(store, ns)
+    day = ledger.today()
+    assert ledger.tag_totals("env=x", [day])[0].usd_micros == 150
+    assert [(row.user, row.score) for row in ledger.top(day, 5, tag="env=x")] == [("cy", 150)]
+    assert ledger.top(day, 5, tag="t=a") == []
+
+
 def test_the_audit_trail_appends_and_reads_back(store: Store, ns: str) -> None:
     start = datetime.now(UTC) - timedelta(seconds=5)
     for i in range(5):

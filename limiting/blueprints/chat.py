@@ -38,25 +38,27 @@ def chat() -> dict[str, Any]:
         claimed = string_field(body, "user_id")
         if claimed is not None and claimed != key.user:
             raise Forbidden("'user_id' must be the API key's own user (or left out).")
-        user, plan, org, anonymous = key.user, key.plan, key.org, False
-    else:
-        user, plan, org, anonymous = user_id_field(body), None, None, True
+        user, plan, org, anonymous, tags = key.user, key.plan, key.org, False, key.tags
+    else:   # a body's claim: no key, so no tags
+        user, plan, org, anonymous, tags = user_id_field(body), None, None, True, ()
     model = string_field(body, "model") or current_app.config.get("DEFAULT_MODEL", "echo")
     provider = provider_for(model, limiter.policy)
     check_available(provider, model)
     # Resolved once for the request: acquire/reserve below charge this same payer.
-    who = payer(limiter.policy, user, plan, anonymous=anonymous, key_org=org)
+    who = payer(limiter.policy, user, plan, anonymous=anonymous, key_org=org, tags=tags)
     plan_obj, org_obj = who.plan, who.org
     api = api_for(provider)
     if provider == "echo" and not plan_obj.meters_units \
-            and not (org_obj is not None and org_obj.meters_units):
+            and not (org_obj is not None and org_obj.meters_units) \
+            and not any(t.meters_units for t in limiter.engine.tag_tables(tags)):
         # Nothing to reserve, settle or guard: one request, one decision (and no estimate).
-        limiter.acquire(user, plan, anonymous=anonymous, org=org)
+        limiter.acquire(user, plan, anonymous=anonymous, org=org, tags=tags)
         call = _request(model, provider, message, plan_obj.default_max_tokens, estimate=False)
         return {"reply": api.complete(call, _no_observer)[0]}
     call = _request(model, provider, message, plan_obj.default_max_tokens)
     spend = limiter.reserve(user, model, call.estimate, call.reserved_output, plan,
                             anonymous=anonymous, org=org, key_id=key.key_id if key else None,
+                            tags=tags,
                             renews=provider != "echo")  # in-process: cannot outlive a lease
     with spend:   # renews the lease; an exception cancels or charges by the billing rule
         reply, usage = api.complete(call, observer(model))

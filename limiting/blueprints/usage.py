@@ -24,6 +24,7 @@ from werkzeug.exceptions import BadRequest, Forbidden, TooManyRequests, Unauthor
 from limiting import metrics
 from limiting.core.decision import Decision
 from limiting.core.naming import BODY_USER, KEY_USER, REALM_WORDS, wire_text
+from limiting.core.policy_sections import valid_tag
 from limiting.keys import presented_key
 from limiting.ledger import Ledger, Spend, day_text, parse_day
 from limiting.web.credentials import InvalidToken
@@ -74,8 +75,11 @@ def my_usage() -> dict[str, Any]:
     plan = limiter.policy.resolve(record.user, record.plan)
     org = limiter.policy.org_of(record.user, record.org)
     decision = limiter.engine.peek(record.user, plan, org=org)
+    layers = layers_json(decision)
+    for table in limiter.engine.tag_tables(record.tags):   # shared with every key bearing it
+        layers += layers_json(limiter.engine.peek_tag(table))
     out = {"user": record.user, "plan": plan.name, "org": org.name if org else None,
-           "layers": layers_json(decision)}
+           "tags": list(record.tags), "layers": layers}
     if "days" in request.args:
         ledger = limiter.ledger
         days = ledger.days(_count("days", 7))
@@ -142,19 +146,30 @@ SPEND_COLUMNS = ("day", "requests", "input_tokens", "cached_input_tokens", "outp
 
 @bp.get("/admin/spend")
 def spend_top() -> Any:
-    """The day's top spenders (``top``, by ``by`` = usd or tok, of one ``model`` or all),
-    each with a sparkline of their last ``days``; the day's total per model; daily totals."""
+    """The day's top spenders (``top``, by ``by`` = usd or tok, of one ``model``, of the keys
+    bearing one ``tag``, or all), each with a sparkline of their last ``days``; the day's
+    total per model; daily totals (with ``tag``: the tag's own)."""
     require_admin()
     limiter = current_limiter()
     ledger = limiter.ledger
     day, top, by = _day(ledger), _count("top", 20), _by()
     model = request.args.get("model") or None
-    rows = ledger.top(day, top, model, by)
+    tag = request.args.get("tag") or None
+    if tag is not None and not valid_tag(tag):
+        raise BadRequest("'tag' must be a tag like project=search.")
+    if tag is not None and model is not None:
+        raise BadRequest("'tag' and 'model' are one at a time.")
+    rows = ledger.top(day, top, model, by, tag)
     if _wants_csv():
         return _csv(f"spend-{day_text(day)}", ("user", "realm", "score", *SPEND_COLUMNS),
                     [row.json() for row in rows])
     spark = list(range(day - _count("days", 30) + 1, day + 1))
     models = [*limiter.policy.models, *limiter.policy.aliases, "echo"]
+    if tag is not None:
+        return {"day": day_text(day), "by": by, "tag": tag,
+                "top": [row.json() for row in rows],
+                "total": ledger.tag_totals(tag, [day])[0].json(),
+                "daily": [s.json() for s in ledger.tag_totals(tag, spark)]}
     return {"day": day_text(day), "by": by, "model": model,
             "top": [{**row.json(), "spark": [s.usd_micros if by == "usd" else s.tokens
                                              for s in ledger.history(row.user, row.realm,
@@ -282,6 +297,8 @@ def usage_json() -> dict[str, Any]:
                              "layers": layers_json(limiter.engine.peek(user, plan, realm))})
     for name, org in limiter.policy.orgs.items():   # the key holders' (the org's own)
         out["orgs"].append({"org": name, "layers": layers_json(limiter.engine.peek_org(org))})
+    out["tags"] = [{"tag": name, "layers": layers_json(limiter.engine.peek_tag(tag))}
+                   for name, tag in limiter.policy.tags.items()]
     for model in limiter.policy.models:
         decision = limiter.engine.peek_model(model)
         out["models"].append({"model": model, "layers": layers_json(decision),

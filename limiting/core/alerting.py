@@ -40,7 +40,7 @@ class Crossing:
     """One threshold a subject's use of one layer reached inside one window."""
 
     subject: str
-    realm: str          # "user", "key" or "org": in words, as operators read them
+    realm: str          # "key", "anonymous", "org" or "tag": in words, as operators read them
     layer: str
     threshold: float
     used: int

@@ -1,8 +1,9 @@
 """A request's plan: its groups of layers in order (limiting/executor.py runs any plan).
 
-The edge (per IP), each route limit, the user's plan, an org's layers, the model's guard: each
-is a Group, some layers and their keys under one hash tag (one Cluster slot). To add a subject
-to every request, build its Group and put it in the plan: headers, 429s and refunds follow.
+The edge (per IP), each route limit, the user's plan, an org's layers, each of an API key's
+tags' layers, the model's guard: each is a Group, some layers and their keys under one hash
+tag (one Cluster slot). To add a subject to every request, build its Group and put it in the
+plan: headers, 429s and refunds follow.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Role(Enum):
     PLAN = "plan"
     ORG = "org"
     END_USER = "end_user"   # a plan's end_user layers, for one end user of one key holder
+    TAG = "tag"
     GUARD = "guard"
 
 

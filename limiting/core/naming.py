@@ -56,6 +56,12 @@ def org_prefix(namespace: str, org: str, realm: str = KEY_USER) -> str:
     return user_prefix(namespace, org, Realm(realm).org)
 
 
+def tag_prefix(namespace: str, tag: str) -> str:
+    """Every key of one tag's limits, under its own hash tag (one Cluster slot per tag). Only
+    API keys bear tags, so there is one set, never a /chat body's ("t" is no Realm's letter)."""
+    return f"{namespace}{{t:{user_tag(tag)}}}:"
+
+
 class EdgeKeys:
     """Flask-Limiter's own keys for the per-IP application limits, so both count as one."""
 

@@ -38,6 +38,22 @@ _ORG = click.option("--org", "org_name", default=None,
                          "/chat user_ids').")
 
 
+_TAG = click.option("--tag", "tag_name", default=None, metavar="NAME=VALUE",
+                    help="A tag under [tags] (shared by every API key bearing it).")
+
+
+def _tag(name: str) -> Plan:
+    tag = app_limiter().policy.tags.get(name)
+    if tag is None:
+        _fail(f"no tag {name!r} under [tags]", 2)
+    return tag
+
+
+def _one_subject(user: str | None, org_name: str | None, tag_name: str | None) -> None:
+    if sum(x is not None for x in (user, org_name, tag_name)) != 1:
+        _fail("name a USER, an --org or a --tag (one of them)", 2)
+
+
 def _org(name: str) -> Plan:
     org = app_limiter().policy.orgs.get(name)
     if org is None:
@@ -49,14 +65,18 @@ def _org(name: str) -> Plan:
 @click.argument("user", required=False)
 @_WHO
 @_ORG
-def show(user: str | None, anonymous: bool | None, org_name: str | None) -> None:
-    """Every layer of USER (and of their org), or of --org ORG: limit, remaining, reset
-    (charges nothing)."""
+@_TAG
+def show(user: str | None, anonymous: bool | None, org_name: str | None,
+         tag_name: str | None) -> None:
+    """Every layer of USER (and of their org), of --org ORG or of --tag TAG: limit,
+    remaining, reset (charges nothing)."""
     limiter = app_limiter()
-    if (user is None) == (org_name is None):
-        _fail("name a USER or an --org (not both)", 2)
+    _one_subject(user, org_name, tag_name)
     try:
-        if user is None:
+        if tag_name is not None:
+            decision = limiter.engine.peek_tag(_tag(tag_name))
+            head = f"tag {tag_name} (every API key bearing it)"
+        elif user is None:
             assert org_name is not None
             realm = BODY_USER if anonymous else KEY_USER
             decision = limiter.engine.peek_org(_org(org_name), realm)
@@ -85,13 +105,16 @@ def show(user: str | None, anonymous: bool | None, org_name: str | None) -> None
 @click.option("--layer", default=None, help="Only this layer (e.g. user, quota-day).")
 @_WHO
 @_ORG
+@_TAG
 def reset(user: str | None, layer: str | None, anonymous: bool | None,
-          org_name: str | None) -> None:
-    """Forget USER's (or --org ORG's) usage, in every layer or one. A user's reset leaves
-    their org's layers alone: the other members share them."""
+          org_name: str | None, tag_name: str | None) -> None:
+    """Forget USER's (or --org ORG's, --tag TAG's) usage, in every layer or one. A user's
+    reset leaves their org's and tags' layers alone: others share them."""
     limiter = app_limiter()
-    if (user is None) == (org_name is None):
-        _fail("name a USER or an --org (not both)", 2)
+    _one_subject(user, org_name, tag_name)
+    if tag_name is not None:
+        _reset_tag(tag_name, layer)
+        return
     if user is None:
         assert org_name is not None
         org = _org(org_name)
@@ -124,6 +147,22 @@ def reset(user: str | None, layer: str | None, anonymous: bool | None,
     audit_shell("limits.reset", f"{realm}:{user}", {"layer": layer or "all", "plan": plan.name},
                 {"keys_removed": removed})
     click.echo(f"reset {user}: {removed} key(s) removed")
+
+
+def _reset_tag(name: str, layer: str | None) -> None:
+    tag = _tag(name)
+    names = [lay.name for lay in compile_org(tag, llm=True, tag=True).layers]
+    if layer is not None and layer not in names \
+            and layer not in [n.partition("/")[2] for n in names]:
+        _fail(f"no layer {layer!r} for this tag; layers: {', '.join(names)}", 2)
+    try:
+        removed = app_limiter().engine.reset_tag(tag, layer)
+    except StoreUnavailable as exc:
+        _fail(f"the store is unreachable: {exc}", 2)
+    _forgotten()
+    audit_shell("limits.reset", f"tag:{name}", {"layer": layer or "all"},
+                {"keys_removed": removed})
+    click.echo(f"reset tag {name}: {removed} key(s) removed")
 
 
 @limits_cli.command("check-config")

@@ -2,8 +2,9 @@
 JWT_HS256_SECRET) set, a JWT from the company's identity provider (core/jwt_identity.py).
 
 Both give a KeyRecord, so everything after authentication (plan, org, realm, ledger) is the
-same for either. A JWT's user meets the same limits as that user's API keys: the identity
-provider vouches for ``sub`` as the key store vouches for a key's user.
+same for either; a JWT's record bears no tags (only an API key's does). A JWT's user meets
+the same limits as that user's API keys: the identity provider vouches for ``sub`` as the key
+store vouches for a key's user.
 """
 
 from __future__ import annotations
@@ -64,4 +65,6 @@ class Credentials:
             raise InvalidToken(f"The JWT names org {who.org!r}, which this policy does not "
                                "have.")
         plan = who.plan or policy.users.get(who.user, policy.default_plan)
+        # No tags: they are set on an API key by an operator (keys create --tag), and no
+        # claim of a token stands in for that.
         return KeyRecord("", who.user, plan, None, who.issued_at, False, who.org)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -181,28 +181,30 @@ class RateLimiter:
         return self._auth_failures
 
     def acquire(self, user: str, plan: str | None = None, *, anonymous: bool = False,
-                org: str | None = None, end_user: str | None = None) -> Decision:
+                org: str | None = None, end_user: str | None = None,
+                tags: Sequence[str] = ()) -> Decision:
         """Charge one request to ``user`` (and their org) or raise RateLimited /
         LimiterUnavailable. ``plan``, ``org``: an API key's (else the user's own).
         ``end_user``: the customer of ``user`` the request is made for, limited by the
         plan's ``end_user`` layers (ignored when it has none; ValueError for an id that is
-        not a string of at most 256 characters).
+        not a string of at most 256 characters). ``tags``: the API key's record's (never a
+        request's), whose ``[tags]`` limits are charged too.
 
         ``anonymous``: ``user`` is the client's own claim (a body field), not an authenticated
         user; such ids have limits of their own and never spend an authenticated user's.
         The decision is kept in request_limits() so the response carries its headers.
         """
         engine = self.engine
-        who = payer(engine.policy, user, plan, anonymous=anonymous, key_org=org)
+        who = payer(engine.policy, user, plan, anonymous=anonymous, key_org=org, tags=tags)
         named = limited_end_user(who.plan, end_user)
 
         def execute(extra: list[Group], wait: float) -> Passage:
             if not (extra or wait):   # the plan (and org) alone: one call, nothing to give back
                 return Passage(engine.acquire(user, client_ip(), who.plan, who.realm, who.org,
-                                              end_user=named))
+                                              end_user=named, tags=who.tags))
             # The route's own limits in the same call; a slot to give back.
             outcome = engine.acquire_with(user, client_ip(), who.plan, who.realm, extra,
-                                          who.org, wait, end_user=named)
+                                          who.org, wait, end_user=named, tags=who.tags)
             return Passage(outcome.decision, outcome.charged,
                            lambda: engine.refund(outcome.charged))
 
@@ -212,7 +214,7 @@ class RateLimiter:
                 plan: str | None = None, *, anonymous: bool = False,
                 terms: PriceTerms = STANDARD, renews: bool = True,
                 key_id: str | None = None, org: str | None = None,
-                end_user: str | None = None) -> Reservation:
+                end_user: str | None = None, tags: Sequence[str] = ()) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
@@ -224,19 +226,21 @@ class RateLimiter:
         API key it came with, for the spend ledger. ``org``: an API key's org (else the
         user's own, from [users]); its layers are charged with the user's. ``end_user``: as
         for :meth:`acquire`; its tokens and dollars are settled as the user's, and the spend
-        ledger counts it under the user.
+        ledger counts it under the user. ``tags``: the API key's record's, as for
+        :meth:`acquire` (the ledger counts each one's spend).
         """
         engine = self.engine
         ask = Ask(model, engine.policy.model(model), input_tokens, max_output_tokens, terms,
                   key_id)
-        who = payer(engine.policy, user, plan, anonymous=anonymous, key_org=org)
+        who = payer(engine.policy, user, plan, anonymous=anonymous, key_org=org, tags=tags)
         named = limited_end_user(who.plan, end_user)
 
         def execute(extra: list[Group], wait: float) -> Passage:
             charged: list[Charged] = []
             reservation = engine.reserve(user, who.plan, ask, ip=client_ip(), realm=who.realm,
                                          renews=renews, org=who.org, extra=extra,
-                                         charged=charged, max_wait=wait, end_user=named)
+                                         charged=charged, max_wait=wait, end_user=named,
+                                         tags=who.tags)
 
             def give_back() -> None:
                 reservation.refund_everything()

@@ -14,7 +14,7 @@ charging (/chat's max tokens, /v1's default) and the charge itself share the one
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,7 +53,8 @@ from .waiting import ClientGone, max_wait, wait_for_slot
 class Payer:
     """Who a request charges, resolved once: the user, their realm (KEY_USER: authenticated;
     BODY_USER: a body's claim), the plan and org they are charged on, and what the caller
-    named (an API key's plan and org), which the deny cache's aliases remember."""
+    named (an API key's plan and org), which the deny cache's aliases remember. ``tags``:
+    the API key's (from its record only; an anonymous caller has none)."""
 
     user: str
     realm: str
@@ -61,23 +62,27 @@ class Payer:
     org: Plan | None
     key_plan: str | None = None
     key_org: str | None = None
+    tags: tuple[str, ...] = ()
 
-    def same(self, user: str, key_plan: str | None, realm: str, key_org: str | None) -> bool:
+    def same(self, user: str, key_plan: str | None, realm: str, key_org: str | None,
+             tags: tuple[str, ...] = ()) -> bool:
         return (self.user == user and self.key_plan == key_plan and self.realm == realm
-                and self.key_org == key_org)
+                and self.key_org == key_org and self.tags == tags)
 
 
 def payer(policy: Policy, user: str, key_plan: str | None = None, *, anonymous: bool = False,
-          key_org: str | None = None) -> Payer:
+          key_org: str | None = None, tags: Sequence[str] = ()) -> Payer:
     """The request's payer: resolved on first use, then the same object for the rest of the
-    request (a view that read the plan, and then the acquire or reserve that charges it)."""
+    request (a view that read the plan, and then the acquire or reserve that charges it).
+    ``tags``: an API key's record's; never a request's, and none for an anonymous caller."""
     limits = request_limits()
     realm = BODY_USER if anonymous else KEY_USER
+    borne = () if anonymous else tuple(tags)
     found: Payer | None = limits.payer
-    if found is not None and found.same(user, key_plan, realm, key_org):
+    if found is not None and found.same(user, key_plan, realm, key_org, borne):
         return found
     made = limits.payer = Payer(user, realm, policy.resolve(user, key_plan, realm),
-                                policy.org_of(user, key_org), key_plan, key_org)
+                                policy.org_of(user, key_org), key_plan, key_org, borne)
     return made
 
 

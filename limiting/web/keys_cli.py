@@ -55,19 +55,25 @@ def _warn_if_memory() -> None:
 @click.option("--name", default=None, help="A label for operators, e.g. 'ci' or 'laptop'.")
 @click.option("--org", default=None,
               help="Org its requests are charged to as well (default: USER's org in [users]).")
-def create(user: str, plan: str | None, name: str | None, org: str | None) -> None:
+@click.option("--tag", "tags", multiple=True, metavar="NAME=VALUE",
+              help="A tag the key bears for its life (repeatable), e.g. project=search: its "
+                   "requests meet [tags.\"project=search\"] and the ledger counts it.")
+def create(user: str, plan: str | None, name: str | None, org: str | None,
+           tags: tuple[str, ...]) -> None:
     """Issue a key for USER; the key is printed once, alone on the last line."""
     keys = keys_for_app()
     try:
-        key, record = _guarded(lambda: keys.create(user, plan=plan, name=name, org=org))
+        key, record = _guarded(lambda: keys.create(user, plan=plan, name=name, org=org,
+                                                   tags=tags))
     except ValueError as exc:
         _fail(str(exc), 2)
     _warn_if_memory()
     audit_shell("keys.create", record.key_id, None,
                 {"user": record.user, "plan": record.plan, "org": record.org,
-                 "name": record.name})
+                 "name": record.name, "tags": list(record.tags)})
     label = (f"  org {record.org}" if record.org else "") + (
-        f"  name {record.name}" if record.name else "")
+        f"  name {record.name}" if record.name else "") + (
+        f"  tags {','.join(record.tags)}" if record.tags else "")
     click.echo(f"created key {record.key_id} for user {record.user}  plan {record.plan}{label}"
                "  (shown once: store it now)")
     click.echo(key)
@@ -80,7 +86,7 @@ def list_keys(user: str | None) -> None:
     keys = keys_for_app()
     records = _guarded(lambda: keys.list(user))
     rows = [_row(rec) for rec in records]
-    header = ("key_id", "user", "plan", "org", "name", "created", "revoked")
+    header = ("key_id", "user", "plan", "org", "name", "created", "revoked", "tags")
     widths = [max(len(str(col)) for col in column) for column in zip(header, *rows, strict=True)]
     for row in (header, *rows):
         click.echo("  ".join(str(col).ljust(w) for col, w in zip(row, widths, strict=True))
@@ -108,4 +114,4 @@ def revoke(key_id_or_key: str) -> None:
 def _row(rec: KeyRecord) -> tuple[str, ...]:
     created = datetime.fromtimestamp(rec.created_at, UTC).isoformat(timespec="seconds")
     return (rec.key_id, rec.user, rec.plan, rec.org or "-", rec.name or "-", created,
-            "yes" if rec.revoked else "no")
+            "yes" if rec.revoked else "no", ",".join(rec.tags) or "-")

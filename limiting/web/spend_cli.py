@@ -14,6 +14,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from ..audit import Audit, parse_since
 from ..core.naming import KEY_USER
+from ..core.policy_sections import valid_tag
 from ..ledger import Ledger, Spend, day_text, parse_day
 from .keys_cli import _fail, _guarded
 from .operated import app_limiter
@@ -46,22 +47,32 @@ HEAD = ("requests", "input", "output", "tokens", "usd")
 @click.option("--top", "top", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--by", type=click.Choice(["usd", "tok"]), default="usd", show_default=True,
               help="Rank by dollars or by tokens.")
-def top(day: str | None, model: str | None, top: int, by: str) -> None:
+@click.option("--tag", default=None, metavar="NAME=VALUE",
+              help="Only what was spent with keys bearing this tag (ranked by that; the "
+                   "columns are each user's whole day).")
+def top(day: str | None, model: str | None, top: int, by: str, tag: str | None) -> None:
     """The day's biggest spenders, exact (a /chat user_id is shown as b:ID)."""
     ledger = _ledger()
+    if tag is not None and not valid_tag(tag):
+        _fail(f"--tag must be a tag like project=search, got {tag!r}", 2)
+    if tag is not None and model is not None:
+        _fail("--tag and --model are one at a time", 2)
     try:
         number = parse_day(day) if day else _guarded(ledger.today)
     except ValueError:
         _fail(f"--day must be YYYY-MM-DD, got {day!r}", 2)
-    rows = _guarded(lambda: ledger.top(number, top, model, by))
+    rows = _guarded(lambda: ledger.top(number, top, model, by, tag))
     click.echo(f"top spenders of {day_text(number)} (UTC) by {by}"
-               + (f", model {model}" if model else ""))
+               + (f", model {model}" if model else "") + (f", tag {tag}" if tag else ""))
     click.echo(_row("user", *HEAD))
     for row in rows:
         name = row.user if row.realm == KEY_USER else f"b:{row.user}"
         score = row.score / 1e6 if by == "usd" else row.score
         click.echo(_row(name, *_spend_cols(row.spend)[:-1], f"{score:.6f}" if by == "usd"
                         else f"{row.spend.usd:.6f}"))
+    if tag is not None:
+        total = _guarded(lambda: ledger.tag_totals(tag, [number]))[0]
+        click.echo(_row(f"tag {tag} total", *_spend_cols(total)))
     if not rows:
         click.echo("(nobody spent anything)")
         sys.exit(1)

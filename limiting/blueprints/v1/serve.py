@@ -47,6 +47,7 @@ def _serve(dialect: Dialect) -> Response:
     reservation = current_limiter().reserve(
         record.user, call.model, call.estimate, call.reserved_output, plan=record.plan,
         org=record.org, terms=call.terms, key_id=record.key_id, end_user=end_user,
+        tags=record.tags,
         renews=call.provider != "echo")   # an answer made in-process cannot outlive its lease
     decision = reservation.decision
     headers = {**rate_limit_headers(decision), **dialect.provider_headers(decision)}
@@ -81,7 +82,8 @@ def authenticate(token: str | None) -> KeyRecord:
 def plan_of(record: KeyRecord) -> Plan:
     """The key's plan, as reserve() will charge it (a plan that left the policy: the
     user's own): resolved once for the request, and reserve() charges the same payer."""
-    return payer(current_limiter().policy, record.user, record.plan, key_org=record.org).plan
+    return payer(current_limiter().policy, record.user, record.plan, key_org=record.org,
+                 tags=record.tags).plan
 
 
 def observer(model: str) -> Observe:
