@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from .alerts import Alerts, crossings_of
-from .core.ask import Ask
+from .core.ask import Ask, fallback_asks
 from .core.codec import Costs
 from .core.decision import Decision, GuardRefused, Refused, from_reply, joined, shadow_over
 from .core.end_users import compile_end_user
@@ -116,7 +116,8 @@ class Engine:
                 realm: str = KEY_USER, guard: bool = True, renews: bool = True,
                 org: Plan | None = None, extra: Sequence[Group] = (),
                 charged: list[Charged] | None = None, max_wait: float = 0.0,
-                end_user: str | None = None, tags: Sequence[str] = ()) -> Reservation:
+                end_user: str | None = None, tags: Sequence[str] = (),
+                fallbacks: bool = False) -> Reservation:
         """Charge one request to ``user`` and reserve its LLM units, with ``org``'s layers
         and ``extra``'s (a route's limits, whose charges are appended to ``charged``), then
         pass the model's guard (``guard=False``: skip it, as the local fallback does).
@@ -126,6 +127,8 @@ class Engine:
         layers (tokens and dollars settled as the user's) and counted in the spend ledger.
         ``tags``: the API key's; those with a table are charged too, and the ledger counts
         every one's spend.
+        ``fallbacks``: the model's fallbacks may serve it (unless ``plan`` says no); the
+        reservation then holds the served model (``served_model``), charged at its prices.
 
         Raises Refused (the user's, ``org``'s or a route's layers: nothing was charged) or
         GuardRefused (the model's guard: the charges were given back)."""
@@ -138,9 +141,18 @@ class Engine:
         costs = ask.costs(new_lease_id() if leases else None)
         spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name, ask.key_id,
                           self.policy.history_days, end_user=end_user, tags=tuple(tags))
+        asks = fallback_asks(self.policy, ask) if fallbacks and guard and plan.fallbacks else ()
         outcome = self.executor.run(self.planner.reservation(
             user, ip, plan, ask.model_name if guard else None, costs, realm, extra, org,
-            us(max_wait), end_user, tables))
+            us(max_wait), end_user, tables,
+            [(alt.model_name, alt.costs(costs.lease)) for alt in asks]))
+        if outcome.served is not None:
+            # Served by a fallback: its ask (prices, model) is what is settled and booked.
+            ask = next(alt for alt in asks if alt.model_name == outcome.served.model)
+            costs = ask.costs(costs.lease)
+            spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name,
+                              ask.key_id, self.policy.history_days, end_user=end_user,
+                              tags=tuple(tags))
         if outcome.away:
             return self._reserve_away(user, plan, ask, outcome, realm, renews, spender, org)
         if outcome.guard_wait_us is not None:
@@ -151,7 +163,10 @@ class Engine:
         if charged is not None:
             charged += [item for item in outcome.charged if item[0].role is Role.ROUTE]
         self._notice(outcome, user, realm, plan, org, tables)
-        return self._reservation(outcome, ask, costs, renews, spender)
+        reservation = self._reservation(outcome, ask, costs, renews, spender)
+        if outcome.served is not None:
+            reservation.served_model = ask.model_name
+        return reservation
 
     def _notice(self, outcome: Outcome, user: str, realm: str, plan: Plan,
                 org: Plan | None, tags: Sequence[Plan] = ()) -> None:

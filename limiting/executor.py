@@ -6,6 +6,11 @@ further slot, one more to give back; meanwhile others see the earlier charge). W
 is away for a slot of its own, the guard fails open (the provider has its limits), an org's
 or a tag's layers answer by their failure policy, any other leaves the request to the store's. The
 model's guard, last: when its shard is full, once more on one other shard before refusing.
+
+Fallback models (a plan's alternatives): on one server the same single call decides the asked
+model or the first alternative that passes (acquire.lua's ALTERNATIVES); on a Cluster (and
+memory://) each alternative's plan is run in turn after the asked one refused, each with its
+own undo, so others may briefly see a charge that is then given back.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .core.alternatives import with_alternatives
 from .core.codec import AcquireReply, SettleCall, given_back, with_deadline
 from .core.decision import Decision, from_reply, joined, store_away
-from .core.groups import CallPlan, Group, Role, merged, ordered
+from .core.groups import FALLBACK_UNITS, Alternative, CallPlan, Group, Role, merged, ordered
 from .core.groups import joined as join_groups
 from .core.layers import CompiledPlan, Layer, compile_plan
 from .stores.store import Store, StoreUnavailable
@@ -37,6 +43,26 @@ class Outcome:
     charged: list[Charged] = field(default_factory=list)
     away: bool = False
     guard_wait_us: int | None = None
+    served: Alternative | None = None   # the fallback model that served (None: the asked)
+
+    @property
+    def may_fall_back(self) -> bool:
+        """Refused by the model's guard or a layer counting its tokens or dollars (not by
+        one counting requests, whatever the model): a fallback model may still pass."""
+        if self.away:
+            return False
+        if self.guard_wait_us is not None:   # the user's layers passed (and were given back)
+            return True
+        refused = self.decision.refused
+        return refused is not None and refused.layer.unit in FALLBACK_UNITS
+
+    @property
+    def wait_us(self) -> int:
+        """µs until the refused request would pass (-1: never)."""
+        if self.guard_wait_us is not None:
+            return self.guard_wait_us
+        wait = self.decision.wait
+        return -1 if wait is None else round(wait * 1e6)
 
 
 def shorter(first: int, second: int) -> int:
@@ -74,9 +100,67 @@ class Executor:
 
     def run(self, plan: CallPlan) -> Outcome:
         """Check every group and charge them all only if all pass."""
+        if plan.alternatives:
+            return self._with_alternatives(plan)
         if self.store.single_node or (len(plan.groups) == 1 and plan.guard is None):
             return self._at_once(plan)
         return self._by_slot(plan)
+
+    def _with_alternatives(self, plan: CallPlan) -> Outcome:
+        """The asked model, else the first fallback that passes: in the same call on one
+        server; else each alternative's plan in turn (each undoes its own charges)."""
+        if self.store.single_node:
+            return self._alternatives_at_once(plan)
+        outcome = self._by_slot(plan)
+        if not outcome.may_fall_back:
+            return outcome
+        soonest = outcome.wait_us
+        for alt in plan.alternatives:
+            tried = self._by_slot(CallPlan(alt.groups, plan.wait_us, alt.guard,
+                                           alt.other_guard, plan.view))
+            if tried.decision.allowed and not tried.away:
+                tried.served = alt
+                return tried
+            if not tried.away:
+                soonest = shorter(soonest, tried.wait_us)
+        return _waiting(outcome, soonest)
+
+    def _alternatives_at_once(self, plan: CallPlan) -> Outcome:
+        view = plan.view or self.view(ordered([plan.groups]))
+        head = sum(group.call.size for group in plan.groups)
+        guards = [plan.guard, *(alt.guard for alt in plan.alternatives)]
+        try:
+            reply = self._call_alternatives(plan, guards)
+            others = [plan.other_guard, *(alt.other_guard for alt in plan.alternatives)]
+            if reply.refused_after(head) and any(others):
+                # A guard's shard is full and nothing was charged: again, on the other shards.
+                guards = [other or guard for other, guard in zip(others, guards, strict=True)]
+                first, reply = reply, self._call_alternatives(plan, guards)
+                if not reply.allowed:
+                    reply.wait_us = shorter(first.wait_us, reply.wait_us)
+        except StoreUnavailable:
+            return Outcome(store_away(view), away=True)
+        if not reply.allowed:
+            if reply.refused_after(head):
+                return Outcome(from_reply(view, reply.first(head)),
+                               guard_wait_us=reply.wait_us)
+            return Outcome(from_reply(view, reply))
+        served = reply.served or 0
+        alt = plan.alternatives[served - 1] if served else None
+        groups = plan.groups if alt is None else alt.groups
+        guard = guards[served]
+        groups = [*groups, guard] if guard is not None else list(groups)
+        return Outcome(from_reply(view, reply), _split(reply, groups), served=alt)
+
+    def _call_alternatives(self, plan: CallPlan, guards: Sequence[Group | None]
+                           ) -> AcquireReply:
+        guard = guards[0]
+        asked = join_groups(plan.groups if guard is None else [*plan.groups, guard])
+        sent = with_alternatives(
+            asked, plan.wait_us, 0 if guard is None else guard.call.size,
+            [(join_groups(alt.groups), None if guard is None else guard.call)
+             for alt, guard in zip(plan.alternatives, guards[1:], strict=True)])
+        return AcquireReply.parse(self.store.acquire(sent.keys, sent.args))
 
     def _at_once(self, plan: CallPlan) -> Outcome:
         groups = plan.groups
@@ -173,6 +257,15 @@ class Executor:
         for call in calls.values():
             with contextlib.suppress(StoreUnavailable):   # then it ages out with its window
                 self.store.run("settle", call.keys, call.args)
+
+
+def _waiting(outcome: Outcome, wait_us: int) -> Outcome:
+    """``outcome`` (refused) with ``wait_us`` as its wait: the soonest of the alternatives'."""
+    if outcome.guard_wait_us is not None:
+        outcome.guard_wait_us = wait_us
+    else:
+        outcome.decision.wait = None if wait_us < 0 else wait_us / 1e6
+    return outcome
 
 
 def _split(reply: AcquireReply, groups: Sequence[Group]) -> list[Charged]:

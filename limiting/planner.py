@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from .core.codec import AcquireCall, Costs
 from .core.end_users import compile_end_user
-from .core.groups import CallPlan, Group, Role
+from .core.groups import Alternative, CallPlan, Group, Role
 from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import (
     KEY_USER,
@@ -138,24 +138,40 @@ class Planner:
     def reservation(self, user: str, ip: str | None, plan: Plan, model: str | None,
                     costs: Costs, realm: str = KEY_USER, extra: Sequence[Group] = (),
                     org: Plan | None = None, wait_us: int = 0,
-                    end_user: str | None = None, tags: Sequence[Plan] = ()) -> CallPlan:
+                    end_user: str | None = None, tags: Sequence[Plan] = (),
+                    fallbacks: Sequence[tuple[str, Costs]] = ()) -> CallPlan:
         """A reservation: ``user``'s plan with its LLM layers, a route's ``extra``, ``org``'s,
         ``end_user``'s and ``tags``' layers and the guard of ``model`` (None: no guard) on a
-        random shard, with one other shard to try when that one is full."""
+        random shard, with one other shard to try when that one is full. ``fallbacks``: the
+        models to serve instead, in order, each with this request's costs at its prices (see
+        Alternative)."""
         compiled = self.compiled(plan, llm=True)
-        groups = [self.plan_group(compiled, user, ip, realm, costs), *extra]
-        if org is not None:
-            groups.append(self.org_group(org, realm, costs))
-        if end_user is not None:
-            self._add_end_user(groups, plan, user, realm, end_user, costs)
-        groups += [self.tag_group(tag, costs) for tag in tags]
+
+        def subjects(priced: Costs) -> list[Group]:
+            groups = [self.plan_group(compiled, user, ip, realm, priced), *extra]
+            if org is not None:
+                groups.append(self.org_group(org, realm, priced))
+            if end_user is not None:
+                self._add_end_user(groups, plan, user, realm, end_user, priced)
+            groups += [self.tag_group(tag, priced) for tag in tags]
+            return groups
+
+        groups = subjects(costs)
         view = compiled if len(groups) == 1 else None
         if model is None:
             return CallPlan(groups, wait_us, view=view)
+        guard, retry = self._guards(model, costs, plan)
+        alternatives = tuple(Alternative(name, subjects(priced),
+                                         *self._guards(name, priced, plan))
+                             for name, priced in fallbacks)
+        return CallPlan(groups, wait_us, guard, retry, view, alternatives)
+
+    def _guards(self, model: str, costs: Costs, plan: Plan) -> tuple[Group | None, Group | None]:
+        """``model``'s guard on a random shard, and on one other (None: one shard)."""
         shard, other = self.guard.shards(model)
         guard = self.guard.group(model, costs, plan.name, shard)
         retry = None if other is None else self.guard.group(model, costs, plan.name, other)
-        return CallPlan(groups, wait_us, guard, retry, view)
+        return guard, retry
 
     def _add_end_user(self, groups: list[Group], plan: Plan, user: str, realm: str,
                       end_user: str, costs: Costs | None) -> None:

@@ -82,6 +82,9 @@ class Reservation:
         self.max_output_tokens = ask.max_output_tokens
         self.terms = ask.terms    # tier, cache writes, server tools: the settle prices with them
         self.spender = spender
+        # A fallback model served instead of the one asked (model_name is then its name): the
+        # upstream call must ask for this one.
+        self.served_model: str | None = None
         self.done = False
         # False for answers made in-process (echo), which cannot outlive a lease.
         self.renews = renews

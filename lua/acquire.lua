@@ -79,6 +79,39 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local max_wait = tonumber(ARGV[#KEYS * 4 + 1]) or 0
 
+-- ALTERNATIVES (fallback models), optional, behind the deadline (then always sent):
+--   count, g0, then per alternative: g, m, and m pairs (layer, cost) in layer order.
+-- The asked model's call is layers 1..L; its guard is the last g0 of them. Each alternative
+-- j's guard is g more layers behind L (in alternative order); its pairs give the cost of a
+-- layer of 1..L-g0 whose cost differs at its model's prices (a dollar window). Layers of
+-- neither kind are the same in every alternative: decided once. When the asked model's
+-- layers refuse and none of those fixed layers does, each alternative in turn is decided
+-- on its own layers (its costs, its guard) beside the fixed ones; the first that passes is
+-- committed, and the reply ends with its number (0: the asked model; refused: 0, with the
+-- asked model's layers and the soonest wait of all).
+local alts, L, variant = nil, #KEYS, nil
+if ARGV[#KEYS * 4 + 2] then
+  local p = #KEYS * 4 + 2
+  local count, g0 = tonumber(ARGV[p]), tonumber(ARGV[p + 1])
+  p = p + 2
+  alts, variant = {}, {}
+  for j = 1, count do
+    local g, m = tonumber(ARGV[p]), tonumber(ARGV[p + 1])
+    local over = {}
+    for k = 1, m do
+      local i = tonumber(ARGV[p + 2 * k])
+      over[k], variant[#variant + 1] = {i, ARGV[p + 2 * k + 1]}, i
+    end
+    alts[j] = {g, over}
+    L = L - g
+    p = p + 2 + 2 * m
+  end
+  local start = L + 1
+  for j = 1, count do alts[j][3], start = start, start + alts[j][1] end
+  for i = L - g0 + 1, #KEYS do variant[#variant + 1] = i end
+  alts.shared = L - g0    -- the layers every alternative has (its own guard follows them)
+end
+
 local function finite(x)
   return x ~= nil and x == x and x > -huge and x < huge
 end
@@ -117,7 +150,6 @@ local function month_of(us)
 end
 
 local result = {1, 0, 0, now}
-local n = 4
 local writes = {}
 local costs = {}
 local kinds = {}          -- each layer's kind, its shadow mark taken off
@@ -208,7 +240,10 @@ local function count_edges()
   end
 end
 
-for i = 1, #KEYS do
+-- Layer i decided into reply position pos (cost: `given`, else its own argument). Returns
+-- an error or early reply to answer at once, else its wait (0: passes) and how long until
+-- the future slot it was admitted into (0: none).
+local function check(i, pos, given)
   local base = (i - 1) * 4
   local kind = ARGV[base + 1]
   local shadow = byte(kind, -1) == 63   -- "?"
@@ -218,8 +253,8 @@ for i = 1, #KEYS do
   kinds[i] = kind
   local a = tonumber(ARGV[base + 2])
   local b = tonumber(ARGV[base + 3])
-  local cost = tonumber(ARGV[base + 4]) or 0
-  local remaining, reset, wait = 0, 0, 0
+  local cost = tonumber(given or ARGV[base + 4]) or 0
+  local remaining, reset, wait, future = 0, 0, 0, 0
 
   if kind == 'f' then
     local raw = call('GET', KEYS[i])
@@ -246,8 +281,8 @@ for i = 1, #KEYS do
     if count > a then
       -- A refusal here ends the call before any other layer is looked at.
       count_edges()
-      result[1], result[2], result[3] = 0, i, ttl * 1000 + 1
-      result[n + 1], result[n + 2] = 0, reset
+      result[1], result[2], result[3] = 0, pos, ttl * 1000 + 1
+      result[2 * pos + 3], result[2 * pos + 4] = 0, reset
       return result
     end
     cost = 0  -- counted with the edges below: nothing for the commit
@@ -272,7 +307,7 @@ for i = 1, #KEYS do
       -- Its slot, exactly: no µs of margin that would pile up along a queue of waiters.
       local slot_at = wait - 1
       if ceil(slot_at - 0.001) <= deadline then
-        longest, before[i] = max(longest, slot_at), tokens
+        future, before[i] = slot_at, tokens
         wait, writes[i] = 0, {tokens}
         tokens = tokens - cost
       end
@@ -345,7 +380,7 @@ for i = 1, #KEYS do
     if wait == 0 and run > cur then wait = run * slot - now + 1 end
     local far = max(e, newest)
     if wait == 0 or (wait > 0 and wait <= deadline) then
-      if wait > 0 then longest, before[i] = max(longest, wait), a - total - ahead end
+      if wait > 0 then future, before[i] = wait, a - total - ahead end
       reset = (max(run, far) + SLOTS) * slot - now
       if total + ahead + cost == 0 then reset = 0 end  -- an empty window (a look with cost 0)
       -- Charged in the commit, to the slot the request runs in.
@@ -437,7 +472,7 @@ for i = 1, #KEYS do
     end
     if wait > 0 and not shadow and wait <= max_wait then
       -- The provider's own window reopens by then; nothing of ours to charge ahead.
-      longest, wait = max(longest, wait), 0
+      future, wait = wait, 0
     end
   end
 
@@ -449,28 +484,48 @@ for i = 1, #KEYS do
     over, wait, cost, writes[i] = true, 0, 0, nil
   end
   if wait < 0 then
-    worst_wait, worst_layer = -1, i
+    worst_wait, worst_layer = -1, pos
   elseif wait > 0 and worst_wait >= 0 and wait > worst_wait then
-    worst_wait, worst_layer = wait, i
+    worst_wait, worst_layer = wait, pos
   end
+  if future > longest then longest = future end
   if wait == 0 then costs[i] = cost end
   if over then
-    result[n + 1] = floor(remaining)
+    result[2 * pos + 3] = floor(remaining)
   elseif before[i] then
-    result[n + 1] = 0
+    result[2 * pos + 3] = 0
   else
-    result[n + 1] = max(0, floor(remaining))
+    result[2 * pos + 3] = max(0, floor(remaining))
   end
-  result[n + 2] = max(0, ceil(reset))
-  n = n + 2
+  result[2 * pos + 4] = max(0, ceil(reset))
+  return nil, wait, future
 end
 
--- Every key was read and found sound: from here on nothing can fail halfway.
-count_edges()
+-- The reply, with the alternative that served when alternatives were sent.
+local function answer(reply, alt)
+  if alts and not reply.err then reply[#reply + 1] = alt end
+  return reply
+end
 
-if worst_layer ~= 0 then
+local fixed_refused, fixed_longest = false, 0
+local fixed = {}
+if alts then
+  for i = 1, L do fixed[i] = true end
+  for _, i in ipairs(variant) do fixed[i] = nil end
+end
+for i = 1, L do
+  local err, wait, slot = check(i, i, nil)
+  if err then return answer(err, 0) end
+  if alts and fixed[i] then
+    if wait ~= 0 then fixed_refused = true end
+    if slot > fixed_longest then fixed_longest = slot end
+  end
+end
+
+-- Refused (worst_layer): nothing is charged; layers that would have passed report what they
+-- still hold.
+local function refusal()
   result[1], result[2], result[3] = 0, worst_layer, ceil(worst_wait)
-  -- Nothing is charged: layers that would have passed report what they still hold.
   for i, cost in pairs(costs) do
     local kind = kinds[i]
     if before[i] then
@@ -481,6 +536,47 @@ if worst_layer ~= 0 then
   end
   return result
 end
+
+local served = 0
+if worst_layer ~= 0 then
+  if not alts or fixed_refused then
+    count_edges()
+    return answer(refusal(), 0)
+  end
+  -- The asked model's own layers refused: its alternatives, in order, beside the fixed ones.
+  local asked = {values(result)}
+  local refused = refusal()
+  local soonest = worst_wait
+  local shared = alts.shared
+  for j = 1, #alts do
+    for _, i in ipairs(variant) do writes[i], costs[i], before[i] = nil, nil, nil end
+    result = {}
+    for k = 1, 4 + 2 * shared do result[k] = asked[k] end
+    worst_wait, worst_layer, longest = 0, 0, fixed_longest
+    for _, o in ipairs(alts[j][2]) do
+      local err = check(o[1], o[1], o[2])
+      if err then return err end
+    end
+    for k = 0, alts[j][1] - 1 do
+      local err = check(alts[j][3] + k, shared + 1 + k, nil)
+      if err then return err end
+    end
+    if worst_layer == 0 then
+      served = j
+      break
+    end
+    -- The soonest of the waits (-1: never on that alternative).
+    if soonest < 0 or (worst_wait >= 0 and worst_wait < soonest) then soonest = worst_wait end
+  end
+  if served == 0 then
+    count_edges()
+    refused[3] = ceil(soonest)
+    return answer(refused, 0)
+  end
+end
+
+-- Every key was read and found sound: from here on nothing can fail halfway.
+count_edges()
 
 -- Admitted: it runs `delay` µs from now, and its bucket and windows are charged as then.
 local delay = 0
@@ -549,4 +645,4 @@ for i = 1, #KEYS do
     end
   end
 end
-return result
+return answer(result, served)

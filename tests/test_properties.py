@@ -41,7 +41,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from limiting.core.codec import AcquireReply, SettleCall
+from limiting.core.alternatives import with_alternatives
+from limiting.core.codec import AcquireCall, AcquireReply, SettleCall, layer_args
 from limiting.core.decision import from_reply
 from limiting.core.headers import rate_limit_headers
 from limiting.core.layers import CompiledPlan, compile_plan, window
@@ -477,8 +478,8 @@ class AgreementMachine(RuleBasedStateMachine):
         for b in self.backends:
             b.now_us = now
 
-    def acquire(self, args: list[bytes]) -> list[int]:
-        mem, lua = (b.acquire(self.keys, args) for b in self.backends)
+    def acquire(self, args: list[bytes], keys: list[str] | None = None) -> list[int]:
+        mem, lua = (b.acquire(keys or self.keys, args) for b in self.backends)
         # Every element, waits and resets included, to the µs: no rounding slack was needed.
         assert mem == lua
         event(f"agreement: {'allowed' if mem[0] else f'refused by layer {mem[1]}'}")
@@ -513,6 +514,36 @@ class AgreementMachine(RuleBasedStateMachine):
     @rule()
     def peek(self) -> None:
         self.acquire(self.peek_args)
+
+    @rule(tokens=st.integers(1, 150), usd=st.integers(0, 2000),
+          alt_usd=st.tuples(st.integers(0, 2000), st.integers(0, 2000)),
+          guards=st.tuples(st.integers(1, 4), st.integers(1, 200)),
+          wait=st.sampled_from([0, 3_000_000]), second=st.booleans())
+    def reserve_or_fall_back(self, tokens: int, usd: int, alt_usd: tuple[int, int],
+                             guards: tuple[int, int], wait: int, second: bool) -> None:
+        """A reservation with fallback models (acquire.lua's ALTERNATIVES): the asked model's
+        guard (requests), a first fallback's (tokens), a second without a guard; each at its
+        own dollar cost."""
+        self.leases += 1
+        lease = f"lease{self.leases}"
+        asked = AcquireCall(self.keys, with_costs(self.compiled, {2: tokens, 3: usd, 4: lease}))
+        asked = asked.join(AcquireCall([PREFIX + "g-asked"],
+                                       layer_args("w", guards[0], 60_000_000, "1")))
+        alts: list[tuple[AcquireCall, AcquireCall | None]] = [(
+            AcquireCall(self.keys, with_costs(self.compiled,
+                                              {2: tokens, 3: alt_usd[0], 4: lease})),
+            AcquireCall([PREFIX + "g-alt"], layer_args("W", guards[1], 60_000_000,
+                                                       str(tokens))))]
+        if second:
+            alts.append((AcquireCall(self.keys, with_costs(
+                self.compiled, {2: tokens, 3: alt_usd[1], 4: lease})), None))
+        sent = with_alternatives(asked, wait, 1, alts)
+        reply = self.acquire(list(sent.args), sent.keys)
+        served = reply[-1]
+        event(f"fallback: {'refused' if not reply[0] else f'served by {served}'}")
+        if reply[0] == 1:
+            spent = usd if served == 0 else alt_usd[served - 1]
+            self.reserved.append(Reserved(reply[3] + reply[2], tokens, spent, lease))
 
     @precondition(lambda self: self.reserved)
     @rule(pick=st.integers(0, 100), tokens=st.integers(0, 200), usd=st.integers(0, 3000))

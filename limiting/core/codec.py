@@ -2,9 +2,10 @@
 
 acquire.lua takes 4 arguments per layer (kind, a, b, cost; the kind as Layer.code writes it:
 "B" a token bucket others reach too, which a waiter never puts in debt; a trailing "?" a
-shadow layer), then optionally the deadline
-(µs) a request may wait for its slot, and answers {allowed, refusing layer (1-based, 0:
-none), wait_us, now_us, then remaining and reset_us per layer}; settle.lua
+shadow layer), then optionally the deadline (µs) a request may wait for its slot (and
+fallback models' alternatives: limiting/core/alternatives.py), and answers {allowed,
+refusing layer (1-based, 0: none), wait_us, now_us, then remaining and reset_us per layer};
+settle.lua
 takes the acquire's now_us, then 3 arguments per layer (kind, b, delta or lease id), the
 spend ledger's counters and rankings riding behind them (Kind.LEDGER_COUNTS, LEDGER_RANK). The
 Redis store sends what this module encodes and memory:// decodes it, so the two can never
@@ -187,10 +188,8 @@ class AcquireCall:
     @classmethod
     def of(cls, keys: list[str], layers: Iterable[LayerArgs], costs: Costs) -> AcquireCall:
         """Every layer charged this request's cost in its unit."""
-        args: list[bytes] = []
-        for layer in layers:
-            args += layer_args(layer.code, layer.limit, layer.param, costs.arg(layer.unit))
-        return cls(keys, args)
+        return cls(keys, [arg for layer in layers for arg in layer_args(
+            layer.code, layer.limit, layer.param, costs.arg(layer.unit))])
 
     def join(self, other: AcquireCall) -> AcquireCall:
         """One call checking these layers, then ``other``'s; nothing is charged unless all pass."""
@@ -211,19 +210,15 @@ class LayerCall:
     b: float
     cost: str             # a number, or a lease id for "c" layers
 
-    @property
-    def units(self) -> float:
-        return float(self.cost)
-
 
 def with_deadline(args: Sequence[bytes], max_wait_us: int) -> Sequence[bytes]:
-    """An acquire call's arguments with the deadline behind its layers' (0: no waiting, and
-    the call is sent exactly as before)."""
+    """The arguments with the deadline behind the layers' (0: none, sent exactly as before)."""
     return [*args, str(int(max_wait_us)).encode()] if max_wait_us > 0 else args
 
 
-def decode_acquire(args: Sequence[Any]) -> list[LayerCall]:
-    end = len(args) - len(args) % ACQUIRE_ARGS   # the deadline, if any, is not a layer
+def decode_acquire(args: Sequence[Any], keys: int | None = None) -> list[LayerCall]:
+    # The deadline (and alternatives), if any, are not layers.
+    end = len(args) - len(args) % ACQUIRE_ARGS if keys is None else keys * ACQUIRE_ARGS
     return [LayerCall(_text(args[i]), float(args[i + 1]), float(args[i + 2]),
                       _text(args[i + 3]))
             for i in range(0, end, ACQUIRE_ARGS)]
@@ -247,17 +242,22 @@ class AcquireReply:
     wait_us: int
     now_us: int           # the store's clock at the call: which window slot it charged
     states: list[tuple[int, int]] = field(default_factory=list)
+    served: int | None = None   # alternatives sent: the one that served (0: asked, refused)
 
     @classmethod
     def parse(cls, raw: Sequence[Any]) -> AcquireReply:
         # Integers already (Redis replies and memory:// alike); slicing keeps it in C.
-        states = list(zip(raw[REPLY_HEAD::2], raw[REPLY_HEAD + 1::2], strict=True))
-        return cls(raw[0] == 1, raw[1], raw[2], raw[3], states)
+        end = len(raw) - (len(raw) & 1)   # odd: the alternative that served ends it
+        states = list(zip(raw[REPLY_HEAD:end:2], raw[REPLY_HEAD + 1:end:2], strict=True))
+        return cls(raw[0] == 1, raw[1], raw[2], raw[3], states,
+                   raw[-1] if end < len(raw) else None)
 
     def encode(self) -> list[int]:
         out = [1 if self.allowed else 0, self.refused, self.wait_us, self.now_us]
         for remaining, reset in self.states:
             out += [remaining, reset]
+        if self.served is not None:
+            out.append(self.served)
         return out
 
     @property

@@ -68,6 +68,22 @@ class Group:
         return [c for c in self.charges(states) if c[2] and c[0].kind.undoable]
 
 
+# Units a fallback model may be served for: a limit counting them depends on the model's
+# estimate and prices. A limit counting requests or leases refuses whatever the model.
+FALLBACK_UNITS = frozenset({"tokens", "input_tokens", "output_tokens", "usd_micros"})
+
+
+@dataclass(slots=True)
+class Alternative:
+    """A fallback model's version of a reservation's plan: the same groups, keys and layers
+    charged at its prices, and its own guard (on a shard; ``other_guard`` on one other)."""
+
+    model: str
+    groups: list[Group]
+    guard: Group | None
+    other_guard: Group | None = None
+
+
 @dataclass(slots=True)
 class CallPlan:
     """A request's groups in the order they are charged and the decision reports them, how
@@ -75,13 +91,16 @@ class CallPlan:
 
     ``other_guard``: the same guard on one other shard, tried once when the first is full.
     ``view``: the decision's view of the groups' layers, when the planner has it compiled
-    (one group: the hot path); else the executor builds it once per set of layers."""
+    (one group: the hot path); else the executor builds it once per set of layers.
+    ``alternatives``: the model's fallbacks, in order, tried when its guard or a layer
+    counting its tokens or dollars refuses (see limiting/executor.py)."""
 
     groups: list[Group]
     wait_us: int = 0
     guard: Group | None = None
     other_guard: Group | None = None
     view: CompiledPlan | None = None
+    alternatives: tuple[Alternative, ...] = ()
 
     def calls(self, one_server: bool) -> list[list[Group]]:
         """The calls to make, in order: one on a single server; else one per hash tag, in

@@ -17,6 +17,8 @@ from .capacity import read_reserve, read_shards
 from .codec import Realm
 from .lease import RENEW_EVERY
 from .members import read_members, warn_removed
+from .model_names import ECHO as ECHO  # re-exported: the built-in model's name
+from .model_names import alias_map, check_fallbacks, read_fallbacks
 from .policy_reader import MODES as MODES
 from .policy_reader import FailMode as FailMode  # re-exported: the policy's public types
 from .policy_reader import Mode as Mode
@@ -26,9 +28,6 @@ from .policy_sections import JwtClaims as JwtClaims
 from .policy_sections import alerts_webhook, aliases_of, check_end_user, check_tags, read_jwt_claims
 from .routes import RouteLimit, parse_routes
 from .windows import Window as Window  # re-exported: plans hold them
-
-# The built-in model, answered in this process: the demo needs no provider account.
-ECHO = "echo"
 
 OVERRIDDEN = "+override:"   # an override plan's name: its plan's, this, whose ("u:alice")
 
@@ -60,6 +59,7 @@ class Plan:
     # end_user = {...}: each end user a key holder names (OpenAI's user, Anthropic's
     # metadata.user_id) meets these too, inside the holder's own limits.
     end_user: Plan | None = None
+    fallbacks: bool = True   # its requests may be served by a model's fallbacks
 
     @property
     def meters_units(self) -> bool:
@@ -104,6 +104,7 @@ class ModelPolicy:
     # Shares of the guard's windows only these plans may use (limiting/core/capacity.py).
     reserve: Mapping[str, float] = field(default_factory=dict)
     shards: int = 1   # slots the guard's windows are spread over, each with its share
+    fallbacks: tuple[str, ...] = ()   # served instead when it would refuse (core/fallbacks.py)
 
     @property
     def priced(self) -> bool:
@@ -219,6 +220,7 @@ def _plan(source: str, name: str, table: Any, org: bool = False, where: str = ""
         max_wait_seconds=0.0 if org else r.seconds("max_wait_seconds", 300.0),
         alert_at=r.shares("alert_at"),
         end_user=None if org else _end_user(source, name, r.get("end_user", dict)),
+        fallbacks=True if org else r.get("fallbacks", bool, True),
     )
     if plan.lease_ttl_seconds < 2 * RENEW_EVERY:
         # A lease renewed every RENEW_EVERY s must survive one late renewal.
@@ -265,26 +267,10 @@ def _model(source: str, name: str, table: Any, plans: Mapping[str, Plan]) -> Mod
         mode=r.mode(),
         reserve=MappingProxyType(reserve),
         shards=read_shards(r, (rpm, tpm), reserve),
+        fallbacks=read_fallbacks(r),
     )
     r.done()
     return model
-
-
-def _alias_map(source: str, models: Mapping[str, ModelPolicy]) -> dict[str, str]:
-    """alias -> model; an alias naming two things would bill one of them at the other's price."""
-    out: dict[str, str] = {}
-    for name, model in models.items():
-        for i, alias in enumerate(model.aliases):
-            where = f'{source}: models."{name}".aliases[{i}]'
-            if alias == ECHO:
-                raise PolicyError(f"{where}: 'echo' is the built-in model, not an alias")
-            if alias in models:
-                raise PolicyError(f"{where}: {alias!r} is already a model under [models]")
-            if alias in out:
-                raise PolicyError(f"{where}: {alias!r} is listed twice "
-                                  f'(also under models."{out[alias]}")')
-            out[alias] = name
-    return out
 
 
 def _check_budgets(source: str, plans: Mapping[str, Plan],
@@ -350,7 +336,8 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
                                     orgs)
 
     models = {n: _model(source, n, t, plans) for n, t in top.get("models", dict, {}).items()}
-    aliases = _alias_map(source, models)
+    aliases = alias_map(source, models)
+    check_fallbacks(source, models, aliases)
     _check_budgets(source, {**{f"plans.{n}": p for n, p in plans.items()},
                             **{f'orgs."{n}"': o for n, o in orgs.items()},
                             **{f"plans.{n}.end_user": p.end_user for n, p in plans.items()

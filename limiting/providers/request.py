@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from limiting.core.pricing import STANDARD, PriceTerms
@@ -32,6 +32,10 @@ class LLMRequest:
     def reserved_output(self) -> int:
         """The output tokens reserved: all the provider may bill as output."""
         return self.max_output + self.extra_output
+
+    def served_as(self, model: str) -> LLMRequest:
+        """This call asking ``model`` upstream instead (a fallback the reservation served)."""
+        return replace(self, model=model, params={**self.params, "model": model})
 
     @property
     def tokens(self) -> int:

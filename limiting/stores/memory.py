@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
+from ..core.alternatives import decode_alternatives
 from ..core.codec import (
     AcquireReply,
     LayerCall,
@@ -23,6 +24,7 @@ from ..core.codec import (
 )
 from ..core.windows import month_bounds
 from .memory_alerts import AlertsMirror
+from .memory_verdicts import Verdict, alternatives, refused, worst_of
 from .store import ScriptArgs, StoreUnavailable
 from .tables import MemoryTables
 
@@ -55,38 +57,39 @@ class MemoryStore(MemoryTables):
         with self._lock:
             now = self._now_us()
             max_wait = decode_max_wait(args, len(keys))
-            layers = [self._decide(key, call, now, max_wait)
-                      for key, call in zip(keys, decode_acquire(args), strict=True)]
-            reply = AcquireReply(True, 0, 0, now, [v.state() for v in layers])
-            worst_wait, worst = 0.0, 0
-            for i, v in enumerate(layers, 1):
-                if v.wait < 0:
-                    worst_wait, worst = -1, i
-                elif v.wait > 0 and worst_wait >= 0 and v.wait > worst_wait:
-                    worst_wait, worst = v.wait, i
-            if worst:
-                reply.allowed, reply.refused = False, worst
-                reply.wait_us = math.ceil(worst_wait)
-                # Nothing is charged: layers that would have passed report what they still hold.
-                for i, v in enumerate(layers):
-                    if v.write is not None:
-                        reply.states[i] = (v.unused(reply.states[i][0]), reply.states[i][1])
-                return reply.encode()
-            # Admitted: it runs `delay` µs from now; its bucket and windows charged as then.
-            longest = max((v.slot_wait for v in layers if v.before is not None), default=0.0)
-            delay = math.ceil(longest - 0.001) if longest > 0 else 0   # float dust: no µs
-            reply.wait_us = delay
-            for v in layers:
-                if v.write is not None and v.cost > 0:  # cost 0 only looks
-                    state, ttl_us = v.write
-                    if callable(state):
-                        state, ttl_us = state(delay)
-                    self._data[v.key] = (now + ttl_us, state)
-            if len(self._data) > 100_000:
-                self._data = {k: v for k, v in self._data.items() if v[0] > now}
-            return reply.encode()
+            calls = decode_acquire(args, len(keys))
+            alts = decode_alternatives(args, len(keys))
+            if alts is not None:
+                def decide(i: int, cost: str | None = None) -> Verdict:
+                    call = calls[i] if cost is None else replace(calls[i], cost=cost)
+                    return self._decide(keys[i], call, now, max_wait)
 
-    def _decide(self, key: str, call: LayerCall, now: int, max_wait: float) -> _Verdict:
+                return alternatives(alts, decide, lambda reply, layers: self._commit(
+                    reply, layers, now), now)
+            layers = [self._decide(key, call, now, max_wait)
+                      for key, call in zip(keys, calls, strict=True)]
+            reply = AcquireReply(True, 0, 0, now, [v.state() for v in layers])
+            worst_wait, worst = worst_of(layers)
+            if worst:
+                return refused(reply, layers, worst, worst_wait).encode()
+            return self._commit(reply, layers, now).encode()
+
+    def _commit(self, reply: AcquireReply, layers: list[Verdict], now: int) -> AcquireReply:
+        """Admitted: it runs `delay` µs from now; its bucket and windows charged as then."""
+        longest = max((v.slot_wait for v in layers if v.before is not None), default=0.0)
+        delay = math.ceil(longest - 0.001) if longest > 0 else 0   # float dust: no µs
+        reply.wait_us = delay
+        for v in layers:
+            if v.write is not None and v.cost > 0:  # cost 0 only looks
+                state, ttl_us = v.write
+                if callable(state):
+                    state, ttl_us = state(delay)
+                self._data[v.key] = (now + ttl_us, state)
+        if len(self._data) > 100_000:
+            self._data = {k: v for k, v in self._data.items() if v[0] > now}
+        return reply
+
+    def _decide(self, key: str, call: LayerCall, now: int, max_wait: float) -> Verdict:
         """One layer of acquire.lua's first pass: what it answers, and what it would write."""
         kind, a, b = call.kind, call.a, call.b
         shadow = kind.endswith("?")   # as acquire.lua: decided, never refusing
@@ -104,13 +107,13 @@ class MemoryStore(MemoryTables):
         elif kind == "p":  # no provider pacing is learnt in memory
             remaining, reset, wait, write, cost = 0, 0, 0.0, None, 0.0
         elif kind == "m":
-            cost = call.units
+            cost = float(call.cost)
             remaining, reset, wait, write = _month(state, now, a, b, cost)
         else:
-            cost = call.units
+            cost = float(call.cost)
             step = _bucket if kind == "b" else _window
             remaining, reset, wait, write, pre = step(state, now, a, b, cost, deadline, shared)
-        verdict = _Verdict(key, remaining, reset, wait, write, cost, pre)
+        verdict = Verdict(key, remaining, reset, wait, write, cost, pre)
         if pre is not None:
             verdict.slot_wait, verdict.wait = wait, 0.0
         elif shadow and wait != 0:
@@ -205,35 +208,6 @@ class MemoryStore(MemoryTables):
 
 
 Step = tuple[float, float, float, "tuple[Any, float] | None", "float | None"]
-
-
-@dataclass(slots=True)
-class _Verdict:
-    """One layer's part of an acquire: its answer, and the write it makes if all pass."""
-
-    key: str
-    remaining: float
-    reset: float
-    wait: float
-    write: tuple[Any, float] | None    # (state, or a function of the delay; TTL in µs)
-    cost: float
-    before: float | None = None   # admitted into a future slot: its remaining before it
-    slot_wait: float = 0.0        # ... and how long until that slot
-    over: bool = False            # a shadow layer that would refuse
-
-    def state(self) -> tuple[int, int]:
-        """(remaining, reset_us) as acquire.lua answers them."""
-        if self.before is not None:
-            held = 0
-        elif self.over:
-            held = math.floor(self.remaining)
-        else:
-            held = max(0, math.floor(self.remaining))
-        return held, max(0, math.ceil(self.reset))
-
-    def unused(self, held: int) -> int:
-        """Its remaining when another layer refused: nothing of this request charged."""
-        return max(0, math.floor(self.before)) if self.before is not None else held + int(self.cost)
 
 
 def _bucket(state: list[Any] | None, now: int, cap: float, rate: float, cost: float,
@@ -363,3 +337,4 @@ def _window(state: list[Any] | None, now: int, limit: float, length_us: float, c
                 math.ceil(((far + SLOTS) * slot - now) / 1000) * 1000 + 1e6)
 
     return limit - total - ahead - cost, reset, wait, (write, 0.0), pre
+

@@ -214,7 +214,8 @@ class RateLimiter:
                 plan: str | None = None, *, anonymous: bool = False,
                 terms: PriceTerms = STANDARD, renews: bool = True,
                 key_id: str | None = None, org: str | None = None,
-                end_user: str | None = None, tags: Sequence[str] = ()) -> Reservation:
+                end_user: str | None = None, tags: Sequence[str] = (),
+                fallbacks: bool = False) -> Reservation:
         """Charge one request, reserve its tokens/dollars/lease, and pass the model's guard.
 
         Raises RateLimited (the user's layers), UpstreamSaturated (the model's guard: the
@@ -227,7 +228,9 @@ class RateLimiter:
         user's own, from [users]); its layers are charged with the user's. ``end_user``: as
         for :meth:`acquire`; its tokens and dollars are settled as the user's, and the spend
         ledger counts it under the user. ``tags``: the API key's record's, as for
-        :meth:`acquire` (the ledger counts each one's spend).
+        :meth:`acquire` (the ledger counts each one's spend). ``fallbacks``: the model's
+        fallbacks (its policy's ``fallbacks``) may serve the request when it would be
+        refused; then ``reservation.served_model`` names the model to call.
         """
         engine = self.engine
         ask = Ask(model, engine.policy.model(model), input_tokens, max_output_tokens, terms,
@@ -240,7 +243,7 @@ class RateLimiter:
             reservation = engine.reserve(user, who.plan, ask, ip=client_ip(), realm=who.realm,
                                          renews=renews, org=who.org, extra=extra,
                                          charged=charged, max_wait=wait, end_user=named,
-                                         tags=who.tags)
+                                         tags=who.tags, fallbacks=fallbacks)
 
             def give_back() -> None:
                 reservation.refund_everything()

@@ -30,6 +30,9 @@ from .sse import sse_response
 
 log = logging.getLogger("limiter.v1")
 
+SERVED_MODEL = "X-Limiter-Served-Model"   # set when a fallback model served the request
+FALLBACK = "X-Limiter-Fallback"           # "off": a client may only turn fallbacks off
+
 
 def serve(dialect: Dialect) -> Response:
     """The current request answered in ``dialect``; any failure in its error shape."""
@@ -48,9 +51,14 @@ def _serve(dialect: Dialect) -> Response:
         record.user, call.model, call.estimate, call.reserved_output, plan=record.plan,
         org=record.org, terms=call.terms, key_id=record.key_id, end_user=end_user,
         tags=record.tags,
-        renews=call.provider != "echo")   # an answer made in-process cannot outlive its lease
+        renews=call.provider != "echo",   # an answer made in-process cannot outlive its lease
+        fallbacks=request.headers.get(FALLBACK, "").strip().lower() != "off")
     decision = reservation.decision
     headers = {**rate_limit_headers(decision), **dialect.provider_headers(decision)}
+    if reservation.served_model is not None:
+        # Only a model the policy lists as a fallback of the asked one, of its provider.
+        call = call.served_as(reservation.served_model)
+        headers[SERVED_MODEL] = reservation.served_model
     api, observe = dialect.api, observer(call.model)
     if not call.stream:
         answer = run_plain(reservation, lambda: api.answer(call, observe), api.usage)
