@@ -109,7 +109,7 @@ def test_fallbacks_are_checked(fallbacks: Any, models: dict[str, Any], reason: s
 
 
 def test_plan_fallbacks_is_a_bool_and_an_alias_may_be_a_fallback() -> None:
-    with pytest.raises(PolicyError, match="plans.p.fallbacks"):
+    with pytest.raises(PolicyError, match=r"plans\.p\.fallbacks"):
         parse_policy({"plans": {"p": {"burst": 1, "refill_per_second": 1, "fallbacks": "no"}}})
     pol = parse_policy({"plans": {"p": {"burst": 1, "refill_per_second": 1,
                                         "fallbacks": False}},
