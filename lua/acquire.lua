@@ -88,7 +88,8 @@ local max_wait = tonumber(ARGV[#KEYS * 4 + 1]) or 0
 -- layers refuse and none of those fixed layers does, each alternative in turn is decided
 -- on its own layers (its costs, its guard) beside the fixed ones; the first that passes is
 -- committed, and the reply ends with its number (0: the asked model; refused: 0, with the
--- asked model's layers and the soonest wait of all).
+-- asked model's layers and the soonest wait of all). Served by alternative j, the reply's
+-- states are the first L-g0 layers' (at j's costs) then j's guard's. The edge counts once.
 local alts, L, variant = nil, #KEYS, nil
 if ARGV[#KEYS * 4 + 2] then
   local p = #KEYS * 4 + 2

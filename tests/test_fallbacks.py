@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from limiting.core.ask import Ask
+from limiting.core.ask import Ask, fallback_asks
 from limiting.core.decision import GuardRefused, Refused
+from limiting.core.groups import joined
 from limiting.core.llm import Usage
 from limiting.core.policy import Policy, PolicyError, parse_policy
 from limiting.engine import Engine
@@ -196,6 +197,19 @@ def test_exact_under_threads(make: Any) -> None:
     assert served.count(None) == 30 - n - m
     spent = sum(100_000_000 - b.usd_left(f"t{i}") for i in range(4))
     assert spent == n * BIG + m * MINI
+
+
+def test_a_model_without_fallbacks_sends_the_call_as_before(make: Any) -> None:
+    """No fallbacks (or turned off): no alternatives, so the same keys, arguments and reply."""
+    b = make(policy())
+    pol = b.engine.policy
+    ask = Ask("gpt-4o-mini", pol.model("gpt-4o-mini"), 10, 10)
+    assert fallback_asks(pol, ask) == ()
+    plan = b.engine.planner.reservation("u", None, b.plan, "gpt-4o-mini", ask.costs())
+    assert plan.alternatives == () and plan.guard is not None
+    call = joined([*plan.groups, plan.guard])
+    assert len(call.args) == 4 * call.size
+    assert len(b.store.acquire(call.keys, call.args)) == 4 + 2 * call.size
 
 
 # --- a 3-master Cluster: each alternative in turn, with undo ---------------------------------
