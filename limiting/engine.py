@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from . import metrics
 from .alerts import Alerts, crossings_of
 from .core.ask import Ask, fallback_asks
 from .core.codec import Costs
@@ -148,6 +149,7 @@ class Engine:
             [(alt.model_name, alt.costs(costs.lease)) for alt in asks]))
         if outcome.served is not None:
             # Served by a fallback: its ask (prices, model) is what is settled and booked.
+            metrics.count(metrics.FALLBACKS.labels(ask.model_name, outcome.served.model))
             ask = next(alt for alt in asks if alt.model_name == outcome.served.model)
             costs = ask.costs(costs.lease)
             spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name,

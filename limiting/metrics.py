@@ -59,6 +59,9 @@ ALERTS = Counter("llm_limiter_alerts_total",
                  ["layer", "threshold"])
 GUARD_REFUSALS = Counter("llm_limiter_upstream_guard_refusals_total",
                          "Requests held back by a model's upstream guard.", ["model"])
+FALLBACKS = Counter("llm_limiter_fallbacks_total",
+                    "Requests served by a fallback model instead of the one asked.",
+                    ["asked", "served"])
 STORE_ERRORS = Counter("llm_limiter_store_errors_total",
                        "Store calls that failed or timed out, or were skipped by the breaker.",
                        ["reason"])
