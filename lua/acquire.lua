@@ -241,286 +241,10 @@ local function count_edges()
   end
 end
 
--- Layer i decided into reply position pos (cost: `given`, else its own argument). Returns
--- an error or early reply to answer at once, else its wait (0: passes) and how long until
--- the future slot it was admitted into (0: none).
-local function check(i, pos, given)
-  local base = (i - 1) * 4
-  local kind = ARGV[base + 1]
-  local shadow = byte(kind, -1) == 63   -- "?"
-  if shadow then kind = sub(kind, 1, -2) end
-  local shared = kind == 'B'
-  if shared then kind = 'b' end
-  kinds[i] = kind
-  local a = tonumber(ARGV[base + 2])
-  local b = tonumber(ARGV[base + 3])
-  local cost = tonumber(given or ARGV[base + 4]) or 0
-  local remaining, reset, wait, future = 0, 0, 0, 0
-
-  if kind == 'f' then
-    local raw = call('GET', KEYS[i])
-    local count = 0
-    if raw then
-      -- What INCRBY accepts, and no more digits than a double counts exactly.
-      if #raw > 15 or not (raw == '0' or string.match(raw, '^%-?[1-9]%d*$')) then
-        return bad(i, 'not a count')
-      end
-      count = tonumber(raw)
-    end
-    local ttl
-    if cost > 0 then
-      count = count + cost
-      edges[#edges + 1] = {i, cost, count == cost, b}
-    end
-    if cost > 0 and count == cost then
-      ttl = b * 1000
-    else
-      ttl = call('PTTL', KEYS[i])
-      if ttl < 0 then ttl = 0 end
-    end
-    remaining, reset = a - count, ttl * 1000
-    if count > a then
-      -- A refusal here ends the call before any other layer is looked at.
-      count_edges()
-      result[1], result[2], result[3] = 0, pos, ttl * 1000 + 1
-      result[2 * pos + 3], result[2 * pos + 4] = 0, reset
-      return result
-    end
-    cost = 0  -- counted with the edges below: nothing for the commit
-
-  elseif kind == 'b' then
-    local raw = call('GET', KEYS[i])
-    local tokens = a
-    if raw then
-      if #raw ~= 16 then return bad(i, 'not a token bucket') end
-      local held, at = unpack('<dd', raw)
-      if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
-      tokens = min(a, held + (now - at) * b / 1e6)
-    end
-    local deadline = (shadow or shared) and 0 or max_wait
-    if tokens >= cost then
-      writes[i] = {tokens, shared}
-      tokens = tokens - cost
-    elseif cost > a then
-      wait = -1  -- more than the bucket ever holds: no wait makes it pass
-    else
-      wait = (cost - tokens) / b * 1e6 + 1
-      -- Its slot, exactly: no µs of margin that would pile up along a queue of waiters.
-      local slot_at = wait - 1
-      if ceil(slot_at - 0.001) <= deadline then
-        future, before[i] = slot_at, tokens
-        wait, writes[i] = 0, {tokens}
-        tokens = tokens - cost
-      end
-    end
-    remaining = tokens
-    reset = (a - tokens) / b * 1e6
-
-  elseif kind == 'w' or kind == 'W' then
-    local raw = call('GET', KEYS[i])
-    local slot = b / 60
-    local cur = floor(now / slot)
-    local last, total, w, ring, tail   -- tail: waiters' charges ahead of the ring, or nil
-    if raw then
-      last, total, w, ring, tail = read_window(raw, kind)
-      if not last then return bad(i, 'not a sliding window') end
-    end
-    local e = max(cur, last or cur)   -- the ring's newest slot: this request's earliest
-    if raw and e - last >= SLOTS then raw = nil end
-    if raw then
-      -- Slots last+1..e reuse the ring positions of slots that have left the window; a
-      -- waiter's charge whose slot has come moves from the tail into the ring.
-      ring, total = advance(ring, total, last, e, w)
-    else
-      last, total, w = e, 0, width_for(a)
-      ring = rep('\0', SLOTS * w)
-    end
-    local fmt = FMT[w]
-    local ahead, newest, at = 0, last, nil
-    if tail then
-      local kept = {}
-      at = {}
-      for _, t in ipairs(tail) do
-        if t[1] > e then
-          kept[#kept + 1], at[t[1]], ahead = t, t[2], ahead + t[2]
-        elseif e - t[1] < SLOTS then
-          local k = t[1] % SLOTS
-          local held = unpack(fmt, ring, k * w + 1) + t[2]
-          if width_for(held) > w then ring, w = rewidth(ring, w, width_for(held)) end
-          fmt = FMT[w]
-          ring, total = put(ring, k, w, held), total + t[2]
-        end
-        newest = max(newest, t[1])
-      end
-      tail = kept[1] and kept or nil
-    end
-    local deadline = shadow and 0 or max_wait
-    -- A charge in slot s counts in every window that ends at s or later. A waiter's charge
-    -- ahead stays in the tail: it never moves a later caller's earliest slot, it counts in
-    -- the windows that hold it, as any charge does. A request may run in slot s when every
-    -- window ending at s or later has room for it (later slots then too: waits stay honest).
-    local run = e
-    if cost > a then
-      wait = -1
-    elseif total + ahead + cost > a then
-      local used, blocked = total, nil
-      for x = e, max(e, newest) + SLOTS - 1 do
-        if x > e then
-          local gone = x - SLOTS
-          if gone <= e then
-            used = used - unpack(fmt, ring, (gone % SLOTS) * w + 1)
-          elseif at then
-            used = used - (at[gone] or 0)
-          end
-          if at then used = used + (at[x] or 0) end
-        end
-        if used + cost > a then blocked = x end
-      end
-      if blocked then run = blocked + 1 end
-    end
-    if wait == 0 and run > cur then wait = run * slot - now + 1 end
-    local far = max(e, newest)
-    if wait == 0 or (wait > 0 and wait <= deadline) then
-      if wait > 0 then future, before[i] = wait, a - total - ahead end
-      reset = (max(run, far) + SLOTS) * slot - now
-      if total + ahead + cost == 0 then reset = 0 end  -- an empty window (a look with cost 0)
-      -- Charged in the commit, to the slot the request runs in.
-      writes[i] = {ring, e, total, slot, w, tail}
-      wait = 0
-      total = total + cost
-    else
-      reset = (max(last, newest) + SLOTS) * slot - now
-    end
-    remaining = a - total - ahead
-
-  elseif kind == 'm' then
-    local raw = call('GET', KEYS[i])
-    local month, start, stop = month_of(now)
-    local total = 0
-    if raw then
-      if #raw ~= 16 then return bad(i, 'not a month count') end
-      local held_month, held = unpack('<dd', raw)
-      if not (finite(held_month) and finite(held)) then return bad(i, 'not a month count') end
-      -- A count left from another month is a count of 0 in this one.
-      if held_month == month then total = held end
-    end
-    if total + cost <= a then
-      total = total + cost
-      writes[i] = {pack('<dd', month, total), ceil((stop - now) / 1000) + 1000}
-    elseif cost > a then
-      wait = -1
-    else
-      wait = stop - now   -- the 1st of next month, 00:00 UTC: the count starts again
-    end
-    remaining = a - total
-    if total > 0 then reset = stop - now end
-
-  elseif kind == 'c' then
-    -- Leases past their TTL are not counted here; the commit sweeps them.
-    local held, soonest, stale = nil, nil, true
-    if not shadow and a >= 1 and a <= 64 and a % 1 == 0 then
-      -- One read of the first a + 8 leases: the live ones up to the limit (more only ever
-      -- answer 0 remaining), and whether any past its TTL is there for the commit to sweep.
-      local page = call('ZRANGEBYSCORE', KEYS[i], '-inf', '+inf', 'WITHSCORES',
-        'LIMIT', 0, a + 8)
-      if #page < 2 * (a + 8) then
-        held, stale = 0, false
-        for k = 2, #page, 2 do
-          local at = tonumber(page[k])
-          if at > now then
-            held = held + 1
-            soonest = soonest or min(b, at - now)
-          else
-            stale = true
-          end
-        end
-      end
-    end
-    if not held then   -- a shadow layer (its exact count shows) or a full page
-      local after = string.format('(%.0f', now)
-      held = call('ZCOUNT', KEYS[i], after, '+inf')
-      local first = call('ZRANGEBYSCORE', KEYS[i], after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-      soonest = first[2] and min(b, tonumber(first[2]) - now)
-    end
-    local lease = ARGV[base + 4]
-    cost = 0
-    if lease ~= '-' then
-      if held < a then
-        cost = 1
-        held = held + 1
-        writes[i] = {lease, now + b, stale}
-      else
-        -- A slot frees as soon as one of the caller's requests in flight finishes; the
-        -- store only knows the latest moment: the soonest lease running out its TTL.
-        wait = max(1000000, soonest or 0)
-      end
-    end
-    remaining = a - held
-    if soonest then reset = soonest end
-
-  elseif kind == 'p' then
-    local p = call('HMGET', KEYS[i], 'until', 'rl', 'rr', 'tl', 'tr')
-    local hold, rl, rr, tl, tr = pace(p[1]), pace(p[2]), pace(p[3]), pace(p[4]), pace(p[5])
-    if hold and hold > now then wait = hold - now end
-    if rl and rr and rr > now and rl < 1 then wait = max(wait, rr - now) end
-    if tl and tr and tr > now and tl < cost then wait = max(wait, tr - now) end
-    remaining, reset = rl or 0, max(0, (rr or now) - now)
-    if cost > 0 and wait == 0 and ((rl and rr and rr > now) or (tl and tr and tr > now)) then
-      writes[i] = {rl, tl, cost}
-      cost = 1
-    else
-      cost = 0
-    end
-    if wait > 0 and not shadow and wait <= max_wait then
-      -- The provider's own window reopens by then; nothing of ours to charge ahead.
-      future, wait = wait, 0
-    end
-  end
-
-  local over = false
-  if shadow and wait ~= 0 then
-    -- It would refuse: the request passes it, uncounted, as an enforcing refusal would
-    -- leave it; the remaining below 0 tells the caller.
-    remaining = min(remaining - cost, -1)
-    over, wait, cost, writes[i] = true, 0, 0, nil
-  end
-  if wait < 0 then
-    worst_wait, worst_layer = -1, pos
-  elseif wait > 0 and worst_wait >= 0 and wait > worst_wait then
-    worst_wait, worst_layer = wait, pos
-  end
-  if future > longest then longest = future end
-  if wait == 0 then costs[i] = cost end
-  if over then
-    result[2 * pos + 3] = floor(remaining)
-  elseif before[i] then
-    result[2 * pos + 3] = 0
-  else
-    result[2 * pos + 3] = max(0, floor(remaining))
-  end
-  result[2 * pos + 4] = max(0, ceil(reset))
-  return nil, wait, future
-end
-
 -- The reply, with the alternative that served when alternatives were sent.
 local function answer(reply, alt)
   if alts and not reply.err then reply[#reply + 1] = alt end
   return reply
-end
-
-local fixed_refused, fixed_longest = false, 0
-local fixed = {}
-if alts then
-  for i = 1, L do fixed[i] = true end
-  for _, i in ipairs(variant) do fixed[i] = nil end
-end
-for i = 1, L do
-  local err, wait, slot = check(i, i, nil)
-  if err then return answer(err, 0) end
-  if alts and fixed[i] then
-    if wait ~= 0 then fixed_refused = true end
-    if slot > fixed_longest then fixed_longest = slot end
-  end
 end
 
 -- Refused (worst_layer): nothing is charged; layers that would have passed report what they
@@ -538,43 +262,310 @@ local function refusal()
   return result
 end
 
-local served = 0
-if worst_layer ~= 0 then
-  if not alts or fixed_refused then
-    count_edges()
-    return answer(refusal(), 0)
+-- The layers are decided in passes: the asked model's (layers 1..L, each in its own reply
+-- position); then, while the asked model is refused by its own layers alone, each
+-- alternative's (`order`: {layer, reply position, cost}) beside the fixed layers' answers.
+local fixed = {}
+if alts then
+  for i = 1, L do fixed[i] = true end
+  for _, i in ipairs(variant) do fixed[i] = nil end
+end
+local fixed_refused, fixed_longest = false, 0
+local j, order, asked, refused, soonest = 0, nil, nil, nil, 0
+while true do
+  for k = 1, order and #order or L do
+    local i, pos, given = k, k, nil
+    if order then i, pos, given = order[k][1], order[k][2], order[k][3] end
+    local base = (i - 1) * 4
+    local kind = ARGV[base + 1]
+    local shadow = byte(kind, -1) == 63   -- "?"
+    if shadow then kind = sub(kind, 1, -2) end
+    local shared = kind == 'B'
+    if shared then kind = 'b' end
+    kinds[i] = kind
+    local a = tonumber(ARGV[base + 2])
+    local b = tonumber(ARGV[base + 3])
+    local cost = tonumber(given or ARGV[base + 4]) or 0
+    local remaining, reset, wait, future = 0, 0, 0, 0
+
+    if kind == 'f' then
+      local raw = call('GET', KEYS[i])
+      local count = 0
+      if raw then
+        -- What INCRBY accepts, and no more digits than a double counts exactly.
+        if #raw > 15 or not (raw == '0' or string.match(raw, '^%-?[1-9]%d*$')) then
+          return bad(i, 'not a count')
+        end
+        count = tonumber(raw)
+      end
+      local ttl
+      if cost > 0 then
+        count = count + cost
+        edges[#edges + 1] = {i, cost, count == cost, b}
+      end
+      if cost > 0 and count == cost then
+        ttl = b * 1000
+      else
+        ttl = call('PTTL', KEYS[i])
+        if ttl < 0 then ttl = 0 end
+      end
+      remaining, reset = a - count, ttl * 1000
+      if count > a then
+        -- A refusal here ends the call before any other layer is looked at.
+        count_edges()
+        result[1], result[2], result[3] = 0, pos, ttl * 1000 + 1
+        result[2 * pos + 3], result[2 * pos + 4] = 0, reset
+        return answer(result, 0)
+      end
+      cost = 0  -- counted with the edges below: nothing for the commit
+
+    elseif kind == 'b' then
+      local raw = call('GET', KEYS[i])
+      local tokens = a
+      if raw then
+        if #raw ~= 16 then return bad(i, 'not a token bucket') end
+        local held, at = unpack('<dd', raw)
+        if not (finite(held) and finite(at)) then return bad(i, 'not a token bucket') end
+        tokens = min(a, held + (now - at) * b / 1e6)
+      end
+      local deadline = (shadow or shared) and 0 or max_wait
+      if tokens >= cost then
+        writes[i] = {tokens, shared}
+        tokens = tokens - cost
+      elseif cost > a then
+        wait = -1  -- more than the bucket ever holds: no wait makes it pass
+      else
+        wait = (cost - tokens) / b * 1e6 + 1
+        -- Its slot, exactly: no µs of margin that would pile up along a queue of waiters.
+        local slot_at = wait - 1
+        if ceil(slot_at - 0.001) <= deadline then
+          future, before[i] = slot_at, tokens
+          wait, writes[i] = 0, {tokens}
+          tokens = tokens - cost
+        end
+      end
+      remaining = tokens
+      reset = (a - tokens) / b * 1e6
+
+    elseif kind == 'w' or kind == 'W' then
+      local raw = call('GET', KEYS[i])
+      local slot = b / 60
+      local cur = floor(now / slot)
+      local last, total, w, ring, tail   -- tail: waiters' charges ahead of the ring, or nil
+      if raw then
+        last, total, w, ring, tail = read_window(raw, kind)
+        if not last then return bad(i, 'not a sliding window') end
+      end
+      local e = max(cur, last or cur)   -- the ring's newest slot: this request's earliest
+      if raw and e - last >= SLOTS then raw = nil end
+      if raw then
+        -- Slots last+1..e reuse the ring positions of slots that have left the window; a
+        -- waiter's charge whose slot has come moves from the tail into the ring.
+        ring, total = advance(ring, total, last, e, w)
+      else
+        last, total, w = e, 0, width_for(a)
+        ring = rep('\0', SLOTS * w)
+      end
+      local fmt = FMT[w]
+      local ahead, newest, at = 0, last, nil
+      if tail then
+        local kept = {}
+        at = {}
+        for _, t in ipairs(tail) do
+          if t[1] > e then
+            kept[#kept + 1], at[t[1]], ahead = t, t[2], ahead + t[2]
+          elseif e - t[1] < SLOTS then
+            local k = t[1] % SLOTS
+            local held = unpack(fmt, ring, k * w + 1) + t[2]
+            if width_for(held) > w then ring, w = rewidth(ring, w, width_for(held)) end
+            fmt = FMT[w]
+            ring, total = put(ring, k, w, held), total + t[2]
+          end
+          newest = max(newest, t[1])
+        end
+        tail = kept[1] and kept or nil
+      end
+      local deadline = shadow and 0 or max_wait
+      -- A charge in slot s counts in every window that ends at s or later. A waiter's charge
+      -- ahead stays in the tail: it never moves a later caller's earliest slot, it counts in
+      -- the windows that hold it, as any charge does. A request may run in slot s when every
+      -- window ending at s or later has room for it (later slots then too: waits stay honest).
+      local run = e
+      if cost > a then
+        wait = -1
+      elseif total + ahead + cost > a then
+        local used, blocked = total, nil
+        for x = e, max(e, newest) + SLOTS - 1 do
+          if x > e then
+            local gone = x - SLOTS
+            if gone <= e then
+              used = used - unpack(fmt, ring, (gone % SLOTS) * w + 1)
+            elseif at then
+              used = used - (at[gone] or 0)
+            end
+            if at then used = used + (at[x] or 0) end
+          end
+          if used + cost > a then blocked = x end
+        end
+        if blocked then run = blocked + 1 end
+      end
+      if wait == 0 and run > cur then wait = run * slot - now + 1 end
+      local far = max(e, newest)
+      if wait == 0 or (wait > 0 and wait <= deadline) then
+        if wait > 0 then future, before[i] = wait, a - total - ahead end
+        reset = (max(run, far) + SLOTS) * slot - now
+        if total + ahead + cost == 0 then reset = 0 end  -- an empty window (a look with cost 0)
+        -- Charged in the commit, to the slot the request runs in.
+        writes[i] = {ring, e, total, slot, w, tail}
+        wait = 0
+        total = total + cost
+      else
+        reset = (max(last, newest) + SLOTS) * slot - now
+      end
+      remaining = a - total - ahead
+
+    elseif kind == 'm' then
+      local raw = call('GET', KEYS[i])
+      local month, start, stop = month_of(now)
+      local total = 0
+      if raw then
+        if #raw ~= 16 then return bad(i, 'not a month count') end
+        local held_month, held = unpack('<dd', raw)
+        if not (finite(held_month) and finite(held)) then return bad(i, 'not a month count') end
+        -- A count left from another month is a count of 0 in this one.
+        if held_month == month then total = held end
+      end
+      if total + cost <= a then
+        total = total + cost
+        writes[i] = {pack('<dd', month, total), ceil((stop - now) / 1000) + 1000}
+      elseif cost > a then
+        wait = -1
+      else
+        wait = stop - now   -- the 1st of next month, 00:00 UTC: the count starts again
+      end
+      remaining = a - total
+      if total > 0 then reset = stop - now end
+
+    elseif kind == 'c' then
+      -- Leases past their TTL are not counted here; the commit sweeps them.
+      local held, soonest, stale = nil, nil, true
+      if not shadow and a >= 1 and a <= 64 and a % 1 == 0 then
+        -- One read of the first a + 8 leases: the live ones up to the limit (more only ever
+        -- answer 0 remaining), and whether any past its TTL is there for the commit to sweep.
+        local page = call('ZRANGEBYSCORE', KEYS[i], '-inf', '+inf', 'WITHSCORES',
+          'LIMIT', 0, a + 8)
+        if #page < 2 * (a + 8) then
+          held, stale = 0, false
+          for k = 2, #page, 2 do
+            local at = tonumber(page[k])
+            if at > now then
+              held = held + 1
+              soonest = soonest or min(b, at - now)
+            else
+              stale = true
+            end
+          end
+        end
+      end
+      if not held then   -- a shadow layer (its exact count shows) or a full page
+        local after = string.format('(%.0f', now)
+        held = call('ZCOUNT', KEYS[i], after, '+inf')
+        local first = call('ZRANGEBYSCORE', KEYS[i], after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+        soonest = first[2] and min(b, tonumber(first[2]) - now)
+      end
+      local lease = ARGV[base + 4]
+      cost = 0
+      if lease ~= '-' then
+        if held < a then
+          cost = 1
+          held = held + 1
+          writes[i] = {lease, now + b, stale}
+        else
+          -- A slot frees as soon as one of the caller's requests in flight finishes; the
+          -- store only knows the latest moment: the soonest lease running out its TTL.
+          wait = max(1000000, soonest or 0)
+        end
+      end
+      remaining = a - held
+      if soonest then reset = soonest end
+
+    elseif kind == 'p' then
+      local p = call('HMGET', KEYS[i], 'until', 'rl', 'rr', 'tl', 'tr')
+      local hold, rl, rr, tl, tr = pace(p[1]), pace(p[2]), pace(p[3]), pace(p[4]), pace(p[5])
+      if hold and hold > now then wait = hold - now end
+      if rl and rr and rr > now and rl < 1 then wait = max(wait, rr - now) end
+      if tl and tr and tr > now and tl < cost then wait = max(wait, tr - now) end
+      remaining, reset = rl or 0, max(0, (rr or now) - now)
+      if cost > 0 and wait == 0 and ((rl and rr and rr > now) or (tl and tr and tr > now)) then
+        writes[i] = {rl, tl, cost}
+        cost = 1
+      else
+        cost = 0
+      end
+      if wait > 0 and not shadow and wait <= max_wait then
+        -- The provider's own window reopens by then; nothing of ours to charge ahead.
+        future, wait = wait, 0
+      end
+    end
+
+    local over = false
+    if shadow and wait ~= 0 then
+      -- It would refuse: the request passes it, uncounted, as an enforcing refusal would
+      -- leave it; the remaining below 0 tells the caller.
+      remaining = min(remaining - cost, -1)
+      over, wait, cost, writes[i] = true, 0, 0, nil
+    end
+    if wait < 0 then
+      worst_wait, worst_layer = -1, pos
+    elseif wait > 0 and worst_wait >= 0 and wait > worst_wait then
+      worst_wait, worst_layer = wait, pos
+    end
+    if future > longest then longest = future end
+    if wait == 0 then costs[i] = cost end
+    if over then
+      result[2 * pos + 3] = floor(remaining)
+    elseif before[i] then
+      result[2 * pos + 3] = 0
+    else
+      result[2 * pos + 3] = max(0, floor(remaining))
+    end
+    result[2 * pos + 4] = max(0, ceil(reset))
+    if alts and j == 0 and fixed[i] then
+      if wait ~= 0 then fixed_refused = true end
+      if future > fixed_longest then fixed_longest = future end
+    end
   end
-  -- The asked model's own layers refused: its alternatives, in order, beside the fixed ones.
-  local asked = {values(result)}
-  local refused = refusal()
-  local soonest = worst_wait
-  local shared = alts.shared
-  for j = 1, #alts do
-    for _, i in ipairs(variant) do writes[i], costs[i], before[i] = nil, nil, nil end
-    result = {}
-    for k = 1, 4 + 2 * shared do result[k] = asked[k] end
-    worst_wait, worst_layer, longest = 0, 0, fixed_longest
-    for _, o in ipairs(alts[j][2]) do
-      local err = check(o[1], o[1], o[2])
-      if err then return err end
+
+  if worst_layer == 0 then break end
+  if j == 0 then
+    if not alts or fixed_refused then
+      count_edges()
+      return answer(refusal(), 0)
     end
-    for k = 0, alts[j][1] - 1 do
-      local err = check(alts[j][3] + k, shared + 1 + k, nil)
-      if err then return err end
-    end
-    if worst_layer == 0 then
-      served = j
-      break
-    end
-    -- The soonest of the waits (-1: never on that alternative).
-    if soonest < 0 or (worst_wait >= 0 and worst_wait < soonest) then soonest = worst_wait end
+    asked = {values(result)}
+    refused = refusal()
+    soonest = worst_wait
+  elseif soonest < 0 or (worst_wait >= 0 and worst_wait < soonest) then
+    soonest = worst_wait   -- the soonest of the waits (-1: never on that alternative)
   end
-  if served == 0 then
+  j = j + 1
+  if j > #alts then
+    -- Every alternative refused: the asked model's answer, with the soonest wait.
     count_edges()
     refused[3] = ceil(soonest)
     return answer(refused, 0)
   end
+  -- Alternative j: its layers beside the fixed ones' answers; nothing of the last pass's.
+  local common = alts.shared
+  for _, i in ipairs(variant) do writes[i], costs[i], before[i] = nil, nil, nil end
+  result = {}
+  for k = 1, 4 + 2 * common do result[k] = asked[k] end
+  worst_wait, worst_layer, longest = 0, 0, fixed_longest
+  order = {}
+  for _, o in ipairs(alts[j][2]) do order[#order + 1] = {o[1], o[1], o[2]} end
+  for k = 0, alts[j][1] - 1 do order[#order + 1] = {alts[j][3] + k, common + 1 + k} end
 end
+local served = j
 
 -- Every key was read and found sound: from here on nothing can fail halfway.
 count_edges()
