@@ -241,32 +241,12 @@ local function count_edges()
   end
 end
 
--- The reply, with the alternative that served when alternatives were sent.
-local function answer(reply, alt)
-  if alts and not reply.err then reply[#reply + 1] = alt end
-  return reply
-end
-
--- Refused (worst_layer): nothing is charged; layers that would have passed report what they
--- still hold.
-local function refusal()
-  result[1], result[2], result[3] = 0, worst_layer, ceil(worst_wait)
-  for i, cost in pairs(costs) do
-    local kind = kinds[i]
-    if before[i] then
-      result[3 + 2 * i] = max(0, floor(before[i]))
-    elseif kind == 'b' or kind == 'w' or kind == 'W' or kind == 'c' or kind == 'm' then
-      result[3 + 2 * i] = result[3 + 2 * i] + cost
-    end
-  end
-  return result
-end
-
 -- The layers are decided in passes: the asked model's (layers 1..L, each in its own reply
 -- position); then, while the asked model is refused by its own layers alone, each
 -- alternative's (`order`: {layer, reply position, cost}) beside the fixed layers' answers.
-local fixed = {}
+local fixed
 if alts then
+  fixed = {}
   for i = 1, L do fixed[i] = true end
   for _, i in ipairs(variant) do fixed[i] = nil end
 end
@@ -315,7 +295,8 @@ while true do
         count_edges()
         result[1], result[2], result[3] = 0, pos, ttl * 1000 + 1
         result[2 * pos + 3], result[2 * pos + 4] = 0, reset
-        return answer(result, 0)
+        if alts then result[#result + 1] = 0 end   -- served by none
+        return result
       end
       cost = 0  -- counted with the edges below: nothing for the commit
 
@@ -538,13 +519,24 @@ while true do
 
   if worst_layer == 0 then break end
   if j == 0 then
-    if not alts or fixed_refused then
-      count_edges()
-      return answer(refusal(), 0)
+    -- Refused: nothing is charged; layers that would have passed report what they still hold.
+    local fall = alts and not fixed_refused
+    if fall then asked = {values(result)} end
+    result[1], result[2], result[3] = 0, worst_layer, ceil(worst_wait)
+    for i, cost in pairs(costs) do
+      local kind = kinds[i]
+      if before[i] then
+        result[3 + 2 * i] = max(0, floor(before[i]))
+      elseif kind == 'b' or kind == 'w' or kind == 'W' or kind == 'c' or kind == 'm' then
+        result[3 + 2 * i] = result[3 + 2 * i] + cost
+      end
     end
-    asked = {values(result)}
-    refused = refusal()
-    soonest = worst_wait
+    if not fall then
+      count_edges()
+      if alts then result[#result + 1] = 0 end
+      return result
+    end
+    refused, soonest = result, worst_wait
   elseif soonest < 0 or (worst_wait >= 0 and worst_wait < soonest) then
     soonest = worst_wait   -- the soonest of the waits (-1: never on that alternative)
   end
@@ -553,7 +545,8 @@ while true do
     -- Every alternative refused: the asked model's answer, with the soonest wait.
     count_edges()
     refused[3] = ceil(soonest)
-    return answer(refused, 0)
+    refused[#refused + 1] = 0
+    return refused
   end
   -- Alternative j: its layers beside the fixed ones' answers; nothing of the last pass's.
   local common = alts.shared
@@ -637,4 +630,5 @@ for i = 1, #KEYS do
     end
   end
 end
-return answer(result, served)
+if alts then result[#result + 1] = served end
+return result
