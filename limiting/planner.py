@@ -146,25 +146,30 @@ class Planner:
         models to serve instead, in order, each with this request's costs at its prices (see
         Alternative)."""
         compiled = self.compiled(plan, llm=True)
-
-        def subjects(priced: Costs) -> list[Group]:
-            groups = [self.plan_group(compiled, user, ip, realm, priced), *extra]
-            if org is not None:
-                groups.append(self.org_group(org, realm, priced))
-            if end_user is not None:
-                self._add_end_user(groups, plan, user, realm, end_user, priced)
-            groups += [self.tag_group(tag, priced) for tag in tags]
-            return groups
-
-        groups = subjects(costs)
+        groups = [self.plan_group(compiled, user, ip, realm, costs), *extra]
+        if org is not None:
+            groups.append(self.org_group(org, realm, costs))
+        if end_user is not None:
+            self._add_end_user(groups, plan, user, realm, end_user, costs)
+        groups += [self.tag_group(tag, costs) for tag in tags]
         view = compiled if len(groups) == 1 else None
         if model is None:
             return CallPlan(groups, wait_us, view=view)
-        guard, retry = self._guards(model, costs, plan)
-        alternatives = tuple(Alternative(name, subjects(priced),
-                                         *self._guards(name, priced, plan))
-                             for name, priced in fallbacks)
-        return CallPlan(groups, wait_us, guard, retry, view, alternatives)
+        shard, other = self.guard.shards(model)
+        guard = self.guard.group(model, costs, plan.name, shard)
+        retry = None if other is None else self.guard.group(model, costs, plan.name, other)
+        if not fallbacks:   # the hot path: as it was before fallbacks
+            return CallPlan(groups, wait_us, guard, retry, view)
+        alternatives = []
+        for name, priced in fallbacks:
+            alt = [self.plan_group(compiled, user, ip, realm, priced), *extra]
+            if org is not None:
+                alt.append(self.org_group(org, realm, priced))
+            if end_user is not None:
+                self._add_end_user(alt, plan, user, realm, end_user, priced)
+            alt += [self.tag_group(tag, priced) for tag in tags]
+            alternatives.append(Alternative(name, alt, *self._guards(name, priced, plan)))
+        return CallPlan(groups, wait_us, guard, retry, view, tuple(alternatives))
 
     def _guards(self, model: str, costs: Costs, plan: Plan) -> tuple[Group | None, Group | None]:
         """``model``'s guard on a random shard, and on one other (None: one shard)."""

@@ -247,18 +247,18 @@ class AcquireReply:
     @classmethod
     def parse(cls, raw: Sequence[Any]) -> AcquireReply:
         # Integers already (Redis replies and memory:// alike); slicing keeps it in C.
-        end = len(raw) - (len(raw) & 1)   # odd: the alternative that served ends it
-        states = list(zip(raw[REPLY_HEAD:end:2], raw[REPLY_HEAD + 1:end:2], strict=True))
-        return cls(raw[0] == 1, raw[1], raw[2], raw[3], states,
-                   raw[-1] if end < len(raw) else None)
+        if len(raw) & 1:   # odd: the alternative that served ends it
+            odd = raw[REPLY_HEAD:-1]
+            return cls(raw[0] == 1, raw[1], raw[2], raw[3],
+                       list(zip(odd[::2], odd[1::2], strict=True)), raw[-1])
+        states = list(zip(raw[REPLY_HEAD::2], raw[REPLY_HEAD + 1::2], strict=True))
+        return cls(raw[0] == 1, raw[1], raw[2], raw[3], states)
 
     def encode(self) -> list[int]:
         out = [1 if self.allowed else 0, self.refused, self.wait_us, self.now_us]
         for remaining, reset in self.states:
             out += [remaining, reset]
-        if self.served is not None:
-            out.append(self.served)
-        return out
+        return out if self.served is None else [*out, self.served]
 
     @property
     def delay_us(self) -> int:
