@@ -127,12 +127,7 @@ class Planner:
         ``end_user``'s (when ``plan`` limits end users) and each of ``tags``' (the tables of
         the key's tags)."""
         compiled = self.compiled(plan)
-        groups = [self.plan_group(compiled, user, ip, realm), *extra]
-        if org is not None:
-            groups.append(self.org_group(org, realm))
-        if end_user is not None:
-            self._add_end_user(groups, plan, user, realm, end_user, None)
-        groups += [self.tag_group(tag) for tag in tags]
+        groups = self._groups(compiled, plan, user, ip, realm, extra, org, end_user, tags, None)
         return CallPlan(groups, wait_us, view=compiled if len(groups) == 1 else None)
 
     def reservation(self, user: str, ip: str | None, plan: Plan, model: str | None,
@@ -146,12 +141,7 @@ class Planner:
         models to serve instead, in order, each with this request's costs at its prices (see
         Alternative)."""
         compiled = self.compiled(plan, llm=True)
-        groups = [self.plan_group(compiled, user, ip, realm, costs), *extra]
-        if org is not None:
-            groups.append(self.org_group(org, realm, costs))
-        if end_user is not None:
-            self._add_end_user(groups, plan, user, realm, end_user, costs)
-        groups += [self.tag_group(tag, costs) for tag in tags]
+        groups = self._groups(compiled, plan, user, ip, realm, extra, org, end_user, tags, costs)
         view = compiled if len(groups) == 1 else None
         if model is None:
             return CallPlan(groups, wait_us, view=view)
@@ -162,14 +152,24 @@ class Planner:
             return CallPlan(groups, wait_us, guard, retry, view)
         alternatives = []
         for name, priced in fallbacks:
-            alt = [self.plan_group(compiled, user, ip, realm, priced), *extra]
-            if org is not None:
-                alt.append(self.org_group(org, realm, priced))
-            if end_user is not None:
-                self._add_end_user(alt, plan, user, realm, end_user, priced)
-            alt += [self.tag_group(tag, priced) for tag in tags]
+            alt = self._groups(compiled, plan, user, ip, realm, extra, org, end_user, tags,
+                               priced)
             alternatives.append(Alternative(name, alt, *self._guards(name, priced, plan)))
         return CallPlan(groups, wait_us, guard, retry, view, tuple(alternatives))
+
+    def _groups(self, compiled: CompiledPlan, plan: Plan, user: str, ip: str | None,
+                realm: str, extra: Sequence[Group], org: Plan | None, end_user: str | None,
+                tags: Sequence[Plan], costs: Costs | None) -> list[Group]:
+        """The subjects one request charges, in order: the user's plan (with the edge's
+        layers), a route's ``extra``, the org, the end user, the key's tags; ``costs``: a
+        reservation's (its tokens, dollars and lease), None: one request each."""
+        groups = [self.plan_group(compiled, user, ip, realm, costs), *extra]
+        if org is not None:
+            groups.append(self.org_group(org, realm, costs))
+        if end_user is not None:
+            self._add_end_user(groups, plan, user, realm, end_user, costs)
+        groups += [self.tag_group(tag, costs) for tag in tags]
+        return groups
 
     def _guards(self, model: str, costs: Costs, plan: Plan) -> tuple[Group | None, Group | None]:
         """``model``'s guard on a random shard, and on one other (None: one shard)."""

@@ -20,70 +20,16 @@
 -- wrong type or a value this script did not write answers an error before any write); the
 -- second pass writes what the first computed. No count is driven below zero.
 
-local SLOTS = 61
+--#include windows
 local LEDGER_FIELDS = {'in', 'cin', 'out', 'usd', 'req'}
-local values = unpack     -- Lua's: a list's items (struct's unpack takes the name below)
-local pack, unpack = struct.pack, struct.unpack
--- A window's counters n bytes wide, and its head (width byte, newest slot, total): as
--- acquire.lua writes them (its WINDOW STATE), the layout before it read too.
-local FMT = {'<I1', '<I2', '<I3', '<I4', '<I5', '<I6', nil, '<d'}
-local HEAD_FMT = {'<BdI1', '<BdI2', '<BdI3', '<BdI4', '<BdI5', '<BdI6', nil, '<Bdd'}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local charged_at = tonumber(ARGV[1])
 local changed = 0
 local writes = {}
 
-local function finite(x)
-  return x ~= nil and x == x and x > -math.huge and x < math.huge
-end
-
 local function bad(i, what)
   return redis.error_reply('ERR settle: ' .. KEYS[i] .. ': ' .. what .. '; nothing was changed')
-end
-
--- As acquire.lua's width_for: the narrowest counter that holds x exactly.
-local function width_for(x)
-  if x % 1 ~= 0 or x >= 281474976710656 then return 8 end
-  if x < 256 then return 1 elseif x < 65536 then return 2 elseif x < 16777216 then return 3
-  elseif x < 4294967296 then return 4 elseif x < 1099511627776 then return 5 end
-  return 6
-end
-
--- As acquire.lua's read_window: newest slot, total, width, the ring (a string), the tail's
--- {slot, count} pairs; nil when the value is not a window.
-local function read_window(raw, kind)
-  local n, w, last, total, ring_end, step, tail_fmt = #raw
-  if n % 2 == 1 then
-    w = string.byte(raw, 1)
-    if not FMT[w] then return nil end
-    ring_end, step, tail_fmt = 9 + w + SLOTS * w, 16, '<dd'
-    if n < ring_end then return nil end
-    last, total = unpack('<d', raw, 2), unpack(FMT[w], raw, 10)
-  else
-    w = kind == 'W' and 8 or 4
-    ring_end, step, tail_fmt = 16 + SLOTS * w, 8 + w, '<d' .. string.sub(FMT[w], 2)
-    if n < ring_end then return nil end
-    last, total = unpack('<dd', raw)
-  end
-  if (n - ring_end) % step ~= 0 or not (finite(last) and finite(total)) then return nil end
-  local tail, prev = {}, last
-  for off = ring_end, n - 1, step do
-    local at, held = unpack(tail_fmt, raw, off + 1)
-    if not (finite(at) and finite(held) and at > prev) then return nil end
-    tail[#tail + 1], prev = {at, held}, at
-  end
-  return last, total, w, string.sub(raw, ring_end - SLOTS * w + 1, ring_end), tail
-end
-
--- The ring's counters re-encoded w2 bytes wide; a count not a whole number keeps doubles.
-local function rewidth(ring, w, w2)
-  local fmt, counts = FMT[w], {}
-  for k = 1, SLOTS do
-    counts[k] = unpack(fmt, ring, (k - 1) * w + 1)
-    if counts[k] % 1 ~= 0 then w2 = 8 end
-  end
-  return pack('<' .. string.rep(string.sub(FMT[w2], 2), SLOTS), values(counts)), w2
 end
 
 for i = 1, #KEYS do
@@ -134,6 +80,7 @@ for i = 1, #KEYS do
         end
       else
         local last, total, w, ring, tail = read_window(raw, kind)
+        tail = tail or {}
         if not last then return bad(i, 'not a sliding window') end
         local slot = b / 60
         local idx = math.floor(charged_at / slot)

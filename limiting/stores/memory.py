@@ -15,6 +15,7 @@ from typing import Any
 from ..core.alternatives import decode_alternatives
 from ..core.codec import (
     AcquireReply,
+    Kind,
     LayerCall,
     decode_acquire,
     decode_ledger_counts,
@@ -27,6 +28,9 @@ from .memory_alerts import AlertsMirror
 from .memory_verdicts import Verdict, alternatives, refused, worst_of
 from .store import ScriptArgs, StoreUnavailable
 from .tables import MemoryTables
+
+# Kinds whose cost a shadow layer that would refuse leaves uncounted (as acquire.lua).
+COUNTED = (Kind.BUCKET, Kind.WINDOW, Kind.WIDE_WINDOW, Kind.MONTH)
 
 SLOTS = 61
 
@@ -95,30 +99,30 @@ class MemoryStore(MemoryTables):
         shadow = kind.endswith("?")   # as acquire.lua: decided, never refusing
         if shadow:
             kind = kind[:-1]
-        shared = kind == "B"          # as acquire.lua: never waits, never in debt
+        shared = kind == Kind.SHARED_BUCKET          # as acquire.lua: never waits, never in debt
         if shared:
-            kind = "b"
+            kind = Kind.BUCKET
         deadline = 0.0 if shadow or shared else max_wait
         state = self._get(key, now)
         pre = None
-        if kind == "c":
+        if kind == Kind.LEASE:
             remaining, reset, wait, write = _leases(state, now, a, b, call.cost)
             cost = 0.0 if call.cost == "-" else 1.0
-        elif kind == "p":  # no provider pacing is learnt in memory
+        elif kind == Kind.PACE:  # no provider pacing is learnt in memory
             remaining, reset, wait, write, cost = 0, 0, 0.0, None, 0.0
-        elif kind == "m":
+        elif kind == Kind.MONTH:
             cost = float(call.cost)
             remaining, reset, wait, write = _month(state, now, a, b, cost)
         else:
             cost = float(call.cost)
-            step = _bucket if kind == "b" else _window
+            step = _bucket if kind == Kind.BUCKET else _window
             remaining, reset, wait, write, pre = step(state, now, a, b, cost, deadline, shared)
         verdict = Verdict(key, remaining, reset, wait, write, cost, pre)
         if pre is not None:
             verdict.slot_wait, verdict.wait = wait, 0.0
         elif shadow and wait != 0:
             # As acquire.lua: passed uncounted; a remaining below 0 tells the caller.
-            counted = cost if kind in ("b", "w", "W", "m") else 0.0
+            counted = cost if kind in COUNTED else 0.0
             verdict.remaining, verdict.wait, verdict.write = min(remaining - counted, -1), 0.0, None
             verdict.over = True
         return verdict
@@ -135,30 +139,30 @@ class MemoryStore(MemoryTables):
             now = self._now_us()
             charged_at, items = decode_settle(args)
             for key, (kind, b, value) in zip(keys, items, strict=True):
-                if kind in ("h", "z"):
+                if kind in (Kind.LEDGER_COUNTS, Kind.LEDGER_RANK):
                     self._ledger(key, kind, b, value, now)
                     continue
                 item = self._data.get(key)
                 if item is None:
                     continue
                 expires, state = item
-                if kind in ("c", "r"):
+                if kind in (Kind.LEASE, Kind.RENEW):
                     lease = value
-                    if state[1].get(lease, 0) > now or (kind == "c" and lease in state[1]):
+                    if state[1].get(lease, 0) > now or (kind == Kind.LEASE and lease in state[1]):
                         # As settle.lua: a lease past its TTL is gone and is not renewed.
-                        if kind == "c":
+                        if kind == Kind.LEASE:
                             del state[1][lease]
                         else:
                             state[1][lease] = now + b
                             self._data[key] = (max(expires, now + b + 1e6), state)
                     continue
                 delta = float(value)
-                if kind == "b":
+                if kind == Kind.BUCKET:
                     # As settle.lua: a refund pays back waiters' debt (below 0) too.
                     left = min(b, state[1] - delta)
                     state[1] = left if delta <= 0 else max(0.0, left)
                     continue
-                if kind == "m":
+                if kind == Kind.MONTH:
                     if state[1] == b:   # the month charged: an ended month gives nothing
                         state[2] = max(0.0, state[2] + delta)
                     continue
@@ -180,13 +184,14 @@ class MemoryStore(MemoryTables):
             return len(keys)
 
     def _ledger(self, key: str, kind: str, expire_ms: float, value: str, now: int) -> None:
-        """As settle.lua's "h" and "z": add to a day's counters or ranking, until it expires."""
+        """As settle.lua's LEDGER_COUNTS and LEDGER_RANK: add to a day's counters or ranking,
+        until it expires."""
         until = expire_ms * 1000
         if until <= now:
             return
         state = self._get(key, now) or [kind, {}]
         counts = state[1]
-        if kind == "h":
+        if kind == Kind.LEDGER_COUNTS:
             for name, add in decode_ledger_counts(value).items():
                 if add:
                     counts[name] = counts.get(name, 0) + add
