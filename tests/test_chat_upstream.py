@@ -15,6 +15,9 @@ from limiting.providers import clients
 from tests.conftest import provider_env, write_policy
 
 POLICY = """
+[store]
+timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
+
 [plans.p]
 burst = 50
 refill_per_second = 1

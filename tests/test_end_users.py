@@ -202,6 +202,9 @@ def test_on_a_cluster_refusals_give_back_the_other_slots_charge(
 # --- through the Flask app and the real SDKs --------------------------------------------------
 
 PRICED = """
+[store]
+timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
+
 [edge]
 per_ip = ["100000 per 10 seconds"]
 

@@ -39,6 +39,9 @@ cluster_url = topologies.cluster_url
 # bucket read before and after a call changes only by what the call charged, however slow the
 # machine. (At 100 a second, Alice's bucket gained a token between two reads on a busy box.)
 POLICY = """
+[store]
+timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
+
 [plans.p]
 burst = 100
 refill_per_second = 0.001
@@ -238,6 +241,9 @@ def test_keys_create_org_charges_the_keys_org_over_users(tmp_path: Path, r: redi
 # --- tokens and dollars through /v1 ---------------------------------------------------------------
 
 PRICED = """
+[store]
+timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
+
 [plans.p]
 burst = 100
 refill_per_second = 100

@@ -27,6 +27,9 @@ from tests.conftest import provider_env, write_policy
 TAG = "project=search"
 TAG_LAYER = f"tag:{TAG}/quota-day"
 POLICY = f"""
+[store]
+timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
+
 [edge]
 per_ip = ["100000 per 10 seconds"]
 

@@ -97,6 +97,9 @@ def test_check_config_reads_the_new_keys(tmp_path: Path) -> None:
 # --- shadow mode over HTTP ------------------------------------------------------------------------
 
 SHADOW = """
+[store]
+timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
+
 [plans.trial]
 burst = 50
 refill_per_second = 1
