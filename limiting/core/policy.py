@@ -309,6 +309,16 @@ def _edge(source: str, table: dict[str, Any]) -> tuple[list[str], FailMode]:
     return per_ip, fail_edge
 
 
+def _store(source: str, table: dict[str, Any]) -> tuple[int, bool, int]:
+    """[store]: a decision's budget in ms, the local fallback, the ledger's days."""
+    store = TableReader(source, "store", table)
+    timeout_ms = store.positive("timeout_ms", default=50)
+    local_fallback = store.get("local_fallback", bool, False)
+    history_days = store.positive("history_days", default=35)
+    store.done()
+    return timeout_ms, local_fallback, history_days
+
+
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     """Build a Policy from a dict with the policy file's schema (parsed TOML, or written in
     code), checking every key."""
@@ -343,11 +353,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
                             **{f"plans.{n}.end_user": p.end_user for n, p in plans.items()
                                if p.end_user is not None}}, models)
 
-    store = TableReader(source, "store", top.get("store", dict, {}))
-    timeout_ms = store.positive("timeout_ms", default=50)
-    local_fallback = store.get("local_fallback", bool, False)
-    history_days = store.positive("history_days", default=35)
-    store.done()
+    timeout_ms, local_fallback, history_days = _store(source, top.get("store", dict, {}))
     routes = parse_routes(source, top.get("routes", dict, {}))
     jwt_claims = read_jwt_claims(source, top.get("identity", dict, {}))
     webhook_url = alerts_webhook(source, top.get("alerts", dict, {}))
