@@ -289,13 +289,15 @@ def store_calls(r: redis.Redis, *commands: str) -> int:
 
 # How `make test` spreads the suite over xdist workers (``--dist loadgroup``): one by one,
 # except
-# - tests on a Cluster or Sentinel set, shared or their own (failovers killing servers): one
-#   worker runs them all, so no two of them starve each other's servers of CPU and the shared
-#   topologies start once, not once a worker;
+# - tests on a Cluster, shared or their own (failovers killing servers): one worker runs them
+#   all, so no two of them starve each other's servers of CPU and the shared Cluster starts
+#   once, not once a worker; tests on a Sentinel set likewise, on a worker of their own (one
+#   group for both made the slowest stretch of the run: every topology test on one worker);
 # - a file whose tests share a module-scoped fixture (a gunicorn stack): one worker, so the
 #   stack starts once, not once a worker.
 TOPOLOGY_FIXTURES = {"cluster", "sentinel_set", "fresh_cluster", "fresh_sentinel",
                      "bare_cluster", "own_valkey", "cluster_url", "sentinel_url"}
+SENTINEL_FIXTURES = {"sentinel_set", "fresh_sentinel", "sentinel_url"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -304,8 +306,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # A test may name its topology as a parameter and get it by request.getfixturevalue.
         names |= {v for v in getattr(getattr(item, "callspec", None), "params", {}).values()
                   if isinstance(v, str)}
-        if TOPOLOGY_FIXTURES & names:
-            item.add_marker(pytest.mark.xdist_group("topology"))
+        topologies = TOPOLOGY_FIXTURES & names
+        if topologies:
+            sentinel = topologies <= SENTINEL_FIXTURES
+            item.add_marker(pytest.mark.xdist_group("sentinel" if sentinel else "topology"))
             continue
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if any(d and d[-1].scope == "module" for d in defs.values()):

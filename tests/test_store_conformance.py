@@ -69,7 +69,7 @@ STORES = [
     pytest.param("cluster_url", id="cluster",
                  marks=[pytest.mark.slow, pytest.mark.xdist_group("topology")]),
     pytest.param("sentinel_url", id="sentinel",
-                 marks=[pytest.mark.slow, pytest.mark.xdist_group("topology")]),
+                 marks=[pytest.mark.slow, pytest.mark.xdist_group("sentinel")]),
     pytest.param("memory", id="memory"),
     pytest.param("registered", id="registered"),
 ]
