@@ -20,7 +20,7 @@ from .core.codec import Costs
 from .core.decision import Decision, GuardRefused, Refused, from_reply, joined, shadow_over
 from .core.end_users import compile_end_user
 from .core.groups import CallPlan, Group, Role
-from .core.layers import Layer, compile_plan
+from .core.layers import CompiledPlan, Layer, compile_plan
 from .core.naming import (
     KEY_USER,
     EdgeKeys,
@@ -252,21 +252,22 @@ class Engine:
             [prefix + suffix for suffix in compiled.suffixes], compiled.args))
         return decision if org is None else joined(decision, self.peek_org(org, realm))
 
+    def _look(self, compiled: CompiledPlan, prefix: str) -> Decision:
+        """A shared subject's layers (compiled at cost 0) under ``prefix``, charging nothing."""
+        return from_reply(compiled, self.executor.look(
+            [prefix + layer.suffix for layer in compiled.layers], compiled.args))
+
     def peek_org(self, org: Plan, realm: str = KEY_USER) -> Decision:
         """Every layer of ``org`` (its key holders', or with BODY_USER its /chat user_ids'),
         charging nothing."""
-        compiled = compile_org(org, llm=True, cost=0)
-        prefix = org_prefix(self.namespace, org.name, realm)
-        return from_reply(compiled, self.executor.look(
-            [prefix + layer.suffix for layer in compiled.layers], compiled.args))
+        return self._look(compile_org(org, llm=True, cost=0),
+                          org_prefix(self.namespace, org.name, realm))
 
     def peek_tag(self, tag: Plan) -> Decision:
         """Every layer of the tag table ``tag`` (shared by the keys bearing it), charging
         nothing."""
-        compiled = compile_org(tag, llm=True, cost=0, tag=True)
-        prefix = tag_prefix(self.namespace, tag.name)
-        return from_reply(compiled, self.executor.look(
-            [prefix + layer.suffix for layer in compiled.layers], compiled.args))
+        return self._look(compile_org(tag, llm=True, cost=0, tag=True),
+                          tag_prefix(self.namespace, tag.name))
 
     def peek_end_user(self, user: str, end_user: str, plan: Plan, realm: str = KEY_USER
                       ) -> Decision | None:
@@ -274,10 +275,8 @@ class Engine:
         limits no end users), charging nothing."""
         if plan.end_user is None:
             return None
-        compiled = compile_end_user(plan.end_user, llm=True, cost=0)
-        prefix = end_user_prefix(self.namespace, user, realm, end_user)
-        return from_reply(compiled, self.executor.look(
-            [prefix + layer.suffix for layer in compiled.layers], compiled.args))
+        return self._look(compile_end_user(plan.end_user, llm=True, cost=0),
+                          end_user_prefix(self.namespace, user, realm, end_user))
 
     def reset(self, user: str, layer: str | None = None, plan: Plan | None = None,
               realm: str = KEY_USER) -> int:

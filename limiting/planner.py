@@ -145,9 +145,7 @@ class Planner:
         view = compiled if len(groups) == 1 else None
         if model is None:
             return CallPlan(groups, wait_us, view=view)
-        shard, other = self.guard.shards(model)
-        guard = self.guard.group(model, costs, plan.name, shard)
-        retry = None if other is None else self.guard.group(model, costs, plan.name, other)
+        guard, retry = self._guards(model, costs, plan)
         if not fallbacks:   # the hot path: as it was before fallbacks
             return CallPlan(groups, wait_us, guard, retry, view)
         alternatives = []
