@@ -15,6 +15,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported at the first call instead: see errors.py
+    import ssl
+
     import anthropic
     import openai
 
@@ -59,12 +61,23 @@ def _hooks() -> dict[str, list[Any]]:
 
 
 @cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every client of the worker, made as httpx makes its default one:
+    each client made its own, loading the CA bundle again (16 of them: a second of CPU at
+    every worker's start, and the bundle held 16 times)."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
+@cache
 def _openai_clients() -> tuple[openai.OpenAI, ...]:
     import openai
 
     # No SDK retries: a retry spends the user's money twice; the caller sees Retry-After.
     return tuple(openai.OpenAI(max_retries=0, timeout=_timeout(),
-                               http_client=openai.DefaultHttpxClient(event_hooks=_hooks()))
+                               http_client=openai.DefaultHttpxClient(event_hooks=_hooks(),
+                                                                     verify=_tls()))
                  for _ in range(SHARDS))
 
 
@@ -74,7 +87,7 @@ def _anthropic_clients() -> tuple[anthropic.Anthropic, ...]:
 
     return tuple(anthropic.Anthropic(max_retries=0, timeout=_timeout(),
                                      http_client=anthropic.DefaultHttpxClient(
-                                         event_hooks=_hooks()))
+                                         event_hooks=_hooks(), verify=_tls()))
                  for _ in range(SHARDS))
 
 
@@ -101,3 +114,4 @@ def reset() -> None:
     """Forget the clients (they read OPENAI_*/ANTHROPIC_* from the environment once)."""
     _openai_clients.cache_clear()
     _anthropic_clients.cache_clear()
+    _tls.cache_clear()
