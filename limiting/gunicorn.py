@@ -14,13 +14,17 @@ Worker class by measurement (bench/, README "Benchmark"): sync workers serve one
 so 4 workers answer 4 calls at once; gevent holds a thousand waiting calls per worker on one
 core's worth of CPU. GUNICORN_WORKER_CLASS overrides, e.g. for the benchmark's comparison.
 
-Standard library only at import, and in the master: nothing here may import ssl (Flask, redis,
-the app) before gevent patches the workers. So the app's folders come from its module's
-import spec (limiting/locations.py), not from importing it.
+Standard library only at import: the worker class is known only once gunicorn has read every
+config file. The master then imports the provider SDKs once (their pydantic types cost ~5 s of
+CPU per process), and every worker forks with them loaded; for gevent workers it first patches
+socket and ssl, as gevent asks of anything imported before the fork. Nothing else is imported in
+the master: the app's folders come from its module's import spec (limiting/locations.py).
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 import shutil
 from pathlib import Path
@@ -53,6 +57,7 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 def on_starting(server: Any) -> None:
     """Metrics files for every worker; without REDIS_URL, one Valkey every worker shares;
     the policy checked, and the copy the workers load made."""
+    _preload_sdks(server)
     # On the arbiter, not in module globals: what HUP needs survives a reload of the config.
     server.limits_root, server.limits_instance = _folders(server)
     server.limits_named = os.environ.get("LIMITS_CONFIG") or None
@@ -79,7 +84,8 @@ def on_reload(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """The SDKs load in each worker before it serves, not on its first upstream call."""
+    """Each worker makes its own SDK clients (their connection pools) before it serves, not
+    on its first upstream call; the SDKs themselves came loaded from the master."""
     from .providers.clients import warm
 
     warm()
@@ -88,6 +94,31 @@ def post_worker_init(worker: Any) -> None:
 def on_exit(server: Any) -> None:
     """The embedded store stops with the master: no process of ours outlives it."""
     stop_spawned(getattr(server, "embedded_store", None))
+
+
+# The SDK of each provider whose key is set (the ones providers/clients.warm makes clients of).
+SDKS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+
+def _preload_sdks(server: Any) -> None:
+    """Import the SDKs in the master, once: a worker that imported them itself spent ~5 s of
+    CPU booting (4 workers, 20 s of a small box at every start, HUP and recycle) and held its
+    own copy of their types. gevent workers patch the whole library after the fork; socket and
+    ssl are patched here first, so nothing the SDKs import keeps the unpatched ssl (gevent's
+    MonkeyPatchWarning). threading, select, os and signal stay as the arbiter expects them.
+    gc.freeze keeps the collector from touching, and so copying, the shared pages."""
+    names = [name for name, key in SDKS.items() if os.environ.get(key)]
+    if not names or os.environ.get("LIMITER_PRELOAD_SDKS", "1") == "0":
+        return
+    if any(c.__module__.startswith("gunicorn.workers.ggevent")
+           for c in type.mro(server.worker_class)):
+        from gevent import monkey
+
+        monkey.patch_socket()
+        monkey.patch_ssl()
+    for name in names:
+        importlib.import_module(name)
+    gc.freeze()
 
 
 def _keep_policy(server: Any, reloading: bool) -> None:
