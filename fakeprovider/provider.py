@@ -7,6 +7,7 @@ than on their loop; knobs are plain thread-safe method calls.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Mapping
 from types import TracebackType
@@ -37,13 +38,16 @@ class FakeProvider:
         max_logged: int = 10_000,
         prices: Mapping[str, Mapping[str, float]] | None = None,
         tokenizer: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``tokenizer``: bill prompts by a real tokenizer where one is installed
-        (:mod:`fakeprovider.render`), not by words."""
+        (:mod:`fakeprovider.render`), not by words. ``tls``: a server context to serve https
+        with, as the real providers do."""
         self.state = State(delay, chunk_delay, rpm, tpm, max_logged=max_logged, prices=prices,
                            tokenizer=tokenizer)
         self.host = host
         self.port = port
+        self.tls = tls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: HTTPServer | None = None
@@ -55,7 +59,7 @@ class FakeProvider:
         """Base URL, e.g. ``http://127.0.0.1:54321`` (OpenAI clients add ``/v1``)."""
         if self._server is None:
             raise RuntimeError("FakeProvider is not started")
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> FakeProvider:
         """Start serving; returns once the socket is listening."""
@@ -89,7 +93,7 @@ class FakeProvider:
             self._stopped = asyncio.Event()
             server = HTTPServer(App(self.state))
             try:
-                self.port = await server.start(self.host, self.port)
+                self.port = await server.start(self.host, self.port, self.tls)
             except BaseException as exc:  # report bind errors to start()
                 errors.append(exc)
                 ready.set()

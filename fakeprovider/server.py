@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -150,10 +151,11 @@ class HTTPServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Bind and listen; returns the bound port."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    tls: ssl.SSLContext | None = None) -> int:
+        """Bind and listen (over TLS with ``tls``); returns the bound port."""
         self._server = await asyncio.start_server(
-            self._on_connect, host, port, backlog=4096, limit=READ_SIZE
+            self._on_connect, host, port, backlog=4096, limit=READ_SIZE, ssl=tls
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port

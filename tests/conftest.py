@@ -217,12 +217,13 @@ def client(app: Flask) -> FlaskClient:
 
 @contextlib.contextmanager
 def keyed_app(folder: Path, env: dict[str, str], users: Mapping[str, str], workers: int,
-              more: Mapping[str, Sequence[str]] | None = None
+              more: Mapping[str, Sequence[str]] | None = None, tls: Any = None
               ) -> Iterator[tuple[Gunicorn, Any, dict[str, str]]]:
     """gunicorn on ``env`` in front of a FakeProvider, with one API key per user (``users``:
     user -> plan; ``more``: user -> further `keys create` arguments, e.g. --tag) made by
     `flask keys create` as an operator would, in parallel (each CLI start costs seconds).
-    Yields (server, fake provider, user -> key); stops both after."""
+    ``tls``: the provider's server context (it serves https). Yields (server, fake provider,
+    user -> key); stops both after."""
     from fakeprovider import FakeProvider
 
     more = more or {}
@@ -231,7 +232,7 @@ def keyed_app(folder: Path, env: dict[str, str], users: Mapping[str, str], worke
          *more.get(user, ())],
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for user, plan in users.items()}
-    with FakeProvider() as fp:
+    with FakeProvider(tls=tls) as fp:
         server = Gunicorn({**env, "WEB_CONCURRENCY": str(workers), "UPSTREAM_TIMEOUT": "5",
                            "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": fp.url + "/v1",
                            "ANTHROPIC_API_KEY": "sk-fake", "ANTHROPIC_BASE_URL": fp.url},
