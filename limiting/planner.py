@@ -6,7 +6,7 @@ are charged. limiting/executor.py runs it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .core.codec import AcquireCall, Costs
@@ -40,34 +40,31 @@ class Planner:
         self.edge = edge
         self.edge_keys = edge_keys
         self.guard = GuardKeys(policy, namespace)
-        self._compiled: dict[str, CompiledPlan] = {}
-        self._llm: dict[str, CompiledPlan] = {}
-        self._orgs: dict[tuple[str, bool], CompiledPlan] = {}
-        self._end_users: dict[tuple[str, bool], CompiledPlan] = {}
-        self._tags: dict[tuple[str, bool], CompiledPlan] = {}
+        self._cache: dict[tuple[Role, str, bool], CompiledPlan] = {}
         self.edge_only = compile_plan(None, edge) if edge else None
+
+    def _compile(self, role: Role, plan: Plan, llm: bool,
+                 make: Callable[[], CompiledPlan]) -> CompiledPlan:
+        """One compiled form per role, name and ``llm``; made again when a reload gave that
+        name a new Plan."""
+        key = (role, plan.name, llm)
+        compiled = self._cache.get(key)
+        if compiled is None or compiled.plan is not plan:
+            compiled = self._cache[key] = make()
+        return compiled
 
     def compiled(self, plan: Plan, llm: bool = False) -> CompiledPlan:
         """``plan``'s layers behind the edge's (``llm``: its tokens, dollars, leases too)."""
-        compiled = self._llm if llm else self._compiled
-        cached = compiled.get(plan.name)
-        if cached is None or cached.plan is not plan:
-            cached = compiled[plan.name] = compile_plan(plan, self.edge, llm=llm)
-        return cached
+        return self._compile(Role.PLAN, plan, llm,
+                             lambda: compile_plan(plan, self.edge, llm=llm))
 
     def compiled_org(self, org: Plan, llm: bool = False) -> CompiledPlan:
-        key = (org.name, llm)
-        compiled = self._orgs.get(key)
-        if compiled is None or compiled.plan is not org:
-            compiled = self._orgs[key] = replace(compile_org(org, llm=llm), plan=org)
-        return compiled
+        return self._compile(Role.ORG, org, llm,
+                             lambda: replace(compile_org(org, llm=llm), plan=org))
 
     def compiled_tag(self, tag: Plan, llm: bool = False) -> CompiledPlan:
-        key = (tag.name, llm)
-        compiled = self._tags.get(key)
-        if compiled is None or compiled.plan is not tag:
-            compiled = self._tags[key] = replace(compile_org(tag, llm=llm, tag=True), plan=tag)
-        return compiled
+        return self._compile(Role.TAG, tag, llm,
+                             lambda: replace(compile_org(tag, llm=llm, tag=True), plan=tag))
 
     def plan_group(self, compiled: CompiledPlan, user: str, ip: str | None,
                    realm: str = KEY_USER, costs: Costs | None = None) -> Group:
@@ -96,15 +93,15 @@ class Planner:
         limits = plan.end_user
         if limits is None:
             return None
-        key = (limits.name, costs is not None)
-        compiled = self._end_users.get(key)
-        if compiled is None or compiled.plan is not limits:
-            compiled = self._end_users[key] = compile_end_user(limits, llm=costs is not None)
+        llm = costs is not None
+        compiled = self._compile(Role.END_USER, limits, llm,
+                                 lambda: compile_end_user(limits, llm=llm))
         if not compiled.layers:   # e.g. only tokens, on a call that reserves none
             return None
         prefix = end_user_prefix(self.namespace, holder, realm, end_user)
         return _group(compiled, [prefix + layer.suffix for layer in compiled.layers], prefix,
                       costs, Role.END_USER)
+
     def tag_group(self, tag: Plan, costs: Costs | None = None) -> Group:
         """A tag's layers (``[tags."name=value"]``, shared by every key bearing it) as a
         Group under the tag's own hash tag, as an org's are."""
