@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from . import metrics
 from .alerts import Alerts, crossings_of
@@ -152,9 +153,7 @@ class Engine:
             metrics.count(metrics.FALLBACKS.labels(ask.model_name, outcome.served.model))
             ask = next(alt for alt in asks if alt.model_name == outcome.served.model)
             costs = ask.costs(costs.lease)
-            spender = Spender(self.ledger_keys, user, realm, plan.name, ask.model_name,
-                              ask.key_id, self.policy.history_days, end_user=end_user,
-                              tags=tuple(tags))
+            spender = replace(spender, model=ask.model_name, key_id=ask.key_id)
         if outcome.away:
             return self._reserve_away(user, plan, ask, outcome, realm, renews, spender, org)
         if outcome.guard_wait_us is not None:
