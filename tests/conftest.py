@@ -220,29 +220,27 @@ def keyed_app(folder: Path, env: dict[str, str], users: Mapping[str, str], worke
               more: Mapping[str, Sequence[str]] | None = None, tls: Any = None
               ) -> Iterator[tuple[Gunicorn, Any, dict[str, str]]]:
     """gunicorn on ``env`` in front of a FakeProvider, with one API key per user (``users``:
-    user -> plan; ``more``: user -> further `keys create` arguments, e.g. --tag) made by
-    `flask keys create` as an operator would, in parallel (each CLI start costs seconds).
+    user -> plan; ``more``: user -> further `keys create` arguments, e.g. --tag) made by the
+    `flask keys create` command an operator runs, through click's runner in this process (a
+    CLI process per key cost a second of CPU each: minutes of a run's 2 cores).
     ``tls``: the provider's server context (it serves https). Yields (server, fake provider,
     user -> key); stops both after."""
+    from app import create_app
     from fakeprovider import FakeProvider
 
     more = more or {}
-    procs = {user: subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "app", "keys", "create", user, "--plan", plan,
-         *more.get(user, ())],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for user, plan in users.items()}
+    cli = create_app(dict(env)).test_cli_runner()
+    keys = {}
+    for user, plan in users.items():
+        done = cli.invoke(args=["keys", "create", user, "--plan", plan, *more.get(user, ())])
+        assert done.exit_code == 0, done.output
+        keys[user] = done.stdout.strip().splitlines()[-1]
     with FakeProvider(tls=tls) as fp:
         server = Gunicorn({**env, "WEB_CONCURRENCY": str(workers), "UPSTREAM_TIMEOUT": "5",
                            "OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": fp.url + "/v1",
                            "ANTHROPIC_API_KEY": "sk-fake", "ANTHROPIC_BASE_URL": fp.url},
                           folder / "gunicorn.log").start()
         try:
-            keys = {}
-            for user, proc in procs.items():
-                out, err = proc.communicate(timeout=60)
-                assert proc.returncode == 0, err
-                keys[user] = out.strip().splitlines()[-1]
             yield server, fp, keys
         finally:
             server.stop()
