@@ -277,20 +277,25 @@ def test_every_worker_refuses_from_its_cache_and_lets_through_after_reset(
 
     mine = threading.local()
 
-    def post(_: int) -> tuple[int, int]:
+    def post(_: int) -> tuple[int, int, float]:
+        """(status, Retry-After, when the answer was back)."""
         client = getattr(mine, "client", None)
         if client is None:   # a client per thread: one shared by threads races on close
             client = mine.client = httpx.Client(timeout=30)
         resp = client.post(url + "/chat", json={"message": "hi", "user_id": "flood"})
-        return resp.status_code, int(resp.headers.get("Retry-After", "0"))
+        return resp.status_code, int(resp.headers.get("Retry-After", "0")), time.monotonic()
 
     with ThreadPoolExecutor(16) as pool:
+        sent = time.monotonic()
         first = list(pool.map(post, range(64)))
-        assert sum(code == 200 for code, _ in first) == 1   # burst 1: the store's answer
+        assert sum(code == 200 for code, _, _ in first) == 1   # burst 1: the store's answer
         before, began = evalsha_calls(r), time.monotonic()
         refused = list(pool.map(post, range(1000)))
         calls = evalsha_calls(r) - before
-        assert all(code == 429 and wait > 90 for code, wait in refused)
+        # The one admitted went in after `sent`, so its next token is due 100 s after that:
+        # every refusal says so, whether the store or a worker's cache gave it (less only by
+        # the time gone since, which a loaded box stretches; a second for rounding).
+        assert all(code == 429 and wait >= 99 - (back - sent) for code, wait, back in refused)
         # Each worker asks the store again at most about once a second; not once a refusal.
         # (A worker that had not learnt the refusal yet asks for each of its requests in
         # flight, 16 at most.) On a quick machine, 5% of the refusals; past that only as the
@@ -300,12 +305,12 @@ def test_every_worker_refuses_from_its_cache_and_lets_through_after_reset(
         assert cli.invoke(args=["limits", "reset", "flood", "--anonymous"]).exit_code == 0
         started = time.monotonic()
         while True:   # every worker: within about a second
-            sent = time.monotonic()
+            asked = time.monotonic()
             if post(0)[0] == 200:
                 break
             # Refused: then it was sent within about a second of the reset. (Its send, not
             # its reply: a loaded machine may take long to answer, honestly.)
-            assert sent - started < 1.75, "reset not seen within a second"
+            assert asked - started < 1.75, "reset not seen within a second"
 
 
 def _refusal(wait: float) -> tuple[Decision, tuple[Any, ...]]:
