@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 import redis
@@ -103,10 +104,20 @@ def test_1000_mixed_requests_leave_no_reservation_or_lease(stack, r: redis.Redis
 
     def run(i: int) -> str:
         if not hasattr(local, "oai"):
+            # A connection idle for gunicorn's keep-alive (5 s, as long as httpx keeps one) may
+            # be closed by the server just as the client sends on it: "Server disconnected
+            # without sending a response", once in a loaded run where a thread sat out 5 s.
+            # The SDKs' retries would send it again; these have none (a 429 must show), so
+            # they drop an idle connection well before the server does.
+            limits = httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                                  keepalive_expiry=1.0)
             local.oai = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0,
-                                      timeout=20)
+                                      timeout=20,
+                                      http_client=openai.DefaultHttpxClient(limits=limits))
             local.ant = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0,
-                                            timeout=20)
+                                            timeout=20,
+                                            http_client=anthropic.DefaultHttpxClient(
+                                                limits=limits))
         rng = random.Random(i)
         return one(rng.choice(kinds), local.oai, local.ant, fp, rng)
 
