@@ -153,13 +153,20 @@ def _send_and_read(conn: Any, batch: list[_Pending]) -> None:
         return
     for pending in batch:
         if not pending.ok and pending.value is None:
-            # NOSCRIPT after a SCRIPT FLUSH or restart: redis-py's Script loads it again.
+            # NOSCRIPT after a SCRIPT FLUSH or restart: redis-py's Script loads it again; and
+            # once more when another flush came between its load and its call (NOSCRIPT: the
+            # script did not run, so nothing was charged twice).
             script, keys, args = pending.call
-            try:
-                pending.value = script(keys, args)
-                pending.ok = True
-            except BaseException as exc:  # the caller maps it, as any store error
-                pending.value = exc
+            for _ in (1, 2):
+                try:
+                    pending.value = script(keys, args)
+                    pending.ok = True
+                    break
+                except NoScriptError as exc:
+                    pending.value = exc
+                except BaseException as exc:  # the caller maps it, as any store error
+                    pending.value = exc
+                    break
 
 
 def _trip(conn: Any, batch: list[_Pending]) -> None:
