@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .locations import instance_override, module_folders, policy_path
+from .provider_keys import keyed_providers
 from .stores.embedded import socket_url, spawn, stop_spawned
 
 __all__ = [
@@ -96,10 +97,6 @@ def on_exit(server: Any) -> None:
     stop_spawned(getattr(server, "embedded_store", None))
 
 
-# The SDK of each provider whose key is set (the ones providers/clients.warm makes clients of).
-SDKS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-
-
 def _preload_sdks(server: Any) -> None:
     """Import the SDKs in the master, once: a worker that imported them itself spent ~5 s of
     CPU booting (4 workers, 20 s of a small box at every start, HUP and recycle) and held its
@@ -107,7 +104,7 @@ def _preload_sdks(server: Any) -> None:
     ssl are patched here first, so nothing the SDKs import keeps the unpatched ssl (gevent's
     MonkeyPatchWarning). threading, select, os and signal stay as the arbiter expects them.
     gc.freeze keeps the collector from touching, and so copying, the shared pages."""
-    names = [name for name, key in SDKS.items() if os.environ.get(key)]
+    names = keyed_providers()   # the SDKs providers/clients.warm makes clients of
     if not names or os.environ.get("LIMITER_PRELOAD_SDKS", "1") == "0":
         return
     if any(c.__module__.startswith("gunicorn.workers.ggevent")

@@ -6,12 +6,11 @@ import os
 from collections.abc import Mapping
 
 from limiting.core.policy import ModelPolicy, Policy
+from limiting.provider_keys import PROVIDER_KEYS
 
 from .apis import ANTHROPIC, OPENAI, ProviderAPI, api_for
 from .errors import UpstreamError
 from .request import LLMRequest
-
-_KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
 class UnknownModel(ValueError):
@@ -40,7 +39,7 @@ def provider_for(model: str, policy: Policy | Mapping[str, ModelPolicy]) -> str:
 
 def check_available(provider: str, model: str) -> None:
     """Refuse before any limit is charged when the server holds no key for the provider."""
-    env = _KEYS.get(provider)
+    env = PROVIDER_KEYS.get(provider)
     if env and not os.environ.get(env):
         raise ProviderKeyMissing(model, f"model {model!r} needs {env} to be set on the server")
 

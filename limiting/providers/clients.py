@@ -14,6 +14,8 @@ from contextvars import ContextVar
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from ..provider_keys import keyed_providers
+
 if TYPE_CHECKING:  # imported at the first call instead: see errors.py
     import ssl
 
@@ -104,9 +106,10 @@ def anthropic_client() -> anthropic.Anthropic:
 def warm() -> None:
     """Import the SDK of each provider whose key is set and make its clients, so the first
     call does not pay for the import (gunicorn.conf.py calls this in every new worker)."""
-    if os.environ.get("OPENAI_API_KEY"):
+    keyed = keyed_providers()
+    if "openai" in keyed:
         _openai_clients()
-    if os.environ.get("ANTHROPIC_API_KEY"):
+    if "anthropic" in keyed:
         _anthropic_clients()
 
 
