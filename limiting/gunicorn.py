@@ -16,8 +16,9 @@ core's worth of CPU. GUNICORN_WORKER_CLASS overrides, e.g. for the benchmark's c
 
 Standard library only at import: the worker class is known only once gunicorn has read every
 config file. The master then imports the provider SDKs once (their pydantic types cost ~5 s of
-CPU per process), and every worker forks with them loaded; for gevent workers it first patches
-socket and ssl, as gevent asks of anything imported before the fork. Nothing else is imported in
+CPU per process) and flask, Flask-Limiter and redis-py (~0.7 s), and every worker forks with
+them loaded; for gevent workers it first patches socket and ssl, as gevent asks of anything
+imported before the fork. Nothing else is imported in
 the master: the app's folders come from its module's import spec (limiting/locations.py).
 """
 
@@ -53,6 +54,11 @@ keepalive = 5
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
+
+
+# Not the app itself (it opens the store and reads the policy in each worker, and a HUP reloads
+# it), nor prometheus_client (it reads PROMETHEUS_MULTIPROC_DIR, set below, at import).
+_WEB_STACK = ("flask", "flask_limiter", "redis")
 
 
 def on_starting(server: Any) -> None:
@@ -98,14 +104,14 @@ def on_exit(server: Any) -> None:
 
 
 def _preload_sdks(server: Any) -> None:
-    """Import the SDKs in the master, once: a worker that imported them itself spent ~5 s of
-    CPU booting (4 workers, 20 s of a small box at every start, HUP and recycle) and held its
-    own copy of their types. gevent workers patch the whole library after the fork; socket and
-    ssl are patched here first, so nothing the SDKs import keeps the unpatched ssl (gevent's
+    """Import the SDKs and the web stack in the master, once: a worker that imported them
+    itself spent ~5 s of CPU on the SDKs and ~0.7 s on flask, Flask-Limiter and redis-py before
+    it served (4 workers, 20 s of a small box at every start, HUP and recycle) and held its own
+    copy of them. gevent workers patch the whole library after the fork; socket and ssl are
+    patched here first, so nothing imported here keeps the unpatched ssl or socket (gevent's
     MonkeyPatchWarning). threading, select, os and signal stay as the arbiter expects them.
     gc.freeze keeps the collector from touching, and so copying, the shared pages."""
-    names = keyed_providers()   # the SDKs providers/clients.warm makes clients of
-    if not names or os.environ.get("LIMITER_PRELOAD_SDKS", "1") == "0":
+    if os.environ.get("LIMITER_PRELOAD_SDKS", "1") == "0":
         return
     if any(c.__module__.startswith("gunicorn.workers.ggevent")
            for c in type.mro(server.worker_class)):
@@ -113,7 +119,8 @@ def _preload_sdks(server: Any) -> None:
 
         monkey.patch_socket()
         monkey.patch_ssl()
-    for name in names:
+    # The SDKs that providers/clients.warm makes clients of, then what every app of ours imports.
+    for name in (*keyed_providers(), *_WEB_STACK):
         importlib.import_module(name)
     gc.freeze()
 
