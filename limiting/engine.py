@@ -106,8 +106,9 @@ class Engine:
             # and so are the end users' (limited here by their holder's share alone) and the
             # tags' (not limited there).
             fb, fb_plan, fb_org = self._in_fallback(user, plan, org)
+            cause = outcome.decision.cause
             outcome.decision = fb.acquire(user, None, fb_plan, realm, fb_org)
-            outcome.decision.degraded = True
+            outcome.decision.degraded, outcome.decision.cause = True, cause
         return outcome
 
     def decide(self, groups: Sequence[Group], wait_us: int = 0) -> Outcome:

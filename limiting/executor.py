@@ -138,8 +138,8 @@ class Executor:
                 first, reply = reply, self._call_alternatives(plan, guards)
                 if not reply.allowed:
                     reply.wait_us = shorter(first.wait_us, reply.wait_us)
-        except StoreUnavailable:
-            return Outcome(store_away(view), away=True)
+        except StoreUnavailable as exc:
+            return Outcome(store_away(view, exc), away=True)
         if not reply.allowed:
             if reply.refused_after(head):
                 return Outcome(from_reply(view, reply.first(head)),
@@ -181,8 +181,8 @@ class Executor:
                                    guard_wait_us=reply.wait_us)
             else:
                 reply = self.call(groups, plan.wait_us)
-        except StoreUnavailable:
-            return Outcome(store_away(view), away=True)
+        except StoreUnavailable as exc:
+            return Outcome(store_away(view, exc), away=True)
         decision = from_reply(view, reply)
         if not reply.allowed:
             return Outcome(decision)
@@ -193,14 +193,16 @@ class Executor:
         charged: list[Charged] = []
         answered: list[Group] = []
         away: list[Layer] = []    # an org's or a tag's, when the store was away for its call
+        cause = ""
         for call in plan.calls(one_server=False):
             try:
                 reply = self.call(call, plan.wait_us)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 if call[0].role not in (Role.ORG, Role.TAG):
                     self.refund(charged)
-                    return Outcome(store_away(self.view(ordered([plan.groups]))), away=True)
+                    return Outcome(store_away(self.view(ordered([plan.groups])), exc), away=True)
                 away += [layer for group in call for layer in group.layers]
+                cause = str(exc)
                 continue
             replies.append(reply)
             answered += call
@@ -211,7 +213,7 @@ class Executor:
             charged += _split(reply, call)
         decision = from_reply(self.view(ordered([answered])), merged(replies))
         if away:
-            decision = joined(decision, store_away(self.view(tuple(away))))
+            decision = joined(decision, store_away(self.view(tuple(away)), cause))
         if not decision.allowed:
             self.refund(charged)
             return Outcome(decision)

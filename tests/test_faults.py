@@ -3,6 +3,7 @@ FLUSH under load. Every load here is bounded in count and time and stops by itse
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -88,6 +89,27 @@ def test_local_fallback_shares_limits_among_workers(tmp_path: Path) -> None:
     codes = [client.post("/chat", json={"message": "m", "user_id": "f"}).status_code
              for _ in range(8)]
     assert codes == [200] * 5 + [429] * 3   # burst 10 shared by 2 workers
+
+
+def test_fail_policy_log_lines_name_the_store_error(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # An operator reading a 503's log line learns which failure it was: here, nothing listens.
+    policy = ("[plans.p]\nburst = 10\nrefill_per_second = 0.01\nquotas = ['100 per day']\n"
+              "[store]\n")   # the quota is fail_closed, as by default
+    for local_fallback, outcome, status in ((False, "fail_closed", 503), (True, "fallback", 200)):
+        folder = tmp_path / outcome
+        folder.mkdir()
+        text = policy + f"local_fallback = {str(local_fallback).lower()}\n"
+        app = create_app({"REDIS_URL": "redis://127.0.0.1:1",
+                          "LIMITS_CONFIG": write_policy(folder, text)})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="limiter"):
+            got = app.test_client().post("/chat", json={"message": "m", "user_id": "f"})
+        assert got.status_code == status
+        events = [r.event for r in caplog.records
+                  if getattr(r, "event", {}).get("event") == outcome]
+        assert len(events) == 1, [r.getMessage() for r in caplog.records]
+        assert "ConnectionError" in events[0]["error"] and "127.0.0.1:1" in events[0]["error"]
 
 
 @pytest.fixture

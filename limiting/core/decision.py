@@ -29,6 +29,7 @@ class Decision:
     wait: float | None = 0.0
     policy_header: str = ""
     unavailable: bool = False     # the store was away and a fail_closed layer refused
+    cause: str = ""               # why the store could not decide (its error, for the log)
     degraded: bool = False        # decided without the shared store (failed open, or local)
     # Shadow layers that would have refused this request had they enforced (it passed them).
     would_refuse: tuple[LayerState, ...] = ()
@@ -95,11 +96,12 @@ def shadowed(states: tuple[LayerState, ...]
     return tuple(LayerState(s.layer, max(0, s.remaining), s.reset) for s in states), would
 
 
-def store_away(compiled: CompiledPlan) -> Decision:
-    """The failure policy's answer when the store cannot decide."""
+def store_away(compiled: CompiledPlan, cause: Exception | str = "") -> Decision:
+    """The failure policy's answer when the store cannot decide; ``cause`` (the store's
+    error) goes in the fail-policy log line, so an operator sees which failure it was."""
     if compiled.fail_closed:
-        return Decision(False, (), wait=1.0, unavailable=True)
-    return Decision(True, (), degraded=True)
+        return Decision(False, (), wait=1.0, unavailable=True, cause=str(cause))
+    return Decision(True, (), degraded=True, cause=str(cause))
 
 
 class Refused(Exception):
@@ -139,6 +141,7 @@ def joined(first: Decision, second: Decision) -> Decision:
         by.refused if refused else None, by.wait if refused else 0.0,
         ", ".join(h for h in (first.policy_header, second.policy_header) if h),
         unavailable=by.unavailable if refused else False,
+        cause=first.cause or second.cause,
         degraded=first.degraded or second.degraded,
         would_refuse=first.would_refuse + second.would_refuse,
         delay=max(first.delay, second.delay))

@@ -21,12 +21,13 @@ def record(decision: Decision, user: str, started: float, plan: str = "") -> Non
     if decision.unavailable:
         metrics.store_outcome("unavailable", plan)
         metrics.FAIL_POLICY.labels("fail_closed").inc()
-        logs.event("fail_closed", user=user, retry_after=decision.retry_after)
+        logs.event("fail_closed", user=user, retry_after=decision.retry_after,
+                   error=decision.cause)
     elif decision.degraded:
         outcome = "fallback" if decision.states else "fail_open"
         metrics.store_outcome("allowed" if decision.allowed else "refused", plan)
         metrics.FAIL_POLICY.labels(outcome).inc()
-        logs.event(outcome, user=user, allowed=decision.allowed)
+        logs.event(outcome, user=user, allowed=decision.allowed, error=decision.cause)
     else:
         refused(decision, user, plan)
 
