@@ -313,3 +313,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if any(d and d[-1].scope == "module" for d in defs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    # `make test` runs with -q, which hides pytest-randomly's header: the order's seed goes at
+    # the end, where a failed random run is read, so that order can be run again.
+    if config.pluginmanager.hasplugin("randomly"):
+        seed = config.getoption("randomly_seed", None)
+        terminalreporter.write_line(
+            f"random order: rerun it with -p randomly --randomly-seed={seed}")
