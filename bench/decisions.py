@@ -158,6 +158,16 @@ def breakdown(url: str, n: int, flushall: Callable[[str], None]) -> list[str]:
             for keys, args in calls:
                 script(keys, args)
             bare_s = (time.perf_counter() - start) / len(calls)
+            # The floor of any one-call design: a script that does nothing, sent the same keys
+            # and arguments (redis-py encodes them, Valkey parses them and starts Lua).
+            empty = client.register_script("return 1")
+            empty(*calls[0])
+            client.config_resetstat()
+            start = time.perf_counter()
+            for keys, args in calls:
+                empty(keys, args)
+            floor_s = (time.perf_counter() - start) / len(calls)
+            floor_in = client.info("commandstats").get("cmdstat_evalsha", {})
             client.config_resetstat()
             ping_s = ping_loop(url, n) / n
             ping_in = client.info("commandstats").get("cmdstat_ping", {})
@@ -166,7 +176,9 @@ def breakdown(url: str, n: int, flushall: Callable[[str], None]) -> list[str]:
                 f"({ping_s * 1e6:.1f} µs, {ping_in.get('usec_per_call', 0):.1f} µs in Valkey); "
                 f"the same {len(calls) / n:.1f} EVALSHA per decision bare through redis-py: "
                 f"{bare_s * 1e6:.1f} µs = {bare_s / ping_s:.2f}x; inside Valkey per EVALSHA: "
-                f"{inside.get('usec_per_call', 0):.1f} µs")
+                f"{inside.get('usec_per_call', 0):.1f} µs; an empty script sent the same keys "
+                f"and arguments (the floor of one call): {floor_s * 1e6:.1f} µs = "
+                f"{floor_s / ping_s:.2f}x, {floor_in.get('usec_per_call', 0):.1f} µs inside")
     finally:
         client.close()
     return out
