@@ -140,6 +140,12 @@ def gunicorn(adopter: Adopter, folder: Path, *args: str) -> Iterator[Served]:
     assert left == [], f"left running after SIGTERM: {left}"
 
 
+# The store's budget on a loaded box (tests/README.md, rule 6), and the policy the library
+# serves when an app has none: the adopters' gunicorn tests serve it as the app's own file.
+LOADED = "[store]\ntimeout_ms = 2000\n\n"
+BUILT_IN = (ROOT / "limiting" / "default_limits.toml").read_text()
+
+
 def fire(url: str, n: int) -> list[int]:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
     with httpx.Client(limits=limits, timeout=60) as client, ThreadPoolExecutor(n) as pool:
@@ -211,8 +217,7 @@ def test_c_d_e_gunicorn_from_the_package_and_the_cli(adopter: Adopter, app_folde
     # The built-in policy, as the app's own limits.toml with a loaded box's store budget in
     # front: at the default 50 ms a loaded CI box turned the first call into a fail-closed 503
     # (tests/README.md, rule 6). The limits it checks are the built-in file's own.
-    built_in = (ROOT / "limiting" / "default_limits.toml").read_text()
-    (app_folder / "limits.toml").write_text("[store]\ntimeout_ms = 2000\n\n" + built_in)
+    (app_folder / "limits.toml").write_text(LOADED + BUILT_IN)
     with gunicorn(adopter, app_folder, "-c", "python:limiting.gunicorn", "-w", "4",
                   "myapp:app") as served:
         assert (instance / "valkey.sock").exists()     # the embedded store, in its folder
@@ -260,8 +265,12 @@ def assert_the_other_commands_work(adopter: Adopter, folder: Path) -> None:
 def test_an_own_gunicorn_config_keeps_its_settings_and_adds_ours(
         adopter: Adopter, app_folder: Path) -> None:
     """The app's gunicorn.conf.py (read by gunicorn without -c): ``from limiting.gunicorn import
-    *``, settings and a hook of its own that calls ours. Then a limits.toml appears in the app's
-    folder and ``kill -HUP`` makes it the policy."""
+    *``, settings and a hook of its own that calls ours. Then the app's limits.toml changes and
+    ``kill -HUP`` makes it the policy."""
+    # The built-in policy with a loaded box's store budget (tests/README.md, rule 6): at the
+    # default 50 ms, a loaded box's missed budget let one /scarce call through its fail_open
+    # bucket, 6 of 12 admitted.
+    (app_folder / "limits.toml").write_text(LOADED + BUILT_IN)
     with gunicorn(adopter, app_folder, "myapp:app") as served:
         assert (app_folder / "started-by-own-config").read_text() == "2"   # its hook ran
         assert (app_folder / "instance" / "valkey.sock").exists()          # and ours
@@ -269,7 +278,7 @@ def test_an_own_gunicorn_config_keeps_its_settings_and_adds_ours(
         before = chat(served.url, "dan")
         assert '"user";q=10' in before.headers["RateLimit-Policy"]
         (app_folder / "limits.toml").write_text(
-            "[plans.tiny]\nburst = 3\nrefill_per_second = 0.01\n")
+            LOADED + "[plans.tiny]\nburst = 3\nrefill_per_second = 0.01\n")
         served.proc.send_signal(signal.SIGHUP)
         deadline, seen, i = time.monotonic() + 60, "", 0
         while time.monotonic() < deadline and '"user";q=3' not in seen:
