@@ -57,8 +57,15 @@ class KeyRecord:
 
 
 def new_key() -> str:
-    """A fresh secret: 32 random bytes, url-safe base64 (43 characters), after the prefix."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    """A fresh secret: 32 random bytes, url-safe base64 (43 characters), after the prefix.
+
+    Its id (the 12 characters after the prefix) never starts with "-": a shell command line
+    would read ``flask keys revoke -Xy...`` as an option (1 key in 64 drew one; the draw
+    again keeps every key equally likely among the rest)."""
+    while True:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        if key[len(KEY_PREFIX)] != "-":
+            return key
 
 
 def digest(key: str) -> str:
