@@ -38,6 +38,8 @@ from tests.policies import LOADED, plan, policy, served_by
 
 SPACED, FULL, HANGUP, PACED = "gpt-spaced", "gpt-full", "gpt-hangup", "gpt-paced"
 MAX_WAIT = 5
+# What a loaded box may add to a call beyond its wait: far below the 30-60 s a wrong wait costs.
+SLOW_BOX = 20
 USERS = {"spaced": "w", "full": "w", "hangup": "w", "paced": "w"}
 POLICY = policy(
     per_ip="100000 per 10 seconds", default="w", store=LOADED,
@@ -189,7 +191,10 @@ def test_calls_beyond_the_guards_limit_wait_for_its_slots(served: Served) -> Non
     assert len(arrivals.times) == 3
     for arrived, free in zip(arrivals.times, frees, strict=True):
         assert arrived >= free - 0.02, (arrivals.times, frees)
-    assert max(served_at) < MAX_WAIT + 3          # a bound for the test, not a benchmark
+    # Served in their own slots, not a minute later in the next window's: the bound leaves a
+    # loaded box its time (5 SDK calls under two CPU hogs once took 8.3 s) and is still far
+    # from the 55 s a call served in the next free slot would take.
+    assert max(served_at) < MAX_WAIT + SLOW_BOX
     for t, exc in refused(answers):
         # At once, not after the deadline: a refusal that had waited would come back no sooner
         # than MAX_WAIT after its call was sent (after ``start``). Under 2 s on a quick box.
@@ -282,7 +287,7 @@ def test_calls_wait_for_the_providers_reset_it_announced(served: Served) -> None
         assert not refused(answers), answers
         assert len(arrivals.times) == 4
         assert min(arrivals.times) >= sent + 2.0 - 0.05, (arrivals.times, sent)
-        assert max(t for t, _ in answers) < MAX_WAIT + 3
+        assert max(t for t, _ in answers) < MAX_WAIT + SLOW_BOX   # served at the 2 s reset
         # Now the provider's reset is 30 s away: past the deadline.
         set_headers(remaining_requests=0, reset_requests=30.0)
         sdk_calls(served, "paced", PACED, 1)     # waits out the last 2 s; learns the 30
