@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -322,3 +323,23 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         seed = config.getoption("randomly_seed", None)
         terminalreporter.write_line(
             f"random order: rerun it with -p randomly --randomly-seed={seed}")
+
+
+@pytest.fixture(autouse=True)
+def _limiter_logs_reach_caplog(request: pytest.FixtureRequest) -> Iterator[None]:
+    # The app's first create_app in a process gives the "limiter" loggers a handler of their
+    # own and stops them propagating (limiting/web/logs.configure), so caplog, on the root
+    # logger, saw their records only in a worker where some earlier test had configured them
+    # otherwise: an order-dependent pass. A test that asks for caplog sees them always.
+    if "caplog" not in request.fixturenames:
+        yield
+        return
+    from limiting.web.logs import configure
+
+    configure()   # now, so an app made in the test finds them configured and leaves them be
+    logger = logging.getLogger("limiter")
+    prior, logger.propagate = logger.propagate, True
+    try:
+        yield
+    finally:
+        logger.propagate = prior

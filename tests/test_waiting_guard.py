@@ -200,15 +200,19 @@ def test_calls_beyond_the_guards_limit_wait_for_its_slots(served: Served) -> Non
         # than MAX_WAIT after its call was sent (after ``start``). Under 2 s on a quick box.
         assert t < MAX_WAIT, t
         assert_saturated(exc, 55, 63)             # the next free slot: a minute away
-    # The store: one request in each of the 3 slots served (in the ring, or in the tail of
-    # waiters' slots ahead of it); the old minute gone.
+    # The store: the 3 served requests, each charged no sooner than the slot its old request
+    # left (in the ring, or in the tail of waiters' slots ahead of it); the old minute gone.
+    # On a quick box that is one in each of the 3 slots; on a loaded one a call decided after
+    # a slot had passed runs at once and is charged in the slot it runs in.
     raw = served.store.get(guard_key(served, SPACED))
     last, _, ring = decode_window(raw, wide=False)
     now_slot = served.store.time()[0]
     held = {k: ring[k % SLOTS] for k in range(int(last) - SLOTS + 1, int(last) + 1)
             if ring[k % SLOTS] and k > now_slot - SLOTS}
     held |= window_tail(raw)
-    assert held == {free: 1 for free in frees}, (held, frees)
+    charged = sorted(slot for slot, count in held.items() for _ in range(int(count)))
+    assert len(charged) == 3, (held, frees)
+    assert all(at >= free for at, free in zip(charged, frees, strict=True)), (held, frees)
     assert quota_left(served, "spaced") == left - 3
 
 
