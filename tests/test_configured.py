@@ -168,6 +168,10 @@ def test_app_folders_from_the_module_spec_agree_with_flask(name: str, tmp_path: 
                                                            ) -> None:
     """gunicorn's master finds the instance folder without importing the app; the CLI and the
     workers use Flask's: they must be one folder, or the CLI misses the embedded store."""
+    # Each case's own modules: an earlier case's (another tmp_path), left in sys.modules,
+    # would answer in its place (a random order ran "shoppkg.web.app" first).
+    for mod in [m for m in sys.modules if m.split(".")[0] in ("shop", "shoppkg", "nsroot")]:
+        monkeypatch.delitem(sys.modules, mod)
     (tmp_path / "shop.py").write_text("")
     (tmp_path / "shoppkg" / "web").mkdir(parents=True)
     (tmp_path / "shoppkg" / "__init__.py").write_text("raise RuntimeError('not imported')\n")
