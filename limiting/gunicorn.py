@@ -18,8 +18,8 @@ Standard library only at import: the worker class is known only once gunicorn ha
 config file. The master then imports the provider SDKs once (their pydantic types cost ~5 s of
 CPU per process) and flask, Flask-Limiter and redis-py (~0.7 s), and every worker forks with
 them loaded; for gevent workers it first patches socket and ssl, as gevent asks of anything
-imported before the fork. Nothing else is imported in
-the master: the app's folders come from its module's import spec (limiting/locations.py).
+imported before the fork. Nothing else is imported in the master: the app's folders come from
+its module's import spec (limiting/locations.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ _WEB_STACK = ("flask", "flask_limiter", "redis")
 def on_starting(server: Any) -> None:
     """Metrics files for every worker; without REDIS_URL, one Valkey every worker shares;
     the policy checked, and the copy the workers load made."""
-    _preload_sdks(server)
+    _preload(server)
     # On the arbiter, not in module globals: what HUP needs survives a reload of the config.
     server.limits_root, server.limits_instance = _folders(server)
     server.limits_named = os.environ.get("LIMITS_CONFIG") or None
@@ -103,7 +103,7 @@ def on_exit(server: Any) -> None:
     stop_spawned(getattr(server, "embedded_store", None))
 
 
-def _preload_sdks(server: Any) -> None:
+def _preload(server: Any) -> None:
     """Import the SDKs and the web stack in the master, once: a worker that imported them
     itself spent ~5 s of CPU on the SDKs and ~0.7 s on flask, Flask-Limiter and redis-py before
     it served (4 workers, 20 s of a small box at every start, HUP and recycle) and held its own

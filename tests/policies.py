@@ -62,6 +62,12 @@ def write_policy(folder: Path, text: str) -> str:
     return str(path)
 
 
+def loaded_toml() -> str:
+    """LOADED as a [store] table, for a test that writes its TOML by hand (or in front of the
+    built-in policy)."""
+    return _table(["store"], LOADED)
+
+
 def _table(path: list[str], table: Mapping[str, Any]) -> str:
     values = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
     text = f"[{'.'.join(_key(p) for p in path)}]\n" if values or not table else ""

@@ -12,10 +12,11 @@ from flask import Blueprint, Flask, request
 
 from limiting import RateLimiter, plan
 from tests.conftest import ROOT, write_policy
+from tests.policies import loaded_toml
 
 # A loaded box's store budget (tests/README.md, rule 6): at 50 ms a missed budget passes the
 # fourth call through the bucket's fail_open.
-POLICY = ("[store]\ntimeout_ms = 2000\n"
+POLICY = (loaded_toml() +
           "[plans.free]\nburst = 3\nrefill_per_second = 0.01\nquotas = ['100 per day']\n")
 
 

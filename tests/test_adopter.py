@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, free_port, wait_http
+from tests.policies import loaded_toml
 
 # One xdist worker builds: a build writes egg-info into the source tree, so two at once (this
 # file and test_package) collide.
@@ -142,7 +143,7 @@ def gunicorn(adopter: Adopter, folder: Path, *args: str) -> Iterator[Served]:
 
 # The store's budget on a loaded box (tests/README.md, rule 6), and the policy the library
 # serves when an app has none: the adopters' gunicorn tests serve it as the app's own file.
-LOADED = "[store]\ntimeout_ms = 2000\n\n"
+LOADED = loaded_toml() + "\n"
 BUILT_IN = (ROOT / "limiting" / "default_limits.toml").read_text()
 
 

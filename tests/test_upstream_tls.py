@@ -120,7 +120,7 @@ warnings.simplefilter("error")
 from types import SimpleNamespace
 from gunicorn.workers.ggevent import GeventWorker
 from limiting import gunicorn as hooks
-hooks._preload_sdks(SimpleNamespace(worker_class=GeventWorker))
+hooks._preload(SimpleNamespace(worker_class=GeventWorker))
 assert "openai" in sys.modules and "anthropic" in sys.modules
 from gevent import monkey
 monkey.patch_all()
