@@ -186,6 +186,12 @@ def test_bill_audit_hostile_prompts_tools_pdfs_cut_streams(stack, r: redis.Redis
     assert set(outcomes) <= {"ok", "cut", "429", "504"}, outcomes
     assert outcomes["ok"] > 30 and outcomes["cut"] > 30
     calls = [c for c in calls if c.outcome != "429"]
+    # Each call on its own: a cut stream is charged its reservation, so an estimate below the
+    # prompt's bill is free work, whatever the totals say (they hid one until a CI run's 429s
+    # fell on other calls).
+    short = [(i, c.model) for i, c in enumerate(calls)
+             if c.reserved_tokens() - c.max_tokens < render.prompt_tokens(c.body)]
+    assert not short, f"reserved below the prompt's bill: {short}"
     # Cut streams settle as their worker sees it: a loaded box's bound, under the 60 s lease TTL.
     deadline = time.monotonic() + 30
     while r.zcard("rl:{u:hostile}:cc") and time.monotonic() < deadline:

@@ -176,3 +176,47 @@ def test_the_packaged_tables_are_checked(tmp_path: Path) -> None:
     assert tokenizer.encoding_for(GPT) == "o200k_base"
     assert tokenizer.encoding_for(GPT4) == "cl100k_base"
     assert tokenizer.encoding_for(CLAUDE) is None
+
+
+def _bodies(text: st.SearchStrategy[str]) -> st.SearchStrategy[tuple[str, dict[str, Any]]]:
+    """A request of either API with hostile text in each place a provider renders it: content,
+    system prompt, tool calls' arguments and Anthropic's tool-use inputs, tool results, tool
+    definitions and response formats (the last three rendered back as JSON)."""
+    def openai(a: str, b: str, c: str, d: str) -> tuple[str, dict[str, Any]]:
+        return GPT, {"messages": [
+            {"role": "system", "content": a},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "f", "arguments": json.dumps({"q": b})}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": c}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": d}}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "r",
+                                                                        "description": b}}}
+
+    def anthropic(a: str, b: str, c: str, d: str) -> tuple[str, dict[str, Any]]:
+        return CLAUDE, {"system": a, "messages": [
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "f", "input": {"q": b, "n": [d]}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": [{"type": "text", "text": c}]}]}],
+            "tools": [{"name": "f", "description": d, "input_schema": {"type": "object"}}]}
+
+    return st.one_of(st.builds(openai, text, text, text, text),
+                     st.builds(anthropic, text, text, text, text))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_bodies(ADVERSARIAL))
+def test_hostile_text_anywhere_in_a_request_reserves_the_fakes_bill(
+        request_: tuple[str, dict[str, Any]]) -> None:
+    """The fake provider renders tool definitions and tool-use inputs as JSON with non-ASCII
+    escaped (an emoji 12 characters, a CJK character 6): a cut stream is charged as reserved,
+    so a reservation below that bill was free work (found by the hostile bill audit)."""
+    from fakeprovider import render
+
+    model, body = request_
+    billed = render.prompt_tokens(body)
+    estimate = estimate_input_tokens(body["messages"], body.get("system"), model=model,
+                                     tools=body.get("tools"),
+                                     response_format=body.get("response_format"))
+    assert estimate >= billed

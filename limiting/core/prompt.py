@@ -2,8 +2,11 @@
 and bills as input, counted so that the count is never below the bill.
 
 Counted as text: every string and number in every message (content, tool calls' names and
-arguments, tool results, names and ids), the system prompt, and the tool, function and
-response-format definitions whole (their keys are the parameter names the provider renders).
+arguments, tool results, names and ids) and the system prompt. Counted as JSON: the tool,
+function and response-format definitions whole (their keys are the parameter names the
+provider renders) and Anthropic's tool-use inputs, each at the larger of its two renderings:
+non-ASCII as is, or escaped (``\\u4e00``, six characters for one; a provider that renders
+JSON with Python's defaults bills those).
 Priced apart: each image at the model's ``image_tokens``, each PDF page at
 ``PDF_PAGE_TEXT_TOKENS`` plus ``image_tokens``, and what the provider adds around tools.
 Text is counted by :mod:`limiting.core.tokenizer`. (No recursion: a body is as deep as the
@@ -31,6 +34,8 @@ _IMAGES = frozenset({"image", "image_url", "input_image"})
 _DOCUMENTS = frozenset({"document", "file"})
 # An image part's fields that carry the image (priced per image); any other field is text.
 _IMAGE_FIELDS = frozenset({"image_url", "source", "image", "url", "file_id", "detail"})
+# Content parts whose "input" is an object the provider renders back into the prompt as JSON.
+_TOOL_USES = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 # Any tool list: the tool-use system prompt Anthropic adds (313-346 tokens documented for the
 # current models, 264 for Claude 3 Haiku) or OpenAI's wrapping of the definitions (tens);
 # and per tool, its own wrapping.
@@ -46,6 +51,7 @@ class Prompt:
     """What a request puts in the prompt, gathered before any of it is counted."""
 
     texts: list[str] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)   # rendered as JSON
     images: int = 0
     pages: int = 0
     fixed: int = 0
@@ -68,6 +74,9 @@ class Prompt:
                     pages, rest = document_pages(item)
                     self.pages += pages
                     stack.append(rest)
+                elif kind in _TOOL_USES:
+                    self.values.append(item.get("input"))
+                    stack.extend(v for k, v in item.items() if k != "input")
                 else:
                     stack.extend(item.values())
             elif isinstance(item, list):
@@ -82,16 +91,28 @@ class Prompt:
         listed = tools if isinstance(tools, list) else [tools]
         self.fixed += TOOLS_TOKENS + PER_TOOL_TOKENS * len(listed)
         for tool in listed:
-            self.texts.append(json.dumps(tool, default=str, ensure_ascii=False))
+            self.values.append(tool)
             kind = tool.get("type") if isinstance(tool, Mapping) else None
             if isinstance(kind, str):
                 self.fixed += next((n for prefix, n in CLIENT_TOOL_TOKENS
                                     if kind.startswith(prefix)), 0)
 
     def tokens(self, model: str | None, image_tokens: int) -> int:
-        return (count_tokens(self.texts, encoding_for(model)) + self.fixed
+        encoding = encoding_for(model)
+        return (count_tokens(self.texts, encoding) + self.fixed
+                + sum(_json_tokens(value, encoding) for value in self.values)
                 + self.images * image_tokens
                 + self.pages * (PDF_PAGE_TEXT_TOKENS + image_tokens))
+
+
+def _json_tokens(value: Any, encoding: str | None) -> int:
+    """``value`` as JSON, never below either rendering: escaping only changes non-ASCII, so
+    ASCII JSON is counted once."""
+    plain = json.dumps(value, default=str, ensure_ascii=False)
+    if plain.isascii():
+        return count_tokens([plain], encoding)
+    escaped = json.dumps(value, default=str)
+    return max(count_tokens([plain], encoding), count_tokens([escaped], encoding))
 
 
 def estimate_prompt(messages: Iterable[Mapping[str, Any]], system: Any = None, *,
@@ -110,6 +131,6 @@ def estimate_prompt(messages: Iterable[Mapping[str, Any]], system: Any = None, *
     prompt.add_tools(tools)
     prompt.add_tools(functions)
     if response_format:
-        prompt.texts.append(json.dumps(response_format, default=str, ensure_ascii=False))
+        prompt.values.append(response_format)
     prompt.add(tool_choice)
     return prompt.tokens(model, image_tokens)
