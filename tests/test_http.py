@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from flask import Flask
+from flask import Flask, request
 from flask.testing import FlaskClient
 
 from app import create_app
@@ -152,6 +152,54 @@ def test_not_found_and_wrong_method_are_json(client: FlaskClient) -> None:
 def test_healthz_is_exempt_from_edge(client: FlaskClient) -> None:
     for _ in range(40):
         assert client.get("/healthz").status_code == 200
+
+
+def test_exempt_views_and_blueprints_skip_flask_limiter_others_keep_the_edge(
+        app: Flask) -> None:
+    """RateLimiter.exempt keeps Flask-Limiter's three hooks off a view and off a Blueprint's
+    views (its check resolves every limit before it looks at an exemption: the largest part
+    of an exempt probe's time). A route that charges nobody and is not exempt is still
+    checked by it, and refused at the edge's 30 a minute."""
+    from dataclasses import replace
+
+    from flask import Blueprint
+
+    limiter = app.extensions["llm_limiter"]
+    hooks = limiter.gate.edge_hooks
+    assert hooks is not None            # one server: the gate runs Flask-Limiter's hooks
+    ran: list[str] = []
+
+    def check() -> None:
+        ran.append(request.path)
+        hooks.check()
+
+    limiter.gate.edge_hooks = replace(hooks, check=check)
+    probes = Blueprint("probes", __name__)
+
+    @probes.get("/probe/ready")
+    def ready() -> str:
+        return "ready"
+
+    limiter.exempt(probes)
+    app.register_blueprint(probes)
+
+    @app.get("/live")
+    @limiter.exempt
+    def live() -> str:
+        return "live"
+
+    @app.get("/plain")
+    def plain() -> str:
+        return "plain"
+
+    client = app.test_client()
+    for _ in range(40):
+        assert client.get("/live").status_code == 200
+        assert client.get("/probe/ready").status_code == 200
+        assert client.get("/healthz").status_code == 200
+    assert ran == []
+    codes = [client.get("/plain").status_code for _ in range(31)]
+    assert codes == [200] * 30 + [429] and ran == ["/plain"] * 31
 
 
 def test_hostile_user_ids_stay_in_their_own_slot(client: FlaskClient, r: redis.Redis) -> None:

@@ -18,6 +18,8 @@ from ..core.decision import Decision
 _KEY = "limiting.request"
 # The attribute mark_limited() sets on a view whose acquire() call counts the edge.
 LIMITED_ROUTE = "_llm_limited_route"
+# The attribute RateLimiter.exempt sets on a view or Blueprint the edge does not count.
+EDGE_EXEMPT = "_llm_edge_exempt"
 
 
 @dataclass(slots=True)
@@ -27,6 +29,7 @@ class RequestLimits:
     decision: Decision | None = None     # the user's decision (or the edge's, for bad input)
     request_id: str | None = None        # X-Request-ID: the caller's, or one of ours
     limited_route: bool | None = None    # None until asked: does the view call acquire()?
+    edge_hooks_off: bool | None = None   # None until asked: see edge_hooks_idle()
     headers: list[tuple[str, str]] | None = None   # RateLimit*, sent by SendLimitHeaders
     routes: Any = None                   # the route's limits (limiting.web.routes.RouteState)
     payer: Any = None                    # who pays, resolved once (limiting.web.gate.Payer)
@@ -40,6 +43,22 @@ class RequestLimits:
             view = current_app.view_functions.get(request.endpoint or "")
             limited = self.limited_route = bool(getattr(view, LIMITED_ROUTE, False))
         return limited
+
+    def edge_hooks_idle(self) -> bool:
+        """Have Flask-Limiter's hooks nothing to do here? True on a limited route (its call
+        counts the edge) and on a view, or a view's own Blueprint, that RateLimiter.exempt
+        marked: Flask-Limiter would resolve its limits before it saw the exemption, which
+        costs a probe about what our whole decision costs."""
+        idle = self.edge_hooks_off
+        if idle is None:
+            idle = self.is_limited_route()
+            if not idle:
+                view = current_app.view_functions.get(request.endpoint or "")
+                blueprint = current_app.blueprints.get(request.blueprint or "")
+                idle = getattr(view, EDGE_EXEMPT, False) or getattr(blueprint, EDGE_EXEMPT,
+                                                                     False)
+            self.edge_hooks_off = idle = bool(idle)
+        return idle
 
 
 def server_timing(ms: float) -> tuple[str, str]:

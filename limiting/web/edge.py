@@ -83,13 +83,13 @@ def init_edge(app: Flask, policy: Policy, store: Store
 def _skip_limited_routes(app: Flask, edge: Limiter) -> RequestHooks | None:
     """Keep Flask-Limiter's hooks off the routes whose acquire call counts the edge.
 
-    A request filter would do the same, but only after Flask-Limiter has resolved and
-    evaluated its limits for the request: on the hot path that costs as much as our script.
-    Its after_request and teardown hooks have nothing to do there either (no limit of its own
-    was looked at). So its three hooks are taken out (flask_limiter_adapter) and returned:
-    the gate runs the check in its own before_request hook and the after-request hook in
-    its own after_request (one Flask hook of each instead of two on every request); the
-    teardown runs here, on every other route.
+    A request filter would do the same, but only after Flask-Limiter has resolved and evaluated
+    its limits for the request: on the hot path that costs as much as our script. Its
+    after_request and teardown hooks have nothing to do there either (no limit of its own was
+    looked at). The same holds on routes RateLimiter.exempt marked (EDGE_EXEMPT). So its three
+    hooks are taken out (flask_limiter_adapter) and returned: the gate runs the check in its own
+    before_request hook and the after-request hook in its own after_request (one Flask hook of
+    each instead of two on every request); the teardown runs here, on every other route.
     """
     hooks = take_request_hooks(app, edge)
     if hooks is None:  # a Flask-Limiter that registers differently: filter instead
@@ -98,7 +98,7 @@ def _skip_limited_routes(app: Flask, edge: Limiter) -> RequestHooks | None:
 
     @app.teardown_request
     def edge_teardown(exc: BaseException | None) -> None:
-        if not is_limited_route():
+        if not request_limits().edge_hooks_idle():
             hooks.teardown(exc)
 
     return hooks

@@ -37,7 +37,7 @@ from .alerts_cli import alerts_cli
 from .auth_failures import AuthFailures
 from .cli import limits_cli
 from .configured import app_policy, app_store, setting
-from .context import SendLimitHeaders
+from .context import EDGE_EXEMPT, SendLimitHeaders
 from .credentials import Credentials, InvalidToken, KeysUnavailable
 from .door import Door
 from .edge import combines_edge, init_edge
@@ -308,6 +308,8 @@ class RateLimiter:
         exempt_routes(target)
         if self.edge is not None:
             self.edge.exempt(cast(Any, target))
+        # The gate then keeps Flask-Limiter's hooks off it (web/context.edge_hooks_idle).
+        setattr(target, EDGE_EXEMPT, True)
         return target
 
     # The route decorators (limiting.web.routes): also importable without a limiter, for

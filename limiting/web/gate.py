@@ -241,10 +241,11 @@ class Gate:
 
     def before(self) -> None:
         """The one before_request hook: the route's limits (:meth:`_route_limits`), then
-        Flask-Limiter's edge check on a route whose own call does not carry the edge."""
+        Flask-Limiter's edge check on a route whose own call does not carry the edge and that
+        is not exempt from it."""
         self._route_limits()
         hooks = self.edge_hooks
-        if hooks is not None and not request_limits().is_limited_route():
+        if hooks is not None and not request_limits().edge_hooks_idle():
             hooks.check()
 
     def _route_limits(self) -> None:
@@ -293,7 +294,7 @@ class Gate:
             limits = request_limits()
             response = self._add_headers(response, limits)
             hooks = self.edge_hooks
-            if hooks is None or limits.is_limited_route():
+            if hooks is None or limits.edge_hooks_idle():
                 return response
             return hooks.after(response)  # type: ignore[no-any-return]
 
