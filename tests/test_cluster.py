@@ -293,6 +293,13 @@ def lost_admissions(load: Load, engine: Engine, user: str, kill_at: float, kille
     return lost, recent
 
 
+# How long a failover may take before the test calls it stuck. Not a claim about speed: the
+# promotion is Sentinel's or the Cluster's (down-after 1 s, then an election), and a loaded box
+# took 13 s where a quick one takes 2-4 (printed). The claims are that decisions come back on
+# the promoted replica, that nothing raised meanwhile, and what was lost.
+FAILOVER = 60
+
+
 def check_outcomes(load: Load, users: list[str]) -> None:
     assert not load.errors, load.errors[:3]
     # With limits this large the store never refuses: any no came from the failure policy.
@@ -310,15 +317,14 @@ def test_sentinel_master_killed_mid_load(fresh_sentinel: SentinelSet) -> None:
         kill_at = time.monotonic()
         s.master.kill()
         killed_at = time.monotonic()
-        recovered = wait_until(lambda: load.first_admitted(user, killed_at), 15,
+        recovered = wait_until(lambda: load.first_admitted(user, killed_at), FAILOVER,
                                "a decision admitted by the promoted replica")
         time.sleep(max(0.5, kill_at + 3.5 - time.monotonic()))  # ~5 s of load in all
     assert isinstance(recovered, float)
     check_outcomes(load, [user])
-    wait_until(s.promoted, 5, "sentinels name the replica as master")
+    wait_until(s.promoted, FAILOVER, "sentinels name the replica as master")
     assert s.promoted() == s.replica.port
     print(f"\nsentinel: decisions admitted again {recovered - kill_at:.1f}s after the kill")
-    assert recovered - kill_at < 10
     # During the outage every decision came from the failure policy, none raised.
     outage = [o for o in load.outcomes if killed_at <= o.start and o.end < recovered]
     assert outage and all(o.away for o in outage)
@@ -339,14 +345,13 @@ def test_cluster_master_killed_mid_load(fresh_cluster: Cluster) -> None:
         kill_at = time.monotonic()
         c.masters[0].kill()
         killed_at = time.monotonic()
-        recovered = wait_until(lambda: load.first_admitted(victim, killed_at), 15,
+        recovered = wait_until(lambda: load.first_admitted(victim, killed_at), FAILOVER,
                                "the failed slot served by the promoted replica")
         time.sleep(max(0.5, kill_at + 3.5 - time.monotonic()))
     assert isinstance(recovered, float)
     check_outcomes(load, [victim, *others])
     assert c.owner(slot_of(victim)) is c.replica_of(c.masters[0])
     print(f"\ncluster: failed slot admitted again {recovered - kill_at:.1f}s after the kill")
-    assert recovered - kill_at < 10
     # The other masters' users went on being admitted while the failed slot had no master:
     # in every half second of it (and see the per-node breaker test below). On a loaded box
     # (CPU hogs, a parallel run) a thread can go unscheduled longer than that with every
