@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfWriter
 
@@ -178,35 +178,42 @@ def test_the_packaged_tables_are_checked(tmp_path: Path) -> None:
     assert tokenizer.encoding_for(CLAUDE) is None
 
 
+def _openai_request(a: str, b: str, c: str, d: str) -> tuple[str, dict[str, Any]]:
+    return GPT, {"messages": [
+        {"role": "system", "content": a},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "f", "arguments": json.dumps({"q": b})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": c}],
+        "tools": [{"type": "function", "function": {"name": "f", "description": d}}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "r",
+                                                                    "description": b}}}
+
+
+def _anthropic_request(a: str, b: str, c: str, d: str) -> tuple[str, dict[str, Any]]:
+    return CLAUDE, {"system": a, "messages": [
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "f", "input": {"q": b, "n": [d]}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": [{"type": "text", "text": c}]}]}],
+        "tools": [{"name": "f", "description": d, "input_schema": {"type": "object"}}]}
+
+
 def _bodies(text: st.SearchStrategy[str]) -> st.SearchStrategy[tuple[str, dict[str, Any]]]:
     """A request of either API with hostile text in each place a provider renders it: content,
     system prompt, tool calls' arguments and Anthropic's tool-use inputs, tool results, tool
     definitions and response formats (the last three rendered back as JSON)."""
-    def openai(a: str, b: str, c: str, d: str) -> tuple[str, dict[str, Any]]:
-        return GPT, {"messages": [
-            {"role": "system", "content": a},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function",
-                 "function": {"name": "f", "arguments": json.dumps({"q": b})}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": c}],
-            "tools": [{"type": "function", "function": {"name": "f", "description": d}}],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "r",
-                                                                        "description": b}}}
-
-    def anthropic(a: str, b: str, c: str, d: str) -> tuple[str, dict[str, Any]]:
-        return CLAUDE, {"system": a, "messages": [
-            {"role": "assistant", "content": [
-                {"type": "tool_use", "id": "t1", "name": "f", "input": {"q": b, "n": [d]}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
-                                          "content": [{"type": "text", "text": c}]}]}],
-            "tools": [{"name": "f", "description": d, "input_schema": {"type": "object"}}]}
-
-    return st.one_of(st.builds(openai, text, text, text, text),
-                     st.builds(anthropic, text, text, text, text))
+    return st.one_of(st.builds(_openai_request, text, text, text, text),
+                     st.builds(_anthropic_request, text, text, text, text))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_bodies(ADVERSARIAL))
+# Found so far: CJK and emoji in tool definitions (the hostile bill audit), DEL (U+007F:
+# Python escapes it too, though it is ASCII; a loaded proof run's draw).
+@example(_openai_request("", "", "\u023a", "\x7f " * 120))
+@example(_openai_request("", "", "", "\u4e00\U0001f300 " * 200))
+@example(_anthropic_request("", "\U0001f300" * 300, "", "\n \t" * 200))
 def test_hostile_text_anywhere_in_a_request_reserves_the_fakes_bill(
         request_: tuple[str, dict[str, Any]]) -> None:
     """The fake provider renders tool definitions and tool-use inputs as JSON with non-ASCII

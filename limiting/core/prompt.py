@@ -106,10 +106,10 @@ class Prompt:
 
 
 def _json_tokens(value: Any, encoding: str | None) -> int:
-    """``value`` as JSON, never below either rendering: escaping only changes non-ASCII, so
-    ASCII JSON is counted once."""
+    """``value`` as JSON, never below either rendering: escaping changes only DEL and
+    non-ASCII (``\\u007f``), so JSON without them is counted once."""
     plain = json.dumps(value, default=str, ensure_ascii=False)
-    if plain.isascii():
+    if plain.isascii() and "\x7f" not in plain:
         return count_tokens([plain], encoding)
     escaped = json.dumps(value, default=str)
     return max(count_tokens([plain], encoding), count_tokens([escaped], encoding))
