@@ -207,6 +207,7 @@ def section(url: str, n: int, flushall: Callable[[str], None], rounds: int = 3) 
     medians of ``rounds`` interleaved rounds of n calls each in this one run (ratios, not
     absolute times, are what a shared machine can compare), then Redis memory per user."""
     from bench import memory
+    from bench.floors import floors
 
     times: dict[str, list[float]] = {"ping": [], "decision": [], "llm": []}
     for _ in range(rounds):
@@ -227,6 +228,8 @@ def section(url: str, n: int, flushall: Callable[[str], None], rounds: int = 3) 
                      f"= {statistics.median(ratios):.2f}x a PING (rounds: "
                      f"{', '.join(f'{r:.2f}' for r in ratios)})")
     lines += breakdown(url, n, flushall)
+    flushall(url)
+    lines += floors(url, n)
     flushall(url)
     lines.append(f"- Redis bytes per active user (bucket + quota, MEMORY USAGE, bench plan): "
                  f"{bytes_per_user(url):,.0f}")

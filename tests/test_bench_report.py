@@ -1,10 +1,13 @@
 """`python -m bench` publishes only good runs: a failed contender leaves bench/results.md (and
 its chart) as the last good run left them and exits non-zero. Checked on the publishing step
-itself, with rows made here: no benchmark runs."""
+itself, with rows made here: no benchmark runs. The floors of one call (bench/floors.py) are
+measured briefly against the test Valkey, and leave it as they found it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import redis
 
 from bench import chart, report
 from bench.loadgen import WrkResult
@@ -52,3 +55,15 @@ def test_the_chart_draws_the_ratios_of_a_run(tmp_path: Path) -> None:
     png = tmp_path / "ratios.png"
     chart.draw(sections, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_floors_of_one_call_are_measured_and_leave_nothing_behind(redis_url: str,
+                                                                       r: redis.Redis) -> None:
+    from bench.floors import floors
+
+    lines = floors(redis_url, 20)
+    assert lines[0].startswith("- The floors of one call") and len(lines) == 7
+    assert all(line.endswith("x a PING") and float(line.split(": ")[-1][:-8]) > 0
+               for line in lines[1:])
+    assert not r.function_list(library="benchfloor")   # the bench's library is deleted
+    assert not r.exists("{bench-floor}:user", "{bench-floor}:guard")
