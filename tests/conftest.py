@@ -294,7 +294,8 @@ def store_calls(r: redis.Redis, *commands: str) -> int:
 #   once, not once a worker; tests on a Sentinel set likewise, in a group of their own (the
 #   two groups may share a worker or not: measured, the run took as long either way);
 # - a file whose tests share a module-scoped fixture (a gunicorn stack): one worker, so the
-#   stack starts once, not once a worker.
+#   stack starts once, not once a worker;
+# - a group a module names itself (pytestmark), as the fuzz modules do.
 TOPOLOGY_FIXTURES = {"cluster", "sentinel_set", "fresh_cluster", "fresh_sentinel",
                      "bare_cluster", "own_valkey", "cluster_url", "sentinel_url"}
 SENTINEL_FIXTURES = {"sentinel_set", "fresh_sentinel", "sentinel_url"}
@@ -311,6 +312,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             sentinel = topologies <= SENTINEL_FIXTURES
             item.add_marker(pytest.mark.xdist_group("sentinel" if sentinel else "topology"))
             continue
+        if item.get_closest_marker("xdist_group") is not None:
+            continue   # a module that names its own group (the fuzz modules share one)
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if any(d and d[-1].scope == "module" for d in defs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]

@@ -30,6 +30,9 @@ from tests.fuzz_strategies import (
 )
 from tests.fuzzing import FINISHED, Case, Req, Target, fuzz, run_case
 
+# Both fuzz modules on one xdist worker: test_fuzz_web's last test counts what they all sent.
+pytestmark = pytest.mark.xdist_group("fuzz")
+
 target = fuzzing.target  # the apps under test, a fixture of this module
 
 # --- /chat ----------------------------------------------------------------------------------------
@@ -47,7 +50,6 @@ valid_chat = st.fixed_dictionaries(
                                                      "{u:victim} \x00", "a" * 50_000]))},
     optional={"model": st.just("echo")},
 )
-
 
 
 CHAT_WRONG = {

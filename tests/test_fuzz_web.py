@@ -40,6 +40,9 @@ from tests.fuzzing import (
     send,
 )
 
+# Both fuzz modules on one xdist worker: test_fuzz_web's last test counts what they all sent.
+pytestmark = pytest.mark.xdist_group("fuzz")
+
 target = fuzzing.target  # the apps under test, a fixture of this module
 
 # --- /admin/usage and /admin/usage.json -----------------------------------------------------------
