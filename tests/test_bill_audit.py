@@ -31,13 +31,12 @@ from app import create_app
 from fakeprovider import FakeProvider
 from limiting.core.llm import estimate_input_tokens
 from tests.conftest import Gunicorn, write_policy
+from tests.policies import loaded_toml
 
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"
 PRICES = {GPT: (0.15, 0.60), CLAUDE: (0.80, 4.00)}        # USD per million in, out
 TOKENS, BUDGET = 50_000_000, 100_000.0
-POLICY = f"""
-[store]
-timeout_ms = 2000
+POLICY = loaded_toml() + f"""
 [edge]
 per_ip = ["1000000 per minute"]
 [defaults]

@@ -42,11 +42,9 @@ from limiting.providers.errors import UpstreamError, from_sdk
 from limiting.reservation import Reservation
 from limiting.stores.storage import open_store
 from tests.conftest import free_port, provider_env, write_policy
+from tests.policies import loaded_toml
 
-POLICY = """
-[store]
-timeout_ms = 2000
-
+POLICY = loaded_toml() + """
 [defaults]
 plan = "metered"
 

@@ -13,11 +13,9 @@ from app import create_app
 from fakeprovider import FakeProvider
 from limiting.providers import clients
 from tests.conftest import provider_env, write_policy
+from tests.policies import loaded_toml
 
-POLICY = """
-[store]
-timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
-
+POLICY = loaded_toml() + """
 [plans.p]
 burst = 50
 refill_per_second = 1

@@ -24,14 +24,12 @@ from app import create_app
 from fakeprovider import FakeProvider
 from limiting import RateLimiter
 from tests.conftest import provider_env, write_policy
+from tests.policies import loaded_toml
 
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"
 ADMIN = "admin-token-of-at-least-32-characters!"
 METRICS = "metrics-token-of-at-least-32-characters"
-POLICY = f"""
-[store]
-timeout_ms = 2000
-
+POLICY = loaded_toml() + f"""
 [defaults]
 plan = "free"
 

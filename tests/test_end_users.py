@@ -35,6 +35,7 @@ from limiting.ledger import Ledger
 from limiting.stores.storage import open_store
 from tests import topologies
 from tests.conftest import provider_env, write_policy
+from tests.policies import loaded_toml
 
 cluster = topologies.cluster
 cluster_url = topologies.cluster_url
@@ -201,10 +202,7 @@ def test_on_a_cluster_refusals_give_back_the_other_slots_charge(
 
 # --- through the Flask app and the real SDKs --------------------------------------------------
 
-PRICED = """
-[store]
-timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
-
+PRICED = loaded_toml() + """
 [edge]
 per_ip = ["100000 per 10 seconds"]
 

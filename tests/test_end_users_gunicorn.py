@@ -16,14 +16,12 @@ import pytest
 import redis
 
 from tests.conftest import keyed_app
+from tests.policies import loaded_toml
 
 pytestmark = pytest.mark.slow
 
 QUOTA = 4
-POLICY = f"""
-[store]
-timeout_ms = 2000
-
+POLICY = loaded_toml() + f"""
 [edge]
 per_ip = ["100000 per 10 seconds"]
 

@@ -21,6 +21,7 @@ from limiting.engine import Engine
 from limiting.stores.storage import open_store
 from tests.conftest import free_port, write_policy
 from tests.faults import LatencyProxy
+from tests.policies import loaded_toml
 
 PLAN = {"plans": {"p": {"burst": 1000, "refill_per_second": 1000, "quotas": ["100000 per day"]}}}
 
@@ -151,7 +152,7 @@ def load(url: str, seconds: float, events: list[tuple[float, int, str]],
 @pytest.mark.slow
 def test_valkey_killed_mid_load(gunicorn, tmp_path: Path, own_valkey: dict) -> None:
     # The store's budget for a loaded box (the 50 ms default turns a slow answer into a 503).
-    policy = write_policy(tmp_path, "[store]\ntimeout_ms = 2000\n"
+    policy = write_policy(tmp_path, loaded_toml() +
                                     "[edge]\nper_ip = ['100000 per minute']\n"
                                     "[plans.p]\nburst = 100000\nrefill_per_second = 10000\n"
                                     "quotas = ['1000000 per day']\n")
@@ -193,7 +194,7 @@ def test_valkey_killed_mid_load(gunicorn, tmp_path: Path, own_valkey: dict) -> N
 def test_script_flush_mid_load_costs_no_error(gunicorn, tmp_path: Path, r: redis.Redis,
                                               unix_url: str) -> None:
     # The store's budget for a loaded box (the 50 ms default turns a slow answer into a 503).
-    policy = write_policy(tmp_path, "[store]\ntimeout_ms = 2000\n"
+    policy = write_policy(tmp_path, loaded_toml() +
                                     "[edge]\nper_ip = ['100000 per minute']\n"
                                     "[plans.p]\nburst = 100000\nrefill_per_second = 10000\n"
                                     "quotas = ['1000000 per day']\n")

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, write_policy
-from tests.policies import LOADED, plan, policy
+from tests.policies import LOADED, loaded_toml, plan, policy
 
 # Exactness is about atomicity, not the time budget (tests/test_faults.py covers that): a
 # generous budget keeps a CPU-starved test machine from turning decisions into 503s.
@@ -53,7 +53,7 @@ def test_quota_is_exact_across_workers(four_workers) -> None:
 
 def test_client_that_waits_retry_after_gets_through(gunicorn, tmp_path: Path, r: redis.Redis,
                                                     unix_url: str) -> None:
-    policy = ("[store]\ntimeout_ms = 2000\n"
+    policy = (loaded_toml() +
               "[plans.p]\nburst = 3\nrefill_per_second = 0.5\nquotas = ['6 per 6 seconds']\n")
     app = gunicorn(REDIS_URL=unix_url, LIMITS_CONFIG=write_policy(tmp_path, policy))
     body = {"message": "hi", "user_id": "patient"}
@@ -91,7 +91,7 @@ def test_make_run_embedded_valkey_curl_loop_and_restart(gunicorn, tmp_path: Path
     # The repo's limits.toml as it is, with a loaded box's store budget: its 50 ms default
     # turned one of the 15 curls into a 503 at a load of 20 (the README's claim is the limits').
     limits = tmp_path / "limits.toml"
-    limits.write_text("[store]\ntimeout_ms = 2000\n\n" + (ROOT / "limits.toml").read_text())
+    limits.write_text(loaded_toml() + "\n" + (ROOT / "limits.toml").read_text())
     app = gunicorn(LIMITER_INSTANCE=str(instance), LIMITS_CONFIG=str(limits))
     assert "REDIS_URL" not in app.env
     shell_env = {**env, "PORT": str(app.port)}

@@ -30,11 +30,9 @@ from limiting.core.upstream import model_prefix
 from limiting.providers import clients
 from limiting.providers.llm_calls import anthropic_usage
 from tests.conftest import write_policy
+from tests.policies import loaded_toml
 
-POLICY = """
-[store]
-timeout_ms = 2000
-
+POLICY = loaded_toml() + """
 [defaults]
 plan = "roomy"
 

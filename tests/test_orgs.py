@@ -31,6 +31,7 @@ from limiting.engine import Engine
 from limiting.stores.storage import open_store
 from tests import topologies
 from tests.conftest import provider_env, write_policy
+from tests.policies import loaded_toml
 
 cluster = topologies.cluster
 cluster_url = topologies.cluster_url
@@ -38,10 +39,7 @@ cluster_url = topologies.cluster_url
 # The buckets refill a token per 1000 s (0.001 a second): no test here lasts that long, so a
 # bucket read before and after a call changes only by what the call charged, however slow the
 # machine. (At 100 a second, Alice's bucket gained a token between two reads on a busy box.)
-POLICY = """
-[store]
-timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
-
+POLICY = loaded_toml() + """
 [plans.p]
 burst = 100
 refill_per_second = 0.001
@@ -240,10 +238,7 @@ def test_keys_create_org_charges_the_keys_org_over_users(tmp_path: Path, r: redi
 
 # --- tokens and dollars through /v1 ---------------------------------------------------------------
 
-PRICED = """
-[store]
-timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
-
+PRICED = loaded_toml() + """
 [plans.p]
 burst = 100
 refill_per_second = 100

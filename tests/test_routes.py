@@ -14,8 +14,9 @@ from flask import Blueprint, Flask, request
 from limiting import PolicyError, RateLimiter, Usage, current_limiter, parse_policy
 from limiting import sliding_window as window_of
 from tests.conftest import write_policy
+from tests.policies import loaded_toml
 
-POLICY = ("[edge]\nper_ip = ['10000 per minute']\n[store]\ntimeout_ms = 2000\n"
+POLICY = ("[edge]\nper_ip = ['10000 per minute']\n" + loaded_toml() +
           "[plans.free]\nburst = 3\nrefill_per_second = 0.0001\nquotas = ['100 per day']\n")
 SLOW = 0.0001   # a bucket that does not refill within a test
 

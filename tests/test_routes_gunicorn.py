@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, free_port, wait_http, write_policy
+from tests.policies import loaded_toml
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_example_app_200_concurrent_admit_exactly_the_route_limit(example: str) 
     assert blue.status_code == 200, blue.text
 
 
-ROUTED = ("[edge]\nper_ip = ['100000 per minute']\n[store]\ntimeout_ms = 2000\n"
+ROUTED = ("[edge]\nper_ip = ['100000 per minute']\n" + loaded_toml() +
           "[plans.p]\nburst = 1000\nrefill_per_second = 1000\n"
           '[routes."chat.chat"]\nquotas = ["25 per day"]\nkey = "user"\n')
 

@@ -25,13 +25,12 @@ from limiting.core.llm import estimate_input_tokens
 from limiting.core.pricing import PriceTerms, reserve_usd_micros, tier_multiplier
 from limiting.providers import clients
 from tests.conftest import write_policy
+from tests.policies import loaded_toml
 
 GPT, CLAUDE = "gpt-4o", "claude-sonnet"
 PRICES = {GPT: (2.5, 10.0), CLAUDE: (3.0, 15.0)}
 TIERS = {"priority": 2.0, "flex": 0.5}
-POLICY = f"""
-[store]
-timeout_ms = 2000
+POLICY = loaded_toml() + f"""
 [defaults]
 plan = "roomy"
 [plans.roomy]

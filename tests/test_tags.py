@@ -23,13 +23,11 @@ from limiting.core.policy import parse_policy
 from limiting.engine import Engine
 from limiting.stores.storage import open_store
 from tests.conftest import provider_env, write_policy
+from tests.policies import loaded_toml
 
 TAG = "project=search"
 TAG_LAYER = f"tag:{TAG}/quota-day"
-POLICY = f"""
-[store]
-timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
-
+POLICY = loaded_toml() + f"""
 [edge]
 per_ip = ["100000 per 10 seconds"]
 

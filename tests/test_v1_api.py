@@ -38,7 +38,7 @@ from limiting.core.provider_headers import (
     rfc3339_after,
 )
 from tests.conftest import ROOT, keyed_app
-from tests.policies import LOADED, plan, policy, served_by
+from tests.policies import LOADED, loaded_toml, plan, policy, served_by
 
 USERS = {"alice": "roomy", "tiny": "tiny", "meter": "metered", "solo": "single"}
 POLICY = policy(
@@ -476,7 +476,7 @@ def test_edge_refusal_of_bad_requests_speaks_each_dialect(tmp_path: Path,
     url = redis_url + "/3"          # its own database: the module's keys stay in db 0
     redis.Redis.from_url(url).flushdb()
     policy = tmp_path / "edge.toml"
-    policy.write_text('[store]\ntimeout_ms = 2000\n[edge]\nper_ip = ["2 per minute"]\n'
+    policy.write_text(loaded_toml() + '[edge]\nper_ip = ["2 per minute"]\n'
                       '[plans.starter]\nburst = 5\nrefill_per_second = 1\n')
     client = create_app({"REDIS_URL": url, "LIMITS_CONFIG": str(policy)}).test_client()
     for _ in range(2):

@@ -17,12 +17,13 @@ import pytest
 import redis
 
 from tests.conftest import Gunicorn, write_policy
+from tests.policies import loaded_toml
 
 # The store's budget for a loaded box: the 50 ms default turns a slow answer into a 503.
 # The slow plan's refill period: long enough that "held" and "given back" stay apart even when
 # a loaded box takes seconds to answer a call.
 SLOW_PERIOD = 10
-WAITING = ("[store]\ntimeout_ms = 2000\n"
+WAITING = (loaded_toml() +
            "[edge]\nper_ip = ['100000 per minute']\n[defaults]\nplan = 'w'\n"
            "[plans.w]\nburst = 1\nrefill_per_second = 4\nmax_wait_seconds = 3\n"
            f"[plans.slow]\nburst = 1\nrefill_per_second = {1 / SLOW_PERIOD}\n"

@@ -28,6 +28,7 @@ from limiting.stores.storage import open_store
 from limiting.stores.store import Store
 from limiting.web.cli import limits_cli
 from tests.conftest import write_policy
+from tests.policies import loaded_toml
 
 PLAN = {"burst": 100, "refill_per_second": 100}
 
@@ -96,10 +97,7 @@ def test_check_config_reads_the_new_keys(tmp_path: Path) -> None:
 
 # --- shadow mode over HTTP ------------------------------------------------------------------------
 
-SHADOW = """
-[store]
-timeout_ms = 2000   # a loaded box's budget (tests/policies.py LOADED)
-
+SHADOW = loaded_toml() + """
 [plans.trial]
 burst = 50
 refill_per_second = 1

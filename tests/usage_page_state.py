@@ -20,14 +20,13 @@ import openai
 from app import create_app
 from fakeprovider import FakeProvider
 from tests.conftest import write_policy
+from tests.policies import loaded_toml
 
 ADMIN = "admin-secret-of-at-least-32-characters"
 GPT, CLAUDE = "gpt-4o-mini", "claude-3-5-haiku-latest"
 PRICES = {GPT: (0.15, 0.60), CLAUDE: (0.80, 4.00)}        # USD per million in, out
 HOSTILE = '<img src=x onerror="document.title=1">'
-POLICY = f"""
-[store]
-timeout_ms = 2000
+POLICY = loaded_toml() + f"""
 [edge]
 per_ip = ["100000 per minute"]
 [defaults]
