@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,9 @@ TOPOLOGY_FIXTURES = {"cluster", "sentinel_set", "fresh_cluster", "fresh_sentinel
 SENTINEL_FIXTURES = {"sentinel_set", "fresh_sentinel", "sentinel_url"}
 
 
+# First: pytest-xdist names each test's group from its markers in this same hook, and would
+# not see the ones added after it.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
@@ -317,6 +321,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if any(d and d[-1].scope == "module" for d in defs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist 3.8 writes a test's group into Node._nodeid, which pytest 9.2 no longer
+    # reads: --dist loadgroup would then ignore every group, and each worker start its own
+    # Cluster, Sentinel set and gunicorn stacks (a venv made before requirements-dev.txt
+    # pinned pytest 9.1.1 has 9.2).
+    if config.getoption("dist", None) != "loadgroup":
+        return
+    versions = tuple(tuple(int(p) for p in version(name).split(".")[:2])
+                     for name in ("pytest", "pytest-xdist"))
+    if versions[0] >= (9, 2) and versions[1] <= (3, 8):
+        raise pytest.UsageError(
+            f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} ignores "
+            "--dist loadgroup's groups: .venv/bin/pip install -r requirements-dev.txt")
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
