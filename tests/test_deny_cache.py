@@ -299,8 +299,11 @@ def test_every_worker_refuses_from_its_cache_and_lets_through_after_reset(
         # Each worker asks the store again at most about once a second; not once a refusal.
         # (A worker that had not learnt the refusal yet asks for each of its requests in
         # flight, 16 at most.) On a quick machine, 5% of the refusals; past that only as the
-        # time the 1000 took allows.
-        allowed = max(0.05 * len(refused), 4 * (1 + probes(began)) + 16)
+        # time the 1000 took allows. On a loaded one a probe may take longer than
+        # PROBE_SECONDS: its entry then goes stale (MAX_STALE wins over saving calls) and that
+        # worker's requests in flight ask too, until a refusal renews it: 16 more a round at
+        # most. (A quick machine makes 4 or 5 calls in all.)
+        allowed = max(0.05 * len(refused), (4 + 16) * (1 + probes(began)) + 16)
         assert calls <= allowed, (calls, allowed)
         assert cli.invoke(args=["limits", "reset", "flood", "--anonymous"]).exit_code == 0
         started = time.monotonic()
