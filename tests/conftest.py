@@ -292,8 +292,7 @@ def store_calls(r: redis.Redis, *commands: str) -> int:
 # except
 # - tests on a Cluster, shared or their own (failovers killing servers): one worker runs them
 #   all, so no two of them starve each other's servers of CPU and the shared Cluster starts
-#   once, not once a worker; tests on a Sentinel set likewise, in a group of their own (the
-#   two groups may share a worker or not: measured, the run took as long either way);
+#   once, not once a worker; tests on a Sentinel set likewise, in a group of their own;
 # - a file whose tests share a module-scoped fixture (a gunicorn stack): one worker, so the
 #   stack starts once, not once a worker;
 # - a group a module names itself (pytestmark), as the fuzz modules do.
